@@ -1,0 +1,6 @@
+"""spinenet-fast: a drop-in PyTorch SpineNet backbone whose cross-scale connections run as fused kernels."""
+
+from .models import SCALING_MAP, SpineNet, SpineNetScaling
+
+__version__ = "0.1.0"
+__all__ = ["SCALING_MAP", "SpineNet", "SpineNetScaling", "__version__"]

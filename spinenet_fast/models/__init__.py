@@ -1,0 +1,5 @@
+"""SpineNet models: the block table, the builder and its layers."""
+
+from .spinenet import SCALING_MAP, SPINENET_BLOCK_SPECS, BlockSpec, SpineNet, SpineNetScaling
+
+__all__ = ["SCALING_MAP", "SPINENET_BLOCK_SPECS", "BlockSpec", "SpineNet", "SpineNetScaling"]

@@ -1,0 +1,106 @@
+"""ResNet-v1 bottleneck and residual blocks (stride 1) and block groups, as SpineNet uses them.
+
+All blocks take and return NCHW tensors at a fixed resolution: SpineNet changes resolution only in the
+cross-scale resampling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from .layers import ConvNorm, NormFactory, make_activation
+
+BLOCK_TYPES = ("bottleneck", "residual")
+
+
+def block_output_channels(block_type: str, filters: int) -> int:
+    """Output width of a block: 4F for a bottleneck, F for a residual block."""
+    return 4 * filters if block_type == "bottleneck" else filters
+
+
+class Bottleneck(nn.Module):
+    """1×1 F -> 3×3 F -> 1×1 4F (+ BN, act) with an identity or 1×1 projection shortcut.
+
+    x: (N, C, H, W) -> (N, 4F, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: int,
+        norm: NormFactory,
+        activation: str,
+        padding: str,
+        drop_rate: float,
+    ) -> None:
+        super().__init__()
+        out_channels = 4 * filters
+        self.shortcut = (
+            ConvNorm(in_channels, out_channels, 1, norm, padding=padding) if in_channels != out_channels else None
+        )
+        self.conv1 = ConvNorm(in_channels, filters, 1, norm, activation=activation, padding=padding)
+        self.conv2 = ConvNorm(filters, filters, 3, norm, activation=activation, padding=padding)
+        self.conv3 = ConvNorm(filters, out_channels, 1, norm, padding=padding)
+        self.drop_path = StochasticDepth(drop_rate, mode="row")
+        self.act = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(self.drop_path(self.conv3(self.conv2(self.conv1(x)))) + shortcut)
+
+
+class Residual(nn.Module):
+    """3×3 F -> 3×3 F (+ BN, act) with an identity or 1×1 projection shortcut.
+
+    x: (N, C, H, W) -> (N, F, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: int,
+        norm: NormFactory,
+        activation: str,
+        padding: str,
+        drop_rate: float,
+    ) -> None:
+        super().__init__()
+        self.shortcut = ConvNorm(in_channels, filters, 1, norm, padding=padding) if in_channels != filters else None
+        self.conv1 = ConvNorm(in_channels, filters, 3, norm, activation=activation, padding=padding)
+        self.conv2 = ConvNorm(filters, filters, 3, norm, padding=padding)
+        self.drop_path = StochasticDepth(drop_rate, mode="row")
+        self.act = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(self.drop_path(self.conv2(self.conv1(x))) + shortcut)
+
+
+class BlockGroup(nn.Sequential):
+    """``block_repeats`` blocks of one type sharing one stochastic-depth rate.
+
+    Only the first block may project its shortcut (when ``in_channels`` differs from the output width).
+    """
+
+    def __init__(
+        self,
+        block_type: str,
+        in_channels: int,
+        filters: int,
+        block_repeats: int,
+        norm: NormFactory,
+        activation: str,
+        padding: str,
+        drop_rate: float,
+    ) -> None:
+        block = Bottleneck if block_type == "bottleneck" else Residual
+        out_channels = block_output_channels(block_type, filters)
+        super().__init__(
+            *(
+                block(in_channels if i == 0 else out_channels, filters, norm, activation, padding, drop_rate)
+                for i in range(block_repeats)
+            )
+        )
+        self.out_channels = out_channels

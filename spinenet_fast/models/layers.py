@@ -1,0 +1,128 @@
+"""Conv + norm + activation building blocks with PyTorch or TensorFlow-SAME padding.
+
+All modules here take and return NCHW tensors (any memory format).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PADDING_MODES = ("torch", "tf_same")
+ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
+
+NormFactory = Callable[[int], nn.Module]
+
+
+def check_choice(name: str, value: object, choices) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def make_activation(activation: str) -> nn.Module:
+    """The activation module for ``"swish"`` (x·sigmoid(x)) or ``"relu"``."""
+    check_choice("activation", activation, ACTIVATIONS)
+    return ACTIVATIONS[activation]()
+
+
+def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
+    """TF ``SAME`` padding ``(before, after)`` along one axis whose size is a multiple of ``stride``.
+
+    TF pads ``max((ceil(n/s) - 1)·s + k - n, 0)`` in total with the odd pixel after; when ``n % s == 0``
+    that is ``max(k - s, 0)``, independent of ``n``. SpineNet inputs are multiples of 128, so every
+    stride-2 op sees even sizes and the padding is static.
+    """
+    total = max(kernel_size - stride, 0)
+    return total // 2, total - total // 2
+
+
+def spatial_padding(kernel_size: int, stride: int, padding: str) -> tuple[int, int]:
+    """Padding ``(before, after)`` per spatial axis for ``padding`` mode ``"torch"`` or ``"tf_same"``."""
+    check_choice("padding", padding, PADDING_MODES)
+    if padding == "tf_same":
+        return same_padding(kernel_size, stride)
+    return kernel_size // 2, kernel_size // 2
+
+
+def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: float) -> NormFactory:
+    """A ``num_features -> module`` factory that passes ``momentum`` / ``eps`` where the factory takes them.
+
+    ``norm_layer`` may be ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d`` or any
+    callable taking ``num_features``; keywords already bound by a ``functools.partial`` win.
+    """
+    if norm_layer is None:
+        norm_layer = nn.BatchNorm2d
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable taking num_features, got {type(norm_layer).__name__}")
+    bound = norm_layer.keywords if isinstance(norm_layer, functools.partial) else {}
+    try:
+        accepted = inspect.signature(norm_layer).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    extra = {k: v for k, v in (("momentum", momentum), ("eps", eps)) if k in accepted and k not in bound}
+    return functools.partial(norm_layer, **extra)
+
+
+def init_conv_(conv: nn.Conv2d) -> None:
+    """Truncated-normal fan-in variance scaling (scale 1.0), as TF's ``VarianceScaling``."""
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
+
+
+class ConvNorm(nn.Module):
+    """``conv (no bias) -> norm -> [act]`` with static ``"torch"`` or ``"tf_same"`` padding.
+
+    x: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: NormFactory,
+        *,
+        stride: int = 1,
+        activation: str | None = None,
+        padding: str = "torch",
+    ) -> None:
+        super().__init__()
+        before, after = spatial_padding(kernel_size, stride, padding)
+        self.pad = None if before == after else (before, after, before, after)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding=before if self.pad is None else 0, bias=False
+        )
+        self.bn = norm(out_channels)
+        self.act = make_activation(activation) if activation is not None else nn.Identity()
+        init_conv_(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(self.bn(self.conv(x)))
+
+
+class MaxPool3x3s2(nn.Module):
+    """3×3 stride-2 max-pool; ``"tf_same"`` pads bottom/right with −inf as TF ``SAME``.
+
+    x: (N, C, H, W) with H, W even -> (N, C, H / 2, W / 2).
+    """
+
+    def __init__(self, padding: str = "torch") -> None:
+        super().__init__()
+        before, after = spatial_padding(3, 2, padding)
+        self.pad = None if before == after else (before, after, before, after)
+        self.padding = before if self.pad is None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad, value=float("-inf"))
+        return F.max_pool2d(x, 3, 2, self.padding)

@@ -1,0 +1,56 @@
+"""Bad arguments and inputs raise ValueError/TypeError naming the argument, the expectation and the value."""
+
+import pytest
+import torch
+
+from spinenet_fast import SpineNet
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SpineNet("49S").eval()
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((1, 3, 100, 128), r"H=100 must be a multiple of 128.*pad it to 128"),
+        ((1, 3, 128, 200), r"W=200 must be a multiple of 128.*pad it to 256"),
+        ((1, 1, 128, 128), r"x must have 3 channels.*got 1"),
+        ((3, 128, 128), r"x must be 4-D.*got shape \(3, 128, 128\)"),
+    ],
+)
+def test_bad_image_shapes(model, shape, match):
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(shape))
+
+
+def test_bad_image_types(model):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        model([[0.0]])
+    with pytest.raises(TypeError, match=r"floating-point.*uint8"):
+        model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model_id": "50"}, ValueError, r"model_id must be one of \['49S', '49', '96', '143', '143L', '190'\].*'50'"),
+        ({"model_id": 49}, TypeError, "model_id must be a str or a scaling dict, got int"),
+        ({"model_id": {"filter_size_scale": 1.0}}, ValueError, "model_id as a dict must have exactly the keys"),
+        ({"activation": "gelu"}, ValueError, r"activation must be one of \['relu', 'swish'\], got 'gelu'"),
+        ({"padding": "same"}, ValueError, r"padding must be one of \['tf_same', 'torch'\], got 'same'"),
+        ({"fused": "yes"}, ValueError, "fused must be True, False or 'auto', got 'yes'"),
+        ({"min_level": 2}, ValueError, "min_level.*got min_level=2"),
+        ({"max_level": 3.0}, TypeError, "max_level must be an int, got float"),
+        ({"stochastic_depth_rate": 1.5}, ValueError, "stochastic_depth_rate must be None or a number in"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SpineNet(**kwargs)
+
+
+def test_fused_true_explains_it_is_not_available_yet():
+    with pytest.raises(NotImplementedError, match="fused=True"):
+        SpineNet("49S", fused=True)

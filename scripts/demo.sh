@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/install.sh test
-python -m spinenet_fast.smoke
+python -m spinenet_fast.demo "$@"

@@ -1,0 +1,111 @@
+"""Any COCO-format detection dataset (image folder + instances JSON) as (image, target) pairs for RetinaNet.
+
+Targets: ``boxes`` (K, 4) float XYXY in image pixels, ``labels`` (K,) int64 contiguous in [0, num_classes),
+``image_id`` int. Crowd boxes are dropped; images without annotations give K = 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """COCO category id <-> contiguous label (the category's index in ascending id order)."""
+
+    category_ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_categories(cls, categories: list[dict]) -> LabelMap:
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return cls(tuple(int(c["id"]) for c in ordered), tuple(str(c["name"]) for c in ordered))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LabelMap:
+        return cls(tuple(data["category_ids"]), tuple(data["names"]))
+
+    def to_dict(self) -> dict:
+        """Plain lists, safe for ``torch.load(weights_only=True)``."""
+        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def to_labels(self, category_ids: torch.Tensor) -> torch.Tensor:
+        lookup = {cid: label for label, cid in enumerate(self.category_ids)}
+        return torch.tensor([lookup[int(c)] for c in category_ids], dtype=torch.int64)
+
+    def to_category_ids(self, labels: torch.Tensor) -> list[int]:
+        return [self.category_ids[int(label)] for label in labels]
+
+
+def read_instances(ann_file: str | Path) -> dict:
+    """Load and minimally validate a COCO instances JSON; clear errors for a missing or malformed file."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"annotation file {ann_file} is not valid JSON: {exc}") from exc
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if not isinstance(data, dict) or missing:
+        raise ValueError(f"annotation file {ann_file} is not COCO instances format: missing lists {missing}")
+    if not data["categories"]:
+        raise ValueError(f"annotation file {ann_file} has no categories")
+    return data
+
+
+class CocoDetectionDataset(Dataset):
+    """COCO-format dataset via torchvision ``CocoDetection`` + ``wrap_dataset_for_transforms_v2``.
+
+    ``transforms`` are torchvision transforms v2 applied to (PIL image, target with ``BoundingBoxes``).
+    """
+
+    def __init__(self, image_root: str | Path, ann_file: str | Path, transforms=None) -> None:
+        self.label_map = LabelMap.from_categories(read_instances(ann_file)["categories"])
+        if not Path(image_root).is_dir():
+            raise FileNotFoundError(f"image folder {image_root} does not exist")
+        self.coco_dataset = CocoDetection(str(image_root), str(ann_file))
+        self._wrapped = wrap_dataset_for_transforms_v2(
+            self.coco_dataset, target_keys=("boxes", "labels", "image_id", "iscrowd")
+        )
+        self.transforms = transforms
+
+    @property
+    def coco(self):
+        """The pycocotools ``COCO`` object of the annotations (ground truth for evaluation)."""
+        return self.coco_dataset.coco
+
+    def __len__(self) -> int:
+        return len(self.coco_dataset)
+
+    def __getitem__(self, index: int):
+        image, raw = self._wrapped[index]
+        height, width = image.height, image.width
+        boxes = raw.get("boxes", tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width)))
+        keep = torch.as_tensor(raw.get("iscrowd", [0] * len(boxes))) == 0
+        category_ids = torch.as_tensor(raw.get("labels", []), dtype=torch.int64)
+        target = {
+            "boxes": tv_tensors.wrap(boxes[keep], like=boxes),
+            "labels": self.label_map.to_labels(category_ids[keep]),
+            "image_id": int(raw["image_id"]),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch):
+    """List of (image, target) -> (list of images, list of targets with plain-tensor boxes)."""
+    images, targets = zip(*batch)
+    targets = [{**t, "boxes": t["boxes"].as_subclass(torch.Tensor).float()} for t in targets]
+    return list(images), targets

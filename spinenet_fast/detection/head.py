@@ -1,0 +1,127 @@
+"""RetinaNet head of SpineNet detectors: class and box towers whose convs are shared across levels, BN per level.
+
+Follows torchvision ``RetinaNetHead``'s contract: ``forward(features)`` returns ``cls_logits`` (N, ΣHWA, K) and
+``bbox_regression`` (N, ΣHWA, 4); ``compute_loss(targets, head_outputs, anchors, matched_idxs)`` returns
+``classification`` and ``bbox_regression`` losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder, Matcher
+from torchvision.ops import sigmoid_focal_loss
+
+from ..models.layers import NormFactory, make_activation
+
+
+class SharedTower(nn.Module):
+    """``num_convs`` × (3×3 conv with bias, shared across levels -> BN of this level -> act).
+
+    x: (N, C, H, W) of level index ``level`` -> (N, C, H, W).
+    """
+
+    def __init__(self, channels: int, num_convs: int, num_levels: int, norm: NormFactory, activation: str) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
+        self.norms = nn.ModuleList(nn.ModuleList(norm(channels) for _ in range(num_convs)) for _ in range(num_levels))
+        self.act = make_activation(activation)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor, level: int) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms[level]):
+            x = self.act(norm(conv(x)))
+        return x
+
+
+def _flatten_per_anchor(x: Tensor, values_per_anchor: int) -> Tensor:
+    """(N, A·V, H, W) -> (N, H·W·A, V), torchvision's anchor order."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, values_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, values_per_anchor)
+
+
+class SpineNetRetinaNetHead(nn.Module):
+    """Class and box towers over P3…P7 with the official init, prior bias and protocol-C losses.
+
+    Losses (architecture.md §7): sigmoid focal loss (α, γ) summed over non-ignored anchors; Huber (δ) of the
+    box deltas averaged over the 4 coordinates of each positive anchor (Keras ``Huber`` as used by the
+    official code), summed, × ``box_loss_weight``; both divided by (positive anchors in the batch + 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        *,
+        num_levels: int = 5,
+        num_convs: int = 4,
+        activation: str = "swish",
+        norm: NormFactory = nn.BatchNorm2d,
+        prior_probability: float = 0.01,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 1.5,
+        huber_delta: float = 0.1,
+        box_loss_weight: float = 50.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+        self.class_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
+        self.box_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
+        self.class_predictor = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
+        self.box_predictor = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        for predictor in (self.class_predictor, self.box_predictor):
+            nn.init.normal_(predictor.weight, std=1e-5)
+            nn.init.zeros_(predictor.bias)
+        nn.init.constant_(self.class_predictor.bias, -math.log((1 - prior_probability) / prior_probability))
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.huber_delta, self.box_loss_weight = huber_delta, box_loss_weight
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """features: P3…P7, each (N, C, H_l, W_l) -> ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4)."""
+        if len(features) != len(self.class_tower.norms):
+            raise ValueError(f"features must hold {len(self.class_tower.norms)} levels, got {len(features)}")
+        cls_logits, bbox_regression = [], []
+        for level, x in enumerate(features):
+            cls_logits.append(_flatten_per_anchor(self.class_predictor(self.class_tower(x, level)), self.num_classes))
+            bbox_regression.append(_flatten_per_anchor(self.box_predictor(self.box_tower(x, level)), 4))
+        return {"cls_logits": torch.cat(cls_logits, dim=1), "bbox_regression": torch.cat(bbox_regression, dim=1)}
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """matched_idxs[i]: (ΣHWA,) ground-truth index per anchor, −1 background, −2 ignored."""
+        cls_logits = head_outputs["cls_logits"].float()
+        bbox_regression = head_outputs["bbox_regression"].float()
+        matched = torch.stack(matched_idxs)
+        foreground = matched >= 0
+        normalizer = foreground.sum() + 1.0
+
+        class_targets = torch.zeros_like(cls_logits)
+        box_targets = []
+        for i, target in enumerate(targets):
+            fg_gt = matched[i][foreground[i]]
+            class_targets[i, foreground[i], target["labels"][fg_gt]] = 1.0
+            box_targets.append(self.box_coder.encode_single(target["boxes"][fg_gt].float(), anchors[i][foreground[i]]))
+        valid = matched != Matcher.BETWEEN_THRESHOLDS
+        class_loss = sigmoid_focal_loss(
+            cls_logits[valid], class_targets[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+        huber = F.huber_loss(
+            bbox_regression[foreground], torch.cat(box_targets), delta=self.huber_delta, reduction="none"
+        )
+        box_loss = self.box_loss_weight * huber.mean(dim=-1).sum()
+        return {"classification": class_loss / normalizer, "bbox_regression": box_loss / normalizer}

@@ -1,0 +1,49 @@
+"""COCO box evaluation with pycocotools: predictions -> results JSON rows -> the 12 named ``COCOeval`` stats."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from ..data.coco import LabelMap
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@torch.no_grad()
+def predict(model, data_loader, device: torch.device, label_map: LabelMap, *, progress: bool = True) -> list[dict]:
+    """Run the detector in eval mode; COCO results rows ``{image_id, category_id, bbox: xywh, score}``.
+
+    Boxes come back in original-image coordinates (the detector's transform undoes its own resize).
+    """
+    model.eval()
+    results = []
+    for images, targets in tqdm(data_loader, desc="eval", disable=not progress, leave=False):
+        detections = model([image.to(device, non_blocking=True) for image in images])
+        for target, det in zip(targets, detections):
+            boxes = det["boxes"].float().cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            category_ids = label_map.to_category_ids(det["labels"].cpu())
+            for box, score, category_id in zip(xywh, det["scores"].float().cpu().tolist(), category_ids):
+                results.append(
+                    {"image_id": int(target["image_id"]), "category_id": category_id, "bbox": box, "score": score}
+                )
+    return results
+
+
+def coco_stats(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
+    """``COCOeval`` (bbox) of ``results`` against ``coco_gt``; all zeros when there is no detection at all."""
+    if not results:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}

@@ -1,0 +1,201 @@
+"""``python -m spinenet_fast.train``: train (and evaluate) a RetinaNet-SpineNet on a COCO-format dataset.
+
+Single process: ``python -m spinenet_fast.train --data-path DIR --model 49S -b 16 --epochs 10``;
+many GPUs: ``torchrun --nproc_per_node=N -m spinenet_fast.train ...``.
+Data layout: ``DIR/{train,val}2017/`` images and ``DIR/annotations/instances_{train,val}2017.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
+from ..detection.presets import MODEL_NAMES, detector_from_args
+from .checkpoint import load_checkpoint, save_atomic
+from .engine import distributed_init, evaluate, param_groups, train_one_epoch
+from .plot import plot_metrics
+from .schedule import default_warmup_steps, lr_factor, scaled_lr
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", type=Path, required=True, help="dataset root (COCO 2017 layout)")
+    p.add_argument("--train-split", default="train2017")
+    p.add_argument("--val-split", default="val2017")
+    p.add_argument("--model", default="49S", choices=MODEL_NAMES)
+    p.add_argument("--image-size", type=int, default=640, help="square training size, a multiple of 128")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), help="scale jitter range")
+    p.add_argument("--activation", default="swish", choices=("swish", "relu"))
+    p.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (official: 0.01)")
+    p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="peak LR; default 0.28 × global batch / 256")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 2000 × 256 / global batch, ≤ 10%%")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=4e-5)
+    p.add_argument("--clip-norm", type=float, default=10.0)
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast by default)")
+    p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/train"))
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    p.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def args_to_dict(args: argparse.Namespace) -> dict:
+    """Plain JSON-like values only, so that checkpoints load with ``weights_only=True``."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run training or evaluation; returns the last validation stats (rank 0) or an empty dict."""
+    args = get_args_parser().parse_args(argv)
+    if args.image_size % 128 or args.image_size < 128:
+        raise ValueError(f"--image-size must be a positive multiple of 128, got {args.image_size}")
+    if args.test_only and args.resume is None:
+        raise ValueError("--test-only needs --resume CHECKPOINT to evaluate")
+    rank, world_size = distributed_init(args.device)
+    device = torch.device(args.device)
+    main_process = rank == 0
+    torch.manual_seed(args.seed)
+
+    root = args.data_path
+    train_set = CocoDetectionDataset(
+        root / args.train_split,
+        root / "annotations" / f"instances_{args.train_split}.json",
+        train_transforms(args.image_size, tuple(args.scale_range)),
+    )
+    val_set = CocoDetectionDataset(
+        root / args.val_split, root / "annotations" / f"instances_{args.val_split}.json", eval_transforms()
+    )
+    label_map = train_set.label_map
+    if val_set.label_map != label_map:
+        raise ValueError(f"the {args.train_split} and {args.val_split} annotation files have different categories")
+    model = detector_from_args(args_to_dict(args), len(label_map)).to(device)
+    val_loader = DataLoader(
+        val_set,
+        batch_size=args.batch_size,
+        sampler=SequentialSampler(val_set),
+        num_workers=args.workers,
+        collate_fn=collate,
+    )
+    output_dir = args.output_dir
+    progress = main_process and not args.no_progress
+
+    if args.test_only:
+        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
+        model.load_state_dict(checkpoint["model"])
+        stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress) if main_process else {}
+        print(json.dumps(stats))
+        return stats
+
+    generator = torch.Generator()
+    sampler = (
+        DistributedSampler(train_set, shuffle=True, seed=args.seed)
+        if world_size > 1
+        else RandomSampler(train_set, generator=generator)
+    )
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+    if len(train_loader) == 0:
+        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {args.batch_size}")
+    global_batch = args.batch_size * world_size
+    total_steps = args.epochs * len(train_loader)
+    warmup_steps = (
+        args.warmup_steps if args.warmup_steps is not None else default_warmup_steps(global_batch, total_steps)
+    )
+    peak_lr = args.lr if args.lr is not None else scaled_lr(global_batch)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=peak_lr, momentum=args.momentum)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype] if args.amp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch = 0
+    if args.resume is not None:
+        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
+        if LabelMap.from_dict(checkpoint["label_map"]) != label_map:
+            raise ValueError(f"checkpoint {args.resume} was trained on other categories than {args.train_split}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None
+        )
+
+    stats: dict[str, float] = {}
+    log_file = output_dir / "metrics.jsonl"
+    for epoch in range(start_epoch, args.epochs):
+        # Reseeding per epoch makes epoch e identical whether or not the run was resumed before it.
+        torch.manual_seed(args.seed + epoch)
+        generator.manual_seed(args.seed + epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        row = {
+            "epoch": epoch,
+            **train_one_epoch(
+                train_model,
+                optimizer,
+                lr_scheduler,
+                train_loader,
+                device,
+                epoch=epoch,
+                amp_dtype=amp_dtype,
+                scaler=scaler,
+                clip_norm=args.clip_norm,
+                progress=progress,
+            ),
+        }
+        if not main_process:
+            continue
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
+            row.update(stats)
+        row["seconds"] = time.perf_counter() - start
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "args": args_to_dict(args),
+                "label_map": label_map.to_dict(),
+            },
+            output_dir / "checkpoint.pth",
+        )
+        with log_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        plot_metrics(log_file, output_dir / "metrics.png")
+        summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss", "AP", "AP50") if k in row)
+        print(f"epoch {epoch}: {summary}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s", flush=True)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

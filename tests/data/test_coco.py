@@ -1,0 +1,86 @@
+"""The COCO-format reader: label map, crowd boxes, empty images, bad files; the synthetic generator."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from spinenet_fast.data import CocoDetectionDataset, LabelMap, collate, train_transforms
+from spinenet_fast.data.synthetic import make_synthetic_coco
+
+
+@pytest.fixture()
+def tiny_coco(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (1, 2):
+        Image.new("RGB", (64, 48), (i * 40, 0, 0)).save(images / f"{i}.png")
+    ann = {
+        "images": [
+            {"id": 1, "file_name": "1.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "2.png", "width": 64, "height": 48},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 2, 10, 20], "area": 200, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [30, 5, 20, 10], "area": 200, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 48], "area": 3072, "iscrowd": 1},
+        ],
+        "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}],
+    }
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps(ann))
+    return images, ann_file
+
+
+def test_label_map_crowd_and_empty_images(tiny_coco):
+    dataset = CocoDetectionDataset(*tiny_coco)
+    assert dataset.label_map == LabelMap((3, 7), ("three", "seven"))
+    _, target = dataset[0]
+    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor).float(), torch.tensor([[1.0, 2, 11, 22], [30, 5, 50, 15]]))
+    assert target["labels"].tolist() == [1, 0]  # category 7 -> label 1, category 3 -> label 0, crowd dropped
+    _, empty = dataset[1]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["image_id"] == 2
+    assert dataset.label_map.to_category_ids(torch.tensor([1, 0])) == [7, 3]
+    assert LabelMap.from_dict(dataset.label_map.to_dict()) == dataset.label_map
+
+
+def test_train_transforms_give_square_float_images_and_plain_tensor_targets(tiny_coco):
+    torch.manual_seed(0)
+    dataset = CocoDetectionDataset(*tiny_coco, transforms=train_transforms(128))
+    images, targets = collate([dataset[0], dataset[1]])
+    assert all(image.shape == (3, 128, 128) and image.dtype == torch.float32 for image in images)
+    assert type(targets[0]["boxes"]) is torch.Tensor and targets[0]["boxes"].dtype == torch.float32
+    boxes = targets[0]["boxes"]
+    assert torch.all(boxes[:, 2:] > boxes[:, :2]) and boxes.min() >= 0 and boxes.max() <= 128
+    assert len(targets[0]["labels"]) == len(boxes)
+
+
+def test_missing_and_malformed_annotation_files(tmp_path, tiny_coco):
+    images, _ = tiny_coco
+    with pytest.raises(FileNotFoundError, match="annotation file .*nope.json does not exist"):
+        CocoDetectionDataset(images, tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        CocoDetectionDataset(images, broken)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match=r"not COCO instances format: missing lists \['annotations', 'categories'\]"):
+        CocoDetectionDataset(images, wrong)
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        CocoDetectionDataset(tmp_path / "no_images", tiny_coco[1])
+
+
+def test_synthetic_dataset_is_deterministic_and_varied(tmp_path):
+    a = make_synthetic_coco(tmp_path / "a", num_train=12, num_val=3, image_size=128, seed=5)
+    b = make_synthetic_coco(tmp_path / "b", num_train=12, num_val=3, image_size=128, seed=5)
+    ann_a = json.loads((a / "annotations" / "instances_train2017.json").read_text())
+    ann_b = json.loads((b / "annotations" / "instances_train2017.json").read_text())
+    assert ann_a == ann_b
+    assert (a / "train2017" / "000001.png").read_bytes() == (b / "train2017" / "000001.png").read_bytes()
+    assert {c["name"] for c in ann_a["categories"]} == {"circle", "square", "triangle"}
+    assert len({a["category_id"] for a in ann_a["annotations"]}) == 3
+    sides = [max(a["bbox"][2:]) for a in ann_a["annotations"]]
+    assert min(sides) < 30 < max(sides)
+    assert len(json.loads((a / "annotations" / "instances_val2017.json").read_text())["images"]) == 3

@@ -1,0 +1,113 @@
+"""The RetinaNet-SpineNet builder: a torchvision RetinaNet with §7's parts, parameter counts and target checks."""
+
+import pytest
+import torch
+from torchvision.models.detection import RetinaNet
+
+from spinenet_fast.detection import retinanet_spinenet, spinenet_anchor_generator
+
+DETECTOR_PARAMS = {("49S", 91): 11_265_942, ("49S", 80): 11_151_795, ("49", 91): 28_543_383, ("49", 80): 28_315_188}
+SLOW_DETECTOR_PARAMS = {
+    ("96", 91): 42_974_871,
+    ("96", 80): 42_746_676,
+    ("143", 91): 66_959_511,
+    ("143", 80): 66_731_316,
+    ("190", 91): 163_637_351,
+    ("190", 80): 163_181_060,
+}
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("model_id", "num_classes"), list(DETECTOR_PARAMS))
+def test_parameter_counts(model_id, num_classes):
+    assert trainable(retinanet_spinenet(model_id, num_classes)) == DETECTOR_PARAMS[(model_id, num_classes)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_id", "num_classes"), list(SLOW_DETECTOR_PARAMS))
+def test_parameter_counts_large_models(model_id, num_classes):
+    assert trainable(retinanet_spinenet(model_id, num_classes)) == SLOW_DETECTOR_PARAMS[(model_id, num_classes)]
+
+
+def test_recipe_parts():
+    model = retinanet_spinenet("49S", 80)
+    assert isinstance(model, RetinaNet)
+    assert model.transform.size_divisible == 128
+    assert model.transform.min_size == (640,) and model.transform.max_size == 640
+    assert model.proposal_matcher.high_threshold == 0.5 and model.proposal_matcher.low_threshold == 0.5
+    assert model.proposal_matcher.allow_low_quality_matches
+    assert model.head.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
+    assert (model.score_thresh, model.nms_thresh, model.detections_per_img, model.topk_candidates) == (
+        0.05,
+        0.5,
+        100,
+        5000,
+    )
+    assert len(model.head.class_tower.convs) == 4
+    assert retinanet_spinenet("143", 80).anchor_generator.sizes[0][0] == 4 * 8
+    assert retinanet_spinenet("49S", 80, score_thresh=0.3, image_size=256).score_thresh == 0.3
+
+
+def test_anchor_sizes_scales_and_ratios():
+    generator = spinenet_anchor_generator(3)
+    assert generator.num_anchors_per_location() == [9] * 5
+    assert generator.sizes[0] == pytest.approx((24, 24 * 2 ** (1 / 3), 24 * 2 ** (2 / 3)))
+    assert generator.sizes[4][0] == 3 * 128
+    assert generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def small_detector():
+    torch.manual_seed(0)
+    return retinanet_spinenet("49S", 3, image_size=128, stochastic_depth_rate=0.0)
+
+
+def test_train_and_eval_any_image_size(small_detector):
+    images = [torch.rand(3, 128, 128), torch.rand(3, 97, 131)]  # odd sizes are resized and padded to 128s
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    small_detector.train()
+    losses = small_detector(images, targets)
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    small_detector.eval()
+    with torch.no_grad():
+        detections = small_detector(images)
+    assert len(detections) == 2 and set(detections[1]) == {"boxes", "scores", "labels"}
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "match"),
+    [
+        (
+            {"boxes": torch.tensor([[10.0, 10, 5, 60]]), "labels": torch.tensor([1])},
+            ValueError,
+            r"x1 < x2.*10\.0, 10\.0, 5\.0",
+        ),
+        ({"boxes": torch.tensor([[10.0, 10, 500, 60]]), "labels": torch.tensor([1])}, ValueError, "inside the 128×128"),
+        (
+            {"boxes": torch.tensor([[10, 10, 50, 60]]), "labels": torch.tensor([1])},
+            TypeError,
+            r"\['boxes'\] must be a float",
+        ),
+        ({"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([1.0])}, TypeError, "must be an int64"),
+        ({"boxes": torch.tensor([10.0, 10, 50, 60]), "labels": torch.tensor([1])}, TypeError, r"shape \(K, 4\)"),
+    ],
+)
+def test_bad_targets(small_detector, target, error, match):
+    small_detector.train()
+    with pytest.raises(error, match=match):
+        small_detector([torch.rand(3, 128, 128)], [target])
+
+
+def test_bad_images_and_sizes(small_detector):
+    small_detector.eval()
+    with pytest.raises(TypeError, match="floating"):
+        small_detector([torch.zeros(3, 128, 128, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of 128, got 100"):
+        retinanet_spinenet("49S", 3, image_size=100)

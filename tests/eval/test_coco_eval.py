@@ -1,0 +1,56 @@
+"""COCO evaluation: a perfect detector scores AP 1.0, no detections score 0, results JSON rows are COCO's."""
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from spinenet_fast.data import LabelMap
+from spinenet_fast.eval import STAT_NAMES, coco_stats, predict
+
+
+@pytest.fixture()
+def coco_gt():
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 80}, {"id": 2, "width": 100, "height": 80}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 9, "bbox": [50, 40, 40, 30], "area": 1200, "iscrowd": 0},
+        ],
+        "categories": [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}],
+    }
+    coco.createIndex()
+    return coco
+
+
+def test_perfect_detections_score_one(coco_gt):
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in coco_gt.dataset["annotations"]
+    ]
+    stats = coco_stats(coco_gt, results)
+    assert list(stats) == list(STAT_NAMES)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+
+
+def test_wrong_class_scores_zero_and_empty_is_zeros(coco_gt):
+    results = [{"image_id": 1, "category_id": 9, "bbox": [10, 10, 30, 20], "score": 0.9}]
+    assert coco_stats(coco_gt, results)["AP50"] == pytest.approx(0.0)
+    assert coco_stats(coco_gt, []) == dict.fromkeys(STAT_NAMES, 0.0)
+
+
+class FixedDetector(torch.nn.Module):
+    """Returns one XYXY box with label 1 per image, whatever the input."""
+
+    def forward(self, images):
+        return [
+            {"boxes": torch.tensor([[50.0, 40, 90, 70]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+            for _ in images
+        ]
+
+
+def test_predict_writes_xywh_and_original_category_ids(coco_gt):
+    loader = [([torch.zeros(3, 80, 100)], [{"image_id": 2}])]
+    results = predict(FixedDetector(), loader, torch.device("cpu"), LabelMap((5, 9), ("a", "b")), progress=False)
+    assert results == [{"image_id": 2, "category_id": 9, "bbox": [50.0, 40.0, 40.0, 30.0], "score": pytest.approx(0.8)}]
+    assert coco_stats(coco_gt, results)["AP50"] == pytest.approx(0.5)  # one of two classes found perfectly

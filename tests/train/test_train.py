@@ -1,0 +1,91 @@
+"""The training CLI end to end on a tiny synthetic set: outputs, resume equivalence, bad input, --test-only."""
+
+import json
+
+import pytest
+import torch
+
+from spinenet_fast.data.synthetic import make_synthetic_coco
+from spinenet_fast.eval.__main__ import main as eval_main
+from spinenet_fast.train import engine
+from spinenet_fast.train.__main__ import main as train_main
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("data"), num_train=8, num_val=4, image_size=128, seed=3)
+
+
+def train_args(data, out, *extra):
+    return [
+        "--data-path", str(data), "--model", "49XS-custom", "--image-size", "128", "-b", "4",
+        "--workers", "0", "--lr", "0.02", "--output-dir", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    train_main(train_args(tiny_data, out, "--epochs", "2"))
+    return out
+
+
+def test_outputs(two_epoch_run):
+    rows = [json.loads(line) for line in (two_epoch_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert {"loss", "classification", "bbox_regression", "lr", "images_per_s", "AP", "AP50"} <= set(rows[0])
+    assert (two_epoch_run / "metrics.png").stat().st_size > 1000
+    stats = json.loads((two_epoch_run / "coco_stats.json").read_text())
+    assert len(stats) == 12
+    ckpt = torch.load(two_epoch_run / "checkpoint.pth", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "label_map"}
+    assert ckpt["epoch"] == 1 and ckpt["label_map"]["names"] == ["circle", "square", "triangle"]
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny_data, two_epoch_run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real_epoch = engine.train_one_epoch
+    calls = []
+
+    def crash_on_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during epoch 1")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("spinenet_fast.train.__main__.train_one_epoch", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(train_args(tiny_data, out, "--epochs", "2"))
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0  # epoch 0 survived the crash
+    monkeypatch.undo()
+    train_main(train_args(tiny_data, out, "--epochs", "2", "--resume", str(out / "checkpoint.pth")))
+    resumed = torch.load(out / "checkpoint.pth", weights_only=True)
+    expected = torch.load(two_epoch_run / "checkpoint.pth", weights_only=True)
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_test_only_and_eval_cli_agree(tiny_data, two_epoch_run, tmp_path):
+    ckpt = str(two_epoch_run / "checkpoint.pth")
+    test_only = train_main(train_args(tiny_data, tmp_path / "t", "--resume", ckpt, "--test-only"))
+    evaluated = eval_main(["--checkpoint", ckpt, "--data-path", str(tiny_data), "--output-dir", str(tmp_path / "e"),
+                           "--workers", "0"])  # fmt: skip
+    assert test_only == evaluated
+    results = json.loads((tmp_path / "e" / "coco_results.json").read_text())
+    assert all(r["category_id"] in (1, 2, 3) and len(r["bbox"]) == 4 for r in results)
+
+
+def test_resume_with_another_model_is_refused(tiny_data, two_epoch_run, tmp_path):
+    args = train_args(tiny_data, tmp_path, "--resume", str(two_epoch_run / "checkpoint.pth"))
+    args[args.index("49XS-custom")] = "49S"
+    with pytest.raises(ValueError, match="is for model '49XS-custom', but model '49S' was requested"):
+        train_main(args)
+
+
+def test_bad_cli_values(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="--image-size must be a positive multiple of 128, got 100"):
+        train_main(train_args(tiny_data, tmp_path, "--image-size", "100"))
+    with pytest.raises(ValueError, match="--test-only needs --resume"):
+        train_main(train_args(tiny_data, tmp_path, "--test-only"))
+    with pytest.raises(FileNotFoundError, match=r"instances_missing\.json does not exist"):
+        train_main(train_args(tiny_data, tmp_path, "--train-split", "missing"))

@@ -91,7 +91,9 @@ class CocoDetectionDataset(Dataset):
     def __getitem__(self, index: int):
         image, raw = self._wrapped[index]
         height, width = image.height, image.width
-        boxes = raw.get("boxes", tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width)))
+        boxes = raw.get(
+            "boxes", tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width))
+        )
         keep = torch.as_tensor(raw.get("iscrowd", [0] * len(boxes))) == 0
         category_ids = torch.as_tensor(raw.get("labels", []), dtype=torch.int64)
         target = {

@@ -1,4 +1,6 @@
-"""A deterministic synthetic shapes dataset in COCO format, generated locally (``python -m spinenet_fast.data.synthetic``).
+"""A deterministic synthetic shapes dataset in COCO format, generated locally.
+
+``python -m spinenet_fast.data.synthetic ROOT`` writes it.
 
 Layout (the COCO 2017 one): ``ROOT/{train2017,val2017}/*.png`` and ``ROOT/annotations/instances_{split}.json``.
 Shapes (circle, square, triangle) of varied sizes and colours, some overlapping, on textured backgrounds.

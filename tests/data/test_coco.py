@@ -37,7 +37,9 @@ def test_label_map_crowd_and_empty_images(tiny_coco):
     dataset = CocoDetectionDataset(*tiny_coco)
     assert dataset.label_map == LabelMap((3, 7), ("three", "seven"))
     _, target = dataset[0]
-    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor).float(), torch.tensor([[1.0, 2, 11, 22], [30, 5, 50, 15]]))
+    torch.testing.assert_close(
+        target["boxes"].as_subclass(torch.Tensor).float(), torch.tensor([[1.0, 2, 11, 22], [30, 5, 50, 15]])
+    )
     assert target["labels"].tolist() == [1, 0]  # category 7 -> label 1, category 3 -> label 0, crowd dropped
     _, empty = dataset[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["image_id"] == 2
@@ -58,11 +60,11 @@ def test_train_transforms_give_square_float_images_and_plain_tensor_targets(tiny
 
 def test_missing_and_malformed_annotation_files(tmp_path, tiny_coco):
     images, _ = tiny_coco
-    with pytest.raises(FileNotFoundError, match="annotation file .*nope.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"annotation file .*nope\.json does not exist"):
         CocoDetectionDataset(images, tmp_path / "nope.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
         CocoDetectionDataset(images, broken)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"images": []}))

@@ -1,7 +1,13 @@
-"""Shared test settings: deterministic seeds and the ``gpu`` marker's skip."""
+"""Shared test settings: deterministic seeds, the ``gpu`` marker's skip, Triton's CPU interpreter."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit kernel is imported: Triton kernels then run on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,3 +22,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Every device the op tests run on: the CPU (Triton interpreter) and, where present, a GPU."""
+    return torch.device(request.param)

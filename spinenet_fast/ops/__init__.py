@@ -1,0 +1,15 @@
+"""Fused cross-scale ops: ``torch.library`` custom ops with reference, Triton (and later CUDA) backends."""
+
+from .backends import set_backend, use_backend
+from .bn_finalize import bn_finalize, bn_finalize_reference
+from .merge import merge, merge_backward_reference, merge_reference
+
+__all__ = [
+    "bn_finalize",
+    "bn_finalize_reference",
+    "merge",
+    "merge_backward_reference",
+    "merge_reference",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,109 @@
+"""Which implementation runs each fused op: ``reference`` (plain PyTorch), ``triton`` or ``cuda``.
+
+Each backend declares, per op, a function returning the reasons it cannot run the given inputs (an empty list
+means it can). ``auto`` takes the first able backend in ``AUTO_ORDER``; ``SPINENET_FAST_BACKEND`` or
+:func:`set_backend` ask for one explicitly, and an explicit request that cannot run raises, listing every
+backend and why not — never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_requested: str | None = None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op, with its ``not_supported_reasons(*args) -> list[str]``."""
+
+    fn: Callable
+    not_supported_reasons: Callable[..., list[str]]
+
+
+_registry: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, not_supported_reasons: Callable[..., list[str]]):
+    """Decorator: ``fn`` implements ``op`` for ``backend`` where ``not_supported_reasons(*args)`` is empty."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend] = Implementation(fn, not_supported_reasons)
+        return fn
+
+    return decorate
+
+
+def triton_reasons(*tensors: torch.Tensor | None) -> list[str]:
+    """Why the Triton backend cannot run on these tensors: no triton, CPU without the interpreter, dtype."""
+    present = [t for t in tensors if t is not None]
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if any(t.device.type == "cpu" for t in present) and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append("tensors are on the CPU and TRITON_INTERPRET is not 1")
+    if any(t.device.type not in ("cpu", "cuda") for t in present):
+        reasons.append(f"device {present[0].device.type} is not supported")
+    return reasons
+
+
+def requested_backend() -> str:
+    """``set_backend``'s choice, else ``$SPINENET_FAST_BACKEND``, else ``"auto"``."""
+    choice = _requested or os.environ.get("SPINENET_FAST_BACKEND", "auto") or "auto"
+    if choice != "auto" and choice not in BACKENDS:
+        raise ValueError(f"SPINENET_FAST_BACKEND must be 'auto' or one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def set_backend(backend: str | None) -> None:
+    """Force ``backend`` for every op (``None`` or ``"auto"`` restores automatic choice)."""
+    global _requested
+    if backend not in (None, "auto", *BACKENDS):
+        raise ValueError(f"backend must be None, 'auto' or one of {BACKENDS}, got {backend!r}")
+    _requested = None if backend == "auto" else backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    previous = _requested
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def reasons_by_backend(op: str, *args) -> dict[str, list[str]]:
+    """For every backend, why it cannot run ``op`` on ``args`` (an empty list: it can)."""
+    implementations = _registry.get(op, {})
+    return {
+        backend: implementations[backend].not_supported_reasons(*args)
+        if backend in implementations
+        else [f"no {backend} implementation of {op}"]
+        for backend in BACKENDS
+    }
+
+
+def select(op: str, *args) -> Callable:
+    """The implementation of ``op`` that runs ``args``: the requested backend, or the first able one."""
+    reasons = reasons_by_backend(op, *args)
+    requested = requested_backend()
+    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    for backend in candidates:
+        if not reasons[backend]:
+            return _registry[op][backend].fn
+    explained = "; ".join(f"{b}: {', '.join(r) or 'available'}" for b, r in reasons.items())
+    raise RuntimeError(f"backend {requested!r} cannot run {op} on these inputs ({explained})")

@@ -1,0 +1,220 @@
+"""``merge``: the sum of a block's resampled parents, each read at its own resolution, then the activation.
+
+Equivalent to::
+
+    act(sum(F.interpolate(scale_i[:, None, None] * y_i + shift_i[:, None, None], scale_factor=ρ_i)) + extra)
+
+parents y_i: (N, C, H/ρ_i, W/ρ_i), any memory format (channels_last is the fast one); scales, shifts: (C,)
+fp32 (BN folded to an affine map); extra: (N, C, H, W) or None. Returns (N, C, H, W) in the parents' dtype.
+No upsampled copy is ever written; the backward block-sums the gradient back to each parent's resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .activation import ACTIVATIONS, activation_forward, activation_grad
+
+CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
+
+
+def check_merge_args(
+    parents: list[Tensor],
+    scales: list[Tensor],
+    shifts: list[Tensor],
+    ratios: list[int],
+    extra: Tensor | None,
+    activation: str,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument unless the inputs describe one valid merge."""
+    if not isinstance(parents, (list, tuple)) or not parents or not all(isinstance(p, Tensor) for p in parents):
+        raise TypeError(f"parents must be a non-empty list of tensors, got {type(parents).__name__}")
+    first = parents[0]
+    for name, values in (("scales", scales), ("shifts", shifts), ("ratios", ratios)):
+        if not isinstance(values, (list, tuple)) or len(values) != len(parents):
+            raise ValueError(f"{name} must be a list with one entry per parent ({len(parents)}), got {values!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not first.is_floating_point():
+        raise TypeError(f"parents must be floating-point tensors, got dtype {first.dtype}")
+    channels = first.shape[1] if first.dim() == 4 else None
+    target = None
+    for i, (y, scale, shift, ratio) in enumerate(zip(parents, scales, shifts, ratios)):
+        if y.dim() != 4:
+            raise ValueError(f"parents[{i}] must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
+        if y.dtype != first.dtype or y.device != first.device:
+            raise TypeError(
+                f"parents[{i}] must match parents[0]'s dtype and device ({first.dtype}, {first.device}), "
+                f"got ({y.dtype}, {y.device})"
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+            raise ValueError(f"ratios[{i}] must be a positive int (the upsampling factor), got {ratio!r}")
+        size = (y.shape[0], channels, y.shape[2] * ratio, y.shape[3] * ratio)
+        if y.shape[1] != channels or (target is not None and size != target):
+            raise ValueError(
+                f"parents[{i}] of shape {tuple(y.shape)} upsampled ×{ratio} gives {size}, but parents[0] gives {target}"
+            )
+        target = size
+        for name, vector in (("scales", scale), ("shifts", shift)):
+            if not isinstance(vector, Tensor) or vector.shape != (channels,) or vector.device != first.device:
+                raise ValueError(
+                    f"{name}[{i}] must be a ({channels},) tensor on {first.device}, got "
+                    f"{tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__}"
+                )
+            if vector.dtype != torch.float32:
+                raise TypeError(f"{name}[{i}] must be float32, got {vector.dtype}")
+    if extra is not None and (extra.shape != target or extra.dtype != first.dtype or extra.device != first.device):
+        raise ValueError(
+            f"extra must be a {first.dtype} tensor of shape {target} on {first.device}, got "
+            f"{extra.dtype} {tuple(extra.shape)} on {extra.device}"
+        )
+
+
+def _upsample(x: Tensor, ratio: int) -> Tensor:
+    return x if ratio == 1 else x.repeat_interleave(ratio, 2).repeat_interleave(ratio, 3)
+
+
+def _block_sum(x: Tensor, ratio: int) -> Tensor:
+    """(N, C, H, W) -> (N, C, H/ρ, W/ρ): the sum of each ρ×ρ block (the adjoint of nearest upsampling)."""
+    if ratio == 1:
+        return x
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // ratio, ratio, w // ratio, ratio).sum((3, 5))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 maths for fp32/bf16/fp16 storage; float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _pre_activation(parents, scales, shifts, ratios, extra) -> Tensor:
+    dtype = _compute_dtype(parents[0])
+    pre = sum(
+        _upsample(y.to(dtype) * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1), r)
+        for y, s, b, r in zip(parents, scales, shifts, ratios)
+    )
+    return pre if extra is None else pre + extra.to(dtype)
+
+
+def merge_reference(parents, scales, shifts, ratios, extra, activation) -> Tensor:
+    """Plain-PyTorch merge (fp32 maths), the CPU path and the test oracle."""
+    pre = _pre_activation(parents, scales, shifts, ratios, extra)
+    return activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+def merge_backward_reference(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+    """``[*d_parents, *d_scales, *d_shifts, (d_extra)]`` of :func:`merge_reference`, in plain PyTorch."""
+    pre = _pre_activation(parents, scales, shifts, ratios, extra)
+    d_pre = grad.to(pre.dtype) * activation_grad(pre, activation)
+    sums = [_block_sum(d_pre, r) for r in ratios]
+    d_parents = [
+        (s * scale.to(s.dtype).view(1, -1, 1, 1)).to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
+        for s, scale, y in zip(sums, scales, parents)
+    ]
+    d_scales = [(s * y.to(s.dtype)).sum((0, 2, 3)).to(scale.dtype) for s, y, scale in zip(sums, parents, scales)]
+    d_shift = d_pre.sum((0, 2, 3)).to(shifts[0].dtype)
+    d_extra = [d_pre.to(extra.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
+    return [*d_parents, *d_scales, *[d_shift.clone() for _ in parents], *d_extra]
+
+
+def _triton_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
+    reasons = backends.triton_reasons(*parents, extra)
+    if len(parents) > 2:
+        reasons.append(f"the Triton merge takes 1 or 2 parents, got {len(parents)}")
+    if parents[0].dtype not in backends.FLOAT_DTYPES:
+        reasons.append(f"dtype {parents[0].dtype} is not one of {backends.FLOAT_DTYPES}")
+    return reasons
+
+
+def _triton_backward_reasons(grad, *args) -> list[str]:
+    return _triton_reasons(*args) + backends.triton_reasons(grad)
+
+
+backends.register("merge", "reference", lambda *args: [])(merge_reference)
+backends.register("merge_backward", "reference", lambda *args: [])(merge_backward_reference)
+
+
+@backends.register("merge", "triton", _triton_reasons)
+def _merge_triton(parents, scales, shifts, ratios, extra, activation) -> Tensor:
+    from spinenet_fast.kernels.merge import merge_forward
+
+    return merge_forward(parents, scales, shifts, ratios, extra, activation)
+
+
+@backends.register("merge_backward", "triton", _triton_backward_reasons)
+def _merge_backward_triton(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+    from spinenet_fast.kernels.merge import merge_backward
+
+    return merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
+
+
+@torch.library.custom_op("spinenet_fast::merge", mutates_args=())
+def _merge_op(
+    parents: list[Tensor], scales: list[Tensor], shifts: list[Tensor], ratios: list[int], extra: Tensor | None,
+    activation: str,
+) -> Tensor:  # fmt: skip
+    args = (parents, scales, shifts, ratios, extra, activation)
+    return backends.select("merge", *args)(*args)
+
+
+@_merge_op.register_fake
+def _(parents, scales, shifts, ratios, extra, activation):
+    y = parents[0]
+    shape = (y.shape[0], y.shape[1], y.shape[2] * ratios[0], y.shape[3] * ratios[0])
+    return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
+
+
+@torch.library.custom_op("spinenet_fast::merge_backward", mutates_args=())
+def _merge_backward_op(
+    grad: Tensor, parents: list[Tensor], scales: list[Tensor], shifts: list[Tensor], ratios: list[int],
+    extra: Tensor | None, activation: str,
+) -> list[Tensor]:  # fmt: skip
+    args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
+    return backends.select("merge_backward", *args)(*args)
+
+
+@_merge_backward_op.register_fake
+def _(grad, parents, scales, shifts, ratios, extra, activation):
+    d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
+    vectors = [s.new_empty(s.shape) for s in (*scales, *shifts)]
+    d_extra = [torch.empty_like(extra, memory_format=CHANNELS_LAST)] if extra is not None else []
+    return [*d_parents, *vectors, *d_extra]
+
+
+def _setup_context(ctx, inputs, output):
+    parents, scales, shifts, ratios, extra, activation = inputs
+    ctx.save_for_backward(*parents, *scales, *shifts, *([extra] if extra is not None else []))
+    ctx.num_parents, ctx.ratios, ctx.has_extra, ctx.activation = (
+        len(parents),
+        list(ratios),
+        extra is not None,
+        activation,
+    )
+
+
+def _backward(ctx, grad):
+    k = ctx.num_parents
+    saved = ctx.saved_tensors
+    parents, scales, shifts = list(saved[:k]), list(saved[k : 2 * k]), list(saved[2 * k : 3 * k])
+    extra = saved[3 * k] if ctx.has_extra else None
+    grads = _merge_backward_op(grad, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
+    d_extra = grads[3 * k] if ctx.has_extra else None
+    return grads[:k], grads[k : 2 * k], grads[2 * k : 3 * k], None, d_extra, None
+
+
+_merge_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def merge(
+    parents: list[Tensor],
+    scales: list[Tensor],
+    shifts: list[Tensor],
+    ratios: list[int],
+    extra: Tensor | None = None,
+    activation: str = "swish",
+) -> Tensor:
+    """Fused cross-scale merge (see the module docstring); checks its arguments before any kernel runs."""
+    check_merge_args(parents, scales, shifts, ratios, extra, activation)
+    return _merge_op(list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation)

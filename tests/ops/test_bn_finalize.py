@@ -1,0 +1,120 @@
+"""``bn_finalize`` against ``nn.BatchNorm2d`` in training mode: affine map, gradients, running statistics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spinenet_fast.ops import use_backend
+from spinenet_fast.ops.bn_finalize import _bn_finalize_op, bn_finalize, bn_finalize_reference
+
+
+def stats(y: torch.Tensor):
+    y = y.float()
+    return y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)), y.numel() // y.shape[1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matches_batchnorm_forward_backward_and_running_stats(device, backend):
+    torch.manual_seed(0)
+    y = torch.randn(3, 133, 5, 7, device=device) * 3 + 1
+    bn = nn.BatchNorm2d(133, momentum=0.1, eps=1e-3).to(device).train()
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    expected = bn(y)
+
+    weight = bn.weight.detach().clone().requires_grad_()
+    bias = bn.bias.detach().clone().requires_grad_()
+    y_fused = y.clone().requires_grad_()
+    running_mean, running_var = torch.zeros(133, device=device), torch.ones(133, device=device)
+    with use_backend(backend):
+        sums, sumsq, count = stats(y_fused)
+        scale, shift = bn_finalize(sums, sumsq, count, weight, bias, eps=1e-3, running_mean=running_mean,
+                                   running_var=running_var, momentum=0.1)  # fmt: skip
+    out = y_fused * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (y_fused, weight, bias), grad)
+    y_ref = y.clone().requires_grad_()
+    ref = F.batch_norm(y_ref, None, None, bn.weight, bn.bias, training=True, eps=1e-3)
+    want = torch.autograd.grad(ref, (y_ref, bn.weight, bn.bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_running_variance_uses_the_upsampled_count():
+    y = torch.randn(2, 4, 3, 3)
+    sums, sumsq, count = stats(y)
+    running_mean, running_var = torch.zeros(4), torch.zeros(4)
+    bn_finalize(sums, sumsq, count, torch.ones(4), torch.zeros(4), eps=1e-3, running_mean=running_mean,
+                running_var=running_var, momentum=1.0, upsample_factor=4)  # fmt: skip
+    upsampled = F.interpolate(y, scale_factor=4)
+    torch.testing.assert_close(running_mean, upsampled.mean((0, 2, 3)))
+    torch.testing.assert_close(running_var, upsampled.var((0, 2, 3), unbiased=True))
+
+
+def test_stats_reducer_hook_sees_the_statistics_first():
+    calls = []
+
+    def doubled(sums, sumsq, count):
+        calls.append(count)
+        return 2 * sums, 2 * sumsq, 2 * count
+
+    y = torch.randn(2, 3, 4, 4)
+    scale, shift = bn_finalize(*stats(y), torch.ones(3), torch.zeros(3), eps=1e-5, stats_reducer=doubled)
+    expected_scale, expected_shift, _, _ = bn_finalize_reference(*stats(y), torch.ones(3), torch.zeros(3), 1e-5)
+    assert calls == [32]
+    torch.testing.assert_close(scale, expected_scale)
+    torch.testing.assert_close(shift, expected_shift)
+
+
+def test_gradcheck_float64():
+    sums = (torch.randn(5, dtype=torch.float64) * 4).requires_grad_()
+    sumsq = (torch.rand(5, dtype=torch.float64) * 10 + sums.detach() ** 2 / 8 + 1).requires_grad_()
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def fn(s, q, w, b):
+        return tuple(bn_finalize_reference(s, q, 8, w, b, 1e-3))
+
+    assert torch.autograd.gradcheck(fn, (sums, sumsq, weight, bias))
+
+    def through_op(s, q, w, b):
+        return tuple(_bn_finalize_op(s.float(), q.float(), 8, w.float(), b.float(), 1e-3))
+
+    # The op's own backward against autograd of the reference, in float32.
+    inputs = [t.detach().float().requires_grad_() for t in (sums, sumsq, weight, bias)]
+    grads = [torch.randn(5) for _ in range(4)]
+    with use_backend("reference"):
+        got = torch.autograd.grad(through_op(*inputs), inputs, grads)
+    want = torch.autograd.grad(fn(*inputs), inputs, grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    y = torch.randn(2, 6, 3, 3)
+    sums, sumsq, count = stats(y)
+    with use_backend(backend):
+        torch.library.opcheck(_bn_finalize_op, (sums, sumsq, count, torch.rand(6), torch.randn(6), 1e-3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sums": torch.zeros(4, dtype=torch.float64)}, TypeError, "sums must be a 1-D float32 tensor"),
+        ({"weight": torch.ones(5)}, ValueError, r"weight must be a tensor of shape \(4,\)"),
+        ({"count": 1}, ValueError, "count must be an int >= 2"),
+        ({"eps": 0.0}, ValueError, "eps must be positive"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"sums": torch.zeros(4), "sumsq": torch.ones(4), "count": 8, "weight": torch.ones(4),
+            "bias": torch.zeros(4), "eps": 1e-3, **kwargs}  # fmt: skip
+    eps = args.pop("eps")
+    with pytest.raises(error, match=match):
+        bn_finalize(**args, eps=eps)

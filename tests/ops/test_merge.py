@@ -1,0 +1,181 @@
+"""``merge`` (Triton, under the CPU interpreter here) against ``merge_reference``, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spinenet_fast.ops import merge, merge_backward_reference, merge_reference, use_backend
+from spinenet_fast.ops.merge import _merge_op
+
+from .tolerance import assert_close_by_dtype
+
+# (ratio of parent 0, ratio of parent 1): =, and every upsampling factor SpineNet uses (↑2 … ↑32).
+RATIOS = [(1, 1), (1, 2), (2, 4), (1, 8), (16, 1), (1, 32)]
+
+
+def make_inputs(device, dtype, ratios, *, batch=2, channels=5, size=None, extra=True, layout="channels_last"):
+    h, w = size or (2 * max(ratios), max(ratios))
+    parents = []
+    for r in ratios:
+        y = torch.randn(batch, channels, h // r, w // r, device=device)
+        if layout == "channels_last":
+            y = y.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+            y = torch.randn(batch, channels, h // r, 2 * (w // r), device=device)[..., ::2]
+        parents.append(y.to(dtype).requires_grad_())
+    scales = [torch.randn(channels, device=device).requires_grad_() for _ in ratios]
+    shifts = [torch.randn(channels, device=device).requires_grad_() for _ in ratios]
+    extra_t = torch.randn(batch, channels, h, w, device=device).to(dtype).requires_grad_() if extra else None
+    return parents, scales, shifts, list(ratios), extra_t
+
+
+def run(backend, inputs, activation, grad):
+    parents, scales, shifts, ratios, extra = inputs
+    leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
+    with use_backend(backend):
+        out = merge(parents, scales, shifts, ratios, extra, activation)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out, grads
+
+
+def upsampled_eager(inputs, activation, grad):
+    """What eager PyTorch computes in the inputs' own dtype: affine, upsampled copies, sum, act."""
+    parents, scales, shifts, ratios, extra = inputs
+    dtype = parents[0].dtype
+    x = extra
+    for y, s, b, r in zip(parents, scales, shifts, ratios):
+        z = F.interpolate(y * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1), scale_factor=r)
+        x = z if x is None else x + z
+    out = F.silu(x) if activation == "swish" else F.relu(x)
+    leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+def fp32_copy(inputs):
+    parents, scales, shifts, ratios, extra = inputs
+    detach = lambda t: t.detach().float().requires_grad_()  # noqa: E731
+    return [detach(p) for p in parents], scales, shifts, ratios, detach(extra) if extra is not None else None
+
+
+# ↑16 and ↑32 are slow under the interpreter (ρ² = 1024 backward steps): swish only there.
+@pytest.mark.parametrize(
+    ("ratios", "activation"),
+    [(r, a) for r in RATIOS for a in ("swish", "relu") if max(r) <= 8 or a == "swish"],
+)
+def test_forward_and_backward_fp32(device, ratios, activation):
+    inputs = make_inputs(device, torch.float32, ratios, batch=1 if 32 in ratios else 2, extra=ratios == (1, 2))
+    out = merge_reference(*inputs, activation)
+    grad = torch.randn_like(out)
+    fused, fused_grads = run("triton", inputs, activation, grad)
+    reference, reference_grads = run("reference", inputs, activation, grad)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_odd_sizes_batch_one_and_layouts(device, layout):
+    inputs = make_inputs(device, torch.float32, (1, 2), batch=1, channels=5, size=(6, 10), layout=layout)
+    out = merge_reference(*inputs, "swish")
+    grad = torch.randn_like(out)
+    fused, fused_grads = run("triton", inputs, "swish", grad)
+    reference, reference_grads = run("reference", inputs, "swish", grad)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tolerance_rule(device, dtype):
+    inputs = make_inputs(device, dtype, (1, 4), channels=37, size=(8, 12))  # 37 channels: two channel tiles
+    grad = torch.randn(2, 37, 8, 12, device=device).to(dtype)
+    fused, fused_grads = run("triton", inputs, "swish", grad)
+    fp32_inputs = fp32_copy(inputs)
+    reference, reference_grads = run("reference", fp32_inputs, "swish", grad.float())
+    eager, eager_grads = upsampled_eager(inputs, "swish", grad)
+    assert fused.dtype == dtype
+    assert_close_by_dtype(fused, reference, eager)
+    for a, b, c in zip(fused_grads, reference_grads, eager_grads):
+        assert_close_by_dtype(a, b, c)
+
+
+def test_reference_backward_is_the_adjoint():
+    inputs = make_inputs("cpu", torch.float64, (1, 2), batch=1, channels=3, size=(4, 4))
+    parents, scales, shifts, ratios, extra = inputs
+    scales = [s.detach().double().requires_grad_() for s in scales]
+    shifts = [s.detach().double().requires_grad_() for s in shifts]
+
+    def fn(p0, p1, s0, s1, b0, b1, e):
+        return merge_reference([p0, p1], [s0, s1], [b0, b1], ratios, e, "swish")
+
+    leaves = (*parents, *scales, *shifts, extra)
+    assert torch.autograd.gradcheck(fn, leaves)
+    grad = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(fn(*leaves), leaves, grad)
+    got = merge_backward_reference(grad, parents, scales, shifts, ratios, extra, "swish")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradcheck_float64_through_the_op(seed):
+    torch.manual_seed(seed)
+    parents, _, _, ratios, extra = make_inputs("cpu", torch.float64, (2, 1), batch=1, channels=3, size=(4, 6))
+    scales = [torch.randn(3, requires_grad=True) for _ in ratios]
+    shifts = [torch.randn(3, requires_grad=True) for _ in ratios]
+
+    def fn(p0, p1, e):
+        return merge([p0, p1], scales, shifts, ratios, e, "swish")
+
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, (*parents, extra))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), batch=1, channels=4, size=(4, 4))
+    with use_backend(backend):
+        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish"))
+
+
+def test_compile_fullgraph_through_merge():
+    torch._dynamo.reset()
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), channels=4, size=(4, 4))
+
+    def fn(p0, p1):
+        return merge([p0, p1], scales, shifts, ratios, extra, "relu") * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with use_backend("reference"):
+        torch.testing.assert_close(compiled(*parents), fn(*parents))
+        compiled(*parents).sum().backward()
+    assert parents[0].grad is not None
+
+
+def valid_args():
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), channels=4, size=(4, 4))
+    return dict(parents=parents, scales=scales, shifts=shifts, ratios=ratios, extra=extra, activation="swish")
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(parents=[]), TypeError, "parents must be a non-empty list"),
+        (lambda a: a.update(scales=a["scales"][:1]), ValueError, "scales must be a list with one entry per parent"),
+        (lambda a: a.update(ratios=[1, 3]), ValueError, r"parents\[1\] of shape .* upsampled ×3"),
+        (lambda a: a.update(ratios=[1, 0]), ValueError, r"ratios\[1\] must be a positive int"),
+        (lambda a: a["parents"].__setitem__(1, a["parents"][1].double()), TypeError, r"parents\[1\] must match"),
+        (lambda a: a["parents"].__setitem__(0, a["parents"][0][0]), ValueError, r"parents\[0\] must be 4-D"),
+        (lambda a: a["shifts"].__setitem__(0, torch.zeros(5)), ValueError, r"shifts\[0\] must be a \(4,\) tensor"),
+        (lambda a: a["scales"].__setitem__(1, torch.zeros(4).half()), TypeError, r"scales\[1\] must be float32"),
+        (lambda a: a.update(extra=torch.zeros(2, 4, 3, 4)), ValueError, "extra must be a torch.float32 tensor"),
+        (lambda a: a.update(activation="gelu"), ValueError, "activation must be one of"),
+        (lambda a: a.update(parents=[p.int() for p in a["parents"]]), TypeError, "must be floating-point"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_launch(change, error, match):
+    args = valid_args()
+    change(args)
+    with pytest.raises(error, match=match):
+        merge(**args)

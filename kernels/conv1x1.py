@@ -1,0 +1,77 @@
+"""Triton GEMM for 1×1 convolutions with a BN-affine + activation prologue and a Σy, Σy² epilogue.
+
+``y[p, o] = Σ_k act(scale[k]·x[p, k] + shift[k]) · W[o, k]`` over pixels p = (n, h, w). x and y are (N, C, H, W)
+addressed through their strides (channels_last is the fast layout); W is (C_out, C_in). Accumulation is fp32;
+fp32 inputs use IEEE fp32 dot products (no TF32). Per-program partial Σy and Σy² (from the fp32 accumulator)
+go to (programs along p, C_out) buffers that the launcher sums.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, apply_activation
+
+BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_K = 32
+
+
+@triton.jit
+def _conv1x1_fwd_kernel(
+    y_ptr, sum_ptr, sumsq_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, K, N_OUT, HW, W_IMG,
+    sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M pixels) × (BLOCK_N output channels) tile of y, plus its channel partial sums."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+    x_row = n * sx_n + h * sx_h + w * sx_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (p < P)[:, None] & (k < K)[None, :]
+        a = tl.load(x_ptr + x_row[:, None] + k[None, :] * sx_c, mask=x_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
+            shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
+            a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
+            a = tl.where(x_mask, a, 0.0)  # act(shift) is not 0: re-zero the padding after the prologue
+        b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < N_OUT)[None, :],
+                    other=0.0)  # fmt: skip
+        if FP32_DOT:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(b.dtype), b)
+    mask = (p < P)[:, None] & (o < N_OUT)[None, :]
+    y_offsets = (n * sy_n + h * sy_h + w * sy_w)[:, None] + o[None, :] * sy_c
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = tl.where(mask, acc, 0.0)
+    row = tl.program_id(0) * N_OUT + o
+    tl.store(sum_ptr + row, tl.sum(acc, axis=0), mask=o < N_OUT)
+    tl.store(sumsq_ptr + row, tl.sum(acc * acc, axis=0), mask=o < N_OUT)
+
+
+def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.Tensor]:
+    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, Σy (C_out,) fp32, Σy² (C_out,) fp32]``."""
+    n, k, h, w = x.shape
+    c_out = weight.shape[0]
+    w2d = weight.reshape(c_out, k).to(x.dtype)
+    y = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    grid = (triton.cdiv(n * h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
+    partial_sumsq = torch.empty_like(partial_sum)
+    has_prologue = scale is not None
+    # Triton 3.8's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): it gets fp32 dots.
+    fp32_dot = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    _conv1x1_fwd_kernel[grid](
+        y, partial_sum, partial_sumsq, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
+        n * h * w, k, c_out, h * w, w, *x.stride(), *y.stride(), *w2d.stride(),
+        HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=fp32_dot,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return [y, partial_sum.sum(0), partial_sumsq.sum(0)]

@@ -1,0 +1,119 @@
+"""``conv1x1_bn_stats`` (Triton GEMM under the interpreter) against its reference and eager conv + BN."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spinenet_fast.ops import bn_finalize, conv1x1_bn_stats, use_backend
+from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_op
+
+from .tolerance import assert_close_by_dtype
+
+# Defaults: 37 input channels (two K tiles), 70 output channels (two N tiles), 1×5×7 pixels (a partial M tile).
+
+
+def make_inputs(device, dtype, *, prologue, layout="channels_last", batch=1, c_in=37, c_out=70, h=5, w=7):
+    x = torch.randn(batch, c_in, h, w, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(batch, 2 * c_in, h, w, device=device)[:, ::2]
+    weight = torch.randn(c_out, c_in, 1, 1, device=device) / c_in**0.5
+    scale = torch.randn(c_in, device=device).requires_grad_() if prologue else None
+    shift = torch.randn(c_in, device=device).requires_grad_() if prologue else None
+    return x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), scale, shift
+
+
+def run(backend, inputs, activation, grads):
+    leaves = [t for t in inputs if t is not None]
+    with use_backend(backend):
+        outputs = conv1x1_bn_stats(*inputs, activation)
+    return outputs, torch.autograd.grad(outputs, leaves, grads)
+
+
+def output_grads(like, c_out):
+    return torch.randn_like(like), torch.randn(c_out, device=like.device), torch.randn(c_out, device=like.device) / 10
+
+
+@pytest.mark.parametrize(("prologue", "activation"), [(False, "identity"), (True, "relu"), (True, "swish")])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+def test_forward_backward_fp32(device, prologue, activation, layout):
+    inputs = make_inputs(device, torch.float32, prologue=prologue, layout=layout)
+    with use_backend("reference"):
+        y = conv1x1_bn_stats(*inputs, activation)[0]
+    grads = output_grads(y, 70)
+    fused, fused_grads = run("triton", inputs, activation, grads)
+    reference, reference_grads = run("reference", inputs, activation, grads)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tolerance_rule(device, dtype):
+    x, weight, scale, shift = make_inputs(device, dtype, prologue=True, batch=2)
+    (y, sums, _sumsq), _ = run("triton", (x, weight, scale, shift), "swish", output_grads(x.new_empty(2, 70, 5, 7), 70))
+    fp32 = (x.detach().float(), weight.detach().float(), scale, shift)
+    with use_backend("reference"):
+        y32, sums32, _sumsq32 = conv1x1_bn_stats(*fp32, "swish")
+    eager = F.conv2d(F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)), weight)
+    assert y.dtype == dtype and sums.dtype == torch.float32
+    assert_close_by_dtype(y, y32, eager)
+    eager_sums = eager.float().sum((0, 2, 3))
+    assert (sums - sums32).abs().max() <= 2 * (eager_sums - sums32).abs().max() + 1e-2 * sums32.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_chain_with_bn_finalize_equals_conv_then_batchnorm(backend):
+    x, weight, _, _ = make_inputs("cpu", torch.float32, prologue=False, batch=2)
+    bn = nn.BatchNorm2d(70, eps=1e-3, momentum=0.01)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    expected = bn(F.conv2d(x, weight))
+    with use_backend(backend):
+        y, sums, sumsq = conv1x1_bn_stats(x, weight)
+        scale, shift = bn_finalize(sums, sumsq, 2 * 5 * 7, bn.weight, bn.bias, eps=1e-3)
+    out = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    leaves = (x, weight, bn.weight, bn.bias)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradcheck_float64_through_the_op():
+    x, weight, scale, shift = make_inputs("cpu", torch.float64, prologue=True, c_in=3, c_out=4, h=2, w=3)
+    scale, shift = (t.detach().double().requires_grad_() for t in (scale, shift))
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *t: _conv1x1_op(*t, "swish"), (x, weight, scale, shift))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_opcheck(backend, prologue):
+    x, weight, scale, shift = make_inputs("cpu", torch.float32, prologue=prologue, c_in=5, c_out=6, h=2, w=3)
+    scale, shift = (t.detach() if t is not None else None for t in (scale, shift))
+    with use_backend(backend):
+        torch.library.opcheck(_conv1x1_op, (x, weight, scale, shift, "relu"))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(x=a["x"][0]), TypeError, r"x must be a floating \(N, C, H, W\) tensor"),
+        (lambda a: a.update(weight=torch.zeros(6, 4, 1, 1)), ValueError, r"weight must have shape \(C_out, 5, 1, 1\)"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight must be torch.float32"),
+        (lambda a: a.update(shift=None), ValueError, "scale and shift must be given together"),
+        (lambda a: a.update(scale=torch.zeros(4)), ValueError, r"scale must be a float32 \(5,\) tensor"),
+        (lambda a: a.update(activation="tanh"), ValueError, "activation must be one of"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_launch(change, error, match):
+    x, weight, scale, shift = make_inputs("cpu", torch.float32, prologue=True, c_in=5, c_out=6, h=2, w=3)
+    args = dict(x=x, weight=weight, scale=scale, shift=shift, activation="relu")
+    change(args)
+    with pytest.raises(error, match=match):
+        conv1x1_bn_stats(**args)

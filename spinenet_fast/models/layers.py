@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PADDING_MODES = ("torch", "tf_same")
+from ..ops.padding import spatial_padding
+
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
 
 NormFactory = Callable[[int], nn.Module]
@@ -30,25 +31,6 @@ def make_activation(activation: str) -> nn.Module:
     """The activation module for ``"swish"`` (x·sigmoid(x)) or ``"relu"``."""
     check_choice("activation", activation, ACTIVATIONS)
     return ACTIVATIONS[activation]()
-
-
-def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
-    """TF ``SAME`` padding ``(before, after)`` along one axis whose size is a multiple of ``stride``.
-
-    TF pads ``max((ceil(n/s) - 1)·s + k - n, 0)`` in total with the odd pixel after; when ``n % s == 0``
-    that is ``max(k - s, 0)``, independent of ``n``. SpineNet inputs are multiples of 128, so every
-    stride-2 op sees even sizes and the padding is static.
-    """
-    total = max(kernel_size - stride, 0)
-    return total // 2, total - total // 2
-
-
-def spatial_padding(kernel_size: int, stride: int, padding: str) -> tuple[int, int]:
-    """Padding ``(before, after)`` per spatial axis for ``padding`` mode ``"torch"`` or ``"tf_same"``."""
-    check_choice("padding", padding, PADDING_MODES)
-    if padding == "tf_same":
-        return same_padding(kernel_size, stride)
-    return kernel_size // 2, kernel_size // 2
 
 
 def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: float) -> NormFactory:

@@ -3,13 +3,18 @@
 from .backends import set_backend, use_backend
 from .bn_finalize import bn_finalize, bn_finalize_reference
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
+from .downsample import bn_act_maxpool, bn_act_maxpool_reference, conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
 from .merge import merge, merge_backward_reference, merge_reference
 
 __all__ = [
+    "bn_act_maxpool",
+    "bn_act_maxpool_reference",
     "bn_finalize",
     "bn_finalize_reference",
     "conv1x1_bn_stats",
     "conv1x1_bn_stats_reference",
+    "conv3x3s2_bn_stats",
+    "conv3x3s2_bn_stats_reference",
     "merge",
     "merge_backward_reference",
     "merge_reference",

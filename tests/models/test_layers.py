@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2, make_norm_factory, same_padding
+from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2, make_norm_factory
+from spinenet_fast.ops.padding import same_padding
 
 GRID = torch.arange(16.0).reshape(1, 1, 4, 4)
 

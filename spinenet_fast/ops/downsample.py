@@ -1,0 +1,244 @@
+"""The stride-2 path of a downsampling connection, as ops.
+
+``conv3x3s2_bn_stats``: ``y = conv3x3/s2(act(scale·x + shift))`` plus fp32 Σy, Σy² (C_out,) — equivalent to::
+
+    F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, stride=2)
+
+``bn_act_maxpool``: ``num_pools`` × 3×3/s2 max-pool of ``act(scale·y + shift)`` — equivalent to::
+
+    a = act(scale[:, None, None] * y + shift[:, None, None]); for _ in range(num_pools): a = maxpool3x3s2(a)
+
+``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (0 before, 1 after; max-pools pad with −inf), for
+inputs whose H and W are even. Tensors are (N, C, H, W), any memory format; outputs are channels_last.
+This module's implementation materialises the activation and runs ATen's (cuDNN's) conv and max-pool; it is
+the CPU path, the test oracle, and a GPU backend of its own (fused_ops.md §3 keeps whichever is faster).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from .activation import ACTIVATIONS, activation_forward, activation_grad
+from .padding import PADDING_MODES, spatial_padding
+
+CHANNELS_LAST = torch.channels_last
+
+
+def _check_common(name: str, x, scale, shift, activation, padding) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating (N, C, H, W) tensor, got {_describe(x)}")
+    if x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError(f"{name} must have even H and W for a stride-2 op, got shape {tuple(x.shape)}")
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (the BN affine) or both be None")
+    for vname, vector in (("scale", scale), ("shift", shift)):
+        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != torch.float32
+                                   or vector.device != x.device):  # fmt: skip
+            raise ValueError(f"{vname} must be a float32 ({x.shape[1]},) tensor on {x.device}, got {_describe(vector)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _affine_act(x: Tensor, scale, shift, activation) -> Tensor:
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if scale is None:
+        return x.to(dtype)
+    return activation_forward(x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1),
+                              activation)  # fmt: skip
+
+
+def _pad(x: Tensor, padding: str, value: float) -> Tensor:
+    before, after = spatial_padding(3, 2, padding)
+    return F.pad(x, (before, after, before, after), value=value)
+
+
+def conv3x3s2_bn_stats_reference(x, weight, scale, shift, activation, padding) -> list[Tensor]:
+    """``[y, Σy, Σy²]`` with ATen's conv on the materialised activation (fp32 maths)."""
+    a = _affine_act(x, scale, shift, activation)
+    y = F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2)
+    return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]
+
+
+def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) -> Tensor:
+    """``num_pools`` 3×3/s2 max-pools of the activation, with ATen's max-pool (fp32 maths)."""
+    a = _affine_act(y, scale, shift, activation)
+    for _ in range(num_pools):
+        a = F.max_pool2d(_pad(a, padding, float("-inf")), 3, 2)
+    return a.to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
+backends.register("bn_act_maxpool", "reference", lambda *args: [])(bn_act_maxpool_reference)
+
+
+def _prologue_backward(d_a: Tensor, x: Tensor, scale, shift, activation) -> list[Tensor]:
+    """``[dx, (d_scale, d_shift)]`` from the gradient of a = act(scale·x + shift) (or a = x)."""
+    if scale is None:
+        return [d_a.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)]
+    dtype = d_a.dtype
+    pre = x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    d_pre = d_a * activation_grad(pre, activation)
+    dx = (d_pre * scale.to(dtype).view(1, -1, 1, 1)).to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+    return [dx, (d_pre * x.to(dtype)).sum((0, 2, 3)).to(scale.dtype), d_pre.sum((0, 2, 3)).to(shift.dtype)]
+
+
+def _crop(x: Tensor, padding: str) -> Tensor:
+    """The adjoint of :func:`_pad`: drop the padded border."""
+    before, after = spatial_padding(3, 2, padding)
+    return x[..., before : x.shape[2] - after, before : x.shape[3] - after]
+
+
+def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding) -> list[Tensor]:
+    """``[dx, d_weight, (d_scale, d_shift)]``: statistics' gradients folded into dy, then ATen's conv backward."""
+    a = _pad(_affine_act(x, scale, shift, activation), padding, 0.0)
+    w = weight.to(a.dtype)
+    y = F.conv2d(a, w, stride=2)
+    grad = dy.to(y.dtype) + d_sum.to(y.dtype).view(1, -1, 1, 1) + 2 * y * d_sumsq.to(y.dtype).view(1, -1, 1, 1)
+    d_a, d_w, _ = torch.ops.aten.convolution_backward(
+        grad, a, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    dx, *d_affine = _prologue_backward(_crop(d_a, padding), x, scale, shift, activation)
+    return [dx, d_w.to(weight.dtype), *d_affine]
+
+
+def bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
+    """``[dy, (d_scale, d_shift)]``: max-pool argmaxes recomputed stage by stage, then scattered back."""
+    a = _affine_act(y, scale, shift, activation)
+    stages = []
+    for _ in range(num_pools):
+        padded = _pad(a, padding, float("-inf"))
+        a, indices = torch.ops.aten.max_pool2d_with_indices(padded, [3, 3], [2, 2])
+        stages.append((padded, indices))
+    d_a = grad.to(a.dtype)
+    for padded, indices in reversed(stages):
+        d_a = _crop(torch.ops.aten.max_pool2d_with_indices_backward(d_a, padded, [3, 3], [2, 2], [0, 0], [1, 1],
+                                                                    False, indices), padding)  # fmt: skip
+    return _prologue_backward(d_a, y, scale, shift, activation)
+
+
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats", mutates_args=())
+def _conv3x3s2_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (x, weight, scale, shift, activation, padding)
+    return tuple(backends.select("conv3x3s2_bn_stats", *args)(*args))
+
+
+@_conv3x3s2_op.register_fake
+def _(x, weight, scale, shift, activation, padding):
+    shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
+    stats_dtype = torch.promote_types(x.dtype, torch.float32)
+    return y, x.new_empty(weight.shape[:1], dtype=stats_dtype), x.new_empty(weight.shape[:1], dtype=stats_dtype)
+
+
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_backward", mutates_args=())
+def _conv3x3s2_backward_op(
+    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str,
+) -> list[Tensor]:  # fmt: skip
+    return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding)
+
+
+@_conv3x3s2_backward_op.register_fake
+def _(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding):
+    grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
+    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, scale, shift, activation, padding = inputs
+    ctx.has_prologue, ctx.activation, ctx.padding = scale is not None, activation, padding
+    ctx.save_for_backward(x, weight, *((scale, shift) if scale is not None else ()))
+
+
+def _zeros_if_none(grad, like_shape, dtype, device):
+    return torch.zeros(like_shape, dtype=dtype, device=device) if grad is None else grad
+
+
+def _conv_backward(ctx, dy, d_sum, d_sumsq):
+    x, weight, *affine = ctx.saved_tensors
+    scale, shift = affine if ctx.has_prologue else (None, None)
+    stats_dtype = torch.promote_types(x.dtype, torch.float32)
+    out_shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
+    dy = _zeros_if_none(dy, out_shape, x.dtype, x.device)
+    d_sum = _zeros_if_none(d_sum, weight.shape[:1], stats_dtype, x.device)
+    d_sumsq = _zeros_if_none(d_sumsq, weight.shape[:1], stats_dtype, x.device)
+    grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, x, weight, scale, shift, ctx.activation, ctx.padding)
+    return (*grads[:2], *(grads[2:] if ctx.has_prologue else (None, None)), None, None)
+
+
+_conv3x3s2_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+@torch.library.custom_op("spinenet_fast::bn_act_maxpool", mutates_args=())
+def _maxpool_op(y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int,
+                padding: str) -> Tensor:  # fmt: skip
+    args = (y, scale, shift, activation, num_pools, padding)
+    return backends.select("bn_act_maxpool", *args)(*args)
+
+
+@_maxpool_op.register_fake
+def _(y, scale, shift, activation, num_pools, padding):
+    shape = (y.shape[0], y.shape[1], y.shape[2] >> num_pools, y.shape[3] >> num_pools)
+    return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
+
+
+@torch.library.custom_op("spinenet_fast::bn_act_maxpool_backward", mutates_args=())
+def _maxpool_backward_op(grad: Tensor, y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str,
+                         num_pools: int, padding: str) -> list[Tensor]:  # fmt: skip
+    return bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding)
+
+
+@_maxpool_backward_op.register_fake
+def _(grad, y, scale, shift, activation, num_pools, padding):
+    grads = [torch.empty_like(y, memory_format=CHANNELS_LAST)]
+    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+
+
+def _pool_setup_context(ctx, inputs, output):
+    y, scale, shift, activation, num_pools, padding = inputs
+    ctx.has_affine, ctx.activation, ctx.num_pools, ctx.padding = scale is not None, activation, num_pools, padding
+    ctx.save_for_backward(y, *((scale, shift) if scale is not None else ()))
+
+
+def _pool_backward(ctx, grad):
+    y, *affine = ctx.saved_tensors
+    scale, shift = affine if ctx.has_affine else (None, None)
+    grads = _maxpool_backward_op(grad, y, scale, shift, ctx.activation, ctx.num_pools, ctx.padding)
+    return grads[0], *(grads[1:] if ctx.has_affine else (None, None)), None, None, None
+
+
+_maxpool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+def conv3x3s2_bn_stats(
+    x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
+    padding: str = "torch",
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """3×3 stride-2 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
+    _check_common("x", x, scale, shift, activation, padding)
+    if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be a {x.dtype} (C_out, {x.shape[1]}, 3, 3) tensor, got {_describe(weight)}")
+    return _conv3x3s2_op(x, weight, scale, shift, activation, padding)
+
+
+def bn_act_maxpool(
+    y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int = 1, padding: str = "torch"
+) -> Tensor:
+    """``num_pools`` 3×3/s2 max-pools of ``act(scale·y + shift)`` (see the module docstring)."""
+    _check_common("y", y, scale, shift, activation, padding)
+    if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 1:
+        raise ValueError(f"num_pools must be a positive int, got {num_pools!r}")
+    if y.shape[2] % 2**num_pools or y.shape[3] % 2**num_pools:
+        raise ValueError(f"y: H and W must be multiples of 2^num_pools = {2**num_pools}, got {tuple(y.shape)}")
+    return _maxpool_op(y, scale, shift, activation, num_pools, padding)

@@ -1,0 +1,82 @@
+"""The stride-2 path ops against the eager model's modules, in both padding modes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2
+from spinenet_fast.ops import bn_act_maxpool, conv3x3s2_bn_stats, use_backend
+from spinenet_fast.ops.downsample import _conv3x3s2_op, _maxpool_op
+
+
+@pytest.mark.parametrize("padding", ["torch", "tf_same"])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_conv3x3s2_matches_the_eager_module(padding, prologue):
+    x = torch.randn(1, 5, 6, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = ConvNorm(5, 7, 3, nn.Identity, stride=2, padding=padding)
+    scale = torch.randn(5, requires_grad=True) if prologue else None
+    shift = torch.randn(5, requires_grad=True) if prologue else None
+    a = F.silu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
+    expected = layer(a)
+    y, sums, sumsq = conv3x3s2_bn_stats(x, layer.conv.weight, scale, shift, "swish", padding)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    grad = torch.randn_like(y)
+    leaves = [t for t in (x, layer.conv.weight, scale, shift) if t is not None]
+    got = torch.autograd.grad((y * grad).sum() + sums.sum() + sumsq.sum() / 10, leaves)
+    want = torch.autograd.grad((expected * grad).sum() + expected.sum() + expected.pow(2).sum() / 10, leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["torch", "tf_same"])
+@pytest.mark.parametrize("num_pools", [1, 2, 4])  # ↓4, ↓8 and ↓32 connections
+def test_bn_act_maxpool_matches_the_eager_modules(padding, num_pools):
+    y = torch.randn(2, 3, 32, 16, requires_grad=True)
+    scale = torch.randn(3, requires_grad=True)  # negative γ: the affine must come before the max
+    shift = torch.randn(3, requires_grad=True)
+    expected = F.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    for _ in range(num_pools):
+        expected = MaxPool3x3s2(padding)(expected)
+    out = bn_act_maxpool(y, scale, shift, "relu", num_pools, padding)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (y, scale, shift), grad),
+                    torch.autograd.grad(expected, (y, scale, shift), grad)):  # fmt: skip
+        torch.testing.assert_close(g, w)
+
+
+def test_gradcheck_float64_through_the_ops():
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda *t: _conv3x3s2_op(*t, "swish", "tf_same"), (x, weight, scale, shift))
+        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 1, "torch"), (x, scale, shift))
+
+
+@pytest.mark.parametrize("prologue", [False, True])
+def test_opcheck(prologue):
+    x = torch.randn(1, 2, 4, 4)
+    scale, shift = (torch.randn(2), torch.randn(2)) if prologue else (None, None)
+    torch.library.opcheck(_conv3x3s2_op, (x, torch.randn(3, 2, 3, 3), scale, shift, "relu", "torch"))
+    torch.library.opcheck(_maxpool_op, (x, scale, shift, "relu", 1, "tf_same"))
+
+
+def test_bad_input():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"x must have even H and W"):
+        conv3x3s2_bn_stats(torch.randn(1, 2, 5, 4), torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"weight must be a torch.float32 \(C_out, 2, 3, 3\) tensor"):
+        conv3x3s2_bn_stats(x, torch.randn(3, 2, 1, 1))
+    with pytest.raises(ValueError, match="padding must be one of"):
+        conv3x3s2_bn_stats(x, torch.randn(3, 2, 3, 3), padding="same")
+    with pytest.raises(ValueError, match="num_pools must be a positive int"):
+        bn_act_maxpool(x, None, None, "relu", 0)
+    with pytest.raises(ValueError, match=r"multiples of 2\^num_pools = 8"):
+        bn_act_maxpool(x, None, None, "relu", 3)
+    with pytest.raises(ValueError, match="scale and shift must be given together"):
+        bn_act_maxpool(x, torch.ones(2), None, "relu")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backends import fused_kernels_available
+from .fused_merge import fused_merge_forward
 from .layers import ConvNorm, MaxPool3x3s2, NormFactory, make_activation
 
 
@@ -67,6 +69,7 @@ class CrossScaleMerge(nn.Module):
     """The input of one scale-permuted block: ``act(Σ resample_i(feats[parent_i]) + Σ feats[extra_j])``.
 
     ``parent_ids`` and ``extra_ids`` index the network's growing list of block outputs (all NCHW).
+    With ``fused`` (True, or ``"auto"`` on a GPU) the same parameters run through the fused ops instead.
     """
 
     def __init__(
@@ -75,14 +78,26 @@ class CrossScaleMerge(nn.Module):
         parent_ids: tuple[int, ...],
         extra_ids: tuple[int, ...],
         activation: str,
+        padding: str = "torch",
+        fused: bool | str = False,
     ) -> None:
         super().__init__()
         self.resamples = nn.ModuleList(resamples)
         self.parent_ids = tuple(parent_ids)
         self.extra_ids = tuple(extra_ids)
         self.act = make_activation(activation)
+        self.activation, self.padding = activation, padding
+        self.fused = fused
+
+    def uses_fused_ops(self) -> bool:
+        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
+        if self.fused == "auto":
+            return fused_kernels_available(self.resamples[0].squeeze.conv.weight.device)
+        return bool(self.fused)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.uses_fused_ops():
+            return fused_merge_forward(self, feats, self.activation, self.padding)
         x = self.resamples[0](feats[self.parent_ids[0]])
         for resample, i in zip(self.resamples[1:], self.parent_ids[1:]):
             x = x + resample(feats[i])

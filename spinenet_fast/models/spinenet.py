@@ -167,6 +167,9 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
+    ``fused``: True runs the cross-scale connections through the fused ops (any device; the backend follows
+    ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
+    Both paths share parameters and ``state_dict`` keys.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
@@ -249,7 +252,9 @@ class SpineNet(nn.Module):
                     if out_degree[j] == 0 and node.level == spec.level and node.channels == target_channels:
                         extra_ids.append(j)
                         out_degree[j] += 1
-            self.merges.append(CrossScaleMerge(resamples, spec.input_offsets, tuple(extra_ids), activation))
+            self.merges.append(
+                CrossScaleMerge(resamples, spec.input_offsets, tuple(extra_ids), activation, padding, fused)
+            )
             block_drop_rate = drop_rate * k / len(SPINENET_BLOCK_SPECS)
             self.groups.append(
                 BlockGroup(
@@ -312,8 +317,3 @@ def _check_levels(min_level: int, max_level: int) -> None:
 def _check_fused(fused: bool | str) -> None:
     if not isinstance(fused, bool) and fused != "auto":
         raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-    if fused is True:
-        raise NotImplementedError(
-            "fused=True needs the fused cross-scale ops, which this version does not ship yet; "
-            "use fused=False or fused='auto' (eager)"
-        )

@@ -24,3 +24,8 @@ def activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
         s = torch.sigmoid(x)
         return s * (1 + x * (1 - s))
     return torch.ones_like(x)
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the ops' maths, statistics and BN affines: fp32 for fp32/bf16/fp16 storage, else float64."""
+    return torch.promote_types(x.dtype, torch.float32)

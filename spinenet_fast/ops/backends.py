@@ -9,6 +9,7 @@ backend and why not — never a silent fallback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator
@@ -50,13 +51,23 @@ def triton_reasons(*tensors: torch.Tensor | None) -> list[str]:
     """Why the Triton backend cannot run on these tensors: no triton, CPU without the interpreter, dtype."""
     present = [t for t in tensors if t is not None]
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         reasons.append("triton is not installed")
     if any(t.device.type == "cpu" for t in present) and os.environ.get("TRITON_INTERPRET") != "1":
         reasons.append("tensors are on the CPU and TRITON_INTERPRET is not 1")
     if any(t.device.type not in ("cpu", "cuda") for t in present):
         reasons.append(f"device {present[0].device.type} is not supported")
     return reasons
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_kernels_available(device: torch.device) -> bool:
+    """Whether ``fused="auto"`` should use the fused ops for parameters on ``device``: a GPU with Triton."""
+    return device.type == "cuda" and _triton_installed()
 
 
 def requested_backend() -> str:

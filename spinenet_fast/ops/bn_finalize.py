@@ -21,8 +21,8 @@ StatsReducer = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, int]]
 def check_bn_finalize_args(sums, sumsq, count, weight, bias, eps) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument unless the statistics describe one BN."""
     for name, t in (("sums", sums), ("sumsq", sumsq)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a 1-D float32 tensor, got {_describe(t)}")
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be a 1-D float32 (or float64) tensor, got {_describe(t)}")
     for name, t in (("sumsq", sumsq), ("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor) or t.shape != sums.shape or t.device != sums.device:
             raise ValueError(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, activation_forward, activation_grad
+from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 
 CHANNELS_LAST = torch.channels_last
 
@@ -33,9 +33,10 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift must be given together (the prologue's BN affine) or both be None")
     for name, vector in (("scale", scale), ("shift", shift)):
-        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != torch.float32
+        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != stats_dtype(x)
                                    or vector.device != x.device):  # fmt: skip
-            raise ValueError(f"{name} must be a float32 ({x.shape[1]},) tensor on {x.device}, got {_describe(vector)}")
+            expected = f"{str(stats_dtype(x))[6:]} ({x.shape[1]},) tensor on {x.device}"
+            raise ValueError(f"{name} must be a {expected}, got {_describe(vector)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
@@ -54,7 +55,7 @@ def _prologue(x, scale, shift, activation, dtype) -> tuple[Tensor, Tensor | None
 
 def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
     """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, Σy, Σy²]``."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = stats_dtype(x)
     a, _ = _prologue(x, scale, shift, activation, dtype)
     y = F.conv2d(a, weight.to(dtype))
     sums, sumsq = y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
@@ -63,7 +64,7 @@ def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tens
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
     """``[dx, d_weight, (d_scale, d_shift)]``: the statistics' gradients fold into dy, then two GEMMs."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = stats_dtype(x)
     grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
     a, pre = _prologue(x, scale, shift, activation, dtype)
     c_out, c_in = weight.shape[:2]
@@ -107,8 +108,8 @@ def _conv1x1_op(
 def _(x, weight, scale, shift, activation):
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
-    stats_dtype = torch.promote_types(x.dtype, torch.float32)
-    return y, x.new_empty(weight.shape[:1], dtype=stats_dtype), x.new_empty(weight.shape[:1], dtype=stats_dtype)
+    vector_dtype = stats_dtype(x)
+    return y, x.new_empty(weight.shape[:1], dtype=vector_dtype), x.new_empty(weight.shape[:1], dtype=vector_dtype)
 
 
 @torch.library.custom_op("spinenet_fast::conv1x1_bn_stats_backward", mutates_args=())
@@ -135,7 +136,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, d_sum, d_sumsq):
     y, x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    zeros = torch.zeros(weight.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    zeros = torch.zeros(weight.shape[0], dtype=stats_dtype(x), device=x.device)
     dy = torch.zeros_like(y) if dy is None else dy
     d_sum = zeros if d_sum is None else d_sum
     d_sumsq = zeros if d_sumsq is None else d_sumsq

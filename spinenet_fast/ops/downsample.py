@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, activation_forward, activation_grad
+from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 from .padding import PADDING_MODES, spatial_padding
 
 CHANNELS_LAST = torch.channels_last
@@ -35,9 +35,10 @@ def _check_common(name: str, x, scale, shift, activation, padding) -> None:
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift must be given together (the BN affine) or both be None")
     for vname, vector in (("scale", scale), ("shift", shift)):
-        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != torch.float32
+        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != stats_dtype(x)
                                    or vector.device != x.device):  # fmt: skip
-            raise ValueError(f"{vname} must be a float32 ({x.shape[1]},) tensor on {x.device}, got {_describe(vector)}")
+            expected = f"{str(stats_dtype(x))[6:]} ({x.shape[1]},) tensor on {x.device}"
+            raise ValueError(f"{vname} must be a {expected}, got {_describe(vector)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if padding not in PADDING_MODES:
@@ -49,7 +50,7 @@ def _describe(t) -> str:
 
 
 def _affine_act(x: Tensor, scale, shift, activation) -> Tensor:
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = stats_dtype(x)
     if scale is None:
         return x.to(dtype)
     return activation_forward(x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1),
@@ -137,8 +138,8 @@ def _conv3x3s2_op(
 def _(x, weight, scale, shift, activation, padding):
     shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
-    stats_dtype = torch.promote_types(x.dtype, torch.float32)
-    return y, x.new_empty(weight.shape[:1], dtype=stats_dtype), x.new_empty(weight.shape[:1], dtype=stats_dtype)
+    vector_dtype = stats_dtype(x)
+    return y, x.new_empty(weight.shape[:1], dtype=vector_dtype), x.new_empty(weight.shape[:1], dtype=vector_dtype)
 
 
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_backward", mutates_args=())
@@ -168,11 +169,11 @@ def _zeros_if_none(grad, like_shape, dtype, device):
 def _conv_backward(ctx, dy, d_sum, d_sumsq):
     x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    stats_dtype = torch.promote_types(x.dtype, torch.float32)
+    vector_dtype = stats_dtype(x)
     out_shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
     dy = _zeros_if_none(dy, out_shape, x.dtype, x.device)
-    d_sum = _zeros_if_none(d_sum, weight.shape[:1], stats_dtype, x.device)
-    d_sumsq = _zeros_if_none(d_sumsq, weight.shape[:1], stats_dtype, x.device)
+    d_sum = _zeros_if_none(d_sum, weight.shape[:1], vector_dtype, x.device)
+    d_sumsq = _zeros_if_none(d_sumsq, weight.shape[:1], vector_dtype, x.device)
     grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, x, weight, scale, shift, ctx.activation, ctx.padding)
     return (*grads[:2], *(grads[2:] if ctx.has_prologue else (None, None)), None, None)
 

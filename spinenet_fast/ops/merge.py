@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, activation_forward, activation_grad
+from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
 
@@ -63,8 +63,8 @@ def check_merge_args(
                     f"{name}[{i}] must be a ({channels},) tensor on {first.device}, got "
                     f"{tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__}"
                 )
-            if vector.dtype != torch.float32:
-                raise TypeError(f"{name}[{i}] must be float32, got {vector.dtype}")
+            if vector.dtype != stats_dtype(first):
+                raise TypeError(f"{name}[{i}] must be {str(stats_dtype(first))[6:]}, got {vector.dtype}")
     if extra is not None and (extra.shape != target or extra.dtype != first.dtype or extra.device != first.device):
         raise ValueError(
             f"extra must be a {first.dtype} tensor of shape {target} on {first.device}, got "
@@ -84,13 +84,8 @@ def _block_sum(x: Tensor, ratio: int) -> Tensor:
     return x.reshape(n, c, h // ratio, ratio, w // ratio, ratio).sum((3, 5))
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 maths for fp32/bf16/fp16 storage; float64 stays float64 (for gradcheck)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _pre_activation(parents, scales, shifts, ratios, extra) -> Tensor:
-    dtype = _compute_dtype(parents[0])
+    dtype = stats_dtype(parents[0])
     pre = sum(
         _upsample(y.to(dtype) * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1), r)
         for y, s, b, r in zip(parents, scales, shifts, ratios)

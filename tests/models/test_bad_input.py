@@ -49,8 +49,3 @@ def test_bad_image_types(model):
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         SpineNet(**kwargs)
-
-
-def test_fused_true_explains_it_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="fused=True"):
-        SpineNet("49S", fused=True)

@@ -106,7 +106,7 @@ def test_opcheck(backend):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"sums": torch.zeros(4, dtype=torch.float64)}, TypeError, "sums must be a 1-D float32 tensor"),
+        ({"sums": torch.zeros(4, dtype=torch.float16)}, TypeError, r"sums must be a 1-D float32 \(or float64\) tensor"),
         ({"weight": torch.ones(5)}, ValueError, r"weight must be a tensor of shape \(4,\)"),
         ({"count": 1}, ValueError, "count must be an int >= 2"),
         ({"eps": 0.0}, ValueError, "eps must be positive"),

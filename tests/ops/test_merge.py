@@ -122,8 +122,8 @@ def test_reference_backward_is_the_adjoint():
 def test_gradcheck_float64_through_the_op(seed):
     torch.manual_seed(seed)
     parents, _, _, ratios, extra = make_inputs("cpu", torch.float64, (2, 1), batch=1, channels=3, size=(4, 6))
-    scales = [torch.randn(3, requires_grad=True) for _ in ratios]
-    shifts = [torch.randn(3, requires_grad=True) for _ in ratios]
+    scales = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
+    shifts = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
 
     def fn(p0, p1, e):
         return merge([p0, p1], scales, shifts, ratios, e, "swish")

@@ -1,0 +1,75 @@
+"""The fused forward of a :class:`~spinenet_fast.models.resample.CrossScaleMerge`, built from the fused ops.
+
+Per parent: squeeze 1×1 (+ Σ, Σ²) -> [3×3/s2 with the squeeze's BN + act as prologue (+ Σ, Σ²) -> BN + act +
+max-pools] -> expand 1×1 with the previous BN + act as prologue (+ Σ, Σ²), run at the parent's resolution for
+upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own
+resolution, adds the raw extra inputs and applies the activation. BN in training mode finalises the
+statistics (running variance with the upsampled count); otherwise its running statistics become the affine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..ops import bn_act_maxpool, bn_finalize, conv1x1_bn_stats, conv3x3s2_bn_stats, merge
+
+
+def bn_affine(bn: nn.Module, sums: Tensor, sumsq: Tensor, count: int, upsample_factor: int) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` (fp32) such that ``bn(y) == scale·y + shift`` for the y these statistics came from."""
+    batch_stats = isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
+    if not batch_stats:
+        scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        return scale, bn.bias.float() - bn.running_mean.float() * scale
+    if isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
+        raise NotImplementedError("fused SpineNet with nn.SyncBatchNorm in a process group is not supported yet")
+    momentum = bn.momentum
+    update = bn.training and bn.track_running_stats
+    if update:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return bn_finalize(
+        sums, sumsq, count, bn.weight, bn.bias, eps=bn.eps,
+        running_mean=bn.running_mean if update else None, running_var=bn.running_var if update else None,
+        momentum=momentum, upsample_factor=upsample_factor,
+    )  # fmt: skip
+
+
+def _pixels(t: Tensor) -> int:
+    return t.shape[0] * t.shape[2] * t.shape[3]
+
+
+def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
+    squeeze, expand = resample.squeeze, resample.expand
+    y, sums, sumsq = conv1x1_bn_stats(x, squeeze.conv.weight)
+    scale, shift = bn_affine(squeeze.bn, sums, sumsq, _pixels(y), 1)
+    ratio = resample.upsample_factor
+    if resample.down is not None:
+        y, sums, sumsq = conv3x3s2_bn_stats(y, resample.down.conv.weight, scale, shift, activation, padding)
+        scale, shift = bn_affine(resample.down.bn, sums, sumsq, _pixels(y), 1)
+        if len(resample.pools):
+            y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
+            scale = shift = None
+    y, sums, sumsq = conv1x1_bn_stats(
+        y, expand.conv.weight, scale, shift, activation if scale is not None else "identity"
+    )
+    scale, shift = bn_affine(expand.bn, sums, sumsq, _pixels(y), ratio)
+    return y, scale, shift, ratio
+
+
+def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str) -> Tensor:
+    """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
+    parents, scales, shifts, ratios = [], [], [], []
+    for resample, i in zip(module.resamples, module.parent_ids):
+        y, scale, shift, ratio = fused_resample(resample, feats[i], activation, padding)
+        parents.append(y)
+        scales.append(scale)
+        shifts.append(shift)
+        ratios.append(ratio)
+    extra = None
+    for j in module.extra_ids:
+        extra = feats[j] if extra is None else extra + feats[j]
+    return merge(parents, scales, shifts, ratios, extra, activation)

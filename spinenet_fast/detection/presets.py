@@ -30,4 +30,5 @@ def detector_from_args(args: dict, num_classes: int) -> SpineNetRetinaNet:
         activation=args["activation"],
         bn_momentum=args["bn_momentum"],
         stochastic_depth_rate=args["stochastic_depth_rate"],
+        fused={"true": True, "false": False}.get(args.get("fused", "auto"), "auto"),
     )

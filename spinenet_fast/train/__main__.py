@@ -33,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), help="scale jitter range")
     p.add_argument("--activation", default="swish", choices=("swish", "relu"))
     p.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (official: 0.01)")
+    p.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
+                   help="fused cross-scale connections (auto: on a GPU with Triton)")  # fmt: skip
     p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process")
     p.add_argument("--epochs", type=int, default=10)

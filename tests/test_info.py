@@ -1,0 +1,14 @@
+"""``python -m spinenet_fast.info`` names every op and explains every unavailable backend."""
+
+from spinenet_fast.info import report
+
+
+def test_report_lists_ops_backends_and_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    text = report()
+    for op in ("conv1x1_bn_stats", "conv3x3s2_bn_stats", "bn_act_maxpool", "merge", "bn_finalize"):
+        assert op in text
+    assert "reference: yes" in text
+    assert "triton: tensors are on the CPU and TRITON_INTERPRET is not 1" in text
+    assert "cuda: no cuda implementation of merge" in text
+    assert "compiled extension spinenet_fast._C" in text

@@ -21,40 +21,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
+from .activation import ACTIVATIONS
+from .conv_common import (
+    CHANNELS_LAST,
+    check_affine_prologue,
+    describe,
+    fake_conv_grads,
+    fake_conv_outputs,
+    fill_output_grads,
+    prologue_backward,
+    prologue_forward,
+)
 from .padding import PADDING_MODES, spatial_padding
-
-CHANNELS_LAST = torch.channels_last
 
 
 def _check_common(name: str, x, scale, shift, activation, padding) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating (N, C, H, W) tensor, got {_describe(x)}")
+        raise TypeError(f"{name} must be a floating (N, C, H, W) tensor, got {describe(x)}")
     if x.shape[2] % 2 or x.shape[3] % 2:
         raise ValueError(f"{name} must have even H and W for a stride-2 op, got shape {tuple(x.shape)}")
-    if (scale is None) != (shift is None):
-        raise ValueError("scale and shift must be given together (the BN affine) or both be None")
-    for vname, vector in (("scale", scale), ("shift", shift)):
-        if vector is not None and (vector.shape != (x.shape[1],) or vector.dtype != stats_dtype(x)
-                                   or vector.device != x.device):  # fmt: skip
-            expected = f"{str(stats_dtype(x))[6:]} ({x.shape[1]},) tensor on {x.device}"
-            raise ValueError(f"{vname} must be a {expected}, got {_describe(vector)}")
+    check_affine_prologue(x, scale, shift)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if padding not in PADDING_MODES:
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-
-
-def _describe(t) -> str:
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _affine_act(x: Tensor, scale, shift, activation) -> Tensor:
-    dtype = stats_dtype(x)
-    if scale is None:
-        return x.to(dtype)
-    return activation_forward(x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1),
-                              activation)  # fmt: skip
 
 
 def _pad(x: Tensor, padding: str, value: float) -> Tensor:
@@ -64,14 +54,14 @@ def _pad(x: Tensor, padding: str, value: float) -> Tensor:
 
 def conv3x3s2_bn_stats_reference(x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """``[y, Σy, Σy²]`` with ATen's conv on the materialised activation (fp32 maths)."""
-    a = _affine_act(x, scale, shift, activation)
+    a = prologue_forward(x, scale, shift, activation)
     y = F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2)
     return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]
 
 
 def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) -> Tensor:
     """``num_pools`` 3×3/s2 max-pools of the activation, with ATen's max-pool (fp32 maths)."""
-    a = _affine_act(y, scale, shift, activation)
+    a = prologue_forward(y, scale, shift, activation)
     for _ in range(num_pools):
         a = F.max_pool2d(_pad(a, padding, float("-inf")), 3, 2)
     return a.to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
@@ -79,17 +69,6 @@ def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) ->
 
 backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
 backends.register("bn_act_maxpool", "reference", lambda *args: [])(bn_act_maxpool_reference)
-
-
-def _prologue_backward(d_a: Tensor, x: Tensor, scale, shift, activation) -> list[Tensor]:
-    """``[dx, (d_scale, d_shift)]`` from the gradient of a = act(scale·x + shift) (or a = x)."""
-    if scale is None:
-        return [d_a.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)]
-    dtype = d_a.dtype
-    pre = x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
-    d_pre = d_a * activation_grad(pre, activation)
-    dx = (d_pre * scale.to(dtype).view(1, -1, 1, 1)).to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
-    return [dx, (d_pre * x.to(dtype)).sum((0, 2, 3)).to(scale.dtype), d_pre.sum((0, 2, 3)).to(shift.dtype)]
 
 
 def _crop(x: Tensor, padding: str) -> Tensor:
@@ -100,20 +79,20 @@ def _crop(x: Tensor, padding: str) -> Tensor:
 
 def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """``[dx, d_weight, (d_scale, d_shift)]``: statistics' gradients folded into dy, then ATen's conv backward."""
-    a = _pad(_affine_act(x, scale, shift, activation), padding, 0.0)
+    a = _pad(prologue_forward(x, scale, shift, activation), padding, 0.0)
     w = weight.to(a.dtype)
     y = F.conv2d(a, w, stride=2)
     grad = dy.to(y.dtype) + d_sum.to(y.dtype).view(1, -1, 1, 1) + 2 * y * d_sumsq.to(y.dtype).view(1, -1, 1, 1)
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
         grad, a, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
     )
-    dx, *d_affine = _prologue_backward(_crop(d_a, padding), x, scale, shift, activation)
+    dx, *d_affine = prologue_backward(_crop(d_a, padding), x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), *d_affine]
 
 
 def bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
     """``[dy, (d_scale, d_shift)]``: max-pool argmaxes recomputed stage by stage, then scattered back."""
-    a = _affine_act(y, scale, shift, activation)
+    a = prologue_forward(y, scale, shift, activation)
     stages = []
     for _ in range(num_pools):
         padded = _pad(a, padding, float("-inf"))
@@ -123,7 +102,7 @@ def bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, paddin
     for padded, indices in reversed(stages):
         d_a = _crop(torch.ops.aten.max_pool2d_with_indices_backward(d_a, padded, [3, 3], [2, 2], [0, 0], [1, 1],
                                                                     False, indices), padding)  # fmt: skip
-    return _prologue_backward(d_a, y, scale, shift, activation)
+    return prologue_backward(d_a, y, scale, shift, activation)
 
 
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats", mutates_args=())
@@ -136,10 +115,7 @@ def _conv3x3s2_op(
 
 @_conv3x3s2_op.register_fake
 def _(x, weight, scale, shift, activation, padding):
-    shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
-    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
-    vector_dtype = stats_dtype(x)
-    return y, x.new_empty(weight.shape[:1], dtype=vector_dtype), x.new_empty(weight.shape[:1], dtype=vector_dtype)
+    return fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)
 
 
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_backward", mutates_args=())
@@ -152,8 +128,7 @@ def _conv3x3s2_backward_op(
 
 @_conv3x3s2_backward_op.register_fake
 def _(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding):
-    grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
-    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+    return fake_conv_grads(x, weight, scale, shift)
 
 
 def _conv_setup_context(ctx, inputs, output):
@@ -162,18 +137,11 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, *((scale, shift) if scale is not None else ()))
 
 
-def _zeros_if_none(grad, like_shape, dtype, device):
-    return torch.zeros(like_shape, dtype=dtype, device=device) if grad is None else grad
-
-
 def _conv_backward(ctx, dy, d_sum, d_sumsq):
     x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    vector_dtype = stats_dtype(x)
     out_shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
-    dy = _zeros_if_none(dy, out_shape, x.dtype, x.device)
-    d_sum = _zeros_if_none(d_sum, weight.shape[:1], vector_dtype, x.device)
-    d_sumsq = _zeros_if_none(d_sumsq, weight.shape[:1], vector_dtype, x.device)
+    dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, out_shape, x)
     grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, x, weight, scale, shift, ctx.activation, ctx.padding)
     return (*grads[:2], *(grads[2:] if ctx.has_prologue else (None, None)), None, None)
 
@@ -229,7 +197,7 @@ def conv3x3s2_bn_stats(
     """3×3 stride-2 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
     _check_common("x", x, scale, shift, activation, padding)
     if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype != x.dtype:
-        raise ValueError(f"weight must be a {x.dtype} (C_out, {x.shape[1]}, 3, 3) tensor, got {_describe(weight)}")
+        raise ValueError(f"weight must be a {x.dtype} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
     return _conv3x3s2_op(x, weight, scale, shift, activation, padding)
 
 

@@ -1,0 +1,74 @@
+"""Pieces shared by the convolution ops (``conv1x1_bn_stats``, ``conv3x3s2_bn_stats``): checks and fakes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .activation import activation_forward, activation_grad, stats_dtype
+
+CHANNELS_LAST = torch.channels_last
+
+
+def describe(t) -> str:
+    """``dtype (shape) on device`` of a tensor, or the type name of anything else, for error messages."""
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> None:
+    """``scale`` and ``shift``: both None, or both (C,) vectors of x's statistics dtype on x's device."""
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift must be given together (the BN affine) or both be None")
+    expected = f"{str(stats_dtype(x))[6:]} ({x.shape[1]},) tensor on {x.device}"
+    for name, vector in (("scale", scale), ("shift", shift)):
+        if vector is None:
+            continue
+        if (
+            not isinstance(vector, Tensor)
+            or vector.shape != (x.shape[1],)
+            or vector.dtype != stats_dtype(x)
+            or (vector.device != x.device)
+        ):
+            raise ValueError(f"{name} must be a {expected}, got {describe(vector)}")
+
+
+def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the two statistics vectors."""
+    y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,
+                    memory_format=CHANNELS_LAST)  # fmt: skip
+    vectors = [x.new_empty(weight.shape[:1], dtype=stats_dtype(x)) for _ in range(2)]
+    return y, *vectors
+
+
+def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None) -> list[Tensor]:
+    """Meta outputs of a conv op's backward: dx, d_weight and, with a prologue, d_scale and d_shift."""
+    grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
+    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+
+
+def fill_output_grads(dy, d_sum, d_sumsq, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Zeros for the outputs autograd passed no gradient for (None)."""
+    c_out = y_shape[1]
+    dy = torch.zeros(y_shape, dtype=x.dtype, device=x.device) if dy is None else dy
+    zeros = torch.zeros(c_out, dtype=stats_dtype(x), device=x.device)
+    return dy, zeros if d_sum is None else d_sum, zeros if d_sumsq is None else d_sumsq
+
+
+def prologue_forward(x: Tensor, scale, shift, activation) -> Tensor:
+    """``act(scale·x + shift)`` (or x) in the ops' maths dtype, with x (N, C, H, W) and (C,) vectors."""
+    dtype = stats_dtype(x)
+    if scale is None:
+        return x.to(dtype)
+    return activation_forward(x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1),
+                              activation)  # fmt: skip
+
+
+def prologue_backward(d_a: Tensor, x: Tensor, scale, shift, activation) -> list[Tensor]:
+    """``[dx, (d_scale, d_shift)]`` from the gradient of a = act(scale·x + shift) (or a = x)."""
+    if scale is None:
+        return [d_a.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)]
+    dtype = d_a.dtype
+    pre = x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    d_pre = d_a * activation_grad(pre, activation)
+    dx = (d_pre * scale.to(dtype).view(1, -1, 1, 1)).to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+    return [dx, (d_pre * x.to(dtype)).sum((0, 2, 3)).to(scale.dtype), d_pre.sum((0, 2, 3)).to(shift.dtype)]

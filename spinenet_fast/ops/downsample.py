@@ -10,8 +10,10 @@
 
 ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (0 before, 1 after; max-pools pad with −inf), for
 inputs whose H and W are even. Tensors are (N, C, H, W), any memory format; outputs are channels_last.
-This module's implementation materialises the activation and runs ATen's (cuDNN's) conv and max-pool; it is
-the CPU path, the test oracle, and a GPU backend of its own (fused_ops.md §3 keeps whichever is faster).
+The reference implementations materialise the activation and run ATen's (cuDNN's) conv and max-pool: the CPU
+path, the test oracle, and a GPU candidate of its own. ``conv3x3s2_bn_stats`` also has a Triton implicit GEMM
+with the prologue and statistics fused (fused_ops.md §3: benchmark both, keep the faster). Both backwards
+recompute the activation and run ATen's conv / max-pool backward.
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) ->
 
 
 backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
+
+
+def _conv_triton_reasons(x, weight, scale, shift, activation, padding) -> list[str]:
+    reasons = backends.triton_reasons(x, weight, scale, shift)
+    if x.dtype not in backends.FLOAT_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not one of {backends.FLOAT_DTYPES}")
+    return reasons
+
+
+@backends.register("conv3x3s2_bn_stats", "triton", _conv_triton_reasons)
+def _conv3x3s2_triton(x, weight, scale, shift, activation, padding) -> list[Tensor]:
+    from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
+
+    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, spatial_padding(3, 2, padding)[0])
+
+
 backends.register("bn_act_maxpool", "reference", lambda *args: [])(bn_act_maxpool_reference)
 
 

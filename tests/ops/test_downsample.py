@@ -9,6 +9,8 @@ from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2
 from spinenet_fast.ops import bn_act_maxpool, conv3x3s2_bn_stats, use_backend
 from spinenet_fast.ops.downsample import _conv3x3s2_op, _maxpool_op
 
+from .tolerance import assert_close_by_dtype
+
 
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
 @pytest.mark.parametrize("prologue", [False, True])
@@ -80,3 +82,52 @@ def test_bad_input():
         bn_act_maxpool(x, None, None, "relu", 3)
     with pytest.raises(ValueError, match="scale and shift must be given together"):
         bn_act_maxpool(x, torch.ones(2), None, "relu")
+
+
+def conv_inputs(device, dtype, layout, prologue=True, batch=1):
+    x = torch.randn(batch, 37, 6, 10, device=device)  # 37 channels: two K tiles; 70 outputs: two N tiles
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(batch, 37, 6, 20, device=device)[..., ::2]
+    weight = torch.randn(70, 37, 3, 3, device=device) / 20
+    scale = torch.randn(37, device=device).requires_grad_() if prologue else None
+    shift = torch.randn(37, device=device).requires_grad_() if prologue else None
+    return x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), scale, shift
+
+
+@pytest.mark.parametrize("padding", ["torch", "tf_same"])
+@pytest.mark.parametrize(("layout", "prologue"), [("channels_last", True), ("contiguous", False), ("strided", True)])
+def test_conv3x3s2_triton_matches_the_reference(device, padding, layout, prologue):
+    inputs = conv_inputs(device, torch.float32, layout, prologue)
+    leaves = [t for t in inputs if t is not None]
+    results = {}
+    for backend in ("triton", "reference"):
+        with use_backend(backend):
+            y, sums, sumsq = conv3x3s2_bn_stats(*inputs, "swish", padding)
+        grads = torch.autograd.grad((y * y).sum() / 100 + sums.sum() + sumsq.sum() / 100, leaves)
+        results[backend] = (y, sums, sumsq, *grads)
+    for a, b in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert results["triton"][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv3x3s2_triton_low_precision_tolerance_rule(device, dtype):
+    x, weight, scale, shift = conv_inputs(device, dtype, "channels_last", batch=2)
+    with use_backend("triton"):
+        y, sums, _ = conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")
+    with use_backend("reference"):
+        y32, sums32, _ = conv3x3s2_bn_stats(x.detach().float(), weight.detach().float(), scale, shift, "swish",
+                                            "tf_same")  # fmt: skip
+    a = F.silu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1))
+    eager = F.conv2d(F.pad(a, (0, 1, 0, 1)), weight, stride=2)
+    assert_close_by_dtype(y, y32, eager)
+    eager_sums = eager.float().sum((0, 2, 3))
+    assert (sums - sums32).abs().max() <= 2 * (eager_sums - sums32).abs().max() + 1e-2 * sums32.abs().max()
+
+
+def test_conv3x3s2_triton_opcheck():
+    x, weight, scale, shift = (t.detach() if t is not None else None for t in conv_inputs("cpu", torch.float32, "x"))
+    with use_backend("triton"):
+        torch.library.opcheck(_conv3x3s2_op, (x, weight, scale, shift, "relu", "torch"))

@@ -1,0 +1,81 @@
+"""Triton implicit GEMM for 3×3 stride-2 convolutions with a BN-affine + activation prologue and Σy, Σy².
+
+``y[n, o, i, j] = Σ_{c, kh, kw} act(scale[c]·x[n, c, 2i + kh − pad, 2j + kw − pad] + shift[c]) · W[o, c, kh, kw]``
+where taps outside the input contribute 0 (zero padding *after* the prologue, as the eager conv pads its
+activated input). ``PAD`` is the top/left padding: 1 for ``"torch"``, 0 for ``"tf_same"`` (whose extra
+bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W) through their strides.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, apply_activation
+
+BLOCK_M = 64
+BLOCK_N = 64
+BLOCK_K = 32
+
+
+@triton.jit
+def _conv3x3s2_fwd_kernel(
+    y_ptr, sum_ptr, sumsq_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
+    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, plus its channel partial sums."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for tap in range(9):
+        h = 2 * i + tap // 3 - PAD
+        w = 2 * j + tap % 3 - PAD
+        inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
+        x_row = n * sx_n + h * sx_h + w * sx_w
+        for c0 in range(0, C_IN, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            x_mask = inside[:, None] & (c < C_IN)[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sx_c, mask=x_mask, other=0.0)
+            if HAS_PROLOGUE:
+                scale = tl.load(scale_ptr + c, mask=c < C_IN, other=0.0)
+                shift = tl.load(shift_ptr + c, mask=c < C_IN, other=0.0)
+                a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
+                a = tl.where(x_mask, a, 0.0)  # padding and channel tail are zeros of the activated input
+            b = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
+                        mask=(c < C_IN)[:, None] & (o < N_OUT)[None, :], other=0.0)  # fmt: skip
+            if FP32_DOT:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a.to(b.dtype), b)
+    mask = (p < P)[:, None] & (o < N_OUT)[None, :]
+    y_offsets = (n * sy_n + i * sy_h + j * sy_w)[:, None] + o[None, :] * sy_c
+    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = tl.where(mask, acc, 0.0)
+    row = tl.program_id(0) * N_OUT + o
+    tl.store(sum_ptr + row, tl.sum(acc, axis=0), mask=o < N_OUT)
+    tl.store(sumsq_ptr + row, tl.sum(acc * acc, axis=0), mask=o < N_OUT)
+
+
+def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) -> list[torch.Tensor]:
+    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, Σy (C_out,) fp32, Σy² (C_out,) fp32]``."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    weight = weight.to(x.dtype)
+    y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    grid = (triton.cdiv(y.numel() // c_out, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
+    partial_sumsq = torch.empty_like(partial_sum)
+    has_prologue = scale is not None
+    # Triton 3.8's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): it gets fp32 dots.
+    fp32_dot = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    _conv3x3s2_fwd_kernel[grid](
+        y, partial_sum, partial_sumsq, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
+        y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),
+        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=fp32_dot,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return [y, partial_sum.sum(0), partial_sumsq.sum(0)]

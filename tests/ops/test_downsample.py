@@ -9,7 +9,7 @@ from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2
 from spinenet_fast.ops import bn_act_maxpool, conv3x3s2_bn_stats, use_backend
 from spinenet_fast.ops.downsample import _conv3x3s2_op, _maxpool_op
 
-from .tolerance import assert_close_by_dtype
+from .tolerance import assert_close_by_dtype, assert_low_precision_rule
 
 
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
@@ -34,7 +34,7 @@ def test_conv3x3s2_matches_the_eager_module(padding, prologue):
 
 
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
-@pytest.mark.parametrize("num_pools", [1, 2, 4])  # ↓4, ↓8 and ↓32 connections
+@pytest.mark.parametrize("num_pools", [1, 2, 3, 4])  # ↓4, ↓8, ↓16 and ↓32 connections
 def test_bn_act_maxpool_matches_the_eager_modules(padding, num_pools):
     y = torch.randn(2, 3, 32, 16, requires_grad=True)
     scale = torch.randn(3, requires_grad=True)  # negative γ: the affine must come before the max
@@ -131,3 +131,28 @@ def test_conv3x3s2_triton_opcheck():
     x, weight, scale, shift = (t.detach() if t is not None else None for t in conv_inputs("cpu", torch.float32, "x"))
     with use_backend("triton"):
         torch.library.opcheck(_conv3x3s2_op, (x, weight, scale, shift, "relu", "torch"))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_act_maxpool_layouts_batch_one_and_bf16(layout, dtype):
+    y = torch.randn(1, 5, 8, 12) if layout == "channels_last" else torch.randn(1, 5, 8, 24)[..., ::2]
+    y = y.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else y
+    y = y.to(dtype).requires_grad_()
+    scale, shift = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    out = bn_act_maxpool(y, scale, shift, "swish", 2, "tf_same")
+    a = F.silu(y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    expected = MaxPool3x3s2("tf_same")(MaxPool3x3s2("tf_same")(a))
+    eager = MaxPool3x3s2("tf_same")(MaxPool3x3s2("tf_same")(F.silu(y * scale.to(dtype).view(1, -1, 1, 1)
+                                                                    + shift.to(dtype).view(1, -1, 1, 1))))  # fmt: skip
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_by_dtype(out, expected, eager)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (y, scale, shift), grad.to(dtype))
+    want = torch.autograd.grad(expected, (y, scale, shift), grad)
+    eager_grads = torch.autograd.grad(eager, (y, scale, shift), grad.to(dtype))
+    for g, w, e in zip(got, want, eager_grads):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        else:
+            assert_low_precision_rule(g, w, e)

@@ -6,13 +6,13 @@ fp32 inputs use IEEE fp32 dot products (no TF32). Per-program partial Σy and Σ
 go to (programs along p, C_out) buffers that the launcher sums.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
+from .epilogue import store_tile_and_channel_stats
+from .precision import use_fp32_dot
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -47,13 +47,7 @@ def _conv1x1_fwd_kernel(
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a.to(b.dtype), b)
-    mask = (p < P)[:, None] & (o < N_OUT)[None, :]
-    y_offsets = (n * sy_n + h * sy_h + w * sy_w)[:, None] + o[None, :] * sy_c
-    tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    acc = tl.where(mask, acc, 0.0)
-    row = tl.program_id(0) * N_OUT + o
-    tl.store(sum_ptr + row, tl.sum(acc, axis=0), mask=o < N_OUT)
-    tl.store(sumsq_ptr + row, tl.sum(acc * acc, axis=0), mask=o < N_OUT)
+    store_tile_and_channel_stats(y_ptr, sum_ptr, sumsq_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT)
 
 
 def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.Tensor]:
@@ -66,12 +60,10 @@ def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.
     partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
     partial_sumsq = torch.empty_like(partial_sum)
     has_prologue = scale is not None
-    # Triton 3.8's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16): it gets fp32 dots.
-    fp32_dot = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     _conv1x1_fwd_kernel[grid](
         y, partial_sum, partial_sumsq, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
         n * h * w, k, c_out, h * w, w, *x.stride(), *y.stride(), *w2d.stride(),
-        HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=fp32_dot,
+        HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=use_fp32_dot(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return [y, partial_sum.sum(0), partial_sumsq.sum(0)]

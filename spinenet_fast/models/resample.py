@@ -92,7 +92,8 @@ class CrossScaleMerge(nn.Module):
     def uses_fused_ops(self) -> bool:
         """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
         if self.fused == "auto":
-            return fused_kernels_available(self.resamples[0].squeeze.conv.weight.device)
+            # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
+            return fused_kernels_available(next(self.parameters()).device)
         return bool(self.fused)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from ..models.layers import make_norm_factory
 from ..models.spinenet import SpineNet, SpineNetScaling, resolve_scaling
+from ..ops.checks import describe
 from .head import SpineNetRetinaNetHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,10 +59,10 @@ def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> Non
     for i, (image, target) in enumerate(zip(images, targets)):
         boxes, labels = target.get("boxes"), target.get("labels")
         if not isinstance(boxes, Tensor) or not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise TypeError(f"targets[{i}]['boxes'] must be a float tensor of shape (K, 4), got {_describe(boxes)}")
+            raise TypeError(f"targets[{i}]['boxes'] must be a float tensor of shape (K, 4), got {describe(boxes)}")
         if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
             raise TypeError(
-                f"targets[{i}]['labels'] must be an int64 tensor of shape ({boxes.shape[0]},), got {_describe(labels)}"
+                f"targets[{i}]['labels'] must be an int64 tensor of shape ({boxes.shape[0]},), got {describe(labels)}"
             )
         height, width = image.shape[-2:]
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
@@ -72,12 +73,6 @@ def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> Non
                 f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 < x2, y1 < y2 inside the {width}×{height} "
                 f"image, got {box}"
             )
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def retinanet_spinenet(

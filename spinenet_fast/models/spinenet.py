@@ -14,8 +14,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
-from .layers import ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
+from .layers import ACTIVATIONS, ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 
 FILTER_SIZE_MAP = {2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
@@ -191,8 +192,8 @@ class SpineNet(nn.Module):
         super().__init__()
         scaling = resolve_scaling(model_id)
         _check_levels(min_level, max_level)
-        check_choice("activation", activation, ("swish", "relu"))
-        check_choice("padding", padding, ("torch", "tf_same"))
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("padding", padding, PADDING_MODES)
         _check_fused(fused)
         drop_rate = DEFAULT_STOCHASTIC_DEPTH_RATE if stochastic_depth_rate is None else stochastic_depth_rate
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:

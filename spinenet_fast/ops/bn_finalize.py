@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .checks import describe
 
 StatsReducer = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, int]]
 
@@ -22,20 +23,16 @@ def check_bn_finalize_args(sums, sumsq, count, weight, bias, eps) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument unless the statistics describe one BN."""
     for name, t in (("sums", sums), ("sumsq", sumsq)):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be a 1-D float32 (or float64) tensor, got {_describe(t)}")
+            raise TypeError(f"{name} must be a 1-D float32 (or float64) tensor, got {describe(t)}")
     for name, t in (("sumsq", sumsq), ("weight", weight), ("bias", bias)):
         if not isinstance(t, Tensor) or t.shape != sums.shape or t.device != sums.device:
             raise ValueError(
-                f"{name} must be a tensor of shape {tuple(sums.shape)} on {sums.device}, got {_describe(t)}"
+                f"{name} must be a tensor of shape {tuple(sums.shape)} on {sums.device}, got {describe(t)}"
             )
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
-
-
-def _describe(t) -> str:
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def bn_finalize_reference(sums, sumsq, count, weight, bias, eps) -> list[Tensor]:

@@ -6,13 +6,9 @@ import torch
 from torch import Tensor
 
 from .activation import activation_forward, activation_grad, stats_dtype
+from .checks import describe
 
 CHANNELS_LAST = torch.channels_last
-
-
-def describe(t) -> str:
-    """``dtype (shape) on device`` of a tensor, or the type name of anything else, for error messages."""
-    return f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
 
 
 def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> None:

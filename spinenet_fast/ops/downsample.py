@@ -24,10 +24,10 @@ from torch import Tensor
 
 from . import backends
 from .activation import ACTIVATIONS
+from .checks import describe
 from .conv_common import (
     CHANNELS_LAST,
     check_affine_prologue,
-    describe,
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,

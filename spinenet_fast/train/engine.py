@@ -61,10 +61,10 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {epoch} ({ {k: v.item() for k, v in losses.items()} })"
-            )
+        # One device sync per step: every logged value at once, checked before the weights change.
+        values = dict(zip(("loss", *losses), torch.stack([loss, *losses.values()]).detach().float().tolist()))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss is not finite at epoch {epoch}: {values}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -72,10 +72,10 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
-        for key, value in {"loss": loss, **losses}.items():
-            sums[key] = sums.get(key, 0.0) + value.item() * len(images)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * len(images)
         num_images += len(images)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
     elapsed = time.perf_counter() - start
     means = {key: value / max(num_images, 1) for key, value in sums.items()}
     return {**means, "images_per_s": num_images / elapsed, "lr": optimizer.param_groups[0]["lr"]}

@@ -58,7 +58,11 @@ def report() -> str:
         for op, args in _example_args(device, dtype).items():
             reasons = backends.reasons_by_backend(op, *args)
             cells = [f"{b}: {'yes' if not r else '; '.join(r)}" for b, r in reasons.items()]
-            lines.append(f"  {op:20s} " + " | ".join(cells))
+            try:
+                chosen = backends.choose(op, *args)
+            except RuntimeError:
+                chosen = "none"
+            lines.append(f"  {op:20s} runs on {chosen:9s} | " + " | ".join(cells))
     return "\n".join(lines)
 
 

@@ -19,6 +19,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def require_backend(backend: str) -> None:
+    """Skip (saying why) a ``cuda``-backend test when the compiled extension is absent — but fail it when the
+    build was requested (``FORCE_CUDA=1``, as CI does), so that a broken extension cannot pass as skipped."""
+    if backend != "cuda":
+        return
+    from spinenet_fast import _extension
+
+    if _extension.extension is None:
+        if os.environ.get("FORCE_CUDA") == "1":
+            pytest.fail(f"FORCE_CUDA=1 asked for the extension, but {_extension.unavailable_reason}")
+        pytest.skip(f"the cuda backend needs the compiled extension: {_extension.unavailable_reason}")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused_backend(request):
+    """Both fused backends: Triton (the interpreter on a CPU) and the extension (its CPU kernels on a CPU)."""
+    require_backend(request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

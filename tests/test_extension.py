@@ -1,8 +1,11 @@
-"""The compiled extension is optional: importing the package never needs it, ops that do explain how to build it."""
+"""The compiled extension: optional to import, and its ops check their arguments before any kernel runs."""
 
 import pytest
+import torch
 
 from spinenet_fast import _extension
+
+from .conftest import require_backend
 
 
 def test_missing_extension_explains_how_to_build(monkeypatch):
@@ -10,3 +13,73 @@ def test_missing_extension_explains_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "unavailable_reason", "spinenet_fast._C is not available (test)")
     with pytest.raises(RuntimeError, match=r"merge needs the compiled extension.*FORCE_CUDA=1"):
         _extension.require_extension("merge")
+
+
+def merge_args():
+    parents = [torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)]
+    return dict(parents=parents, scales=[torch.ones(4)] * 2, shifts=[torch.zeros(4)] * 2, ratios=[1, 2], extra=None,
+                activation="relu")  # fmt: skip
+
+
+THREE_PARENTS = dict(parents=[torch.randn(1, 4, 4, 4)] * 3, scales=[torch.ones(4)] * 3, shifts=[torch.zeros(4)] * 3,
+                     ratios=[1, 1, 1])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (THREE_PARENTS, ValueError, "parents: the extension's merge takes 1 or 2 parents, got 3"),
+        (dict(ratios=[1, 3]), ValueError, r"parents\[1\] of shape \[1, 4, 2, 2\] upsampled ×3"),
+        (dict(ratios=[1, 0]), ValueError, r"ratios\[1\] must be a positive int, got 0"),
+        (dict(scales=[torch.ones(4), torch.ones(4).double()]), TypeError, r"scales\[1\] must be Float, got Double"),
+        (dict(shifts=[torch.zeros(5), torch.zeros(4)]), ValueError, r"shifts\[0\] must be a \(4,\) tensor"),
+        (dict(extra=torch.zeros(1, 4, 2, 4)), ValueError, r"extra must have shape \[1, 4, 4, 4\]"),
+        (dict(activation="gelu"), ValueError, "activation must be one of"),
+        (dict(parents=[torch.zeros(1, 4, 4, 4, dtype=torch.int32)] * 2), TypeError, r"parents\[0\] must be float32"),
+    ],
+)
+def test_extension_merge_rejects_bad_input(change, error, match):
+    require_backend("cuda")
+    args = {**merge_args(), **change}
+    with pytest.raises(error, match=match):
+        torch.ops.spinenet_fast.ext_merge(*args.values())
+
+
+def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
+    require_backend("cuda")
+    ops = torch.ops.spinenet_fast
+    args = merge_args()
+    with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\], got \[1, 4, 2, 2\]"):
+        ops.ext_merge_backward(torch.zeros(1, 4, 2, 2), *args.values())
+    args["parents"] = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 2)]
+    with pytest.raises(ValueError, match="needs one ratio to divide the other"):
+        ops.ext_merge_backward(torch.zeros(1, 4, 6, 6), *{**args, "ratios": [2, 3]}.values())
+    y = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"y: H and W must be multiples of 2\^num_pools = 16"):
+        ops.ext_bn_act_maxpool(y, None, None, "relu", 4, "torch")
+    with pytest.raises(ValueError, match="padding must be one of"):
+        ops.ext_bn_act_maxpool(y, None, None, "relu", 1, "same")
+    with pytest.raises(ValueError, match="scale and shift must be given together"):
+        ops.ext_bn_act_maxpool(y, torch.ones(4), None, "relu", 1, "torch")
+    with pytest.raises(ValueError, match=r"y must be 4-D \(N, C, H, W\)"):
+        ops.ext_bn_act_maxpool(y[0], None, None, "relu", 1, "torch")
+    with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\]"):
+        ops.ext_bn_act_maxpool_backward(torch.zeros(1, 4, 2, 2), y, None, None, "relu", 1, "torch")
+    with pytest.raises(TypeError, match="sums must be float32 or float64, got Half"):
+        ops.ext_bn_finalize(torch.zeros(4).half(), torch.ones(4), 8, torch.ones(4), torch.zeros(4), 1e-3)
+    with pytest.raises(ValueError, match=r"weight must have shape \[4\]"):
+        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 8, torch.ones(5), torch.zeros(4), 1e-3)
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 0, torch.ones(4), torch.zeros(4), 1e-3)
+
+
+def test_extension_handles_empty_batches():
+    require_backend("cuda")
+    ops = torch.ops.spinenet_fast
+    parents = [torch.randn(0, 4, 4, 4), torch.randn(0, 4, 2, 2)]
+    vectors = [torch.ones(4)] * 2
+    assert ops.ext_merge(parents, vectors, vectors, [1, 2], None, "swish").shape == (0, 4, 4, 4)
+    grads = ops.ext_merge_backward(torch.zeros(0, 4, 4, 4), parents, vectors, vectors, [1, 2], None, "swish")
+    assert [tuple(g.shape) for g in grads] == [(0, 4, 4, 4), (0, 4, 2, 2), (4,), (4,), (4,), (4,)]
+    assert grads[2].abs().sum() == 0
+    assert ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch").shape == (0, 4, 2, 2)

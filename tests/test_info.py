@@ -10,5 +10,7 @@ def test_report_lists_ops_backends_and_reasons(monkeypatch):
         assert op in text
     assert "reference: yes" in text
     assert "triton: tensors are on the CPU and TRITON_INTERPRET is not 1" in text
-    assert "cuda: no cuda implementation of merge" in text
+    assert "merge                runs on reference |" in text  # auto never picks the extension's CPU twins
+    assert "bn_act_maxpool       runs on reference |" in text
+    assert "triton: no triton implementation of bn_act_maxpool" in text
     assert "compiled extension spinenet_fast._C" in text

@@ -1,9 +1,14 @@
 """Which implementation runs each fused op: ``reference`` (plain PyTorch), ``triton`` or ``cuda``.
 
 Each backend declares, per op, a function returning the reasons it cannot run the given inputs (an empty list
-means it can). ``auto`` takes the first able backend in ``AUTO_ORDER``; ``SPINENET_FAST_BACKEND`` or
-:func:`set_backend` ask for one explicitly, and an explicit request that cannot run raises, listing every
-backend and why not — never a silent fallback.
+means it can). ``auto`` takes the first able backend in the op's order for the inputs' device (``AUTO_ORDER``
+unless the op set its own with :func:`set_auto_order`); ``SPINENET_FAST_BACKEND`` or :func:`set_backend` ask for
+one explicitly, and an explicit request that cannot run raises, listing every backend and why not — never a
+silent fallback.
+
+``cuda`` is the compiled extension ``spinenet_fast._C`` (CUDA kernels, and on CPU tensors their CPU twins that
+run the same shared maths) and, for the two GEMM ops, cuBLAS/cuDNN through ATen. ``auto`` never picks it for CPU
+tensors: there the CPU twins exist to test the maths and run only when asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "reference")
+AUTO_ORDER_CPU = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_auto_orders: dict[str, tuple[str, ...]] = {}
 
 _requested: str | None = None
 
@@ -58,6 +66,44 @@ def triton_reasons(*tensors: torch.Tensor | None) -> list[str]:
     if any(t.device.type not in ("cpu", "cuda") for t in present):
         reasons.append(f"device {present[0].device.type} is not supported")
     return reasons
+
+
+def extension_reasons(*tensors: torch.Tensor | None) -> list[str]:
+    """Why the compiled extension cannot run on these tensors: not built, device or dtype."""
+    from spinenet_fast import _extension
+
+    present = [t for t in tensors if t is not None]
+    reasons = []
+    if _extension.extension is None:
+        reasons.append(f"{_extension.unavailable_reason}; {_extension.BUILD_HINT}")
+    if any(t.device.type not in ("cpu", "cuda") for t in present):
+        reasons.append(f"device {present[0].device.type} is not supported")
+    if any(t.dtype not in (*FLOAT_DTYPES, torch.float64) for t in present):
+        reasons.append(f"dtype {present[0].dtype} is not one of {(*FLOAT_DTYPES, torch.float64)}")
+    return reasons
+
+
+def library_reasons(x: torch.Tensor) -> list[str]:
+    """Why ATen's library kernels (the GEMM ops' ``cuda`` backend) cannot run on ``x``: device or dtype."""
+    reasons = [] if x.device.type in ("cpu", "cuda") else [f"device {x.device.type} is not supported"]
+    if x.dtype not in (*FLOAT_DTYPES, torch.float64):
+        reasons.append(f"dtype {x.dtype} is not one of {(*FLOAT_DTYPES, torch.float64)}")
+    return reasons
+
+
+def set_auto_order(op: str, order: tuple[str, ...]) -> None:
+    """The order in which ``auto`` tries backends for ``op`` on GPU tensors (the measured fastest first)."""
+    if sorted(order) != sorted(BACKENDS):
+        raise ValueError(f"order must be a permutation of {BACKENDS}, got {order!r}")
+    _auto_orders[op] = tuple(order)
+
+
+def _on_gpu(args) -> bool:
+    for arg in args:
+        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(t, torch.Tensor):
+                return t.device.type == "cuda"
+    return False
 
 
 @functools.cache
@@ -108,13 +154,23 @@ def reasons_by_backend(op: str, *args) -> dict[str, list[str]]:
     }
 
 
-def select(op: str, *args) -> Callable:
-    """The implementation of ``op`` that runs ``args``: the requested backend, or the first able one."""
+def choose(op: str, *args) -> str:
+    """The name of the backend that runs ``op`` on ``args``: the requested one, or the first able one."""
     reasons = reasons_by_backend(op, *args)
     requested = requested_backend()
-    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    if requested != "auto":
+        candidates = (requested,)
+    elif _on_gpu(args):
+        candidates = _auto_orders.get(op, AUTO_ORDER)
+    else:
+        candidates = AUTO_ORDER_CPU
     for backend in candidates:
         if not reasons[backend]:
-            return _registry[op][backend].fn
+            return backend
     explained = "; ".join(f"{b}: {', '.join(r) or 'available'}" for b, r in reasons.items())
     raise RuntimeError(f"backend {requested!r} cannot run {op} on these inputs ({explained})")
+
+
+def select(op: str, *args) -> Callable:
+    """The implementation of ``op`` that runs ``args`` (see :func:`choose`)."""
+    return _registry[op][choose(op, *args)].fn

@@ -53,6 +53,11 @@ def _bn_finalize_triton(sums, sumsq, count, weight, bias, eps) -> list[Tensor]:
     return bn_finalize_forward(sums, sumsq, count, weight, bias, eps)
 
 
+@backends.register("bn_finalize", "cuda", lambda sums, *args: backends.extension_reasons(sums))
+def _bn_finalize_extension(sums, sumsq, count, weight, bias, eps) -> list[Tensor]:
+    return torch.ops.spinenet_fast.ext_bn_finalize(sums, sumsq, count, weight, bias, eps)
+
+
 @torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=())
 def _bn_finalize_op(sums: Tensor, sumsq: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float) -> list[Tensor]:
     args = (sums.contiguous(), sumsq.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS
+from .activation import ACTIVATIONS, stats_dtype
 from .checks import describe
 from .conv_common import (
     CHANNELS_LAST,
@@ -63,6 +63,13 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     return [dx, d_weight, *d_affine]
 
 
+def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
+    """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
+    y = F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight)
+    stats = y.to(stats_dtype(x))
+    return [y.contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+
+
 def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:
     reasons = backends.triton_reasons(x, weight, scale, shift)
     if x.dtype not in backends.FLOAT_DTYPES:
@@ -71,6 +78,8 @@ def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:
 
 
 backends.register("conv1x1_bn_stats", "reference", lambda *args: [])(conv1x1_bn_stats_reference)
+backends.register("conv1x1_bn_stats", "cuda", lambda x, *args: backends.library_reasons(x))(conv1x1_bn_stats_library)
+backends.set_auto_order("conv1x1_bn_stats", ("triton", "cuda", "reference"))  # the fused prologue/epilogue first
 
 
 @backends.register("conv1x1_bn_stats", "triton", _triton_reasons)

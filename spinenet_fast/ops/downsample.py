@@ -10,10 +10,12 @@
 
 ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (0 before, 1 after; max-pools pad with −inf), for
 inputs whose H and W are even. Tensors are (N, C, H, W), any memory format; outputs are channels_last.
-The reference implementations materialise the activation and run ATen's (cuDNN's) conv and max-pool: the CPU
-path, the test oracle, and a GPU candidate of its own. ``conv3x3s2_bn_stats`` also has a Triton implicit GEMM
-with the prologue and statistics fused (fused_ops.md §3: benchmark both, keep the faster). Both backwards
-recompute the activation and run ATen's conv / max-pool backward.
+The reference implementations materialise the activation and run ATen's conv and max-pool in fp32 maths: the
+CPU path and the test oracle. ``conv3x3s2_bn_stats`` runs as a Triton implicit GEMM with the prologue and
+statistics fused, or (``cuda``) as cuDNN on the materialised input in the storage dtype (fused_ops.md §3:
+benchmark both, keep the faster); its backward recomputes the activation and runs ATen's conv backward.
+``bn_act_maxpool``'s ``cuda`` backend is the extension's one-pass kernel, whose backward recomputes each window's
+argmax exactly as ATen's pool-by-pool backward picks it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS
+from .activation import ACTIVATIONS, stats_dtype
 from .checks import describe
 from .conv_common import (
     CHANNELS_LAST,
@@ -69,7 +71,20 @@ def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) ->
     return a.to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
+def conv3x3s2_bn_stats_library(x, weight, scale, shift, activation, padding) -> list[Tensor]:
+    """cuDNN (ATen's conv) on the materialised, padded activation in x's dtype; statistics of the stored y."""
+    a = _pad(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, 0.0)
+    y = F.conv2d(a, weight, stride=2)
+    stats = y.to(stats_dtype(x))
+    return [y.contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+
+
 backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
+backends.register("conv3x3s2_bn_stats", "cuda", lambda x, *args: backends.library_reasons(x))(
+    conv3x3s2_bn_stats_library
+)
+# Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
+backends.set_auto_order("conv3x3s2_bn_stats", ("triton", "cuda", "reference"))
 
 
 def _conv_triton_reasons(x, weight, scale, shift, activation, padding) -> list[str]:
@@ -87,6 +102,11 @@ def _conv3x3s2_triton(x, weight, scale, shift, activation, padding) -> list[Tens
 
 
 backends.register("bn_act_maxpool", "reference", lambda *args: [])(bn_act_maxpool_reference)
+
+
+@backends.register("bn_act_maxpool", "cuda", lambda y, scale, shift, *args: backends.extension_reasons(y, scale))
+def _maxpool_extension(y, scale, shift, activation, num_pools, padding) -> Tensor:
+    return torch.ops.spinenet_fast.ext_bn_act_maxpool(y, scale, shift, activation, num_pools, padding)
 
 
 def _crop(x: Tensor, padding: str) -> Tensor:
@@ -108,7 +128,7 @@ def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, act
     return [dx, d_w.to(weight.dtype), *d_affine]
 
 
-def bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
+def bn_act_maxpool_backward_reference(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
     """``[dy, (d_scale, d_shift)]``: max-pool argmaxes recomputed stage by stage, then scattered back."""
     a = prologue_forward(y, scale, shift, activation)
     stages = []
@@ -121,6 +141,15 @@ def bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, paddin
         d_a = _crop(torch.ops.aten.max_pool2d_with_indices_backward(d_a, padded, [3, 3], [2, 2], [0, 0], [1, 1],
                                                                     False, indices), padding)  # fmt: skip
     return prologue_backward(d_a, y, scale, shift, activation)
+
+
+backends.register("bn_act_maxpool_backward", "reference", lambda *args: [])(bn_act_maxpool_backward_reference)
+
+
+@backends.register("bn_act_maxpool_backward", "cuda",
+                   lambda grad, y, scale, *args: backends.extension_reasons(grad, y, scale))  # fmt: skip
+def _maxpool_backward_extension(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
+    return torch.ops.spinenet_fast.ext_bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding)
 
 
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats", mutates_args=())
@@ -183,7 +212,8 @@ def _(y, scale, shift, activation, num_pools, padding):
 @torch.library.custom_op("spinenet_fast::bn_act_maxpool_backward", mutates_args=())
 def _maxpool_backward_op(grad: Tensor, y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str,
                          num_pools: int, padding: str) -> list[Tensor]:  # fmt: skip
-    return bn_act_maxpool_backward(grad, y, scale, shift, activation, num_pools, padding)
+    args = (grad, y, scale, shift, activation, num_pools, padding)
+    return backends.select("bn_act_maxpool_backward", *args)(*args)
 
 
 @_maxpool_backward_op.register_fake

@@ -127,6 +127,19 @@ def _triton_backward_reasons(grad, *args) -> list[str]:
     return _triton_reasons(*args) + backends.triton_reasons(grad)
 
 
+def _extension_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
+    reasons = backends.extension_reasons(*parents, extra)
+    if len(parents) > 2:
+        reasons.append(f"the extension's merge takes 1 or 2 parents, got {len(parents)}")
+    elif max(ratios) % min(ratios):
+        reasons.append(f"the extension's merge needs one ratio to divide the other, got {list(ratios)}")
+    return reasons
+
+
+def _extension_backward_reasons(grad, *args) -> list[str]:
+    return _extension_reasons(*args) + backends.extension_reasons(grad)
+
+
 backends.register("merge", "reference", lambda *args: [])(merge_reference)
 backends.register("merge_backward", "reference", lambda *args: [])(merge_backward_reference)
 
@@ -143,6 +156,16 @@ def _merge_backward_triton(grad, parents, scales, shifts, ratios, extra, activat
     from spinenet_fast.kernels.merge import merge_backward
 
     return merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
+
+
+@backends.register("merge", "cuda", _extension_reasons)
+def _merge_extension(parents, scales, shifts, ratios, extra, activation) -> Tensor:
+    return torch.ops.spinenet_fast.ext_merge(parents, scales, shifts, ratios, extra, activation)
+
+
+@backends.register("merge_backward", "cuda", _extension_backward_reasons)
+def _merge_backward_extension(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+    return torch.ops.spinenet_fast.ext_merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
 
 
 @torch.library.custom_op("spinenet_fast::merge", mutates_args=())

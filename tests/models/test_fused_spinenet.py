@@ -7,6 +7,8 @@ from torch import nn
 from spinenet_fast import SpineNet
 from spinenet_fast.ops import backends, use_backend
 
+from ..conftest import require_backend
+
 
 def twins(model_id="49S", dtype=torch.float32, **kwargs):
     torch.manual_seed(0)
@@ -63,6 +65,28 @@ def test_float64_training_equals_eager(model_id, kwargs, steps):
         assert_close_scaled(got[1][name], expected[1][name], name)
     eager_state, fused_state = eager.state_dict(), fused.state_dict()
     for name in eager_state:  # parameters and running statistics after the steps
+        assert_close_scaled(fused_state[name], eager_state[name], name)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"activation": "relu", "padding": "tf_same"}])
+def test_float64_training_with_the_extension_backend_equals_eager(monkeypatch, kwargs):
+    """SPINENET_FAST_BACKEND=cuda on a CPU: the extension's CPU kernels (merge, max-pool, BN) and ATen's GEMMs."""
+    require_backend("cuda")
+    monkeypatch.setenv("SPINENET_FAST_BACKEND", "cuda")
+    eager, fused = twins("49S", torch.float64, **kwargs)
+    images = [torch.randn(2, 3, 256, 256, dtype=torch.float64)]
+    used = []
+    real_choose = backends.choose
+    monkeypatch.setattr(backends, "choose", lambda op, *a: used.append(real_choose(op, *a)) or used[-1])
+    expected = train_steps(eager.train(), images, 1)
+    got = train_steps(fused.train(), images, 1)
+    assert set(used) == {"cuda"} and len(used) > 100
+    for name in expected[0]:
+        assert_close_scaled(got[0][name], expected[0][name], name)
+    for name in expected[1]:
+        assert_close_scaled(got[1][name], expected[1][name], name)
+    eager_state, fused_state = eager.state_dict(), fused.state_dict()
+    for name in eager_state:
         assert_close_scaled(fused_state[name], eager_state[name], name)
 
 

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from spinenet_fast import _extension
 from spinenet_fast.ops import backends, merge, set_backend, use_backend
 from spinenet_fast.ops.merge import merge_reference
+
+from ..conftest import require_backend
 
 
 def merge_args(device="cpu"):
@@ -20,7 +23,24 @@ def test_auto_picks_reference_on_cpu_without_the_interpreter(monkeypatch):
     reasons = backends.reasons_by_backend("merge", *args)
     assert reasons["reference"] == []
     assert reasons["triton"] == ["tensors are on the CPU and TRITON_INTERPRET is not 1"]
-    assert reasons["cuda"] == ["no cuda implementation of merge"]
+
+
+def test_auto_never_picks_the_extensions_cpu_twins(monkeypatch):
+    require_backend("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = merge_args()
+    assert backends.reasons_by_backend("merge", *args)["cuda"] == []
+    assert backends.select("merge", *args) is merge_reference
+    with use_backend("cuda"):
+        assert backends.select("merge", *args) is not merge_reference
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    monkeypatch.setattr(_extension, "extension", None)
+    monkeypatch.setattr(_extension, "unavailable_reason", "spinenet_fast._C is not available (test)")
+    with use_backend("cuda"), pytest.raises(RuntimeError) as info:
+        merge(*merge_args())
+    assert "cuda: spinenet_fast._C is not available (test); build it with: FORCE_CUDA=1" in str(info.value)
 
 
 def test_explicit_request_that_cannot_run_lists_every_backend(monkeypatch):
@@ -31,13 +51,15 @@ def test_explicit_request_that_cannot_run_lists_every_backend(monkeypatch):
     assert "backend 'triton' cannot run merge" in message
     assert "reference: available" in message
     assert "triton: tensors are on the CPU and TRITON_INTERPRET is not 1" in message
-    assert "cuda: no cuda implementation of merge" in message
+    assert "cuda: " in message
 
 
 def test_environment_variable_and_set_backend(monkeypatch):
     monkeypatch.setenv("SPINENET_FAST_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run merge"):
-        merge(*merge_args())
+    parents = [torch.randn(1, 3, 2, 2) for _ in range(3)]  # three parents: more than the extension takes
+    vectors = [torch.randn(3) for _ in range(3)]
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run merge.*takes 1 or 2 parents, got 3"):
+        merge(parents, vectors, vectors, [1, 1, 1], None, "relu")
     monkeypatch.setenv("SPINENET_FAST_BACKEND", "reference")
     assert backends.requested_backend() == "reference"
     with use_backend("triton"):
@@ -54,5 +76,11 @@ def test_triton_takes_at_most_two_parents():
     vectors = [torch.randn(3) for _ in range(3)]
     reasons = backends.reasons_by_backend("merge", parents, vectors, vectors, [1, 1, 1], None, "relu")
     assert "the Triton merge takes 1 or 2 parents, got 3" in reasons["triton"]
+    assert "the extension's merge takes 1 or 2 parents, got 3" in reasons["cuda"]
     with use_backend("reference"):
         merge(parents, vectors, vectors, [1, 1, 1], None, "relu")  # the reference takes any number
+
+
+def test_auto_order_per_op_must_name_every_backend():
+    with pytest.raises(ValueError, match="order must be a permutation of"):
+        backends.set_auto_order("merge", ("cuda", "triton"))

@@ -8,14 +8,17 @@ from torch import nn
 from spinenet_fast.ops import use_backend
 from spinenet_fast.ops.bn_finalize import _bn_finalize_op, bn_finalize, bn_finalize_reference
 
+from ..conftest import require_backend
+
 
 def stats(y: torch.Tensor):
     y = y.float()
     return y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)), y.numel() // y.shape[1]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_matches_batchnorm_forward_backward_and_running_stats(device, backend):
+    require_backend(backend)
     torch.manual_seed(0)
     y = torch.randn(3, 133, 5, 7, device=device) * 3 + 1
     bn = nn.BatchNorm2d(133, momentum=0.1, eps=1e-3).to(device).train()
@@ -95,8 +98,9 @@ def test_gradcheck_float64():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_opcheck(backend):
+    require_backend(backend)
     y = torch.randn(2, 6, 3, 3)
     sums, sumsq, count = stats(y)
     with use_backend(backend):
@@ -118,3 +122,15 @@ def test_bad_input(kwargs, error, match):
     eps = args.pop("eps")
     with pytest.raises(error, match=match):
         bn_finalize(**args, eps=eps)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_gradcheck_float64_through_the_op(backend):
+    require_backend(backend)
+    sums = (torch.randn(5, dtype=torch.float64) * 4).requires_grad_()
+    sumsq = (torch.rand(5, dtype=torch.float64) * 10 + sums.detach() ** 2 / 8 + 1).requires_grad_()
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: tuple(_bn_finalize_op(t[0], t[1], 8, t[2], t[3], 1e-3)),
+                                        (sums, sumsq, weight, bias))  # fmt: skip

@@ -38,12 +38,12 @@ def output_grads(like, c_out):
 
 @pytest.mark.parametrize(("prologue", "activation"), [(False, "identity"), (True, "relu"), (True, "swish")])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
-def test_forward_backward_fp32(device, prologue, activation, layout):
+def test_forward_backward_fp32(device, fused_backend, prologue, activation, layout):
     inputs = make_inputs(device, torch.float32, prologue=prologue, layout=layout)
     with use_backend("reference"):
         y = conv1x1_bn_stats(*inputs, activation)[0]
     grads = output_grads(y, 70)
-    fused, fused_grads = run("triton", inputs, activation, grads)
+    fused, fused_grads = run(fused_backend, inputs, activation, grads)
     reference, reference_grads = run("reference", inputs, activation, grads)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
@@ -53,9 +53,10 @@ def test_forward_backward_fp32(device, prologue, activation, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_tolerance_rule(device, dtype):
+def test_low_precision_tolerance_rule(device, fused_backend, dtype):
     x, weight, scale, shift = make_inputs(device, dtype, prologue=True, batch=2)
-    (y, sums, _sumsq), _ = run("triton", (x, weight, scale, shift), "swish", output_grads(x.new_empty(2, 70, 5, 7), 70))
+    grads = output_grads(x.new_empty(2, 70, 5, 7), 70)
+    (y, sums, _sumsq), _ = run(fused_backend, (x, weight, scale, shift), "swish", grads)
     fp32 = (x.detach().float(), weight.detach().float(), scale, shift)
     with use_backend("reference"):
         y32, sums32, _sumsq32 = conv1x1_bn_stats(*fp32, "swish")
@@ -66,7 +67,7 @@ def test_low_precision_tolerance_rule(device, dtype):
     assert (sums - sums32).abs().max() <= 2 * (eager_sums - sums32).abs().max() + 1e-2 * sums32.abs().max()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_chain_with_bn_finalize_equals_conv_then_batchnorm(backend):
     x, weight, _, _ = make_inputs("cpu", torch.float32, prologue=False, batch=2)
     bn = nn.BatchNorm2d(70, eps=1e-3, momentum=0.01)
@@ -91,7 +92,7 @@ def test_gradcheck_float64_through_the_op():
         assert torch.autograd.gradcheck(lambda *t: _conv1x1_op(*t, "swish"), (x, weight, scale, shift))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("prologue", [False, True])
 def test_opcheck(backend, prologue):
     x, weight, scale, shift = make_inputs("cpu", torch.float32, prologue=prologue, c_in=5, c_out=6, h=2, w=3)

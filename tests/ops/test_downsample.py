@@ -9,6 +9,7 @@ from spinenet_fast.models.layers import ConvNorm, MaxPool3x3s2
 from spinenet_fast.ops import bn_act_maxpool, conv3x3s2_bn_stats, use_backend
 from spinenet_fast.ops.downsample import _conv3x3s2_op, _maxpool_op
 
+from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype, assert_low_precision_rule
 
 
@@ -33,21 +34,43 @@ def test_conv3x3s2_matches_the_eager_module(padding, prologue):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
 @pytest.mark.parametrize("num_pools", [1, 2, 3, 4])  # ↓4, ↓8, ↓16 and ↓32 connections
-def test_bn_act_maxpool_matches_the_eager_modules(padding, num_pools):
-    y = torch.randn(2, 3, 32, 16, requires_grad=True)
-    scale = torch.randn(3, requires_grad=True)  # negative γ: the affine must come before the max
-    shift = torch.randn(3, requires_grad=True)
+@pytest.mark.parametrize("channels", [3, 8])  # scalar loads; fp32 packs of 4 in the extension
+def test_bn_act_maxpool_matches_the_eager_modules(device, backend, padding, num_pools, channels):
+    require_backend(backend)
+    y = torch.randn(2, channels, 32, 16, device=device, requires_grad=True)
+    scale = torch.randn(channels, device=device, requires_grad=True)  # γ < 0 too: the affine comes before the max
+    shift = torch.randn(channels, device=device, requires_grad=True)
     expected = F.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     for _ in range(num_pools):
         expected = MaxPool3x3s2(padding)(expected)
-    out = bn_act_maxpool(y, scale, shift, "relu", num_pools, padding)
+    grad = torch.randn_like(expected)
+    with use_backend(backend):
+        out = bn_act_maxpool(y, scale, shift, "relu", num_pools, padding)
+        got = torch.autograd.grad(out, (y, scale, shift), grad)
     torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    for g, w in zip(torch.autograd.grad(out, (y, scale, shift), grad),
-                    torch.autograd.grad(expected, (y, scale, shift), grad)):  # fmt: skip
+    for g, w in zip(got, torch.autograd.grad(expected, (y, scale, shift), grad)):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+@pytest.mark.parametrize("padding", ["torch", "tf_same"])
+@pytest.mark.parametrize("num_pools", [1, 2, 3])
+def test_bn_act_maxpool_ties_route_like_pool_by_pool_aten(device, backend, padding, num_pools):
+    """Integer inputs tie everywhere: the gradient must reach the element ATen's stage-by-stage argmax picks."""
+    require_backend(backend)
+    y = torch.randint(-2, 3, (1, 4, 16, 24), device=device).float().requires_grad_()
+    expected = y
+    for _ in range(num_pools):
+        expected = MaxPool3x3s2(padding)(expected)
+    grad = torch.randn_like(expected)
+    with use_backend(backend):
+        out = bn_act_maxpool(y, None, None, "identity", num_pools, padding)
+        (got,) = torch.autograd.grad(out, (y,), grad)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(got, torch.autograd.grad(expected, (y,), grad)[0])
 
 
 def test_gradcheck_float64_through_the_ops():
@@ -60,12 +83,25 @@ def test_gradcheck_float64_through_the_ops():
         assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 1, "torch"), (x, scale, shift))
 
 
+def test_gradcheck_float64_through_the_extension():
+    require_backend("cuda")
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    with use_backend("cuda"):
+        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 1, "torch"), (x, scale, shift))
+        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 2, "tf_same"), (x, scale, shift))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("prologue", [False, True])
-def test_opcheck(prologue):
+def test_opcheck(backend, prologue):
+    require_backend(backend)
     x = torch.randn(1, 2, 4, 4)
     scale, shift = (torch.randn(2), torch.randn(2)) if prologue else (None, None)
-    torch.library.opcheck(_conv3x3s2_op, (x, torch.randn(3, 2, 3, 3), scale, shift, "relu", "torch"))
-    torch.library.opcheck(_maxpool_op, (x, scale, shift, "relu", 1, "tf_same"))
+    with use_backend(backend):
+        torch.library.opcheck(_conv3x3s2_op, (x, torch.randn(3, 2, 3, 3), scale, shift, "relu", "torch"))
+        torch.library.opcheck(_maxpool_op, (x, scale, shift, "relu", 1, "tf_same"))
 
 
 def test_bad_input():
@@ -98,24 +134,24 @@ def conv_inputs(device, dtype, layout, prologue=True, batch=1):
 
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
 @pytest.mark.parametrize(("layout", "prologue"), [("channels_last", True), ("contiguous", False), ("strided", True)])
-def test_conv3x3s2_triton_matches_the_reference(device, padding, layout, prologue):
+def test_conv3x3s2_fused_backends_match_the_reference(device, fused_backend, padding, layout, prologue):
     inputs = conv_inputs(device, torch.float32, layout, prologue)
     leaves = [t for t in inputs if t is not None]
     results = {}
-    for backend in ("triton", "reference"):
+    for backend in (fused_backend, "reference"):
         with use_backend(backend):
             y, sums, sumsq = conv3x3s2_bn_stats(*inputs, "swish", padding)
-        grads = torch.autograd.grad((y * y).sum() / 100 + sums.sum() + sumsq.sum() / 100, leaves)
+            grads = torch.autograd.grad((y * y).sum() / 100 + sums.sum() + sumsq.sum() / 100, leaves)
         results[backend] = (y, sums, sumsq, *grads)
-    for a, b in zip(results["triton"], results["reference"]):
+    for a, b in zip(results[fused_backend], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert results["triton"][0].is_contiguous(memory_format=torch.channels_last)
+    assert results[fused_backend][0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_conv3x3s2_triton_low_precision_tolerance_rule(device, dtype):
+def test_conv3x3s2_fused_low_precision_tolerance_rule(device, fused_backend, dtype):
     x, weight, scale, shift = conv_inputs(device, dtype, "channels_last", batch=2)
-    with use_backend("triton"):
+    with use_backend(fused_backend):
         y, sums, _ = conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")
     with use_backend("reference"):
         y32, sums32, _ = conv3x3s2_bn_stats(x.detach().float(), weight.detach().float(), scale, shift, "swish",
@@ -133,22 +169,28 @@ def test_conv3x3s2_triton_opcheck():
         torch.library.opcheck(_conv3x3s2_op, (x, weight, scale, shift, "relu", "torch"))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bn_act_maxpool_layouts_batch_one_and_bf16(layout, dtype):
-    y = torch.randn(1, 5, 8, 12) if layout == "channels_last" else torch.randn(1, 5, 8, 24)[..., ::2]
-    y = y.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else y
+@pytest.mark.parametrize("channels", [5, 16])  # scalar loads; 16-byte packs (4 × fp32, 8 × bf16) in the extension
+def test_bn_act_maxpool_layouts_batch_one_and_bf16(device, backend, layout, dtype, channels):
+    require_backend(backend)
+    shape = (1, channels, 8, 12) if layout == "channels_last" else (1, channels, 8, 24)
+    y = torch.randn(shape, device=device)
+    y = y.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else y[..., ::2]
     y = y.to(dtype).requires_grad_()
-    scale, shift = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
-    out = bn_act_maxpool(y, scale, shift, "swish", 2, "tf_same")
+    scale = torch.randn(channels, device=device, requires_grad=True)
+    shift = torch.randn(channels, device=device, requires_grad=True)
+    with use_backend(backend):
+        out = bn_act_maxpool(y, scale, shift, "swish", 2, "tf_same")
+        grad = torch.randn(out.shape, device=device)
+        got = torch.autograd.grad(out, (y, scale, shift), grad.to(dtype))
     a = F.silu(y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
     expected = MaxPool3x3s2("tf_same")(MaxPool3x3s2("tf_same")(a))
     eager = MaxPool3x3s2("tf_same")(MaxPool3x3s2("tf_same")(F.silu(y * scale.to(dtype).view(1, -1, 1, 1)
                                                                     + shift.to(dtype).view(1, -1, 1, 1))))  # fmt: skip
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert_close_by_dtype(out, expected, eager)
-    grad = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (y, scale, shift), grad.to(dtype))
     want = torch.autograd.grad(expected, (y, scale, shift), grad)
     eager_grads = torch.autograd.grad(eager, (y, scale, shift), grad.to(dtype))
     for g, w, e in zip(got, want, eager_grads):

@@ -1,4 +1,4 @@
-"""``merge`` (Triton, under the CPU interpreter here) against ``merge_reference``, forward and backward."""
+"""``merge`` (Triton under the CPU interpreter, the extension's CPU kernels) against ``merge_reference``."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from spinenet_fast.ops import merge, merge_backward_reference, merge_reference, use_backend
 from spinenet_fast.ops.merge import _merge_op
 
+from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype
 
 # (ratio of parent 0, ratio of parent 1): =, and every upsampling factor SpineNet uses (↑2 … ↑32).
@@ -32,9 +33,9 @@ def make_inputs(device, dtype, ratios, *, batch=2, channels=5, size=None, extra=
 def run(backend, inputs, activation, grad):
     parents, scales, shifts, ratios, extra = inputs
     leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
-    with use_backend(backend):
+    with use_backend(backend):  # the backward chooses its backend when it runs: inside the block
         out = merge(parents, scales, shifts, ratios, extra, activation)
-    grads = torch.autograd.grad(out, leaves, grad)
+        grads = torch.autograd.grad(out, leaves, grad)
     return out, grads
 
 
@@ -62,11 +63,11 @@ def fp32_copy(inputs):
     ("ratios", "activation"),
     [(r, a) for r in RATIOS for a in ("swish", "relu") if max(r) <= 8 or a == "swish"],
 )
-def test_forward_and_backward_fp32(device, ratios, activation):
+def test_forward_and_backward_fp32(device, fused_backend, ratios, activation):
     inputs = make_inputs(device, torch.float32, ratios, batch=1 if 32 in ratios else 2, extra=ratios == (1, 2))
     out = merge_reference(*inputs, activation)
     grad = torch.randn_like(out)
-    fused, fused_grads = run("triton", inputs, activation, grad)
+    fused, fused_grads = run(fused_backend, inputs, activation, grad)
     reference, reference_grads = run("reference", inputs, activation, grad)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     for a, b in zip(fused_grads, reference_grads):
@@ -75,11 +76,11 @@ def test_forward_and_backward_fp32(device, ratios, activation):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_odd_sizes_batch_one_and_layouts(device, layout):
+def test_odd_sizes_batch_one_and_layouts(device, fused_backend, layout):
     inputs = make_inputs(device, torch.float32, (1, 2), batch=1, channels=5, size=(6, 10), layout=layout)
     out = merge_reference(*inputs, "swish")
     grad = torch.randn_like(out)
-    fused, fused_grads = run("triton", inputs, "swish", grad)
+    fused, fused_grads = run(fused_backend, inputs, "swish", grad)
     reference, reference_grads = run("reference", inputs, "swish", grad)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     for a, b in zip(fused_grads, reference_grads):
@@ -87,10 +88,11 @@ def test_odd_sizes_batch_one_and_layouts(device, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_tolerance_rule(device, dtype):
-    inputs = make_inputs(device, dtype, (1, 4), channels=37, size=(8, 12))  # 37 channels: two channel tiles
-    grad = torch.randn(2, 37, 8, 12, device=device).to(dtype)
-    fused, fused_grads = run("triton", inputs, "swish", grad)
+@pytest.mark.parametrize("channels", [37, 16])  # 37: two Triton channel tiles, scalar CUDA loads; 16: 16-byte packs
+def test_low_precision_tolerance_rule(device, fused_backend, dtype, channels):
+    inputs = make_inputs(device, dtype, (1, 4), channels=channels, size=(8, 12))
+    grad = torch.randn(2, channels, 8, 12, device=device).to(dtype)
+    fused, fused_grads = run(fused_backend, inputs, "swish", grad)
     fp32_inputs = fp32_copy(inputs)
     reference, reference_grads = run("reference", fp32_inputs, "swish", grad.float())
     eager, eager_grads = upsampled_eager(inputs, "swish", grad)
@@ -118,8 +120,24 @@ def test_reference_backward_is_the_adjoint():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("channels", [4, 8])  # fp32 packs of 4 where C allows, scalar loads where not
+@pytest.mark.parametrize("ratios", [(1,), (4,), (2, 2), (8, 2)])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_one_parent_equal_ratios_and_packed_channels(device, fused_backend, ratios, activation, channels):
+    inputs = make_inputs(device, torch.float32, ratios, batch=1, channels=channels, extra=len(ratios) == 1)
+    out = merge_reference(*inputs, activation)
+    grad = torch.randn_like(out)
+    fused, fused_grads = run(fused_backend, inputs, activation, grad)
+    reference, reference_grads = run("reference", inputs, activation, grad)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gradcheck_float64_through_the_op(seed):
+def test_gradcheck_float64_through_the_op(backend, seed):
+    require_backend(backend)
     torch.manual_seed(seed)
     parents, _, _, ratios, extra = make_inputs("cpu", torch.float64, (2, 1), batch=1, channels=3, size=(4, 6))
     scales = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
@@ -128,12 +146,13 @@ def test_gradcheck_float64_through_the_op(seed):
     def fn(p0, p1, e):
         return merge([p0, p1], scales, shifts, ratios, e, "swish")
 
-    with use_backend("reference"):
+    with use_backend(backend):
         assert torch.autograd.gradcheck(fn, (*parents, extra))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_opcheck(backend):
+    require_backend(backend)
     parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), batch=1, channels=4, size=(4, 4))
     with use_backend(backend):
         torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish"))

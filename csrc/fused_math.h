@@ -1,0 +1,349 @@
+// Per-element and per-window maths of the fused ops, shared by the CUDA kernels (ops_cuda.cu) and their CPU
+// twins (ops_cpu.cpp): both call these functions for every work item, so the CPU tests exercise the same code.
+//
+// Layout: every 4-D tensor is NHWC-contiguous (channels_last); a "pixel" is the flat index n·H·W + h·W + w and
+// element (pixel, c) lives at pixel·C + c. Work items cover VEC consecutive channels (VEC = 1, or 16 bytes of
+// storage where C and every pointer allow it). Maths is in acc_t: float for fp32/bf16/fp16 storage, double
+// for double. Scales and shifts are acc_t vectors of length C.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SF_HOST_DEVICE __host__ __device__ __forceinline__
+#define SF_UNROLL _Pragma("unroll")
+#else
+#define SF_HOST_DEVICE inline
+#define SF_UNROLL
+#endif
+
+namespace spinenet_fast {
+
+enum Activation : int { kIdentity = 0, kRelu = 1, kSwish = 2 };
+
+SF_HOST_DEVICE float exp_of(float x) { return expf(x); }
+SF_HOST_DEVICE double exp_of(double x) { return exp(x); }
+
+template <typename T>
+SF_HOST_DEVICE bool is_nan(T x) {
+  return x != x;
+}
+
+// act(x); relu keeps NaN (as F.relu does), swish is x·sigmoid(x).
+template <typename T>
+SF_HOST_DEVICE T activate(T x, int act) {
+  if (act == kRelu) return x < T(0) ? T(0) : x;
+  if (act == kSwish) return x * (T(1) / (T(1) + exp_of(-x)));
+  return x;
+}
+
+// d act(x) / dx.
+template <typename T>
+SF_HOST_DEVICE T activation_grad(T x, int act) {
+  if (act == kRelu) return x > T(0) ? T(1) : T(0);
+  if (act == kSwish) {
+    const T s = T(1) / (T(1) + exp_of(-x));
+    return s * (T(1) + x * (T(1) - s));
+  }
+  return T(1);
+}
+
+// ---------------------------------------------------------------------------------------------- vector I/O
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void load(const scalar_t* p, acc_t (&out)[VEC]) {
+  const Pack<scalar_t, VEC> pack = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+SF_UNROLL
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(pack.v[i]);
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void store(scalar_t* p, const acc_t (&in)[VEC]) {
+  Pack<scalar_t, VEC> pack;
+SF_UNROLL
+  for (int i = 0; i < VEC; ++i) pack.v[i] = static_cast<scalar_t>(in[i]);
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pack;
+}
+
+// ----------------------------------------------------------------------------------------------- bn_finalize
+// Channel c: mean = Σ/n, biased var = Σ²/n − mean² (≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale.
+template <typename T>
+SF_HOST_DEVICE void bn_finalize_channel(const T* sums, const T* sumsq, const T* weight, const T* bias, T count,
+                                        T eps, int64_t c, T* scale, T* shift, T* mean, T* var) {
+  const T m = sums[c] / count;
+  T v = sumsq[c] / count - m * m;
+  v = v < T(0) ? T(0) : v;
+  const T s = weight[c] / sqrt(v + eps);
+  scale[c] = s;
+  shift[c] = bias[c] - m * s;
+  mean[c] = m;
+  var[c] = v;
+}
+
+// ------------------------------------------------------------------------------------------------------ merge
+// out = act(Σ_i scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i + extra) for one or two parents. For the backward, parent 0
+// is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order.
+template <typename scalar_t, typename acc_t>
+struct MergeArgs {
+  const scalar_t* parent[2];
+  const acc_t* scale[2];
+  const acc_t* shift[2];
+  int64_t ratio[2];
+  int num_parents;
+  const scalar_t* extra;  // nullptr: none
+  const scalar_t* grad;   // backward only: (N, H, W, C)
+  scalar_t* out;          // forward: the merged output; backward: unused
+  scalar_t* d_parent[2];  // backward outputs, at the parents' resolutions
+  scalar_t* d_extra;      // backward output (nullptr without extra)
+  int64_t N, H, W, C;     // the output's sizes
+  int act;
+};
+
+// The flat pixel of parent `i` that output pixel (n, h, w) reads.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE int64_t parent_pixel(const MergeArgs<scalar_t, acc_t>& a, int i, int64_t n, int64_t h, int64_t w) {
+  const int64_t r = a.ratio[i];
+  return (n * (a.H / r) + h / r) * (a.W / r) + w / r;
+}
+
+// scale_i·y_i + shift_i for VEC channels from c, at flat parent pixel `pixel`.
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void parent_affine(const MergeArgs<scalar_t, acc_t>& a, int i, int64_t pixel, int64_t c,
+                                  acc_t (&y)[VEC], acc_t (&out)[VEC]) {
+  load<VEC>(a.parent[i] + pixel * a.C + c, y);
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) out[k] = a.scale[i][c + k] * y[k] + a.shift[i][c + k];
+}
+
+// Forward work item: output pixel `pixel`, channels [c, c + VEC).
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void merge_forward_item(const MergeArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
+  const int64_t w = pixel % a.W, h = (pixel / a.W) % a.H, n = pixel / (a.W * a.H);
+  acc_t pre[VEC], y[VEC], term[VEC];
+  parent_affine<VEC>(a, 0, parent_pixel(a, 0, n, h, w), c, y, pre);
+  if (a.num_parents == 2) {
+    parent_affine<VEC>(a, 1, parent_pixel(a, 1, n, h, w), c, y, term);
+SF_UNROLL
+    for (int k = 0; k < VEC; ++k) pre[k] += term[k];
+  }
+  if (a.extra != nullptr) {
+    load<VEC>(a.extra + pixel * a.C + c, term);
+SF_UNROLL
+    for (int k = 0; k < VEC; ++k) pre[k] += term[k];
+  }
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) pre[k] = activate(pre[k], a.act);
+  store<VEC>(a.out + pixel * a.C + c, pre);
+}
+
+// Per-channel sums the merge backward accumulates: Σ d_pre·y_0 (→ d_scale_0), Σ d_pre·y_1 (→ d_scale_1),
+// Σ d_pre (→ every d_shift).
+enum MergeSum : int { kScale0 = 0, kScale1 = 1, kShift = 2, kNumMergeSums = 3 };
+
+// Backward work item: one pixel of the coarse parent 0 (its ρ_0×ρ_0 output block), channels [c, c + VEC).
+// d_pre = grad·act'(pre) over the block; d_parent_i = scale_i·(block-sum of d_pre over ρ_i×ρ_i); d_extra = d_pre.
+// Adds this item's contributions to `sums` (per channel lane).
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void merge_backward_item(const MergeArgs<scalar_t, acc_t>& a, int64_t coarse_pixel, int64_t c,
+                                        acc_t (&sums)[kNumMergeSums][VEC]) {
+  const int64_t r0 = a.ratio[0], r1 = a.num_parents == 2 ? a.ratio[1] : r0, q = r0 / r1;
+  const int64_t w0 = coarse_pixel % (a.W / r0), h0 = (coarse_pixel / (a.W / r0)) % (a.H / r0);
+  const int64_t n = coarse_pixel / ((a.W / r0) * (a.H / r0));
+  acc_t y0[VEC], pre0[VEC], y1[VEC], pre1[VEC], acc0[VEC], acc1[VEC], term[VEC];
+  parent_affine<VEC>(a, 0, coarse_pixel, c, y0, pre0);
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) acc0[k] = acc_t(0);
+  for (int64_t sh = 0; sh < q; ++sh) {
+    for (int64_t sw = 0; sw < q; ++sw) {
+      const int64_t h1 = h0 * q + sh, w1 = w0 * q + sw;  // the parent-1 pixel of this sub-block
+      const int64_t pixel1 = (n * (a.H / r1) + h1) * (a.W / r1) + w1;
+SF_UNROLL
+      for (int k = 0; k < VEC; ++k) pre1[k] = acc_t(0), acc1[k] = acc_t(0);
+      if (a.num_parents == 2) parent_affine<VEC>(a, 1, pixel1, c, y1, pre1);
+      for (int64_t ih = 0; ih < r1; ++ih) {
+        for (int64_t iw = 0; iw < r1; ++iw) {
+          const int64_t pixel = (n * a.H + h1 * r1 + ih) * a.W + w1 * r1 + iw;
+          acc_t pre[VEC], grad[VEC];
+SF_UNROLL
+          for (int k = 0; k < VEC; ++k) pre[k] = pre0[k] + pre1[k];
+          if (a.extra != nullptr) {
+            load<VEC>(a.extra + pixel * a.C + c, term);
+SF_UNROLL
+            for (int k = 0; k < VEC; ++k) pre[k] += term[k];
+          }
+          load<VEC>(a.grad + pixel * a.C + c, grad);
+SF_UNROLL
+          for (int k = 0; k < VEC; ++k) {
+            term[k] = grad[k] * activation_grad(pre[k], a.act);
+            acc1[k] += term[k];
+          }
+          if (a.d_extra != nullptr) store<VEC>(a.d_extra + pixel * a.C + c, term);
+        }
+      }
+      if (a.num_parents == 2) {
+SF_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          sums[kScale1][k] += acc1[k] * y1[k];
+          term[k] = a.scale[1][c + k] * acc1[k];
+        }
+        store<VEC>(a.d_parent[1] + pixel1 * a.C + c, term);
+      }
+SF_UNROLL
+      for (int k = 0; k < VEC; ++k) acc0[k] += acc1[k];
+    }
+  }
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    sums[kScale0][k] += acc0[k] * y0[k];
+    sums[kShift][k] += acc0[k];
+    term[k] = a.scale[0][c + k] * acc0[k];
+  }
+  store<VEC>(a.d_parent[0] + coarse_pixel * a.C + c, term);
+}
+
+// ---------------------------------------------------------------------------------------------- max-pooling
+// `levels` chained 3×3/s2 max-pools of a = act(scale·y + shift) (or a = y without an affine), padded with −inf
+// by `pad` before (1: torch, 0: tf_same) and up to the window after. Inputs (N, H, W, C), outputs (N, H/2^L,
+// W/2^L, C).
+template <typename scalar_t, typename acc_t>
+struct PoolArgs {
+  const scalar_t* y;
+  const acc_t* scale;  // nullptr: no affine and no activation
+  const acc_t* shift;
+  scalar_t* out;        // forward output
+  acc_t* d_a;           // backward: the gradient w.r.t. a, (N, H, W, C), zero-initialised
+  const scalar_t* grad; // backward: the output gradient, (N, OH, OW, C)
+  scalar_t* d_y;        // backward output
+  int64_t N, H, W, C, OH, OW;
+  int levels, pad, act;
+};
+
+// The level-0 index range [lo, hi] that index `o` of level `levels` covers along one axis of size `size0`:
+// chained windows overlap (stride 2 < 3), so their union is one range, clipped to each level's size.
+SF_HOST_DEVICE void chained_window(int64_t o, int levels, int pad, int64_t size0, int64_t* lo, int64_t* hi) {
+  int64_t l = o, h = o;
+  for (int level = levels - 1; level >= 0; --level) {
+    const int64_t size = size0 >> level;
+    l = 2 * l - pad;
+    h = 2 * h - pad + 2;
+    l = l < 0 ? 0 : l;
+    h = h > size - 1 ? size - 1 : h;
+  }
+  *lo = l;
+  *hi = h;
+}
+
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE acc_t pool_input(const PoolArgs<scalar_t, acc_t>& a, int64_t n, int64_t h, int64_t w, int64_t c) {
+  const acc_t y = static_cast<acc_t>(a.y[((n * a.H + h) * a.W + w) * a.C + c]);
+  return a.scale == nullptr ? y : activate(a.scale[c] * y + a.shift[c], a.act);
+}
+
+// ATen's max-pool comparison: a larger value or a NaN replaces the running maximum.
+template <typename T>
+SF_HOST_DEVICE bool replaces_max(T value, T best) {
+  return value > best || is_nan(value);
+}
+
+// Forward work item: output pixel `pixel`, channels [c, c + VEC).
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void maxpool_forward_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
+  const int64_t ow = pixel % a.OW, oh = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  chained_window(oh, a.levels, a.pad, a.H, &h_lo, &h_hi);
+  chained_window(ow, a.levels, a.pad, a.W, &w_lo, &w_hi);
+  acc_t best[VEC], y[VEC];
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) best[k] = -INFINITY;
+  for (int64_t h = h_lo; h <= h_hi; ++h) {
+    for (int64_t w = w_lo; w <= w_hi; ++w) {
+      load<VEC>(a.y + ((n * a.H + h) * a.W + w) * a.C + c, y);
+SF_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t v = a.scale == nullptr ? y[k] : activate(a.scale[c + k] * y[k] + a.shift[c + k], a.act);
+        if (replaces_max(v, best[k])) best[k] = v;
+      }
+    }
+  }
+  store<VEC>(a.out + pixel * a.C + c, best);
+}
+
+// Whether the level-`level` position (h, w) — its chained window over level 0 — holds the value `best`.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE bool window_holds(const PoolArgs<scalar_t, acc_t>& a, int64_t n, int64_t h, int64_t w, int64_t c,
+                                 int level, acc_t best) {
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  chained_window(h, level, a.pad, a.H, &h_lo, &h_hi);
+  chained_window(w, level, a.pad, a.W, &w_lo, &w_hi);
+  for (int64_t i = h_lo; i <= h_hi; ++i) {
+    for (int64_t j = w_lo; j <= w_hi; ++j) {
+      const acc_t v = pool_input(a, n, i, j, c);
+      if (v == best || (is_nan(v) && is_nan(best))) return true;
+    }
+  }
+  return false;
+}
+
+// Backward work item: routes grad[pixel, c] to the level-0 position ATen's pool-by-pool backward would pick
+// (the first maximum of each 3×3 window in row-major order, stage by stage) and adds it to d_a there.
+// Returns the flat level-0 pixel; `add` performs the (atomic on the GPU) accumulation.
+template <typename scalar_t, typename acc_t, typename Add>
+SF_HOST_DEVICE void maxpool_route_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c, Add add) {
+  const int64_t ow = pixel % a.OW, oh = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  chained_window(oh, a.levels, a.pad, a.H, &h_lo, &h_hi);
+  chained_window(ow, a.levels, a.pad, a.W, &w_lo, &w_hi);
+  acc_t best = -INFINITY;
+  for (int64_t h = h_lo; h <= h_hi; ++h) {
+    for (int64_t w = w_lo; w <= w_hi; ++w) {
+      const acc_t v = pool_input(a, n, h, w, c);
+      if (replaces_max(v, best)) best = v;
+    }
+  }
+  int64_t h = oh, w = ow;
+  for (int level = a.levels; level >= 1; --level) {
+    const int64_t height = a.H >> (level - 1), width = a.W >> (level - 1);
+    bool found = false;
+    for (int dh = 0; dh < 3 && !found; ++dh) {
+      const int64_t ch = 2 * h - a.pad + dh;
+      if (ch < 0 || ch >= height) continue;
+      for (int dw = 0; dw < 3 && !found; ++dw) {
+        const int64_t cw = 2 * w - a.pad + dw;
+        if (cw < 0 || cw >= width || !window_holds(a, n, ch, cw, c, level - 1, best)) continue;
+        h = ch, w = cw, found = true;
+      }
+    }
+  }
+  add(a.d_a + ((n * a.H + h) * a.W + w) * a.C + c, static_cast<acc_t>(a.grad[pixel * a.C + c]));
+}
+
+// Per-channel sums of the prologue backward: Σ d_pre·y (→ d_scale), Σ d_pre (→ d_shift).
+enum PrologueSum : int { kPrologueScale = 0, kPrologueShift = 1, kNumPrologueSums = 2 };
+
+// Backward of a = act(scale·y + shift) at input pixel `pixel`, channels [c, c + VEC): d_y = scale·act'·d_a.
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void prologue_backward_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
+                                           acc_t (&sums)[kNumPrologueSums][VEC]) {
+  acc_t y[VEC], d[VEC];
+  load<VEC>(a.y + pixel * a.C + c, y);
+SF_UNROLL
+  for (int k = 0; k < VEC; ++k) d[k] = a.d_a[pixel * a.C + c + k];
+  if (a.scale != nullptr) {
+SF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t d_pre = d[k] * activation_grad(a.scale[c + k] * y[k] + a.shift[c + k], a.act);
+      sums[kPrologueScale][k] += d_pre * y[k];
+      sums[kPrologueShift][k] += d_pre;
+      d[k] = a.scale[c + k] * d_pre;
+    }
+  }
+  store<VEC>(a.d_y + pixel * a.C + c, d);
+}
+
+}  // namespace spinenet_fast

@@ -1,0 +1,133 @@
+// CPU launchers: the same work items as the CUDA kernels (fused_math.h), over at::parallel_for.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+#include "launch.h"
+
+namespace spinenet_fast::cpu {
+namespace {
+
+constexpr int64_t kMaxChunks = 64;  // partial-sum rows: enough for any CPU's threads, deterministic sums
+
+#define SF_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+// Calls item(pixel, c, sums_row) for every pixel in [0, pixels) and channel group of `vec`; each of the
+// (≤ kMaxChunks) chunks of pixels accumulates into its own row of the returned (chunks, num_sums, C) tensor.
+template <typename acc_t, int VEC, int NUM_SUMS, typename Item>
+at::Tensor chunked_sums(const at::TensorOptions& options, int64_t pixels, int64_t channels, Item item) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, pixels));
+  at::Tensor partial = at::empty({chunks, NUM_SUMS, channels}, options);
+  acc_t* rows = partial.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      acc_t* row = rows + chunk * NUM_SUMS * channels;
+      std::fill(row, row + NUM_SUMS * channels, acc_t(0));
+      for (int64_t pixel = chunk * pixels / chunks; pixel < (chunk + 1) * pixels / chunks; ++pixel) {
+        for (int64_t c = 0; c < channels; c += VEC) {
+          acc_t sums[NUM_SUMS][VEC] = {};
+          item(pixel, c, sums);
+          for (int s = 0; s < NUM_SUMS; ++s) {
+            for (int k = 0; k < VEC; ++k) row[s * channels + c + k] += sums[s][k];
+          }
+        }
+      }
+    }
+  });
+  return partial;
+}
+
+// Calls item(pixel, c) for every pixel and channel group, in parallel over pixels.
+template <int VEC, typename Item>
+void for_each_item(int64_t pixels, int64_t channels, Item item) {
+  at::parallel_for(0, pixels, std::max<int64_t>(1, 4096 / channels), [&](int64_t begin, int64_t end) {
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      for (int64_t c = 0; c < channels; c += VEC) item(pixel, c);
+    }
+  });
+}
+
+}  // namespace
+
+void merge_forward(const MergeTensors& t) {
+  SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = merge_args<scalar_t, acc_t>(t);
+    with_vec<scalar_t>(vec_width(t.out, a.C, merge_pointers(t)), [&]<int VEC>() {
+      for_each_item<VEC>(a.N * a.H * a.W, a.C,
+                         [&](int64_t pixel, int64_t c) { merge_forward_item<VEC>(a, pixel, c); });
+    });
+  });
+}
+
+at::Tensor merge_backward(const MergeTensors& t) {
+  at::Tensor partial;
+  SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = merge_args<scalar_t, acc_t>(t);
+    const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
+    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&]<int VEC>() {
+      partial = chunked_sums<acc_t, VEC, kNumMergeSums>(
+          t.scales[0].options(), coarse_pixels, a.C,
+          [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumMergeSums][VEC]) {
+            merge_backward_item<VEC>(a, pixel, c, sums);
+          });
+    });
+  });
+  return partial;
+}
+
+void maxpool_forward(const PoolTensors& t) {
+  SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = pool_args<scalar_t, acc_t>(t);
+    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.out.const_data_ptr()}), [&]<int VEC>() {
+      for_each_item<VEC>(a.N * a.OH * a.OW, a.C,
+                         [&](int64_t pixel, int64_t c) { maxpool_forward_item<VEC>(a, pixel, c); });
+    });
+  });
+}
+
+at::Tensor maxpool_backward(const PoolTensors& t) {
+  at::Tensor partial;
+  SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = pool_args<scalar_t, acc_t>(t);
+    // Routing adds into d_a: tasks own whole (image, channel) planes, so no two write the same element.
+    at::parallel_for(0, a.N * a.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / a.C, c = plane % a.C;
+        for (int64_t pixel = n * a.OH * a.OW; pixel < (n + 1) * a.OH * a.OW; ++pixel) {
+          maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { *p += v; });
+        }
+      }
+    });
+    const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
+    with_vec<scalar_t>(vec, [&]<int VEC>() {
+      partial = chunked_sums<acc_t, VEC, kNumPrologueSums>(
+          t.d_a.options(), a.N * a.H * a.W, a.C,
+          [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumPrologueSums][VEC]) {
+            prologue_backward_item<VEC>(a, pixel, c, sums);
+          });
+    });
+  });
+  return partial;
+}
+
+void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    for (int64_t c = 0; c < in[0].numel(); ++c) {
+      bn_finalize_channel<scalar_t>(in[0].const_data_ptr<scalar_t>(), in[1].const_data_ptr<scalar_t>(),
+                                    in[2].const_data_ptr<scalar_t>(), in[3].const_data_ptr<scalar_t>(),
+                                    static_cast<scalar_t>(count), static_cast<scalar_t>(eps), c,
+                                    out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(),
+                                    out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
+    }
+  });
+}
+
+}  // namespace spinenet_fast::cpu

@@ -1,0 +1,204 @@
+// CUDA launchers: grid-stride kernels over the work items of fused_math.h, on the current stream.
+// Threads along x take consecutive channel groups of one NHWC pixel, so loads and stores coalesce.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "launch.h"
+
+namespace spinenet_fast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+constexpr int64_t kMaxSumRows = 256;  // partial-sum rows (grid.y) of the reducing kernels
+
+#define SF_DISPATCH(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+int64_t blocks_for(int64_t items) { return std::max<int64_t>(1, std::min(kMaxBlocks, (items + kThreads - 1) / kThreads)); }
+
+// item.template run<VEC>(pixel, c) for every pixel in [0, pixels) and channel group.
+template <int VEC, typename Item>
+__global__ void for_each_item_kernel(Item item, int64_t pixels, int64_t channels) {
+  const int64_t groups = channels / VEC, items = pixels * groups;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < items; i += int64_t{gridDim.x} * blockDim.x) {
+    item.template run<VEC>(i / groups, (i % groups) * VEC);
+  }
+}
+
+template <int VEC, typename Item>
+void for_each_item(const Item& item, int64_t pixels, int64_t channels) {
+  const int64_t items = pixels * (channels / VEC);
+  for_each_item_kernel<VEC><<<blocks_for(items), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(item, pixels,
+                                                                                                    channels);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// item.template run<VEC>(pixel, c, sums) over a (channel groups) × (pixels) grid; each block reduces its threads'
+// sums over y in shared memory and writes row blockIdx.y of partial (grid.y, NUM_SUMS, C).
+template <int VEC, int NUM_SUMS, typename acc_t, typename Item>
+__global__ void summing_kernel(Item item, int64_t pixels, int64_t channels, acc_t* partial) {
+  extern __shared__ unsigned char shared_bytes[];
+  acc_t* shared = reinterpret_cast<acc_t*>(shared_bytes);
+  const int64_t groups = channels / VEC, group = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  acc_t sums[NUM_SUMS][VEC] = {};
+  if (group < groups) {
+    for (int64_t pixel = blockIdx.y * int64_t{blockDim.y} + threadIdx.y; pixel < pixels;
+         pixel += int64_t{gridDim.y} * blockDim.y) {
+      item.template run<VEC>(pixel, group * VEC, sums);
+    }
+  }
+  acc_t* mine = shared + (threadIdx.y * blockDim.x + threadIdx.x) * NUM_SUMS * VEC;
+#pragma unroll
+  for (int s = 0; s < NUM_SUMS; ++s) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) mine[s * VEC + k] = sums[s][k];
+  }
+  __syncthreads();
+  if (threadIdx.y != 0 || group >= groups) return;
+  for (unsigned y = 1; y < blockDim.y; ++y) {
+    const acc_t* theirs = shared + (y * blockDim.x + threadIdx.x) * NUM_SUMS * VEC;
+#pragma unroll
+    for (int s = 0; s < NUM_SUMS; ++s) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sums[s][k] += theirs[s * VEC + k];
+    }
+  }
+  acc_t* row = partial + blockIdx.y * NUM_SUMS * channels;
+#pragma unroll
+  for (int s = 0; s < NUM_SUMS; ++s) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) row[s * channels + group * VEC + k] = sums[s][k];
+  }
+}
+
+template <int VEC, int NUM_SUMS, typename acc_t, typename Item>
+at::Tensor chunked_sums(const Item& item, const at::TensorOptions& options, int64_t pixels, int64_t channels) {
+  const int64_t groups = channels / VEC;
+  const unsigned bx = static_cast<unsigned>(std::min<int64_t>(groups, 32)), by = kThreads / bx;
+  const dim3 grid(static_cast<unsigned>((groups + bx - 1) / bx),
+                  static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxSumRows, (pixels + by - 1) / by))));
+  at::Tensor partial = at::empty({grid.y, NUM_SUMS, channels}, options);
+  const size_t shared = size_t{bx} * by * NUM_SUMS * VEC * sizeof(acc_t);
+  summing_kernel<VEC, NUM_SUMS><<<grid, dim3(bx, by), shared, c10::cuda::getCurrentCUDAStream()>>>(
+      item, pixels, channels, partial.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partial;
+}
+
+template <typename scalar_t, typename acc_t>
+struct MergeForward {
+  MergeArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c) const { merge_forward_item<VEC>(a, pixel, c); }
+};
+
+template <typename scalar_t, typename acc_t>
+struct MergeBackward {
+  MergeArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumMergeSums][VEC]) const {
+    merge_backward_item<VEC>(a, pixel, c, sums);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct PoolForward {
+  PoolArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c) const { maxpool_forward_item<VEC>(a, pixel, c); }
+};
+
+template <typename scalar_t, typename acc_t>
+struct PoolRoute {
+  PoolArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c) const {
+    maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { atomicAdd(p, v); });
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct PrologueBackward {
+  PoolArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumPrologueSums][VEC]) const {
+    prologue_backward_item<VEC>(a, pixel, c, sums);
+  }
+};
+
+template <typename T>
+__global__ void bn_finalize_kernel(const T* sums, const T* sumsq, const T* weight, const T* bias, T count, T eps,
+                                   int64_t channels, T* scale, T* shift, T* mean, T* var) {
+  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (c < channels) bn_finalize_channel(sums, sumsq, weight, bias, count, eps, c, scale, shift, mean, var);
+}
+
+}  // namespace
+
+void merge_forward(const MergeTensors& t) {
+  SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const MergeForward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
+    with_vec<scalar_t>(vec_width(t.out, item.a.C, merge_pointers(t)),
+                       [&]<int VEC>() { for_each_item<VEC>(item, item.a.N * item.a.H * item.a.W, item.a.C); });
+  });
+}
+
+at::Tensor merge_backward(const MergeTensors& t) {
+  at::Tensor partial;
+  SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const MergeBackward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
+    const auto& a = item.a;
+    const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
+    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&]<int VEC>() {
+      partial = chunked_sums<VEC, kNumMergeSums, acc_t>(item, t.scales[0].options(), coarse_pixels, a.C);
+    });
+  });
+  return partial;
+}
+
+void maxpool_forward(const PoolTensors& t) {
+  SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const PoolForward<scalar_t, acc_t> item{pool_args<scalar_t, acc_t>(t)};
+    const auto& a = item.a;
+    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.out.const_data_ptr()}),
+                       [&]<int VEC>() { for_each_item<VEC>(item, a.N * a.OH * a.OW, a.C); });
+  });
+}
+
+at::Tensor maxpool_backward(const PoolTensors& t) {
+  at::Tensor partial;
+  SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = pool_args<scalar_t, acc_t>(t);
+    for_each_item<1>(PoolRoute<scalar_t, acc_t>{a}, a.N * a.OH * a.OW, a.C);
+    const PrologueBackward<scalar_t, acc_t> item{a};
+    const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
+    with_vec<scalar_t>(vec, [&]<int VEC>() {
+      partial = chunked_sums<VEC, kNumPrologueSums, acc_t>(item, t.d_a.options(), a.N * a.H * a.W, a.C);
+    });
+  });
+  return partial;
+}
+
+void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    const int64_t channels = in[0].numel();
+    bn_finalize_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        in[0].const_data_ptr<scalar_t>(), in[1].const_data_ptr<scalar_t>(), in[2].const_data_ptr<scalar_t>(),
+        in[3].const_data_ptr<scalar_t>(), static_cast<scalar_t>(count), static_cast<scalar_t>(eps), channels,
+        out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(), out[2].mutable_data_ptr<scalar_t>(),
+        out[3].mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace spinenet_fast::cuda

@@ -1,0 +1,129 @@
+// The interface between the ops (ops.cpp: checks, layouts, outputs) and the per-device launchers
+// (kernels_cpu.cpp, kernels_cuda.cu): checked NHWC-contiguous tensors in, kernel arguments built the same way
+// for both devices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "fused_math.h"
+
+namespace spinenet_fast {
+
+// Storage bytes one vectorised load moves.
+constexpr int kVecBytes = 16;
+
+// VEC for tensors with C channels: a 16-byte pack where C and every pointer allow it, else 1 (scalar).
+inline int vec_width(const at::Tensor& like, int64_t channels, const std::vector<const void*>& pointers) {
+  const int vec = kVecBytes / static_cast<int>(like.element_size());
+  if (channels % vec != 0) return 1;
+  for (const void* p : pointers) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % kVecBytes != 0) return 1;
+  }
+  return vec;
+}
+
+// Calls f.template operator()<VEC>() with VEC = 1 or the 16-byte pack width of scalar_t.
+template <typename scalar_t, typename F>
+void with_vec(int vec, F&& f) {
+  if (vec == 1) {
+    f.template operator()<1>();
+  } else {
+    f.template operator()<kVecBytes / sizeof(scalar_t)>();
+  }
+}
+
+// Merge: parents ordered so that, for the backward, parent 0 is the coarse one. All NHWC-contiguous.
+struct MergeTensors {
+  std::vector<at::Tensor> parents, scales, shifts;
+  std::vector<int64_t> ratios;
+  std::optional<at::Tensor> extra;
+  at::Tensor grad;                 // backward
+  at::Tensor out;                  // forward
+  std::vector<at::Tensor> d_parents;  // backward
+  std::optional<at::Tensor> d_extra;  // backward
+  int act;
+};
+
+template <typename scalar_t, typename acc_t>
+MergeArgs<scalar_t, acc_t> merge_args(const MergeTensors& t) {
+  MergeArgs<scalar_t, acc_t> a{};
+  a.num_parents = static_cast<int>(t.parents.size());
+  for (int i = 0; i < a.num_parents; ++i) {
+    a.parent[i] = t.parents[i].const_data_ptr<scalar_t>();
+    a.scale[i] = t.scales[i].const_data_ptr<acc_t>();
+    a.shift[i] = t.shifts[i].const_data_ptr<acc_t>();
+    a.ratio[i] = t.ratios[i];
+    if (!t.d_parents.empty()) a.d_parent[i] = t.d_parents[i].mutable_data_ptr<scalar_t>();
+  }
+  a.extra = t.extra ? t.extra->const_data_ptr<scalar_t>() : nullptr;
+  a.grad = t.grad.defined() ? t.grad.const_data_ptr<scalar_t>() : nullptr;
+  a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;
+  a.d_extra = t.d_extra ? t.d_extra->mutable_data_ptr<scalar_t>() : nullptr;
+  const at::Tensor& like = t.out.defined() ? t.out : t.grad;
+  a.N = like.size(0), a.C = like.size(1), a.H = like.size(2), a.W = like.size(3);
+  a.act = t.act;
+  return a;
+}
+
+inline std::vector<const void*> merge_pointers(const MergeTensors& t) {
+  std::vector<const void*> p;
+  for (const auto& v : {t.parents, t.d_parents}) {
+    for (const auto& x : v) p.push_back(x.const_data_ptr());
+  }
+  for (const auto* x : {&t.extra, &t.d_extra}) {
+    if (*x) p.push_back((*x)->const_data_ptr());
+  }
+  for (const auto* x : {&t.grad, &t.out}) {
+    if (x->defined()) p.push_back(x->const_data_ptr());
+  }
+  return p;
+}
+
+// Max-pool: y (N, C, H, W) NHWC-contiguous; scale/shift acc-dtype vectors or undefined (no affine).
+struct PoolTensors {
+  at::Tensor y, scale, shift;
+  at::Tensor out;        // forward
+  at::Tensor grad, d_a;  // backward: output gradient, fp32 (or fp64) zero-initialised accumulator
+  at::Tensor d_y;        // backward
+  int levels, pad, act;
+};
+
+template <typename scalar_t, typename acc_t>
+PoolArgs<scalar_t, acc_t> pool_args(const PoolTensors& t) {
+  PoolArgs<scalar_t, acc_t> a{};
+  a.y = t.y.const_data_ptr<scalar_t>();
+  a.scale = t.scale.defined() ? t.scale.const_data_ptr<acc_t>() : nullptr;
+  a.shift = t.shift.defined() ? t.shift.const_data_ptr<acc_t>() : nullptr;
+  a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;
+  a.d_a = t.d_a.defined() ? t.d_a.mutable_data_ptr<acc_t>() : nullptr;
+  a.grad = t.grad.defined() ? t.grad.const_data_ptr<scalar_t>() : nullptr;
+  a.d_y = t.d_y.defined() ? t.d_y.mutable_data_ptr<scalar_t>() : nullptr;
+  a.N = t.y.size(0), a.C = t.y.size(1), a.H = t.y.size(2), a.W = t.y.size(3);
+  a.OH = a.H >> t.levels, a.OW = a.W >> t.levels;
+  a.levels = t.levels, a.pad = t.pad, a.act = t.act;
+  return a;
+}
+
+// Each launcher returns, where the op reduces over pixels, partial per-channel sums (chunks, sums, C) in the
+// maths dtype; the op adds the chunks up.
+namespace cpu {
+void merge_forward(const MergeTensors& t);
+at::Tensor merge_backward(const MergeTensors& t);
+void maxpool_forward(const PoolTensors& t);
+at::Tensor maxpool_backward(const PoolTensors& t);
+void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+}  // namespace cpu
+
+namespace cuda {
+void merge_forward(const MergeTensors& t);
+at::Tensor merge_backward(const MergeTensors& t);
+void maxpool_forward(const PoolTensors& t);
+at::Tensor maxpool_backward(const PoolTensors& t);
+void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+}  // namespace cuda
+
+}  // namespace spinenet_fast

@@ -1,0 +1,240 @@
+// The extension's ops: argument checks (before any launch), NHWC layouts, outputs and the final per-channel
+// reductions, for both devices; the launchers in kernels_cpu.cpp / kernels_cuda.cu run the shared maths.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+#include "launch.h"
+
+namespace spinenet_fast {
+namespace {
+
+constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
+
+int parse_activation(c10::string_view activation) {
+  if (activation == "identity") return kIdentity;
+  if (activation == "relu") return kRelu;
+  if (activation == "swish") return kSwish;
+  TORCH_CHECK_VALUE(false, "activation must be one of ('identity', 'relu', 'swish'), got '", std::string(activation),
+                    "'");
+}
+
+int parse_padding(c10::string_view padding) {
+  if (padding == "torch") return 1;
+  if (padding == "tf_same") return 0;
+  TORCH_CHECK_VALUE(false, "padding must be one of ('torch', 'tf_same'), got '", std::string(padding), "'");
+}
+
+// The dtype of the maths, statistics and affines: float for fp32/bf16/fp16 storage, double for double.
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_storage(const std::string& name, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.defined(), name, " must be a tensor, got None");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   name, " must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), name, " must be on the CPU or a CUDA device, got ", x.device());
+}
+
+void check_like(const std::string& name, const at::Tensor& x, const at::Tensor& like, at::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(x.scalar_type() == like.scalar_type() && x.device() == like.device(), name, " must be ",
+                   like.scalar_type(), " on ", like.device(), ", got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK_VALUE(x.sizes() == shape, name, " must have shape ", shape, ", got ", x.sizes());
+}
+
+// A per-channel (C,) vector in the maths dtype of `like`, on its device; returned contiguous.
+at::Tensor channel_vector(const std::string& name, const at::Tensor& v, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(v.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(v.scalar_type() == stats_dtype(like), name, " must be ", stats_dtype(like), ", got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == like.size(1) && v.device() == like.device(), name,
+                    " must be a (", like.size(1), ",) tensor on ", like.device(), ", got shape ", v.sizes(), " on ",
+                    v.device());
+  return v.contiguous();
+}
+
+// Checks the merge arguments and fills `t` with NHWC-contiguous inputs, coarse parent first; returns the output
+// shape and sets `swapped` when the parents were reordered.
+std::vector<int64_t> prepare_merge(MergeTensors& t, bool& swapped, at::TensorList parents, at::TensorList scales, at::TensorList shifts,
+                   at::IntArrayRef ratios, const std::optional<at::Tensor>& extra, c10::string_view activation) {
+  const auto k = parents.size();
+  TORCH_CHECK_VALUE(k == 1 || k == 2, "parents: the extension's merge takes 1 or 2 parents, got ", k);
+  TORCH_CHECK_VALUE(scales.size() == k && shifts.size() == k && ratios.size() == k,
+                    "scales, shifts and ratios must have one entry per parent (", k, "), got ", scales.size(), ", ",
+                    shifts.size(), " and ", ratios.size());
+  t.act = parse_activation(activation);
+  const at::Tensor& first = parents[0];
+  check_storage("parents[0]", first);
+  std::vector<int64_t> target;
+  for (size_t i = 0; i < k; ++i) {
+    const std::string name = "parents[" + std::to_string(i) + "]";
+    check_storage(name, parents[i]);
+    TORCH_CHECK_VALUE(ratios[i] >= 1, "ratios[", i, "] must be a positive int, got ", ratios[i]);
+    const std::vector<int64_t> size{parents[i].size(0), parents[i].size(1), parents[i].size(2) * ratios[i],
+                                    parents[i].size(3) * ratios[i]};
+    if (i == 0) target = size;
+    check_like(name, parents[i], first, {first.size(0), first.size(1), parents[i].size(2), parents[i].size(3)});
+    TORCH_CHECK_VALUE(size == target, name, " of shape ", parents[i].sizes(), " upsampled ×", ratios[i], " gives ",
+                      at::IntArrayRef(size), ", but parents[0] gives ", at::IntArrayRef(target));
+    t.parents.push_back(parents[i].contiguous(kNHWC));
+    t.scales.push_back(channel_vector("scales[" + std::to_string(i) + "]", scales[i], first));
+    t.shifts.push_back(channel_vector("shifts[" + std::to_string(i) + "]", shifts[i], first));
+    t.ratios.push_back(ratios[i]);
+  }
+  if (extra) {
+    check_like("extra", *extra, first, target);
+    t.extra = extra->contiguous(kNHWC);
+  }
+  swapped = k == 2 && t.ratios[1] > t.ratios[0];
+  if (swapped) {
+    for (auto* v : {&t.parents, &t.scales, &t.shifts}) std::swap((*v)[0], (*v)[1]);
+    std::swap(t.ratios[0], t.ratios[1]);
+  }
+  return target;
+}
+
+at::Tensor ext_merge(at::TensorList parents, at::TensorList scales, at::TensorList shifts, at::IntArrayRef ratios,
+                     const std::optional<at::Tensor>& extra, c10::string_view activation) {
+  MergeTensors t;
+  bool swapped = false;
+  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
+  t.out = at::empty(shape, parents[0].options().memory_format(kNHWC));
+  const c10::DeviceGuard guard(t.out.device());
+  if (t.out.numel() > 0) t.out.is_cuda() ? cuda::merge_forward(t) : cpu::merge_forward(t);
+  return t.out;
+}
+
+std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorList parents, at::TensorList scales,
+                                           at::TensorList shifts, at::IntArrayRef ratios,
+                                           const std::optional<at::Tensor>& extra, c10::string_view activation) {
+  MergeTensors t;
+  bool swapped = false;
+  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
+  TORCH_CHECK_VALUE(t.ratios[0] % t.ratios.back() == 0,
+                    "ratios: the extension's merge backward needs one ratio to divide the other, got ", ratios);
+  check_like("grad", grad, parents[0], shape);
+  t.grad = grad.contiguous(kNHWC);
+  for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
+  if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
+  const c10::DeviceGuard guard(grad.device());
+  const int64_t channels = grad.size(1);
+  at::Tensor sums = grad.numel() > 0
+                        ? (grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t)).sum(0)
+                        : at::zeros({kNumMergeSums, channels}, t.scales[0].options());
+  std::vector<at::Tensor> d_scales{sums[kScale0].clone()};
+  if (t.parents.size() == 2) d_scales.push_back(sums[kScale1].clone());
+  if (swapped) {
+    std::swap(t.d_parents[0], t.d_parents[1]);
+    std::swap(d_scales[0], d_scales[1]);
+  }
+  std::vector<at::Tensor> out = t.d_parents;
+  out.insert(out.end(), d_scales.begin(), d_scales.end());
+  for (size_t i = 0; i < t.parents.size(); ++i) out.push_back(sums[kShift].clone());
+  if (t.d_extra) out.push_back(*t.d_extra);
+  return out;
+}
+
+PoolTensors prepare_pool(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, c10::string_view activation, int64_t num_pools,
+                         c10::string_view padding) {
+  check_storage("y", y);
+  TORCH_CHECK_VALUE(num_pools >= 1 && num_pools <= 16, "num_pools must be an int in [1, 16], got ", num_pools);
+  const int64_t multiple = int64_t{1} << num_pools;
+  TORCH_CHECK_VALUE(y.size(2) % multiple == 0 && y.size(3) % multiple == 0,
+                    "y: H and W must be multiples of 2^num_pools = ", multiple, ", got shape ", y.sizes());
+  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(),
+                    "scale and shift must be given together (the BN affine) or both be None");
+  PoolTensors t;
+  t.y = y.contiguous(kNHWC);
+  if (scale) {
+    t.scale = channel_vector("scale", *scale, y);
+    t.shift = channel_vector("shift", *shift, y);
+  }
+  t.levels = static_cast<int>(num_pools);
+  t.pad = parse_padding(padding);
+  t.act = parse_activation(activation);
+  return t;
+}
+
+at::Tensor ext_bn_act_maxpool(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& shift, c10::string_view activation, int64_t num_pools,
+                              c10::string_view padding) {
+  PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
+  t.out = at::empty({y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools},
+                    y.options().memory_format(kNHWC));
+  const c10::DeviceGuard guard(y.device());
+  if (t.out.numel() > 0) y.is_cuda() ? cuda::maxpool_forward(t) : cpu::maxpool_forward(t);
+  return t.out;
+}
+
+std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, const at::Tensor& y,
+                                                    const std::optional<at::Tensor>& scale,
+                                                    const std::optional<at::Tensor>& shift,
+                                                    c10::string_view activation, int64_t num_pools,
+                                                    c10::string_view padding) {
+  PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
+  check_like("grad", grad, y, {y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools});
+  t.grad = grad.contiguous(kNHWC);
+  t.d_a = at::zeros({y.size(0), y.size(2), y.size(3), y.size(1)}, y.options().dtype(stats_dtype(y)));
+  t.d_y = at::empty_like(t.y, kNHWC);
+  const c10::DeviceGuard guard(y.device());
+  at::Tensor sums = y.numel() > 0 ? (y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t)).sum(0)
+                                  : at::zeros({kNumPrologueSums, y.size(1)}, t.d_a.options());
+  if (!t.scale.defined()) return {t.d_y};
+  return {t.d_y, sums[kPrologueScale].clone(), sums[kPrologueShift].clone()};
+}
+
+std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,
+                                        const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble,
+                   "sums must be float32 or float64, got ", sums.scalar_type());
+  TORCH_CHECK_VALUE(sums.dim() == 1 && (sums.is_cpu() || sums.is_cuda()),
+                    "sums must be a 1-D tensor on the CPU or a CUDA device, got shape ", sums.sizes(), " on ",
+                    sums.device());
+  std::vector<at::Tensor> in{sums.contiguous()};
+  const std::pair<const char*, const at::Tensor*> others[] = {{"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}};
+  for (const auto& [name, v] : others) {
+    TORCH_CHECK_VALUE(v->sizes() == sums.sizes() && v->device() == sums.device(), name, " must have shape ",
+                      sums.sizes(), " on ", sums.device(), ", got ", v->sizes(), " on ", v->device());
+    TORCH_CHECK_TYPE(v->is_floating_point(), name, " must be floating-point, got ", v->scalar_type());
+    in.push_back(v->to(sums.scalar_type()).contiguous());
+  }
+  TORCH_CHECK_VALUE(count >= 1, "count must be a positive int (values per channel), got ", count);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 4; ++i) out.push_back(at::empty_like(in[0]));
+  const c10::DeviceGuard guard(sums.device());
+  if (sums.numel() > 0) {
+    sums.is_cuda() ? cuda::bn_finalize(in, out, static_cast<double>(count), eps)
+                   : cpu::bn_finalize(in, out, static_cast<double>(count), eps);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spinenet_fast, CPU, m) {
+  m.impl("ext_merge", &ext_merge);
+  m.impl("ext_merge_backward", &ext_merge_backward);
+  m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
+  m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
+  m.impl("ext_bn_finalize", &ext_bn_finalize);
+}
+
+TORCH_LIBRARY_IMPL(spinenet_fast, CUDA, m) {
+  m.impl("ext_merge", &ext_merge);
+  m.impl("ext_merge_backward", &ext_merge_backward);
+  m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
+  m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
+  m.impl("ext_bn_finalize", &ext_bn_finalize);
+}
+
+}  // namespace spinenet_fast

@@ -143,6 +143,11 @@ def use_backend(backend: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
+def implemented(op: str) -> tuple[str, ...]:
+    """The backends that have an implementation of ``op`` (able to run it or not)."""
+    return tuple(b for b in BACKENDS if b in _registry.get(op, {}))
+
+
 def reasons_by_backend(op: str, *args) -> dict[str, list[str]]:
     """For every backend, why it cannot run ``op`` on ``args`` (an empty list: it can)."""
     implementations = _registry.get(op, {})

@@ -1,0 +1,1 @@
+"""Benchmark suites of spinenet-fast: ``python -m benchmarks.run`` (see benchmarks/README.md)."""

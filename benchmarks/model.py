@@ -1,0 +1,179 @@
+"""Suite ``model``: SpineNet backbones and RetinaNet detectors, training steps and inference, images/s.
+
+Benches: ``backbone <id>`` and ``retinanet <id>`` (our detector; its rows also carry torchvision's
+``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``). Modes: ``train``
+(forward with loss, backward, SGD step; the detector's loss is torchvision's full training forward) and
+``infer`` (eval mode, no grad, raw head outputs without NMS). Providers: ``eager``, ``compile``, ``compile-max``
+(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused``. Until the fused ops handle autocast
+(issue 8), bf16 rows run the whole model in bf16, parameters included. All models at 640 px (--smoke: 128).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from spinenet_fast import SpineNet
+from spinenet_fast.detection import retinanet_spinenet
+from spinenet_fast.ops import use_backend
+
+from ._harness import Row, Settings, measure
+
+PROVIDERS = ("eager", "compile", "compile-max", "fused")
+
+
+def _loss(out) -> torch.Tensor:
+    if isinstance(out, dict):
+        return sum(v.float().mean() if v.dim() else v.float() for v in out.values())
+    return out.float().mean()
+
+
+def _raw_outputs(detector: nn.Module) -> Callable[[torch.Tensor], dict]:
+    """Backbone + head on an already normalised batch: the detector's raw class and box outputs, no NMS."""
+
+    def raw(images: torch.Tensor) -> dict:
+        return detector.head(list(detector.backbone(images).values()))
+
+    return raw
+
+
+def _targets(batch: int, size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch):
+        corners = torch.rand(4, 2, 2, generator=g) * size
+        boxes = torch.cat([corners.min(1).values, corners.max(1).values + 8], 1).clamp(max=size)
+        targets.append({"boxes": boxes.to(device, dtype), "labels": torch.randint(1, 91, (4,), generator=g).to(device)})
+    return targets
+
+
+def _compiled(model_fn, provider: str, mode: str, smoke: bool):
+    if smoke:
+        return torch.compile(model_fn, backend="aot_eager")
+    if provider == "compile-max":
+        return torch.compile(model_fn, mode="max-autotune")
+    return torch.compile(model_fn)
+
+
+@contextlib.contextmanager
+def _freezing(enabled: bool):
+    import torch._inductor.config as inductor_config
+
+    previous = inductor_config.freezing
+    inductor_config.freezing = enabled
+    try:
+        yield
+    finally:
+        inductor_config.freezing = previous
+
+
+def _step(s: Settings, model: nn.Module, forward: Callable, inputs: tuple, train: bool) -> Callable[[], object]:
+    if not train:
+
+        def infer():
+            with torch.no_grad():
+                return forward(*inputs)
+
+        return infer
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step():
+        loss = _loss(forward(*inputs))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return train_step
+
+
+def _build(bench: str, model_id, provider: str, size: int) -> nn.Module:
+    fused = provider == "fused"
+    if bench == "backbone":
+        return SpineNet(model_id, stochastic_depth_rate=0.0, fused=fused)
+    if provider == "torchvision-r50fpn":
+        from torchvision.models.detection import retinanet_resnet50_fpn
+
+        return retinanet_resnet50_fpn(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    return retinanet_spinenet(model_id, image_size=size, stochastic_depth_rate=0.0, fused=fused)
+
+
+def run(
+    s: Settings,
+    env: dict,
+    *,
+    models: tuple[str, ...] = ("49S", "49", "96"),
+    train_batches: tuple[int, ...] = (8, 16),
+    infer_batches: tuple[int, ...] = (1, 8),
+    providers: tuple[str, ...] = PROVIDERS,
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
+    compile_max_modes: tuple[str, ...] = ("train", "infer"),
+) -> Iterator[Row]:
+    """Rows for every bench × model × mode × batch × provider × dtype."""
+    size = 128 if s.smoke else 640
+    if s.smoke:
+        from spinenet_fast.detection.presets import CUSTOM_SCALINGS
+
+        # The compile providers' code path is the ops and connections suites' (compiling whole detectors with
+        # aot_eager takes minutes on a CPU); fp32 because CPU bf16 convolutions are slow.
+        models, train_batches, infer_batches = ("49XS-custom",), (2,), (1,)
+        providers, dtypes = tuple(p for p in providers if not p.startswith("compile")), (torch.float32,)
+    for dtype in dtypes:
+        for bench in ("backbone", "retinanet"):
+            for model_id in models:
+                model_spec = CUSTOM_SCALINGS[model_id] if s.smoke else model_id
+                cases = [("train", b) for b in train_batches] + [("infer", b) for b in infer_batches]
+                for mode, batch in cases:
+                    extra_providers = ("torchvision-r50fpn",) if bench == "retinanet" else ()
+                    for provider in (*providers, *extra_providers):
+                        if provider == "compile-max" and mode not in compile_max_modes:
+                            continue
+                        yield _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype)
+
+
+def _fused_backend(s: Settings) -> str | None:
+    """``auto`` on a GPU; on a CPU (--smoke) the extension's CPU kernels, else the reference (no interpreter)."""
+    if s.device.type == "cuda":
+        return None
+    from spinenet_fast import _extension
+
+    return "cuda" if _extension.extension is not None else "reference"
+
+
+def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype) -> Row:
+    train = mode == "train"
+    shape = f"b{batch} {size}px"
+    name = f"{bench} {model_id}"
+    try:
+        model = _build(bench, model_spec, provider, size).to(s.device, dtype, memory_format=torch.channels_last)
+        model.train(train)
+        images = torch.randn(batch, 3, size, size, device=s.device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last
+        )
+        if bench == "backbone":
+            forward, inputs = model, (images,)
+        elif train:
+            forward, inputs = model, (list(images), _targets(batch, size, s.device, dtype))
+        else:
+            forward, inputs = _raw_outputs(model), (images,)
+        if provider.startswith("compile"):
+            forward = _compiled(forward, provider, mode, s.smoke)
+        step = _step(s, model, forward, inputs, train)
+    except Exception as exc:  # a model that cannot be built or compiled is reported, not fatal
+        return measure(s, env, _raiser(exc), bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
+    backend = _fused_backend(s) if provider == "fused" else None
+    freezing = provider == "compile-max" and not train
+    with use_backend(backend), _freezing(freezing):
+        row = measure(s, env, step, bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
+    if row.p50_ms:
+        row.extra["images_per_s"] = batch / (row.p50_ms * 1e-3)
+    return row
+
+
+def _raiser(exc: Exception) -> Callable[[], None]:
+    def fail() -> None:
+        raise exc
+
+    return fail

@@ -1,0 +1,130 @@
+"""Suite ``ops``: every fused op on the shapes of SpineNet-49's L5 → L3 and L3 → L5 connections (640 px, batch 8).
+
+Providers: ``eager`` (the same maths as plain PyTorch in the storage dtype: materialised activation, upsampled
+copies), ``compile`` (``torch.compile`` of that function) and every backend of the op (``reference``,
+``triton``, ``cuda``), forced with ``use_backend``. Modes ``fwd``, ``bwd``, ``fwd+bwd``; bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spinenet_fast.ops import (
+    backends,
+    bn_act_maxpool,
+    bn_finalize,
+    conv1x1_bn_stats,
+    conv3x3s2_bn_stats,
+    merge,
+    use_backend,
+)
+
+from ._harness import Row, Settings, autograd_modes, measure
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op on one shape: inputs, the op call and the eager equivalent (both return the tensor to backprop)."""
+
+    name: str
+    shape: str
+    make_input: Callable[[], tuple]
+    fused: Callable[..., object]
+    eager: Callable[..., object]
+    bytes_per_set: int
+
+
+def _affine_act(x, scale, shift):
+    return F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1))
+
+
+def _stats(y):
+    y32 = y.float()
+    return y, y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))
+
+
+def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
+    """The cases at full size, or tiny ones under ``--smoke``."""
+    n, hi, lo = (1, 16, 4) if s.smoke else (8, 80, 20)  # L3 and L5 sides at 640 px
+    c_mid, c_target = (8, 16) if s.smoke else (128, 512)  # squeezed and target widths
+    device = s.device
+
+    def tensor(*shape, grad=True, nhwc=True):
+        t = torch.randn(*shape, device=device, dtype=dtype if len(shape) == 4 else torch.float32)
+        if len(shape) == 4 and nhwc:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_(grad)
+
+    item = torch.finfo(dtype).bits // 8
+
+    def conv1x1_inputs():
+        return tensor(n, c_mid, lo, lo), tensor(c_target, c_mid, 1, 1), tensor(c_mid), tensor(c_mid)
+
+    def conv3x3_inputs():
+        c = c_mid // 2
+        return tensor(n, c, hi, hi), tensor(c, c, 3, 3), tensor(c), tensor(c)
+
+    def pool_inputs():
+        return tensor(n, c_mid // 2, hi // 2, hi // 2), tensor(c_mid // 2), tensor(c_mid // 2)
+
+    def merge_inputs():
+        return (tensor(n, c_target, lo, lo), tensor(n, c_target, hi, hi), tensor(c_target), tensor(c_target),
+                tensor(c_target), tensor(c_target))  # fmt: skip
+
+    def finalize_inputs():
+        y = torch.randn(n * lo * lo, c_target, device=device)
+        return y.sum(0).requires_grad_(), (y * y).sum(0).requires_grad_(), tensor(c_target), tensor(c_target)
+
+    def merge_eager(low, high, s0, s1, b0, b1):
+        def affine(y, scale, shift):
+            return y * scale.to(y.dtype).view(1, -1, 1, 1) + shift.to(y.dtype).view(1, -1, 1, 1)
+
+        return F.silu(F.interpolate(affine(low, s0, b0), scale_factor=4) + affine(high, s1, b1))
+
+    def finalize_eager(sums, sumsq, weight, bias):
+        mean = sums / (n * lo * lo)
+        scale = weight * torch.rsqrt((sumsq / (n * lo * lo) - mean * mean).clamp_min(0) + 1e-3)
+        return scale, bias - mean * scale
+
+    def pool_eager(y, scale, shift):
+        return F.max_pool2d(_affine_act(y, scale, shift), 3, 2, 1)
+
+    return [
+        OpCase("conv1x1_bn_stats", f"x {n}x{c_mid}x{lo}x{lo} -> {c_target}, prologue", conv1x1_inputs,
+               lambda x, w, a, b: conv1x1_bn_stats(x, w, a, b, "swish"),
+               lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w)), n * (c_mid + c_target) * lo * lo * item),
+        OpCase("conv3x3s2_bn_stats", f"x {n}x{c_mid // 2}x{hi}x{hi}, prologue", conv3x3_inputs,
+               lambda x, w, a, b: conv3x3s2_bn_stats(x, w, a, b, "swish"),
+               lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, stride=2, padding=1)),
+               n * c_mid * hi * hi * item),
+        OpCase("bn_act_maxpool", f"y {n}x{c_mid // 2}x{hi // 2}x{hi // 2}, 1 pool", pool_inputs,
+               lambda y, a, b: bn_act_maxpool(y, a, b, "swish", 1), pool_eager, n * c_mid * hi * hi // 4 * item),
+        OpCase("merge", f"{n}x{c_target}: {lo}x{lo} x4 + {hi}x{hi}", merge_inputs,
+               lambda low, high, s0, s1, b0, b1: merge([low, high], [s0, s1], [b0, b1], [4, 1], None, "swish"),
+               merge_eager, 2 * n * c_target * hi * hi * item),
+        OpCase("bn_finalize", f"C {c_target}", finalize_inputs,
+               lambda sums, sumsq, w, b: bn_finalize(sums, sumsq, n * lo * lo, w, b, eps=1e-3),
+               finalize_eager, 4 * c_target * 4),
+    ]  # fmt: skip
+
+
+def run(s: Settings, env: dict) -> Iterator[Row]:
+    """Rows for every op × provider × mode × dtype (--smoke: bf16 only)."""
+    for dtype in (torch.bfloat16,) if s.smoke else (torch.bfloat16, torch.float32):
+        for case in cases(s, dtype):
+            providers: list[tuple[str, Callable, str | None]] = [("eager", case.eager, None)]
+            compiled = torch.compile(case.eager, backend="aot_eager" if s.smoke else "inductor")
+            providers.append(("compile", compiled, None))
+            providers += [(b, case.fused, b) for b in BACKENDS if b in backends.implemented(case.name)]
+            for provider, fn, backend in providers:
+                with use_backend(backend):
+                    modes = autograd_modes(fn, case.make_input, case.bytes_per_set, s)
+                    for mode, timed in modes.items():
+                        yield measure(s, env, timed, bench=f"op {case.name}", provider=provider, mode=mode,
+                                      dtype=dtype, shape=case.shape)  # fmt: skip

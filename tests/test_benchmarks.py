@@ -1,0 +1,61 @@
+"""The benchmark harness cannot rot: ``python -m benchmarks.run --smoke`` runs every suite on tiny shapes."""
+
+import json
+
+import pytest
+
+from benchmarks import report
+from benchmarks.run import main
+from spinenet_fast import _extension
+
+ROW_FIELDS = {"bench", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms", "p80_ms", "peak_mb", "kernels",
+              "device", "torch", "triton", "git_sha", "date"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    main(["--suite", "all", "--out", str(out), "--smoke"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_suite_and_provider_writes_rows(smoke_run):
+    _, results = smoke_run
+    rows = results["rows"]
+    assert results["copy_gbps"] > 0
+    assert all(row.keys() >= ROW_FIELDS for row in rows)
+    providers = {(row["bench"].split(" ")[0], row["provider"]) for row in rows}
+    assert {("op", p) for p in ("eager", "compile", "reference", "triton", "cuda")} <= providers
+    assert {("connection", p) for p in ("eager", "compile", "fused-triton", "fused-cuda")} <= providers
+    assert {("backbone", "eager"), ("backbone", "fused"), ("retinanet", "torchvision-r50fpn")} <= providers
+    assert {row["mode"] for row in rows} == {"fwd", "bwd", "fwd+bwd", "train", "infer"}
+    needs_extension = {"cuda", "fused-cuda"}
+    for row in rows:
+        if _extension.extension is None and row["provider"] in needs_extension:
+            continue
+        assert "error" not in row, row
+        assert row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]
+        assert row["kernels"] > 0 or row["mode"] == "bwd"
+    timed = [row for row in rows if row.get("p50_ms")]
+    assert all(row["images_per_s"] > 0 for row in timed if row["mode"] in ("train", "infer"))
+    assert all(row["gbps"] > 0 for row in timed if row["bench"].startswith("connection"))
+
+
+def test_reports_charts_and_compare(smoke_run):
+    out, results = smoke_run
+    table = (out / "results.md").read_text()
+    assert "## op" in table and "## connection" in table and "## retinanet" in table
+    assert "fused vs eager" in table
+    assert (out / "summary.md").read_text().startswith("| bench |")
+    assert (out / "speedups.png").read_bytes()[:4] == b"\x89PNG"
+    comparison = report.compare(results["rows"], results["rows"])
+    assert comparison.count("| 1.00 |") == sum(1 for r in results["rows"] if r.get("p50_ms"))
+
+
+def test_speedups_name_the_slower_side():
+    rows = {"eager": {"p50_ms": 1.0}, "compile": {"p50_ms": 0.5}, "fused-triton": {"p50_ms": 0.8},
+            "fused-cuda": {"p50_ms": 2.0}}  # fmt: skip
+    up = report.speedups(rows)
+    assert up["fused"] == "fused-triton"
+    assert up["vs_eager"] == pytest.approx(1.25) and up["vs_compile"] == pytest.approx(0.625)
+    assert report._ratio(up["vs_compile"]) == "0.62× (slower)"

@@ -5,12 +5,16 @@ max-pools] -> expand 1×1 with the previous BN + act as prologue (+ Σ, Σ²), r
 upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own
 resolution, adds the raw extra inputs and applies the activation. BN in training mode finalises the
 statistics (running variance with the upsampled count); otherwise its running statistics become the affine.
+``nn.SyncBatchNorm`` inside a process group all-reduces each BN's Σ, Σ² (one packed, differentiable
+all-reduce, so the backward reductions are all-reduced too). Under autocast the activations and conv weights
+run in the autocast dtype; statistics, scales and shifts stay fp32.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
 from torch import Tensor, nn
 
 from ..ops import bn_act_maxpool, bn_finalize, conv1x1_bn_stats, conv3x3s2_bn_stats, merge
@@ -22,8 +26,6 @@ def bn_affine(bn: nn.Module, sums: Tensor, sumsq: Tensor, count: int, upsample_f
     if not batch_stats:
         scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
         return scale, bn.bias.float() - bn.running_mean.float() * scale
-    if isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
-        raise NotImplementedError("fused SpineNet with nn.SyncBatchNorm in a process group is not supported yet")
     momentum = bn.momentum
     update = bn.training and bn.track_running_stats
     if update:
@@ -33,8 +35,28 @@ def bn_affine(bn: nn.Module, sums: Tensor, sumsq: Tensor, count: int, upsample_f
     return bn_finalize(
         sums, sumsq, count, bn.weight, bn.bias, eps=bn.eps,
         running_mean=bn.running_mean if update else None, running_var=bn.running_var if update else None,
-        momentum=momentum, upsample_factor=upsample_factor,
+        momentum=momentum, upsample_factor=upsample_factor, stats_reducer=sync_stats_reducer(bn),
     )  # fmt: skip
+
+
+def sync_stats_reducer(bn: nn.Module):
+    """SyncBN's statistics hook: Σ and Σ² summed over ``bn``'s process group (``None`` outside one).
+
+    Every rank is assumed to hold the same number of values per channel (DDP's equal per-rank batches at a
+    fixed training size), so the count is scaled, not all-reduced: no host synchronisation per BN.
+    """
+    if not (isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return None
+
+    def reduce(sums: Tensor, sumsq: Tensor, count: int) -> tuple[Tensor, Tensor, int]:
+        packed = dist_functional.all_reduce(torch.cat([sums, sumsq]), group=group)
+        return packed[: sums.numel()], packed[sums.numel() :], count * world_size
+
+    return reduce
 
 
 def _pixels(t: Tensor) -> int:
@@ -44,32 +66,40 @@ def _pixels(t: Tensor) -> int:
 def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, sums, sumsq = conv1x1_bn_stats(x, squeeze.conv.weight)
+    y, sums, sumsq = conv1x1_bn_stats(x, squeeze.conv.weight.to(x.dtype))
     scale, shift = bn_affine(squeeze.bn, sums, sumsq, _pixels(y), 1)
     ratio = resample.upsample_factor
     if resample.down is not None:
-        y, sums, sumsq = conv3x3s2_bn_stats(y, resample.down.conv.weight, scale, shift, activation, padding)
+        weight = resample.down.conv.weight.to(x.dtype)
+        y, sums, sumsq = conv3x3s2_bn_stats(y, weight, scale, shift, activation, padding)
         scale, shift = bn_affine(resample.down.bn, sums, sumsq, _pixels(y), 1)
         if len(resample.pools):
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
     y, sums, sumsq = conv1x1_bn_stats(
-        y, expand.conv.weight, scale, shift, activation if scale is not None else "identity"
+        y, expand.conv.weight.to(x.dtype), scale, shift, activation if scale is not None else "identity"
     )
     scale, shift = bn_affine(expand.bn, sums, sumsq, _pixels(y), ratio)
     return y, scale, shift, ratio
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused path stores activations in: autocast's where it is on for x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str) -> Tensor:
     """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
+    dtype = compute_dtype(feats[module.parent_ids[0]])
     parents, scales, shifts, ratios = [], [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
-        y, scale, shift, ratio = fused_resample(resample, feats[i], activation, padding)
+        y, scale, shift, ratio = fused_resample(resample, feats[i].to(dtype), activation, padding)
         parents.append(y)
         scales.append(scale)
         shifts.append(shift)
         ratios.append(ratio)
     extra = None
     for j in module.extra_ids:
-        extra = feats[j] if extra is None else extra + feats[j]
+        extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
     return merge(parents, scales, shifts, ratios, extra, activation)

@@ -179,3 +179,26 @@ def choose(op: str, *args) -> str:
 def select(op: str, *args) -> Callable:
     """The implementation of ``op`` that runs ``args`` (see :func:`choose`)."""
     return _registry[op][choose(op, *args)].fn
+
+
+def _device_type(args) -> str:
+    for arg in args:
+        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(t, torch.Tensor):
+                return t.device.type
+    return "cpu"
+
+
+@contextlib.contextmanager
+def autocast_off(*args) -> Iterator[None]:
+    """Autocast disabled for the device of the first tensor in ``args``: the ops choose their own dtypes (storage
+    dtype for activations, fp32 for statistics), so nothing inside them may be re-cast."""
+    with torch.autocast(_device_type(args), enabled=False):
+        yield
+
+
+def run(op: str, *args):
+    """Run the chosen implementation of ``op`` on ``args`` with autocast off."""
+    fn = select(op, *args)
+    with autocast_off(*args):
+        return fn(*args)

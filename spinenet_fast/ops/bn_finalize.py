@@ -61,7 +61,7 @@ def _bn_finalize_extension(sums, sumsq, count, weight, bias, eps) -> list[Tensor
 @torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=())
 def _bn_finalize_op(sums: Tensor, sumsq: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float) -> list[Tensor]:
     args = (sums.contiguous(), sumsq.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)
-    return backends.select("bn_finalize", *args)(*args)
+    return backends.run("bn_finalize", *args)
 
 
 @_bn_finalize_op.register_fake

@@ -94,7 +94,7 @@ def _conv1x1_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x, weight, scale, shift, activation)
-    return tuple(backends.select("conv1x1_bn_stats", *args)(*args))
+    return tuple(backends.run("conv1x1_bn_stats", *args))
 
 
 @_conv1x1_op.register_fake
@@ -108,7 +108,8 @@ def _conv1x1_backward_op(
     shift: Tensor | None, activation: str,
 ) -> list[Tensor]:  # fmt: skip
     # One implementation for every backend: ATen GEMMs (cuBLAS on a GPU), as fused_ops.md §3 allows.
-    return conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
+    with backends.autocast_off(x):
+        return conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
 
 
 @_conv1x1_backward_op.register_fake

@@ -157,7 +157,7 @@ def _conv3x3s2_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x, weight, scale, shift, activation, padding)
-    return tuple(backends.select("conv3x3s2_bn_stats", *args)(*args))
+    return tuple(backends.run("conv3x3s2_bn_stats", *args))
 
 
 @_conv3x3s2_op.register_fake
@@ -170,7 +170,8 @@ def _conv3x3s2_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str,
 ) -> list[Tensor]:  # fmt: skip
-    return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding)
+    with backends.autocast_off(x):
+        return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding)
 
 
 @_conv3x3s2_backward_op.register_fake
@@ -200,7 +201,7 @@ _conv3x3s2_op.register_autograd(_conv_backward, setup_context=_conv_setup_contex
 def _maxpool_op(y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int,
                 padding: str) -> Tensor:  # fmt: skip
     args = (y, scale, shift, activation, num_pools, padding)
-    return backends.select("bn_act_maxpool", *args)(*args)
+    return backends.run("bn_act_maxpool", *args)
 
 
 @_maxpool_op.register_fake
@@ -213,7 +214,7 @@ def _(y, scale, shift, activation, num_pools, padding):
 def _maxpool_backward_op(grad: Tensor, y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str,
                          num_pools: int, padding: str) -> list[Tensor]:  # fmt: skip
     args = (grad, y, scale, shift, activation, num_pools, padding)
-    return backends.select("bn_act_maxpool_backward", *args)(*args)
+    return backends.run("bn_act_maxpool_backward", *args)
 
 
 @_maxpool_backward_op.register_fake

@@ -174,7 +174,7 @@ def _merge_op(
     activation: str,
 ) -> Tensor:  # fmt: skip
     args = (parents, scales, shifts, ratios, extra, activation)
-    return backends.select("merge", *args)(*args)
+    return backends.run("merge", *args)
 
 
 @_merge_op.register_fake
@@ -190,7 +190,7 @@ def _merge_backward_op(
     extra: Tensor | None, activation: str,
 ) -> list[Tensor]:  # fmt: skip
     args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
-    return backends.select("merge_backward", *args)(*args)
+    return backends.run("merge_backward", *args)
 
 
 @_merge_backward_op.register_fake

@@ -1,0 +1,102 @@
+"""SyncBN inside the fused ops: 2 gloo processes with DDP equal 1 process over the same global batch.
+
+Eager ``nn.SyncBatchNorm`` needs a GPU inside a process group, so the CPU oracle is what SyncBN computes: BN
+over the global batch in one process. The module is one cross-scale merge (a ↓4 and a ↑2 parent), every BN
+of which runs in the fused path. DDP also refuses SyncBN modules on a CPU, so the workers average their
+gradients with an all-reduce, as DDP does.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from spinenet_fast.models.layers import make_norm_factory
+from spinenet_fast.models.resample import CrossScaleMerge, Resample
+from spinenet_fast.ops import use_backend
+
+from ..conftest import require_backend
+
+GLOBAL_BATCH, STEPS = 4, 2
+
+
+def make_merge(norm_layer) -> CrossScaleMerge:
+    torch.manual_seed(0)
+    norm = make_norm_factory(norm_layer, 0.1, 1e-3)
+    down = Resample(32, "bottleneck", 3, 16, 5, 0.5, norm, "swish", "torch")  # ↓4: conv3x3/s2 + one max-pool
+    up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")  # ↑2
+    merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
+    for bn in merge.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+    return merge.train()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(GLOBAL_BATCH, 32, 16, 16, generator=g), torch.randn(GLOBAL_BATCH, 24, 2, 2, generator=g)]
+
+
+def train(module, feats, steps=STEPS, world_size=1):
+    """SGD on the mean over this process's images of a fixed random projection of the output."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(GLOBAL_BATCH, 16, 4, 4, generator=g)
+    for _ in range(steps):
+        out = module(feats)
+        first = dist.get_rank() * out.shape[0] if world_size > 1 else 0
+        loss = (out * weight[first : first + out.shape[0]]).sum() / out.shape[0]
+        optimizer.zero_grad()
+        loss.backward()
+        for p in module.parameters() if world_size > 1 else ():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+        optimizer.step()
+
+
+def _worker(rank: int, init_file: str, backend: str | None, result: str) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        merge = make_merge(nn.SyncBatchNorm)
+        half = GLOBAL_BATCH // 2
+        feats = [f[rank * half : (rank + 1) * half] for f in global_batch()]
+        with use_backend(backend):
+            train(merge, feats, world_size=2)
+        if rank == 0:
+            torch.save(merge.state_dict(), result)
+    finally:
+        dist.destroy_process_group()
+
+
+# auto: Triton (under the interpreter) for every op that has Triton kernels, ATen for the max-pool.
+@pytest.mark.parametrize("backend", ["reference", pytest.param(None, id="auto"), "cuda"])
+def test_two_process_sync_bn_equals_one_process_over_the_global_batch(tmp_path, backend):
+    require_backend(backend)
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend, str(result)), nprocs=2, join=True)
+    distributed = torch.load(result, weights_only=True)
+
+    single = make_merge(nn.BatchNorm2d)
+    with use_backend(backend):
+        train(single, global_batch())
+    expected = single.state_dict()
+    assert distributed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    initial = make_merge(nn.BatchNorm2d).state_dict()
+    assert not torch.equal(initial["resamples.0.squeeze.conv.weight"], expected["resamples.0.squeeze.conv.weight"])
+    assert not torch.equal(initial["resamples.1.expand.bn.running_var"], expected["resamples.1.expand.bn.running_var"])
+
+
+def test_sync_bn_outside_a_process_group_is_bn():
+    feats = global_batch()
+    sync, plain = make_merge(nn.SyncBatchNorm), make_merge(nn.BatchNorm2d)
+    with use_backend("reference"):
+        torch.testing.assert_close(sync(feats), plain(feats))
+    torch.testing.assert_close(sync.state_dict(), plain.state_dict())

@@ -1,7 +1,8 @@
 """``python -m spinenet_fast.train``: train (and evaluate) a RetinaNet-SpineNet on a COCO-format dataset.
 
 Single process: ``python -m spinenet_fast.train --data-path DIR --model 49S -b 16 --epochs 10``;
-many GPUs: ``torchrun --nproc_per_node=N -m spinenet_fast.train ...``.
+many GPUs: ``torchrun --nproc_per_node=N -m spinenet_fast.train ... [--sync-bn]`` (elastic: add
+``--max-restarts=K`` to torchrun and ``--resume auto`` here, and a killed worker resumes from the last checkpoint).
 Data layout: ``DIR/{train,val}2017/`` images and ``DIR/annotations/instances_{train,val}2017.json``.
 """
 
@@ -13,12 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
 from ..detection.presets import MODEL_NAMES, detector_from_args
 from .checkpoint import load_checkpoint, save_atomic
-from .engine import distributed_init, evaluate, param_groups, train_one_epoch
+from .engine import ShardSampler, distributed_init, evaluate, param_groups, train_one_epoch
 from .plot import plot_metrics
 from .schedule import default_warmup_steps, lr_factor, scaled_lr
 
@@ -36,7 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
                    help="fused cross-scale connections (auto: on a GPU with Triton)")  # fmt: skip
     p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process and batch")
+    p.add_argument("--accum-steps", type=int, default=1, help="batches per optimiser step (gradient accumulation)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="nn.SyncBatchNorm across processes (the fused ops all-reduce their statistics)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=None, help="peak LR; default 0.28 × global batch / 256")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 2000 × 256 / global batch, ≤ 10%%")
@@ -47,9 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/train"))
-    p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint.pth if it exists")  # fmt: skip
     p.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (pinned memory on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -66,9 +73,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = get_args_parser().parse_args(argv)
     if args.image_size % 128 or args.image_size < 128:
         raise ValueError(f"--image-size must be a positive multiple of 128, got {args.image_size}")
+    if args.accum_steps < 1:
+        raise ValueError(f"--accum-steps must be a positive int, got {args.accum_steps}")
+    if args.resume is not None and str(args.resume) == "auto":
+        last = args.output_dir / "checkpoint.pth"
+        args.resume = last if last.is_file() else None
     if args.test_only and args.resume is None:
         raise ValueError("--test-only needs --resume CHECKPOINT to evaluate")
     rank, world_size = distributed_init(args.device)
+    try:
+        return _run(args, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, float]:
     device = torch.device(args.device)
     main_process = rank == 0
     torch.manual_seed(args.seed)
@@ -86,10 +106,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if val_set.label_map != label_map:
         raise ValueError(f"the {args.train_split} and {args.val_split} annotation files have different categories")
     model = detector_from_args(args_to_dict(args), len(label_map)).to(device)
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     val_loader = DataLoader(
         val_set,
         batch_size=args.batch_size,
-        sampler=SequentialSampler(val_set),
+        sampler=ShardSampler(len(val_set), rank, world_size),
         num_workers=args.workers,
         collate_fn=collate,
     )
@@ -99,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.test_only:
         checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
         model.load_state_dict(checkpoint["model"])
-        stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress) if main_process else {}
-        print(json.dumps(stats))
+        stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
+        if main_process:
+            print(json.dumps(stats))
         return stats
 
     generator = torch.Generator()
@@ -119,10 +142,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pin_memory=device.type == "cuda",
         generator=generator,
     )
-    if len(train_loader) == 0:
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {args.batch_size}")
-    global_batch = args.batch_size * world_size
-    total_steps = args.epochs * len(train_loader)
+    if len(train_loader) < args.accum_steps:
+        raise ValueError(
+            f"the training set has {len(train_loader)} batches of {args.batch_size} per process, fewer than one "
+            f"optimiser step of --accum-steps {args.accum_steps}"
+        )
+    global_batch = args.batch_size * world_size * args.accum_steps
+    total_steps = args.epochs * (len(train_loader) // args.accum_steps)
     warmup_steps = (
         args.warmup_steps if args.warmup_steps is not None else default_warmup_steps(global_batch, total_steps)
     )
@@ -171,13 +197,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 scaler=scaler,
                 clip_norm=args.clip_norm,
                 progress=progress,
+                accum_steps=args.accum_steps,
             ),
         }
-        if not main_process:
-            continue
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
             row.update(stats)
+        if not main_process:
+            if world_size > 1:
+                dist.barrier()  # wait for rank 0's checkpoint: a restart resumes every rank from it
+            continue
         row["seconds"] = time.perf_counter() - start
         save_atomic(
             {
@@ -195,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f.write(json.dumps(row) + "\n")
         plot_metrics(log_file, output_dir / "metrics.png")
         summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss", "AP", "AP50") if k in row)
-        print(f"epoch {epoch}: {summary}, {row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s", flush=True)
+        memory = f", {row['max_memory_mb']:.0f} MiB" if "max_memory_mb" in row else ""
+        print(f"epoch {epoch}: {summary}, {row['images_per_s']:.1f} img/s{memory}, {row['seconds']:.0f} s", flush=True)
+        if world_size > 1:
+            dist.barrier()
     return stats
 
 

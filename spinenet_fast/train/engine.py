@@ -1,15 +1,18 @@
-"""One training epoch, evaluation to files, optimiser parameter groups and process-group set-up."""
+"""One training epoch, (distributed) evaluation to files, optimiser parameter groups and process-group set-up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from ..data.coco import LabelMap
@@ -17,15 +20,44 @@ from ..eval.coco_eval import coco_stats, predict
 
 
 def distributed_init(device: str) -> tuple[int, int]:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1; returns ``(rank, world_size)``."""
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1; returns ``(rank, world_size)``.
+
+    The group's keys live under a prefix per elastic attempt (``TORCHELASTIC_RESTART_COUNT``): after a
+    restart, the agent's store still holds the failed attempt's connection keys, and reading those makes
+    gloo connect to dead peers.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
+    rank = int(os.environ["RANK"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store)  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"spinenet_fast/attempt{attempt}", store), rank=rank,
+                            world_size=world_size)  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), world_size
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, …`` of a dataset: every image exactly once across ranks (no padding,
+    unlike ``DistributedSampler``), for distributed evaluation."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -49,43 +81,76 @@ def train_one_epoch(
     scaler,
     clip_norm: float,
     progress: bool,
+    accum_steps: int = 1,
 ) -> dict[str, float]:
-    """Train for one pass over ``data_loader``; returns mean losses, images/s and the last LR."""
+    """Train for one pass over ``data_loader``, one optimiser step per ``accum_steps`` batches (a trailing
+    incomplete group is skipped). Returns the mean losses over all ranks' images, the images/s of all ranks,
+    the last LR and, on a GPU, this rank's peak memory in MiB."""
     model.train()
     sums: dict[str, float] = {}
     num_images, start = 0, time.perf_counter()
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for images, targets in bar:
+    usable = len(data_loader) // accum_steps * accum_steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(data_loader, desc=f"epoch {epoch}", total=usable, disable=not progress, leave=False)
+    for index, (images, targets) in enumerate(bar):
+        if index == usable:
+            break
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        # One device sync per step: every logged value at once, checked before the weights change.
-        values = dict(zip(("loss", *losses), torch.stack([loss, *losses.values()]).detach().float().tolist()))
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss is not finite at epoch {epoch}: {values}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_scheduler.step()
+        step_now = (index + 1) % accum_steps == 0
+        # DDP all-reduces gradients only on the batch that completes an accumulation group.
+        no_sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = model(images, targets)
+            loss = sum(losses.values())
+            # One device sync per batch: every logged value at once, checked before the weights change.
+            values = dict(zip(("loss", *losses), torch.stack([loss, *losses.values()]).detach().float().tolist()))
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is not finite at epoch {epoch}: {values}")
+            scaler.scale(loss / accum_steps).backward()
+        if step_now:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value * len(images)
         num_images += len(images)
         bar.set_postfix(loss=f"{values['loss']:.3f}")
     elapsed = time.perf_counter() - start
-    means = {key: value / max(num_images, 1) for key, value in sums.items()}
-    return {**means, "images_per_s": num_images / elapsed, "lr": optimizer.param_groups[0]["lr"]}
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [num_images], dtype=torch.float64)
+    if is_distributed():
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    means = {key: value / max(totals[-1].item(), 1) for key, value in zip(keys, totals[:-1].tolist())}
+    row = {**means, "images_per_s": totals[-1].item() / elapsed, "lr": optimizer.param_groups[0]["lr"]}
+    if device.type == "cuda":
+        row["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
 
 
 def evaluate(
     model, data_loader, device: torch.device, label_map: LabelMap, output_dir: Path, *, progress: bool = True
 ) -> dict[str, float]:
-    """Predict the loader's images, write ``coco_results.json`` and ``coco_stats.json``; returns the 12 stats."""
+    """Predict the loader's images, write ``coco_results.json`` and ``coco_stats.json``; returns the 12 stats.
+
+    In a process group every rank predicts its shard of the loader (a :class:`ShardSampler`), rank 0 gathers
+    the results, evaluates and writes; the other ranks return ``{}``.
+    """
     results = predict(model, data_loader, device, label_map, progress=progress)
+    if is_distributed():
+        shards = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(results, shards, dst=0)
+        if dist.get_rank() != 0:
+            return {}
+        results = [row for shard in shards for row in shard]
     stats = coco_stats(data_loader.dataset.coco, results)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "coco_results.json").write_text(json.dumps(results))

@@ -219,22 +219,19 @@ std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor
   return out;
 }
 
+// The same functions serve both dispatch keys: they pick the launchers by the tensors' device.
+void register_impls(torch::Library& m) {
+  m.impl("ext_merge", &ext_merge);
+  m.impl("ext_merge_backward", &ext_merge_backward);
+  m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
+  m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
+  m.impl("ext_bn_finalize", &ext_bn_finalize);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spinenet_fast, CPU, m) {
-  m.impl("ext_merge", &ext_merge);
-  m.impl("ext_merge_backward", &ext_merge_backward);
-  m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
-  m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
-  m.impl("ext_bn_finalize", &ext_bn_finalize);
-}
+TORCH_LIBRARY_IMPL(spinenet_fast, CPU, m) { register_impls(m); }
 
-TORCH_LIBRARY_IMPL(spinenet_fast, CUDA, m) {
-  m.impl("ext_merge", &ext_merge);
-  m.impl("ext_merge_backward", &ext_merge_backward);
-  m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
-  m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
-  m.impl("ext_bn_finalize", &ext_bn_finalize);
-}
+TORCH_LIBRARY_IMPL(spinenet_fast, CUDA, m) { register_impls(m); }
 
 }  // namespace spinenet_fast

@@ -71,10 +71,17 @@ def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) ->
     return a.to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
+def _conv_input(a: Tensor, padding: str) -> tuple[Tensor, list[int]]:
+    """The conv's input and its ``padding`` argument: symmetric padding is the conv's own (no padded copy);
+    TF ``SAME``'s asymmetric padding is materialised."""
+    before, after = spatial_padding(3, 2, padding)
+    return (a, [before, before]) if before == after else (_pad(a, padding, 0.0), [0, 0])
+
+
 def conv3x3s2_bn_stats_library(x, weight, scale, shift, activation, padding) -> list[Tensor]:
-    """cuDNN (ATen's conv) on the materialised, padded activation in x's dtype; statistics of the stored y."""
-    a = _pad(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, 0.0)
-    y = F.conv2d(a, weight, stride=2)
+    """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
+    a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding)
+    y = F.conv2d(a, weight, stride=2, padding=pads)
     stats = y.to(stats_dtype(x))
     return [y.contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
 
@@ -117,14 +124,15 @@ def _crop(x: Tensor, padding: str) -> Tensor:
 
 def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """``[dx, d_weight, (d_scale, d_shift)]``: statistics' gradients folded into dy, then ATen's conv backward."""
-    a = _pad(prologue_forward(x, scale, shift, activation), padding, 0.0)
+    a, pads = _conv_input(prologue_forward(x, scale, shift, activation), padding)
     w = weight.to(a.dtype)
-    y = F.conv2d(a, w, stride=2)
+    y = F.conv2d(a, w, stride=2, padding=pads)
     grad = dy.to(y.dtype) + d_sum.to(y.dtype).view(1, -1, 1, 1) + 2 * y * d_sumsq.to(y.dtype).view(1, -1, 1, 1)
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, a, w, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False]
+        grad, a, w, None, [2, 2], pads, [1, 1], False, [0, 0], 1, [True, True, False]
     )
-    dx, *d_affine = prologue_backward(_crop(d_a, padding), x, scale, shift, activation)
+    d_a = d_a if pads[0] else _crop(d_a, padding)
+    dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), *d_affine]
 
 

@@ -56,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None,
                    help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint.pth if it exists")  # fmt: skip
     p.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "true", "false"),
+                   help="NHWC model and activations (auto: on a GPU)")  # fmt: skip
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training model (default backend: inductor)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (pinned memory on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -108,6 +112,8 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     model = detector_from_args(args_to_dict(args), len(label_map)).to(device)
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last == "true" or (args.channels_last == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
     val_loader = DataLoader(
         val_set,
         batch_size=args.batch_size,
@@ -174,6 +180,8 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None
         )
+    if args.compile:
+        train_model = torch.compile(train_model, backend=args.compile)
 
     stats: dict[str, float] = {}
     log_file = output_dir / "metrics.jsonl"

@@ -97,8 +97,10 @@ def train_one_epoch(
     for index, (images, targets) in enumerate(bar):
         if index == usable:
             break
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        # Plain tensors: torchvision's tv_tensors subclasses cost a __torch_function__ per op and break tracing.
+        images = [image.as_subclass(torch.Tensor).to(device, non_blocking=True) for image in images]
+        targets = [{k: v.as_subclass(torch.Tensor).to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]  # fmt: skip
         step_now = (index + 1) % accum_steps == 0
         # DDP all-reduces gradients only on the batch that completes an accumulation group.
         no_sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else contextlib.nullcontext()

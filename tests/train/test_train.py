@@ -101,3 +101,22 @@ def test_fused_spinenet49_trains_in_the_training_loop(tiny_data, tmp_path):
     assert len(stats) == 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 0 and torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["fused"] == "true"
+
+
+def test_fused_amp_channels_last_compile_and_accumulation(tiny_data, tmp_path):
+    """The throughput options together: fused ops (the extension's CPU kernels) under bf16 autocast, NHWC,
+    torch.compile (aot_eager: no C++ compiler run) and 2-batch gradient accumulation."""
+    from spinenet_fast.ops import use_backend
+
+    from ..conftest import require_backend
+
+    require_backend("cuda")
+    extra = ["--epochs", "1", "-b", "2", "--fused", "true", "--amp", "--channels-last", "true", "--compile",
+             "aot_eager", "--accum-steps", "2"]  # fmt: skip
+    with use_backend("cuda"):
+        train_main(train_args(tiny_data, tmp_path, *extra))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] > 0 and row["images_per_s"] > 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 2  # 8 images, 2 per batch, 2 batches per step
+    assert all(v.dtype != torch.bfloat16 for v in checkpoint["model"].values())  # autocast keeps fp32 weights

@@ -4,8 +4,8 @@ Benches: ``backbone <id>`` and ``retinanet <id>`` (our detector; its rows also c
 ``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``). Modes: ``train``
 (forward with loss, backward, SGD step; the detector's loss is torchvision's full training forward) and
 ``infer`` (eval mode, no grad, raw head outputs without NMS). Providers: ``eager``, ``compile``, ``compile-max``
-(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused``. Until the fused ops handle autocast
-(issue 8), bf16 rows run the whole model in bf16, parameters included. All models at 640 px (--smoke: 128).
+(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused``. bf16 rows run under bf16 autocast with
+fp32 parameters, as training with ``--amp`` does. All models at 640 px (--smoke: 128, fp32).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _freezing(enabled: bool):
         inductor_config.freezing = previous
 
 
-def _step(s: Settings, model: nn.Module, forward: Callable, inputs: tuple, train: bool) -> Callable[[], object]:
+def _step(model: nn.Module, forward: Callable, inputs: tuple, train: bool) -> Callable[[], object]:
     if not train:
 
         def infer():
@@ -147,25 +147,24 @@ def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, si
     shape = f"b{batch} {size}px"
     name = f"{bench} {model_id}"
     try:
-        model = _build(bench, model_spec, provider, size).to(s.device, dtype, memory_format=torch.channels_last)
+        model = _build(bench, model_spec, provider, size).to(s.device, memory_format=torch.channels_last)
         model.train(train)
-        images = torch.randn(batch, 3, size, size, device=s.device, dtype=dtype).contiguous(
-            memory_format=torch.channels_last
-        )
+        images = torch.randn(batch, 3, size, size, device=s.device).contiguous(memory_format=torch.channels_last)
         if bench == "backbone":
             forward, inputs = model, (images,)
         elif train:
-            forward, inputs = model, (list(images), _targets(batch, size, s.device, dtype))
+            forward, inputs = model, (list(images), _targets(batch, size, s.device, torch.float32))
         else:
             forward, inputs = _raw_outputs(model), (images,)
         if provider.startswith("compile"):
             forward = _compiled(forward, provider, mode, s.smoke)
-        step = _step(s, model, forward, inputs, train)
+        step = _step(model, forward, inputs, train)
     except Exception as exc:  # a model that cannot be built or compiled is reported, not fatal
         return measure(s, env, _raiser(exc), bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
     backend = _fused_backend(s) if provider == "fused" else None
     freezing = provider == "compile-max" and not train
-    with use_backend(backend), _freezing(freezing):
+    autocast = torch.autocast(s.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with use_backend(backend), _freezing(freezing), autocast:
         row = measure(s, env, step, bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
     if row.p50_ms:
         row.extra["images_per_s"] = batch / (row.p50_ms * 1e-3)

@@ -1,4 +1,4 @@
-"""Fused cross-scale ops: ``torch.library`` custom ops with reference, Triton (and later CUDA) backends."""
+"""Fused cross-scale ops: ``torch.library`` custom ops with reference, Triton and CUDA (extension) backends."""
 
 from .backends import set_backend, use_backend
 from .bn_finalize import bn_finalize, bn_finalize_reference

@@ -98,12 +98,13 @@ def set_auto_order(op: str, order: tuple[str, ...]) -> None:
     _auto_orders[op] = tuple(order)
 
 
-def _on_gpu(args) -> bool:
+def _device_type(args) -> str:
+    """The device type of the first tensor in ``args`` (lists of tensors included), ``"cpu"`` if none."""
     for arg in args:
         for t in arg if isinstance(arg, (list, tuple)) else (arg,):
             if isinstance(t, torch.Tensor):
-                return t.device.type == "cuda"
-    return False
+                return t.device.type
+    return "cpu"
 
 
 @functools.cache
@@ -165,7 +166,7 @@ def choose(op: str, *args) -> str:
     requested = requested_backend()
     if requested != "auto":
         candidates = (requested,)
-    elif _on_gpu(args):
+    elif _device_type(args) == "cuda":
         candidates = _auto_orders.get(op, AUTO_ORDER)
     else:
         candidates = AUTO_ORDER_CPU
@@ -179,14 +180,6 @@ def choose(op: str, *args) -> str:
 def select(op: str, *args) -> Callable:
     """The implementation of ``op`` that runs ``args`` (see :func:`choose`)."""
     return _registry[op][choose(op, *args)].fn
-
-
-def _device_type(args) -> str:
-    for arg in args:
-        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
-            if isinstance(t, torch.Tensor):
-                return t.device.type
-    return "cpu"
 
 
 @contextlib.contextmanager

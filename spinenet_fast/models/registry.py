@@ -1,0 +1,36 @@
+"""Builders by name, in the style of ``torchvision.models.get_model``.
+
+``spinenet<id>`` is the backbone (:class:`~spinenet_fast.models.SpineNet`), ``retinanet_spinenet<id>`` the
+detector (:func:`~spinenet_fast.detection.retinanet_spinenet`), for every official id (``49s``, ``49``, ``96``,
+``143``, ``143l``, ``190``; any case). Keyword arguments go to the builder.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .spinenet import SCALING_MAP, SpineNet
+
+PREFIXES = ("retinanet_spinenet", "spinenet")  # longest first: "spinenet" is a prefix of the other
+
+
+def list_models() -> list[str]:
+    """Every name :func:`get_model` builds."""
+    ids = [model_id.lower() for model_id in SCALING_MAP]
+    return [f"{prefix}{model_id}" for prefix in reversed(PREFIXES) for model_id in ids]
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    """The model called ``name`` (see :func:`list_models`), built with ``kwargs``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str such as 'retinanet_spinenet49', got {type(name).__name__}")
+    key = name.lower()
+    for prefix in PREFIXES:
+        model_id = key.removeprefix(prefix).upper()
+        if key.startswith(prefix) and model_id in SCALING_MAP:
+            if prefix == "spinenet":
+                return SpineNet(model_id, **kwargs)
+            from ..detection import retinanet_spinenet
+
+            return retinanet_spinenet(model_id, **kwargs)
+    raise ValueError(f"name must be one of {list_models()}, got {name!r}")

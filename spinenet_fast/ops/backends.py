@@ -26,6 +26,7 @@ BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "reference")
 AUTO_ORDER_CPU = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPILED_DTYPES = (*FLOAT_DTYPES, torch.float64)  # the extension's and ATen's library kernels
 
 _auto_orders: dict[str, tuple[str, ...]] = {}
 
@@ -78,16 +79,16 @@ def extension_reasons(*tensors: torch.Tensor | None) -> list[str]:
         reasons.append(f"{_extension.unavailable_reason}; {_extension.BUILD_HINT}")
     if any(t.device.type not in ("cpu", "cuda") for t in present):
         reasons.append(f"device {present[0].device.type} is not supported")
-    if any(t.dtype not in (*FLOAT_DTYPES, torch.float64) for t in present):
-        reasons.append(f"dtype {present[0].dtype} is not one of {(*FLOAT_DTYPES, torch.float64)}")
+    if any(t.dtype not in COMPILED_DTYPES for t in present):
+        reasons.append(f"dtype {present[0].dtype} is not one of {COMPILED_DTYPES}")
     return reasons
 
 
 def library_reasons(x: torch.Tensor) -> list[str]:
     """Why ATen's library kernels (the GEMM ops' ``cuda`` backend) cannot run on ``x``: device or dtype."""
     reasons = [] if x.device.type in ("cpu", "cuda") else [f"device {x.device.type} is not supported"]
-    if x.dtype not in (*FLOAT_DTYPES, torch.float64):
-        reasons.append(f"dtype {x.dtype} is not one of {(*FLOAT_DTYPES, torch.float64)}")
+    if x.dtype not in COMPILED_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not one of {COMPILED_DTYPES}")
     return reasons
 
 
@@ -186,7 +187,11 @@ def select(op: str, *args) -> Callable:
 def autocast_off(*args) -> Iterator[None]:
     """Autocast disabled for the device of the first tensor in ``args``: the ops choose their own dtypes (storage
     dtype for activations, fp32 for statistics), so nothing inside them may be re-cast."""
-    with torch.autocast(_device_type(args), enabled=False):
+    device_type = _device_type(args)
+    if not torch.is_autocast_enabled(device_type):  # the common case: nothing to switch off on every op call
+        yield
+        return
+    with torch.autocast(device_type, enabled=False):
         yield
 
 

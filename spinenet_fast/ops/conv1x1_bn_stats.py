@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, stats_dtype
+from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
-    CHANNELS_LAST,
     check_affine_prologue,
+    conv_outputs,
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
@@ -46,9 +46,7 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
 def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
     """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, Σy, Σy²]``."""
     a = prologue_forward(x, scale, shift, activation)
-    y = F.conv2d(a, weight.to(a.dtype))
-    sums, sumsq = y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))
-    return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), sums, sumsq]
+    return conv_outputs(F.conv2d(a, weight.to(a.dtype)), x)
 
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
@@ -65,9 +63,7 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
 
 def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
     """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
-    y = F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight)
-    stats = y.to(stats_dtype(x))
-    return [y.contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight), x)
 
 
 def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:

@@ -28,6 +28,13 @@ def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None)
             raise ValueError(f"{name} must be a {expected}, got {describe(vector)}")
 
 
+def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
+    """A conv op's ``[y, Σy, Σy²]`` from its result y (any dtype): y stored channels_last in x's dtype, the
+    statistics summed in x's statistics dtype from y as computed."""
+    stats = y.to(stats_dtype(x))
+    return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+
+
 def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the two statistics vectors."""
     y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,

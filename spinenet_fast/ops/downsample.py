@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .activation import ACTIVATIONS, stats_dtype
+from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
     CHANNELS_LAST,
     check_affine_prologue,
+    conv_outputs,
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
@@ -59,8 +60,7 @@ def _pad(x: Tensor, padding: str, value: float) -> Tensor:
 def conv3x3s2_bn_stats_reference(x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """``[y, Σy, Σy²]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
-    y = F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2)
-    return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]
+    return conv_outputs(F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2), x)
 
 
 def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) -> Tensor:
@@ -81,9 +81,7 @@ def _conv_input(a: Tensor, padding: str) -> tuple[Tensor, list[int]]:
 def conv3x3s2_bn_stats_library(x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding)
-    y = F.conv2d(a, weight, stride=2, padding=pads)
-    stats = y.to(stats_dtype(x))
-    return [y.contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+    return conv_outputs(F.conv2d(a, weight, stride=2, padding=pads), x)
 
 
 backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)

@@ -190,6 +190,16 @@ def rotation_count(bytes_per_set: int, s: Settings) -> int:
     return 1 if s.smoke else min(16, max(3, math.ceil(64 * 2**20 / max(bytes_per_set, 1))))
 
 
+def fused_backend(device: torch.device) -> str | None:
+    """``auto`` (None) on a GPU; on a CPU (--smoke) the extension's CPU kernels, else the reference: whole
+    models under the Triton interpreter would take minutes."""
+    if device.type == "cuda":
+        return None
+    from spinenet_fast import _extension
+
+    return "cuda" if _extension.extension is not None else "reference"
+
+
 def measure(
     s: Settings,
     env: dict[str, str],

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One scripted GPU run: build the package and the CUDA extension (no package registry needed), run the GPU
-# tests, then every benchmark suite, writing under $OUT (default: ./gpu_out):
-#   build.log  info.txt  pytest_gpu.log  bench.log  bench/{results.json,results.md,summary.md,speedups.png}
-# Usage: OUT=/path bash benchmarks/gpu_run.sh [build,test,bench]   (stages, comma-separated; default all)
+# tests, the training-throughput variants, then every benchmark suite, writing under $OUT (default: ./gpu_out):
+#   build.log  info.txt  pytest_gpu.log  train.log  bench.log
+#   bench/{results.json,results.md,summary.md,speedups.png,train_throughput.json,train_throughput.md}
+# Usage: OUT=/path bash benchmarks/gpu_run.sh [build,test,train,bench]   (stages, comma-separated; default all)
 # The benchmark plan fits about 8 minutes on an H100; widen it with BENCH_ARGS (see benchmarks/README.md).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu_out}"
-stages="${1:-build,test,bench}"
+stages="${1:-build,test,train,bench}"
 mkdir -p "$OUT/bench"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/local/cuda; fi
@@ -21,6 +22,12 @@ cat "$OUT/info.txt"
 if [[ "$stages" == *test* ]]; then
     timeout 300 python -m pytest -m gpu -q -x -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1 || status=1
     tail -15 "$OUT/pytest_gpu.log"
+fi
+if [[ "$stages" == *train* ]]; then
+    # The training CLI's images/s: eager fp32 vs --amp, channels_last, fused, --cuda-graphs, --compile.
+    timeout 300 python -m benchmarks.train_throughput --out "$OUT/bench" ${TRAIN_ARGS:-} >"$OUT/train.log" 2>&1 \
+        || status=1
+    cat "$OUT/bench/train_throughput.md" 2>/dev/null
 fi
 if [[ "$stages" == *bench* ]]; then
     # shellcheck disable=SC2086

@@ -20,7 +20,7 @@ from spinenet_fast import SpineNet
 from spinenet_fast.detection import retinanet_spinenet
 from spinenet_fast.ops import use_backend
 
-from ._harness import Row, Settings, measure
+from ._harness import Row, Settings, fused_backend, measure
 
 PROVIDERS = ("eager", "compile", "compile-max", "fused")
 
@@ -133,15 +133,6 @@ def run(
                         yield _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype)
 
 
-def _fused_backend(s: Settings) -> str | None:
-    """``auto`` on a GPU; on a CPU (--smoke) the extension's CPU kernels, else the reference (no interpreter)."""
-    if s.device.type == "cuda":
-        return None
-    from spinenet_fast import _extension
-
-    return "cuda" if _extension.extension is not None else "reference"
-
-
 def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype) -> Row:
     train = mode == "train"
     shape = f"b{batch} {size}px"
@@ -161,7 +152,7 @@ def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, si
         step = _step(model, forward, inputs, train)
     except Exception as exc:  # a model that cannot be built or compiled is reported, not fatal
         return measure(s, env, _raiser(exc), bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
-    backend = _fused_backend(s) if provider == "fused" else None
+    backend = fused_backend(s.device) if provider == "fused" else None
     freezing = provider == "compile-max" and not train
     autocast = torch.autocast(s.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with use_backend(backend), _freezing(freezing), autocast:

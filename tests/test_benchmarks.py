@@ -59,3 +59,14 @@ def test_speedups_name_the_slower_side():
     assert up["fused"] == "fused-triton"
     assert up["vs_eager"] == pytest.approx(1.25) and up["vs_compile"] == pytest.approx(0.625)
     assert report._ratio(up["vs_compile"]) == "0.62× (slower)"
+
+
+def test_train_throughput_smoke(tmp_path):
+    from benchmarks.train_throughput import main as throughput_main
+
+    rows = throughput_main(["--out", str(tmp_path), "--smoke"])
+    assert [row["variant"] for row in rows] == ["eager fp32", "fused fp32"]
+    assert all("error" not in row and row["images_per_s"] > 0 for row in rows), rows
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "| fused fp32 |" in table and "1.00×" in table
+    assert json.loads((tmp_path / "train_throughput.json").read_text())["rows"] == rows

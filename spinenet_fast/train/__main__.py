@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
 from ..detection.presets import MODEL_NAMES, detector_from_args
 from .checkpoint import load_checkpoint, save_atomic
+from .cuda_graphs import graph_detector
 from .engine import ShardSampler, distributed_init, evaluate, param_groups, train_one_epoch
 from .plot import plot_metrics
 from .schedule import default_warmup_steps, lr_factor, scaled_lr
@@ -60,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="NHWC model and activations (auto: on a GPU)")  # fmt: skip
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the training model (default backend: inductor)")  # fmt: skip
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the backbone's and head's training forward/backward from CUDA graphs")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (pinned memory on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -84,6 +87,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.resume = last if last.is_file() else None
     if args.test_only and args.resume is None:
         raise ValueError("--test-only needs --resume CHECKPOINT to evaluate")
+    if args.cuda_graphs:
+        if not args.device.startswith("cuda"):
+            raise ValueError(f"--cuda-graphs needs a CUDA --device, got {args.device!r}")
+        if args.compile:
+            raise ValueError("--cuda-graphs and --compile exclude each other: torch.compile captures its own graphs")
+        if args.sync_bn:
+            raise ValueError("--cuda-graphs does not capture nn.SyncBatchNorm's collectives: drop --sync-bn")
     rank, world_size = distributed_init(args.device)
     try:
         return _run(args, rank, world_size)
@@ -175,6 +185,8 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint["epoch"] + 1
 
+    if args.cuda_graphs:
+        graph_detector(model, args.batch_size, amp_dtype=amp_dtype)
     train_model = model
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -14,7 +14,7 @@ import torch
 from spinenet_fast.data.synthetic import make_synthetic_coco
 from spinenet_fast.eval.__main__ import main as eval_main
 
-from .test_train import train_args
+from .conftest import train_args
 
 
 @pytest.fixture(scope="module")

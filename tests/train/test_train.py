@@ -5,22 +5,11 @@ import json
 import pytest
 import torch
 
-from spinenet_fast.data.synthetic import make_synthetic_coco
 from spinenet_fast.eval.__main__ import main as eval_main
 from spinenet_fast.train import engine
 from spinenet_fast.train.__main__ import main as train_main
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return make_synthetic_coco(tmp_path_factory.mktemp("data"), num_train=8, num_val=4, image_size=128, seed=3)
-
-
-def train_args(data, out, *extra):
-    return [
-        "--data-path", str(data), "--model", "49XS-custom", "--image-size", "128", "-b", "4",
-        "--workers", "0", "--lr", "0.02", "--output-dir", str(out), "--no-progress", *extra,
-    ]  # fmt: skip
+from .conftest import train_args
 
 
 @pytest.fixture(scope="module")

@@ -2,5 +2,5 @@
 # Installs everything into .venv, then runs the demo.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/install.sh test
+source scripts/install.sh ""
 python -m spinenet_fast.demo "$@"

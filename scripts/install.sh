@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs torch, torchvision, the build tools and spinenet-fast with its extras.
 # The C++/CUDA extension is compiled where nvcc is found (or FORCE_CUDA=1 is set), even without a GPU.
-# Usage: source scripts/install.sh [EXTRAS]   (EXTRAS defaults to "test")
+# Usage: source scripts/install.sh [EXTRAS]   (EXTRAS defaults to "test": every optional integration too)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras="${1:-test}"
+extras="${1-test}"  # "" installs no extras
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -32,4 +32,9 @@ if [ "${FORCE_CUDA:-0}" = "1" ]; then
     export MAX_JOBS
     echo "building the CUDA extension (CUDA_HOME=$CUDA_HOME, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-auto})"
 fi
-python -m pip install --quiet --no-build-isolation -e ".[${extras}]"
+python -m pip install --quiet --no-build-isolation -e ".${extras:+[${extras}]}"
+if [[ ",${extras}," == *",test,"* ]]; then
+    # The converter test builds TF Model Garden's RetinaNet-SpineNet; its package pins would replace our
+    # dependencies, so it comes without them (the [model-garden] extra has what it imports).
+    python -m pip install --quiet --no-deps "tf-models-official==2.20.0"
+fi

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import __version__, _extension
+from . import __version__, _extension, _optional
 from .ops import backends
 
 
@@ -50,6 +50,8 @@ def report() -> str:
         f"SPINENET_FAST_BACKEND={os.environ.get('SPINENET_FAST_BACKEND', '')!r}, "
         f"requested backend: {backends.requested_backend()}",
     ]
+    lines.append("optional integrations:")
+    lines += [f"  {module:12s} {status}" for module, status in _optional.availability().items()]
     cases = [(torch.device("cpu"), torch.float32)]
     if torch.cuda.is_available():
         cases.append((torch.device("cuda"), torch.bfloat16))

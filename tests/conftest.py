@@ -32,6 +32,20 @@ def require_backend(backend: str) -> None:
         pytest.skip(f"the cuda backend needs the compiled extension: {_extension.unavailable_reason}")
 
 
+def require_optional(module: str):
+    """Import an optional integration's module (TensorFlow, onnxruntime, timm, Model Garden's ``official``), or
+    skip saying why — but fail when ``SPINENET_FAST_REQUIRE_OPTIONAL=1`` (CI installs them all), so that a broken
+    install cannot pass as skipped."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("SPINENET_FAST_REQUIRE_OPTIONAL") == "1":
+            pytest.fail(f"SPINENET_FAST_REQUIRE_OPTIONAL=1, but {module} cannot be imported: {exc}")
+        pytest.skip(f"needs the optional dependency {module} ({exc}); scripts/install.sh installs it")
+
+
 @pytest.fixture(params=["triton", "cuda"])
 def fused_backend(request):
     """Both fused backends: Triton (the interpreter on a CPU) and the extension (its CPU kernels on a CPU)."""

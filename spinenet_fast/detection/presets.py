@@ -31,4 +31,7 @@ def detector_from_args(args: dict, num_classes: int) -> SpineNetRetinaNet:
         bn_momentum=args["bn_momentum"],
         stochastic_depth_rate=args["stochastic_depth_rate"],
         fused={"true": True, "false": False}.get(args.get("fused", "auto"), "auto"),
+        padding=args.get("padding", "torch"),
+        bn_eps=args.get("bn_eps", 1e-3),
+        anchor_style=args.get("anchor_style", "torchvision"),
     )

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from ..models.layers import make_norm_factory
 from ..models.spinenet import SpineNet, SpineNetScaling, resolve_scaling
 from ..ops.checks import describe
+from .anchors import spinenet_anchor_generator
 from .head import SpineNetRetinaNetHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,18 +29,6 @@ DETECTOR_DEFAULTS = {
     "143L": (4, 4, 1280),
     "190": (4, 7, 1280),
 }
-ASPECT_RATIOS = (0.5, 1.0, 2.0)
-
-
-def spinenet_anchor_generator(
-    anchor_size: float, min_level: int = 3, max_level: int = 7, num_scales: int = 3
-) -> AnchorGenerator:
-    """Anchors of side ``anchor_size · 2^l · 2^(i / num_scales)`` × aspect ratios (0.5, 1, 2) per level."""
-    sizes = tuple(
-        tuple(anchor_size * 2**level * 2 ** (i / num_scales) for i in range(num_scales))
-        for level in range(min_level, max_level + 1)
-    )
-    return AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
 
 
 class SpineNetRetinaNet(RetinaNet):
@@ -81,6 +69,7 @@ def retinanet_spinenet(
     *,
     image_size: int | None = None,
     anchor_size: float | None = None,
+    anchor_style: str = "torchvision",
     head_num_convs: int | None = None,
     activation: str = "swish",
     norm_layer=None,
@@ -100,7 +89,8 @@ def retinanet_spinenet(
     """RetinaNet-SpineNet with the protocol-C recipe; every default can be overridden.
 
     ``image_size``: the square training/eval size (images are resized so the long side fits, then padded to a
-    multiple of 128); defaults to the model id's published size. ``head_kwargs`` go to
+    multiple of 128); defaults to the model id's published size. ``anchor_style``: ``"torchvision"`` or ``"tf"``
+    (the official placement, see :mod:`~spinenet_fast.detection.anchors`). ``head_kwargs`` go to
     :class:`SpineNetRetinaNetHead` (loss weights, prior probability).
     A custom scaling dict as ``model_id`` uses anchor size 3, 4 head convs and 640 px unless overridden.
     """
@@ -120,7 +110,9 @@ def retinanet_spinenet(
         padding=padding,
         fused=fused,
     )
-    anchor_generator = spinenet_anchor_generator(default_anchor if anchor_size is None else anchor_size)
+    anchor_generator = spinenet_anchor_generator(
+        default_anchor if anchor_size is None else anchor_size, style=anchor_style
+    )
     head = SpineNetRetinaNetHead(
         backbone.out_channels,
         anchor_generator.num_anchors_per_location()[0],

@@ -59,6 +59,26 @@ def test_anchor_sizes_scales_and_ratios():
     assert generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
 
 
+def test_tf_anchor_style_centres_cells_with_exact_sides():
+    """The official placement (TF Model Garden ``Anchor``): the first anchor of a level is centred at (s/2, s/2),
+    sides anchor_size·s·2^(i/3)·(√r_w, 1/√r_w) unrounded; torchvision's centres at 0 with rounded sides."""
+    from torchvision.models.detection.image_list import ImageList
+
+    images = ImageList(torch.zeros(1, 3, 256, 128), [(256, 128)])
+    features = [torch.zeros(1, 1, 256 // 2**level, 128 // 2**level) for level in range(3, 8)]
+    tf_anchors = spinenet_anchor_generator(3, style="tf")(images, features)[0]
+    tv_anchors = spinenet_anchor_generator(3)(images, features)[0]
+    assert tf_anchors.shape == tv_anchors.shape == (9 * sum(f.shape[-1] * f.shape[-2] for f in features), 4)
+    side = 3 * 8 * 2 ** (1 / 3)  # level 3, scale 1; aspect 0.5 (h/w) is index 0: wider than tall
+    expected = torch.tensor([4 - side / 2**0.5, 4 - side / 2**1.5, 4 + side / 2**0.5, 4 + side / 2**1.5])
+    torch.testing.assert_close(tf_anchors[1], expected)
+    torch.testing.assert_close(tv_anchors[1], (expected - 4).round())
+    level7 = tf_anchors[-9 * 2 :]  # 2 × 1 cells at level 7: the last cell is centred at (64, 192)
+    torch.testing.assert_close(level7[-5].view(2, 2).mean(0), torch.tensor([64.0, 192.0]))
+    with pytest.raises(ValueError, match=r"style must be one of \['tf', 'torchvision'\], got 'keras'"):
+        spinenet_anchor_generator(3, style="keras")
+
+
 @pytest.fixture(scope="module")
 def small_detector():
     torch.manual_seed(0)

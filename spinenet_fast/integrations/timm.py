@@ -1,0 +1,87 @@
+"""``register()``: SpineNet backbones in timm's registry (``[timm]`` extra).
+
+After ``spinenet_fast.integrations.timm.register()``, ``timm.create_model("spinenet49", features_only=True)``
+returns :class:`SpineNetFeatures` around our :class:`~spinenet_fast.models.SpineNet`: ``forward(x)`` gives the list
+P3…P7 (NCHW; ``out_indices`` picks among them) and ``feature_info.channels()`` / ``.reduction()`` describe them.
+Without ``features_only`` it is the SpineNet itself (``forward`` -> ``OrderedDict`` p3…p7). Names:
+``spinenet49s``, ``spinenet49``, ``spinenet96``, ``spinenet143``, ``spinenet143l``, ``spinenet190``; keyword
+arguments go to ``SpineNet`` (timm's ``drop_path_rate`` is its ``stochastic_depth_rate``). No pretrained timm
+weights exist: ``pretrained=True`` raises, see ``spinenet_fast.convert`` for the official TF weights.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .._optional import require
+from ..detection.retinanet import DETECTOR_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD
+from ..models.spinenet import SCALING_MAP, SpineNet
+
+# timm fills these from its pretrained config; a backbone has no classifier and a fixed 3-channel input.
+CLASSIFIER_KWARGS = ("num_classes", "global_pool", "in_chans")
+
+
+class SpineNetFeatures(nn.Module):
+    """timm's ``features_only`` form of a SpineNet: x (N, 3, H, W) -> [endpoint (N, C, H / 2^l, W / 2^l) for each
+    ``out_indices`` entry, indices into P3…P7], with a timm ``FeatureInfo``. The SpineNet is ``self.body``."""
+
+    def __init__(self, model: SpineNet, out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> None:
+        super().__init__()
+        from timm.models import FeatureInfo
+
+        self.body = model
+        self.feature_info = FeatureInfo(list(model.feature_info), tuple(out_indices))
+        names = list(model.endpoints)
+        self.names = [names[i] for i in self.feature_info.out_indices]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = self.body(x)
+        return [features[name] for name in self.names]
+
+
+def _build(model_id: str, **kwargs) -> SpineNet:
+    if "drop_path_rate" in kwargs:
+        kwargs["stochastic_depth_rate"] = kwargs.pop("drop_path_rate")
+    return SpineNet(model_id, **kwargs)
+
+
+def _entrypoint(model_id: str, name: str):
+    from timm.models import build_model_with_cfg
+
+    def create(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(
+                f"{name} has no pretrained timm weights; convert the official TF checkpoints with "
+                "spinenet_fast.convert.from_tf_checkpoint and load them into the backbone"
+            )
+        if kwargs.get("pretrained_cfg") is None:  # timm passes None: describe the input, no weights
+            size = DETECTOR_DEFAULTS[model_id][2]
+            kwargs["pretrained_cfg"] = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                        "num_classes": 0, "architecture": name}  # fmt: skip
+        return build_model_with_cfg(
+            _build,
+            name,
+            pretrained=False,
+            model_id=model_id,
+            feature_cfg={"feature_cls": SpineNetFeatures},  # timm's wrappers expect a chain of stages
+            kwargs_filter=CLASSIFIER_KWARGS,
+            **kwargs,
+        )
+
+    create.__name__ = create.__qualname__ = name
+    create.__doc__ = f"SpineNet-{model_id} backbone (spinenet_fast): P3–P7 feature maps."
+    return create
+
+
+def register() -> list[str]:
+    """Register every official SpineNet id with timm (idempotent); returns the registered names."""
+    timm = require("timm")
+    from timm.models import register_model
+
+    names = []
+    for model_id in SCALING_MAP:
+        name = f"spinenet{model_id.lower()}"
+        if not timm.is_model(name):
+            register_model(_entrypoint(model_id, name))
+        names.append(name)
+    return names

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="TF checkpoint prefix (ckpt-NNN) or a directory holding one")
     p.add_argument("output", type=Path, help="the .pt file to write")
-    p.add_argument("--model", required=True, choices=list(SCALING_MAP), help="the checkpoint's SpineNet id")
+    p.add_argument("--model", required=True, type=str.upper, choices=list(SCALING_MAP),
+                   help="the checkpoint's SpineNet id (any case)")  # fmt: skip
     p.add_argument("--num-classes", type=int, default=91, help="the checkpoint's class count (COCO: 91)")
     p.add_argument("--annotations", type=Path, help="COCO instances JSON whose categories to keep")
     p.add_argument("--image-size", type=int, default=None, help="eval size; default: the model id's")

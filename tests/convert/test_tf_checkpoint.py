@@ -130,9 +130,10 @@ def test_cli_output_evaluates_with_our_eval_command(model_garden, tmp_path):
     """CLI -> spinenet_fast checkpoint (weights_only) -> ``python -m spinenet_fast.eval``; the synthetic set's
     categories 1–3 select classes 1–3 of the 91."""
     data = make_synthetic_coco(tmp_path / "data", num_train=1, num_val=2, image_size=128, seed=0)
-    out = convert_main([model_garden[0], str(tmp_path / "converted.pt"), "--model", "49S", "--image-size", "128",
+    out = convert_main([model_garden[0], str(tmp_path / "converted.pt"), "--model", "49s", "--image-size", "128",
                         "--annotations", str(data / "annotations" / "instances_val2017.json")])  # fmt: skip
     checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["args"]["model"] == "49S"  # --model takes any case
     assert checkpoint["args"]["padding"] == "tf_same" and checkpoint["args"]["anchor_style"] == "tf"
     assert checkpoint["label_map"]["category_ids"] == [1, 2, 3]
     stats = eval_main(["--checkpoint", str(out), "--data-path", str(data), "--output-dir", str(tmp_path / "eval"),

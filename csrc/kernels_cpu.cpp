@@ -57,7 +57,8 @@ void merge_forward(const MergeTensors& t) {
   SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = merge_args<scalar_t, acc_t>(t);
-    with_vec<scalar_t>(vec_width(t.out, a.C, merge_pointers(t)), [&]<int VEC>() {
+    with_vec<scalar_t>(vec_width(t.out, a.C, merge_pointers(t)), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       for_each_item<VEC>(a.N * a.H * a.W, a.C,
                          [&](int64_t pixel, int64_t c) { merge_forward_item<VEC>(a, pixel, c); });
     });
@@ -70,7 +71,8 @@ at::Tensor merge_backward(const MergeTensors& t) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = merge_args<scalar_t, acc_t>(t);
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
-    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&]<int VEC>() {
+    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       partial = chunked_sums<acc_t, VEC, kNumMergeSums>(
           t.scales[0].options(), coarse_pixels, a.C,
           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumMergeSums][VEC]) {
@@ -85,7 +87,8 @@ void maxpool_forward(const PoolTensors& t) {
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
-    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.out.const_data_ptr()}), [&]<int VEC>() {
+    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.out.const_data_ptr()}), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       for_each_item<VEC>(a.N * a.OH * a.OW, a.C,
                          [&](int64_t pixel, int64_t c) { maxpool_forward_item<VEC>(a, pixel, c); });
     });
@@ -107,7 +110,8 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
       }
     });
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
-    with_vec<scalar_t>(vec, [&]<int VEC>() {
+    with_vec<scalar_t>(vec, [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       partial = chunked_sums<acc_t, VEC, kNumPrologueSums>(
           t.d_a.options(), a.N * a.H * a.W, a.C,
           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumPrologueSums][VEC]) {

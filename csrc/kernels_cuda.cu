@@ -145,8 +145,9 @@ void merge_forward(const MergeTensors& t) {
   SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MergeForward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
-    with_vec<scalar_t>(vec_width(t.out, item.a.C, merge_pointers(t)),
-                       [&]<int VEC>() { for_each_item<VEC>(item, item.a.N * item.a.H * item.a.W, item.a.C); });
+    with_vec<scalar_t>(vec_width(t.out, item.a.C, merge_pointers(t)), [&](auto width) {
+      for_each_item<decltype(width)::value>(item, item.a.N * item.a.H * item.a.W, item.a.C);
+    });
   });
 }
 
@@ -157,7 +158,8 @@ at::Tensor merge_backward(const MergeTensors& t) {
     const MergeBackward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
     const auto& a = item.a;
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
-    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&]<int VEC>() {
+    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       partial = chunked_sums<VEC, kNumMergeSums, acc_t>(item, t.scales[0].options(), coarse_pixels, a.C);
     });
   });
@@ -170,7 +172,7 @@ void maxpool_forward(const PoolTensors& t) {
     const PoolForward<scalar_t, acc_t> item{pool_args<scalar_t, acc_t>(t)};
     const auto& a = item.a;
     with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.out.const_data_ptr()}),
-                       [&]<int VEC>() { for_each_item<VEC>(item, a.N * a.OH * a.OW, a.C); });
+                       [&](auto width) { for_each_item<decltype(width)::value>(item, a.N * a.OH * a.OW, a.C); });
   });
 }
 
@@ -182,7 +184,8 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
     for_each_item<1>(PoolRoute<scalar_t, acc_t>{a}, a.N * a.OH * a.OW, a.C);
     const PrologueBackward<scalar_t, acc_t> item{a};
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
-    with_vec<scalar_t>(vec, [&]<int VEC>() {
+    with_vec<scalar_t>(vec, [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
       partial = chunked_sums<VEC, kNumPrologueSums, acc_t>(item, t.d_a.options(), a.N * a.H * a.W, a.C);
     });
   });

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "fused_math.h"
@@ -26,13 +27,17 @@ inline int vec_width(const at::Tensor& like, int64_t channels, const std::vector
   return vec;
 }
 
-// Calls f.template operator()<VEC>() with VEC = 1 or the 16-byte pack width of scalar_t.
+// Calls f(std::integral_constant<int, VEC>{}) with VEC = 1 or the 16-byte pack width of scalar_t; the callee reads
+// it as `constexpr int VEC = decltype(width)::value;` (C++17: no explicit lambda template parameters).
+template <int VEC>
+using VecWidth = std::integral_constant<int, VEC>;
+
 template <typename scalar_t, typename F>
 void with_vec(int vec, F&& f) {
   if (vec == 1) {
-    f.template operator()<1>();
+    f(VecWidth<1>{});
   } else {
-    f.template operator()<kVecBytes / sizeof(scalar_t)>();
+    f(VecWidth<static_cast<int>(kVecBytes / sizeof(scalar_t))>{});
   }
 }
 

@@ -33,8 +33,9 @@ def require_backend(backend: str) -> None:
 
 
 def require_optional(module: str):
-    """Import an optional integration's module (TensorFlow, onnxruntime, timm, Model Garden's ``official``), or
-    skip saying why — but fail when ``SPINENET_FAST_REQUIRE_OPTIONAL=1`` (CI installs them all), so that a broken
+    """Import an optional integration's module (TensorFlow, onnxruntime, timm, Model Garden's ``official``, or
+    pycocotools, which only evaluation needs), or skip saying why (a whole module, when called at its top) — but
+    fail when ``SPINENET_FAST_REQUIRE_OPTIONAL=1`` (CI installs them all), so that a broken
     install cannot pass as skipped."""
     import importlib
 
@@ -43,7 +44,9 @@ def require_optional(module: str):
     except ImportError as exc:
         if os.environ.get("SPINENET_FAST_REQUIRE_OPTIONAL") == "1":
             pytest.fail(f"SPINENET_FAST_REQUIRE_OPTIONAL=1, but {module} cannot be imported: {exc}")
-        pytest.skip(f"needs the optional dependency {module} ({exc}); scripts/install.sh installs it")
+        pytest.skip(
+            f"needs the optional dependency {module} ({exc}); scripts/install.sh installs it", allow_module_level=True
+        )
 
 
 @pytest.fixture(params=["triton", "cuda"])

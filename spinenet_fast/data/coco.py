@@ -6,14 +6,19 @@ Targets: ``boxes`` (K, 4) float XYXY in image pixels, ``labels`` (K,) int64 cont
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.ops import box_convert
 
 
 @dataclass(frozen=True)
@@ -65,42 +70,49 @@ def read_instances(ann_file: str | Path) -> dict:
 
 
 class CocoDetectionDataset(Dataset):
-    """COCO-format dataset via torchvision ``CocoDetection`` + ``wrap_dataset_for_transforms_v2``.
+    """COCO-format dataset read from its instances JSON (no pycocotools: training needs none).
 
-    ``transforms`` are torchvision transforms v2 applied to (PIL image, target with ``BoundingBoxes``).
+    Images are in ascending image-id order, as torchvision's ``CocoDetection`` orders them. ``transforms`` are
+    torchvision transforms v2 applied to (PIL image, target with XYXY ``BoundingBoxes``).
     """
 
     def __init__(self, image_root: str | Path, ann_file: str | Path, transforms=None) -> None:
-        self.label_map = LabelMap.from_categories(read_instances(ann_file)["categories"])
+        self.instances = read_instances(ann_file)
+        self.label_map = LabelMap.from_categories(self.instances["categories"])
         if not Path(image_root).is_dir():
             raise FileNotFoundError(f"image folder {image_root} does not exist")
-        self.coco_dataset = CocoDetection(str(image_root), str(ann_file))
-        self._wrapped = wrap_dataset_for_transforms_v2(
-            self.coco_dataset, target_keys=("boxes", "labels", "image_id", "iscrowd")
-        )
+        self.image_root = Path(image_root)
+        self.images = sorted(self.instances["images"], key=lambda image: image["id"])
+        self.annotations: dict[int, list[dict]] = defaultdict(list)
+        for annotation in self.instances["annotations"]:
+            self.annotations[annotation["image_id"]].append(annotation)
         self.transforms = transforms
 
-    @property
+    @functools.cached_property
     def coco(self):
-        """The pycocotools ``COCO`` object of the annotations (ground truth for evaluation)."""
-        return self.coco_dataset.coco
+        """The pycocotools ``COCO`` object of the annotations (ground truth for evaluation; imported here only)."""
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.instances
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
 
     def __len__(self) -> int:
-        return len(self.coco_dataset)
+        return len(self.images)
 
     def __getitem__(self, index: int):
-        image, raw = self._wrapped[index]
-        height, width = image.height, image.width
-        boxes = raw.get(
-            "boxes", tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width))
+        info = self.images[index]
+        with Image.open(self.image_root / info["file_name"]) as file:
+            image = file.convert("RGB")
+        annotations = [a for a in self.annotations[info["id"]] if not a.get("iscrowd", 0)]
+        xywh = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+        boxes = tv_tensors.BoundingBoxes(
+            box_convert(xywh, "xywh", "xyxy"), format="XYXY", canvas_size=(image.height, image.width)
         )
-        keep = torch.as_tensor(raw.get("iscrowd", [0] * len(boxes))) == 0
-        category_ids = torch.as_tensor(raw.get("labels", []), dtype=torch.int64)
-        target = {
-            "boxes": tv_tensors.wrap(boxes[keep], like=boxes),
-            "labels": self.label_map.to_labels(category_ids[keep]),
-            "image_id": int(raw["image_id"]),
-        }
+        category_ids = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+        target = {"boxes": boxes, "labels": self.label_map.to_labels(category_ids), "image_id": int(info["id"])}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

@@ -1,16 +1,22 @@
-"""COCO box evaluation with pycocotools: predictions -> results JSON rows -> the 12 named ``COCOeval`` stats."""
+"""COCO box evaluation with pycocotools: predictions -> results JSON rows -> the 12 named ``COCOeval`` stats.
+
+pycocotools is imported by :func:`coco_stats` alone, so that training, the GPU tests and the benchmarks run
+where it is not installed.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+from typing import TYPE_CHECKING
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from ..data.coco import LabelMap
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -40,6 +46,8 @@ def coco_stats(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
     """``COCOeval`` (bbox) of ``results`` against ``coco_gt``; all zeros when there is no detection at all."""
     if not results:
         return dict.fromkeys(STAT_NAMES, 0.0)
+    from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")

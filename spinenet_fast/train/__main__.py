@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-norm", type=float, default=10.0)
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast by default)")
     p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N epochs and after the last; 0: never (throughput runs)")  # fmt: skip
     p.add_argument("--output-dir", type=Path, default=Path("runs/train"))
     p.add_argument("--resume", type=Path, default=None,
                    help="checkpoint to continue from; 'auto': OUTPUT_DIR/checkpoint.pth if it exists")  # fmt: skip
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError(f"--image-size must be a positive multiple of 128, got {args.image_size}")
     if args.accum_steps < 1:
         raise ValueError(f"--accum-steps must be a positive int, got {args.accum_steps}")
+    if args.eval_every < 0:
+        raise ValueError(f"--eval-every must be 0 (never) or a positive number of epochs, got {args.eval_every}")
     if args.resume is not None and str(args.resume) == "auto":
         last = args.output_dir / "checkpoint.pth"
         args.resume = last if last.is_file() else None
@@ -220,7 +223,7 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
                 accum_steps=args.accum_steps,
             ),
         }
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
             row.update(stats)
         if not main_process:

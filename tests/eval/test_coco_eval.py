@@ -2,10 +2,13 @@
 
 import pytest
 import torch
-from pycocotools.coco import COCO
 
 from spinenet_fast.data import LabelMap
 from spinenet_fast.eval import STAT_NAMES, coco_stats, predict
+
+from ..conftest import require_optional
+
+COCO = require_optional("pycocotools.coco").COCO
 
 
 @pytest.fixture()

@@ -145,6 +145,10 @@ def test_graphed_training_equals_eager(backend):
 
 @pytest.mark.gpu
 def test_cuda_graphs_cli(tiny_data, tmp_path):
-    train_main(train_args(tiny_data, tmp_path, "--epochs", "1", "--cuda-graphs", "--amp", "--device", "cuda"))
+    train_main(
+        train_args(
+            tiny_data, tmp_path, "--epochs", "1", "--eval-every", "0", "--cuda-graphs", "--amp", "--device", "cuda"
+        )
+    )
     row = (tmp_path / "metrics.jsonl").read_text()
     assert '"images_per_s"' in row and '"max_memory_mb"' in row

@@ -1,6 +1,8 @@
 """The training CLI end to end on a tiny synthetic set: outputs, resume equivalence, bad input, --test-only."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,6 +80,25 @@ def test_bad_cli_values(tiny_data, tmp_path):
         train_main(train_args(tiny_data, tmp_path, "--test-only"))
     with pytest.raises(FileNotFoundError, match=r"instances_missing\.json does not exist"):
         train_main(train_args(tiny_data, tmp_path, "--train-split", "missing"))
+    with pytest.raises(ValueError, match=r"--eval-every must be 0 .* got -1"):
+        train_main(train_args(tiny_data, tmp_path, "--eval-every", "-1"))
+
+
+TRAIN_WITHOUT_PYCOCOTOOLS = """
+import sys
+sys.modules["pycocotools"] = None  # any import of pycocotools now raises ImportError
+from spinenet_fast.train.__main__ import main
+main(sys.argv[1:])
+assert "pycocotools.coco" not in sys.modules
+"""
+
+
+def test_training_without_evaluation_needs_no_pycocotools(tiny_data, tmp_path):
+    """--eval-every 0 trains and checkpoints where pycocotools cannot be imported (the GPU machine's image)."""
+    args = train_args(tiny_data, tmp_path, "--epochs", "1", "--eval-every", "0")
+    subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_PYCOCOTOOLS, *args], check=True)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] > 0 and "AP" not in row and not (tmp_path / "coco_stats.json").exists()
 
 
 def test_fused_spinenet49_trains_in_the_training_loop(tiny_data, tmp_path):

@@ -8,9 +8,11 @@ from torch import nn
 from spinenet_fast.ops import bn_finalize, conv1x1_bn_stats, use_backend
 from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_op
 
+from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype
 
-# Defaults: 37 input channels (two K tiles), 70 output channels (two N tiles), 1×5×7 pixels (a partial M tile).
+# Defaults: 37 input channels (several K tiles, the last partial), 70 output channels (several N tiles), 1×5×7
+# pixels (a partial M tile), for every tile configuration in kernels/gemm_config.py.
 
 
 def make_inputs(device, dtype, *, prologue, layout="channels_last", batch=1, c_in=37, c_out=70, h=5, w=7):
@@ -69,6 +71,7 @@ def test_low_precision_tolerance_rule(device, fused_backend, dtype):
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_chain_with_bn_finalize_equals_conv_then_batchnorm(backend):
+    require_backend(backend)  # bn_finalize's cuda backend is the compiled extension
     x, weight, _, _ = make_inputs("cpu", torch.float32, prologue=False, batch=2)
     bn = nn.BatchNorm2d(70, eps=1e-3, momentum=0.01)
     nn.init.normal_(bn.weight)

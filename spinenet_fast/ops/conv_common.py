@@ -30,9 +30,13 @@ def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None)
 
 def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
     """A conv op's ``[y, Σy, Σy²]`` from its result y (any dtype): y stored channels_last in x's dtype, the
-    statistics summed in x's statistics dtype from y as computed."""
-    stats = y.to(stats_dtype(x))
-    return [y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST), stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+    statistics summed in x's statistics dtype from y *as stored*. BN later normalises the stored y, and its backward
+    cancels the statistics' gradient against the stored y's: statistics of the unrounded y would not describe the
+    tensor they normalise, and in bf16 that mismatch grew gradient errors to 3× eager's (as eager BN, which takes its
+    statistics from the bf16 conv output, does not)."""
+    stored = y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+    stats = stored.to(stats_dtype(x))
+    return [stored, stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
 
 
 def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -124,7 +124,7 @@ def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, act
     """``[dx, d_weight, (d_scale, d_shift)]``: statistics' gradients folded into dy, then ATen's conv backward."""
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation), padding)
     w = weight.to(a.dtype)
-    y = F.conv2d(a, w, stride=2, padding=pads)
+    y = F.conv2d(a, w, stride=2, padding=pads).to(x.dtype).to(a.dtype)  # the y the statistics were taken of
     grad = dy.to(y.dtype) + d_sum.to(y.dtype).view(1, -1, 1, 1) + 2 * y * d_sumsq.to(y.dtype).view(1, -1, 1, 1)
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
         grad, a, w, None, [2, 2], pads, [1, 1], False, [0, 0], 1, [True, True, False]

@@ -12,11 +12,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .epilogue import store_tile_and_channel_stats
-from .precision import use_fp32_dot
-
-BLOCK_M = 64
-BLOCK_N = 64
-BLOCK_K = 32
+from .gemm_config import gemm_launch_config
 
 
 @triton.jit
@@ -56,14 +52,14 @@ def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.
     c_out = weight.shape[0]
     w2d = weight.reshape(c_out, k).to(x.dtype)
     y = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    grid = (triton.cdiv(n * h * w, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    config = gemm_launch_config(x.dtype, _conv1x1_fwd_kernel)
+    grid = (triton.cdiv(n * h * w, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
     partial_sumsq = torch.empty_like(partial_sum)
     has_prologue = scale is not None
     _conv1x1_fwd_kernel[grid](
         y, partial_sum, partial_sumsq, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
         n * h * w, k, c_out, h * w, w, *x.stride(), *y.stride(), *w2d.stride(),
-        HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=use_fp32_dot(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], **config,
     )  # fmt: skip
     return [y, partial_sum.sum(0), partial_sumsq.sum(0)]

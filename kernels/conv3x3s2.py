@@ -12,11 +12,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .epilogue import store_tile_and_channel_stats
-from .precision import use_fp32_dot
-
-BLOCK_M = 64
-BLOCK_N = 64
-BLOCK_K = 32
+from .gemm_config import gemm_launch_config
 
 
 @triton.jit
@@ -60,14 +56,15 @@ def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) 
     c_out = weight.shape[0]
     weight = weight.to(x.dtype)
     y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    grid = (triton.cdiv(y.numel() // c_out, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
+    grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
     partial_sumsq = torch.empty_like(partial_sum)
     has_prologue = scale is not None
     _conv3x3s2_fwd_kernel[grid](
         y, partial_sum, partial_sumsq, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),
-        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FP32_DOT=use_fp32_dot(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
+        **config,
     )  # fmt: skip
     return [y, partial_sum.sum(0), partial_sumsq.sum(0)]

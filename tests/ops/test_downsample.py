@@ -121,7 +121,7 @@ def test_bad_input():
 
 
 def conv_inputs(device, dtype, layout, prologue=True, batch=1):
-    x = torch.randn(batch, 37, 6, 10, device=device)  # 37 channels: two K tiles; 70 outputs: two N tiles
+    x = torch.randn(batch, 37, 6, 10, device=device)  # 37 channels, 70 outputs: several K and N tiles
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":

@@ -1,0 +1,378 @@
+"""``python -m benchmarks.compile_sm90 --out DIR``: every Triton kernel variant our launchers launch, compiled ahead
+of time for Hopper (sm_90, ``GPUTarget("cuda", 90, 32)``) on any machine, GPU or not.
+
+Variants are found, not listed. The drivers run the fused SpineNet (every activation, padding and float dtype;
+training forward + backward, then inference) and every op over its declared argument space (prologue or not,
+activations, paddings, dtypes, parents, extra input) on CPU tensors, with ``JITFunction.run`` replaced by a
+recorder: nothing runs, and Triton's own binder turns each launch's arguments into the signature, constexprs and
+specialisation (16-byte divisibility, ints equal to 1) that the same launch on a GPU would compile. Each distinct
+variant is compiled with ``triton.compile`` in a worker process; ptxas's own report gives registers, spills and
+the stack frame, the metadata the shared memory, the PTX whether ``wgmma`` (Hopper's tensor-core MMA) is used.
+
+Writes ``DIR/compile_sm90.json`` and ``DIR/compile_sm90.md``. Exit status 1 on a compile error, a register
+spill, or a ``@triton.jit`` kernel in ``spinenet_fast.kernels`` that no driver launched (a new kernel needs a
+driver, not an entry in a list). Must run in a fresh process without ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+TARGET_ARCH = 90
+WARP_SIZE = 32
+DRIVER_IMAGE_SIZE = 256  # every level 3..7 has ≥ 2×2 pixels, so no spatial size is the constant-1 specialisation
+DRIVER_MODEL = "49S"
+
+
+@dataclass
+class Variant:
+    """One compiled specialisation of one kernel, and what ptxas made of it."""
+
+    kernel: str  # module:function
+    constexprs: dict  # by parameter name (BLOCK_* included)
+    pointer_dtypes: list[str]
+    divisible_by_16: list[str]  # parameters specialised as multiples of 16 (pointers: 16-byte aligned)
+    equal_to_1: list[str]  # int parameters specialised to the constant 1
+    num_warps: int
+    num_stages: int
+    drivers: list[str] = field(default_factory=list)
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack_frame: int | None = None
+    shared_bytes: int | None = None
+    wgmma: bool | None = None
+    compile_s: float | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Pointer dtypes and the constexpr flags (tile sizes left out)."""
+        dtypes = "/".join(dict.fromkeys(t.lstrip("*") for t in self.pointer_dtypes))
+        flags = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if not k.startswith("BLOCK_"))
+        return f"{dtypes} {flags}".strip()
+
+    @property
+    def specialisation(self) -> str:
+        """How many parameters are specialised as multiples of 16, and which ints as the constant 1."""
+        ones = f"; =1: {', '.join(self.equal_to_1)}" if self.equal_to_1 else ""
+        return f"÷16: {len(self.divisible_by_16)}{ones}"
+
+
+def kernel_modules() -> list[str]:
+    """Every module of ``spinenet_fast.kernels``."""
+    import spinenet_fast.kernels as package
+
+    return [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+
+
+def jit_functions(modules: list[str]) -> dict[str, object]:
+    """``module:name`` -> every ``@triton.jit`` function defined in ``modules``."""
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if isinstance(value, JITFunction) and value.fn.__module__ == name:
+                found[f"{name}:{attr}"] = value
+    return found
+
+
+def device_helpers(functions: dict[str, object]) -> set[str]:
+    """The jit functions that other jit functions call (device functions, never launched themselves)."""
+    sources = {key: inspect.getsource(f.fn) for key, f in functions.items()}
+    return {
+        key
+        for key, f in functions.items()
+        if any(re.search(rf"\b{f.fn.__name__}\(", src) for other, src in sources.items() if other != key)
+    }
+
+
+class LaunchRecorder:
+    """Replaces ``JITFunction.run``: each launch becomes a :class:`Variant` (deduplicated), nothing runs."""
+
+    def __init__(self) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.backend = make_backend(GPUTarget("cuda", TARGET_ARCH, WARP_SIZE))
+        self.variants: dict[str, Variant] = {}
+        self.compile_args: dict[str, tuple] = {}
+        self.driver = ""
+
+    def record(self, kernel, args, kwargs) -> None:
+        from triton.runtime.jit import create_function_from_signature
+
+        kwargs = {"debug": False, **kwargs}
+        binder = create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            self.backend, kwargs, bound_args, specialization, options
+        )
+        names = [p.name for p in kernel.params]
+        named_constexprs = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
+        key = json.dumps(
+            [kernel.fn.__module__, kernel.fn.__name__, signature, repr(sorted(constexprs.items())),
+             repr(sorted(attrs.items())), options.num_warps, options.num_stages], default=str,
+        )  # fmt: skip
+        if key not in self.variants:
+            kernel_params = {p.name for p in kernel.params if p.is_constexpr}
+            self.variants[key] = Variant(
+                kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}",
+                constexprs={k: v for k, v in named_constexprs.items() if k in kernel_params},
+                pointer_dtypes=[t for t in signature.values() if t.startswith("*")],
+                divisible_by_16=[names[path[0]] for path, attr in attrs.items() if attr],
+                equal_to_1=[k for k, v in named_constexprs.items() if k not in kernel_params and v == 1],
+                num_warps=options.num_warps,
+                num_stages=options.num_stages,
+            )
+            self.compile_args[key] = (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs,
+                                      options.__dict__)  # fmt: skip
+        if self.driver not in self.variants[key].drivers:
+            self.variants[key].drivers.append(self.driver)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        from triton.runtime.jit import JITFunction
+
+        original = JITFunction.run
+        recorder = self
+
+        def run(self, *args, grid, warmup, **kwargs):
+            recorder.record(self, args, kwargs)
+
+        JITFunction.run = run
+        try:
+            yield
+        finally:
+            JITFunction.run = original
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def drive_model(dtype: torch.dtype, activation: str, padding: str) -> None:
+    """The fused backbone: a training step (forward + backward), then inference."""
+    from spinenet_fast.models import SpineNet
+
+    model = SpineNet(DRIVER_MODEL, activation=activation, padding=padding, stochastic_depth_rate=0.0, fused=True)
+    model = model.to(dtype=dtype, memory_format=torch.channels_last).train()
+    x = _channels_last(torch.randn(2, 3, DRIVER_IMAGE_SIZE, DRIVER_IMAGE_SIZE, dtype=dtype))
+    outputs = model(x)
+    torch.autograd.backward([o for o in outputs.values()], [torch.ones_like(o) for o in outputs.values()])
+    with torch.no_grad():
+        model.eval()(x)
+
+
+def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
+    """Every public op over its argument space at one production-like shape (64 channels, 32×32, batch 2)."""
+    from spinenet_fast.ops import bn_finalize, conv1x1_bn_stats, conv3x3s2_bn_stats, merge
+
+    def leaf(*shape, stats: bool = False) -> torch.Tensor:
+        t = torch.randn(*shape, dtype=torch.float32 if stats else dtype)
+        return (_channels_last(t) if t.dim() == 4 else t).requires_grad_()
+
+    def backward(*outputs: torch.Tensor) -> None:
+        torch.autograd.backward(list(outputs), [torch.ones_like(o) for o in outputs])
+
+    affine = (leaf(64, stats=True), leaf(64, stats=True))
+    for scale, shift, act in ((None, None, "identity"), (*affine, activation)):
+        backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act))
+        backward(*conv3x3s2_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding))
+    statistics = [leaf(64, stats=True) for _ in range(4)]  # Σ, Σ², fp32 BN parameters (as under autocast)
+    backward(*bn_finalize(*statistics[:2], 2048, *statistics[2:], eps=1e-3))
+    for ratios in ((2,), (1, 2)):
+        for with_extra in (False, True):
+            parents = [leaf(2, 64, 32 // r, 32 // r) for r in ratios]
+            vectors = [leaf(64, stats=True) for _ in range(2 * len(ratios))]
+            extra = leaf(2, 64, 32, 32) if with_extra else None
+            backward(merge(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation))
+
+
+def default_drivers() -> Iterator[tuple[str, Callable[[], None]]]:
+    """``(name, driver)`` for the model and the ops, over every float dtype, activation and padding each takes."""
+    from spinenet_fast.models.layers import ACTIVATIONS as MODEL_ACTIVATIONS
+    from spinenet_fast.ops.activation import ACTIVATIONS as OP_ACTIVATIONS
+    from spinenet_fast.ops.backends import FLOAT_DTYPES
+    from spinenet_fast.ops.padding import PADDING_MODES
+
+    for dtype in FLOAT_DTYPES:
+        for padding in PADDING_MODES:
+            for activation in OP_ACTIVATIONS:
+                config = f"{str(dtype).removeprefix('torch.')} {activation} {padding}"
+                if activation in MODEL_ACTIVATIONS:
+                    yield f"model {config}", lambda d=dtype, a=activation, p=padding: drive_model(d, a, p)
+                yield f"ops {config}", lambda d=dtype, a=activation, p=padding: drive_ops(d, a, p)
+
+
+def record_variants(
+    functions: dict[str, object], drivers: Iterable[tuple[str, Callable[[], None]]]
+) -> tuple[LaunchRecorder, list[str]]:
+    """Run every driver under the recorder; returns it and the kernels of ``functions`` no driver launched."""
+    # The ops route CPU tensors to the Triton backend only under the interpreter flag; the kernels, imported
+    # before it was set, stay JITFunctions, and the recorder stops every launch before anything could run.
+    os.environ["TRITON_INTERPRET"] = "1"
+    recorder = LaunchRecorder()
+    with recorder.recording():
+        for name, drive in drivers:
+            recorder.driver = name
+            drive()
+    launched = {v.kernel for v in recorder.variants.values()}
+    unlaunched = sorted(set(functions) - device_helpers(functions) - launched)
+    return recorder, unlaunched
+
+
+PTXAS_PATTERNS = {
+    "registers": r"Used (\d+) registers",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+    "stack_frame": r"(\d+) bytes stack frame",
+}
+
+
+def compile_variant(module: str, name: str, signature, constexprs, attrs, options: dict) -> dict:
+    """Compile one variant for sm_90 in this (worker) process; ptxas's report, shared memory, wgmma use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(module), name)
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs),
+                target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
+                options=options,
+            )
+    except Exception as exc:  # reported per variant; the run goes on
+        return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    report = {k: int(m.group(1)) if (m := re.search(p, log.getvalue())) else None for k, p in PTXAS_PATTERNS.items()}
+    return {
+        **report,
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
+        "compile_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def compile_all(recorder: LaunchRecorder, jobs: int) -> list[Variant]:
+    """Compile every recorded variant (``jobs`` worker processes, a fresh Triton cache: ptxas always runs)."""
+    keys = list(recorder.variants)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = [pool.submit(compile_variant, *recorder.compile_args[key]) for key in keys]
+            for key, future in zip(keys, futures):
+                for attr, value in future.result().items():
+                    setattr(recorder.variants[key], attr, value)
+    return [recorder.variants[key] for key in keys]
+
+
+def failures(variants: list[Variant], unlaunched: list[str]) -> list[str]:
+    """Why the check fails: compile errors, spills, kernels no driver launched."""
+    problems = [f"{k}: no driver launches this @triton.jit kernel" for k in unlaunched]
+    for v in variants:
+        if v.error:
+            problems.append(f"{v.kernel} [{v.label}]: compile error: {v.error.splitlines()[0]}")
+        elif v.registers is None:
+            problems.append(f"{v.kernel} [{v.label}]: no ptxas report was captured")
+        elif v.spill_stores or v.spill_loads:
+            problems.append(
+                f"{v.kernel} [{v.label}]: {v.spill_stores} bytes spill stores, {v.spill_loads} bytes spill loads "
+                f"({v.registers} registers)"
+            )
+    return problems
+
+
+def environment() -> dict:
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "target": f"cuda sm_{TARGET_ARCH}",
+            "python": sys.version.split()[0]}  # fmt: skip
+
+
+def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
+    lines = [
+        f"# Triton kernels compiled for sm_{TARGET_ARCH} (ahead of time, no GPU)",
+        "",
+        f"triton {env['triton']}, torch {env['torch']}; {len(variants)} variants found by running the fused model "
+        "and the ops' argument spaces under a launch recorder. Registers and spills from ptxas; shared memory "
+        "from Triton's metadata; wgmma: the PTX uses Hopper's warp-group MMA.",
+        "",
+        "| kernel | variant | specialisation | warps | registers | spill st/ld (B) | stack (B) | shared (KiB) | wgmma "
+        "| compile (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|:---:|---:|",
+    ]
+    for v in sorted(variants, key=lambda v: (v.kernel, v.label, v.specialisation)):
+        head = f"| {v.kernel.split(':')[1]} | {v.label} | {v.specialisation} | {v.num_warps}"
+        if v.error:
+            lines.append(f"{head} | error: {v.error.splitlines()[0][:80]} | | | | | |")
+            continue
+        lines.append(
+            f"{head} | {v.registers} | {v.spill_stores}/"
+            f"{v.spill_loads} | {v.stack_frame} | {v.shared_bytes / 1024:.1f} | {'yes' if v.wgmma else 'no'} | "
+            f"{v.compile_s} |"
+        )
+    lines += ["", "## Problems", "", *(f"- {p}" for p in problems)] if problems else ["", "No problems."]
+    return "\n".join(lines) + "\n"
+
+
+def check_kernels(
+    modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int
+) -> list[str]:
+    """Record, compile and report every kernel variant of ``modules`` that ``drivers`` launch: writes
+    ``out/compile_sm90.{json,md}`` and returns the problems (empty: every variant compiles without spills)."""
+    started = time.perf_counter()
+    functions = jit_functions(modules)  # imported as real JITFunctions: the interpreter flag is not set yet
+    recorder, unlaunched = record_variants(functions, drivers)
+    recorded_s = time.perf_counter() - started
+    variants = compile_all(recorder, jobs)
+    problems = failures(variants, unlaunched)
+    env = {**environment(), "record_s": round(recorded_s, 1), "total_s": round(time.perf_counter() - started, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"env": env, "unlaunched": unlaunched, "problems": problems, "variants": [asdict(v) for v in variants]}
+    (out / "compile_sm90.json").write_text(json.dumps(payload, indent=1))
+    (out / "compile_sm90.md").write_text(to_markdown(variants, env, problems))
+    print(f"{len(variants)} variants compiled for sm_{TARGET_ARCH} in {env['total_s']} s "
+          f"(recording {env['record_s']} s); {len(problems)} problems", flush=True)  # fmt: skip
+    for problem in problems:
+        print(f"  {problem}", flush=True)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_sm90", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run without TRITON_INTERPRET=1: the kernels must be real JITFunctions to compile")
+    return 1 if check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,10 +39,11 @@ def _conv1x1_fwd_kernel(
             a = tl.where(x_mask, a, 0.0)  # act(shift) is not 0: re-zero the padding after the prologue
         b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < N_OUT)[None, :],
                     other=0.0)  # fmt: skip
-        if FP32_DOT:
+        a = a.to(b.dtype)  # the operand in the storage dtype, whichever dot multiplies it
+        if FP32_DOT:  # fp32 storage, or bf16 under the interpreter: products of bf16 values are exact
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(a.to(b.dtype), b)
+            acc += tl.dot(a, b)
     store_tile_and_channel_stats(y_ptr, sum_ptr, sumsq_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT)
 
 

@@ -43,10 +43,11 @@ def _conv3x3s2_fwd_kernel(
                 a = tl.where(x_mask, a, 0.0)  # padding and channel tail are zeros of the activated input
             b = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
                         mask=(c < C_IN)[:, None] & (o < N_OUT)[None, :], other=0.0)  # fmt: skip
-            if FP32_DOT:
+            a = a.to(b.dtype)  # the operand in the storage dtype, whichever dot multiplies it
+            if FP32_DOT:  # fp32 storage, or bf16 under the interpreter: products of bf16 values are exact
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
-                acc += tl.dot(a.to(b.dtype), b)
+                acc += tl.dot(a, b)
     store_tile_and_channel_stats(y_ptr, sum_ptr, sumsq_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
 
 

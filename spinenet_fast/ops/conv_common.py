@@ -62,12 +62,16 @@ def fill_output_grads(dy, d_sum, d_sumsq, y_shape, x: Tensor) -> tuple[Tensor, T
 
 
 def prologue_forward(x: Tensor, scale, shift, activation) -> Tensor:
-    """``act(scale·x + shift)`` (or x) in the ops' maths dtype, with x (N, C, H, W) and (C,) vectors."""
+    """``act(scale·x + shift)`` (or x) in the ops' maths dtype, with x (N, C, H, W) and (C,) vectors.
+
+    The activation is computed in fp32 and rounded to x's dtype: it is the operand of a GEMM in x's dtype (tensor
+    cores for bf16/fp16, as eager's autocast conv takes the bf16 output of BN and the activation). Every backend
+    computes this same operand, so they differ by summation order only."""
     dtype = stats_dtype(x)
     if scale is None:
         return x.to(dtype)
-    return activation_forward(x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1),
-                              activation)  # fmt: skip
+    pre = x.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    return activation_forward(pre, activation).to(x.dtype).to(dtype)
 
 
 def prologue_backward(d_a: Tensor, x: Tensor, scale, shift, activation) -> list[Tensor]:

@@ -4,11 +4,13 @@ Gradients are judged on a merge without max-pools (a ↓2 and a ↑2 parent): a 
 window's argmax, and bf16 rounding moves near-tied argmaxes in eager and fused alike, but differently, so the
 gradients of a merge with pools differ from fp32 by whatever the moved argmaxes carry — a different amount per
 seed for eager and fused (seen: 7× the rule's bound, on the reference backend too). The ↓4 merge (conv + one
-max-pool) is judged on its outputs, which are continuous in its inputs. Both over several seeds.
+max-pool) is judged on its outputs, which are continuous in its inputs. Both over several seeds, with weights drawn
+the same way on every torch version (torch 2.11's module initialisation drew other weights from the same seed, and
+one of those broke the rule: the cause was the fused path's rounding, since fixed, not the Triton version).
 
-Seed 8 is a known failure of the fp32-maths backends (reference, and Triton under the interpreter, which runs bf16
-dots in fp32): squeeze.bn.weight's gradient error is 2.7× eager's (bound 2×). The ``cuda`` backend, whose GEMMs
-take bf16 operands as eager's and as Triton's on a GPU do, passes it. Left for the fused backward of issue 15.
+Over 16 seeds the largest gradient error of the fused path is 2.0× eager's (squeeze/expand BN parameters, whose
+gradients cancel the statistics' part against the affine part after the latter was stored in bf16): at the rule's
+bound. Issue 15's backward, which applies BN's backward before any bf16 store, is expected to lower it.
 """
 
 import pytest
@@ -22,20 +24,25 @@ from spinenet_fast.ops import use_backend
 from ..conftest import require_backend
 from ..ops.tolerance import assert_low_precision_rule
 
-SEEDS = (0, 3, 6, 8)
+SEEDS = (0, 4, 8, 12)  # 4: the seed closest to the rule's bound (1% under it)
 
 
 def make_merge(seed: int, down_levels: int) -> CrossScaleMerge:
-    """A ↓2^down_levels parent (32 channels) and a ↑2 parent (24 channels) into 16 channels at level 5."""
-    torch.manual_seed(seed)
+    """A ↓2^down_levels parent (32 channels) and a ↑2 parent (24 channels) into 16 channels at level 5, with
+    weights drawn from a generator (the same on every torch version): convs N(0, 1/fan_in), BN γ ∈ [0.5, 1.5],
+    β ∈ [-0.2, 0.2]."""
     norm = make_norm_factory(nn.BatchNorm2d, 0.1, 1e-3)
     down = Resample(32, "bottleneck", 5 - down_levels, 16, 5, 0.5, norm, "swish", "torch")
     up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")
     merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
-    for bn in merge.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            nn.init.uniform_(bn.weight, 0.5, 1.5)
-            nn.init.uniform_(bn.bias, -0.2, 0.2)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in merge.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.normal_(0, module.weight[0].numel() ** -0.5, generator=g)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.uniform_(-0.2, 0.2, generator=g)
     return merge.train()
 
 
@@ -74,11 +81,8 @@ BACKENDS = ["reference", pytest.param(None, id="auto"), "cuda"]
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_autocast_outputs_and_gradients_without_max_pools(request, backend, seed):
+def test_bf16_autocast_outputs_and_gradients_without_max_pools(backend, seed):
     require_backend(backend)
-    if seed == 8 and backend != "cuda":
-        reason = "known: fp32-maths backward exceeds the rule on seed 8 (module docstring; issue 15)"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     (out, grads), (eager_out, eager_grads), (reference, reference_grads) = fused_and_eager(seed, 1, backend)
     assert out.dtype == torch.bfloat16 and eager_out.dtype == torch.bfloat16
     assert all(g.dtype == torch.float32 for g in grads[2:])  # parameter gradients stay fp32

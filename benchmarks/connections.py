@@ -3,7 +3,9 @@
 A connection is one :class:`~spinenet_fast.models.resample.Resample` (squeeze, resample, expand) and the merge's
 activation, i.e. a one-parent ``CrossScaleMerge`` sharing the real model's modules, in training mode
 (batch-statistics BN). Providers: ``eager``, ``compile``, ``compile-max`` (``mode="max-autotune"``),
-``fused-triton`` and ``fused-cuda`` (the fused path with that backend forced for every op). Extra fields:
+``fused-auto`` (what the model runs: each op's auto backend), ``fused-triton`` and ``fused-cuda`` (that backend
+forced for every op; an op it lacks makes the row an error). ``pairs`` picks connections by (parent level, target
+level), ``modes`` and ``providers`` narrow the rows; :func:`plan` lists them without running. Extra fields:
 ``floor_mb`` (bytes the connection must move: read the parent, write the output; backward: read the output
 gradient and the parent, write the parent's gradient), ``gbps`` and ``floor_fraction`` against the device-copy
 bandwidth of the same run.
@@ -23,7 +25,8 @@ from spinenet_fast.ops import use_backend
 from ._harness import Row, Settings, autograd_modes, measure
 
 HEADLINE = (5, 3)  # fused_ops.md §6: the L5 → L3 connection carries the targets
-PROVIDERS = ("eager", "compile", "compile-max", "fused-triton", "fused-cuda")
+PROVIDERS = ("eager", "compile", "compile-max", "fused-auto", "fused-triton", "fused-cuda")
+MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -67,26 +70,74 @@ def _provider_module(connection: Connection, provider: str, activation: str, smo
     return module
 
 
-def run(s: Settings, env: dict, copy_gbps: float, *, compile_on: str = "headline") -> Iterator[Row]:
-    """Rows for every connection × provider × mode (bf16; the headline connection also in fp32)."""
-    size, batch = (128, 1) if s.smoke else (640, 8)
-    model_id = "49XS-custom" if s.smoke else "49"
+def _chosen(smoke: bool, pairs: tuple[tuple[int, int], ...] | None) -> tuple[str, list[Connection]]:
+    """The model id and the connections to measure: ``pairs`` (parent level, target level) or all."""
+    model_id = "49XS-custom" if smoke else "49"
     scaling = None
-    if s.smoke:
+    if smoke:
         from spinenet_fast.detection.presets import CUSTOM_SCALINGS
 
         scaling = CUSTOM_SCALINGS[model_id]
-    base = SpineNet(scaling or model_id, stochastic_depth_rate=0.0, fused=False)
-    chosen = connections(base)
-    if s.smoke:
+    chosen = connections(SpineNet(scaling or model_id, stochastic_depth_rate=0.0, fused=False))
+    if smoke:
         chosen = [c for c in chosen if c.parent_level > c.target_level][:1]
+    elif pairs is not None:
+        found = {(c.parent_level, c.target_level): c for c in reversed(chosen)}  # the first of each pair
+        missing = [p for p in pairs if p not in found]
+        if missing:
+            raise ValueError(f"SpineNet-49 has no connection {missing}; it has {sorted(found)}")
+        chosen = [found[p] for p in pairs]
+    return model_id, chosen
+
+
+def _providers_for(connection: Connection, providers: tuple[str, ...], compile_on: str, smoke: bool) -> list[str]:
+    chosen = []
+    for provider in providers:
+        if provider.startswith("compile") and compile_on == "none":
+            continue
+        if provider.startswith("compile") and compile_on == "headline" and not (connection.is_headline or smoke):
+            continue
+        if provider == "compile-max" and smoke:
+            continue  # max-autotune needs a GPU; --smoke checks the compile path with "compile" alone
+        chosen.append(provider)
+    return chosen
+
+
+def _dtypes(connection: Connection, smoke: bool, dtypes: tuple[torch.dtype, ...] | None) -> tuple[torch.dtype, ...]:
+    """``dtypes`` if given; else bf16, and fp32 too for the headline connection."""
+    if dtypes is not None:
+        return dtypes
+    return (torch.bfloat16, torch.float32) if connection.is_headline and not smoke else (torch.bfloat16,)
+
+
+def plan(
+    smoke: bool, *, compile_on: str = "headline", pairs=None, providers=PROVIDERS, modes=MODES, dtypes=None
+) -> list[tuple[str, str, str, str]]:
+    """``(bench, provider, mode, dtype)`` of every row :func:`run` would measure, in order."""
+    _, chosen = _chosen(smoke, pairs)
+    return [
+        (f"connection {c.name}", provider, mode, str(dtype).removeprefix("torch."))
+        for c in chosen
+        for dtype in _dtypes(c, smoke, dtypes)
+        for provider in _providers_for(c, providers, compile_on, smoke)
+        for mode in modes
+    ]
+
+
+def run(
+    s: Settings, env: dict, copy_gbps: float, *, compile_on: str = "headline", pairs=None, providers=PROVIDERS,
+    modes=MODES, dtypes=None,
+) -> Iterator[Row]:  # fmt: skip
+    """Rows for every chosen connection × provider × mode (bf16; the headline connection also in fp32)."""
+    size, batch = (128, 1) if s.smoke else (640, 8)
+    model_id, chosen = _chosen(s.smoke, pairs)
     for connection in chosen:
-        dtypes = (torch.bfloat16, torch.float32) if connection.is_headline and not s.smoke else (torch.bfloat16,)
-        for dtype in dtypes:
-            yield from _run_connection(s, env, copy_gbps, connection, dtype, size, batch, compile_on, model_id)
+        for dtype in _dtypes(connection, s.smoke, dtypes):
+            yield from _run_connection(s, env, copy_gbps, connection, dtype, size, batch, model_id,
+                                       _providers_for(connection, providers, compile_on, s.smoke), modes)  # fmt: skip
 
 
-def _run_connection(s, env, copy_gbps, connection, dtype, size, batch, compile_on, model_id) -> Iterator[Row]:
+def _run_connection(s, env, copy_gbps, connection, dtype, size, batch, model_id, providers, modes) -> Iterator[Row]:
     side = size >> connection.parent_level
     out_side = size >> connection.target_level
     connection.resample.to(device=s.device, dtype=dtype, memory_format=torch.channels_last)
@@ -101,20 +152,14 @@ def _run_connection(s, env, copy_gbps, connection, dtype, size, batch, compile_o
         return (x.contiguous(memory_format=torch.channels_last).requires_grad_(),)
 
     shape = f"{model_id} b{batch} {size}px"
-    for provider in PROVIDERS:
-        if provider.startswith("compile") and compile_on == "none":
-            continue
-        if provider.startswith("compile") and compile_on == "headline" and not (connection.is_headline or s.smoke):
-            continue
-        if provider == "compile-max" and s.smoke:
-            continue  # max-autotune needs a GPU; --smoke checks the compile path with "compile" alone
+    for provider in providers:
         module = _provider_module(connection, provider, "swish", s.smoke)
         backend = provider.removeprefix("fused-") if provider.startswith("fused") else None
-        with use_backend(backend):
-            modes = autograd_modes(lambda x, m=module: m([x]), make_input, parent_bytes, s)
-            for mode, fn in modes.items():
-                row = measure(s, env, fn, bench=f"connection {connection.name}", provider=provider, mode=mode,
-                              dtype=dtype, shape=shape, extra={"floor_mb": floor[mode] / 2**20})  # fmt: skip
+        with use_backend(None if backend == "auto" else backend):
+            all_modes = autograd_modes(lambda x, m=module: m([x]), make_input, parent_bytes, s)
+            for mode in modes:
+                row = measure(s, env, all_modes[mode], bench=f"connection {connection.name}", provider=provider,
+                              mode=mode, dtype=dtype, shape=shape, extra={"floor_mb": floor[mode] / 2**20})  # fmt: skip
                 if row.p50_ms:
                     row.extra["gbps"] = floor[mode] / (row.p50_ms * 1e-3) / 1e9
                     row.extra["floor_fraction"] = row.extra["gbps"] / copy_gbps

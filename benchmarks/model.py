@@ -4,8 +4,10 @@ Benches: ``backbone <id>`` and ``retinanet <id>`` (our detector; its rows also c
 ``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``). Modes: ``train``
 (forward with loss, backward, SGD step; the detector's loss is torchvision's full training forward) and
 ``infer`` (eval mode, no grad, raw head outputs without NMS). Providers: ``eager``, ``compile``, ``compile-max``
-(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused``. bf16 rows run under bf16 autocast with
-fp32 parameters, as training with ``--amp`` does. All models at 640 px (--smoke: 128, fp32).
+(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused-auto`` (the fused model with each op's auto
+backend, as users run it). bf16 rows run under bf16 autocast with fp32 parameters, as training with ``--amp``
+does. All models at 640 px (--smoke: 128, fp32). Rows without ``torch.compile`` come first, so that a time limit
+cuts the slowest rows; :func:`plan` lists the rows without running them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from spinenet_fast.ops import use_backend
 
 from ._harness import Row, Settings, fused_backend, measure
 
-PROVIDERS = ("eager", "compile", "compile-max", "fused")
+PROVIDERS = ("eager", "compile", "compile-max", "fused-auto")
+BENCHES = ("backbone", "retinanet")
 
 
 def _loss(out) -> torch.Tensor:
@@ -90,7 +93,7 @@ def _step(model: nn.Module, forward: Callable, inputs: tuple, train: bool) -> Ca
 
 
 def _build(bench: str, model_id, provider: str, size: int) -> nn.Module:
-    fused = provider == "fused"
+    fused = provider == "fused-auto"
     if bench == "backbone":
         return SpineNet(model_id, stochastic_depth_rate=0.0, fused=fused)
     if provider == "torchvision-r50fpn":
@@ -100,9 +103,8 @@ def _build(bench: str, model_id, provider: str, size: int) -> nn.Module:
     return retinanet_spinenet(model_id, image_size=size, stochastic_depth_rate=0.0, fused=fused)
 
 
-def run(
-    s: Settings,
-    env: dict,
+def plan(
+    smoke: bool,
     *,
     models: tuple[str, ...] = ("49S", "49", "96"),
     train_batches: tuple[int, ...] = (8, 16),
@@ -110,27 +112,37 @@ def run(
     providers: tuple[str, ...] = PROVIDERS,
     dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
     compile_max_modes: tuple[str, ...] = ("train", "infer"),
-) -> Iterator[Row]:
-    """Rows for every bench × model × mode × batch × provider × dtype."""
-    size = 128 if s.smoke else 640
-    if s.smoke:
-        from spinenet_fast.detection.presets import CUSTOM_SCALINGS
-
+    benches: tuple[str, ...] = BENCHES,
+) -> list[tuple]:
+    """``(bench, model_id, provider, mode, batch, dtype)`` of every row, rows with ``torch.compile`` last."""
+    if smoke:
         # The compile providers' code path is the ops and connections suites' (compiling whole detectors with
         # aot_eager takes minutes on a CPU); fp32 because CPU bf16 convolutions are slow.
         models, train_batches, infer_batches = ("49XS-custom",), (2,), (1,)
         providers, dtypes = tuple(p for p in providers if not p.startswith("compile")), (torch.float32,)
+    cases = []
     for dtype in dtypes:
-        for bench in ("backbone", "retinanet"):
+        for bench in benches:
             for model_id in models:
-                model_spec = CUSTOM_SCALINGS[model_id] if s.smoke else model_id
-                cases = [("train", b) for b in train_batches] + [("infer", b) for b in infer_batches]
-                for mode, batch in cases:
+                for mode, batch in [("train", b) for b in train_batches] + [("infer", b) for b in infer_batches]:
                     extra_providers = ("torchvision-r50fpn",) if bench == "retinanet" else ()
                     for provider in (*providers, *extra_providers):
-                        if provider == "compile-max" and mode not in compile_max_modes:
-                            continue
-                        yield _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype)
+                        if provider != "compile-max" or mode in compile_max_modes:
+                            cases.append((bench, model_id, provider, mode, batch, dtype))
+    return sorted(cases, key=lambda case: case[2].startswith("compile"))  # stable: the order above otherwise
+
+
+def run(s: Settings, env: dict, **selection) -> Iterator[Row]:
+    """Rows for every case of :func:`plan` (``selection``: its keyword arguments)."""
+    size = 128 if s.smoke else 640
+    for bench, model_id, provider, mode, batch, dtype in plan(s.smoke, **selection):
+        if s.smoke:
+            from spinenet_fast.detection.presets import CUSTOM_SCALINGS
+
+            model_spec = CUSTOM_SCALINGS[model_id]
+        else:
+            model_spec = model_id
+        yield _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype)
 
 
 def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype) -> Row:
@@ -152,7 +164,7 @@ def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, si
         step = _step(model, forward, inputs, train)
     except Exception as exc:  # a model that cannot be built or compiled is reported, not fatal
         return measure(s, env, _raiser(exc), bench=name, provider=provider, mode=mode, dtype=dtype, shape=shape)
-    backend = fused_backend(s.device) if provider == "fused" else None
+    backend = fused_backend(s.device) if provider == "fused-auto" else None
     freezing = provider == "compile-max" and not train
     autocast = torch.autocast(s.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with use_backend(backend), _freezing(freezing), autocast:

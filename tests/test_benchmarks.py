@@ -1,10 +1,14 @@
 """The benchmark harness cannot rot: ``python -m benchmarks.run --smoke`` runs every suite on tiny shapes."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import gpu_smoke, report
 from benchmarks.run import main
 from spinenet_fast import _extension
 
@@ -26,8 +30,8 @@ def test_every_suite_and_provider_writes_rows(smoke_run):
     assert all(row.keys() >= ROW_FIELDS for row in rows)
     providers = {(row["bench"].split(" ")[0], row["provider"]) for row in rows}
     assert {("op", p) for p in ("eager", "compile", "reference", "triton", "cuda")} <= providers
-    assert {("connection", p) for p in ("eager", "compile", "fused-triton", "fused-cuda")} <= providers
-    assert {("backbone", "eager"), ("backbone", "fused"), ("retinanet", "torchvision-r50fpn")} <= providers
+    assert {("connection", p) for p in ("eager", "compile", "fused-auto", "fused-triton", "fused-cuda")} <= providers
+    assert {("backbone", "eager"), ("backbone", "fused-auto"), ("retinanet", "torchvision-r50fpn")} <= providers
     assert {row["mode"] for row in rows} == {"fwd", "bwd", "fwd+bwd", "train", "infer"}
     needs_extension = {"cuda", "fused-cuda"}
     for row in rows:
@@ -58,6 +62,8 @@ def test_speedups_name_the_slower_side():
     up = report.speedups(rows)
     assert up["fused"] == "fused-triton"
     assert up["vs_eager"] == pytest.approx(1.25) and up["vs_compile"] == pytest.approx(0.625)
+    # What the model runs is the headline, even where a forced backend was faster.
+    assert report.speedups({**rows, "fused-auto": {"p50_ms": 0.9}})["fused"] == "fused-auto"
     assert report._ratio(up["vs_compile"]) == "0.62× (slower)"
 
 
@@ -70,3 +76,41 @@ def test_train_throughput_smoke(tmp_path):
     table = (tmp_path / "train_throughput.md").read_text()
     assert "| fused fp32 |" in table and "1.00×" in table
     assert json.loads((tmp_path / "train_throughput.json").read_text())["rows"] == rows
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_run_dry_run_walks_both_calls_within_the_lease():
+    """The GPU run's plan, printed without a GPU: both calls' stages with hard caps, 11 minutes together, and the
+    headline benchmark rows (no row with torch.compile before the last row without it)."""
+    env = {**os.environ, "SPINENET_FAST_DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=True)  # fmt: skip
+    out = result.stdout
+    assert "call1: budget 300 s" in out and "call2: budget 360 s" in out
+    assert "both calls: at most 660 s (11 min 0 s)" in out
+    for stage in ("wheels", "build", "info", "smoke", "pytest", "bench"):
+        assert f"  {stage} " in out
+    rows = out.split("call2's benchmark rows, in order:\n")[1].splitlines()
+    rows = [r for r in rows if " | " in r]
+    assert any(r.startswith("connection L5(1024)->L3(512)") and "| fused-auto |" in r for r in rows)
+    assert any(r.startswith("connection L3(512)->L4(1024) down") for r in rows)
+    assert {"retinanet 49 | fused-auto | train b8", "retinanet 49S | eager | infer b1"} <= {
+        r.rsplit(" | ", 1)[0] for r in rows
+    }
+    models = [r for r in rows if r.startswith("retinanet")]
+    first_compiled = next(i for i, r in enumerate(models) if "| compile |" in r)
+    assert all("| compile |" in r for r in models[first_compiled:])
+
+
+@pytest.mark.slow
+def test_gpu_smoke_runs_every_op_backend_and_the_model(tmp_path):
+    """The GPU run's correctness smoke, on tiny shapes under the CPU interpreter: a row per op × backend × dtype
+    and per model dtype, and the tolerance rule holds."""
+    assert gpu_smoke.main(["--out", str(tmp_path), "--tiny", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    checks = {(r["check"].split(" ")[1], r["backend"], r["dtype"]) for r in rows if r["check"].startswith("op ")}
+    assert ("conv3x3s2_bn_stats", "triton", "bfloat16") in checks and ("merge", "cuda", "float16") in checks
+    assert len({r["dtype"] for r in rows if r["check"].startswith("model ")}) == 3
+    assert "| yes |" in (tmp_path / "smoke.md").read_text()

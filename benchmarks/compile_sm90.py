@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the kernels must be real JITFunctions to compile")
+    import triton
+
+    if not hasattr(triton, "knobs"):
+        parser.error(f"needs Triton >= 3.4 (its knobs print ptxas's report); this is Triton {triton.__version__}")
     return 1 if check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs) else 0
 
 

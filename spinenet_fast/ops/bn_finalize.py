@@ -6,8 +6,6 @@ When y is later nearest-upsampled by ρ, its statistics are unchanged but its co
 variance takes the unbiased variance of that upsampled count. Differentiable in Σy, Σy², weight and bias.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
@@ -15,6 +13,7 @@ from torch import Tensor
 
 from . import backends
 from .checks import describe
+from .schema_types import TensorList
 
 StatsReducer = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, int]]
 
@@ -59,7 +58,7 @@ def _bn_finalize_extension(sums, sumsq, count, weight, bias, eps) -> list[Tensor
 
 
 @torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=())
-def _bn_finalize_op(sums: Tensor, sumsq: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float) -> list[Tensor]:
+def _bn_finalize_op(sums: Tensor, sumsq: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float) -> TensorList:
     args = (sums.contiguous(), sumsq.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)
     return backends.run("bn_finalize", *args)
 

@@ -10,8 +10,6 @@ Returns y (N, C_out, H, W) channels_last in x's dtype and fp32 Σy, Σy² (C_out
 so BN never writes a normalised copy: the consumer applies ``scale·y + shift`` while loading.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +26,7 @@ from .conv_common import (
     prologue_backward,
     prologue_forward,
 )
+from .schema_types import TensorList
 
 
 def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
@@ -102,7 +101,7 @@ def _(x, weight, scale, shift, activation):
 def _conv1x1_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str,
-) -> list[Tensor]:  # fmt: skip
+) -> TensorList:  # fmt: skip
     # One implementation for every backend: ATen GEMMs (cuBLAS on a GPU), as fused_ops.md §3 allows.
     with backends.autocast_off(x):
         return conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)

@@ -18,8 +18,6 @@ benchmark both, keep the faster); its backward recomputes the activation and run
 argmax exactly as ATen's pool-by-pool backward picks it.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,6 +36,7 @@ from .conv_common import (
     prologue_forward,
 )
 from .padding import PADDING_MODES, spatial_padding
+from .schema_types import TensorList
 
 
 def _check_common(name: str, x, scale, shift, activation, padding) -> None:
@@ -175,7 +174,7 @@ def _(x, weight, scale, shift, activation, padding):
 def _conv3x3s2_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str,
-) -> list[Tensor]:  # fmt: skip
+) -> TensorList:  # fmt: skip
     with backends.autocast_off(x):
         return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding)
 
@@ -218,7 +217,7 @@ def _(y, scale, shift, activation, num_pools, padding):
 
 @torch.library.custom_op("spinenet_fast::bn_act_maxpool_backward", mutates_args=())
 def _maxpool_backward_op(grad: Tensor, y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str,
-                         num_pools: int, padding: str) -> list[Tensor]:  # fmt: skip
+                         num_pools: int, padding: str) -> TensorList:  # fmt: skip
     args = (grad, y, scale, shift, activation, num_pools, padding)
     return backends.run("bn_act_maxpool_backward", *args)
 

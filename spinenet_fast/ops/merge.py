@@ -9,13 +9,12 @@ fp32 (BN folded to an affine map); extra: (N, C, H, W) or None. Returns (N, C, H
 No upsampled copy is ever written; the backward block-sums the gradient back to each parent's resolution.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor
 
 from . import backends
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
+from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
 
@@ -170,7 +169,7 @@ def _merge_backward_extension(grad, parents, scales, shifts, ratios, extra, acti
 
 @torch.library.custom_op("spinenet_fast::merge", mutates_args=())
 def _merge_op(
-    parents: list[Tensor], scales: list[Tensor], shifts: list[Tensor], ratios: list[int], extra: Tensor | None,
+    parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList, extra: Tensor | None,
     activation: str,
 ) -> Tensor:  # fmt: skip
     args = (parents, scales, shifts, ratios, extra, activation)
@@ -186,9 +185,9 @@ def _(parents, scales, shifts, ratios, extra, activation):
 
 @torch.library.custom_op("spinenet_fast::merge_backward", mutates_args=())
 def _merge_backward_op(
-    grad: Tensor, parents: list[Tensor], scales: list[Tensor], shifts: list[Tensor], ratios: list[int],
+    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
     extra: Tensor | None, activation: str,
-) -> list[Tensor]:  # fmt: skip
+) -> TensorList:  # fmt: skip
     args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
     return backends.run("merge_backward", *args)
 

@@ -87,9 +87,10 @@ build() {  # once per machine: an importable extension built from this tree is r
 }
 
 pytest_gpu() {
-    local parallel=()
-    python -c "import xdist" 2>/dev/null && parallel=(-n 8)  # Triton compiles dominate: 8 processes, one GPU
-    python -m pytest -m gpu -q -rfEs -p no:cacheprovider "${parallel[@]}" --junitxml="$WORK/pytest_gpu.xml"
+    local options=()
+    python -c "import xdist" 2>/dev/null && options+=(-n 8)  # Triton compiles dominate: 8 processes, one GPU
+    python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout=120)  # a hung test fails, the rest run
+    python -m pytest -m gpu -q -rfEs -p no:cacheprovider "${options[@]}" --junitxml="$WORK/pytest_gpu.xml"
 }
 
 bench() {
@@ -127,7 +128,7 @@ call1() {
     stage build 150 build >>"$WORK/build.log" 2>&1 || tail -30 "$WORK/build.log"
     stage info 15 python -m spinenet_fast.info >"$WORK/info.txt" 2>&1
     cat "$WORK/info.txt"
-    stage smoke 60 python -m benchmarks.gpu_smoke --out "$WORK" >"$WORK/smoke.log" 2>&1
+    stage smoke 90 python -m benchmarks.gpu_smoke --out "$WORK" >"$WORK/smoke.log" 2>&1
     tail -3 "$WORK/smoke.log"
     stage pytest "$REST" pytest_gpu >"$WORK/pytest_gpu.log" 2>&1
     tail -15 "$WORK/pytest_gpu.log"

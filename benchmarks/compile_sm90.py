@@ -24,7 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import pkgutil
 import re
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ._triton_launches import intercepted_launches, kernel_modules, route_to_triton
 
 TARGET_ARCH = 90
 WARP_SIZE = 32
@@ -75,13 +76,6 @@ class Variant:
         """How many parameters are specialised as multiples of 16, and which ints as the constant 1."""
         ones = f"; =1: {', '.join(self.equal_to_1)}" if self.equal_to_1 else ""
         return f"÷16: {len(self.divisible_by_16)}{ones}"
-
-
-def kernel_modules() -> list[str]:
-    """Every module of ``spinenet_fast.kernels``."""
-    import spinenet_fast.kernels as package
-
-    return [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
 
 
 def jit_functions(modules: list[str]) -> dict[str, object]:
@@ -150,22 +144,6 @@ class LaunchRecorder:
         if self.driver not in self.variants[key].drivers:
             self.variants[key].drivers.append(self.driver)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        from triton.runtime.jit import JITFunction
-
-        original = JITFunction.run
-        recorder = self
-
-        def run(self, *args, grid, warmup, **kwargs):
-            recorder.record(self, args, kwargs)
-
-        JITFunction.run = run
-        try:
-            yield
-        finally:
-            JITFunction.run = original
-
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
@@ -229,11 +207,9 @@ def record_variants(
     functions: dict[str, object], drivers: Iterable[tuple[str, Callable[[], None]]]
 ) -> tuple[LaunchRecorder, list[str]]:
     """Run every driver under the recorder; returns it and the kernels of ``functions`` no driver launched."""
-    # The ops route CPU tensors to the Triton backend only under the interpreter flag; the kernels, imported
-    # before it was set, stay JITFunctions, and the recorder stops every launch before anything could run.
-    os.environ["TRITON_INTERPRET"] = "1"
+    route_to_triton()
     recorder = LaunchRecorder()
-    with recorder.recording():
+    with intercepted_launches(recorder.record):
         for name, drive in drivers:
             recorder.driver = name
             drive()

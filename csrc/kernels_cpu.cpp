@@ -54,6 +54,7 @@ void for_each_item(int64_t pixels, int64_t channels, Item item) {
 }  // namespace
 
 void merge_forward(const MergeTensors& t) {
+  SF_KERNEL_SCOPE("merge_forward");
   SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = merge_args<scalar_t, acc_t>(t);
@@ -66,6 +67,7 @@ void merge_forward(const MergeTensors& t) {
 }
 
 at::Tensor merge_backward(const MergeTensors& t) {
+  SF_KERNEL_SCOPE("merge_backward");
   at::Tensor partial;
   SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -84,6 +86,7 @@ at::Tensor merge_backward(const MergeTensors& t) {
 }
 
 void maxpool_forward(const PoolTensors& t) {
+  SF_KERNEL_SCOPE("maxpool_forward");
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
@@ -100,15 +103,19 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
-    // Routing adds into d_a: tasks own whole (image, channel) planes, so no two write the same element.
-    at::parallel_for(0, a.N * a.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / a.C, c = plane % a.C;
-        for (int64_t pixel = n * a.OH * a.OW; pixel < (n + 1) * a.OH * a.OW; ++pixel) {
-          maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { *p += v; });
+    {
+      SF_KERNEL_SCOPE("maxpool_route");
+      // Routing adds into d_a: tasks own whole (image, channel) planes, so no two write the same element.
+      at::parallel_for(0, a.N * a.C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / a.C, c = plane % a.C;
+          for (int64_t pixel = n * a.OH * a.OW; pixel < (n + 1) * a.OH * a.OW; ++pixel) {
+            maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { *p += v; });
+          }
         }
-      }
-    });
+      });
+    }
+    SF_KERNEL_SCOPE("maxpool_backward");
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
     with_vec<scalar_t>(vec, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
@@ -123,6 +130,7 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
 }
 
 void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+  SF_KERNEL_SCOPE("bn_finalize");
   AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
     for (int64_t c = 0; c < in[0].numel(); ++c) {
       bn_finalize_channel<scalar_t>(in[0].const_data_ptr<scalar_t>(), in[1].const_data_ptr<scalar_t>(),

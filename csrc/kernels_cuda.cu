@@ -142,6 +142,7 @@ __global__ void bn_finalize_kernel(const T* sums, const T* sumsq, const T* weigh
 }  // namespace
 
 void merge_forward(const MergeTensors& t) {
+  SF_KERNEL_SCOPE("merge_forward");
   SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MergeForward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
@@ -152,6 +153,7 @@ void merge_forward(const MergeTensors& t) {
 }
 
 at::Tensor merge_backward(const MergeTensors& t) {
+  SF_KERNEL_SCOPE("merge_backward");
   at::Tensor partial;
   SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -167,6 +169,7 @@ at::Tensor merge_backward(const MergeTensors& t) {
 }
 
 void maxpool_forward(const PoolTensors& t) {
+  SF_KERNEL_SCOPE("maxpool_forward");
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const PoolForward<scalar_t, acc_t> item{pool_args<scalar_t, acc_t>(t)};
@@ -181,7 +184,11 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
-    for_each_item<1>(PoolRoute<scalar_t, acc_t>{a}, a.N * a.OH * a.OW, a.C);
+    {
+      SF_KERNEL_SCOPE("maxpool_route");
+      for_each_item<1>(PoolRoute<scalar_t, acc_t>{a}, a.N * a.OH * a.OW, a.C);
+    }
+    SF_KERNEL_SCOPE("maxpool_backward");
     const PrologueBackward<scalar_t, acc_t> item{a};
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
     with_vec<scalar_t>(vec, [&](auto width) {
@@ -193,6 +200,7 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
 }
 
 void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+  SF_KERNEL_SCOPE("bn_finalize");
   AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
     const int64_t channels = in[0].numel();
     bn_finalize_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 
 #include <cstdint>
 #include <optional>
@@ -13,6 +14,16 @@
 #include "fused_math.h"
 
 namespace spinenet_fast {
+
+// Every kernel the extension launches, for the launch ledger (benchmarks/ledger.py): while logging is on, its name
+// goes to a log that `torch.ops.spinenet_fast.ext_launch_log(enable)` returns and clears. The CPU twins log what
+// the CUDA launchers launch, so a CPU run counts a GPU's launches.
+void log_launch(const char* name);
+
+// Names one kernel launch for the profiler (until the end of the enclosing block) and logs it.
+#define SF_KERNEL_SCOPE(name)                                                                 \
+  RECORD_FUNCTION("spinenet_fast::kernel::" name, std::vector<c10::IValue>());                \
+  log_launch(name)
 
 // Storage bytes one vectorised load moves.
 constexpr int kVecBytes = 16;

@@ -16,6 +16,34 @@ namespace {
 
 constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 
+// ATen work around the kernels that launches kernels of its own, logged like them (launch.h).
+at::Tensor contiguous_logged(const at::Tensor& x, at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  if (x.is_contiguous(format)) return x;
+  log_launch("aten::copy (layout)");
+  return x.contiguous(format);
+}
+
+at::Tensor to_logged(const at::Tensor& x, at::ScalarType dtype) {
+  if (x.scalar_type() == dtype) return x;
+  log_launch("aten::copy (dtype)");
+  return x.to(dtype);
+}
+
+at::Tensor reduce_partials(const at::Tensor& partial) {
+  log_launch("aten::sum (partial sums)");
+  return partial.sum(0);
+}
+
+at::Tensor clone_logged(const at::Tensor& x) {
+  log_launch("aten::clone");
+  return x.clone();
+}
+
+at::Tensor zeros_logged(at::IntArrayRef size, const at::TensorOptions& options) {
+  log_launch("aten::zeros");
+  return at::zeros(size, options);
+}
+
 int parse_activation(c10::string_view activation) {
   if (activation == "identity") return kIdentity;
   if (activation == "relu") return kRelu;
@@ -58,7 +86,7 @@ at::Tensor channel_vector(const std::string& name, const at::Tensor& v, const at
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == like.size(1) && v.device() == like.device(), name,
                     " must be a (", like.size(1), ",) tensor on ", like.device(), ", got shape ", v.sizes(), " on ",
                     v.device());
-  return v.contiguous();
+  return contiguous_logged(v);
 }
 
 // Checks the merge arguments and fills `t` with NHWC-contiguous inputs, coarse parent first; returns the output
@@ -84,14 +112,14 @@ std::vector<int64_t> prepare_merge(MergeTensors& t, bool& swapped, at::TensorLis
     check_like(name, parents[i], first, {first.size(0), first.size(1), parents[i].size(2), parents[i].size(3)});
     TORCH_CHECK_VALUE(size == target, name, " of shape ", parents[i].sizes(), " upsampled ×", ratios[i], " gives ",
                       at::IntArrayRef(size), ", but parents[0] gives ", at::IntArrayRef(target));
-    t.parents.push_back(parents[i].contiguous(kNHWC));
+    t.parents.push_back(contiguous_logged(parents[i], kNHWC));
     t.scales.push_back(channel_vector("scales[" + std::to_string(i) + "]", scales[i], first));
     t.shifts.push_back(channel_vector("shifts[" + std::to_string(i) + "]", shifts[i], first));
     t.ratios.push_back(ratios[i]);
   }
   if (extra) {
     check_like("extra", *extra, first, target);
-    t.extra = extra->contiguous(kNHWC);
+    t.extra = contiguous_logged(*extra, kNHWC);
   }
   swapped = k == 2 && t.ratios[1] > t.ratios[0];
   if (swapped) {
@@ -121,23 +149,23 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   TORCH_CHECK_VALUE(t.ratios[0] % t.ratios.back() == 0,
                     "ratios: the extension's merge backward needs one ratio to divide the other, got ", ratios);
   check_like("grad", grad, parents[0], shape);
-  t.grad = grad.contiguous(kNHWC);
+  t.grad = contiguous_logged(grad, kNHWC);
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());
   const int64_t channels = grad.size(1);
   at::Tensor sums = grad.numel() > 0
-                        ? (grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t)).sum(0)
-                        : at::zeros({kNumMergeSums, channels}, t.scales[0].options());
-  std::vector<at::Tensor> d_scales{sums[kScale0].clone()};
-  if (t.parents.size() == 2) d_scales.push_back(sums[kScale1].clone());
+                        ? reduce_partials(grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t))
+                        : zeros_logged({kNumMergeSums, channels}, t.scales[0].options());
+  std::vector<at::Tensor> d_scales{clone_logged(sums[kScale0])};
+  if (t.parents.size() == 2) d_scales.push_back(clone_logged(sums[kScale1]));
   if (swapped) {
     std::swap(t.d_parents[0], t.d_parents[1]);
     std::swap(d_scales[0], d_scales[1]);
   }
   std::vector<at::Tensor> out = t.d_parents;
   out.insert(out.end(), d_scales.begin(), d_scales.end());
-  for (size_t i = 0; i < t.parents.size(); ++i) out.push_back(sums[kShift].clone());
+  for (size_t i = 0; i < t.parents.size(); ++i) out.push_back(clone_logged(sums[kShift]));
   if (t.d_extra) out.push_back(*t.d_extra);
   return out;
 }
@@ -153,7 +181,7 @@ PoolTensors prepare_pool(const at::Tensor& y, const std::optional<at::Tensor>& s
   TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(),
                     "scale and shift must be given together (the BN affine) or both be None");
   PoolTensors t;
-  t.y = y.contiguous(kNHWC);
+  t.y = contiguous_logged(y, kNHWC);
   if (scale) {
     t.scale = channel_vector("scale", *scale, y);
     t.shift = channel_vector("shift", *shift, y);
@@ -182,14 +210,14 @@ std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, cons
                                                     c10::string_view padding) {
   PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
   check_like("grad", grad, y, {y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools});
-  t.grad = grad.contiguous(kNHWC);
-  t.d_a = at::zeros({y.size(0), y.size(2), y.size(3), y.size(1)}, y.options().dtype(stats_dtype(y)));
+  t.grad = contiguous_logged(grad, kNHWC);
+  t.d_a = zeros_logged({y.size(0), y.size(2), y.size(3), y.size(1)}, y.options().dtype(stats_dtype(y)));
   t.d_y = at::empty_like(t.y, kNHWC);
   const c10::DeviceGuard guard(y.device());
-  at::Tensor sums = y.numel() > 0 ? (y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t)).sum(0)
-                                  : at::zeros({kNumPrologueSums, y.size(1)}, t.d_a.options());
+  at::Tensor sums = y.numel() > 0 ? reduce_partials(y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t))
+                                  : zeros_logged({kNumPrologueSums, y.size(1)}, t.d_a.options());
   if (!t.scale.defined()) return {t.d_y};
-  return {t.d_y, sums[kPrologueScale].clone(), sums[kPrologueShift].clone()};
+  return {t.d_y, clone_logged(sums[kPrologueScale]), clone_logged(sums[kPrologueShift])};
 }
 
 std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,
@@ -199,13 +227,13 @@ std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor
   TORCH_CHECK_VALUE(sums.dim() == 1 && (sums.is_cpu() || sums.is_cuda()),
                     "sums must be a 1-D tensor on the CPU or a CUDA device, got shape ", sums.sizes(), " on ",
                     sums.device());
-  std::vector<at::Tensor> in{sums.contiguous()};
+  std::vector<at::Tensor> in{contiguous_logged(sums)};
   const std::pair<const char*, const at::Tensor*> others[] = {{"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}};
   for (const auto& [name, v] : others) {
     TORCH_CHECK_VALUE(v->sizes() == sums.sizes() && v->device() == sums.device(), name, " must have shape ",
                       sums.sizes(), " on ", sums.device(), ", got ", v->sizes(), " on ", v->device());
     TORCH_CHECK_TYPE(v->is_floating_point(), name, " must be floating-point, got ", v->scalar_type());
-    in.push_back(v->to(sums.scalar_type()).contiguous());
+    in.push_back(contiguous_logged(to_logged(*v, sums.scalar_type())));
   }
   TORCH_CHECK_VALUE(count >= 1, "count must be a positive int (values per channel), got ", count);
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);

@@ -7,6 +7,34 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace spinenet_fast {
+namespace {
+std::atomic<bool> logging{false};  // off unless benchmarks/ledger.py asks: nothing is kept otherwise
+std::mutex log_mutex;
+std::vector<std::string> launch_log;
+}  // namespace
+
+void log_launch(const char* name) {
+  if (!logging.load(std::memory_order_relaxed)) return;
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  launch_log.emplace_back(name);
+}
+
+// The kernels logged since the last call (and clears them); logging continues while `enable` is true.
+std::vector<std::string> launch_log_take(bool enable) {
+  const std::lock_guard<std::mutex> lock(log_mutex);
+  logging.store(enable);
+  std::vector<std::string> taken;
+  taken.swap(launch_log);
+  return taken;
+}
+}  // namespace spinenet_fast
+
 extern "C" {
 // `import spinenet_fast._C` runs the static TORCH_LIBRARY registration below; the module itself is empty.
 PyObject* PyInit__C(void) {
@@ -34,4 +62,7 @@ TORCH_LIBRARY(spinenet_fast, m) {
       " int num_pools, str padding) -> Tensor[]");
   // [scale, shift, mean, var] from per-channel Σ, Σ² of `count` values.
   m.def("ext_bn_finalize(Tensor sums, Tensor sumsq, int count, Tensor weight, Tensor bias, float eps) -> Tensor[]");
+  // The names of the kernels the extension launched since the last call, logged while enabled (launch.h), for
+  // benchmarks/ledger.py; `enable` switches logging on or off from now on.
+  m.def("ext_launch_log(bool enable) -> str[]", &spinenet_fast::launch_log_take);
 }

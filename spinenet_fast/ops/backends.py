@@ -31,6 +31,7 @@ COMPILED_DTYPES = (*FLOAT_DTYPES, torch.float64)  # the extension's and ATen's l
 _auto_orders: dict[str, tuple[str, ...]] = {}
 
 _requested: str | None = None
+_gpu_order_on_cpu = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def choose(op: str, *args) -> str:
     requested = requested_backend()
     if requested != "auto":
         candidates = (requested,)
-    elif _device_type(args) == "cuda":
+    elif _device_type(args) == "cuda" or _gpu_order_on_cpu:
         candidates = _auto_orders.get(op, AUTO_ORDER)
     else:
         candidates = AUTO_ORDER_CPU
@@ -176,6 +177,19 @@ def choose(op: str, *args) -> str:
             return backend
     explained = "; ".join(f"{b}: {', '.join(r) or 'available'}" for b, r in reasons.items())
     raise RuntimeError(f"backend {requested!r} cannot run {op} on these inputs ({explained})")
+
+
+@contextlib.contextmanager
+def gpu_auto_order_on_cpu() -> Iterator[None]:
+    """``auto`` chooses for CPU tensors as it would for GPU tensors (the extension's CPU twins standing in for its
+    CUDA kernels, Triton for Triton): a CPU run then launches what a GPU run launches (``benchmarks/ledger.py``)."""
+    global _gpu_order_on_cpu
+    previous = _gpu_order_on_cpu
+    _gpu_order_on_cpu = True
+    try:
+        yield
+    finally:
+        _gpu_order_on_cpu = previous
 
 
 def select(op: str, *args) -> Callable:

@@ -35,6 +35,20 @@ def test_auto_never_picks_the_extensions_cpu_twins(monkeypatch):
         assert backends.select("merge", *args) is not merge_reference
 
 
+def test_gpu_auto_order_on_cpu_picks_what_a_gpu_would(monkeypatch):
+    """The launch ledger's routing: CPU tensors take the GPU's auto order (the extension's CPU twins first for the
+    merge, Triton first for the GEMM ops), and only inside the context."""
+    require_backend("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = merge_args()
+    assert backends.choose("merge", *args) == "triton"  # the CPU order
+    with backends.gpu_auto_order_on_cpu():
+        assert backends.choose("merge", *args) == "cuda"
+        x = torch.randn(1, 3, 2, 2)
+        assert backends.choose("conv1x1_bn_stats", x, torch.randn(4, 3, 1, 1), None, None, "identity") == "triton"
+    assert backends.choose("merge", *args) == "triton"
+
+
 def test_missing_extension_is_explained(monkeypatch):
     monkeypatch.setattr(_extension, "extension", None)
     monkeypatch.setattr(_extension, "unavailable_reason", "spinenet_fast._C is not available (test)")

@@ -1,0 +1,356 @@
+"""``python -m benchmarks.ledger --model 49 --out DIR [--size 256 --batch 1 --dtype bf16]``: the kernel launches of
+one SpineNet training step (forward, backward), per part of the model, eager against fused — counted on a CPU.
+
+Launch counts do not depend on tensor sizes, so a CPU run at any size gives a GPU's counts, generically:
+
+- ATen: a dispatch mode sees every ATen op as the dispatcher runs it (after autograd and the composite ops'
+  decompositions, i.e. the ops that have device kernels): each is one launch unless it is a view, a metadata op
+  or an allocation (``NO_KERNEL``). The fused ops (``torch.library.custom_op``) are opened: their implementation
+  runs under the same mode, so what they launch is counted, not the op itself.
+- Triton: every launch of a ``@triton.jit`` kernel, intercepted before it would run (outputs stay uninitialised:
+  launches and shapes are right, values are not).
+- The extension: its C++ logs every kernel it launches, and the ATen work it does around them (partial-sum
+  reductions, copies, zero fills), CUDA launchers and CPU twins alike (``csrc/launch.h``).
+
+The fused model's ops take the backends ``auto`` takes on a GPU (``backends.gpu_auto_order_on_cpu``): the
+extension's CPU twins stand in for its CUDA kernels. Parts are the model's modules (stem, the two initial block
+groups, merge k and each of its parents, block group k, endpoints) and the loss, tracked by module hooks (the
+fused path's parents by a wrapper of ``fused_resample``); a backward launch belongs to the part whose forward
+created the autograd node it runs in (a node-creation hook tags each node). Writes ``DIR/ledger.json``,
+``DIR/ledger.md`` and ``DIR/ledger.png``. Bytes and FLOPs are not modelled yet (issue 15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._triton_launches import intercepted_launches, route_to_triton
+
+PASSES = ("forward", "backward")
+# fused_ops.md §7: launches the fused connections must not make (reductions, copies and casts around the kernels).
+FORBIDDEN = ("aten sum", "aten stack", "aten clone", "aten lerp_", "aten _to_copy", "extension aten")
+VARIANTS = ("eager", "fused-auto")
+PART_KEY = "ledger_part"
+# ATen ops that launch no kernel: views, metadata, allocations (as the dispatcher sees them).
+NO_KERNEL = frozenset(
+    (
+        "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape",
+        "_reshape_alias", "view_as", "as_strided", "t", "transpose", "permute", "expand", "expand_as", "detach",
+        "alias", "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "unbind", "chunk", "narrow",
+        "resize_", "set_", "lift_fresh", "unflatten", "movedim", "result_type", "is_same_size",
+        "_has_compatible_shallow_copy_type", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel",
+        "sym_storage_offset", "promote_types", "_to_copy_noop", "view_as_real", "view_as_complex", "_reshape_copy",
+    )
+)  # fmt: skip
+
+
+@dataclass
+class Ledger:
+    """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``."""
+
+    counts: dict[str, dict[str, Counter]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Counter)))
+
+    def launches(self, part_prefix: str = "", pass_: str | None = None) -> int:
+        """Launches of the parts whose name starts with ``part_prefix``, in one pass or both."""
+        return sum(self.ops(part_prefix, pass_).values())
+
+    def ops(self, part_prefix: str = "", pass_: str | None = None) -> Counter:
+        """``"kind name"`` -> launches, over the matching parts and passes."""
+        total: Counter = Counter()
+        for part, passes in self.counts.items():
+            if part.startswith(part_prefix):
+                for p, by_name in passes.items():
+                    if pass_ in (None, p):
+                        total.update(by_name)
+        return total
+
+    def as_json(self) -> dict:
+        return {part: {p: dict(c) for p, c in passes.items()} for part, passes in sorted(self.counts.items())}
+
+
+def _decomposes_on_gpu(name: str) -> bool:
+    """Whether the op runs on a GPU as its composite decomposition (no CUDA or explicit kernel of its own)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "CompositeImplicitAutograd") and not (has(name, "CUDA") or has(name, "CompositeExplicitAutograd"))
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the launches of what runs under it into ``ledger``, for the part on top of ``parts`` in the forward
+    and for the part that created the running autograd node in the backward."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.parts = ["other"]
+        self.pass_ = "forward"
+
+    def part(self) -> str:
+        if self.pass_ == "backward":
+            node = torch._C._current_autograd_node()
+            if node is None:  # the backward's seed gradient
+                return "loss"
+            if "AccumulateGrad" in node.name():
+                return "gradient accumulation"
+            return node.metadata.get(PART_KEY, "other")
+        return self.parts[-1]
+
+    def count(self, kind: str, name: str) -> None:
+        self.ledger.counts[self.part()][self.pass_][f"{kind} {name}"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        opdef = torch._library.custom_ops._maybe_get_opdef(func)
+        if opdef is not None:  # a fused op: what its implementation launches, under this mode
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        if _decomposes_on_gpu(func.name()):
+            with self:  # below autograd (inside a fused op) a composite op arrives whole: count what it runs
+                return func.decompose(*args, **kwargs)
+        name = func._schema.name  # namespace::op, without the overload
+        if name.startswith("spinenet_fast::ext_"):  # the extension: the kernels its C++ logged
+            torch.ops.spinenet_fast.ext_launch_log(True)
+            out = func(*args, **kwargs)
+            for launched in torch.ops.spinenet_fast.ext_launch_log(False):
+                kind, _, op = launched.rpartition("::")
+                self.count("extension" if not kind else f"extension {kind}", op)
+            return out
+        op = name.split("::")[-1]
+        if op not in NO_KERNEL:
+            self.count("aten", op)
+        return func(*args, **kwargs)
+
+
+def part_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts of a SpineNet: stem, init_groups.i, merges.k, merges.k.resamples.i, groups.k, endpoints.pL."""
+    parts = {}
+    for name, module in model.named_modules():
+        path = name.split(".")
+        container = len(path) == 2 and path[0] in ("init_groups", "merges", "groups", "endpoints")
+        parent = len(path) == 4 and path[0] == "merges" and path[2] == "resamples"
+        if name == "stem" or container or parent:
+            parts[name] = module
+    return parts
+
+
+@contextlib.contextmanager
+def part_tracking(model: nn.Module, counter: LaunchCounter) -> Iterator[None]:
+    """Keep ``counter.parts`` on the innermost running part (the fused path's parents included), and tag every
+    autograd node created meanwhile with it."""
+    from spinenet_fast.models import fused_merge
+
+    parts = part_modules(model)
+    names = {id(module): name for name, module in parts.items()}
+
+    def enter(module, args):
+        counter.parts.append(names[id(module)])
+
+    def leave(module, args, output):
+        counter.parts.pop()
+
+    def tag(node) -> None:
+        node.metadata[PART_KEY] = counter.parts[-1]
+
+    handles = [m.register_forward_pre_hook(enter) for m in parts.values()]
+    handles += [m.register_forward_hook(leave) for m in parts.values()]
+    fused_resample = fused_merge.fused_resample
+
+    def tracked_resample(resample, *args, **kwargs):
+        counter.parts.append(names[id(resample)])
+        try:
+            return fused_resample(resample, *args, **kwargs)
+        finally:
+            counter.parts.pop()
+
+    fused_merge.fused_resample = tracked_resample
+    torch._C._autograd._push_node_creation_hook(tag)
+    try:
+        yield
+    finally:
+        torch._C._autograd._pop_node_creation_hook()
+        fused_merge.fused_resample = fused_resample
+        for handle in handles:
+            handle.remove()
+
+
+def count_training_step(
+    model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
+) -> Ledger:
+    """Launches of one training step (forward, backward of Σ mean(p²) over the outputs) of a SpineNet on CPU
+    tensors: eager, or fused with each op on the backend ``auto`` takes on a GPU; under ``autocast`` (bf16, as
+    ``--amp`` trains: fp32 parameters) or in the model's own dtype."""
+    from spinenet_fast.ops import backends
+
+    for merge in model.merges:
+        merge.fused = fused
+    model.train().zero_grad(set_to_none=True)  # a step's gradients are written, not accumulated
+    route_to_triton()
+    ledger = Ledger()
+    counter = LaunchCounter(ledger)
+
+    def triton_launch(kernel, args, kwargs) -> None:
+        counter.count("triton", kernel.fn.__name__)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(backends.gpu_auto_order_on_cpu())
+        stack.enter_context(intercepted_launches(triton_launch))
+        stack.enter_context(part_tracking(model, counter))
+        stack.enter_context(counter)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            outputs = list(model(images).values())
+        counter.parts.append("loss")
+        loss = sum((o.float() ** 2).mean() for o in outputs)
+        counter.parts.pop()
+        counter.pass_ = "backward"
+        loss.backward()
+    return ledger
+
+
+@dataclass(frozen=True)
+class PartGroup:
+    """A row of the summary: the parts whose names start with one of ``prefixes``."""
+
+    label: str
+    prefixes: tuple[str, ...]
+
+
+def _groups(model) -> list[PartGroup]:
+    return [
+        PartGroup("stem and initial blocks", ("stem", "init_groups.")),
+        PartGroup("cross-scale parents", tuple(f"merges.{k}.resamples." for k in range(len(model.merges)))),
+        PartGroup("merges (sum, activation, extras)", tuple(f"merges.{k}" for k in range(len(model.merges)))),
+        PartGroup("blocks", ("groups.",)),
+        PartGroup("endpoints", ("endpoints.",)),
+        PartGroup("loss (Σ mean(p²)) and gradient accumulation", ("loss", "gradient accumulation", "other")),
+    ]
+
+
+def _group_launches(ledger: Ledger, group: PartGroup, pass_: str, exclude: tuple[str, ...] = ()) -> int:
+    return sum(
+        sum(ledger.counts[part][pass_].values())
+        for part in ledger.counts
+        if part.startswith(group.prefixes) and not part.startswith(exclude)
+    )
+
+
+def summarise(model, ledgers: dict[str, Ledger]) -> dict:
+    """Per group and per connection type: launches per pass and variant."""
+    groups = _groups(model)
+    parents = groups[1].prefixes
+    rows = []
+    for group in groups:
+        exclude = parents if group.label.startswith("merges") else ()
+        cells = {f"{v} {p}": _group_launches(ledgers[v], group, p, exclude) for v in ledgers for p in PASSES}
+        rows.append({"part": group.label, **cells})
+    rows.append({"part": "total", **{f"{v} {p}": ledgers[v].launches(pass_=p) for v in ledgers for p in PASSES}})
+    connections = []
+    for k, merge in enumerate(model.merges):
+        for i, resample in enumerate(merge.resamples):
+            part = f"merges.{k}.resamples.{i}"
+            kind = "up" if resample.parent_level > resample.target_level else "down" if resample.down else "same"
+            connections.append({
+                "part": part, "connection": f"L{resample.parent_level}->L{resample.target_level} {kind}",
+                **{f"{v} {p}": ledgers[v].launches(part, p) for v in ledgers for p in PASSES},
+            })  # fmt: skip
+    return {"groups": rows, "connections": connections}
+
+
+def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
+    columns = [f"{v} {p}" for v in ledgers for p in PASSES]
+    lines = [
+        f"# Kernel launches per training step (counted on a CPU: {config['description']})",
+        "",
+        "Counted, not timed: launches are exact and size-independent (`benchmarks/ledger.py` says how they are "
+        "counted). Fused: each op on the backend `auto` picks on a GPU.",
+        "",
+        "| part | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    lines += ["| " + r["part"] + " | " + " | ".join(str(r[c]) for c in columns) + " |" for r in summary["groups"]]
+    seen = {}
+    for row in summary["connections"]:
+        seen.setdefault(row["connection"], row)
+    lines += ["", "One parent of each kind (first in block order):", "",
+              "| connection | part | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]  # fmt: skip
+    lines += [f"| {r['connection']} | {r['part']} | " + " | ".join(str(r[c]) for c in columns) + " |"
+              for r in seen.values()]  # fmt: skip
+    lines += ["", "Launches fused_ops.md §7 forbids around the fused ops (cross-scale parents and merges, fused):", ""]
+    fused = ledgers.get("fused-auto")
+    for pass_ in PASSES if fused else ():
+        found = {op: n for op, n in fused.ops("merges.", pass_).items() if op.startswith(FORBIDDEN)}
+        lines.append(f"- {pass_}: " + (", ".join(f"{op} ×{n}" for op, n in sorted(found.items())) or "none"))
+    for variant, ledger in ledgers.items():
+        for pass_ in PASSES:
+            top = ledger.ops(pass_=pass_).most_common(12)
+            lines += ["", f"{variant} {pass_}, most launched: " + ", ".join(f"{op} ×{n}" for op, n in top)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, ledgers: dict[str, Ledger], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["groups"][:-1]
+    figure, axes = plt.subplots(1, len(PASSES), figsize=(12, 4), sharey=True)
+    for axis, pass_ in zip(axes, PASSES):
+        positions = range(len(rows))
+        for offset, variant in zip((-0.2, 0.2), ledgers):
+            axis.barh([p + offset for p in positions], [r[f"{variant} {pass_}"] for r in rows], height=0.4,
+                      label=variant)  # fmt: skip
+        axis.set_yticks(list(positions), [r["part"] for r in rows])
+        axis.set_title(f"{pass_}: kernel launches")
+        axis.invert_yaxis()
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="49", help="SpineNet id, or 49XS-custom")
+    parser.add_argument("--size", type=int, default=256, help="image size (counts do not depend on it)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="bfloat16: autocast with fp32 parameters, as --amp trains")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from spinenet_fast.detection.presets import CUSTOM_SCALINGS
+    from spinenet_fast.models import SpineNet
+
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+    torch.manual_seed(0)
+    model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=0.0, fused=False)
+    model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    ledgers = {
+        variant: count_training_step(model, images, fused=variant != "eager", autocast=autocast) for variant in VARIANTS
+    }
+    precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
+    description = f"SpineNet-{args.model} backbone, {args.size} px, batch {args.batch}, {precision}"
+    config = {"model": args.model, "size": args.size, "batch": args.batch, "dtype": args.dtype,
+              "description": description}  # fmt: skip
+    summary = summarise(model, ledgers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"config": config, "summary": summary, "ledgers": {v: ledger.as_json() for v, ledger in ledgers.items()}}
+    (args.out / "ledger.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "ledger.md").write_text(to_markdown(summary, config, ledgers))
+    plot(summary, ledgers, args.out / "ledger.png")
+    print((args.out / "ledger.md").read_text())
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -26,12 +26,12 @@ def route_to_triton() -> None:
     """Import every kernel module (as real JITFunctions), then route the ops' CPU tensors to Triton."""
     from triton.runtime.jit import JITFunction
 
-    modules = [importlib.import_module(name) for name in kernel_modules()]
+    for name in kernel_modules():
+        importlib.import_module(name)
     from spinenet_fast.kernels.merge import _merge_fwd_kernel
 
     if not isinstance(_merge_fwd_kernel, JITFunction):
         raise RuntimeError("run without TRITON_INTERPRET=1: the kernels must import as real JITFunctions")
-    del modules
     os.environ["TRITON_INTERPRET"] = "1"
 
 

@@ -1,7 +1,7 @@
 """Triton kernels and their launchers, installed as ``spinenet_fast.kernels``.
 
 Kernels here know nothing of autograd or dispatch: ``spinenet_fast.ops`` wraps them. Under Triton's CPU
-interpreter (``TRITON_INTERPRET=1``) this package first installs :mod:`.interpreter_compat`'s fix.
+interpreter (``TRITON_INTERPRET=1``) this package first installs the fixes of :mod:`.interpreter_compat`.
 """
 
 import os

@@ -65,17 +65,13 @@ def _install_scalar_index(interpreter, tl) -> None:
     interpreter._patch_lang = patched
 
 
-def install() -> list[str]:
-    """Patch the interpreter where it needs it; returns the names of the fixes installed."""
+def install() -> None:
+    """Patch the interpreter where it needs it."""
     import triton
     import triton.language as tl
     from triton.runtime import interpreter
 
-    installed = []
     if hasattr(interpreter, "_convert_float"):
         _install_rounding(interpreter, tl)
-        installed.append("bf16 rounding")
     if _version(triton) < (3, 7) and _version(np) >= (2, 4) and hasattr(interpreter, "_patch_lang"):
         _install_scalar_index(interpreter, tl)
-        installed.append("scalar index")
-    return installed

@@ -176,6 +176,8 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     affine = (leaf(64, stats=True), leaf(64, stats=True))
     for scale, shift, act in ((None, None, "identity"), (*affine, activation)):
         backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act))
+        if dtype != torch.float32:  # the fp32 master weight of autocast
+            backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1, stats=True), scale, shift, act))
         backward(*conv3x3s2_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding))
     statistics = [leaf(64, stats=True) for _ in range(4)]  # Σ, Σ², fp32 BN parameters (as under autocast)
     backward(*bn_finalize(*statistics[:2], 2048, *statistics[2:], eps=1e-3))

@@ -30,3 +30,42 @@ def bn_finalize_forward(sums, sumsq, count, weight, bias, eps) -> list[torch.Ten
     grid = (triton.cdiv(sums.numel(), BLOCK_C),)
     _bn_finalize_kernel[grid](sums, sumsq, weight, bias, *outputs, sums.numel(), float(count), eps, BLOCK_C=BLOCK_C)
     return outputs
+
+
+@triton.jit
+def _bn_finalize_bwd_kernel(
+    dsums_ptr, dsumsq_ptr, dweight_ptr, dbias_ptr, dscale_ptr, dshift_ptr, dmean_ptr, dvar_ptr, weight_ptr, mean_ptr,
+    var_ptr, C, count, eps, HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The chain rule through scale = γ·invstd, shift = β − mean·scale, mean = Σ/n, var = Σ²/n − mean²."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = c < C
+    d_scale = tl.load(dscale_ptr + c, mask=mask, other=0.0)
+    d_shift = tl.load(dshift_ptr + c, mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=mask, other=0.0) + eps)
+    weight = tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    d_affine = d_scale - d_shift * mean  # dL/d(γ·invstd) folded with shift's −mean·scale
+    d_var = -0.5 * weight * d_affine * invstd * invstd * invstd
+    if HAS_DVAR:
+        d_var += tl.load(dvar_ptr + c, mask=mask, other=0.0)
+    d_mean = -d_shift * weight * invstd - 2.0 * mean * d_var
+    if HAS_DMEAN:
+        d_mean += tl.load(dmean_ptr + c, mask=mask, other=0.0)
+    tl.store(dsums_ptr + c, d_mean / count, mask=mask)
+    tl.store(dsumsq_ptr + c, d_var / count, mask=mask)
+    tl.store(dweight_ptr + c, (invstd * d_affine).to(dweight_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbias_ptr + c, d_shift.to(dbias_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps) -> list[torch.Tensor]:
+    """``[dΣ, dΣ² (fp32), dγ (γ's dtype), dβ (β's dtype)]``, each (C,); ``d_mean``/``d_var`` may be None (no
+    gradient), ``d_scale``/``d_shift`` may not."""
+    outputs = [torch.empty_like(mean) for _ in range(2)] + [torch.empty_like(weight), torch.empty_like(bias)]
+    grid = (triton.cdiv(mean.numel(), BLOCK_C),)
+    _bn_finalize_bwd_kernel[grid](
+        *outputs, d_scale, d_shift, d_scale if d_mean is None else d_mean, d_scale if d_var is None else d_var,
+        weight, mean, var, mean.numel(), float(count), eps, HAS_DMEAN=d_mean is not None, HAS_DVAR=d_var is not None,
+        BLOCK_C=BLOCK_C,
+    )  # fmt: skip
+    return outputs

@@ -39,7 +39,8 @@ def _conv1x1_fwd_kernel(
             a = tl.where(x_mask, a, 0.0)  # act(shift) is not 0: re-zero the padding after the prologue
         b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < N_OUT)[None, :],
                     other=0.0)  # fmt: skip
-        a = a.to(b.dtype)  # the operand in the storage dtype, whichever dot multiplies it
+        # Both operands in the storage dtype (an fp32 master weight is rounded as autocast would), whichever dot.
+        a, b = a.to(x_ptr.dtype.element_ty), b.to(x_ptr.dtype.element_ty)
         if FP32_DOT:  # fp32 storage, or bf16 under the interpreter: products of bf16 values are exact
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
@@ -51,13 +52,15 @@ def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.
     """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, Σy (C_out,) fp32, Σy² (C_out,) fp32]``."""
     n, k, h, w = x.shape
     c_out = weight.shape[0]
-    w2d = weight.reshape(c_out, k).to(x.dtype)
+    w2d = weight.reshape(c_out, k)
     y = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv1x1_fwd_kernel)
     grid = (triton.cdiv(n * h * w, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
     partial_sumsq = torch.empty_like(partial_sum)
     has_prologue = scale is not None
+    if has_prologue:  # (C,) vectors are addressed densely
+        scale, shift = scale.contiguous(), shift.contiguous()
     _conv1x1_fwd_kernel[grid](
         y, partial_sum, partial_sumsq, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
         n * h * w, k, c_out, h * w, w, *x.stride(), *y.stride(), *w2d.stride(),

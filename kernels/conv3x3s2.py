@@ -62,6 +62,8 @@ def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) 
     partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
     partial_sumsq = torch.empty_like(partial_sum)
     has_prologue = scale is not None
+    if has_prologue:  # (C,) vectors are addressed densely
+        scale, shift = scale.contiguous(), shift.contiguous()
     _conv3x3s2_fwd_kernel[grid](
         y, partial_sum, partial_sumsq, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),

@@ -63,10 +63,18 @@ def _pixels(t: Tensor) -> int:
     return t.shape[0] * t.shape[2] * t.shape[3]
 
 
+def conv1x1_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 1×1 conv's weight as ``conv1x1_bn_stats`` takes it for activations of ``dtype``: an fp32 master weight as
+    is under autocast (the kernels round it as they load it and accumulate its gradient in fp32: no cast launched in
+    either pass), any other weight cast to ``dtype``."""
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    return weight if low_precision and weight.dtype == torch.float32 else weight.to(dtype)
+
+
 def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, sums, sumsq = conv1x1_bn_stats(x, squeeze.conv.weight.to(x.dtype))
+    y, sums, sumsq = conv1x1_bn_stats(x, conv1x1_weight(squeeze.conv.weight, x.dtype))
     scale, shift = bn_affine(squeeze.bn, sums, sumsq, _pixels(y), 1)
     ratio = resample.upsample_factor
     if resample.down is not None:
@@ -77,7 +85,7 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
     y, sums, sumsq = conv1x1_bn_stats(
-        y, expand.conv.weight.to(x.dtype), scale, shift, activation if scale is not None else "identity"
+        y, conv1x1_weight(expand.conv.weight, x.dtype), scale, shift, activation if scale is not None else "identity"
     )
     scale, shift = bn_affine(expand.bn, sums, sumsq, _pixels(y), ratio)
     return y, scale, shift, ratio

@@ -45,7 +45,12 @@ def bn_finalize_reference(sums, sumsq, count, weight, bias, eps) -> list[Tensor]
 backends.register("bn_finalize", "reference", lambda *args: [])(bn_finalize_reference)
 
 
-@backends.register("bn_finalize", "triton", lambda sums, *args: backends.triton_reasons(sums))
+def _triton_reasons(vector: Tensor) -> list[str]:
+    reasons = backends.triton_reasons(vector)
+    return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
+
+
+@backends.register("bn_finalize", "triton", lambda sums, *args: _triton_reasons(sums))
 def _bn_finalize_triton(sums, sumsq, count, weight, bias, eps) -> list[Tensor]:
     from spinenet_fast.kernels.bn_finalize import bn_finalize_forward
 
@@ -68,23 +73,65 @@ def _(sums, sumsq, count, weight, bias, eps):
     return [sums.new_empty(sums.shape) for _ in range(4)]
 
 
+def bn_finalize_backward_reference(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
+    """``[dΣ, dΣ², dγ, dβ]``: the chain rule through scale = γ·invstd, shift = β − mean·scale, mean = Σ/n,
+    var = Σ²/n − mean², in plain PyTorch; ``d_mean``/``d_var`` may be None (no gradient)."""
+    invstd = torch.rsqrt(var + eps)
+    d_affine = d_scale - d_shift * mean
+    d_var_total = -0.5 * weight.to(mean.dtype) * d_affine * invstd**3
+    d_var_total = d_var_total if d_var is None else d_var_total + d_var
+    d_mean_total = -d_shift * weight.to(mean.dtype) * invstd - 2 * mean * d_var_total
+    d_mean_total = d_mean_total if d_mean is None else d_mean_total + d_mean
+    d_weight, d_bias = (invstd * d_affine).to(weight.dtype), d_shift.to(bias.dtype, copy=True)
+    return [d_mean_total / count, d_var_total / count, d_weight, d_bias]
+
+
+backends.register("bn_finalize_backward", "reference", lambda *args: [])(bn_finalize_backward_reference)
+# The cuda backend's backward: the same few ATen vector ops (the extension has no kernel for it yet).
+backends.register("bn_finalize_backward", "cuda", lambda *args: backends.library_reasons(args[0]))(
+    bn_finalize_backward_reference
+)
+backends.set_auto_order("bn_finalize_backward", ("triton", "cuda", "reference"))
+
+
+@backends.register("bn_finalize_backward", "triton", lambda d_scale, *args: _triton_reasons(d_scale))
+def _bn_finalize_backward_triton(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
+    from spinenet_fast.kernels.bn_finalize import bn_finalize_backward
+
+    return bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps)
+
+
+@torch.library.custom_op("spinenet_fast::bn_finalize_backward", mutates_args=())
+def _bn_finalize_backward_op(
+    d_scale: Tensor, d_shift: Tensor, d_mean: Tensor | None, d_var: Tensor | None, weight: Tensor, bias: Tensor,
+    mean: Tensor, var: Tensor, count: int, eps: float,
+) -> TensorList:  # fmt: skip
+    vectors = [t if t is None else t.contiguous() for t in (d_scale, d_shift, d_mean, d_var, weight, bias)]
+    return backends.run("bn_finalize_backward", *vectors, mean, var, count, eps)
+
+
+@_bn_finalize_backward_op.register_fake
+def _(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
+    return [mean.new_empty(mean.shape), mean.new_empty(mean.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape)]  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
-    _, _, count, weight, _, eps = inputs
-    scale, _, mean, var = output
-    ctx.save_for_backward(weight, mean, var, scale)
+    ctx.set_materialize_grads(False)  # outputs without a gradient (mean, var) arrive as None: no zeros launched
+    _, _, count, weight, bias, eps = inputs
+    _, _, mean, var = output
+    ctx.save_for_backward(weight, bias, mean, var)
     ctx.count, ctx.eps = count, eps
 
 
 def _backward(ctx, grads):
-    """Chain rule through scale = γ·invstd, shift = β − mean·scale, mean = Σ/n, var = Σ²/n − mean²."""
-    weight, mean, var, scale = ctx.saved_tensors
-    d_scale, d_shift, d_mean, d_var = (torch.zeros_like(mean) if g is None else g for g in grads)
-    invstd = torch.rsqrt(var + ctx.eps)
-    d_invstd = weight.float() * (d_scale - d_shift * mean)
-    d_var_total = d_var - 0.5 * d_invstd * invstd**3
-    d_mean_total = d_mean - d_shift * scale - 2 * mean * d_var_total
-    d_weight = (invstd * (d_scale - d_shift * mean)).to(weight.dtype)
-    return d_mean_total / ctx.count, d_var_total / ctx.count, None, d_weight, d_shift.clone(), None
+    weight, bias, mean, var = ctx.saved_tensors
+    d_scale, d_shift, d_mean, d_var = grads
+    d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
+    d_sums, d_sumsq, d_weight, d_bias = _bn_finalize_backward_op(
+        d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, ctx.count, ctx.eps
+    )
+    return d_sums, d_sumsq, None, d_weight, d_bias, None
 
 
 _bn_finalize_op.register_autograd(_backward, setup_context=_setup_context)

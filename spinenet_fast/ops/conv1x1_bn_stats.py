@@ -5,7 +5,9 @@ Equivalent to::
     a = act(scale[:, None, None] * x + shift[:, None, None]) if scale is not None else x
     y = F.conv2d(a, weight); (y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)))
 
-x: (N, C_in, H, W) any memory format; weight: (C_out, C_in, 1, 1); scale, shift: (C_in,) fp32 or None.
+x: (N, C_in, H, W) any memory format; weight: (C_out, C_in, 1, 1) in x's dtype, or the fp32 master weight of a
+bf16/fp16 x (rounded to x's dtype as it is loaded, as autocast rounds it, with its gradient accumulated in fp32 and
+no cast launched either way); scale, shift: (C_in,) fp32 or None.
 Returns y (N, C_out, H, W) channels_last in x's dtype and fp32 Σy, Σy² (C_out,) for the next ``bn_finalize``,
 so BN never writes a normalised copy: the consumer applies ``scale·y + shift`` while loading.
 """
@@ -18,9 +20,9 @@ from . import backends
 from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
+    CHANNELS_LAST,
     check_affine_prologue,
     conv_outputs,
-    fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
     prologue_backward,
@@ -35,8 +37,10 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
         raise TypeError(f"x must be a floating (N, C, H, W) tensor, got {describe(x)}")
     if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[1:] != (x.shape[1], 1, 1):
         raise ValueError(f"weight must have shape (C_out, {x.shape[1]}, 1, 1), got {describe(weight)}")
-    if weight.dtype != x.dtype or weight.device != x.device:
-        raise TypeError(f"weight must be {x.dtype} on {x.device} like x, got {weight.dtype} on {weight.device}")
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
+    if weight.dtype not in allowed or weight.device != x.device:
+        expected = " or ".join(map(str, allowed))
+        raise TypeError(f"weight must be {expected} on {x.device} like x, got {weight.dtype} on {weight.device}")
     check_affine_prologue(x, scale, shift)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -45,24 +49,26 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
 def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
     """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, Σy, Σy²]``."""
     a = prologue_forward(x, scale, shift, activation)
-    return conv_outputs(F.conv2d(a, weight.to(a.dtype)), x)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x)
 
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
-    """``[dx, d_weight, (d_scale, d_shift)]``: the statistics' gradients fold into dy, then two GEMMs."""
+    """``[dx, d_weight, (d_affine)]``, d_affine = [d_scale; d_shift] (2, C_in): the statistics' gradients fold into
+    dy, then two GEMMs."""
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
     grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
     c_out, c_in = weight.shape[:2]
     grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c_out)
     d_weight = (grad_rows.t() @ a.permute(0, 2, 3, 1).reshape(-1, c_in)).view_as(weight).to(weight.dtype)
-    dx, *d_affine = prologue_backward(F.conv2d(grad, weight.to(dtype).transpose(0, 1)), x, scale, shift, activation)
-    return [dx, d_weight, *d_affine]
+    d_a = F.conv2d(grad, weight.to(x.dtype).to(dtype).transpose(0, 1))
+    dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
+    return [dx, d_weight, torch.stack(d_affine)] if d_affine else [dx, d_weight]
 
 
 def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
     """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
-    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight), x)
+    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight.to(x.dtype)), x)
 
 
 def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:
@@ -97,22 +103,41 @@ def _(x, weight, scale, shift, activation):
     return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])
 
 
+def _triton_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[str]:
+    return _triton_reasons(x, weight, scale, shift, activation) + backends.triton_reasons(dy, d_sum, d_sumsq, y)
+
+
+backends.register("conv1x1_bn_stats_backward", "reference", lambda *args: [])(conv1x1_bn_stats_backward_reference)
+# The cuda backend's backward: ATen GEMMs (cuBLAS on a GPU) around the elementwise steps, as fused_ops.md §3 allows.
+backends.register("conv1x1_bn_stats_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
+    conv1x1_bn_stats_backward_reference
+)
+backends.set_auto_order("conv1x1_bn_stats_backward", ("triton", "cuda", "reference"))
+
+
+@backends.register("conv1x1_bn_stats_backward", "triton", _triton_backward_reasons)
+def _conv1x1_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
+    from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
+
+    return conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
+
+
 @torch.library.custom_op("spinenet_fast::conv1x1_bn_stats_backward", mutates_args=())
 def _conv1x1_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str,
 ) -> TensorList:  # fmt: skip
-    # One implementation for every backend: ATen GEMMs (cuBLAS on a GPU), as fused_ops.md §3 allows.
-    with backends.autocast_off(x):
-        return conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
+    return backends.run("conv1x1_bn_stats_backward", dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
 
 
 @_conv1x1_backward_op.register_fake
 def _(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation):
-    return fake_conv_grads(x, weight, scale, shift)
+    grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
+    return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
     x, weight, scale, shift, activation = inputs
     ctx.has_prologue, ctx.activation = scale is not None, activation
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
@@ -123,7 +148,7 @@ def _backward(ctx, dy, d_sum, d_sumsq):
     scale, shift = affine if ctx.has_prologue else (None, None)
     dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, y.shape, x)
     grads = _conv1x1_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ctx.activation)
-    return (*grads[:2], *(grads[2:] if ctx.has_prologue else (None, None)), None)
+    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None)
 
 
 _conv1x1_op.register_autograd(_backward, setup_context=_setup_context)

@@ -185,6 +185,7 @@ def _(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding):
 
 
 def _conv_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
     x, weight, scale, shift, activation, padding = inputs
     ctx.has_prologue, ctx.activation, ctx.padding = scale is not None, activation, padding
     ctx.save_for_backward(x, weight, *((scale, shift) if scale is not None else ()))

@@ -30,17 +30,17 @@ def test_matches_batchnorm_forward_backward_and_running_stats(device, backend):
     bias = bn.bias.detach().clone().requires_grad_()
     y_fused = y.clone().requires_grad_()
     running_mean, running_var = torch.zeros(133, device=device), torch.ones(133, device=device)
-    with use_backend(backend):
+    grad = torch.randn_like(expected)
+    with use_backend(backend):  # the backward chooses its backend when it runs: inside the block
         sums, sumsq, count = stats(y_fused)
         scale, shift = bn_finalize(sums, sumsq, count, weight, bias, eps=1e-3, running_mean=running_mean,
                                    running_var=running_var, momentum=0.1)  # fmt: skip
-    out = y_fused * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        out = y_fused * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        got = torch.autograd.grad(out, (y_fused, weight, bias), grad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(running_var, bn.running_var, rtol=1e-5, atol=1e-6)
 
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (y_fused, weight, bias), grad)
     y_ref = y.clone().requires_grad_()
     ref = F.batch_norm(y_ref, None, None, bn.weight, bn.bias, training=True, eps=1e-3)
     want = torch.autograd.grad(ref, (y_ref, bn.weight, bn.bias), grad)
@@ -96,6 +96,26 @@ def test_gradcheck_float64():
     want = torch.autograd.grad(fn(*inputs), inputs, grads)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("with_statistic_grads", [False, True])
+def test_backward_of_every_backend_matches_autograd_of_the_reference(backend, with_statistic_grads):
+    """The one-kernel backward, with and without gradients of the batch mean and variance (None: no launch)."""
+    require_backend(backend)
+    sums = torch.randn(133) * 4
+    sumsq = torch.rand(133) * 10 + sums**2 / 8 + 1
+    weight, bias = torch.randn(133), torch.randn(133)
+    inputs = [t.clone().requires_grad_() for t in (sums, sumsq, weight, bias)]
+    grads = [torch.randn(133) for _ in range(4)]
+    outputs = slice(None) if with_statistic_grads else slice(0, 2)
+    with use_backend(backend):
+        fused = _bn_finalize_op(inputs[0], inputs[1], 8, inputs[2], inputs[3], 1e-3)
+        got = torch.autograd.grad(fused[outputs], inputs, grads[outputs])
+    reference = bn_finalize_reference(*inputs[:2], 8, *inputs[2:], 1e-3)
+    want = torch.autograd.grad(reference[outputs], inputs, grads[outputs])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

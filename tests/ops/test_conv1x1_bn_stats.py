@@ -9,7 +9,7 @@ from spinenet_fast.ops import bn_finalize, conv1x1_bn_stats, use_backend
 from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_op
 
 from ..conftest import require_backend
-from .tolerance import assert_close_by_dtype
+from .tolerance import assert_close_by_dtype, assert_low_precision_rule
 
 # Defaults: 37 input channels (several K tiles, the last partial), 70 output channels (several N tiles), 1×5×7
 # pixels (a partial M tile), for every tile configuration in kernels/gemm_config.py.
@@ -29,9 +29,9 @@ def make_inputs(device, dtype, *, prologue, layout="channels_last", batch=1, c_i
 
 def run(backend, inputs, activation, grads):
     leaves = [t for t in inputs if t is not None]
-    with use_backend(backend):
+    with use_backend(backend):  # the backward chooses its backend when it runs: inside the block
         outputs = conv1x1_bn_stats(*inputs, activation)
-    return outputs, torch.autograd.grad(outputs, leaves, grads)
+        return outputs, torch.autograd.grad(outputs, leaves, grads)
 
 
 def output_grads(like, c_out):
@@ -67,6 +67,61 @@ def test_low_precision_tolerance_rule(device, fused_backend, dtype):
     assert_close_by_dtype(y, y32, eager)
     eager_sums = eager.float().sum((0, 2, 3))
     assert (sums - sums32).abs().max() <= 2 * (eager_sums - sums32).abs().max() + 1e-2 * sums32.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_tolerance_rule(device, fused_backend, dtype):
+    """dx, dW, d_scale, d_shift in bf16/fp16 against fp32, no worse than eager's autocast-style maths allows."""
+    x, weight, scale, shift = make_inputs(device, dtype, prologue=True, batch=2, h=9, w=11)
+    grads = [g.to(dtype) if i == 0 else g for i, g in enumerate(output_grads(x.new_empty(2, 70, 9, 11), 70))]
+    _, fused = run(fused_backend, (x, weight, scale, shift), "swish", grads)
+    fp32_leaves = [t.detach().float().requires_grad_() for t in (x, weight)] + [scale, shift]
+    _, reference = run("reference", fp32_leaves, "swish", [g.float() for g in grads])
+
+    def eager(*leaves):  # the same maths as nn.Conv2d + BN statistics in dtype, as autocast runs them
+        xx, ww, ss, bb = leaves
+        y = F.conv2d(F.silu(xx * ss.to(xx.dtype).view(1, -1, 1, 1) + bb.to(xx.dtype).view(1, -1, 1, 1)), ww)
+        return y, y.float().sum((0, 2, 3)), y.float().pow(2).sum((0, 2, 3))
+
+    eager_outputs = eager(x, weight, scale, shift)
+    eager_grads = torch.autograd.grad(eager_outputs, (x, weight, scale, shift), grads)
+    for name, got, want, base in zip(("dx", "dW", "d_scale", "d_shift"), fused, reference, eager_grads):
+        assert got.dtype == base.dtype, name
+        assert_low_precision_rule(got, want, base)  # the fp32 vectors too: they reduce low-precision products
+
+
+def test_fp32_master_weight_with_low_precision_input(fused_backend):
+    """An fp32 weight with a bf16 x is rounded as autocast rounds it; its gradient comes back fp32."""
+    x, weight, scale, shift = make_inputs("cpu", torch.bfloat16, prologue=True, batch=2)
+    master = weight.detach().float().requires_grad_()
+    grads = output_grads(x.new_empty(2, 70, 5, 7), 70)
+    rounded, rounded_grads = run(fused_backend, (x, master.detach().bfloat16().requires_grad_(), scale, shift),
+                                 "swish", grads)  # fmt: skip
+    outputs, leaf_grads = run(fused_backend, (x, master, scale, shift), "swish", grads)
+    for a, b in zip(outputs, rounded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert leaf_grads[1].dtype == torch.float32
+    torch.testing.assert_close(leaf_grads[1], rounded_grads[1].float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(TypeError, match=r"weight must be torch\.float32 on cpu like x, got torch\.bfloat16"):
+        conv1x1_bn_stats(x.float(), weight, scale, shift, "swish")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_strided_vectors_and_expanded_statistic_gradients(backend):
+    """scale/shift slices of a wider tensor and stride-0 gradients of Σ, Σ² (what ``sum().backward()`` passes)."""
+    require_backend(backend)
+    x, weight, _, _ = make_inputs("cpu", torch.float32, prologue=False, batch=2)
+    table = torch.randn(37, 2, requires_grad=True)
+    scale, shift = table[:, 0], table[:, 1]
+    with use_backend(backend):
+        y, sums, sumsq = conv1x1_bn_stats(x, weight, scale, shift, "swish")
+        got = torch.autograd.grad((y * y).sum() + sums.sum() + sumsq.sum(), (x, weight, table))
+    with use_backend("reference"):
+        y_ref, sums_ref, sumsq_ref = conv1x1_bn_stats(x, weight, scale.contiguous(), shift.contiguous(), "swish")
+        want = torch.autograd.grad((y_ref * y_ref).sum() + sums_ref.sum() + sumsq_ref.sum(), (x, weight, table))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

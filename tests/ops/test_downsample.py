@@ -34,6 +34,21 @@ def test_conv3x3s2_matches_the_eager_module(padding, prologue):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_conv3x3s2_strided_scale_and_shift(backend):
+    """scale/shift slices of a wider tensor (stride 2): the kernels address them densely, so they are compacted."""
+    require_backend(backend)
+    x = torch.randn(2, 5, 4, 6)
+    table = torch.randn(5, 2)
+    weight = torch.randn(6, 5, 3, 3)
+    with use_backend(backend):
+        got = conv3x3s2_bn_stats(x, weight, table[:, 0], table[:, 1], "swish", "torch")
+    with use_backend("reference"):
+        want = conv3x3s2_bn_stats(x, weight, table[:, 0].contiguous(), table[:, 1].contiguous(), "swish", "torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("padding", ["torch", "tf_same"])
 @pytest.mark.parametrize("num_pools", [1, 2, 3, 4])  # ↓4, ↓8, ↓16 and ↓32 connections

@@ -1,0 +1,177 @@
+"""Triton backward of ``conv1x1_bn_stats``: a dgrad and a wgrad GEMM, every elementwise step inside them.
+
+With g = dy + dΣ + 2·y·dΣ² (the statistics' gradients folded into the output gradient, computed as each GEMM loads
+its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from the saved raw x):
+
+- dgrad: ``d_a = g · W`` (pixels × C_in); its epilogue applies the prologue's backward, d_pre = d_a·act'(pre),
+  stores ``dx = d_pre·scale`` and accumulates ``d_scale = Σ_p d_pre·x`` and ``d_shift = Σ_p d_pre``.
+- wgrad: ``dW = gᵀ · a`` (C_out × C_in), split over pixel chunks (one weight tile alone would leave a GPU idle).
+
+Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast layout); W is (C_out, C_in).
+g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16, IEEE fp32 dots for fp32);
+accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are atomic adds into zeroed
+fp32 buffers (dW; d_scale and d_shift together), so the backward is two GEMM launches after one or two fills (and
+dW's cast where W itself is bf16/fp16 rather than the fp32 master weight).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, activation_grad, apply_activation
+from .gemm_config import gemm_launch_config
+
+TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
+
+
+@triton.jit
+def _output_grad_tile(
+    dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o_mask, mask, sdy_c, sy_c, ROWS_ARE_PIXELS: tl.constexpr
+):
+    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose.
+    ``dy_rows``/``y_rows``: the pixels' offsets in dy and y; ``o``: output channels, valid where ``o_mask``."""
+    if ROWS_ARE_PIXELS:
+        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[None, :]
+        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[None, :]
+    else:  # transposed tile: output channels × pixels
+        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[:, None]
+        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[:, None]
+    return tl.where(mask, dy + d_sum + 2.0 * y * d_sumsq, 0.0)
+
+
+@triton.jit
+def _conv1x1_dgrad_kernel(
+    dx_ptr, dscale_ptr, dshift_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr,
+    P, C_IN, C_OUT, HW, W_IMG,
+    sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_k,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+    dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for o0 in range(0, C_OUT, BLOCK_K):
+        o = o0 + tl.arange(0, BLOCK_K)
+        g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
+        g = _output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
+                              sdy_c, sy_c, True)  # fmt: skip
+        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                    other=0.0)  # fmt: skip
+        # Operands in the storage dtype (an fp32 master weight is rounded as autocast would). g is the gradient after
+        # BN's backward cancelled its statistics' part: in bf16/fp16 it goes in as a rounded head and its rounding
+        # error (two dots; the 1×1 dgrad is bound by memory, not by the tensor cores).
+        storage = dx_ptr.dtype.element_ty
+        b = b.to(storage)
+        g_head = g.to(storage)
+        if FP32_DOT:
+            acc += tl.dot(g_head.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(g_head, b)
+        if SPLIT_GRAD:
+            g_tail = (g - g_head.to(tl.float32)).to(storage)
+            if FP32_DOT:
+                acc += tl.dot(g_tail.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(g_tail, b)
+    mask = (p < P)[:, None] & (k < C_IN)[None, :]
+    if HAS_PROLOGUE:
+        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)[None, :]
+        d_pre = tl.where(mask, acc * activation_grad(x * scale + shift, ACT), 0.0)
+        tl.atomic_add(dscale_ptr + k, tl.sum(d_pre * x, axis=0), mask=k < C_IN)
+        tl.atomic_add(dshift_ptr + k, tl.sum(d_pre, axis=0), mask=k < C_IN)
+        acc = d_pre * scale
+    dx_rows = n * sdx_n + h * sdx_h + w * sdx_w
+    tl.store(dx_ptr + dx_rows[:, None] + k[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv1x1_wgrad_kernel(
+    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
+    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW."""
+    o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(2) * PIXELS_PER_PROGRAM
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+        g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
+        dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
+        g = _output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
+                              sdy_c, sy_c, False)  # fmt: skip
+        a_mask = (p < P)[:, None] & (k < C_IN)[None, :]
+        a = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
+        storage = a.dtype
+        if HAS_PROLOGUE:
+            scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)
+            shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)
+            a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
+            a = tl.where(a_mask, a, 0.0).to(storage)  # the forward's operand, rounded as it was
+        g = g.to(storage)
+        if FP32_DOT:
+            acc += tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(g, a)
+    mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
+    tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
+
+
+def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[torch.Tensor]:
+    """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    pixels = n * h * w
+    w2d = weight.reshape(c_out, c_in)
+    has_prologue = scale is not None
+    # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
+    d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
+    if has_prologue:
+        scale, shift = scale.contiguous(), shift.contiguous()
+    d_weight = torch.zeros((c_out, c_in), dtype=torch.float32, device=x.device)
+    if has_prologue:
+        d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device)  # [d_scale; d_shift]
+        d_scale, d_shift = d_affine
+        scale_arg, shift_arg = scale, shift
+    else:  # unused pointers
+        d_scale = d_shift = scale_arg = shift_arg = d_weight
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    common = dict(HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation])
+
+    config = gemm_launch_config(x.dtype, _conv1x1_dgrad_kernel)
+    grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]))
+    _conv1x1_dgrad_kernel[grid](
+        dx, d_scale, d_shift, dy, d_sum, d_sumsq, y, x, w2d, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w,
+        *dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32,
+        **common, **config,
+    )  # fmt: skip
+
+    config = gemm_launch_config(x.dtype, _conv1x1_wgrad_kernel)
+    tiles = triton.cdiv(c_out, config["BLOCK_M"]) * triton.cdiv(c_in, config["BLOCK_N"])
+    chunks = max(1, min(triton.cdiv(pixels, config["BLOCK_K"]), TARGET_PROGRAMS // tiles))
+    per_program = triton.cdiv(triton.cdiv(pixels, chunks), config["BLOCK_K"]) * config["BLOCK_K"]
+    grid = (
+        triton.cdiv(c_out, config["BLOCK_M"]),
+        triton.cdiv(c_in, config["BLOCK_N"]),
+        triton.cdiv(pixels, per_program),
+    )
+    _conv1x1_wgrad_kernel[grid](
+        d_weight, dy, d_sum, d_sumsq, y, x, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w, per_program,
+        *dy.stride(), *y.stride(), *x.stride(), **common, **config,
+    )  # fmt: skip
+    d_weight = d_weight.view(weight.shape).to(weight.dtype)
+    return [dx, d_weight, d_affine] if has_prologue else [dx, d_weight]

@@ -34,11 +34,6 @@ at::Tensor reduce_partials(const at::Tensor& partial) {
   return partial.sum(0);
 }
 
-at::Tensor clone_logged(const at::Tensor& x) {
-  log_launch("aten::clone");
-  return x.clone();
-}
-
 at::Tensor zeros_logged(at::IntArrayRef size, const at::TensorOptions& options) {
   log_launch("aten::zeros");
   return at::zeros(size, options);
@@ -157,15 +152,11 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   at::Tensor sums = grad.numel() > 0
                         ? reduce_partials(grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t))
                         : zeros_logged({kNumMergeSums, channels}, t.scales[0].options());
-  std::vector<at::Tensor> d_scales{clone_logged(sums[kScale0])};
-  if (t.parents.size() == 2) d_scales.push_back(clone_logged(sums[kScale1]));
-  if (swapped) {
-    std::swap(t.d_parents[0], t.d_parents[1]);
-    std::swap(d_scales[0], d_scales[1]);
-  }
+  if (swapped) std::swap(t.d_parents[0], t.d_parents[1]);
+  // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift): the op's contract, which the
+  // Python side maps back to its parents as views, so no row is copied.
   std::vector<at::Tensor> out = t.d_parents;
-  out.insert(out.end(), d_scales.begin(), d_scales.end());
-  for (size_t i = 0; i < t.parents.size(); ++i) out.push_back(clone_logged(sums[kShift]));
+  out.push_back(sums);
   if (t.d_extra) out.push_back(*t.d_extra);
   return out;
 }
@@ -217,7 +208,7 @@ std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, cons
   at::Tensor sums = y.numel() > 0 ? reduce_partials(y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t))
                                   : zeros_logged({kNumPrologueSums, y.size(1)}, t.d_a.options());
   if (!t.scale.defined()) return {t.d_y};
-  return {t.d_y, clone_logged(sums[kPrologueScale]), clone_logged(sums[kPrologueShift])};
+  return {t.d_y, sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
 }
 
 std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,

@@ -69,3 +69,26 @@ def bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, va
         BLOCK_C=BLOCK_C,
     )  # fmt: skip
     return outputs
+
+
+@triton.jit
+def _bn_running_update_kernel(running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
+                              BLOCK_C: tl.constexpr):  # fmt: skip
+    """running ← running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = c < C
+    running = tl.load(running_mean_ptr + c, mask=mask).to(tl.float32)
+    batch = tl.load(mean_ptr + c, mask=mask)
+    tl.store(running_mean_ptr + c, (running + momentum * (batch - running)).to(running_mean_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+    running = tl.load(running_var_ptr + c, mask=mask).to(tl.float32)
+    batch = tl.load(var_ptr + c, mask=mask) * unbias
+    tl.store(running_var_ptr + c, (running + momentum * (batch - running)).to(running_var_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+def bn_running_update(running_mean, running_var, mean, var, momentum, unbias) -> None:
+    """Update BN's running statistics in place (one launch for both)."""
+    grid = (triton.cdiv(mean.numel(), BLOCK_C),)
+    _bn_running_update_kernel[grid](running_mean, running_var, mean, var, mean.numel(), momentum, unbias,
+                                    BLOCK_C=BLOCK_C)  # fmt: skip

@@ -143,15 +143,15 @@ def merge_forward(parents, scales, shifts, ratios, extra, activation) -> torch.T
     return out
 
 
-def merge_backward(grad, parents, scales, shifts, ratios, extra, activation) -> list[torch.Tensor]:
-    """Launch one backward kernel per parent; returns ``[*d_parents, *d_scales, *d_shifts, (d_extra)]``."""
+def merge_backward(grad, parents, scales, shifts, ratios, extra, activation) -> tuple:
+    """Launch one backward kernel per parent; returns ``(d_parents, d_scales, d_shift, d_extra or None)``."""
     n, c, h, w = grad.shape
     scale = torch.stack([s.float() for s in scales]).contiguous()
     shift = torch.stack([s.float() for s in shifts]).contiguous()
     y0_, y1_, *parent_strides = _parent_args(parents)
     extra_ = extra if extra is not None else parents[0]
     d_extra = torch.empty_like(extra, memory_format=torch.channels_last) if extra is not None else None
-    d_parents, d_scales, d_shifts = [], [], []
+    d_parents, d_scales = [], []
     for target, (y, ratio) in enumerate(zip(parents, ratios)):
         d_y = torch.empty_like(y, memory_format=torch.channels_last)
         low_pixels = n * (h // ratio) * (w // ratio)
@@ -168,5 +168,5 @@ def merge_backward(grad, parents, scales, shifts, ratios, extra, activation) -> 
         )  # fmt: skip
         d_parents.append(d_y)
         d_scales.append(partial_scale.sum(0))
-        d_shifts.append(partial_shift.sum(0))
-    return [*d_parents, *d_scales, *d_shifts, *([d_extra] if d_extra is not None else [])]
+        d_shift = partial_shift.sum(0)
+    return d_parents, d_scales, d_shift, d_extra

@@ -137,6 +137,47 @@ def _backward(ctx, grads):
 _bn_finalize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def bn_running_update_reference(running_mean, running_var, mean, var, momentum, unbias) -> None:
+    """``running ← lerp(running, batch, momentum)`` in place, the batch variance multiplied by ``unbias``."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * unbias).to(running_var.dtype), momentum)
+
+
+def _running_update_triton_reasons(running_mean, running_var, mean, var, momentum, unbias) -> list[str]:
+    reasons = _triton_reasons(mean)
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        reasons.append("the running statistics are not contiguous")
+    return reasons
+
+
+backends.register("bn_running_update", "reference", lambda *args: [])(bn_running_update_reference)
+# The cuda backend: ATen's in-place ops (the extension has no kernel for it); auto prefers Triton's one launch.
+backends.register("bn_running_update", "cuda", lambda running_mean, *args: backends.library_reasons(running_mean))(
+    bn_running_update_reference
+)
+backends.set_auto_order("bn_running_update", ("triton", "cuda", "reference"))
+
+
+@backends.register("bn_running_update", "triton", _running_update_triton_reasons)
+def _bn_running_update_triton(running_mean, running_var, mean, var, momentum, unbias) -> None:
+    from spinenet_fast.kernels.bn_finalize import bn_running_update
+
+    bn_running_update(running_mean, running_var, mean, var, momentum, unbias)
+
+
+@torch.library.custom_op("spinenet_fast::bn_running_update", mutates_args=("running_mean", "running_var"))
+def _bn_running_update_op(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, unbias: float
+) -> None:
+    """One launch for both running statistics (four ATen launches: two lerps, the unbiasing, a cast)."""
+    backends.run("bn_running_update", running_mean, running_var, mean.contiguous(), var.contiguous(), momentum, unbias)
+
+
+@_bn_running_update_op.register_fake
+def _(running_mean, running_var, mean, var, momentum, unbias):
+    return None
+
+
 def bn_finalize(
     sums: Tensor,
     sumsq: Tensor,
@@ -164,6 +205,5 @@ def bn_finalize(
     if running_mean is not None and running_var is not None:
         n = count * upsample_factor**2
         with torch.no_grad():
-            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-            running_var.lerp_((var.detach() * n / (n - 1)).to(running_var.dtype), momentum)
+            _bn_running_update_op(running_mean, running_var, mean.detach(), var.detach(), float(momentum), n / (n - 1))
     return scale, shift

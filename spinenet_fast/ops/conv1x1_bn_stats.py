@@ -20,9 +20,9 @@ from . import backends
 from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
-    CHANNELS_LAST,
     check_affine_prologue,
     conv_outputs,
+    fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
     prologue_backward,
@@ -132,8 +132,7 @@ def _conv1x1_backward_op(
 
 @_conv1x1_backward_op.register_fake
 def _(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation):
-    grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
-    return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
+    return fake_conv_grads(x, weight, scale)
 
 
 def _setup_context(ctx, inputs, output):

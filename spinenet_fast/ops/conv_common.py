@@ -47,18 +47,19 @@ def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tup
     return y, *vectors
 
 
-def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None) -> list[Tensor]:
-    """Meta outputs of a conv op's backward: dx, d_weight and, with a prologue, d_scale and d_shift."""
+def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Tensor]:
+    """Meta outputs of a conv op's backward: dx, d_weight and, with a prologue, d_affine = [d_scale; d_shift]."""
     grads = [torch.empty_like(x, memory_format=CHANNELS_LAST), torch.empty_like(weight)]
-    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+    return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
 
 
 def fill_output_grads(dy, d_sum, d_sumsq, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Zeros for the outputs autograd passed no gradient for (None)."""
-    c_out = y_shape[1]
+    """Zeros for the outputs autograd passed no gradient for (None); nothing is launched when all have one."""
     dy = torch.zeros(y_shape, dtype=x.dtype, device=x.device) if dy is None else dy
-    zeros = torch.zeros(c_out, dtype=stats_dtype(x), device=x.device)
-    return dy, zeros if d_sum is None else d_sum, zeros if d_sumsq is None else d_sumsq
+    if d_sum is None or d_sumsq is None:
+        zeros = torch.zeros(y_shape[1], dtype=stats_dtype(x), device=x.device)
+        d_sum, d_sumsq = zeros if d_sum is None else d_sum, zeros if d_sumsq is None else d_sumsq
+    return dy, d_sum, d_sumsq
 
 
 def prologue_forward(x: Tensor, scale, shift, activation) -> Tensor:

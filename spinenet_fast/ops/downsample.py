@@ -119,22 +119,56 @@ def _crop(x: Tensor, padding: str) -> Tensor:
     return x[..., before : x.shape[2] - after, before : x.shape[3] - after]
 
 
-def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding) -> list[Tensor]:
-    """``[dx, d_weight, (d_scale, d_shift)]``: statistics' gradients folded into dy, then ATen's conv backward."""
-    a, pads = _conv_input(prologue_forward(x, scale, shift, activation), padding)
-    w = weight.to(a.dtype)
-    y = F.conv2d(a, w, stride=2, padding=pads).to(x.dtype).to(a.dtype)  # the y the statistics were taken of
-    grad = dy.to(y.dtype) + d_sum.to(y.dtype).view(1, -1, 1, 1) + 2 * y * d_sumsq.to(y.dtype).view(1, -1, 1, 1)
+def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str) -> tuple[Tensor, Tensor]:
+    """ATen's (cuDNN's) 3×3/s2 conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype."""
+    a, pads = _conv_input(a, padding)
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, a, w, None, [2, 2], pads, [1, 1], False, [0, 0], 1, [True, True, False]
+        grad, a, weight.to(a.dtype), None, [2, 2], pads, [1, 1], False, [0, 0], 1, [True, True, False]
     )
-    d_a = d_a if pads[0] else _crop(d_a, padding)
+    return (d_a if pads[0] else _crop(d_a, padding)), d_w
+
+
+def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding):
+    """``[dx, d_weight, (d_affine)]``, d_affine = [d_scale; d_shift] (2, C_in): statistics' gradients folded into dy
+    (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths."""
+    a = prologue_forward(x, scale, shift, activation)
+    dtype = a.dtype
+    grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
+    d_a, d_w = _library_conv_backward(grad, a, weight, padding)
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
-    return [dx, d_w.to(weight.dtype), *d_affine]
+    return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
+
+
+def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[Tensor]:
+    """The same maths with one Triton kernel on each side of ATen's conv backward: the recomputed activation and the
+    folded output gradient go in as fp32 (cuDNN's TF32 where allowed: no bf16 rounding of the gradient after BN's
+    backward cancelled most of it), the prologue's backward and its two reductions come out of one kernel."""
+    from spinenet_fast.kernels.elementwise import affine_activation, affine_activation_backward, output_grad
+
+    fp32 = torch.float32
+    a = x.to(fp32) if scale is None else affine_activation(x, scale, shift, activation, fp32)
+    d_a, d_w = _library_conv_backward(output_grad(dy, y, d_sum, d_sumsq, fp32), a, weight, padding)
+    if scale is None:
+        return [d_a.to(x.dtype, memory_format=CHANNELS_LAST), d_w.to(weight.dtype)]
+    dx, d_affine = affine_activation_backward(d_a, x, scale, shift, activation)
+    return [dx, d_w.to(weight.dtype), d_affine]
+
+
+def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[str]:
+    return _conv_triton_reasons(x, weight, scale, shift, activation, padding) + backends.triton_reasons(dy, y)
+
+
+backends.register("conv3x3s2_bn_stats_backward", "reference", lambda *args: [])(conv3x3s2_bn_stats_backward_reference)
+backends.register("conv3x3s2_bn_stats_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
+    conv3x3s2_bn_stats_backward_reference
+)
+backends.register("conv3x3s2_bn_stats_backward", "triton", _conv_backward_triton_reasons)(_conv3x3s2_backward_triton)
+backends.set_auto_order("conv3x3s2_bn_stats_backward", ("triton", "cuda", "reference"))
 
 
 def bn_act_maxpool_backward_reference(grad, y, scale, shift, activation, num_pools, padding) -> list[Tensor]:
-    """``[dy, (d_scale, d_shift)]``: max-pool argmaxes recomputed stage by stage, then scattered back."""
+    """``[dy, (d_affine = [d_scale; d_shift] (2, C))]``: max-pool argmaxes recomputed stage by stage, then
+    scattered back."""
     a = prologue_forward(y, scale, shift, activation)
     stages = []
     for _ in range(num_pools):
@@ -145,7 +179,8 @@ def bn_act_maxpool_backward_reference(grad, y, scale, shift, activation, num_poo
     for padded, indices in reversed(stages):
         d_a = _crop(torch.ops.aten.max_pool2d_with_indices_backward(d_a, padded, [3, 3], [2, 2], [0, 0], [1, 1],
                                                                     False, indices), padding)  # fmt: skip
-    return prologue_backward(d_a, y, scale, shift, activation)
+    dy, *d_affine = prologue_backward(d_a, y, scale, shift, activation)
+    return [dy, torch.stack(d_affine)] if d_affine else [dy]
 
 
 backends.register("bn_act_maxpool_backward", "reference", lambda *args: [])(bn_act_maxpool_backward_reference)
@@ -172,32 +207,31 @@ def _(x, weight, scale, shift, activation, padding):
 
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_backward", mutates_args=())
 def _conv3x3s2_backward_op(
-    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
+    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str,
 ) -> TensorList:  # fmt: skip
-    with backends.autocast_off(x):
-        return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding)
+    args = (dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding)
+    return backends.run("conv3x3s2_bn_stats_backward", *args)
 
 
 @_conv3x3s2_backward_op.register_fake
-def _(dy, d_sum, d_sumsq, x, weight, scale, shift, activation, padding):
-    return fake_conv_grads(x, weight, scale, shift)
+def _(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding):
+    return fake_conv_grads(x, weight, scale)
 
 
 def _conv_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
     x, weight, scale, shift, activation, padding = inputs
     ctx.has_prologue, ctx.activation, ctx.padding = scale is not None, activation, padding
-    ctx.save_for_backward(x, weight, *((scale, shift) if scale is not None else ()))
+    ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
 
 
 def _conv_backward(ctx, dy, d_sum, d_sumsq):
-    x, weight, *affine = ctx.saved_tensors
+    y, x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    out_shape = (x.shape[0], weight.shape[0], x.shape[2] // 2, x.shape[3] // 2)
-    dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, out_shape, x)
-    grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, x, weight, scale, shift, ctx.activation, ctx.padding)
-    return (*grads[:2], *(grads[2:] if ctx.has_prologue else (None, None)), None, None)
+    dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, y.shape, x)
+    grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ctx.activation, ctx.padding)
+    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None, None)
 
 
 _conv3x3s2_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -226,7 +260,7 @@ def _maxpool_backward_op(grad: Tensor, y: Tensor, scale: Tensor | None, shift: T
 @_maxpool_backward_op.register_fake
 def _(grad, y, scale, shift, activation, num_pools, padding):
     grads = [torch.empty_like(y, memory_format=CHANNELS_LAST)]
-    return grads + ([torch.empty_like(scale), torch.empty_like(shift)] if scale is not None else [])
+    return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
 
 
 def _pool_setup_context(ctx, inputs, output):
@@ -239,7 +273,7 @@ def _pool_backward(ctx, grad):
     y, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_affine else (None, None)
     grads = _maxpool_backward_op(grad, y, scale, shift, ctx.activation, ctx.num_pools, ctx.padding)
-    return grads[0], *(grads[1:] if ctx.has_affine else (None, None)), None, None, None
+    return grads[0], *(grads[1].unbind() if ctx.has_affine else (None, None)), None, None, None
 
 
 _maxpool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)

@@ -98,8 +98,22 @@ def merge_reference(parents, scales, shifts, ratios, extra, activation) -> Tenso
     return activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
+def coarse_first(ratios: list[int]) -> list[int]:
+    """The parents' order in the backward's sums: the coarser (larger ratio) first, ties in the given order."""
+    return sorted(range(len(ratios)), key=lambda i: -ratios[i])
+
+
+def backward_sums(d_scales: list[Tensor], d_shift: Tensor, ratios: list[int]) -> Tensor:
+    """The merge backward's ``sums`` (max(k, 2) + 1, C): Σ d_pre·y_i in :func:`coarse_first` order (a zero row for a
+    single parent), then Σ d_pre, the gradient of every parent's shift."""
+    rows = [d_scales[i] for i in coarse_first(ratios)]
+    rows += [torch.zeros_like(d_shift)] * (2 - len(rows)) + [d_shift]
+    return torch.stack(rows)
+
+
 def merge_backward_reference(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
-    """``[*d_parents, *d_scales, *d_shifts, (d_extra)]`` of :func:`merge_reference`, in plain PyTorch."""
+    """``[*d_parents, sums, (d_extra)]`` of :func:`merge_reference` in plain PyTorch (``sums``:
+    :func:`backward_sums`)."""
     pre = _pre_activation(parents, scales, shifts, ratios, extra)
     d_pre = grad.to(pre.dtype) * activation_grad(pre, activation)
     sums = [_block_sum(d_pre, r) for r in ratios]
@@ -110,7 +124,7 @@ def merge_backward_reference(grad, parents, scales, shifts, ratios, extra, activ
     d_scales = [(s * y.to(s.dtype)).sum((0, 2, 3)).to(scale.dtype) for s, y, scale in zip(sums, parents, scales)]
     d_shift = d_pre.sum((0, 2, 3)).to(shifts[0].dtype)
     d_extra = [d_pre.to(extra.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
-    return [*d_parents, *d_scales, *[d_shift.clone() for _ in parents], *d_extra]
+    return [*d_parents, backward_sums(d_scales, d_shift, ratios), *d_extra]
 
 
 def _triton_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
@@ -154,7 +168,8 @@ def _merge_triton(parents, scales, shifts, ratios, extra, activation) -> Tensor:
 def _merge_backward_triton(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
     from spinenet_fast.kernels.merge import merge_backward
 
-    return merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
+    d_parents, d_scales, d_shift, d_extra = merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
+    return [*d_parents, backward_sums(d_scales, d_shift, ratios), *([d_extra] if d_extra is not None else [])]
 
 
 @backends.register("merge", "cuda", _extension_reasons)
@@ -195,9 +210,9 @@ def _merge_backward_op(
 @_merge_backward_op.register_fake
 def _(grad, parents, scales, shifts, ratios, extra, activation):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
-    vectors = [s.new_empty(s.shape) for s in (*scales, *shifts)]
+    sums = scales[0].new_empty((max(len(parents), 2) + 1, *scales[0].shape))
     d_extra = [torch.empty_like(extra, memory_format=CHANNELS_LAST)] if extra is not None else []
-    return [*d_parents, *vectors, *d_extra]
+    return [*d_parents, sums, *d_extra]
 
 
 def _setup_context(ctx, inputs, output):
@@ -217,8 +232,11 @@ def _backward(ctx, grad):
     parents, scales, shifts = list(saved[:k]), list(saved[k : 2 * k]), list(saved[2 * k : 3 * k])
     extra = saved[3 * k] if ctx.has_extra else None
     grads = _merge_backward_op(grad, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
-    d_extra = grads[3 * k] if ctx.has_extra else None
-    return grads[:k], grads[k : 2 * k], grads[2 * k : 3 * k], None, d_extra, None
+    sums, d_extra = grads[k], (grads[k + 1] if ctx.has_extra else None)
+    d_scales = [None] * k
+    for row, i in enumerate(coarse_first(ctx.ratios)):
+        d_scales[i] = sums[row]
+    return grads[:k], d_scales, [sums[-1]] * k, None, d_extra, None
 
 
 _merge_op.register_autograd(_backward, setup_context=_setup_context)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spinenet_fast.ops import use_backend
-from spinenet_fast.ops.bn_finalize import _bn_finalize_op, bn_finalize, bn_finalize_reference
+from spinenet_fast.ops.bn_finalize import _bn_finalize_op, _bn_running_update_op, bn_finalize, bn_finalize_reference
 
 from ..conftest import require_backend
 
@@ -154,3 +154,27 @@ def test_gradcheck_float64_through_the_op(backend):
     with use_backend(backend):
         assert torch.autograd.gradcheck(lambda *t: tuple(_bn_finalize_op(t[0], t[1], 8, t[2], t[3], 1e-3)),
                                         (sums, sumsq, weight, bias))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_running_update_in_place(backend, dtype):
+    """One op updates both running statistics (as ``nn.BatchNorm2d``'s lerps do), buffers of any float dtype."""
+    require_backend(backend)
+    mean, var = torch.randn(133), torch.rand(133)
+    running_mean, running_var = torch.randn(133).to(dtype), torch.rand(133).to(dtype)
+    expected_mean = running_mean.float().lerp(mean, 0.3).to(dtype)
+    expected_var = running_var.float().lerp(var * 8 / 7, 0.3).to(dtype)
+    with use_backend(backend):
+        _bn_running_update_op(running_mean, running_var, mean, var, 0.3, 8 / 7)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(running_mean, expected_mean, **tolerance)
+    torch.testing.assert_close(running_var, expected_var, **tolerance)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_running_update_opcheck(backend):
+    require_backend(backend)
+    args = (torch.randn(6), torch.rand(6), torch.randn(6), torch.rand(6), 0.1, 1.5)
+    with use_backend(backend):
+        torch.library.opcheck(_bn_running_update_op, args)

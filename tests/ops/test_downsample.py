@@ -213,3 +213,29 @@ def test_bn_act_maxpool_layouts_batch_one_and_bf16(device, backend, layout, dtyp
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
         else:
             assert_low_precision_rule(g, w, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv3x3s2_fused_low_precision_gradients_tolerance_rule(device, fused_backend, dtype):
+    """dx, dW, d_scale, d_shift through the statistics too, against fp32, no worse than eager's maths allows."""
+    x, weight, scale, shift = conv_inputs(device, dtype, "channels_last", batch=2)
+    grad_y = torch.randn(2, 70, 3, 5, device=device)
+    d_sums, d_sumsqs = torch.randn(70, device=device), torch.randn(70, device=device) / 10
+
+    def loss(y, sums, sumsq):
+        return (y.float() * grad_y).sum() + (sums * d_sums).sum() + (sumsq * d_sumsqs).sum()
+
+    with use_backend(fused_backend):
+        fused = torch.autograd.grad(loss(*conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")),
+                                    (x, weight, scale, shift))  # fmt: skip
+    leaves32 = [x.detach().float().requires_grad_(), weight.detach().float().requires_grad_(), scale, shift]
+    with use_backend("reference"):
+        reference = torch.autograd.grad(loss(*conv3x3s2_bn_stats(*leaves32, "swish", "tf_same")), leaves32)
+    a = F.silu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1))
+    eager_y = F.conv2d(F.pad(a, (0, 1, 0, 1)), weight, stride=2)
+    eager_stats = eager_y.float()
+    eager = torch.autograd.grad(loss(eager_y, eager_stats.sum((0, 2, 3)), eager_stats.pow(2).sum((0, 2, 3))),
+                                (x, weight, scale, shift))  # fmt: skip
+    for got, want, base in zip(fused, reference, eager):
+        assert got.dtype == base.dtype
+        assert_low_precision_rule(got, want, base)

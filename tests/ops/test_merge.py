@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spinenet_fast.ops import merge, merge_backward_reference, merge_reference, use_backend
-from spinenet_fast.ops.merge import _merge_op
+from spinenet_fast.ops.merge import _merge_op, coarse_first
 
 from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype
@@ -114,8 +114,11 @@ def test_reference_backward_is_the_adjoint():
     assert torch.autograd.gradcheck(fn, leaves)
     grad = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     expected = torch.autograd.grad(fn(*leaves), leaves, grad)
-    got = merge_backward_reference(grad, parents, scales, shifts, ratios, extra, "swish")
-    for a, b in zip(got, expected):
+    d_p0, d_p1, sums, d_extra = merge_backward_reference(grad, parents, scales, shifts, ratios, extra, "swish")
+    rows = dict(zip(coarse_first(ratios), sums))  # parent -> its Σ d_pre·y row; the last row is every d_shift
+    got = (d_p0, d_p1, rows[0], rows[1], sums[-1], sums[-1], d_extra)
+    assert len(sums) == 3
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -1,0 +1,117 @@
+"""Elementwise Triton kernels around a library convolution (the 3×3 stride-2 conv's backward runs in ATen/cuDNN).
+
+All work on (N, C, H, W) tensors addressed through their strides, one (BLOCK_P pixels) × (BLOCK_C channels) tile per
+program; the outputs are allocated channels_last by the launchers. Maths in fp32.
+
+- ``affine_activation``: a = act(scale·x + shift), the recomputed input of the conv (its weight gradient needs it).
+- ``output_grad``: g = dy + dΣ + 2·y·dΣ², the statistics' gradients folded into the output gradient.
+- ``affine_activation_backward``: dx = act'(pre)·d_a·scale with d_scale = Σ d_pre·x, d_shift = Σ d_pre accumulated
+  by atomic adds into a zeroed (2, C) buffer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, activation_grad, apply_activation
+
+BLOCK_P, BLOCK_C = 64, 32
+
+
+@triton.jit
+def _tile(P, C, HW, W_IMG, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's pixels (n, h, w), channels and mask."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return p // HW, (p % HW) // W_IMG, p % W_IMG, c, (p < P)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
+def _affine_activation_kernel(
+    a_ptr, x_ptr, scale_ptr, shift_ptr, P, C, HW, W_IMG, sa_n, sa_c, sa_h, sa_w, sx_n, sx_c, sx_h, sx_w,
+    ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n, h, w, c, mask = _tile(P, C, HW, W_IMG, BLOCK_P, BLOCK_C)
+    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + c[None, :] * sx_c, mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
+    a = apply_activation(x.to(tl.float32) * scale + shift, ACT)
+    a = a.to(x.dtype).to(tl.float32)  # the forward's operand, rounded to the storage dtype as it was
+    tl.store(a_ptr + (n * sa_n + h * sa_h + w * sa_w)[:, None] + c[None, :] * sa_c, a.to(a_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _output_grad_kernel(
+    g_ptr, dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, P, C, HW, W_IMG,
+    sg_n, sg_c, sg_h, sg_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n, h, w, c, mask = _tile(P, C, HW, W_IMG, BLOCK_P, BLOCK_C)
+    dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[:, None] + c[None, :] * sdy_c, mask=mask, other=0.0)
+    y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + c[None, :] * sy_c, mask=mask, other=0.0)
+    d_sum = tl.load(dsum_ptr + c, mask=c < C, other=0.0)[None, :]
+    d_sumsq = tl.load(dsumsq_ptr + c, mask=c < C, other=0.0)[None, :]
+    g = dy.to(tl.float32) + d_sum + 2.0 * y.to(tl.float32) * d_sumsq
+    tl.store(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + c[None, :] * sg_c, g.to(g_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _affine_activation_bwd_kernel(
+    dx_ptr, daffine_ptr, da_ptr, x_ptr, scale_ptr, shift_ptr, P, C, HW, W_IMG,
+    sdx_n, sdx_c, sdx_h, sdx_w, sda_n, sda_c, sda_h, sda_w, sx_n, sx_c, sx_h, sx_w,
+    ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n, h, w, c, mask = _tile(P, C, HW, W_IMG, BLOCK_P, BLOCK_C)
+    d_a = tl.load(da_ptr + (n * sda_n + h * sda_h + w * sda_w)[:, None] + c[None, :] * sda_c, mask=mask, other=0.0)
+    x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + c[None, :] * sx_c, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c < C, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
+    d_pre = tl.where(mask, d_a.to(tl.float32) * activation_grad(x * scale + shift, ACT), 0.0)
+    tl.atomic_add(daffine_ptr + c, tl.sum(d_pre * x, axis=0), mask=c < C)
+    tl.atomic_add(daffine_ptr + C + c, tl.sum(d_pre, axis=0), mask=c < C)
+    tl.store(dx_ptr + (n * sdx_n + h * sdx_h + w * sdx_w)[:, None] + c[None, :] * sdx_c,
+             (d_pre * scale).to(dx_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+def _grid(t: torch.Tensor) -> tuple[int, int]:
+    n, c, h, w = t.shape
+    return triton.cdiv(n * h * w, BLOCK_P), triton.cdiv(c, BLOCK_C)
+
+
+def _geometry(t: torch.Tensor) -> tuple[int, int, int, int]:
+    n, c, h, w = t.shape
+    return n * h * w, c, h * w, w
+
+
+def affine_activation(x, scale, shift, activation, dtype) -> torch.Tensor:
+    """``act(scale·x + shift)`` (rounded to x's dtype as the forward's operand was) stored channels_last in dtype."""
+    a = torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)
+    _affine_activation_kernel[_grid(x)](
+        a, x, scale.contiguous(), shift.contiguous(), *_geometry(x), *a.stride(), *x.stride(),
+        ACT=ACTIVATION_CODES[activation], BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+    )  # fmt: skip
+    return a
+
+
+def output_grad(dy, y, d_sum, d_sumsq, dtype) -> torch.Tensor:
+    """``dy + dΣ + 2·y·dΣ²`` stored channels_last in dtype."""
+    g = torch.empty_like(y, dtype=dtype, memory_format=torch.channels_last)
+    _output_grad_kernel[_grid(y)](
+        g, dy, y, d_sum.contiguous(), d_sumsq.contiguous(), *_geometry(y), *g.stride(), *dy.stride(), *y.stride(),
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+    )  # fmt: skip
+    return g
+
+
+def affine_activation_backward(d_a, x, scale, shift, activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx channels_last in x's dtype, [d_scale; d_shift] (2, C) fp32)`` from the gradient of act(scale·x + shift)."""
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    d_affine = torch.zeros((2, x.shape[1]), dtype=torch.float32, device=x.device)
+    _affine_activation_bwd_kernel[_grid(x)](
+        dx, d_affine, d_a, x, scale.contiguous(), shift.contiguous(), *_geometry(x), *dx.stride(), *d_a.stride(),
+        *x.stride(), ACT=ACTIVATION_CODES[activation], BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+    )  # fmt: skip
+    return dx, d_affine

@@ -179,8 +179,11 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         if dtype != torch.float32:  # the fp32 master weight of autocast
             backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1, stats=True), scale, shift, act))
         backward(*conv3x3s2_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding))
-    statistics = [leaf(64, stats=True) for _ in range(4)]  # Σ, Σ², fp32 BN parameters (as under autocast)
-    backward(*bn_finalize(*statistics[:2], 2048, *statistics[2:], eps=1e-3))
+    statistics = torch.stack([torch.randn(64), torch.rand(64) + 64]).requires_grad_()  # [Σ; Σ²] of 2048 values
+    running = [torch.zeros(64), torch.ones(64)]
+    backward(*bn_finalize(statistics, 2048, leaf(64, stats=True), leaf(64, stats=True), eps=1e-3,
+                          running_mean=running[0], running_var=running[1],
+                          num_batches_tracked=torch.zeros((), dtype=torch.long)))  # fmt: skip
     for ratios in ((2,), (1, 2)):
         for with_extra in (False, True):
             parents = [leaf(2, 64, 32 // r, 32 // r) for r in ratios]

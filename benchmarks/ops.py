@@ -46,7 +46,7 @@ def _affine_act(x, scale, shift):
 
 def _stats(y):
     y32 = y.float()
-    return y, y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))
+    return y, torch.stack([y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))])
 
 
 def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
@@ -79,7 +79,7 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
 
     def finalize_inputs():
         y = torch.randn(n * lo * lo, c_target, device=device)
-        return y.sum(0).requires_grad_(), (y * y).sum(0).requires_grad_(), tensor(c_target), tensor(c_target)
+        return torch.stack([y.sum(0), (y * y).sum(0)]).requires_grad_(), tensor(c_target), tensor(c_target)
 
     def merge_eager(low, high, s0, s1, b0, b1):
         def affine(y, scale, shift):
@@ -87,9 +87,9 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
 
         return F.silu(F.interpolate(affine(low, s0, b0), scale_factor=4) + affine(high, s1, b1))
 
-    def finalize_eager(sums, sumsq, weight, bias):
-        mean = sums / (n * lo * lo)
-        scale = weight * torch.rsqrt((sumsq / (n * lo * lo) - mean * mean).clamp_min(0) + 1e-3)
+    def finalize_eager(stats, weight, bias):
+        mean = stats[0] / (n * lo * lo)
+        scale = weight * torch.rsqrt((stats[1] / (n * lo * lo) - mean * mean).clamp_min(0) + 1e-3)
         return scale, bias - mean * scale
 
     def pool_eager(y, scale, shift):
@@ -109,7 +109,7 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
                lambda low, high, s0, s1, b0, b1: merge([low, high], [s0, s1], [b0, b1], [4, 1], None, "swish"),
                merge_eager, 2 * n * c_target * hi * hi * item),
         OpCase("bn_finalize", f"C {c_target}", finalize_inputs,
-               lambda sums, sumsq, w, b: bn_finalize(sums, sumsq, n * lo * lo, w, b, eps=1e-3),
+               lambda stats, w, b: bn_finalize(stats, n * lo * lo, w, b, eps=1e-3),
                finalize_eager, 4 * c_target * 4),
     ]  # fmt: skip
 

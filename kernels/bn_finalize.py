@@ -24,11 +24,12 @@ def _bn_finalize_kernel(
     tl.store(var_ptr + c, var, mask=mask)
 
 
-def bn_finalize_forward(sums, sumsq, count, weight, bias, eps) -> list[torch.Tensor]:
-    """Returns fp32 ``[scale, shift, mean, var]``, each (C,)."""
-    outputs = [torch.empty_like(sums, dtype=torch.float32) for _ in range(4)]
-    grid = (triton.cdiv(sums.numel(), BLOCK_C),)
-    _bn_finalize_kernel[grid](sums, sumsq, weight, bias, *outputs, sums.numel(), float(count), eps, BLOCK_C=BLOCK_C)
+def bn_finalize_forward(stats, count, weight, bias, eps) -> list[torch.Tensor]:
+    """From contiguous ``stats`` = [Σ; Σ²] (2, C), returns fp32 ``[scale, shift, mean, var]``, each (C,)."""
+    channels = stats.shape[1]
+    outputs = [stats.new_empty(channels) for _ in range(4)]
+    grid = (triton.cdiv(channels, BLOCK_C),)
+    _bn_finalize_kernel[grid](stats[0], stats[1], weight, bias, *outputs, channels, float(count), eps, BLOCK_C=BLOCK_C)
     return outputs
 
 
@@ -59,24 +60,29 @@ def _bn_finalize_bwd_kernel(
 
 
 def bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps) -> list[torch.Tensor]:
-    """``[dΣ, dΣ² (fp32), dγ (γ's dtype), dβ (β's dtype)]``, each (C,); ``d_mean``/``d_var`` may be None (no
+    """``[d_stats = [dΣ; dΣ²] (2, C) fp32, dγ (γ's dtype), dβ (β's dtype)]``; ``d_mean``/``d_var`` may be None (no
     gradient), ``d_scale``/``d_shift`` may not."""
-    outputs = [torch.empty_like(mean) for _ in range(2)] + [torch.empty_like(weight), torch.empty_like(bias)]
+    d_stats = mean.new_empty((2, mean.numel()))
+    outputs = [d_stats, torch.empty_like(weight), torch.empty_like(bias)]
     grid = (triton.cdiv(mean.numel(), BLOCK_C),)
     _bn_finalize_bwd_kernel[grid](
-        *outputs, d_scale, d_shift, d_scale if d_mean is None else d_mean, d_scale if d_var is None else d_var,
-        weight, mean, var, mean.numel(), float(count), eps, HAS_DMEAN=d_mean is not None, HAS_DVAR=d_var is not None,
-        BLOCK_C=BLOCK_C,
+        d_stats[0], d_stats[1], *outputs[1:], d_scale, d_shift,
+        d_scale if d_mean is None else d_mean, d_scale if d_var is None else d_var, weight, mean, var, mean.numel(),
+        float(count), eps, HAS_DMEAN=d_mean is not None, HAS_DVAR=d_var is not None, BLOCK_C=BLOCK_C,
     )  # fmt: skip
     return outputs
 
 
 @triton.jit
-def _bn_running_update_kernel(running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
-                              BLOCK_C: tl.constexpr):  # fmt: skip
-    """running ← running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1)."""
+def _bn_running_update_kernel(running_mean_ptr, running_var_ptr, batches_ptr, mean_ptr, var_ptr, C, momentum,
+                              unbias, HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """running ← running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1); program 0
+    adds 1 to the batch counter."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = c < C
+    if HAS_COUNTER:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if tl.program_id(0) == 0:
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
     running = tl.load(running_mean_ptr + c, mask=mask).to(tl.float32)
     batch = tl.load(mean_ptr + c, mask=mask)
     tl.store(running_mean_ptr + c, (running + momentum * (batch - running)).to(running_mean_ptr.dtype.element_ty),
@@ -87,8 +93,11 @@ def _bn_running_update_kernel(running_mean_ptr, running_var_ptr, mean_ptr, var_p
              mask=mask)  # fmt: skip
 
 
-def bn_running_update(running_mean, running_var, mean, var, momentum, unbias) -> None:
-    """Update BN's running statistics in place (one launch for both)."""
+def bn_running_update(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
+    """Update BN's running statistics in place and add 1 to the one-element counter ``batches`` (if not empty): one
+    launch."""
     grid = (triton.cdiv(mean.numel(), BLOCK_C),)
-    _bn_running_update_kernel[grid](running_mean, running_var, mean, var, mean.numel(), momentum, unbias,
-                                    BLOCK_C=BLOCK_C)  # fmt: skip
+    has_counter = batches.numel() > 0
+    counter = batches if has_counter else mean  # an unused pointer without a counter
+    _bn_running_update_kernel[grid](running_mean, running_var, counter, mean, var, mean.numel(), momentum, unbias,
+                                    HAS_COUNTER=has_counter, BLOCK_C=BLOCK_C)  # fmt: skip

@@ -2,8 +2,8 @@
 
 ``y[p, o] = Σ_k act(scale[k]·x[p, k] + shift[k]) · W[o, k]`` over pixels p = (n, h, w). x and y are (N, C, H, W)
 addressed through their strides (channels_last is the fast layout); W is (C_out, C_in). Accumulation is fp32;
-fp32 inputs use IEEE fp32 dot products (no TF32). Per-program partial Σy and Σy² (from the fp32 accumulator)
-go to (programs along p, C_out) buffers that the launcher sums.
+fp32 inputs use IEEE fp32 dot products (no TF32). Each program adds its Σy and Σy² (of the stored values) to one
+zeroed (2, C_out) buffer.
 """
 
 import torch
@@ -17,12 +17,12 @@ from .gemm_config import gemm_launch_config
 
 @triton.jit
 def _conv1x1_fwd_kernel(
-    y_ptr, sum_ptr, sumsq_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, K, N_OUT, HW, W_IMG,
+    y_ptr, stats_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, K, N_OUT, HW, W_IMG,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M pixels) × (BLOCK_N output channels) tile of y, plus its channel partial sums."""
+    """One (BLOCK_M pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
@@ -45,25 +45,24 @@ def _conv1x1_fwd_kernel(
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a, b)
-    store_tile_and_channel_stats(y_ptr, sum_ptr, sumsq_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT)
 
 
 def conv1x1_bn_stats_forward(x, weight, scale, shift, activation) -> list[torch.Tensor]:
-    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, Σy (C_out,) fp32, Σy² (C_out,) fp32]``."""
+    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``."""
     n, k, h, w = x.shape
     c_out = weight.shape[0]
     w2d = weight.reshape(c_out, k)
     y = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv1x1_fwd_kernel)
     grid = (triton.cdiv(n * h * w, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
-    partial_sumsq = torch.empty_like(partial_sum)
+    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device)
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv1x1_fwd_kernel[grid](
-        y, partial_sum, partial_sumsq, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
+        y, stats, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
         n * h * w, k, c_out, h * w, w, *x.stride(), *y.stride(), *w2d.stride(),
         HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], **config,
     )  # fmt: skip
-    return [y, partial_sum.sum(0), partial_sumsq.sum(0)]
+    return [y, stats]

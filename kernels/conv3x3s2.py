@@ -17,12 +17,12 @@ from .gemm_config import gemm_launch_config
 
 @triton.jit
 def _conv3x3s2_fwd_kernel(
-    y_ptr, sum_ptr, sumsq_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    y_ptr, stats_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
     PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, plus its channel partial sums."""
+    """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
@@ -48,26 +48,25 @@ def _conv3x3s2_fwd_kernel(
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, b)
-    store_tile_and_channel_stats(y_ptr, sum_ptr, sumsq_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
 
 
 def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) -> list[torch.Tensor]:
-    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, Σy (C_out,) fp32, Σy² (C_out,) fp32]``."""
+    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     weight = weight.to(x.dtype)
     y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    partial_sum = torch.empty((grid[0], c_out), dtype=torch.float32, device=x.device)
-    partial_sumsq = torch.empty_like(partial_sum)
+    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device)
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv3x3s2_fwd_kernel[grid](
-        y, partial_sum, partial_sumsq, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
+        y, stats, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),
         PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
         **config,
     )  # fmt: skip
-    return [y, partial_sum.sum(0), partial_sumsq.sum(0)]
+    return [y, stats]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..ops import bn_act_maxpool, bn_finalize, conv1x1_bn_stats, conv3x3s2_bn_stats, merge
 
 
-def bn_affine(bn: nn.Module, sums: Tensor, sumsq: Tensor, count: int, upsample_factor: int) -> tuple[Tensor, Tensor]:
+def bn_affine(bn: nn.Module, stats: Tensor, count: int, upsample_factor: int) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` (fp32) such that ``bn(y) == scale·y + shift`` for the y these statistics came from."""
     batch_stats = isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
     if not batch_stats:
@@ -28,19 +28,20 @@ def bn_affine(bn: nn.Module, sums: Tensor, sumsq: Tensor, count: int, upsample_f
         return scale, bn.bias.float() - bn.running_mean.float() * scale
     momentum = bn.momentum
     update = bn.training and bn.track_running_stats
-    if update:
+    counter = bn.num_batches_tracked if update else None  # incremented by the running-statistics update
+    if update and momentum is None:  # cumulative moving average, as nn.BatchNorm2d (reads the counter on the host)
         bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
+        momentum, counter = 1.0 / float(bn.num_batches_tracked), None
     return bn_finalize(
-        sums, sumsq, count, bn.weight, bn.bias, eps=bn.eps,
+        stats, count, bn.weight, bn.bias, eps=bn.eps,
         running_mean=bn.running_mean if update else None, running_var=bn.running_var if update else None,
-        momentum=momentum, upsample_factor=upsample_factor, stats_reducer=sync_stats_reducer(bn),
+        num_batches_tracked=counter, momentum=momentum, upsample_factor=upsample_factor,
+        stats_reducer=sync_stats_reducer(bn),
     )  # fmt: skip
 
 
 def sync_stats_reducer(bn: nn.Module):
-    """SyncBN's statistics hook: Σ and Σ² summed over ``bn``'s process group (``None`` outside one).
+    """SyncBN's statistics hook: the (2, C) [Σ; Σ²] summed over ``bn``'s process group (``None`` outside one).
 
     Every rank is assumed to hold the same number of values per channel (DDP's equal per-rank batches at a
     fixed training size), so the count is scaled, not all-reduced: no host synchronisation per BN.
@@ -52,9 +53,8 @@ def sync_stats_reducer(bn: nn.Module):
     if world_size == 1:
         return None
 
-    def reduce(sums: Tensor, sumsq: Tensor, count: int) -> tuple[Tensor, Tensor, int]:
-        packed = dist_functional.all_reduce(torch.cat([sums, sumsq]), group=group)
-        return packed[: sums.numel()], packed[sums.numel() :], count * world_size
+    def reduce(stats: Tensor, count: int) -> tuple[Tensor, int]:
+        return dist_functional.all_reduce(stats, group=group), count * world_size
 
     return reduce
 
@@ -74,20 +74,20 @@ def conv1x1_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, sums, sumsq = conv1x1_bn_stats(x, conv1x1_weight(squeeze.conv.weight, x.dtype))
-    scale, shift = bn_affine(squeeze.bn, sums, sumsq, _pixels(y), 1)
+    y, stats = conv1x1_bn_stats(x, conv1x1_weight(squeeze.conv.weight, x.dtype))
+    scale, shift = bn_affine(squeeze.bn, stats, _pixels(y), 1)
     ratio = resample.upsample_factor
     if resample.down is not None:
         weight = resample.down.conv.weight.to(x.dtype)
-        y, sums, sumsq = conv3x3s2_bn_stats(y, weight, scale, shift, activation, padding)
-        scale, shift = bn_affine(resample.down.bn, sums, sumsq, _pixels(y), 1)
+        y, stats = conv3x3s2_bn_stats(y, weight, scale, shift, activation, padding)
+        scale, shift = bn_affine(resample.down.bn, stats, _pixels(y), 1)
         if len(resample.pools):
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
-    y, sums, sumsq = conv1x1_bn_stats(
+    y, stats = conv1x1_bn_stats(
         y, conv1x1_weight(expand.conv.weight, x.dtype), scale, shift, activation if scale is not None else "identity"
     )
-    scale, shift = bn_affine(expand.bn, sums, sumsq, _pixels(y), ratio)
+    scale, shift = bn_affine(expand.bn, stats, _pixels(y), ratio)
     return y, scale, shift, ratio
 
 

@@ -3,12 +3,12 @@
 Equivalent to::
 
     a = act(scale[:, None, None] * x + shift[:, None, None]) if scale is not None else x
-    y = F.conv2d(a, weight); (y, y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)))
+    y = F.conv2d(a, weight); (y, torch.stack([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]))
 
 x: (N, C_in, H, W) any memory format; weight: (C_out, C_in, 1, 1) in x's dtype, or the fp32 master weight of a
 bf16/fp16 x (rounded to x's dtype as it is loaded, as autocast rounds it, with its gradient accumulated in fp32 and
 no cast launched either way); scale, shift: (C_in,) fp32 or None.
-Returns y (N, C_out, H, W) channels_last in x's dtype and fp32 Σy, Σy² (C_out,) for the next ``bn_finalize``,
+Returns y (N, C_out, H, W) channels_last in x's dtype and fp32 stats = [Σy; Σy²] (2, C_out) for ``bn_finalize``,
 so BN never writes a normalised copy: the consumer applies ``scale·y + shift`` while loading.
 """
 
@@ -47,7 +47,7 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
 
 
 def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
-    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, Σy, Σy²]``."""
+    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]``."""
     a = prologue_forward(x, scale, shift, activation)
     return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x)
 
@@ -93,7 +93,7 @@ def _conv1x1_triton(x, weight, scale, shift, activation) -> list[Tensor]:
 @torch.library.custom_op("spinenet_fast::conv1x1_bn_stats", mutates_args=())
 def _conv1x1_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     args = (x, weight, scale, shift, activation)
     return tuple(backends.run("conv1x1_bn_stats", *args))
 
@@ -142,10 +142,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
 
 
-def _backward(ctx, dy, d_sum, d_sumsq):
+def _backward(ctx, dy, d_stats):
     y, x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, y.shape, x)
+    dy, d_sum, d_sumsq = fill_output_grads(dy, d_stats, y.shape, x)
     grads = _conv1x1_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ctx.activation)
     return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None)
 
@@ -155,7 +155,7 @@ _conv1x1_op.register_autograd(_backward, setup_context=_setup_context)
 
 def conv1x1_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity"
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Fused 1×1 conv with prologue and statistics epilogue (see the module docstring); checks arguments first."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     return _conv1x1_op(x, weight, scale, shift, activation)

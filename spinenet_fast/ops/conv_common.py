@@ -29,22 +29,21 @@ def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None)
 
 
 def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
-    """A conv op's ``[y, Σy, Σy²]`` from its result y (any dtype): y stored channels_last in x's dtype, the
-    statistics summed in x's statistics dtype from y *as stored*. BN later normalises the stored y, and its backward
-    cancels the statistics' gradient against the stored y's: statistics of the unrounded y would not describe the
-    tensor they normalise, and in bf16 that mismatch grew gradient errors to 3× eager's (as eager BN, which takes its
-    statistics from the bf16 conv output, does not)."""
+    """A conv op's ``[y, stats = [Σy; Σy²] (2, C)]`` from its result y (any dtype): y stored channels_last in x's
+    dtype, the statistics summed in x's statistics dtype from y *as stored*. BN later normalises the stored y, and its
+    backward cancels the statistics' gradient against the stored y's: statistics of the unrounded y would not
+    describe the tensor they normalise, and in bf16 that mismatch grew gradient errors to 3× eager's (as eager BN,
+    which takes its statistics from the bf16 conv output, does not)."""
     stored = y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
     stats = stored.to(stats_dtype(x))
-    return [stored, stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))]
+    return [stored, torch.stack([stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))])]
 
 
-def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the two statistics vectors."""
+def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the (2, C_out) statistics."""
     y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,
                     memory_format=CHANNELS_LAST)  # fmt: skip
-    vectors = [x.new_empty(weight.shape[:1], dtype=stats_dtype(x)) for _ in range(2)]
-    return y, *vectors
+    return y, x.new_empty((2, weight.shape[0]), dtype=stats_dtype(x))
 
 
 def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Tensor]:
@@ -53,12 +52,13 @@ def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Ten
     return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
 
 
-def fill_output_grads(dy, d_sum, d_sumsq, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Zeros for the outputs autograd passed no gradient for (None); nothing is launched when all have one."""
+def fill_output_grads(dy, d_stats, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dy, dΣ, dΣ²)``, zeros for an output autograd passed no gradient for (None); the two statistics' gradients
+    are views of ``d_stats`` (2, C): nothing is launched when both outputs have a gradient."""
     dy = torch.zeros(y_shape, dtype=x.dtype, device=x.device) if dy is None else dy
-    if d_sum is None or d_sumsq is None:
-        zeros = torch.zeros(y_shape[1], dtype=stats_dtype(x), device=x.device)
-        d_sum, d_sumsq = zeros if d_sum is None else d_sum, zeros if d_sumsq is None else d_sumsq
+    if d_stats is None:
+        d_stats = torch.zeros((2, y_shape[1]), dtype=stats_dtype(x), device=x.device)
+    d_sum, d_sumsq = d_stats
     return dy, d_sum, d_sumsq
 
 

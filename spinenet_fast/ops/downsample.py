@@ -1,6 +1,6 @@
 """The stride-2 path of a downsampling connection, as ops.
 
-``conv3x3s2_bn_stats``: ``y = conv3x3/s2(act(scale·x + shift))`` plus fp32 Σy, Σy² (C_out,) — equivalent to::
+``conv3x3s2_bn_stats``: ``y = conv3x3/s2(act(scale·x + shift))`` plus fp32 [Σy; Σy²] (2, C_out) — equivalent to::
 
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, stride=2)
 
@@ -57,7 +57,7 @@ def _pad(x: Tensor, padding: str, value: float) -> Tensor:
 
 
 def conv3x3s2_bn_stats_reference(x, weight, scale, shift, activation, padding) -> list[Tensor]:
-    """``[y, Σy, Σy²]`` with ATen's conv on the materialised activation (fp32 maths)."""
+    """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
     return conv_outputs(F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2), x)
 
@@ -195,7 +195,7 @@ def _maxpool_backward_extension(grad, y, scale, shift, activation, num_pools, pa
 @torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats", mutates_args=())
 def _conv3x3s2_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     args = (x, weight, scale, shift, activation, padding)
     return tuple(backends.run("conv3x3s2_bn_stats", *args))
 
@@ -226,10 +226,10 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
 
 
-def _conv_backward(ctx, dy, d_sum, d_sumsq):
+def _conv_backward(ctx, dy, d_stats):
     y, x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
-    dy, d_sum, d_sumsq = fill_output_grads(dy, d_sum, d_sumsq, y.shape, x)
+    dy, d_sum, d_sumsq = fill_output_grads(dy, d_stats, y.shape, x)
     grads = _conv3x3s2_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ctx.activation, ctx.padding)
     return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None, None)
 
@@ -282,7 +282,7 @@ _maxpool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 def conv3x3s2_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
     padding: str = "torch",
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """3×3 stride-2 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
     _check_common("x", x, scale, shift, activation, padding)
     if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype != x.dtype:

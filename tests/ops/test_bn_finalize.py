@@ -12,8 +12,15 @@ from ..conftest import require_backend
 
 
 def stats(y: torch.Tensor):
+    """``([Σy; Σy²] (2, C), values per channel)``."""
     y = y.float()
-    return y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)), y.numel() // y.shape[1]
+    return torch.stack([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3))]), y.numel() // y.shape[1]
+
+
+def random_stats(channels: int, count: int = 8, dtype=torch.float32) -> torch.Tensor:
+    """[Σ; Σ²] of some count values per channel with a positive variance."""
+    sums = torch.randn(channels, dtype=dtype) * 4
+    return torch.stack([sums, torch.rand(channels, dtype=dtype) * 10 + sums**2 / count + 1])
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -32,14 +39,15 @@ def test_matches_batchnorm_forward_backward_and_running_stats(device, backend):
     running_mean, running_var = torch.zeros(133, device=device), torch.ones(133, device=device)
     grad = torch.randn_like(expected)
     with use_backend(backend):  # the backward chooses its backend when it runs: inside the block
-        sums, sumsq, count = stats(y_fused)
-        scale, shift = bn_finalize(sums, sumsq, count, weight, bias, eps=1e-3, running_mean=running_mean,
-                                   running_var=running_var, momentum=0.1)  # fmt: skip
+        batches = torch.zeros((), dtype=torch.long, device=device)
+        scale, shift = bn_finalize(*stats(y_fused), weight, bias, eps=1e-3, running_mean=running_mean,
+                                   running_var=running_var, num_batches_tracked=batches, momentum=0.1)  # fmt: skip
         out = y_fused * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         got = torch.autograd.grad(out, (y_fused, weight, bias), grad)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+    assert batches.item() == bn.num_batches_tracked.item() == 1
 
     y_ref = y.clone().requires_grad_()
     ref = F.batch_norm(y_ref, None, None, bn.weight, bn.bias, training=True, eps=1e-3)
@@ -50,9 +58,8 @@ def test_matches_batchnorm_forward_backward_and_running_stats(device, backend):
 
 def test_running_variance_uses_the_upsampled_count():
     y = torch.randn(2, 4, 3, 3)
-    sums, sumsq, count = stats(y)
     running_mean, running_var = torch.zeros(4), torch.zeros(4)
-    bn_finalize(sums, sumsq, count, torch.ones(4), torch.zeros(4), eps=1e-3, running_mean=running_mean,
+    bn_finalize(*stats(y), torch.ones(4), torch.zeros(4), eps=1e-3, running_mean=running_mean,
                 running_var=running_var, momentum=1.0, upsample_factor=4)  # fmt: skip
     upsampled = F.interpolate(y, scale_factor=4)
     torch.testing.assert_close(running_mean, upsampled.mean((0, 2, 3)))
@@ -62,9 +69,9 @@ def test_running_variance_uses_the_upsampled_count():
 def test_stats_reducer_hook_sees_the_statistics_first():
     calls = []
 
-    def doubled(sums, sumsq, count):
+    def doubled(stats, count):
         calls.append(count)
-        return 2 * sums, 2 * sumsq, 2 * count
+        return 2 * stats, 2 * count
 
     y = torch.randn(2, 3, 4, 4)
     scale, shift = bn_finalize(*stats(y), torch.ones(3), torch.zeros(3), eps=1e-5, stats_reducer=doubled)
@@ -75,21 +82,20 @@ def test_stats_reducer_hook_sees_the_statistics_first():
 
 
 def test_gradcheck_float64():
-    sums = (torch.randn(5, dtype=torch.float64) * 4).requires_grad_()
-    sumsq = (torch.rand(5, dtype=torch.float64) * 10 + sums.detach() ** 2 / 8 + 1).requires_grad_()
+    statistics = random_stats(5, dtype=torch.float64).requires_grad_()
     weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
 
-    def fn(s, q, w, b):
-        return tuple(bn_finalize_reference(s, q, 8, w, b, 1e-3))
+    def fn(s, w, b):
+        return tuple(bn_finalize_reference(s, 8, w, b, 1e-3))
 
-    assert torch.autograd.gradcheck(fn, (sums, sumsq, weight, bias))
+    assert torch.autograd.gradcheck(fn, (statistics, weight, bias))
 
-    def through_op(s, q, w, b):
-        return tuple(_bn_finalize_op(s.float(), q.float(), 8, w.float(), b.float(), 1e-3))
+    def through_op(s, w, b):
+        return tuple(_bn_finalize_op(s.float(), 8, w.float(), b.float(), 1e-3))
 
     # The op's own backward against autograd of the reference, in float32.
-    inputs = [t.detach().float().requires_grad_() for t in (sums, sumsq, weight, bias)]
+    inputs = [t.detach().float().requires_grad_() for t in (statistics, weight, bias)]
     grads = [torch.randn(5) for _ in range(4)]
     with use_backend("reference"):
         got = torch.autograd.grad(through_op(*inputs), inputs, grads)
@@ -103,16 +109,14 @@ def test_gradcheck_float64():
 def test_backward_of_every_backend_matches_autograd_of_the_reference(backend, with_statistic_grads):
     """The one-kernel backward, with and without gradients of the batch mean and variance (None: no launch)."""
     require_backend(backend)
-    sums = torch.randn(133) * 4
-    sumsq = torch.rand(133) * 10 + sums**2 / 8 + 1
     weight, bias = torch.randn(133), torch.randn(133)
-    inputs = [t.clone().requires_grad_() for t in (sums, sumsq, weight, bias)]
+    inputs = [t.clone().requires_grad_() for t in (random_stats(133), weight, bias)]
     grads = [torch.randn(133) for _ in range(4)]
     outputs = slice(None) if with_statistic_grads else slice(0, 2)
     with use_backend(backend):
-        fused = _bn_finalize_op(inputs[0], inputs[1], 8, inputs[2], inputs[3], 1e-3)
+        fused = _bn_finalize_op(inputs[0], 8, inputs[1], inputs[2], 1e-3)
         got = torch.autograd.grad(fused[outputs], inputs, grads[outputs])
-    reference = bn_finalize_reference(*inputs[:2], 8, *inputs[2:], 1e-3)
+    reference = bn_finalize_reference(inputs[0], 8, *inputs[1:], 1e-3)
     want = torch.autograd.grad(reference[outputs], inputs, grads[outputs])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -122,22 +126,22 @@ def test_backward_of_every_backend_matches_autograd_of_the_reference(backend, wi
 def test_opcheck(backend):
     require_backend(backend)
     y = torch.randn(2, 6, 3, 3)
-    sums, sumsq, count = stats(y)
     with use_backend(backend):
-        torch.library.opcheck(_bn_finalize_op, (sums, sumsq, count, torch.rand(6), torch.randn(6), 1e-3))
+        torch.library.opcheck(_bn_finalize_op, (*stats(y), torch.rand(6), torch.randn(6), 1e-3))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"sums": torch.zeros(4, dtype=torch.float16)}, TypeError, r"sums must be a 1-D float32 \(or float64\) tensor"),
+        ({"stats": torch.zeros(2, 4, dtype=torch.float16)}, TypeError, r"stats must be float32 \(or float64\)"),
+        ({"stats": torch.zeros(4)}, TypeError, r"stats must be a \(2, C\) tensor \[Σy; Σy²\]"),
         ({"weight": torch.ones(5)}, ValueError, r"weight must be a tensor of shape \(4,\)"),
         ({"count": 1}, ValueError, "count must be an int >= 2"),
         ({"eps": 0.0}, ValueError, "eps must be positive"),
     ],
 )
 def test_bad_input(kwargs, error, match):
-    args = {"sums": torch.zeros(4), "sumsq": torch.ones(4), "count": 8, "weight": torch.ones(4),
+    args = {"stats": torch.stack([torch.zeros(4), torch.ones(4)]), "count": 8, "weight": torch.ones(4),
             "bias": torch.zeros(4), "eps": 1e-3, **kwargs}  # fmt: skip
     eps = args.pop("eps")
     with pytest.raises(error, match=match):
@@ -147,13 +151,12 @@ def test_bad_input(kwargs, error, match):
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_gradcheck_float64_through_the_op(backend):
     require_backend(backend)
-    sums = (torch.randn(5, dtype=torch.float64) * 4).requires_grad_()
-    sumsq = (torch.rand(5, dtype=torch.float64) * 10 + sums.detach() ** 2 / 8 + 1).requires_grad_()
+    statistics = random_stats(5, dtype=torch.float64).requires_grad_()
     weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
     with use_backend(backend):
-        assert torch.autograd.gradcheck(lambda *t: tuple(_bn_finalize_op(t[0], t[1], 8, t[2], t[3], 1e-3)),
-                                        (sums, sumsq, weight, bias))  # fmt: skip
+        assert torch.autograd.gradcheck(lambda *t: tuple(_bn_finalize_op(t[0], 8, t[1], t[2], 1e-3)),
+                                        (statistics, weight, bias))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -165,16 +168,18 @@ def test_running_update_in_place(backend, dtype):
     running_mean, running_var = torch.randn(133).to(dtype), torch.rand(133).to(dtype)
     expected_mean = running_mean.float().lerp(mean, 0.3).to(dtype)
     expected_var = running_var.float().lerp(var * 8 / 7, 0.3).to(dtype)
+    batches = torch.full((), 41, dtype=torch.long)
     with use_backend(backend):
-        _bn_running_update_op(running_mean, running_var, mean, var, 0.3, 8 / 7)
+        _bn_running_update_op(running_mean, running_var, batches, mean, var, 0.3, 8 / 7)
     tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(running_mean, expected_mean, **tolerance)
     torch.testing.assert_close(running_var, expected_var, **tolerance)
+    assert batches.item() == 42
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_running_update_opcheck(backend):
     require_backend(backend)
-    args = (torch.randn(6), torch.rand(6), torch.randn(6), torch.rand(6), 0.1, 1.5)
+    args = (torch.randn(6), torch.rand(6), torch.zeros((), dtype=torch.long), torch.randn(6), torch.rand(6), 0.1, 1.5)
     with use_backend(backend):
         torch.library.opcheck(_bn_running_update_op, args)

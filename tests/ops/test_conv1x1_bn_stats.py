@@ -35,7 +35,8 @@ def run(backend, inputs, activation, grads):
 
 
 def output_grads(like, c_out):
-    return torch.randn_like(like), torch.randn(c_out, device=like.device), torch.randn(c_out, device=like.device) / 10
+    """Gradients of y and of the statistics [Σy; Σy²] (the second row smaller: Σy² is larger)."""
+    return torch.randn_like(like), torch.randn(2, c_out, device=like.device) * torch.tensor([[1.0], [0.1]])
 
 
 @pytest.mark.parametrize(("prologue", "activation"), [(False, "identity"), (True, "relu"), (True, "swish")])
@@ -58,10 +59,12 @@ def test_forward_backward_fp32(device, fused_backend, prologue, activation, layo
 def test_low_precision_tolerance_rule(device, fused_backend, dtype):
     x, weight, scale, shift = make_inputs(device, dtype, prologue=True, batch=2)
     grads = output_grads(x.new_empty(2, 70, 5, 7), 70)
-    (y, sums, _sumsq), _ = run(fused_backend, (x, weight, scale, shift), "swish", grads)
+    (y, stats), _ = run(fused_backend, (x, weight, scale, shift), "swish", grads)
+    sums = stats[0]
     fp32 = (x.detach().float(), weight.detach().float(), scale, shift)
     with use_backend("reference"):
-        y32, sums32, _sumsq32 = conv1x1_bn_stats(*fp32, "swish")
+        y32, stats32 = conv1x1_bn_stats(*fp32, "swish")
+    sums32 = stats32[0]
     eager = F.conv2d(F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)), weight)
     assert y.dtype == dtype and sums.dtype == torch.float32
     assert_close_by_dtype(y, y32, eager)
@@ -81,7 +84,7 @@ def test_low_precision_gradients_tolerance_rule(device, fused_backend, dtype):
     def eager(*leaves):  # the same maths as nn.Conv2d + BN statistics in dtype, as autocast runs them
         xx, ww, ss, bb = leaves
         y = F.conv2d(F.silu(xx * ss.to(xx.dtype).view(1, -1, 1, 1) + bb.to(xx.dtype).view(1, -1, 1, 1)), ww)
-        return y, y.float().sum((0, 2, 3)), y.float().pow(2).sum((0, 2, 3))
+        return y, torch.stack([y.float().sum((0, 2, 3)), y.float().pow(2).sum((0, 2, 3))])
 
     eager_outputs = eager(x, weight, scale, shift)
     eager_grads = torch.autograd.grad(eager_outputs, (x, weight, scale, shift), grads)
@@ -114,11 +117,11 @@ def test_strided_vectors_and_expanded_statistic_gradients(backend):
     table = torch.randn(37, 2, requires_grad=True)
     scale, shift = table[:, 0], table[:, 1]
     with use_backend(backend):
-        y, sums, sumsq = conv1x1_bn_stats(x, weight, scale, shift, "swish")
-        got = torch.autograd.grad((y * y).sum() + sums.sum() + sumsq.sum(), (x, weight, table))
+        y, stats = conv1x1_bn_stats(x, weight, scale, shift, "swish")
+        got = torch.autograd.grad((y * y).sum() + stats.sum(), (x, weight, table))
     with use_backend("reference"):
-        y_ref, sums_ref, sumsq_ref = conv1x1_bn_stats(x, weight, scale.contiguous(), shift.contiguous(), "swish")
-        want = torch.autograd.grad((y_ref * y_ref).sum() + sums_ref.sum() + sumsq_ref.sum(), (x, weight, table))
+        y_ref, stats_ref = conv1x1_bn_stats(x, weight, scale.contiguous(), shift.contiguous(), "swish")
+        want = torch.autograd.grad((y_ref * y_ref).sum() + stats_ref.sum(), (x, weight, table))
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
@@ -133,8 +136,8 @@ def test_chain_with_bn_finalize_equals_conv_then_batchnorm(backend):
     nn.init.normal_(bn.bias)
     expected = bn(F.conv2d(x, weight))
     with use_backend(backend):
-        y, sums, sumsq = conv1x1_bn_stats(x, weight)
-        scale, shift = bn_finalize(sums, sumsq, 2 * 5 * 7, bn.weight, bn.bias, eps=1e-3)
+        y, stats = conv1x1_bn_stats(x, weight)
+        scale, shift = bn_finalize(stats, 2 * 5 * 7, bn.weight, bn.bias, eps=1e-3)
     out = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(out)

@@ -22,7 +22,7 @@ def test_conv3x3s2_matches_the_eager_module(padding, prologue):
     shift = torch.randn(5, requires_grad=True) if prologue else None
     a = F.silu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
     expected = layer(a)
-    y, sums, sumsq = conv3x3s2_bn_stats(x, layer.conv.weight, scale, shift, "swish", padding)
+    y, (sums, sumsq) = conv3x3s2_bn_stats(x, layer.conv.weight, scale, shift, "swish", padding)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
@@ -155,9 +155,9 @@ def test_conv3x3s2_fused_backends_match_the_reference(device, fused_backend, pad
     results = {}
     for backend in (fused_backend, "reference"):
         with use_backend(backend):
-            y, sums, sumsq = conv3x3s2_bn_stats(*inputs, "swish", padding)
-            grads = torch.autograd.grad((y * y).sum() / 100 + sums.sum() + sumsq.sum() / 100, leaves)
-        results[backend] = (y, sums, sumsq, *grads)
+            y, stats = conv3x3s2_bn_stats(*inputs, "swish", padding)
+            grads = torch.autograd.grad((y * y).sum() / 100 + stats[0].sum() + stats[1].sum() / 100, leaves)
+        results[backend] = (y, stats, *grads)
     for a, b in zip(results[fused_backend], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     assert results[fused_backend][0].is_contiguous(memory_format=torch.channels_last)
@@ -167,9 +167,9 @@ def test_conv3x3s2_fused_backends_match_the_reference(device, fused_backend, pad
 def test_conv3x3s2_fused_low_precision_tolerance_rule(device, fused_backend, dtype):
     x, weight, scale, shift = conv_inputs(device, dtype, "channels_last", batch=2)
     with use_backend(fused_backend):
-        y, sums, _ = conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")
+        y, (sums, _) = conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")
     with use_backend("reference"):
-        y32, sums32, _ = conv3x3s2_bn_stats(x.detach().float(), weight.detach().float(), scale, shift, "swish",
+        y32, (sums32, _) = conv3x3s2_bn_stats(x.detach().float(), weight.detach().float(), scale, shift, "swish",
                                             "tf_same")  # fmt: skip
     a = F.silu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1))
     eager = F.conv2d(F.pad(a, (0, 1, 0, 1)), weight, stride=2)
@@ -222,8 +222,8 @@ def test_conv3x3s2_fused_low_precision_gradients_tolerance_rule(device, fused_ba
     grad_y = torch.randn(2, 70, 3, 5, device=device)
     d_sums, d_sumsqs = torch.randn(70, device=device), torch.randn(70, device=device) / 10
 
-    def loss(y, sums, sumsq):
-        return (y.float() * grad_y).sum() + (sums * d_sums).sum() + (sumsq * d_sumsqs).sum()
+    def loss(y, stats):
+        return (y.float() * grad_y).sum() + (stats[0] * d_sums).sum() + (stats[1] * d_sumsqs).sum()
 
     with use_backend(fused_backend):
         fused = torch.autograd.grad(loss(*conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "tf_same")),
@@ -233,9 +233,9 @@ def test_conv3x3s2_fused_low_precision_gradients_tolerance_rule(device, fused_ba
         reference = torch.autograd.grad(loss(*conv3x3s2_bn_stats(*leaves32, "swish", "tf_same")), leaves32)
     a = F.silu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1))
     eager_y = F.conv2d(F.pad(a, (0, 1, 0, 1)), weight, stride=2)
-    eager_stats = eager_y.float()
-    eager = torch.autograd.grad(loss(eager_y, eager_stats.sum((0, 2, 3)), eager_stats.pow(2).sum((0, 2, 3))),
-                                (x, weight, scale, shift))  # fmt: skip
+    eager_y32 = eager_y.float()
+    eager_stats = torch.stack([eager_y32.sum((0, 2, 3)), eager_y32.pow(2).sum((0, 2, 3))])
+    eager = torch.autograd.grad(loss(eager_y, eager_stats), (x, weight, scale, shift))
     for got, want, base in zip(fused, reference, eager):
         assert got.dtype == base.dtype
         assert_low_precision_rule(got, want, base)

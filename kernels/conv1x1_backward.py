@@ -10,8 +10,9 @@ its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from
 Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast layout); W is (C_out, C_in).
 g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16, IEEE fp32 dots for fp32);
 accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are atomic adds into zeroed
-fp32 buffers (dW; d_scale and d_shift together), so the backward is two GEMM launches after one or two fills (and
-dW's cast where W itself is bf16/fp16 rather than the fp32 master weight).
+fp32 buffers: dW is zeroed by the dgrad programs (the wgrad follows on the same stream), d_scale and d_shift by
+one fill, so the backward is two GEMM launches (plus that fill with a prologue, and dW's cast where W itself is
+bf16/fp16 rather than the fp32 master weight).
 """
 
 import torch
@@ -22,6 +23,7 @@ from .activation import ACTIVATION_CODES, activation_grad, apply_activation
 from .gemm_config import gemm_launch_config
 
 TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
+ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
 
 
 @triton.jit
@@ -45,14 +47,19 @@ def _output_grad_tile(
 
 @triton.jit
 def _conv1x1_dgrad_kernel(
-    dx_ptr, dscale_ptr, dshift_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr,
-    P, C_IN, C_OUT, HW, W_IMG,
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr,
+    P, C_IN, C_OUT, HW, W_IMG, DW_NUMEL, ZERO_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift."""
+    """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift. Each program
+    also zeroes its share of the fp32 dW that the wgrad, next on the stream, adds into (no fill launch)."""
+    first = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZERO_PER_PROGRAM
+    for z in range(first, first + ZERO_PER_PROGRAM, ZERO_BLOCK):
+        offsets = z + tl.arange(0, ZERO_BLOCK)
+        tl.store(dw_ptr + offsets, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offsets < DW_NUMEL)
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
@@ -142,7 +149,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
     if has_prologue:
         scale, shift = scale.contiguous(), shift.contiguous()
-    d_weight = torch.zeros((c_out, c_in), dtype=torch.float32, device=x.device)
+    d_weight = torch.empty((c_out, c_in), dtype=torch.float32, device=x.device)  # zeroed by the dgrad kernel
     if has_prologue:
         d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device)  # [d_scale; d_shift]
         d_scale, d_shift = d_affine
@@ -154,10 +161,11 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
 
     config = gemm_launch_config(x.dtype, _conv1x1_dgrad_kernel)
     grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]))
+    zero_per_program = triton.cdiv(triton.cdiv(d_weight.numel(), grid[0] * grid[1]), ZERO_BLOCK) * ZERO_BLOCK
     _conv1x1_dgrad_kernel[grid](
-        dx, d_scale, d_shift, dy, d_sum, d_sumsq, y, x, w2d, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w,
-        *dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32,
-        **common, **config,
+        dx, d_scale, d_shift, d_weight, dy, d_sum, d_sumsq, y, x, w2d, scale_arg, shift_arg, pixels, c_in, c_out,
+        h * w, w, d_weight.numel(), zero_per_program, *dx.stride(), *dy.stride(), *y.stride(), *x.stride(),
+        *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common, **config,
     )  # fmt: skip
 
     config = gemm_launch_config(x.dtype, _conv1x1_wgrad_kernel)

@@ -43,7 +43,8 @@ def _conv3x3s2_fwd_kernel(
                 a = tl.where(x_mask, a, 0.0)  # padding and channel tail are zeros of the activated input
             b = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
                         mask=(c < C_IN)[:, None] & (o < N_OUT)[None, :], other=0.0)  # fmt: skip
-            a = a.to(b.dtype)  # the operand in the storage dtype, whichever dot multiplies it
+            # Both operands in the storage dtype (an fp32 master weight is rounded as autocast would), whichever dot.
+            a, b = a.to(x_ptr.dtype.element_ty), b.to(x_ptr.dtype.element_ty)
             if FP32_DOT:  # fp32 storage, or bf16 under the interpreter: products of bf16 values are exact
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
@@ -55,7 +56,6 @@ def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) 
     """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    weight = weight.to(x.dtype)
     y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))

@@ -63,8 +63,8 @@ def _pixels(t: Tensor) -> int:
     return t.shape[0] * t.shape[2] * t.shape[3]
 
 
-def conv1x1_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A 1×1 conv's weight as ``conv1x1_bn_stats`` takes it for activations of ``dtype``: an fp32 master weight as
+def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A conv's weight as the conv ops take it for activations of ``dtype``: an fp32 master weight as
     is under autocast (the kernels round it as they load it and accumulate its gradient in fp32: no cast launched in
     either pass), any other weight cast to ``dtype``."""
     low_precision = dtype in (torch.bfloat16, torch.float16)
@@ -74,18 +74,18 @@ def conv1x1_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, stats = conv1x1_bn_stats(x, conv1x1_weight(squeeze.conv.weight, x.dtype))
+    y, stats = conv1x1_bn_stats(x, gemm_weight(squeeze.conv.weight, x.dtype))
     scale, shift = bn_affine(squeeze.bn, stats, _pixels(y), 1)
     ratio = resample.upsample_factor
     if resample.down is not None:
-        weight = resample.down.conv.weight.to(x.dtype)
+        weight = gemm_weight(resample.down.conv.weight, x.dtype)
         y, stats = conv3x3s2_bn_stats(y, weight, scale, shift, activation, padding)
         scale, shift = bn_affine(resample.down.bn, stats, _pixels(y), 1)
         if len(resample.pools):
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
     y, stats = conv1x1_bn_stats(
-        y, conv1x1_weight(expand.conv.weight, x.dtype), scale, shift, activation if scale is not None else "identity"
+        y, gemm_weight(expand.conv.weight, x.dtype), scale, shift, activation if scale is not None else "identity"
     )
     scale, shift = bn_affine(expand.bn, stats, _pixels(y), ratio)
     return y, scale, shift, ratio

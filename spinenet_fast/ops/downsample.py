@@ -8,12 +8,15 @@
 
     a = act(scale[:, None, None] * y + shift[:, None, None]); for _ in range(num_pools): a = maxpool3x3s2(a)
 
-``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (0 before, 1 after; max-pools pad with −inf), for
-inputs whose H and W are even. Tensors are (N, C, H, W), any memory format; outputs are channels_last.
+``weight`` is in x's dtype, or the fp32 master weight of a bf16/fp16 x (rounded to x's dtype as it is used, as
+autocast rounds it). ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (0 before, 1 after; max-pools pad
+with −inf), for inputs whose H and W are even. Tensors are (N, C, H, W), any memory format; outputs are
+channels_last.
 The reference implementations materialise the activation and run ATen's conv and max-pool in fp32 maths: the
 CPU path and the test oracle. ``conv3x3s2_bn_stats`` runs as a Triton implicit GEMM with the prologue and
 statistics fused, or (``cuda``) as cuDNN on the materialised input in the storage dtype (fused_ops.md §3:
-benchmark both, keep the faster); its backward recomputes the activation and runs ATen's conv backward.
+benchmark both, keep the faster); its backward recomputes the activation (not the conv) and runs ATen's conv
+backward.
 ``bn_act_maxpool``'s ``cuda`` backend is the extension's one-pass kernel, whose backward recomputes each window's
 argmax exactly as ATen's pool-by-pool backward picks it.
 """
@@ -59,7 +62,7 @@ def _pad(x: Tensor, padding: str, value: float) -> Tensor:
 def conv3x3s2_bn_stats_reference(x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
-    return conv_outputs(F.conv2d(_pad(a, padding, 0.0), weight.to(a.dtype), stride=2), x)
+    return conv_outputs(F.conv2d(_pad(a, padding, 0.0), weight.to(x.dtype).to(a.dtype), stride=2), x)
 
 
 def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding) -> Tensor:
@@ -80,7 +83,7 @@ def _conv_input(a: Tensor, padding: str) -> tuple[Tensor, list[int]]:
 def conv3x3s2_bn_stats_library(x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding)
-    return conv_outputs(F.conv2d(a, weight, stride=2, padding=pads), x)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype), stride=2, padding=pads), x)
 
 
 backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
@@ -134,7 +137,7 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
     grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
-    d_a, d_w = _library_conv_backward(grad, a, weight, padding)
+    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding)  # the weight rounded as the forward's
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
@@ -142,7 +145,9 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
 def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[Tensor]:
     """The same maths with one Triton kernel on each side of ATen's conv backward: the recomputed activation and the
     folded output gradient go in as fp32 (cuDNN's TF32 where allowed: no bf16 rounding of the gradient after BN's
-    backward cancelled most of it), the prologue's backward and its two reductions come out of one kernel."""
+    backward cancelled most of it), with an fp32 master weight as it is (no cast launched; the forward rounded it
+    to x's dtype, a difference at that rounding's level); the prologue's backward and its two reductions come out of
+    one kernel."""
     from spinenet_fast.kernels.elementwise import affine_activation, affine_activation_backward, output_grad
 
     fp32 = torch.float32
@@ -285,8 +290,12 @@ def conv3x3s2_bn_stats(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """3×3 stride-2 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
     _check_common("x", x, scale, shift, activation, padding)
-    if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype != x.dtype:
-        raise ValueError(f"weight must be a {x.dtype} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
+    if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype not in allowed:
+        expected = " or ".join(map(str, allowed))
+        raise ValueError(f"weight must be a {expected} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
     return _conv3x3s2_op(x, weight, scale, shift, activation, padding)
 
 

@@ -239,3 +239,26 @@ def test_conv3x3s2_fused_low_precision_gradients_tolerance_rule(device, fused_ba
     for got, want, base in zip(fused, reference, eager):
         assert got.dtype == base.dtype
         assert_low_precision_rule(got, want, base)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_conv3x3s2_fp32_master_weight_with_low_precision_input(backend):
+    """An fp32 weight with a bf16 x gives the forward of the bf16-rounded weight and an fp32 weight gradient."""
+    require_backend(backend)
+    x, weight, scale, shift = conv_inputs("cpu", torch.bfloat16, "channels_last", batch=2)
+    master = weight.detach().float().requires_grad_()
+    with use_backend(backend):
+        y, stats = conv3x3s2_bn_stats(x, master, scale, shift, "swish", "torch")
+        y_rounded, stats_rounded = conv3x3s2_bn_stats(x, weight, scale, shift, "swish", "torch")
+        (d_master,) = torch.autograd.grad((y.float() ** 2).sum() + stats.sum(), (master,))
+        (d_rounded,) = torch.autograd.grad((y_rounded.float() ** 2).sum() + stats_rounded.sum(), (weight,))
+    torch.testing.assert_close(y, y_rounded, rtol=0, atol=0)
+    torch.testing.assert_close(stats, stats_rounded, rtol=1e-6, atol=1e-3)  # atomic adds in any order
+    assert d_master.dtype == torch.float32
+    torch.testing.assert_close(d_master, d_rounded.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_conv3x3s2_weight_on_another_device_is_rejected():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="weight must be on cpu like x, got meta"):
+        conv3x3s2_bn_stats(x, torch.empty(3, 2, 3, 3, device="meta"))

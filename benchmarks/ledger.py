@@ -17,7 +17,11 @@ extension's CPU twins stand in for its CUDA kernels. Parts are the model's modul
 groups, merge k and each of its parents, block group k, endpoints) and the loss, tracked by module hooks (the
 fused path's parents by a wrapper of ``fused_resample``); a backward launch belongs to the part whose forward
 created the autograd node it runs in (a node-creation hook tags each node). Writes ``DIR/ledger.json``,
-``DIR/ledger.md`` and ``DIR/ledger.png``. Bytes and FLOPs are not modelled yet (issue 15).
+``DIR/ledger.md`` and ``DIR/ledger.png``.
+
+Bytes and FLOPs are modelled per launch (``benchmarks/_traffic.py``: every tensor a launch takes or returns moved
+once) and depend on the size: run ``--size 640 --batch 8`` for the budgets' setting. Each block's connection (its
+merge and all its parents) is set against its byte floor (read every input once, write every output once).
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._traffic import aten_flops, connection_floor, tensors_bytes, triton_traffic
 from ._triton_launches import intercepted_launches, route_to_triton
 
 PASSES = ("forward", "backward")
 # fused_ops.md §7: launches the fused connections must not make (reductions, copies and casts around the kernels).
 FORBIDDEN = ("aten sum", "aten stack", "aten clone", "aten lerp_", "aten _to_copy", "extension aten")
-VARIANTS = ("eager", "fused-auto")
 PART_KEY = "ledger_part"
 # ATen ops that launch no kernel: views, metadata, allocations (as the dispatcher sees them).
 NO_KERNEL = frozenset(
@@ -57,9 +61,18 @@ NO_KERNEL = frozenset(
 
 @dataclass
 class Ledger:
-    """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``."""
+    """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``; modelled ``bytes`` and
+    ``flops`` per (part, pass) likewise."""
 
     counts: dict[str, dict[str, Counter]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Counter)))
+    bytes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    flops: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def traffic(self, measure: str, part_prefix: str = "", pass_: str | None = None) -> int:
+        """Modelled ``"bytes"`` or ``"flops"`` of the parts whose name starts with ``part_prefix``."""
+        by_part = getattr(self, measure)
+        return sum(n for part, passes in by_part.items() if part.startswith(part_prefix)
+                   for p, n in passes.items() if pass_ in (None, p))  # fmt: skip
 
     def launches(self, part_prefix: str = "", pass_: str | None = None) -> int:
         """Launches of the parts whose name starts with ``part_prefix``, in one pass or both."""
@@ -105,8 +118,14 @@ class LaunchCounter(TorchDispatchMode):
             return node.metadata.get(PART_KEY, "other")
         return self.parts[-1]
 
-    def count(self, kind: str, name: str) -> None:
+    def count(self, kind: str, name: str, nbytes: int = 0, flops: int = 0) -> None:
         self.ledger.counts[self.part()][self.pass_][f"{kind} {name}"] += 1
+        self.add_traffic(nbytes, flops)
+
+    def add_traffic(self, nbytes: int, flops: int) -> None:
+        part = self.part()
+        self.ledger.bytes[part][self.pass_] += nbytes
+        self.ledger.flops[part][self.pass_] += flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,11 +143,14 @@ class LaunchCounter(TorchDispatchMode):
             for launched in torch.ops.spinenet_fast.ext_launch_log(False):
                 kind, _, op = launched.rpartition("::")
                 self.count("extension" if not kind else f"extension {kind}", op)
+            self.add_traffic(tensors_bytes(args, kwargs) + tensors_bytes(out), 0)  # its arguments and results
             return out
         op = name.split("::")[-1]
+        out = func(*args, **kwargs)
         if op not in NO_KERNEL:
-            self.count("aten", op)
-        return func(*args, **kwargs)
+            nbytes = tensors_bytes(args, kwargs) + tensors_bytes(out)  # an in-place op reads and writes its input
+            self.count("aten", op, nbytes, aten_flops(func, args, kwargs, out))
+        return out
 
 
 def part_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -183,6 +205,28 @@ def part_tracking(model: nn.Module, counter: LaunchCounter) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
+    """While a forward runs: ``{"merges.k": {"forward": bytes, "backward": bytes}}``, each block connection's byte
+    floor from the tensors its merge actually receives and returns (``_traffic.connection_floor``)."""
+    floors: dict[str, dict[str, int]] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            feats = args[0]
+            parents, extras = [feats[i] for i in module.parent_ids], [feats[j] for j in module.extra_ids]
+            floors[name] = connection_floor(parents, output, list(module.parameters()), extras)
+
+        return record
+
+    handles = [merge.register_forward_hook(hook(f"merges.{k}")) for k, merge in enumerate(model.merges)]
+    try:
+        yield floors
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def count_training_step(
     model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
 ) -> Ledger:
@@ -199,7 +243,7 @@ def count_training_step(
     counter = LaunchCounter(ledger)
 
     def triton_launch(kernel, args, kwargs) -> None:
-        counter.count("triton", kernel.fn.__name__)
+        counter.count("triton", kernel.fn.__name__, *triton_traffic(kernel, args, kwargs))
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(backends.gpu_auto_order_on_cpu())
@@ -265,6 +309,62 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
     return {"groups": rows, "connections": connections}
 
 
+def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[str, int]]) -> dict:
+    """Modelled bytes and FLOPs per group and in total, and per block connection against its byte floor."""
+    groups = _groups(model)
+    parents = groups[1].prefixes
+    rows = []
+    for group in groups:
+        exclude = parents if group.label.startswith("merges") else ()
+        cells = {}
+        for v, ledger in ledgers.items():
+            for p in PASSES:
+                cells[f"{v} {p}"] = sum(
+                    ledger.bytes[part][p] for part in ledger.bytes
+                    if part.startswith(group.prefixes) and not part.startswith(exclude)
+                )  # fmt: skip
+        rows.append({"part": group.label, **cells})
+    totals = {f"{v} {p}": ledgers[v].traffic("bytes", pass_=p) for v in ledgers for p in PASSES}
+    rows.append({"part": "total", **totals})
+    flops = {f"{v} {p}": ledgers[v].traffic("flops", pass_=p) for v in ledgers for p in PASSES}
+    connections = []
+    for k in range(len(model.merges)):
+        part = f"merges.{k}"
+        if part not in floors:
+            continue
+        row = {"part": part}
+        for p in PASSES:
+            row[f"floor {p}"] = floors[part][p]
+            for v, ledger in ledgers.items():
+                row[f"{v} {p}"] = ledger.traffic("bytes", part + ".", p) + ledger.bytes[part][p]
+        connections.append(row)
+    return {"bytes": rows, "flops": flops, "connections": connections}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
+    columns = [f"{v} {p}" for v in ledgers for p in PASSES]
+    lines = ["", "## Modelled memory traffic (MB: every tensor a launch takes or returns moved once; `_traffic.py`)",
+             "", "| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
+    lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[c]) for c in columns) + " |" for r in traffic["bytes"]]
+    lines += ["", "GEMM/conv GFLOPs: " + ", ".join(f"{c} {n / 1e9:.2f}" for c, n in traffic["flops"].items())]
+    lines += ["", "Each block's connection (its merge and all its parents) against its byte floor (MB; × floor):", "",
+              "| connection | floor fwd | " + " | ".join(f"{v} fwd" for v in ledgers) + " | floor bwd | "
+              + " | ".join(f"{v} bwd" for v in ledgers) + " |",
+              "|---|" + "---:|" * (2 + 2 * len(ledgers))]  # fmt: skip
+    for row in traffic["connections"]:
+        cells = []
+        for p in PASSES:
+            floor = row[f"floor {p}"]
+            cells.append(_mb(floor))
+            cells += [f"{_mb(row[f'{v} {p}'])} ({row[f'{v} {p}'] / floor:.2f}×)" for v in ledgers]
+        lines.append(f"| {row['part']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
     columns = [f"{v} {p}" for v in ledgers for p in PASSES]
     lines = [
@@ -293,6 +393,8 @@ def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
         for pass_ in PASSES:
             top = ledger.ops(pass_=pass_).most_common(12)
             lines += ["", f"{variant} {pass_}, most launched: " + ", ".join(f"{op} ×{n}" for op, n in top)]
+    if "traffic" in summary:
+        lines += traffic_markdown(summary["traffic"], ledgers)
     return "\n".join(lines) + "\n"
 
 
@@ -302,17 +404,20 @@ def plot(summary: dict, ledgers: dict[str, Ledger], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["groups"][:-1]
-    figure, axes = plt.subplots(1, len(PASSES), figsize=(12, 4), sharey=True)
-    for axis, pass_ in zip(axes, PASSES):
-        positions = range(len(rows))
-        for offset, variant in zip((-0.2, 0.2), ledgers):
-            axis.barh([p + offset for p in positions], [r[f"{variant} {pass_}"] for r in rows], height=0.4,
-                      label=variant)  # fmt: skip
-        axis.set_yticks(list(positions), [r["part"] for r in rows])
-        axis.set_title(f"{pass_}: kernel launches")
-        axis.invert_yaxis()
-    axes[0].legend()
+    panels = [("kernel launches", summary["groups"][:-1], 1)]
+    if "traffic" in summary:
+        panels.append(("modelled MB", summary["traffic"]["bytes"][:-1], 1e6))
+    figure, axes = plt.subplots(len(panels), len(PASSES), figsize=(12, 4 * len(panels)), squeeze=False)
+    for (title, rows, unit), axes_row in zip(panels, axes):
+        for axis, pass_ in zip(axes_row, PASSES):
+            positions = range(len(rows))
+            for offset, variant in zip((-0.2, 0.2), ledgers):
+                axis.barh([p + offset for p in positions], [r[f"{variant} {pass_}"] / unit for r in rows],
+                          height=0.4, label=variant)  # fmt: skip
+            axis.set_yticks(list(positions), [r["part"] for r in rows])
+            axis.set_title(f"{pass_}: {title}")
+            axis.invert_yaxis()
+    axes[0][0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -335,14 +440,16 @@ def main(argv: list[str] | None = None) -> dict:
     model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=0.0, fused=False)
     model = model.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    ledgers = {
-        variant: count_training_step(model, images, fused=variant != "eager", autocast=autocast) for variant in VARIANTS
-    }
+    ledgers = {}
+    with recorded_floors(model) as floors:
+        ledgers["eager"] = count_training_step(model, images, fused=False, autocast=autocast)
+    ledgers["fused-auto"] = count_training_step(model, images, fused=True, autocast=autocast)
     precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
     description = f"SpineNet-{args.model} backbone, {args.size} px, batch {args.batch}, {precision}"
     config = {"model": args.model, "size": args.size, "batch": args.batch, "dtype": args.dtype,
               "description": description}  # fmt: skip
     summary = summarise(model, ledgers)
+    summary["traffic"] = summarise_traffic(model, ledgers, floors)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"config": config, "summary": summary, "ledgers": {v: ledger.as_json() for v, ledger in ledgers.items()}}
     (args.out / "ledger.json").write_text(json.dumps(payload, indent=1))

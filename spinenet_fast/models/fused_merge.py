@@ -5,9 +5,10 @@ max-pools] -> expand 1×1 with the previous BN + act as prologue (+ Σ, Σ²), r
 upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own
 resolution, adds the raw extra inputs and applies the activation. BN in training mode finalises the
 statistics (running variance with the upsampled count); otherwise its running statistics become the affine.
-``nn.SyncBatchNorm`` inside a process group all-reduces each BN's Σ, Σ² (one packed, differentiable
-all-reduce, so the backward reductions are all-reduced too). Under autocast the activations and conv weights
-run in the autocast dtype; statistics, scales and shifts stay fp32.
+``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2, C) [Σ; Σ²] (one differentiable
+all-reduce, so the backward reductions are all-reduced too). Under autocast the activations run in the autocast
+dtype and the conv ops take the fp32 weights, rounding them as they load them; statistics, scales and shifts stay
+fp32.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""The ledger's memory-traffic and FLOP model of one launch, and the byte floor of a cross-scale connection.
+
+Bytes: every tensor a launch takes or returns is read or written once, whole (views by their own elements,
+broadcast dimensions once). That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch,
+not a measurement: re-reads of operand tiles that miss L2 are not modelled. Triton kernels: their tensor
+arguments; ATen ops: arguments and results; the extension: its op's arguments and results (the partial-sum
+buffers inside it are not seen). An ATen op that runs several kernels counts its tensors once too — which favours
+eager: ``convolution_backward`` reads the gradient and the input for its dgrad and again for its wgrad, where our
+two GEMM kernels are modelled as reading them twice. FLOPs: the multiply-adds of convolutions and matrix products
+(2 per MAC), from PyTorch's own formulas for ATen ops and from the problem sizes of our GEMM kernels; elementwise
+work is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor addresses (a broadcast, stride-0, dimension counted once)."""
+    elements = math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+    return elements * t.element_size()
+
+
+def tensors_bytes(*trees) -> int:
+    """Total :func:`tensor_bytes` of the tensors in nested arguments (each tensor object once)."""
+    seen, total = set(), 0
+    for leaf in tree_leaves(list(trees)):
+        if isinstance(leaf, torch.Tensor) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            total += tensor_bytes(leaf)
+    return total
+
+
+def aten_flops(func, args, kwargs, out) -> int:
+    """PyTorch's FLOP formula for ``func`` (convolutions, matrix products and their backwards), else 0."""
+    formula = flop_registry.get(func._overloadpacket)
+    return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+
+
+def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
+    return 2 * m * n * k * passes
+
+
+# Our GEMM kernels' FLOPs from their named launch arguments (the bf16 dgrad's split gradient runs two dots).
+TRITON_FLOPS = {
+    "_conv1x1_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], a["K"]),
+    "_conv1x1_dgrad_kernel": lambda a: _gemm(a["P"], a["C_IN"], a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1),
+    "_conv1x1_wgrad_kernel": lambda a: _gemm(a["C_OUT"], a["C_IN"], a["P"]),
+    "_conv3x3s2_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
+}
+
+
+def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """``(bytes, flops)`` of one intercepted Triton launch."""
+    named = dict(zip(kernel.arg_names, args)) | kwargs
+    formula = TRITON_FLOPS.get(kernel.fn.__name__)
+    return tensors_bytes(args), (formula(named) if formula is not None else 0)
+
+
+def connection_floor(inputs: Iterable[torch.Tensor], output: torch.Tensor, parameters: Iterable[torch.Tensor],
+                     extras: Iterable[torch.Tensor]) -> dict[str, int]:  # fmt: skip
+    """fused_ops.md §7's byte floor of one block's cross-scale connection (its merge and all its parents).
+
+    Forward: read each parent feature map, extra input and weight once, write the block input once. Backward: read
+    the block input's gradient, the saved parent feature maps and the weights, write the parents' and the extras'
+    gradients and the weight gradients, once each."""
+    parents = sum(tensor_bytes(t) for t in inputs)
+    extra = sum(tensor_bytes(t) for t in extras)
+    weights = sum(tensor_bytes(p) for p in parameters)
+    out = tensor_bytes(output)
+    return {
+        "forward": parents + extra + weights + out,
+        "backward": out + parents + weights + parents + extra + weights,
+    }

@@ -86,6 +86,24 @@ SF_HOST_DEVICE void bn_finalize_channel(const T* sums, const T* sumsq, const T* 
   var[c] = v;
 }
 
+// Channel c of bn_finalize's backward: the chain rule through scale = γ·invstd, shift = β − mean·scale, mean = Σ/n,
+// var = Σ²/n − mean². d_mean and d_var may be null (no gradient).
+template <typename T>
+SF_HOST_DEVICE void bn_finalize_backward_channel(const T* d_scale, const T* d_shift, const T* d_mean, const T* d_var,
+                                                 const T* weight, const T* mean, const T* var, T count, T eps,
+                                                 int64_t c, T* d_sums, T* d_sumsq, T* d_weight, T* d_bias) {
+  const T invstd = T(1) / sqrt(var[c] + eps);
+  const T d_affine = d_scale[c] - d_shift[c] * mean[c];
+  T dv = T(-0.5) * weight[c] * d_affine * invstd * invstd * invstd;
+  if (d_var != nullptr) dv += d_var[c];
+  T dm = -d_shift[c] * weight[c] * invstd - T(2) * mean[c] * dv;
+  if (d_mean != nullptr) dm += d_mean[c];
+  d_sums[c] = dm / count;
+  d_sumsq[c] = dv / count;
+  d_weight[c] = invstd * d_affine;
+  d_bias[c] = d_shift[c];
+}
+
 // ------------------------------------------------------------------------------------------------------ merge
 // out = act(Σ_i scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i + extra) for one or two parents. For the backward, parent 0
 // is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order.

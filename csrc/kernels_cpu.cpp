@@ -142,4 +142,18 @@ void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor
   });
 }
 
+void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
+                          double eps) {
+  SF_KERNEL_SCOPE("bn_finalize_backward");
+  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize_backward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    for (int64_t c = 0; c < in[0].numel(); ++c) {
+      bn_finalize_backward_channel<scalar_t>(ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]), ptr(in[5]),
+                                             ptr(in[6]), static_cast<scalar_t>(count), static_cast<scalar_t>(eps), c,
+                                             out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(),
+                                             out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
+    }
+  });
+}
+
 }  // namespace spinenet_fast::cpu

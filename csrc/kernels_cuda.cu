@@ -139,6 +139,17 @@ __global__ void bn_finalize_kernel(const T* sums, const T* sumsq, const T* weigh
   if (c < channels) bn_finalize_channel(sums, sumsq, weight, bias, count, eps, c, scale, shift, mean, var);
 }
 
+template <typename T>
+__global__ void bn_finalize_backward_kernel(const T* d_scale, const T* d_shift, const T* d_mean, const T* d_var,
+                                            const T* weight, const T* mean, const T* var, T count, T eps,
+                                            int64_t channels, T* d_sums, T* d_sumsq, T* d_weight, T* d_bias) {
+  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (c < channels) {
+    bn_finalize_backward_channel(d_scale, d_shift, d_mean, d_var, weight, mean, var, count, eps, c, d_sums, d_sumsq,
+                                 d_weight, d_bias);
+  }
+}
+
 }  // namespace
 
 void merge_forward(const MergeTensors& t) {
@@ -208,6 +219,20 @@ void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor
         in[3].const_data_ptr<scalar_t>(), static_cast<scalar_t>(count), static_cast<scalar_t>(eps), channels,
         out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(), out[2].mutable_data_ptr<scalar_t>(),
         out[3].mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
+                          double eps) {
+  SF_KERNEL_SCOPE("bn_finalize_backward");
+  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize_backward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const int64_t channels = in[0].numel();
+    bn_finalize_backward_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]), ptr(in[5]), ptr(in[6]),
+        static_cast<scalar_t>(count), static_cast<scalar_t>(eps), channels, out[0].mutable_data_ptr<scalar_t>(),
+        out[1].mutable_data_ptr<scalar_t>(), out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

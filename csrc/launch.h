@@ -132,6 +132,9 @@ at::Tensor merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
 at::Tensor maxpool_backward(const PoolTensors& t);
 void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+// in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
+void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
+                          double eps);
 }  // namespace cpu
 
 namespace cuda {
@@ -140,6 +143,9 @@ at::Tensor merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
 at::Tensor maxpool_backward(const PoolTensors& t);
 void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+// in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
+void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
+                          double eps);
 }  // namespace cuda
 
 }  // namespace spinenet_fast

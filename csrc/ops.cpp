@@ -238,6 +238,42 @@ std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor
   return out;
 }
 
+std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, const at::Tensor& d_shift,
+                                                 const std::optional<at::Tensor>& d_mean,
+                                                 const std::optional<at::Tensor>& d_var, const at::Tensor& weight,
+                                                 const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                                 double eps) {
+  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+                   "mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK_VALUE(mean.dim() == 1 && (mean.is_cpu() || mean.is_cuda()),
+                    "mean must be a 1-D tensor on the CPU or a CUDA device, got shape ", mean.sizes(), " on ",
+                    mean.device());
+  std::vector<at::Tensor> in;
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"d_scale", &d_scale}, {"d_shift", &d_shift}, {"d_mean", d_mean ? &*d_mean : nullptr},
+      {"d_var", d_var ? &*d_var : nullptr}, {"weight", &weight}, {"mean", &mean}, {"var", &var}};
+  for (const auto& [name, v] : vectors) {
+    if (v == nullptr) {
+      in.emplace_back();
+      continue;
+    }
+    TORCH_CHECK_VALUE(v->sizes() == mean.sizes() && v->device() == mean.device(), name, " must have shape ",
+                      mean.sizes(), " on ", mean.device(), ", got ", v->sizes(), " on ", v->device());
+    TORCH_CHECK_TYPE(v->is_floating_point(), name, " must be floating-point, got ", v->scalar_type());
+    in.push_back(contiguous_logged(to_logged(*v, mean.scalar_type())));
+  }
+  TORCH_CHECK_VALUE(count >= 1, "count must be a positive int (values per channel), got ", count);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  at::Tensor d_stats = at::empty({2, mean.numel()}, mean.options());
+  std::vector<at::Tensor> out{d_stats[0], d_stats[1], at::empty_like(in[5]), at::empty_like(in[5])};
+  const c10::DeviceGuard guard(mean.device());
+  if (mean.numel() > 0) {
+    mean.is_cuda() ? cuda::bn_finalize_backward(in, out, static_cast<double>(count), eps)
+                   : cpu::bn_finalize_backward(in, out, static_cast<double>(count), eps);
+  }
+  return {d_stats, out[2], out[3]};
+}
+
 // The same functions serve both dispatch keys: they pick the launchers by the tensors' device.
 void register_impls(torch::Library& m) {
   m.impl("ext_merge", &ext_merge);
@@ -245,6 +281,7 @@ void register_impls(torch::Library& m) {
   m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);
   m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
   m.impl("ext_bn_finalize", &ext_bn_finalize);
+  m.impl("ext_bn_finalize_backward", &ext_bn_finalize_backward);
 }
 
 }  // namespace

@@ -71,6 +71,11 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
         ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 8, torch.ones(5), torch.zeros(4), 1e-3)
     with pytest.raises(ValueError, match="count must be a positive int"):
         ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 0, torch.ones(4), torch.zeros(4), 1e-3)
+    vectors = [torch.ones(4)] * 2
+    with pytest.raises(ValueError, match=r"d_var must have shape \[4\]"):
+        ops.ext_bn_finalize_backward(*vectors, None, torch.ones(5), torch.ones(4), *vectors, 8, 1e-3)
+    with pytest.raises(TypeError, match="mean must be float32 or float64, got Half"):
+        ops.ext_bn_finalize_backward(*vectors, None, None, torch.ones(4), torch.ones(4).half(), vectors[0], 8, 1e-3)
 
 
 def test_extension_handles_empty_batches():

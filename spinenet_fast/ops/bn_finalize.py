@@ -89,11 +89,15 @@ def bn_finalize_backward_reference(d_scale, d_shift, d_mean, d_var, weight, bias
 
 
 backends.register("bn_finalize_backward", "reference", lambda *args: [])(bn_finalize_backward_reference)
-# The cuda backend's backward: the same few ATen vector ops (the extension has no kernel for it yet).
-backends.register("bn_finalize_backward", "cuda", lambda *args: backends.library_reasons(args[0]))(
-    bn_finalize_backward_reference
-)
-backends.set_auto_order("bn_finalize_backward", ("triton", "cuda", "reference"))
+
+
+@backends.register("bn_finalize_backward", "cuda", lambda d_scale, *args: backends.extension_reasons(d_scale))
+def _bn_finalize_backward_extension(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
+    d_stats, d_weight, d_bias = torch.ops.spinenet_fast.ext_bn_finalize_backward(
+        d_scale, d_shift, d_mean, d_var, weight, mean, var, count, eps
+    )
+    # γ and β are fp32 like the statistics (autocast keeps parameters fp32): no cast then.
+    return [d_stats, d_weight.to(weight.dtype), d_bias.to(bias.dtype)]
 
 
 @backends.register("bn_finalize_backward", "triton", lambda d_scale, *args: _triton_reasons(d_scale))

@@ -1,4 +1,5 @@
-"""Triton kernel turning per-channel Σy, Σy² into BatchNorm's folded affine map (and batch mean / variance)."""
+"""Triton kernels of ``bn_finalize``: per-channel Σy, Σy² into BatchNorm's folded affine map (and batch mean /
+variance), its backward, and the running-statistics update (with the batch counter), one launch each."""
 
 import torch
 import triton

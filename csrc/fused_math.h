@@ -104,6 +104,15 @@ SF_HOST_DEVICE void bn_finalize_backward_channel(const T* d_scale, const T* d_sh
   d_bias[c] = d_shift[c];
 }
 
+// Channel c of the running-statistics update: running ← running + momentum·(batch − running), the batch variance
+// unbiased by `unbias` = n/(n − 1) (nn.BatchNorm2d's lerp).
+template <typename T>
+SF_HOST_DEVICE void bn_running_update_channel(T* running_mean, T* running_var, const T* mean, const T* var,
+                                              T momentum, T unbias, int64_t c) {
+  running_mean[c] += momentum * (mean[c] - running_mean[c]);
+  running_var[c] += momentum * (var[c] * unbias - running_var[c]);
+}
+
 // ------------------------------------------------------------------------------------------------------ merge
 // out = act(Σ_i scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i + extra) for one or two parents. For the backward, parent 0
 // is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order.

@@ -156,4 +156,18 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
   });
 }
 
+void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
+                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias) {
+  SF_KERNEL_SCOPE("bn_running_update");
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "spinenet_fast::ext_bn_running_update", [&] {
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      bn_running_update_channel<scalar_t>(running_mean.mutable_data_ptr<scalar_t>(),
+                                          running_var.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
+                                          var.const_data_ptr<scalar_t>(), static_cast<scalar_t>(momentum),
+                                          static_cast<scalar_t>(unbias), c);
+    }
+  });
+  if (batches.defined()) ++*batches.mutable_data_ptr<int64_t>();
+}
+
 }  // namespace spinenet_fast::cpu

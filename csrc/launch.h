@@ -135,6 +135,9 @@ void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
                           double eps);
+// running_mean, running_var updated in place from mean, var; batches (one int64, or undefined) incremented.
+void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
+                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias);
 }  // namespace cpu
 
 namespace cuda {
@@ -146,6 +149,9 @@ void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
                           double eps);
+// running_mean, running_var updated in place from mean, var; batches (one int64, or undefined) incremented.
+void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
+                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias);
 }  // namespace cuda
 
 }  // namespace spinenet_fast

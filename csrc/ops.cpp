@@ -274,6 +274,32 @@ std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, cons
   return {d_stats, out[2], out[3]};
 }
 
+void ext_bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
+                           const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias) {
+  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+                   "mean must be float32 or float64, got ", mean.scalar_type());
+  const std::pair<const char*, const at::Tensor*> vectors[] = {
+      {"running_mean", &running_mean}, {"running_var", &running_var}, {"var", &var}};
+  for (const auto& [name, v] : vectors) {
+    TORCH_CHECK_VALUE(v->sizes() == mean.sizes() && v->device() == mean.device() && v->is_contiguous(), name,
+                      " must be a contiguous tensor of shape ", mean.sizes(), " on ", mean.device(), ", got ",
+                      v->sizes(), " on ", v->device());
+    TORCH_CHECK_TYPE(v->scalar_type() == mean.scalar_type(), name, " must be ", mean.scalar_type(), " like mean, got ",
+                     v->scalar_type());
+  }
+  TORCH_CHECK_VALUE(mean.is_contiguous() && mean.dim() == 1, "mean must be a contiguous 1-D tensor, got shape ",
+                    mean.sizes());
+  TORCH_CHECK_VALUE(batches.numel() <= 1 && batches.scalar_type() == at::kLong && batches.device() == mean.device(),
+                    "batches must be one int64 (or empty) on ", mean.device(), ", got ", batches.numel(), " ",
+                    batches.scalar_type(), " on ", batches.device());
+  const c10::DeviceGuard guard(mean.device());
+  const at::Tensor counter = batches.numel() == 1 ? batches : at::Tensor();
+  if (mean.numel() > 0 || counter.defined()) {
+    mean.is_cuda() ? cuda::bn_running_update(running_mean, running_var, counter, mean, var, momentum, unbias)
+                   : cpu::bn_running_update(running_mean, running_var, counter, mean, var, momentum, unbias);
+  }
+}
+
 // The same functions serve both dispatch keys: they pick the launchers by the tensors' device.
 void register_impls(torch::Library& m) {
   m.impl("ext_merge", &ext_merge);
@@ -282,6 +308,7 @@ void register_impls(torch::Library& m) {
   m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
   m.impl("ext_bn_finalize", &ext_bn_finalize);
   m.impl("ext_bn_finalize_backward", &ext_bn_finalize_backward);
+  m.impl("ext_bn_running_update", &ext_bn_running_update);
 }
 
 }  // namespace

@@ -158,11 +158,17 @@ def _running_update_triton_reasons(running_mean, running_var, batches, mean, var
 
 
 backends.register("bn_running_update", "reference", lambda *args: [])(bn_running_update_reference)
-# The cuda backend: ATen's in-place ops (the extension has no kernel for it); auto prefers Triton's one launch.
-backends.register("bn_running_update", "cuda", lambda running_mean, *args: backends.library_reasons(running_mean))(
-    bn_running_update_reference
-)
-backends.set_auto_order("bn_running_update", ("triton", "cuda", "reference"))
+
+
+@backends.register("bn_running_update", "cuda", lambda running_mean, *args: backends.extension_reasons(running_mean))
+def _bn_running_update_extension(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
+    """The extension's one kernel for running statistics in the statistics' dtype (fp32 buffers, as BN keeps them
+    under autocast); ATen's in-place ops for other buffers (a model cast to bf16, strided buffers)."""
+    running = (running_mean, running_var)
+    if all(t.dtype == mean.dtype and t.is_contiguous() for t in running) and batches.dtype == torch.long:
+        torch.ops.spinenet_fast.ext_bn_running_update(*running, batches, mean, var, momentum, unbias)
+    else:
+        bn_running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias)
 
 
 @backends.register("bn_running_update", "triton", _running_update_triton_reasons)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "launch.h"
@@ -211,23 +212,39 @@ std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, cons
   return {t.d_y, sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
 }
 
-std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,
-                                        const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  TORCH_CHECK_TYPE(sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble,
-                   "sums must be float32 or float64, got ", sums.scalar_type());
-  TORCH_CHECK_VALUE(sums.dim() == 1 && (sums.is_cpu() || sums.is_cuda()),
-                    "sums must be a 1-D tensor on the CPU or a CUDA device, got shape ", sums.sizes(), " on ",
-                    sums.device());
-  std::vector<at::Tensor> in{contiguous_logged(sums)};
-  const std::pair<const char*, const at::Tensor*> others[] = {{"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}};
+// The per-channel vectors of the bn_finalize ops: `anchor` (float32/float64, 1-D, CPU or CUDA) and `others` (null:
+// an absent optional, returned undefined), each checked against it and returned contiguous in its dtype.
+std::vector<at::Tensor> statistics_vectors(const char* anchor_name, const at::Tensor& anchor,
+                                           std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
+  TORCH_CHECK_TYPE(anchor.scalar_type() == at::kFloat || anchor.scalar_type() == at::kDouble, anchor_name,
+                   " must be float32 or float64, got ", anchor.scalar_type());
+  TORCH_CHECK_VALUE(anchor.dim() == 1 && (anchor.is_cpu() || anchor.is_cuda()), anchor_name,
+                    " must be a 1-D tensor on the CPU or a CUDA device, got shape ", anchor.sizes(), " on ",
+                    anchor.device());
+  std::vector<at::Tensor> vectors;
   for (const auto& [name, v] : others) {
-    TORCH_CHECK_VALUE(v->sizes() == sums.sizes() && v->device() == sums.device(), name, " must have shape ",
-                      sums.sizes(), " on ", sums.device(), ", got ", v->sizes(), " on ", v->device());
+    if (v == nullptr) {
+      vectors.emplace_back();
+      continue;
+    }
+    TORCH_CHECK_VALUE(v->sizes() == anchor.sizes() && v->device() == anchor.device(), name, " must have shape ",
+                      anchor.sizes(), " on ", anchor.device(), ", got ", v->sizes(), " on ", v->device());
     TORCH_CHECK_TYPE(v->is_floating_point(), name, " must be floating-point, got ", v->scalar_type());
-    in.push_back(contiguous_logged(to_logged(*v, sums.scalar_type())));
+    vectors.push_back(contiguous_logged(to_logged(*v, anchor.scalar_type())));
   }
+  return vectors;
+}
+
+void check_count_and_eps(int64_t count, double eps) {
   TORCH_CHECK_VALUE(count >= 1, "count must be a positive int (values per channel), got ", count);
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+}
+
+std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,
+                                        const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  std::vector<at::Tensor> in =
+      statistics_vectors("sums", sums, {{"sums", &sums}, {"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}});
+  check_count_and_eps(count, eps);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 4; ++i) out.push_back(at::empty_like(in[0]));
   const c10::DeviceGuard guard(sums.device());
@@ -243,27 +260,11 @@ std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, cons
                                                  const std::optional<at::Tensor>& d_var, const at::Tensor& weight,
                                                  const at::Tensor& mean, const at::Tensor& var, int64_t count,
                                                  double eps) {
-  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-                   "mean must be float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK_VALUE(mean.dim() == 1 && (mean.is_cpu() || mean.is_cuda()),
-                    "mean must be a 1-D tensor on the CPU or a CUDA device, got shape ", mean.sizes(), " on ",
-                    mean.device());
-  std::vector<at::Tensor> in;
-  const std::pair<const char*, const at::Tensor*> vectors[] = {
-      {"d_scale", &d_scale}, {"d_shift", &d_shift}, {"d_mean", d_mean ? &*d_mean : nullptr},
-      {"d_var", d_var ? &*d_var : nullptr}, {"weight", &weight}, {"mean", &mean}, {"var", &var}};
-  for (const auto& [name, v] : vectors) {
-    if (v == nullptr) {
-      in.emplace_back();
-      continue;
-    }
-    TORCH_CHECK_VALUE(v->sizes() == mean.sizes() && v->device() == mean.device(), name, " must have shape ",
-                      mean.sizes(), " on ", mean.device(), ", got ", v->sizes(), " on ", v->device());
-    TORCH_CHECK_TYPE(v->is_floating_point(), name, " must be floating-point, got ", v->scalar_type());
-    in.push_back(contiguous_logged(to_logged(*v, mean.scalar_type())));
-  }
-  TORCH_CHECK_VALUE(count >= 1, "count must be a positive int (values per channel), got ", count);
-  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  const std::vector<at::Tensor> in = statistics_vectors(
+      "mean", mean,
+      {{"d_scale", &d_scale}, {"d_shift", &d_shift}, {"d_mean", d_mean ? &*d_mean : nullptr},
+       {"d_var", d_var ? &*d_var : nullptr}, {"weight", &weight}, {"mean", &mean}, {"var", &var}});
+  check_count_and_eps(count, eps);
   at::Tensor d_stats = at::empty({2, mean.numel()}, mean.options());
   std::vector<at::Tensor> out{d_stats[0], d_stats[1], at::empty_like(in[5]), at::empty_like(in[5])};
   const c10::DeviceGuard guard(mean.device());

@@ -20,29 +20,11 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_grad, apply_activation
+from .elementwise import output_grad_tile
 from .gemm_config import gemm_launch_config
 
 TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
 ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
-
-
-@triton.jit
-def _output_grad_tile(
-    dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o_mask, mask, sdy_c, sy_c, ROWS_ARE_PIXELS: tl.constexpr
-):
-    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose.
-    ``dy_rows``/``y_rows``: the pixels' offsets in dy and y; ``o``: output channels, valid where ``o_mask``."""
-    if ROWS_ARE_PIXELS:
-        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0).to(tl.float32)
-        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[None, :]
-        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[None, :]
-    else:  # transposed tile: output channels × pixels
-        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0).to(tl.float32)
-        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[:, None]
-        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[:, None]
-    return tl.where(mask, dy + d_sum + 2.0 * y * d_sumsq, 0.0)
 
 
 @triton.jit
@@ -68,7 +50,7 @@ def _conv1x1_dgrad_kernel(
     for o0 in range(0, C_OUT, BLOCK_K):
         o = o0 + tl.arange(0, BLOCK_K)
         g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        g = _output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
                               sdy_c, sy_c, True)  # fmt: skip
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
                     other=0.0)  # fmt: skip
@@ -119,7 +101,7 @@ def _conv1x1_wgrad_kernel(
         n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
         g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
         dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-        g = _output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
                               sdy_c, sy_c, False)  # fmt: skip
         a_mask = (p < P)[:, None] & (k < C_IN)[None, :]
         a = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)

@@ -4,7 +4,8 @@ All work on (N, C, H, W) tensors addressed through their strides, one (BLOCK_P p
 program; the outputs are allocated channels_last by the launchers. Maths in fp32.
 
 - ``affine_activation``: a = act(scale·x + shift), the recomputed input of the conv (its weight gradient needs it).
-- ``output_grad``: g = dy + dΣ + 2·y·dΣ², the statistics' gradients folded into the output gradient.
+- ``output_grad``: g = dy + dΣ + 2·y·dΣ², the statistics' gradients folded into the output gradient (its tile,
+  ``output_grad_tile``, is also the prologue of the 1×1 conv's backward GEMMs).
 - ``affine_activation_backward``: dx = act'(pre)·d_a·scale with d_scale = Σ d_pre·x, d_shift = Σ d_pre accumulated
   by atomic adds into a zeroed (2, C) buffer.
 """
@@ -24,6 +25,25 @@ def _tile(P, C, HW, W_IMG, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     return p // HW, (p % HW) // W_IMG, p % W_IMG, c, (p < P)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
+def output_grad_tile(
+    dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o_mask, mask, sdy_c, sy_c, ROWS_ARE_PIXELS: tl.constexpr
+):
+    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose.
+    ``dy_rows``/``y_rows``: the pixels' offsets in dy and y; ``o``: output channels, valid where ``o_mask``."""
+    if ROWS_ARE_PIXELS:
+        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[None, :]
+        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[None, :]
+    else:  # transposed tile: output channels × pixels
+        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)[:, None]
+        d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)[:, None]
+    return tl.where(mask, dy + d_sum + 2.0 * y * d_sumsq, 0.0)
 
 
 @triton.jit
@@ -48,11 +68,8 @@ def _output_grad_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     n, h, w, c, mask = _tile(P, C, HW, W_IMG, BLOCK_P, BLOCK_C)
-    dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[:, None] + c[None, :] * sdy_c, mask=mask, other=0.0)
-    y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + c[None, :] * sy_c, mask=mask, other=0.0)
-    d_sum = tl.load(dsum_ptr + c, mask=c < C, other=0.0)[None, :]
-    d_sumsq = tl.load(dsumsq_ptr + c, mask=c < C, other=0.0)[None, :]
-    g = dy.to(tl.float32) + d_sum + 2.0 * y.to(tl.float32) * d_sumsq
+    dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
+    g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, c, c < C, mask, sdy_c, sy_c, True)
     tl.store(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + c[None, :] * sg_c, g.to(g_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
 

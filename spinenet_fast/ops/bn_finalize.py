@@ -218,6 +218,9 @@ def bn_finalize(
     if stats_reducer is not None:
         stats, count = stats_reducer(stats, count)
     check_bn_finalize_args(stats, count, weight, bias, eps)
+    counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
+    if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
+        raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")
     scale, shift, mean, var = _bn_finalize_op(stats, count, weight, bias, float(eps))
     if running_mean is not None and running_var is not None:
         n = count * upsample_factor**2

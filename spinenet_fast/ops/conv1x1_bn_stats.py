@@ -25,6 +25,7 @@ from .conv_common import (
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
+    folded_output_grad,
     prologue_backward,
     prologue_forward,
 )
@@ -57,7 +58,7 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     dy, then two GEMMs."""
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
-    grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
+    grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
     c_out, c_in = weight.shape[:2]
     grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, c_out)
     d_weight = (grad_rows.t() @ a.permute(0, 2, 3, 1).reshape(-1, c_in)).view_as(weight).to(weight.dtype)

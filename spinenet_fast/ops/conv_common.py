@@ -62,6 +62,13 @@ def fill_output_grads(dy, d_stats, y_shape, x: Tensor) -> tuple[Tensor, Tensor, 
     return dy, d_sum, d_sumsq
 
 
+def folded_output_grad(dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dy + dΣ + 2·y·dΣ²`` in ``dtype``: the gradient of a conv op's output y with its statistics' gradients folded
+    in (Σy and Σy² are sums over every pixel of y)."""
+    vector = lambda v: v.to(dtype).view(1, -1, 1, 1)  # noqa: E731
+    return dy.to(dtype) + vector(d_sum) + 2 * y.to(dtype) * vector(d_sumsq)
+
+
 def prologue_forward(x: Tensor, scale, shift, activation) -> Tensor:
     """``act(scale·x + shift)`` (or x) in the ops' maths dtype, with x (N, C, H, W) and (C,) vectors.
 

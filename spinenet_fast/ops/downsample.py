@@ -35,6 +35,7 @@ from .conv_common import (
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
+    folded_output_grad,
     prologue_backward,
     prologue_forward,
 )
@@ -136,7 +137,7 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
     (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths."""
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
-    grad = dy.to(dtype) + d_sum.to(dtype).view(1, -1, 1, 1) + 2 * y.to(dtype) * d_sumsq.to(dtype).view(1, -1, 1, 1)
+    grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
     d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding)  # the weight rounded as the forward's
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]

@@ -138,6 +138,7 @@ def test_opcheck(backend):
         ({"weight": torch.ones(5)}, ValueError, r"weight must be a tensor of shape \(4,\)"),
         ({"count": 1}, ValueError, "count must be an int >= 2"),
         ({"eps": 0.0}, ValueError, "eps must be positive"),
+        ({"num_batches_tracked": torch.zeros(2)}, TypeError, "num_batches_tracked must be a one-element int64 tensor"),
     ],
 )
 def test_bad_input(kwargs, error, match):

@@ -72,18 +72,35 @@ SF_UNROLL
 }
 
 // ----------------------------------------------------------------------------------------------- bn_finalize
-// Channel c: mean = Σ/n, biased var = Σ²/n − mean² (≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale.
+// One BN's finalisation: statistics in, affine map (and batch mean / variance) out, running statistics updated.
 template <typename T>
-SF_HOST_DEVICE void bn_finalize_channel(const T* sums, const T* sumsq, const T* weight, const T* bias, T count,
-                                        T eps, int64_t c, T* scale, T* shift, T* mean, T* var) {
-  const T m = sums[c] / count;
-  T v = sumsq[c] / count - m * m;
+struct BnFinalizeArgs {
+  const T *sums, *sumsq, *weight, *bias;
+  T count, eps;
+  T *scale, *shift, *mean, *var;
+  T* running_mean;  // null: no running-statistics update
+  T* running_var;
+  T momentum, unbias;  // running ← running + momentum·(batch − running), the batch variance × unbias = n/(n − 1)
+  int64_t* batches;    // null: no batch counter; else incremented by channel 0
+};
+
+// Channel c: mean = Σ/n, biased var = Σ²/n − mean² (≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale; then
+// nn.BatchNorm2d's running-statistics lerp.
+template <typename T>
+SF_HOST_DEVICE void bn_finalize_channel(const BnFinalizeArgs<T>& a, int64_t c) {
+  const T m = a.sums[c] / a.count;
+  T v = a.sumsq[c] / a.count - m * m;
   v = v < T(0) ? T(0) : v;
-  const T s = weight[c] / sqrt(v + eps);
-  scale[c] = s;
-  shift[c] = bias[c] - m * s;
-  mean[c] = m;
-  var[c] = v;
+  const T s = a.weight[c] / sqrt(v + a.eps);
+  a.scale[c] = s;
+  a.shift[c] = a.bias[c] - m * s;
+  a.mean[c] = m;
+  a.var[c] = v;
+  if (a.running_mean != nullptr) {
+    a.running_mean[c] += a.momentum * (m - a.running_mean[c]);
+    a.running_var[c] += a.momentum * (v * a.unbias - a.running_var[c]);
+  }
+  if (c == 0 && a.batches != nullptr) ++*a.batches;
 }
 
 // Channel c of bn_finalize's backward: the chain rule through scale = γ·invstd, shift = β − mean·scale, mean = Σ/n,
@@ -102,15 +119,6 @@ SF_HOST_DEVICE void bn_finalize_backward_channel(const T* d_scale, const T* d_sh
   d_sumsq[c] = dv / count;
   d_weight[c] = invstd * d_affine;
   d_bias[c] = d_shift[c];
-}
-
-// Channel c of the running-statistics update: running ← running + momentum·(batch − running), the batch variance
-// unbiased by `unbias` = n/(n − 1) (nn.BatchNorm2d's lerp).
-template <typename T>
-SF_HOST_DEVICE void bn_running_update_channel(T* running_mean, T* running_var, const T* mean, const T* var,
-                                              T momentum, T unbias, int64_t c) {
-  running_mean[c] += momentum * (mean[c] - running_mean[c]);
-  running_var[c] += momentum * (var[c] * unbias - running_var[c]);
 }
 
 // ------------------------------------------------------------------------------------------------------ merge

@@ -129,16 +129,11 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
   return partial;
 }
 
-void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+void bn_finalize(const FinalizeTensors& t) {
   SF_KERNEL_SCOPE("bn_finalize");
-  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
-    for (int64_t c = 0; c < in[0].numel(); ++c) {
-      bn_finalize_channel<scalar_t>(in[0].const_data_ptr<scalar_t>(), in[1].const_data_ptr<scalar_t>(),
-                                    in[2].const_data_ptr<scalar_t>(), in[3].const_data_ptr<scalar_t>(),
-                                    static_cast<scalar_t>(count), static_cast<scalar_t>(eps), c,
-                                    out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(),
-                                    out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
-    }
+  AT_DISPATCH_FLOATING_TYPES(t.sums.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    const auto a = finalize_args<scalar_t>(t);
+    for (int64_t c = 0; c < t.sums.numel(); ++c) bn_finalize_channel(a, c);
   });
 }
 
@@ -154,20 +149,6 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
                                              out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
     }
   });
-}
-
-void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
-                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias) {
-  SF_KERNEL_SCOPE("bn_running_update");
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "spinenet_fast::ext_bn_running_update", [&] {
-    for (int64_t c = 0; c < mean.numel(); ++c) {
-      bn_running_update_channel<scalar_t>(running_mean.mutable_data_ptr<scalar_t>(),
-                                          running_var.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
-                                          var.const_data_ptr<scalar_t>(), static_cast<scalar_t>(momentum),
-                                          static_cast<scalar_t>(unbias), c);
-    }
-  });
-  if (batches.defined()) ++*batches.mutable_data_ptr<int64_t>();
 }
 
 }  // namespace spinenet_fast::cpu

@@ -133,10 +133,9 @@ struct PrologueBackward {
 };
 
 template <typename T>
-__global__ void bn_finalize_kernel(const T* sums, const T* sumsq, const T* weight, const T* bias, T count, T eps,
-                                   int64_t channels, T* scale, T* shift, T* mean, T* var) {
+__global__ void bn_finalize_kernel(const BnFinalizeArgs<T> a, int64_t channels) {
   const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (c < channels) bn_finalize_channel(sums, sumsq, weight, bias, count, eps, c, scale, shift, mean, var);
+  if (c < channels) bn_finalize_channel(a, c);
 }
 
 template <typename T>
@@ -150,13 +149,6 @@ __global__ void bn_finalize_backward_kernel(const T* d_scale, const T* d_shift, 
   }
 }
 
-template <typename T>
-__global__ void bn_running_update_kernel(T* running_mean, T* running_var, int64_t* batches, const T* mean,
-                                         const T* var, T momentum, T unbias, int64_t channels) {
-  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (c < channels) bn_running_update_channel(running_mean, running_var, mean, var, momentum, unbias, c);
-  if (c == 0 && batches != nullptr) ++*batches;
-}
 
 }  // namespace
 
@@ -218,15 +210,12 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
   return partial;
 }
 
-void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps) {
+void bn_finalize(const FinalizeTensors& t) {
   SF_KERNEL_SCOPE("bn_finalize");
-  AT_DISPATCH_FLOATING_TYPES(in[0].scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
-    const int64_t channels = in[0].numel();
+  AT_DISPATCH_FLOATING_TYPES(t.sums.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    const int64_t channels = t.sums.numel();
     bn_finalize_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        in[0].const_data_ptr<scalar_t>(), in[1].const_data_ptr<scalar_t>(), in[2].const_data_ptr<scalar_t>(),
-        in[3].const_data_ptr<scalar_t>(), static_cast<scalar_t>(count), static_cast<scalar_t>(eps), channels,
-        out[0].mutable_data_ptr<scalar_t>(), out[1].mutable_data_ptr<scalar_t>(), out[2].mutable_data_ptr<scalar_t>(),
-        out[3].mutable_data_ptr<scalar_t>());
+        finalize_args<scalar_t>(t), channels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -241,19 +230,6 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
         ptr(in[0]), ptr(in[1]), ptr(in[2]), ptr(in[3]), ptr(in[4]), ptr(in[5]), ptr(in[6]),
         static_cast<scalar_t>(count), static_cast<scalar_t>(eps), channels, out[0].mutable_data_ptr<scalar_t>(),
         out[1].mutable_data_ptr<scalar_t>(), out[2].mutable_data_ptr<scalar_t>(), out[3].mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
-                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias) {
-  SF_KERNEL_SCOPE("bn_running_update");
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "spinenet_fast::ext_bn_running_update", [&] {
-    const int64_t channels = mean.numel();
-    bn_running_update_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
-        batches.defined() ? batches.mutable_data_ptr<int64_t>() : nullptr, mean.const_data_ptr<scalar_t>(),
-        var.const_data_ptr<scalar_t>(), static_cast<scalar_t>(momentum), static_cast<scalar_t>(unbias), channels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

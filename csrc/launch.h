@@ -124,6 +124,24 @@ PoolArgs<scalar_t, acc_t> pool_args(const PoolTensors& t) {
   return a;
 }
 
+// BN finalisation: inputs Σ, Σ², γ, β; outputs scale, shift, mean, var (all 1-D, one dtype, contiguous); running
+// statistics and the batch counter undefined where not updated.
+struct FinalizeTensors {
+  at::Tensor sums, sumsq, weight, bias;
+  at::Tensor scale, shift, mean, var;
+  at::Tensor running_mean, running_var, batches;
+  double count, eps, momentum, unbias;
+};
+
+template <typename T>
+BnFinalizeArgs<T> finalize_args(const FinalizeTensors& t) {
+  auto out = [](const at::Tensor& v) { return v.defined() ? v.mutable_data_ptr<T>() : nullptr; };
+  return {t.sums.const_data_ptr<T>(), t.sumsq.const_data_ptr<T>(), t.weight.const_data_ptr<T>(),
+          t.bias.const_data_ptr<T>(), static_cast<T>(t.count), static_cast<T>(t.eps), out(t.scale), out(t.shift),
+          out(t.mean), out(t.var), out(t.running_mean), out(t.running_var), static_cast<T>(t.momentum),
+          static_cast<T>(t.unbias), t.batches.defined() ? t.batches.mutable_data_ptr<int64_t>() : nullptr};
+}
+
 // Each launcher returns, where the op reduces over pixels, partial per-channel sums (chunks, sums, C) in the
 // maths dtype; the op adds the chunks up.
 namespace cpu {
@@ -131,13 +149,10 @@ void merge_forward(const MergeTensors& t);
 at::Tensor merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
 at::Tensor maxpool_backward(const PoolTensors& t);
-void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+void bn_finalize(const FinalizeTensors& t);
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
                           double eps);
-// running_mean, running_var updated in place from mean, var; batches (one int64, or undefined) incremented.
-void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
-                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias);
 }  // namespace cpu
 
 namespace cuda {
@@ -145,13 +160,10 @@ void merge_forward(const MergeTensors& t);
 at::Tensor merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
 at::Tensor maxpool_backward(const PoolTensors& t);
-void bn_finalize(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count, double eps);
+void bn_finalize(const FinalizeTensors& t);
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
                           double eps);
-// running_mean, running_var updated in place from mean, var; batches (one int64, or undefined) incremented.
-void bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
-                       const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias);
 }  // namespace cuda
 
 }  // namespace spinenet_fast

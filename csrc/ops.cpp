@@ -1,5 +1,6 @@
 // The extension's ops: argument checks (before any launch), NHWC layouts, outputs and the final per-channel
 // reductions, for both devices; the launchers in kernels_cpu.cpp / kernels_cuda.cu run the shared maths.
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -9,6 +10,8 @@
 #include <algorithm>
 #include <initializer_list>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "launch.h"
 
@@ -240,19 +243,49 @@ void check_count_and_eps(int64_t count, double eps) {
   TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
 }
 
-std::vector<at::Tensor> ext_bn_finalize(const at::Tensor& sums, const at::Tensor& sumsq, int64_t count,
-                                        const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  std::vector<at::Tensor> in =
+// The running statistics the finalize kernel updates: both given (then of the statistics' dtype, contiguous), or
+// neither; the counter one int64 on the same device, or absent.
+void check_running(const at::Tensor& anchor, const std::optional<at::Tensor>& running_mean,
+                   const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& batches) {
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must be given together");
+  for (const auto& [name, v] : {std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    if (!v->has_value()) continue;
+    TORCH_CHECK_VALUE((*v)->sizes() == anchor.sizes() && (*v)->device() == anchor.device() && (*v)->is_contiguous(),
+                      name, " must be a contiguous tensor of shape ", anchor.sizes(), " on ", anchor.device(),
+                      ", got ", (*v)->sizes(), " on ", (*v)->device());
+    TORCH_CHECK_TYPE((*v)->scalar_type() == anchor.scalar_type(), name, " must be ", anchor.scalar_type(),
+                     " like the statistics, got ", (*v)->scalar_type());
+  }
+  if (batches.has_value()) {
+    TORCH_CHECK_VALUE(batches->numel() == 1 && batches->scalar_type() == at::kLong &&
+                          batches->device() == anchor.device(),
+                      "batches must be one int64 on ", anchor.device(), ", got ", batches->numel(), " ",
+                      batches->scalar_type(), " on ", batches->device());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_bn_finalize(
+    const at::Tensor& sums, const at::Tensor& sumsq, int64_t count, const at::Tensor& weight, const at::Tensor& bias,
+    double eps, const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& batches, double momentum, double unbias) {
+  const std::vector<at::Tensor> in =
       statistics_vectors("sums", sums, {{"sums", &sums}, {"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}});
   check_count_and_eps(count, eps);
-  std::vector<at::Tensor> out;
-  for (int i = 0; i < 4; ++i) out.push_back(at::empty_like(in[0]));
+  check_running(sums, running_mean, running_var, batches);
+  FinalizeTensors t{in[0], in[1], in[2], in[3]};
+  t.scale = at::empty_like(in[0]), t.shift = at::empty_like(in[0]);
+  t.mean = at::empty_like(in[0]), t.var = at::empty_like(in[0]);
+  t.running_mean = running_mean.value_or(at::Tensor()), t.running_var = running_var.value_or(at::Tensor());
+  t.batches = batches.value_or(at::Tensor());
+  t.count = static_cast<double>(count), t.eps = eps, t.momentum = momentum, t.unbias = unbias;
   const c10::DeviceGuard guard(sums.device());
   if (sums.numel() > 0) {
-    sums.is_cuda() ? cuda::bn_finalize(in, out, static_cast<double>(count), eps)
-                   : cpu::bn_finalize(in, out, static_cast<double>(count), eps);
+    sums.is_cuda() ? cuda::bn_finalize(t) : cpu::bn_finalize(t);
+  } else if (t.batches.defined()) {
+    t.batches.add_(1);  // no channel to count the batch: nothing else to do either
   }
-  return out;
+  return {t.scale, t.shift, t.mean, t.var};
 }
 
 std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, const at::Tensor& d_shift,
@@ -275,32 +308,6 @@ std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, cons
   return {d_stats, out[2], out[3]};
 }
 
-void ext_bn_running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& batches,
-                           const at::Tensor& mean, const at::Tensor& var, double momentum, double unbias) {
-  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-                   "mean must be float32 or float64, got ", mean.scalar_type());
-  const std::pair<const char*, const at::Tensor*> vectors[] = {
-      {"running_mean", &running_mean}, {"running_var", &running_var}, {"var", &var}};
-  for (const auto& [name, v] : vectors) {
-    TORCH_CHECK_VALUE(v->sizes() == mean.sizes() && v->device() == mean.device() && v->is_contiguous(), name,
-                      " must be a contiguous tensor of shape ", mean.sizes(), " on ", mean.device(), ", got ",
-                      v->sizes(), " on ", v->device());
-    TORCH_CHECK_TYPE(v->scalar_type() == mean.scalar_type(), name, " must be ", mean.scalar_type(), " like mean, got ",
-                     v->scalar_type());
-  }
-  TORCH_CHECK_VALUE(mean.is_contiguous() && mean.dim() == 1, "mean must be a contiguous 1-D tensor, got shape ",
-                    mean.sizes());
-  TORCH_CHECK_VALUE(batches.numel() <= 1 && batches.scalar_type() == at::kLong && batches.device() == mean.device(),
-                    "batches must be one int64 (or empty) on ", mean.device(), ", got ", batches.numel(), " ",
-                    batches.scalar_type(), " on ", batches.device());
-  const c10::DeviceGuard guard(mean.device());
-  const at::Tensor counter = batches.numel() == 1 ? batches : at::Tensor();
-  if (mean.numel() > 0 || counter.defined()) {
-    mean.is_cuda() ? cuda::bn_running_update(running_mean, running_var, counter, mean, var, momentum, unbias)
-                   : cpu::bn_running_update(running_mean, running_var, counter, mean, var, momentum, unbias);
-  }
-}
-
 // The same functions serve both dispatch keys: they pick the launchers by the tensors' device.
 void register_impls(torch::Library& m) {
   m.impl("ext_merge", &ext_merge);
@@ -309,7 +316,6 @@ void register_impls(torch::Library& m) {
   m.impl("ext_bn_act_maxpool_backward", &ext_bn_act_maxpool_backward);
   m.impl("ext_bn_finalize", &ext_bn_finalize);
   m.impl("ext_bn_finalize_backward", &ext_bn_finalize_backward);
-  m.impl("ext_bn_running_update", &ext_bn_running_update);
 }
 
 }  // namespace

@@ -60,18 +60,17 @@ TORCH_LIBRARY(spinenet_fast, m) {
   m.def(
       "ext_bn_act_maxpool_backward(Tensor grad, Tensor y, Tensor? scale, Tensor? shift, str activation,"
       " int num_pools, str padding) -> Tensor[]");
-  // [scale, shift, mean, var] from per-channel Σ, Σ² of `count` values.
-  m.def("ext_bn_finalize(Tensor sums, Tensor sumsq, int count, Tensor weight, Tensor bias, float eps) -> Tensor[]");
+  // (scale, shift, mean, var) from per-channel Σ, Σ² of `count` values; in the same kernel, where given, the running
+  // statistics ← lerp(running, batch, momentum) (variance × unbias) and `batches` + 1.
+  m.def(
+      "ext_bn_finalize(Tensor sums, Tensor sumsq, int count, Tensor weight, Tensor bias, float eps,"
+      " Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? batches, float momentum, float unbias)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
   // [d_stats = [dΣ; dΣ²] (2, C), dγ, dβ] (in the statistics' dtype) of ext_bn_finalize's scale and shift (and mean,
   // var where their gradients are given).
   m.def(
       "ext_bn_finalize_backward(Tensor d_scale, Tensor d_shift, Tensor? d_mean, Tensor? d_var, Tensor weight,"
       " Tensor mean, Tensor var, int count, float eps) -> Tensor[]");
-  // BN's running statistics ← lerp(running, batch, momentum) (variance × unbias) in place, `batches` (one int64,
-  // or empty) + 1.
-  m.def(
-      "ext_bn_running_update(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!) batches, Tensor mean,"
-      " Tensor var, float momentum, float unbias) -> ()");
   // The names of the kernels the extension launched since the last call, logged while enabled (launch.h), for
   // benchmarks/ledger.py; `enable` switches logging on or off from now on.
   m.def("ext_launch_log(bool enable) -> str[]", &spinenet_fast::launch_log_take);

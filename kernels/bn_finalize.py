@@ -1,5 +1,5 @@
 """Triton kernels of ``bn_finalize``: per-channel Σy, Σy² into BatchNorm's folded affine map (and batch mean /
-variance), its backward, and the running-statistics update (with the batch counter), one launch each."""
+variance) with the running-statistics update (and the batch counter) in the same launch; its backward."""
 
 import torch
 import triton
@@ -10,10 +10,13 @@ BLOCK_C = 128
 
 @triton.jit
 def _bn_finalize_kernel(
-    sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, C, count, eps,
-    BLOCK_C: tl.constexpr,
+    sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, running_mean_ptr,
+    running_var_ptr, batches_ptr, C, count, eps, momentum, unbias, HAS_RUNNING: tl.constexpr,
+    HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale."""
+    """mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale; then
+    running ← running + momentum·(batch − running) (the variance unbiased by ``unbias`` = n/(n − 1)) and program 0
+    adds 1 to the batch counter."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = c < C
     mean = tl.load(sums_ptr + c, mask=mask) / count
@@ -23,15 +26,31 @@ def _bn_finalize_kernel(
     tl.store(shift_ptr + c, tl.load(bias_ptr + c, mask=mask).to(tl.float32) - mean * scale, mask=mask)
     tl.store(mean_ptr + c, mean, mask=mask)
     tl.store(var_ptr + c, var, mask=mask)
+    if HAS_RUNNING:
+        running = tl.load(running_mean_ptr + c, mask=mask)
+        tl.store(running_mean_ptr + c, running + momentum * (mean - running), mask=mask)
+        running = tl.load(running_var_ptr + c, mask=mask)
+        tl.store(running_var_ptr + c, running + momentum * (var * unbias - running), mask=mask)
+    if HAS_COUNTER:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if tl.program_id(0) == 0:
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
 
 
-def bn_finalize_forward(stats, count, weight, bias, eps) -> list[torch.Tensor]:
-    """From contiguous ``stats`` = [Σ; Σ²] (2, C), returns fp32 ``[scale, shift, mean, var]``, each (C,)."""
+def bn_finalize_forward(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
+    """From contiguous ``stats`` = [Σ; Σ²] (2, C), returns fp32 ``(scale, shift, mean, var)``, each (C,); updates
+    ``running_mean``/``running_var`` (fp32, contiguous; or both None) and the one-element counter ``batches`` (or
+    None) in the same launch."""
     channels = stats.shape[1]
     outputs = [stats.new_empty(channels) for _ in range(4)]
+    has_running, has_counter = running_mean is not None, batches is not None
+    unused = outputs[0]  # the pointer of an absent tensor, never dereferenced
     grid = (triton.cdiv(channels, BLOCK_C),)
-    _bn_finalize_kernel[grid](stats[0], stats[1], weight, bias, *outputs, channels, float(count), eps, BLOCK_C=BLOCK_C)
-    return outputs
+    _bn_finalize_kernel[grid](
+        stats[0], stats[1], weight, bias, *outputs, running_mean if has_running else unused,
+        running_var if has_running else unused, batches if has_counter else unused, channels, float(count), eps,
+        float(momentum), float(unbias), HAS_RUNNING=has_running, HAS_COUNTER=has_counter, BLOCK_C=BLOCK_C,
+    )  # fmt: skip
+    return tuple(outputs)
 
 
 @triton.jit
@@ -72,33 +91,3 @@ def bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, va
         float(count), eps, HAS_DMEAN=d_mean is not None, HAS_DVAR=d_var is not None, BLOCK_C=BLOCK_C,
     )  # fmt: skip
     return outputs
-
-
-@triton.jit
-def _bn_running_update_kernel(running_mean_ptr, running_var_ptr, batches_ptr, mean_ptr, var_ptr, C, momentum,
-                              unbias, HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """running ← running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1); program 0
-    adds 1 to the batch counter."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = c < C
-    if HAS_COUNTER:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-        if tl.program_id(0) == 0:
-            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
-    running = tl.load(running_mean_ptr + c, mask=mask).to(tl.float32)
-    batch = tl.load(mean_ptr + c, mask=mask)
-    tl.store(running_mean_ptr + c, (running + momentum * (batch - running)).to(running_mean_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
-    running = tl.load(running_var_ptr + c, mask=mask).to(tl.float32)
-    batch = tl.load(var_ptr + c, mask=mask) * unbias
-    tl.store(running_var_ptr + c, (running + momentum * (batch - running)).to(running_var_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
-
-
-def bn_running_update(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
-    """Update BN's running statistics in place and add 1 to the one-element counter ``batches`` (if not empty): one
-    launch."""
-    grid = (triton.cdiv(mean.numel(), BLOCK_C),)
-    has_counter = batches.numel() > 0
-    counter = batches if has_counter else mean  # an unused pointer without a counter
-    _bn_running_update_kernel[grid](running_mean, running_var, counter, mean, var, mean.numel(), momentum, unbias,
-                                    HAS_COUNTER=has_counter, BLOCK_C=BLOCK_C)  # fmt: skip

@@ -65,12 +65,22 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
         ops.ext_bn_act_maxpool(y[0], None, None, "relu", 1, "torch")
     with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\]"):
         ops.ext_bn_act_maxpool_backward(torch.zeros(1, 4, 2, 2), y, None, None, "relu", 1, "torch")
+    no_update = (None, None, None, 0.1, 1.0)
     with pytest.raises(TypeError, match="sums must be float32 or float64, got Half"):
-        ops.ext_bn_finalize(torch.zeros(4).half(), torch.ones(4), 8, torch.ones(4), torch.zeros(4), 1e-3)
+        ops.ext_bn_finalize(torch.zeros(4).half(), torch.ones(4), 8, torch.ones(4), torch.zeros(4), 1e-3, *no_update)
     with pytest.raises(ValueError, match=r"weight must have shape \[4\]"):
-        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 8, torch.ones(5), torch.zeros(4), 1e-3)
+        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 8, torch.ones(5), torch.zeros(4), 1e-3, *no_update)
     with pytest.raises(ValueError, match="count must be a positive int"):
-        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 0, torch.ones(4), torch.zeros(4), 1e-3)
+        ops.ext_bn_finalize(torch.zeros(4), torch.ones(4), 0, torch.ones(4), torch.zeros(4), 1e-3, *no_update)
+    finalize_args = (torch.zeros(4), torch.ones(4), 8, torch.ones(4), torch.zeros(4), 1e-3)
+    with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
+        ops.ext_bn_finalize(*finalize_args, torch.zeros(4), None, None, 0.1, 1.0)
+    with pytest.raises(TypeError, match="running_var must be Float like the statistics, got BFloat16"):
+        ops.ext_bn_finalize(*finalize_args, torch.zeros(4), torch.ones(4).bfloat16(), None, 0.1, 1.0)
+    with pytest.raises(ValueError, match=r"running_mean must be a contiguous tensor of shape \[4\]"):
+        ops.ext_bn_finalize(*finalize_args, torch.zeros(8)[::2], torch.ones(4), None, 0.1, 1.0)
+    with pytest.raises(ValueError, match="batches must be one int64"):
+        ops.ext_bn_finalize(*finalize_args, None, None, torch.zeros(2, dtype=torch.long), 0.1, 1.0)
     vectors = [torch.ones(4)] * 2
     with pytest.raises(ValueError, match=r"d_var must have shape \[4\]"):
         ops.ext_bn_finalize_backward(*vectors, None, torch.ones(5), torch.ones(4), *vectors, 8, 1e-3)

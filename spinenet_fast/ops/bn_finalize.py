@@ -37,12 +37,29 @@ def check_bn_finalize_args(stats, count, weight, bias, eps) -> None:
         raise ValueError(f"eps must be positive, got {eps!r}")
 
 
-def bn_finalize_reference(stats, count, weight, bias, eps) -> list[Tensor]:
-    """Plain PyTorch: ``[scale, shift, mean, var]`` in the statistics' dtype (fp32)."""
+def running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
+    """``running ← lerp(running, batch, momentum)`` in place (``nn.BatchNorm2d``'s update), the batch variance
+    multiplied by ``unbias``; the one-element counter ``batches`` (None: none) incremented."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * unbias).to(running_var.dtype), momentum)
+    if batches is not None:
+        batches.add_(1)
+
+
+def bn_finalize_reference(
+    stats, count, weight, bias, eps, running_mean=None, running_var=None, batches=None, momentum=0.1, unbias=1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Plain PyTorch: ``(scale, shift, mean, var)`` in the statistics' dtype (fp32); the running statistics (if
+    given) and ``batches`` (if given) updated in place."""
     mean = stats[0] / count
     var = (stats[1] / count - mean * mean).clamp_min(0)
     scale = weight.to(stats.dtype) * torch.rsqrt(var + eps)
-    return [scale, bias.to(stats.dtype) - mean * scale, mean, var]
+    if running_mean is not None:
+        with torch.no_grad():
+            running_update_reference(running_mean, running_var, None, mean, var, momentum, unbias)
+    if batches is not None:
+        batches.add_(1)
+    return scale, bias.to(stats.dtype) - mean * scale, mean, var
 
 
 backends.register("bn_finalize", "reference", lambda *args: [])(bn_finalize_reference)
@@ -53,26 +70,47 @@ def _triton_reasons(vector: Tensor) -> list[str]:
     return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
 
 
+def _with_kernel(kernel, stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
+    """``kernel``'s outputs, the running statistics updated in its launch where they are contiguous buffers of the
+    statistics' dtype (BN keeps them fp32 under autocast); otherwise by ATen after it (a model cast to bf16)."""
+    running = (running_mean, running_var)
+    in_kernel = running_mean is None or all(t.dtype == stats.dtype and t.is_contiguous() for t in running)
+    if in_kernel:
+        return kernel(stats, count, weight, bias, eps, *running, batches, momentum, unbias)
+    outputs = kernel(stats, count, weight, bias, eps, None, None, batches, momentum, unbias)
+    running_update_reference(*running, None, outputs[2], outputs[3], momentum, unbias)
+    return outputs
+
+
 @backends.register("bn_finalize", "triton", lambda stats, *args: _triton_reasons(stats))
-def _bn_finalize_triton(stats, count, weight, bias, eps) -> list[Tensor]:
+def _bn_finalize_triton(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from spinenet_fast.kernels.bn_finalize import bn_finalize_forward
 
-    return bn_finalize_forward(stats, count, weight, bias, eps)
+    return _with_kernel(bn_finalize_forward, *args)
+
+
+def _extension_kernel(stats, *args):
+    return torch.ops.spinenet_fast.ext_bn_finalize(stats[0], stats[1], *args)
 
 
 @backends.register("bn_finalize", "cuda", lambda stats, *args: backends.extension_reasons(stats))
-def _bn_finalize_extension(stats, count, weight, bias, eps) -> list[Tensor]:
-    return torch.ops.spinenet_fast.ext_bn_finalize(stats[0], stats[1], count, weight, bias, eps)
+def _bn_finalize_extension(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _with_kernel(_extension_kernel, *args)
 
 
-@torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=())
-def _bn_finalize_op(stats: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float) -> TensorList:
-    return backends.run("bn_finalize", stats.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)
+@torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=("running_mean", "running_var", "batches"))
+def _bn_finalize_op(
+    stats: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float, running_mean: Tensor | None,
+    running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """One launch: the affine map and batch statistics out, the running statistics and counter updated in place."""
+    vectors = (stats.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)
+    return backends.run("bn_finalize", *vectors, running_mean, running_var, batches, momentum, unbias)
 
 
 @_bn_finalize_op.register_fake
-def _(stats, count, weight, bias, eps):
-    return [stats.new_empty(stats.shape[1:]) for _ in range(4)]
+def _(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
+    return tuple(stats.new_empty(stats.shape[1:]) for _ in range(4))
 
 
 def bn_finalize_backward_reference(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
@@ -121,76 +159,34 @@ def _(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
     return [mean.new_empty((2, *mean.shape)), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # outputs without a gradient (mean, var) arrive as None: no zeros launched
-    _, count, weight, bias, eps = inputs
-    _, _, mean, var = output
-    ctx.save_for_backward(weight, bias, mean, var)
-    ctx.count, ctx.eps = count, eps
+class _BNFinalize(torch.autograd.Function):
+    """Autograd of ``_bn_finalize_op`` (a custom op that mutates the running statistics cannot carry an autograd
+    formula itself): differentiable in the statistics, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, stats, weight, bias, count, eps, running_mean, running_var, batches, momentum, unbias):
+        outputs = _bn_finalize_op(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias)
+        ctx.set_materialize_grads(False)  # outputs without a gradient (mean, var) arrive as None: no zeros launched
+        ctx.save_for_backward(weight, bias, *outputs[2:])
+        ctx.count, ctx.eps = count, eps
+        return outputs
+
+    @staticmethod
+    def backward(ctx, d_scale, d_shift, d_mean, d_var):
+        weight, bias, mean, var = ctx.saved_tensors
+        d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
+        d_stats, d_weight, d_bias = _bn_finalize_backward_op(
+            d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, ctx.count, ctx.eps
+        )
+        return d_stats, d_weight, d_bias, *(None,) * 7
 
 
-def _backward(ctx, grads):
-    weight, bias, mean, var = ctx.saved_tensors
-    d_scale, d_shift, d_mean, d_var = grads
-    d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
-    d_stats, d_weight, d_bias = _bn_finalize_backward_op(
-        d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, ctx.count, ctx.eps
-    )
-    return d_stats, None, d_weight, d_bias, None
-
-
-_bn_finalize_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bn_running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
-    """``running ← lerp(running, batch, momentum)`` in place, the batch variance multiplied by ``unbias``; the
-    batch counter ``batches`` (empty: none) is incremented."""
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((var * unbias).to(running_var.dtype), momentum)
-    batches.add_(1)
-
-
-def _running_update_triton_reasons(running_mean, running_var, batches, mean, var, momentum, unbias) -> list[str]:
-    reasons = _triton_reasons(mean)
-    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
-        reasons.append("the running statistics are not contiguous")
-    return reasons
-
-
-backends.register("bn_running_update", "reference", lambda *args: [])(bn_running_update_reference)
-
-
-@backends.register("bn_running_update", "cuda", lambda running_mean, *args: backends.extension_reasons(running_mean))
-def _bn_running_update_extension(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
-    """The extension's one kernel for running statistics in the statistics' dtype (fp32 buffers, as BN keeps them
-    under autocast); ATen's in-place ops for other buffers (a model cast to bf16, strided buffers)."""
-    running = (running_mean, running_var)
-    if all(t.dtype == mean.dtype and t.is_contiguous() for t in running) and batches.dtype == torch.long:
-        torch.ops.spinenet_fast.ext_bn_running_update(*running, batches, mean, var, momentum, unbias)
-    else:
-        bn_running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias)
-
-
-@backends.register("bn_running_update", "triton", _running_update_triton_reasons)
-def _bn_running_update_triton(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
-    from spinenet_fast.kernels.bn_finalize import bn_running_update
-
-    bn_running_update(running_mean, running_var, batches, mean, var, momentum, unbias)
-
-
-@torch.library.custom_op("spinenet_fast::bn_running_update", mutates_args=("running_mean", "running_var", "batches"))
-def _bn_running_update_op(
-    running_mean: Tensor, running_var: Tensor, batches: Tensor, mean: Tensor, var: Tensor, momentum: float,
-    unbias: float,
-) -> None:  # fmt: skip
-    """One launch for both running statistics and the batch counter (eager: two lerps, the unbiasing, an add)."""
-    args = (running_mean, running_var, batches, mean.contiguous(), var.contiguous(), momentum, unbias)
-    backends.run("bn_running_update", *args)
-
-
-@_bn_running_update_op.register_fake
-def _(running_mean, running_var, batches, mean, var, momentum, unbias):
-    return None
+def bn_finalize_op(
+    stats, count, weight, bias, eps, running_mean=None, running_var=None, batches=None, momentum=0.1, unbias=1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The differentiable op, unchecked: ``(scale, shift, mean, var)``; with ``running_mean``/``running_var``
+    (both or neither) and ``batches`` updated in the same launch."""
+    return _BNFinalize.apply(stats, weight, bias, count, eps, running_mean, running_var, batches, momentum, unbias)
 
 
 def bn_finalize(
@@ -218,16 +214,21 @@ def bn_finalize(
     if stats_reducer is not None:
         stats, count = stats_reducer(stats, count)
     check_bn_finalize_args(stats, count, weight, bias, eps)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == stats.shape[1:]
+        if t is not None and not (fits and t.device == stats.device):
+            raise ValueError(
+                f"{name} must be a float tensor of shape {tuple(stats.shape[1:])} on {stats.device}, got {describe(t)}"
+            )
     counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
     if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
         raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")
-    scale, shift, mean, var = _bn_finalize_op(stats, count, weight, bias, float(eps))
-    if running_mean is not None and running_var is not None:
-        n = count * upsample_factor**2
-        batches = num_batches_tracked if num_batches_tracked is not None else mean.new_empty((0,), dtype=torch.long)
-        with torch.no_grad():
-            args = (running_mean, running_var, batches, mean.detach(), var.detach(), float(momentum), n / (n - 1))
-            _bn_running_update_op(*args)
-    elif num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    if num_batches_tracked is not None and num_batches_tracked.device != stats.device:
+        raise ValueError(f"num_batches_tracked must be on {stats.device}, got {describe(num_batches_tracked)}")
+    update = running_mean is not None and running_var is not None
+    n = count * upsample_factor**2
+    scale, shift, _, _ = bn_finalize_op(
+        stats, count, weight, bias, float(eps), running_mean if update else None, running_var if update else None,
+        num_batches_tracked, float(momentum), n / (n - 1),
+    )  # fmt: skip
     return scale, shift

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spinenet_fast.ops import use_backend
-from spinenet_fast.ops.bn_finalize import _bn_finalize_op, _bn_running_update_op, bn_finalize, bn_finalize_reference
+from spinenet_fast.ops.bn_finalize import _bn_finalize_op, bn_finalize, bn_finalize_op, bn_finalize_reference
 
 from ..conftest import require_backend
 
@@ -92,7 +92,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (statistics, weight, bias))
 
     def through_op(s, w, b):
-        return tuple(_bn_finalize_op(s.float(), 8, w.float(), b.float(), 1e-3))
+        return bn_finalize_op(s.float(), 8, w.float(), b.float(), 1e-3)
 
     # The op's own backward against autograd of the reference, in float32.
     inputs = [t.detach().float().requires_grad_() for t in (statistics, weight, bias)]
@@ -114,7 +114,7 @@ def test_backward_of_every_backend_matches_autograd_of_the_reference(backend, wi
     grads = [torch.randn(133) for _ in range(4)]
     outputs = slice(None) if with_statistic_grads else slice(0, 2)
     with use_backend(backend):
-        fused = _bn_finalize_op(inputs[0], 8, inputs[1], inputs[2], 1e-3)
+        fused = bn_finalize_op(inputs[0], 8, inputs[1], inputs[2], 1e-3)
         got = torch.autograd.grad(fused[outputs], inputs, grads[outputs])
     reference = bn_finalize_reference(inputs[0], 8, *inputs[1:], 1e-3)
     want = torch.autograd.grad(reference[outputs], inputs, grads[outputs])
@@ -127,7 +127,10 @@ def test_opcheck(backend):
     require_backend(backend)
     y = torch.randn(2, 6, 3, 3)
     with use_backend(backend):
-        torch.library.opcheck(_bn_finalize_op, (*stats(y), torch.rand(6), torch.randn(6), 1e-3))
+        torch.library.opcheck(_bn_finalize_op, (*stats(y), torch.rand(6), torch.randn(6), 1e-3, None, None, None,
+                                                0.1, 1.0))  # fmt: skip
+        running = (torch.randn(6), torch.rand(6), torch.zeros((), dtype=torch.long))
+        torch.library.opcheck(_bn_finalize_op, (*stats(y), torch.rand(6), torch.randn(6), 1e-3, *running, 0.1, 1.5))
 
 
 @pytest.mark.parametrize(
@@ -139,6 +142,13 @@ def test_opcheck(backend):
         ({"count": 1}, ValueError, "count must be an int >= 2"),
         ({"eps": 0.0}, ValueError, "eps must be positive"),
         ({"num_batches_tracked": torch.zeros(2)}, TypeError, "num_batches_tracked must be a one-element int64 tensor"),
+        ({"running_mean": torch.zeros(5)}, ValueError, r"running_mean must be a float tensor of shape \(4,\)"),
+        ({"running_var": torch.zeros(4, device="meta")}, ValueError, "running_var must be a float tensor .* on cpu"),
+        (
+            {"num_batches_tracked": torch.zeros((), dtype=torch.long, device="meta")},
+            ValueError,
+            "num_batches_tracked must be on cpu",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -156,31 +166,38 @@ def test_gradcheck_float64_through_the_op(backend):
     weight = torch.randn(5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
     with use_backend(backend):
-        assert torch.autograd.gradcheck(lambda *t: tuple(_bn_finalize_op(t[0], 8, t[1], t[2], 1e-3)),
+        assert torch.autograd.gradcheck(lambda *t: bn_finalize_op(t[0], 8, t[1], t[2], 1e-3),
                                         (statistics, weight, bias))  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_running_update_in_place(backend, dtype):
-    """One op updates both running statistics (as ``nn.BatchNorm2d``'s lerps do), buffers of any float dtype."""
+@pytest.mark.parametrize("with_counter", [False, True])
+def test_running_update_in_the_same_op(backend, dtype, with_counter):
+    """The finalize launch also updates both running statistics (as ``nn.BatchNorm2d``'s lerps do) and the batch
+    counter; buffers of another dtype than the statistics' (a model cast to bf16) are updated too."""
     require_backend(backend)
-    mean, var = torch.randn(133), torch.rand(133)
+    statistics = random_stats(133)
+    mean, var = statistics[0] / 8, statistics[1] / 8 - (statistics[0] / 8) ** 2
     running_mean, running_var = torch.randn(133).to(dtype), torch.rand(133).to(dtype)
     expected_mean = running_mean.float().lerp(mean, 0.3).to(dtype)
     expected_var = running_var.float().lerp(var * 8 / 7, 0.3).to(dtype)
-    batches = torch.full((), 41, dtype=torch.long)
+    batches = torch.full((), 41, dtype=torch.long) if with_counter else None
     with use_backend(backend):
-        _bn_running_update_op(running_mean, running_var, batches, mean, var, 0.3, 8 / 7)
+        outputs = _bn_finalize_op(statistics, 8, torch.randn(133), torch.randn(133), 1e-3, running_mean, running_var,
+                                  batches, 0.3, 8 / 7)  # fmt: skip
+    torch.testing.assert_close(outputs[2], mean)
+    torch.testing.assert_close(outputs[3], var, rtol=1e-5, atol=1e-5)
     tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(running_mean, expected_mean, **tolerance)
     torch.testing.assert_close(running_var, expected_var, **tolerance)
-    assert batches.item() == 42
+    assert batches is None or batches.item() == 42
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
-def test_running_update_opcheck(backend):
+def test_counter_without_running_statistics(backend):
     require_backend(backend)
-    args = (torch.randn(6), torch.rand(6), torch.zeros((), dtype=torch.long), torch.randn(6), torch.rand(6), 0.1, 1.5)
+    batches = torch.zeros((), dtype=torch.long)
     with use_backend(backend):
-        torch.library.opcheck(_bn_running_update_op, args)
+        _bn_finalize_op(random_stats(4), 8, torch.ones(4), torch.zeros(4), 1e-3, None, None, batches, 0.1, 1.0)
+    assert batches.item() == 1

@@ -9,8 +9,8 @@ Launch counts do not depend on tensor sizes, so a CPU run at any size gives a GP
   runs under the same mode, so what they launch is counted, not the op itself.
 - Triton: every launch of a ``@triton.jit`` kernel, intercepted before it would run (outputs stay uninitialised:
   launches and shapes are right, values are not).
-- The extension: its C++ logs every kernel it launches, and the ATen work it does around them (partial-sum
-  reductions, copies, zero fills), CUDA launchers and CPU twins alike (``csrc/launch.h``).
+- The extension: its C++ logs every kernel it launches, and the ATen work it does around them (copies, zero
+  fills), CUDA launchers and CPU twins alike (``csrc/launch.h``).
 
 The fused model's ops take the backends ``auto`` takes on a GPU (``backends.gpu_auto_order_on_cpu``): the
 extension's CPU twins stand in for its CUDA kernels. Parts are the model's modules (stem, the two initial block

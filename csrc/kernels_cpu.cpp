@@ -16,17 +16,16 @@ constexpr int64_t kMaxChunks = 64;  // partial-sum rows: enough for any CPU's th
 #define SF_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
-// Calls item(pixel, c, sums_row) for every pixel in [0, pixels) and channel group of `vec`; each of the
-// (≤ kMaxChunks) chunks of pixels accumulates into its own row of the returned (chunks, num_sums, C) tensor.
+// Calls item(pixel, c, sums) for every pixel in [0, pixels) and channel group of `vec`; each of the (≤ kMaxChunks)
+// chunks of pixels accumulates into its own row, and the rows are added in order into the zeroed (NUM_SUMS, C)
+// `total` (the CUDA kernel's atomics, deterministically).
 template <typename acc_t, int VEC, int NUM_SUMS, typename Item>
-at::Tensor chunked_sums(const at::TensorOptions& options, int64_t pixels, int64_t channels, Item item) {
-  const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, pixels));
-  at::Tensor partial = at::empty({chunks, NUM_SUMS, channels}, options);
-  acc_t* rows = partial.mutable_data_ptr<acc_t>();
+void add_sums(const at::Tensor& total, int64_t pixels, int64_t channels, Item item) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, pixels)), row_size = NUM_SUMS * channels;
+  std::vector<acc_t> rows(chunks * row_size, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      acc_t* row = rows + chunk * NUM_SUMS * channels;
-      std::fill(row, row + NUM_SUMS * channels, acc_t(0));
+      acc_t* row = rows.data() + chunk * row_size;
       for (int64_t pixel = chunk * pixels / chunks; pixel < (chunk + 1) * pixels / chunks; ++pixel) {
         for (int64_t c = 0; c < channels; c += VEC) {
           acc_t sums[NUM_SUMS][VEC] = {};
@@ -38,7 +37,10 @@ at::Tensor chunked_sums(const at::TensorOptions& options, int64_t pixels, int64_
       }
     }
   });
-  return partial;
+  acc_t* out = total.mutable_data_ptr<acc_t>();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t i = 0; i < row_size; ++i) out[i] += rows[chunk * row_size + i];
+  }
 }
 
 // Calls item(pixel, c) for every pixel and channel group, in parallel over pixels.
@@ -66,23 +68,21 @@ void merge_forward(const MergeTensors& t) {
   });
 }
 
-at::Tensor merge_backward(const MergeTensors& t) {
+void merge_backward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_backward");
-  at::Tensor partial;
   SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = merge_args<scalar_t, acc_t>(t);
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
     with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      partial = chunked_sums<acc_t, VEC, kNumMergeSums>(
-          t.scales[0].options(), coarse_pixels, a.C,
+      add_sums<acc_t, VEC, kNumMergeSums>(
+          t.sums, coarse_pixels, a.C,
           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumMergeSums][VEC]) {
             merge_backward_item<VEC>(a, pixel, c, sums);
           });
     });
   });
-  return partial;
 }
 
 void maxpool_forward(const PoolTensors& t) {
@@ -98,8 +98,7 @@ void maxpool_forward(const PoolTensors& t) {
   });
 }
 
-at::Tensor maxpool_backward(const PoolTensors& t) {
-  at::Tensor partial;
+void maxpool_backward(const PoolTensors& t) {
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
@@ -119,14 +118,13 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
     with_vec<scalar_t>(vec, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      partial = chunked_sums<acc_t, VEC, kNumPrologueSums>(
-          t.d_a.options(), a.N * a.H * a.W, a.C,
+      add_sums<acc_t, VEC, kNumPrologueSums>(
+          t.sums, a.N * a.H * a.W, a.C,
           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumPrologueSums][VEC]) {
             prologue_backward_item<VEC>(a, pixel, c, sums);
           });
     });
   });
-  return partial;
 }
 
 void bn_finalize(const FinalizeTensors& t) {

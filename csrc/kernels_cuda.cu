@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
-constexpr int64_t kMaxSumRows = 256;  // partial-sum rows (grid.y) of the reducing kernels
+constexpr int64_t kMaxSumRows = 256;  // blocks over pixels (grid.y) of the reducing kernels
 
 #define SF_DISPATCH(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
@@ -40,9 +40,9 @@ void for_each_item(const Item& item, int64_t pixels, int64_t channels) {
 }
 
 // item.template run<VEC>(pixel, c, sums) over a (channel groups) × (pixels) grid; each block reduces its threads'
-// sums over y in shared memory and writes row blockIdx.y of partial (grid.y, NUM_SUMS, C).
+// sums over y in shared memory and adds them atomically into the zeroed (NUM_SUMS, C) `total`.
 template <int VEC, int NUM_SUMS, typename acc_t, typename Item>
-__global__ void summing_kernel(Item item, int64_t pixels, int64_t channels, acc_t* partial) {
+__global__ void summing_kernel(Item item, int64_t pixels, int64_t channels, acc_t* total) {
   extern __shared__ unsigned char shared_bytes[];
   acc_t* shared = reinterpret_cast<acc_t*>(shared_bytes);
   const int64_t groups = channels / VEC, group = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
@@ -69,26 +69,23 @@ __global__ void summing_kernel(Item item, int64_t pixels, int64_t channels, acc_
       for (int k = 0; k < VEC; ++k) sums[s][k] += theirs[s * VEC + k];
     }
   }
-  acc_t* row = partial + blockIdx.y * NUM_SUMS * channels;
 #pragma unroll
   for (int s = 0; s < NUM_SUMS; ++s) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) row[s * channels + group * VEC + k] = sums[s][k];
+    for (int k = 0; k < VEC; ++k) atomicAdd(total + s * channels + group * VEC + k, sums[s][k]);
   }
 }
 
 template <int VEC, int NUM_SUMS, typename acc_t, typename Item>
-at::Tensor chunked_sums(const Item& item, const at::TensorOptions& options, int64_t pixels, int64_t channels) {
+void add_sums(const Item& item, const at::Tensor& total, int64_t pixels, int64_t channels) {
   const int64_t groups = channels / VEC;
   const unsigned bx = static_cast<unsigned>(std::min<int64_t>(groups, 32)), by = kThreads / bx;
   const dim3 grid(static_cast<unsigned>((groups + bx - 1) / bx),
                   static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxSumRows, (pixels + by - 1) / by))));
-  at::Tensor partial = at::empty({grid.y, NUM_SUMS, channels}, options);
   const size_t shared = size_t{bx} * by * NUM_SUMS * VEC * sizeof(acc_t);
   summing_kernel<VEC, NUM_SUMS><<<grid, dim3(bx, by), shared, c10::cuda::getCurrentCUDAStream()>>>(
-      item, pixels, channels, partial.mutable_data_ptr<acc_t>());
+      item, pixels, channels, total.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -163,9 +160,8 @@ void merge_forward(const MergeTensors& t) {
   });
 }
 
-at::Tensor merge_backward(const MergeTensors& t) {
+void merge_backward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_backward");
-  at::Tensor partial;
   SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MergeBackward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
@@ -173,10 +169,9 @@ at::Tensor merge_backward(const MergeTensors& t) {
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
     with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      partial = chunked_sums<VEC, kNumMergeSums, acc_t>(item, t.scales[0].options(), coarse_pixels, a.C);
+      add_sums<VEC, kNumMergeSums, acc_t>(item, t.sums, coarse_pixels, a.C);
     });
   });
-  return partial;
 }
 
 void maxpool_forward(const PoolTensors& t) {
@@ -190,8 +185,7 @@ void maxpool_forward(const PoolTensors& t) {
   });
 }
 
-at::Tensor maxpool_backward(const PoolTensors& t) {
-  at::Tensor partial;
+void maxpool_backward(const PoolTensors& t) {
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
@@ -204,10 +198,9 @@ at::Tensor maxpool_backward(const PoolTensors& t) {
     const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
     with_vec<scalar_t>(vec, [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      partial = chunked_sums<VEC, kNumPrologueSums, acc_t>(item, t.d_a.options(), a.N * a.H * a.W, a.C);
+      add_sums<VEC, kNumPrologueSums, acc_t>(item, t.sums, a.N * a.H * a.W, a.C);
     });
   });
-  return partial;
 }
 
 void bn_finalize(const FinalizeTensors& t) {

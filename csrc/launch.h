@@ -61,6 +61,7 @@ struct MergeTensors {
   at::Tensor out;                  // forward
   std::vector<at::Tensor> d_parents;  // backward
   std::optional<at::Tensor> d_extra;  // backward
+  at::Tensor sums;                    // backward: (kNumMergeSums, C) zero-initialised accumulator, maths dtype
   int act;
 };
 
@@ -105,6 +106,7 @@ struct PoolTensors {
   at::Tensor out;        // forward
   at::Tensor grad, d_a;  // backward: output gradient, fp32 (or fp64) zero-initialised accumulator
   at::Tensor d_y;        // backward
+  at::Tensor sums;       // backward: (kNumPrologueSums, C) zero-initialised accumulator, maths dtype
   int levels, pad, act;
 };
 
@@ -142,13 +144,13 @@ BnFinalizeArgs<T> finalize_args(const FinalizeTensors& t) {
           static_cast<T>(t.unbias), t.batches.defined() ? t.batches.mutable_data_ptr<int64_t>() : nullptr};
 }
 
-// Each launcher returns, where the op reduces over pixels, partial per-channel sums (chunks, sums, C) in the
-// maths dtype; the op adds the chunks up.
+// Where an op reduces over pixels, its launcher adds the per-channel sums into the tensors' zeroed `sums` (atomics
+// on CUDA; per-chunk rows added up in the same call on the CPU): no separate reduction.
 namespace cpu {
 void merge_forward(const MergeTensors& t);
-at::Tensor merge_backward(const MergeTensors& t);
+void merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
-at::Tensor maxpool_backward(const PoolTensors& t);
+void maxpool_backward(const PoolTensors& t);
 void bn_finalize(const FinalizeTensors& t);
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,
@@ -157,9 +159,9 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
 
 namespace cuda {
 void merge_forward(const MergeTensors& t);
-at::Tensor merge_backward(const MergeTensors& t);
+void merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
-at::Tensor maxpool_backward(const PoolTensors& t);
+void maxpool_backward(const PoolTensors& t);
 void bn_finalize(const FinalizeTensors& t);
 // in: d_scale, d_shift, d_mean, d_var (undefined: none), weight, mean, var; out: d_sums, d_sumsq, d_weight, d_bias.
 void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out, double count,

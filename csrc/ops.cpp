@@ -33,11 +33,6 @@ at::Tensor to_logged(const at::Tensor& x, at::ScalarType dtype) {
   return x.to(dtype);
 }
 
-at::Tensor reduce_partials(const at::Tensor& partial) {
-  log_launch("aten::sum (partial sums)");
-  return partial.sum(0);
-}
-
 at::Tensor zeros_logged(at::IntArrayRef size, const at::TensorOptions& options) {
   log_launch("aten::zeros");
   return at::zeros(size, options);
@@ -152,15 +147,13 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());
-  const int64_t channels = grad.size(1);
-  at::Tensor sums = grad.numel() > 0
-                        ? reduce_partials(grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t))
-                        : zeros_logged({kNumMergeSums, channels}, t.scales[0].options());
+  t.sums = zeros_logged({kNumMergeSums, grad.size(1)}, t.scales[0].options());
+  if (grad.numel() > 0) grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t);
   if (swapped) std::swap(t.d_parents[0], t.d_parents[1]);
   // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift): the op's contract, which the
   // Python side maps back to its parents as views, so no row is copied.
   std::vector<at::Tensor> out = t.d_parents;
-  out.push_back(sums);
+  out.push_back(t.sums);
   if (t.d_extra) out.push_back(*t.d_extra);
   return out;
 }
@@ -206,13 +199,16 @@ std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, cons
   PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
   check_like("grad", grad, y, {y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools});
   t.grad = contiguous_logged(grad, kNHWC);
-  t.d_a = zeros_logged({y.size(0), y.size(2), y.size(3), y.size(1)}, y.options().dtype(stats_dtype(y)));
+  // One zeroed buffer for the routed gradient d_a (N, H, W, C) and, behind it, the channel sums: one fill.
+  const int64_t routed = y.numel(), channels = y.size(1);
+  const at::Tensor zeroed = zeros_logged({routed + kNumPrologueSums * channels}, y.options().dtype(stats_dtype(y)));
+  t.d_a = zeroed.narrow(0, 0, routed).view({y.size(0), y.size(2), y.size(3), channels});
+  t.sums = zeroed.narrow(0, routed, kNumPrologueSums * channels).view({kNumPrologueSums, channels});
   t.d_y = at::empty_like(t.y, kNHWC);
   const c10::DeviceGuard guard(y.device());
-  at::Tensor sums = y.numel() > 0 ? reduce_partials(y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t))
-                                  : zeros_logged({kNumPrologueSums, y.size(1)}, t.d_a.options());
+  if (routed > 0) y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t);
   if (!t.scale.defined()) return {t.d_y};
-  return {t.d_y, sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
+  return {t.d_y, t.sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
 }
 
 // The per-channel vectors of the bn_finalize ops: `anchor` (float32/float64, 1-D, CPU or CUDA) and `others` (null:

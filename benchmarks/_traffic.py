@@ -1,15 +1,14 @@
 """The ledger's memory-traffic and FLOP model of one launch, and the byte floor of a cross-scale connection.
 
-Bytes: every tensor a launch takes or returns is read or written once, whole (views by their own elements,
-broadcast dimensions once). That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch,
-not a measurement: re-reads of operand tiles that miss L2 are not modelled. Triton kernels: their tensor
-arguments; ATen ops: arguments and results; the extension: its op's arguments and results (buffers inside
-it, such as the max-pool backward's routed gradient, are not seen). An ATen op that runs several kernels counts its tensors once too — which favours
-eager: ``convolution_backward`` reads the gradient and the input for its dgrad and again for its wgrad, where our
-two GEMM kernels are modelled as reading them twice. FLOPs: the multiply-adds of convolutions and matrix products
-(2 per MAC), from PyTorch's own formulas for ATen ops and from the problem sizes of our GEMM kernels; elementwise
-work is not counted.
-"""
+Bytes: every tensor a launch takes or returns is read or written once, whole (views by their own elements, broadcast
+dimensions once). That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch, not a
+measurement: re-reads of operand tiles that miss L2 are not modelled. Triton kernels: their tensor arguments; ATen
+ops: arguments and results; the extension: its op's arguments and results (buffers inside it, such as the max-pool
+backward's routed gradient, are not seen). An ATen op that runs several kernels counts its tensors once too — which
+favours eager: ``convolution_backward`` reads the gradient and the input for its dgrad and again for its wgrad,
+where our two GEMM kernels are modelled as reading them twice. FLOPs: the multiply-adds of convolutions and matrix
+products (2 per MAC), from PyTorch's own formulas for ATen ops and from the problem sizes of our GEMM kernels;
+elementwise work is not counted."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .elementwise import bn_statistics_grad
+
 BLOCK_C = 128
 
 
@@ -64,19 +66,19 @@ def _bn_finalize_bwd_kernel(
     d_scale = tl.load(dscale_ptr + c, mask=mask, other=0.0)
     d_shift = tl.load(dshift_ptr + c, mask=mask, other=0.0)
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
-    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=mask, other=0.0) + eps)
+    var = tl.load(var_ptr + c, mask=mask, other=0.0)
     weight = tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    d_affine = d_scale - d_shift * mean  # dL/d(γ·invstd) folded with shift's −mean·scale
-    d_var = -0.5 * weight * d_affine * invstd * invstd * invstd
-    if HAS_DVAR:
-        d_var += tl.load(dvar_ptr + c, mask=mask, other=0.0)
-    d_mean = -d_shift * weight * invstd - 2.0 * mean * d_var
+    d_sum, d_sumsq, d_weight, d_bias = bn_statistics_grad(d_scale, d_shift, weight, mean, var, count, eps)
     if HAS_DMEAN:
-        d_mean += tl.load(dmean_ptr + c, mask=mask, other=0.0)
-    tl.store(dsums_ptr + c, d_mean / count, mask=mask)
-    tl.store(dsumsq_ptr + c, d_var / count, mask=mask)
-    tl.store(dweight_ptr + c, (invstd * d_affine).to(dweight_ptr.dtype.element_ty), mask=mask)
-    tl.store(dbias_ptr + c, d_shift.to(dbias_ptr.dtype.element_ty), mask=mask)
+        d_sum += tl.load(dmean_ptr + c, mask=mask, other=0.0) / count
+    if HAS_DVAR:  # var = Σ²/n − mean²: a gradient of var reaches Σ² directly and Σ through mean
+        d_var = tl.load(dvar_ptr + c, mask=mask, other=0.0)
+        d_sumsq += d_var / count
+        d_sum -= 2.0 * mean * d_var / count
+    tl.store(dsums_ptr + c, d_sum, mask=mask)
+    tl.store(dsumsq_ptr + c, d_sumsq, mask=mask)
+    tl.store(dweight_ptr + c, d_weight.to(dweight_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbias_ptr + c, d_bias.to(dbias_ptr.dtype.element_ty), mask=mask)
 
 
 def bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_grad, apply_activation
-from .elementwise import output_grad_tile
+from .elementwise import output_grad_tile, store_bn_param_grads
 from .gemm_config import gemm_launch_config
 
 TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
@@ -29,15 +29,18 @@ ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
 
 @triton.jit
 def _conv1x1_dgrad_kernel(
-    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr,
-    P, C_IN, C_OUT, HW, W_IMG, DW_NUMEL, ZERO_PER_PROGRAM,
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, DW_NUMEL,
+    ZERO_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift. Each program
-    also zeroes its share of the fp32 dW that the wgrad, next on the stream, adds into (no fill launch)."""
+    also zeroes its share of the fp32 dW that the wgrad, next on the stream, adds into (no fill launch); with
+    ``FROM_AFFINE``, program (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
     first = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZERO_PER_PROGRAM
     for z in range(first, first + ZERO_PER_PROGRAM, ZERO_BLOCK):
         offsets = z + tl.arange(0, ZERO_BLOCK)
@@ -50,8 +53,12 @@ def _conv1x1_dgrad_kernel(
     for o0 in range(0, C_OUT, BLOCK_K):
         o = o0 + tl.arange(0, BLOCK_K)
         g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
-                              sdy_c, sy_c, True)  # fmt: skip
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
+        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                     eps, o, o < C_OUT)  # fmt: skip
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
                     other=0.0)  # fmt: skip
         # Operands in the storage dtype (an fp32 master weight is rounded as autocast would). g is the gradient after
@@ -86,10 +93,10 @@ def _conv1x1_dgrad_kernel(
 
 @triton.jit
 def _conv1x1_wgrad_kernel(
-    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
-    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
+    shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
+    sx_n, sx_c, sx_h, sx_w, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW."""
     o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,8 +108,8 @@ def _conv1x1_wgrad_kernel(
         n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
         g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
         dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, dy_rows, y_rows, o, o < C_OUT, g_mask,
-                              sdy_c, sy_c, False)  # fmt: skip
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, False, FROM_AFFINE)  # fmt: skip
         a_mask = (p < P)[:, None] & (k < C_IN)[None, :]
         a = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
         storage = a.dtype
@@ -120,8 +127,12 @@ def _conv1x1_wgrad_kernel(
     tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
 
 
-def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[torch.Tensor]:
-    """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``."""
+def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None) -> list:
+    """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``.
+
+    ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN, and ``d_sum``/``d_sumsq`` are the
+    gradients of its scale and shift; the statistics' gradients are then computed inside both GEMMs, and
+    ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     pixels = n * h * w
@@ -138,16 +149,24 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         scale_arg, shift_arg = scale, shift
     else:  # unused pointers
         d_scale = d_shift = scale_arg = shift_arg = d_weight
+    if bn is not None:
+        gamma, mean, var, count, eps = bn
+        gamma, mean, var = gamma.contiguous(), mean.contiguous(), var.contiguous()
+        d_bn = torch.empty((2, c_out), dtype=gamma.dtype, device=x.device)  # [dγ; dβ], written by the dgrad
+        bn_args = (gamma, mean, var, float(count), float(eps))
+    else:  # unused pointers
+        d_bn, bn_args = d_weight[:1], (d_sum, d_sum, d_sum, 1.0, 1.0)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    common = dict(HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation])
+    common = dict(HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FROM_AFFINE=bn is not None)
 
     config = gemm_launch_config(x.dtype, _conv1x1_dgrad_kernel)
     grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]))
     zero_per_program = triton.cdiv(triton.cdiv(d_weight.numel(), grid[0] * grid[1]), ZERO_BLOCK) * ZERO_BLOCK
     _conv1x1_dgrad_kernel[grid](
-        dx, d_scale, d_shift, d_weight, dy, d_sum, d_sumsq, y, x, w2d, scale_arg, shift_arg, pixels, c_in, c_out,
-        h * w, w, d_weight.numel(), zero_per_program, *dx.stride(), *dy.stride(), *y.stride(), *x.stride(),
-        *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common, **config,
+        dx, d_scale, d_shift, d_weight, d_bn[0], d_bn[-1], dy, d_sum, d_sumsq, *bn_args, y, x, w2d, scale_arg,
+        shift_arg, pixels, c_in, c_out, h * w, w, d_weight.numel(), zero_per_program, *dx.stride(), *dy.stride(),
+        *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common,
+        **config,
     )  # fmt: skip
 
     config = gemm_launch_config(x.dtype, _conv1x1_wgrad_kernel)
@@ -160,8 +179,9 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         triton.cdiv(pixels, per_program),
     )
     _conv1x1_wgrad_kernel[grid](
-        d_weight, dy, d_sum, d_sumsq, y, x, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w, per_program,
-        *dy.stride(), *y.stride(), *x.stride(), **common, **config,
+        d_weight, dy, d_sum, d_sumsq, *bn_args, y, x, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w,
+        per_program, *dy.stride(), *y.stride(), *x.stride(), **common, **config,
     )  # fmt: skip
     d_weight = d_weight.view(weight.shape).to(weight.dtype)
-    return [dx, d_weight, d_affine] if has_prologue else [dx, d_weight]
+    grads = [dx, d_weight, d_affine] if has_prologue else [dx, d_weight]
+    return grads + ([d_bn] if bn is not None else [])

@@ -2,66 +2,73 @@
 
 Per parent: squeeze 1×1 (+ Σ, Σ²) -> [3×3/s2 with the squeeze's BN + act as prologue (+ Σ, Σ²) -> BN + act +
 max-pools] -> expand 1×1 with the previous BN + act as prologue (+ Σ, Σ²), run at the parent's resolution for
-upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own
-resolution, adds the raw extra inputs and applies the activation. BN in training mode finalises the
-statistics (running variance with the upsampled count); otherwise its running statistics become the affine.
-``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2, C) [Σ; Σ²] (one differentiable
-all-reduce, so the backward reductions are all-reduced too). Under autocast the activations run in the autocast
-dtype and the conv ops take the fp32 weights, rounding them as they load them; statistics, scales and shifts stay
-fp32.
+upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own resolution,
+adds the raw extra inputs and applies the activation. BN in training mode finalises the statistics (running variance
+with the upsampled count) inside ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backwards fold the BN's backward into their
+kernels; otherwise its running statistics become the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces
+each BN's (2, C) [Σ; Σ²] (and, in the backward, the gradients they feed). Under autocast the activations run in the
+autocast dtype and the conv ops take the fp32 weights, rounding them as they load them; statistics, scales and
+shifts stay fp32.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 from torch import Tensor, nn
 
-from ..ops import bn_act_maxpool, bn_finalize, conv1x1_bn_stats, conv3x3s2_bn_stats, merge
+from ..ops import bn_act_maxpool, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
 
 
-def bn_affine(bn: nn.Module, stats: Tensor, count: int, upsample_factor: int) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` (fp32) such that ``bn(y) == scale·y + shift`` for the y these statistics came from."""
+def batch_bn_kwargs(bn: nn.Module) -> dict | None:
+    """The keyword arguments of ``conv1x1_bn`` / ``conv3x3s2_bn`` that make them ``bn`` in training mode (batch
+    statistics, running statistics and counter updated as ``nn.BatchNorm2d`` does), or None where ``bn`` normalises
+    with its running statistics."""
     batch_stats = isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
     if not batch_stats:
-        scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-        return scale, bn.bias.float() - bn.running_mean.float() * scale
+        return None
     momentum = bn.momentum
     update = bn.training and bn.track_running_stats
-    counter = bn.num_batches_tracked if update else None  # incremented by the running-statistics update
+    counter = bn.num_batches_tracked if update else None  # incremented by the finalize launch
     if update and momentum is None:  # cumulative moving average, as nn.BatchNorm2d (reads the counter on the host)
         bn.num_batches_tracked.add_(1)
         momentum, counter = 1.0 / float(bn.num_batches_tracked), None
-    return bn_finalize(
-        stats, count, bn.weight, bn.bias, eps=bn.eps,
-        running_mean=bn.running_mean if update else None, running_var=bn.running_var if update else None,
-        num_batches_tracked=counter, momentum=momentum, upsample_factor=upsample_factor,
-        stats_reducer=sync_stats_reducer(bn),
+    return dict(
+        eps=bn.eps, running_mean=bn.running_mean if update else None, running_var=bn.running_var if update else None,
+        num_batches_tracked=counter, momentum=momentum,
     )  # fmt: skip
 
 
-def sync_stats_reducer(bn: nn.Module):
-    """SyncBN's statistics hook: the (2, C) [Σ; Σ²] summed over ``bn``'s process group (``None`` outside one).
+def running_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` (fp32) of a BN that normalises with its running statistics."""
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    return scale, bn.bias.float() - bn.running_mean.float() * scale
 
-    Every rank is assumed to hold the same number of values per channel (DDP's equal per-rank batches at a
-    fixed training size), so the count is scaled, not all-reduced: no host synchronisation per BN.
-    """
+
+def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str, *, upsample_factor=1,
+                 padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding``) of act(scale·x + shift) (of x without them)
+    and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward folds the BN's."""
+    weight = gemm_weight(conv.weight, x.dtype)
+    act = activation if scale is not None else "identity"
+    conv_args = (act,) if padding is None else (act, padding)
+    kwargs = batch_bn_kwargs(bn)
+    if kwargs is None:
+        conv_stats = conv1x1_bn_stats if padding is None else conv3x3s2_bn_stats
+        y, _ = conv_stats(x, weight, scale, shift, *conv_args)
+        return (y, *running_affine(bn))
+    bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn))
+    if padding is not None:
+        return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
+    return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
+
+
+def sync_group(bn: nn.Module):
+    """The process group a ``nn.SyncBatchNorm`` synchronises over (None outside one, or for a group of one)."""
     if not (isinstance(bn, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()):
         return None
     group = bn.process_group or dist.group.WORLD
-    world_size = dist.get_world_size(group)
-    if world_size == 1:
-        return None
-
-    def reduce(stats: Tensor, count: int) -> tuple[Tensor, int]:
-        return dist_functional.all_reduce(stats, group=group), count * world_size
-
-    return reduce
-
-
-def _pixels(t: Tensor) -> int:
-    return t.shape[0] * t.shape[2] * t.shape[3]
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,20 +82,15 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, stats = conv1x1_bn_stats(x, gemm_weight(squeeze.conv.weight, x.dtype))
-    scale, shift = bn_affine(squeeze.bn, stats, _pixels(y), 1)
+    y, scale, shift = conv_then_bn(x, squeeze.conv, squeeze.bn, None, None, activation)
     ratio = resample.upsample_factor
     if resample.down is not None:
-        weight = gemm_weight(resample.down.conv.weight, x.dtype)
-        y, stats = conv3x3s2_bn_stats(y, weight, scale, shift, activation, padding)
-        scale, shift = bn_affine(resample.down.bn, stats, _pixels(y), 1)
+        y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation,
+                                       padding=padding)  # fmt: skip
         if len(resample.pools):
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
-    y, stats = conv1x1_bn_stats(
-        y, gemm_weight(expand.conv.weight, x.dtype), scale, shift, activation if scale is not None else "identity"
-    )
-    scale, shift = bn_affine(expand.bn, stats, _pixels(y), ratio)
+    y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, upsample_factor=ratio)
     return y, scale, shift, ratio
 
 

@@ -1,9 +1,12 @@
 """Fused cross-scale ops: ``torch.library`` custom ops with reference, Triton and CUDA (extension) backends."""
 
 from .backends import set_backend, use_backend
+from .bn_act_maxpool import bn_act_maxpool, bn_act_maxpool_reference
 from .bn_finalize import bn_finalize, bn_finalize_reference
+from .conv1x1_bn import conv1x1_bn, conv1x1_bn_backward_reference
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
-from .downsample import bn_act_maxpool, bn_act_maxpool_reference, conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
+from .conv3x3s2_bn import conv3x3s2_bn, conv3x3s2_bn_backward_reference
+from .conv3x3s2_bn_stats import conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
 from .merge import merge, merge_backward_reference, merge_reference
 
 __all__ = [
@@ -11,8 +14,12 @@ __all__ = [
     "bn_act_maxpool_reference",
     "bn_finalize",
     "bn_finalize_reference",
+    "conv1x1_bn",
+    "conv1x1_bn_backward_reference",
     "conv1x1_bn_stats",
     "conv1x1_bn_stats_reference",
+    "conv3x3s2_bn",
+    "conv3x3s2_bn_backward_reference",
     "conv3x3s2_bn_stats",
     "conv3x3s2_bn_stats_reference",
     "merge",

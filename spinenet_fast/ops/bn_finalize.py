@@ -20,21 +20,33 @@ from .schema_types import TensorList
 StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
 
 
-def check_bn_finalize_args(stats, count, weight, bias, eps) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument unless the statistics describe one BN."""
-    if not isinstance(stats, Tensor) or stats.dim() != 2 or stats.shape[0] != 2:
-        raise TypeError(f"stats must be a (2, C) tensor [Σy; Σy²], got {describe(stats)}")
-    if stats.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"stats must be float32 (or float64), got {describe(stats)}")
+def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
+    on ``device`` normalising ``count`` values per channel."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor) or t.shape != stats.shape[1:] or t.device != stats.device:
-            raise ValueError(
-                f"{name} must be a tensor of shape {tuple(stats.shape[1:])} on {stats.device}, got {describe(t)}"
-            )
+        if not isinstance(t, Tensor) or t.shape != (channels,) or t.device != device:
+            raise ValueError(f"{name} must be a tensor of shape ({channels},) on {device}, got {describe(t)}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
+        if t is not None and not (fits and t.device == device):
+            raise ValueError(f"{name} must be a float tensor of shape ({channels},) on {device}, got {describe(t)}")
+    counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
+    if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
+        raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")
+    if num_batches_tracked is not None and num_batches_tracked.device != device:
+        raise ValueError(f"num_batches_tracked must be on {device}, got {describe(num_batches_tracked)}")
+
+
+def check_stats(stats) -> None:
+    """``stats`` must be one (2, C) float32/float64 tensor [Σy; Σy²]."""
+    if not isinstance(stats, Tensor) or stats.dim() != 2 or stats.shape[0] != 2:
+        raise TypeError(f"stats must be a (2, C) tensor [Σy; Σy²], got {describe(stats)}")
+    if stats.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"stats must be float32 (or float64), got {describe(stats)}")
 
 
 def running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
@@ -213,18 +225,9 @@ def bn_finalize(
     """
     if stats_reducer is not None:
         stats, count = stats_reducer(stats, count)
-    check_bn_finalize_args(stats, count, weight, bias, eps)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == stats.shape[1:]
-        if t is not None and not (fits and t.device == stats.device):
-            raise ValueError(
-                f"{name} must be a float tensor of shape {tuple(stats.shape[1:])} on {stats.device}, got {describe(t)}"
-            )
-    counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
-    if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
-        raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")
-    if num_batches_tracked is not None and num_batches_tracked.device != stats.device:
-        raise ValueError(f"num_batches_tracked must be on {stats.device}, got {describe(num_batches_tracked)}")
+    check_stats(stats)
+    bn_args = (count, weight, bias, eps, running_mean, running_var, num_batches_tracked)
+    check_bn_args(stats.shape[1], stats.device, *bn_args)
     update = running_mean is not None and running_var is not None
     n = count * upsample_factor**2
     scale, shift, _, _ = bn_finalize_op(

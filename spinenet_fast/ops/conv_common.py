@@ -1,12 +1,14 @@
-"""Pieces shared by the convolution ops (``conv1x1_bn_stats``, ``conv3x3s2_bn_stats``): checks and fakes."""
+"""Pieces shared by the convolution ops (``conv1x1_bn_stats``, ``conv3x3s2_bn_stats``) and the max-pool: checks,
+fakes, the prologue and the folded output gradient."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .activation import activation_forward, activation_grad, stats_dtype
+from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 from .checks import describe
+from .padding import PADDING_MODES
 
 CHANNELS_LAST = torch.channels_last
 
@@ -26,6 +28,20 @@ def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None)
             or (vector.device != x.device)
         ):
             raise ValueError(f"{name} must be a {expected}, got {describe(vector)}")
+
+
+def check_stride2_input(name: str, x, scale, shift, activation, padding) -> None:
+    """The input of a stride-2 op (the 3×3 conv, the max-pools): a floating (N, C, H, W) tensor of even H and W, its
+    prologue's vectors, activation and padding mode."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating (N, C, H, W) tensor, got {describe(x)}")
+    if x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError(f"{name} must have even H and W for a stride-2 op, got shape {tuple(x.shape)}")
+    check_affine_prologue(x, scale, shift)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
 
 
 def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+from torch import Tensor
+
 PADDING_MODES = ("torch", "tf_same")
 
 
@@ -23,3 +26,15 @@ def spatial_padding(kernel_size: int, stride: int, padding: str) -> tuple[int, i
     if padding == "tf_same":
         return same_padding(kernel_size, stride)
     return kernel_size // 2, kernel_size // 2
+
+
+def pad_window(x: Tensor, padding: str, value: float) -> Tensor:
+    """x (N, C, H, W) padded for a 3×3 stride-2 window in ``padding`` mode, with ``value``."""
+    before, after = spatial_padding(3, 2, padding)
+    return F.pad(x, (before, after, before, after), value=value)
+
+
+def crop_window(x: Tensor, padding: str) -> Tensor:
+    """The adjoint of :func:`pad_window`: drop the padded border."""
+    before, after = spatial_padding(3, 2, padding)
+    return x[..., before : x.shape[2] - after, before : x.shape[3] - after]

@@ -1,0 +1,107 @@
+"""``conv1x1_bn``: ``conv1x1_bn_stats`` and the training-mode BN of its output as one autograd op (``conv_bn``).
+
+Equivalent to::
+
+    y, stats = conv1x1_bn_stats(x, weight, scale, shift, activation)
+    out_scale, out_shift = bn_finalize(stats, pixels, bn_weight, bn_bias, eps=eps, running_mean=..., ...)
+
+returning ``(y, out_scale, out_shift)``. Its backward is the 1×1 op's two GEMMs, which compute the statistics'
+gradients from those of ``out_scale``/``out_shift`` as they load dy; the dgrad stores dγ, dβ.
+"""
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .conv1x1_bn_stats import (
+    _conv1x1_op,
+    _triton_backward_reasons,
+    check_conv1x1_args,
+    conv1x1_bn_stats_backward_reference,
+)
+from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
+from .conv_common import fake_conv_grads
+from .schema_types import TensorList
+
+conv1x1_bn_backward_reference = with_bn_backward(conv1x1_bn_stats_backward_reference)
+
+
+def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, *_):
+    reasons = _triton_backward_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation)
+    return reasons + backends.triton_reasons(bn_weight, mean, var)
+
+
+backends.register("conv1x1_bn_backward", "reference", lambda *args: [])(conv1x1_bn_backward_reference)
+# As for conv1x1_bn_stats: the cuda backend's backward is ATen's GEMMs around the elementwise steps.
+backends.register("conv1x1_bn_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
+    conv1x1_bn_backward_reference
+)
+backends.set_auto_order("conv1x1_bn_backward", ("triton", "cuda", "reference"))
+
+
+@backends.register("conv1x1_bn_backward", "triton", _triton_reasons)
+def _conv1x1_bn_backward_triton(
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps
+) -> list[Tensor]:
+    from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
+
+    bn = (bn_weight, mean, var, count, eps)
+    return conv1x1_bn_stats_backward(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn)
+
+
+@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=())
+def _conv1x1_bn_backward_op(
+    dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
+    shift: Tensor | None, activation: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int, eps: float,
+) -> TensorList:  # fmt: skip
+    args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps)
+    return backends.run("conv1x1_bn_backward", *args)
+
+
+@_conv1x1_bn_backward_op.register_fake
+def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps):
+    return [*fake_conv_grads(x, weight, scale), bn_weight.new_empty((2, *bn_weight.shape))]
+
+
+class _Conv1x1BN(torch.autograd.Function):
+    """A Function around the custom ops: the finalize mutates the running statistics, so no custom op's autograd
+    formula can hold both."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, *bn):
+        return conv_bn_forward(ctx, _conv1x1_op, (activation,), x, weight, scale, shift, bn_weight, bn_bias, *bn)
+
+    @staticmethod
+    def backward(ctx, dy, d_scale, d_shift):
+        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 8
+
+
+def conv1x1_bn(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    activation: str = "identity",
+    *,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float = 0.1,
+    upsample_factor: int = 1,
+    process_group=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
+    updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the
+    normalised y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values."""
+    check_conv1x1_args(x, weight, scale, shift, activation)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    buffers = (running_mean, running_var, num_batches_tracked)
+    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels)
+    update = running_mean is not None and running_var is not None
+    return _Conv1x1BN.apply(
+        x, weight, scale, shift, bn_weight, bn_bias, activation, float(eps), running_mean if update else None,
+        running_var if update else None, num_batches_tracked, float(momentum), upsample_factor, process_group,
+    )  # fmt: skip

@@ -1,0 +1,105 @@
+"""``conv3x3s2_bn``: ``conv3x3s2_bn_stats`` and the training-mode BN of its output as one autograd op (``conv_bn``).
+
+Equivalent to::
+
+    y, stats = conv3x3s2_bn_stats(x, weight, scale, shift, activation, padding)
+    out_scale, out_shift = bn_finalize(stats, pixels, bn_weight, bn_bias, eps=eps, running_mean=..., ...)
+
+returning ``(y, out_scale, out_shift)``. Its backward is the 3×3 op's: the output-gradient kernel computes the
+statistics' gradients from those of ``out_scale``/``out_shift`` (and stores dγ, dβ) as it folds them into dy.
+"""
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .conv3x3s2_bn_stats import (
+    _conv3x3s2_backward_triton,
+    _conv3x3s2_op,
+    _conv_backward_triton_reasons,
+    check_conv3x3s2_args,
+    conv3x3s2_bn_stats_backward_reference,
+)
+from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
+from .conv_common import fake_conv_grads
+from .schema_types import TensorList
+
+conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
+
+
+def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, *_):
+    reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding)
+    return reasons + backends.triton_reasons(bn_weight, mean, var)
+
+
+backends.register("conv3x3s2_bn_backward", "reference", lambda *args: [])(conv3x3s2_bn_backward_reference)
+backends.register("conv3x3s2_bn_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
+    conv3x3s2_bn_backward_reference
+)
+backends.set_auto_order("conv3x3s2_bn_backward", ("triton", "cuda", "reference"))
+
+
+@backends.register("conv3x3s2_bn_backward", "triton", _triton_reasons)
+def _conv3x3s2_bn_backward_triton(
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps
+) -> list[Tensor]:
+    bn = (bn_weight, mean, var, count, eps)
+    return _conv3x3s2_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn)
+
+
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=())
+def _conv3x3s2_bn_backward_op(
+    dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int,
+    eps: float,
+) -> TensorList:  # fmt: skip
+    args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps)
+    return backends.run("conv3x3s2_bn_backward", *args)
+
+
+@_conv3x3s2_bn_backward_op.register_fake
+def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps):
+    return [*fake_conv_grads(x, weight, scale), bn_weight.new_empty((2, *bn_weight.shape))]
+
+
+class _Conv3x3s2BN(torch.autograd.Function):
+    """A Function around the custom ops, as ``conv1x1_bn``'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn):
+        conv_args = (activation, padding)
+        return conv_bn_forward(ctx, _conv3x3s2_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, *bn)
+
+    @staticmethod
+    def backward(ctx, dy, d_scale, d_shift):
+        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 9
+
+
+def conv3x3s2_bn(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    activation: str = "identity",
+    padding: str = "torch",
+    *,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float = 0.1,
+    process_group=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
+    check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
+    pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    buffers = (running_mean, running_var, num_batches_tracked)
+    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels)
+    update = running_mean is not None and running_var is not None
+    return _Conv3x3s2BN.apply(
+        x, weight, scale, shift, bn_weight, bn_bias, activation, padding, float(eps),
+        running_mean if update else None, running_var if update else None, num_batches_tracked, float(momentum), 1,
+        process_group,
+    )  # fmt: skip

@@ -1,0 +1,81 @@
+"""A conv op and the training-mode BN of its output as one autograd op: the pieces ``conv1x1_bn`` and
+``conv3x3s2_bn`` share.
+
+Forward: the conv op's launch(es) with the statistics epilogue, then ``bn_finalize`` (with the running-statistics
+update) — returns ``(y, out_scale, out_shift)``, y raw in x's dtype and the BN's folded affine map fp32, so that the BN
+output is ``out_scale·y + out_shift`` (applied by the consumer as it loads y). Owning its BN pays off in the
+backward: the gradients of ``out_scale``/``out_shift`` become the statistics' gradients inside the kernels that fold
+them into dy (and dγ, dβ are stored by some of their programs), so no finalize-backward launch runs between the
+consumer's backward and this one. With a ``process_group`` (SyncBN) the statistics are all-reduced before they are
+finalised and the affine gradients before they are folded; dγ, dβ stay this rank's own, as ``nn.SyncBatchNorm``'s
+are (DDP averages them).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .bn_finalize import _bn_finalize_backward_op, _bn_finalize_op, bn_finalize_backward_reference, check_bn_args
+
+
+def with_bn_backward(conv_backward_reference: Callable) -> Callable:
+    """The reference backward of conv + BN from the conv op's reference backward ``(dy, dΣ, dΣ², y, x, weight, scale,
+    shift, *conv_args)``: BN's backward to the statistics' gradients first; ``[dx, dW, (d_affine), [dγ; dβ]]``."""
+
+    def reference(dy, d_scale, d_shift, y, x, weight, scale, shift, *args):
+        *conv_args, bn_weight, mean, var, count, eps = args
+        d_stats, d_gamma, d_beta = bn_finalize_backward_reference(
+            d_scale, d_shift, None, None, bn_weight, bn_weight, mean, var, count, eps
+        )
+        grads = conv_backward_reference(dy, d_stats[0], d_stats[1], y, x, weight, scale, shift, *conv_args)
+        return [*grads, torch.stack([d_gamma, d_beta])]
+
+    return reference
+
+
+def conv_bn_forward(ctx, conv_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, eps, running_mean,
+                    running_var, batches, momentum, upsample_factor, group) -> tuple:  # fmt: skip
+    """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
+    backward needs saved on ``ctx``."""
+    y, stats = conv_op(x, weight, scale, shift, *conv_args)
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+        count *= dist.get_world_size(group)  # equal per-rank batches (DDP at a fixed size): no host sync
+    n = count * upsample_factor**2
+    out_scale, out_shift, mean, var = _bn_finalize_op(
+        stats, count, bn_weight, bn_bias, eps, running_mean, running_var, batches, momentum, n / (n - 1)
+    )
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var)
+    ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
+    return y, out_scale, out_shift
+
+
+def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
+    """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β."""
+    y, x, weight, scale, shift, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    dy = torch.zeros_like(y) if dy is None else dy
+    d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
+    local = (d_scale, d_shift)
+    if ctx.group is not None:
+        d_affine = torch.stack(local)
+        dist.all_reduce(d_affine, group=ctx.group)
+        d_scale, d_shift = d_affine
+    args = (y, x, weight, scale, shift, *ctx.conv_args, bn_weight, mean, var, ctx.count, ctx.eps)
+    dx, d_weight, *d_prologue, d_bn = backward_op(dy, d_scale, d_shift, *args)
+    d_gamma, d_beta = d_bn
+    if ctx.group is not None:  # this rank's own dγ, dβ
+        _, d_gamma, d_beta = _bn_finalize_backward_op(*local, None, None, bn_weight, bn_bias, mean, var, ctx.count,
+                                                      ctx.eps)  # fmt: skip
+    return dx, d_weight, *(d_prologue[0].unbind() if d_prologue else (None, None)), d_gamma, d_beta
+
+
+def check_bn_of_conv(x, weight, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps,
+                     upsample_factor, pixels_out: int) -> None:  # fmt: skip
+    """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels."""
+    bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
+    check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
+    if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
+        raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")

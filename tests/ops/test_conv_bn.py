@@ -1,0 +1,192 @@
+"""``conv1x1_bn`` and ``conv3x3s2_bn`` (a conv and the training-mode BN of its output, the BN's backward folded into
+the conv's backward kernels) against eager ``F.conv2d`` + ``nn.BatchNorm2d`` and against their reference backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spinenet_fast.ops import conv1x1_bn, conv3x3s2_bn, use_backend
+from spinenet_fast.ops.conv1x1_bn import _conv1x1_bn_backward_op
+from spinenet_fast.ops.conv3x3s2_bn import _conv3x3s2_bn_backward_op
+
+from ..conftest import require_backend
+from .tolerance import assert_low_precision_rule
+
+BACKENDS = ["reference", "triton", "cuda"]
+KINDS = ["1x1", "3x3s2"]
+
+
+def make_case(kind, dtype=torch.float32, *, prologue=True, layout="channels_last", batch=2, c_in=37, c_out=70, h=6,
+              w=8):  # fmt: skip
+    """Leaves x, weight, scale, shift (None without a prologue) and the BN module."""
+    x = torch.randn(batch, 2 * c_in if layout == "strided" else c_in, h, w)
+    x = x[:, ::2] if layout == "strided" else x
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    k = 1 if kind == "1x1" else 3
+    weight = torch.randn(c_out, c_in, k, k) / (c_in * k * k) ** 0.5
+    scale = (torch.rand(c_in) + 0.5).requires_grad_() if prologue else None
+    shift = torch.randn(c_in).requires_grad_() if prologue else None
+    bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.1)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    return x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(), scale, shift, bn
+
+
+def eager(kind, x, weight, scale, shift, bn):
+    """swish(scale·x + shift) (or x) → conv (1×1, or 3×3/s2 with PyTorch padding) → BN (training), in x's dtype."""
+    if scale is not None:
+        x = F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1))
+    return bn(F.conv2d(x, weight) if kind == "1x1" else F.conv2d(x, weight, stride=2, padding=1))
+
+
+def fused(kind, backend, x, weight, scale, shift, bn, **kwargs):
+    """BN(conv) = out_scale·y + out_shift from the fused op on ``backend``, with ``bn``'s buffers updated."""
+    activation = "swish" if scale is not None else "identity"
+    conv_args = (activation,) if kind == "1x1" else (activation, "torch")
+    op = conv1x1_bn if kind == "1x1" else conv3x3s2_bn
+    with use_backend(backend):
+        y, out_scale, out_shift = op(
+            x, weight, scale, shift, *conv_args, bn_weight=bn.weight, bn_bias=bn.bias, eps=bn.eps,
+            running_mean=bn.running_mean, running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked,
+            momentum=bn.momentum, **kwargs,
+        )  # fmt: skip
+    return y * out_scale.view(1, -1, 1, 1) + out_shift.view(1, -1, 1, 1)
+
+
+def leaves(x, weight, scale, shift, bn):
+    return [t for t in (x, weight, scale, shift, bn.weight, bn.bias) if t is not None]
+
+
+def copy_of(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:
+    twin = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+    twin.load_state_dict(bn.state_dict())
+    return twin.to(dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("prologue", "layout", "batch"), [(True, "channels_last", 2), (False, "contiguous", 1),
+                                                           (True, "strided", 1)])  # fmt: skip
+def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch):
+    """Output, every gradient (x, W, the prologue's scale/shift, γ, β), running statistics and counter (fp32)."""
+    require_backend(backend)
+    x, weight, scale, shift, bn = make_case(kind, prologue=prologue, layout=layout, batch=batch)
+    bn_eager = copy_of(bn)
+    expected = eager(kind, x, weight, scale, shift, bn_eager)
+    grad = torch.randn_like(expected)
+    with use_backend(backend):  # the backward picks its backend when it runs
+        out = fused(kind, backend, x, weight, scale, shift, bn)
+        got = torch.autograd.grad(out, leaves(x, weight, scale, shift, bn), grad)
+    want = torch.autograd.grad(expected, leaves(x, weight, scale, shift, bn_eager), grad)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(bn_eager, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_tolerance_rule(kind, backend, dtype):
+    """Every gradient in bf16/fp16 against fp32, no worse than eager conv + BN in the same dtype."""
+    require_backend(backend)
+    x, weight, scale, shift, bn = make_case(kind, dtype, h=10, w=12)
+    with use_backend(backend):
+        out = fused(kind, backend, x, weight, scale, shift, bn)
+        grad = torch.randn(out.shape)
+        got = torch.autograd.grad(out, leaves(x, weight, scale, shift, bn), grad.to(out.dtype))
+    fp32 = [x.detach().float().requires_grad_(), weight.detach().float().requires_grad_(), scale, shift]
+    out32 = fused(kind, "reference", *fp32, bn)
+    want = torch.autograd.grad(out32, leaves(*fp32, bn), grad)
+    bn_low = copy_of(bn, dtype)
+    eager_out = eager(kind, x, weight, scale, shift, bn_low)
+    eager_grads = torch.autograd.grad(eager_out, leaves(x, weight, scale, shift, bn_low), grad.to(dtype))
+    for got_, want_, base in zip(got, want, eager_grads):
+        assert_low_precision_rule(got_, want_, base)
+
+
+def test_running_variance_uses_the_upsampled_count():
+    x, weight, _, _, bn = make_case("1x1", prologue=False)
+    bn.momentum = 1.0
+    fused("1x1", "reference", x, weight, None, None, bn, upsample_factor=4)
+    conv = F.interpolate(F.conv2d(x, weight), scale_factor=4)
+    torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, conv.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    x, weight, scale, shift, _ = make_case(kind, torch.float64, c_in=3, c_out=4, h=4, w=4)
+    scale, shift = (t.detach().double().requires_grad_() for t in (scale, shift))
+    gamma, beta = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    op, conv_args = (conv1x1_bn, ("swish",)) if kind == "1x1" else (conv3x3s2_bn, ("swish", "tf_same"))
+
+    def fn(x, weight, scale, shift, gamma, beta):
+        return op(x, weight, scale, shift, *conv_args, bn_weight=gamma, bn_bias=beta, eps=1e-3)
+
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, (x, weight, scale, shift, gamma, beta))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prologue", [False, True])
+def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
+    require_backend(backend)
+    x, weight, scale, shift, _ = make_case(kind, prologue=prologue, c_in=5, c_out=6, h=4, w=6)
+    x, weight = x.detach(), weight.detach()
+    scale, shift = (t.detach() if t is not None else None for t in (scale, shift))
+    size = (2, 6, 4, 6) if kind == "1x1" else (2, 6, 2, 3)
+    y = torch.randn(size).contiguous(memory_format=torch.channels_last)
+    vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
+    op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (_conv3x3s2_bn_backward_op,
+                                                                               ("relu", "torch"))  # fmt: skip
+    args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
+    with use_backend("reference"):
+        want = op(*args)
+    with use_backend(backend):
+        got = op(*args)
+        torch.library.opcheck(op, args)
+    assert len(got) == len(want) == (4 if prologue else 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(bn_weight=torch.ones(5)), ValueError, r"weight must be a tensor of shape \(6,\)"),
+        (lambda a: a.update(eps=0.0), ValueError, "eps must be positive"),
+        (lambda a: a.update(running_var=torch.ones(6, device="meta")), ValueError, "running_var must be a float"),
+        (lambda a: a.update(upsample_factor=0), ValueError, "upsample_factor must be a positive int"),
+        (lambda a: a.update(x=a["x"][:1, :, :1, :1]), ValueError, r"count must be an int >= 2"),
+        (lambda a: a.update(weight=torch.zeros(6, 4, 1, 1)), ValueError, r"weight must have shape \(C_out, 5, 1, 1\)"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_launch(change, error, match):
+    x, weight, scale, shift, _ = make_case("1x1", c_in=5, c_out=6, h=2, w=3)
+    args = dict(x=x, weight=weight, scale=scale, shift=shift, activation="relu", bn_weight=torch.ones(6),
+                bn_bias=torch.zeros(6), eps=1e-3, running_mean=torch.zeros(6), running_var=torch.ones(6))  # fmt: skip
+    change(args)
+    with pytest.raises(error, match=match):
+        conv1x1_bn(**args)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda a: a.update(bn_bias=torch.zeros(6, device="meta")), ValueError, r"bias must be a tensor of shape"),
+        (lambda a: a.update(x=a["x"][:, :, :3]), ValueError, "x must have even H and W"),
+        (lambda a: a.update(padding="same"), ValueError, "padding must be one of"),
+        (lambda a: a.update(num_batches_tracked=torch.zeros(2)), TypeError, "num_batches_tracked must be a one"),
+    ],
+)
+def test_bad_input_3x3s2(change, error, match):
+    x, weight, scale, shift, _ = make_case("3x3s2", c_in=5, c_out=6, h=4, w=4)
+    args = dict(x=x, weight=weight, scale=scale, shift=shift, activation="relu", padding="torch",
+                bn_weight=torch.ones(6), bn_bias=torch.zeros(6), eps=1e-3)  # fmt: skip
+    change(args)
+    with pytest.raises(error, match=match):
+        conv3x3s2_bn(**args)

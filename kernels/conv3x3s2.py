@@ -52,14 +52,15 @@ def _conv3x3s2_fwd_kernel(
     store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
 
 
-def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before) -> list[torch.Tensor]:
-    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``."""
+def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats=None) -> list:
+    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
+    statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device)
+    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()

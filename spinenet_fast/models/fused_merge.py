@@ -20,12 +20,32 @@ from torch import Tensor, nn
 from ..ops import bn_act_maxpool, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
 
 
+def uses_batch_statistics(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with the statistics of its input (training mode, or no running statistics)."""
+    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
+
+
+class StatsWorkspace:
+    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for the (2, C) statistics of
+    every batch-statistics BN of a connection, handed out in slices: one fill per merge instead of one per BN."""
+
+    def __init__(self, bns: list[nn.Module], device: torch.device, dtype: torch.dtype) -> None:
+        sizes = [2 * bn.num_features for bn in bns if uses_batch_statistics(bn)]
+        self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
+        self.offset = 0
+
+    def take(self, channels: int) -> Tensor:
+        """The next (2, channels) slice."""
+        view = self.buffer[self.offset : self.offset + 2 * channels].view(2, channels)
+        self.offset += 2 * channels
+        return view
+
+
 def batch_bn_kwargs(bn: nn.Module) -> dict | None:
     """The keyword arguments of ``conv1x1_bn`` / ``conv3x3s2_bn`` that make them ``bn`` in training mode (batch
     statistics, running statistics and counter updated as ``nn.BatchNorm2d`` does), or None where ``bn`` normalises
     with its running statistics."""
-    batch_stats = isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
-    if not batch_stats:
+    if not uses_batch_statistics(bn):
         return None
     momentum = bn.momentum
     update = bn.training and bn.track_running_stats
@@ -45,8 +65,8 @@ def running_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, bn.bias.float() - bn.running_mean.float() * scale
 
 
-def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str, *, upsample_factor=1,
-                 padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str, workspace: StatsWorkspace,
+                 *, upsample_factor=1, padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding``) of act(scale·x + shift) (of x without them)
     and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward folds the BN's."""
     weight = gemm_weight(conv.weight, x.dtype)
@@ -57,7 +77,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
         conv_stats = conv1x1_bn_stats if padding is None else conv3x3s2_bn_stats
         y, _ = conv_stats(x, weight, scale, shift, *conv_args)
         return (y, *running_affine(bn))
-    bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn))
+    bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
+                   stats_buffer=workspace.take(bn.num_features))  # fmt: skip
     if padding is not None:
         return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
@@ -79,18 +100,19 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight if low_precision and weight.dtype == torch.float32 else weight.to(dtype)
 
 
-def fused_resample(resample, x: Tensor, activation: str, padding: str) -> tuple[Tensor, Tensor, Tensor, int]:
+def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: StatsWorkspace) -> tuple:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
-    y, scale, shift = conv_then_bn(x, squeeze.conv, squeeze.bn, None, None, activation)
+    y, scale, shift = conv_then_bn(x, squeeze.conv, squeeze.bn, None, None, activation, workspace)
     ratio = resample.upsample_factor
     if resample.down is not None:
-        y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation,
+        y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
                                        padding=padding)  # fmt: skip
         if len(resample.pools):
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
             scale = shift = None
-    y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, upsample_factor=ratio)
+    y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,
+                                   upsample_factor=ratio)  # fmt: skip
     return y, scale, shift, ratio
 
 
@@ -104,8 +126,12 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     parents, scales, shifts, ratios = [], [], [], []
+    bns = [
+        m for resample in module.resamples for m in resample.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    workspace = StatsWorkspace(bns, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
     for resample, i in zip(module.resamples, module.parent_ids):
-        y, scale, shift, ratio = fused_resample(resample, feats[i].to(dtype), activation, padding)
+        y, scale, shift, ratio = fused_resample(resample, feats[i].to(dtype), activation, padding, workspace)
         parents.append(y)
         scales.append(scale)
         shifts.append(shift)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import backends
 from .conv1x1_bn_stats import (
+    _conv1x1_into_op,
     _conv1x1_op,
     _triton_backward_reasons,
     check_conv1x1_args,
@@ -69,11 +70,13 @@ class _Conv1x1BN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, *bn):
-        return conv_bn_forward(ctx, _conv1x1_op, (activation,), x, weight, scale, shift, bn_weight, bn_bias, *bn)
+        return conv_bn_forward(
+            ctx, _conv1x1_op, _conv1x1_into_op, (activation,), x, weight, scale, shift, bn_weight, bn_bias, *bn
+        )
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 8
+        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 9
 
 
 def conv1x1_bn(
@@ -92,16 +95,20 @@ def conv1x1_bn(
     momentum: float = 0.1,
     upsample_factor: int = 1,
     process_group=None,
+    stats_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
-    updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the
-    normalised y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values."""
+    updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the normalised
+    y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values. ``stats_buffer``: a zeroed
+    contiguous (2, C_out) tensor of the statistics' dtype the statistics are added into (a slice of one buffer that
+    several ops share, zeroed by one fill); None: the op allocates and zeroes its own."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels)
+    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels, stats_buffer)
     update = running_mean is not None and running_var is not None
     return _Conv1x1BN.apply(
         x, weight, scale, shift, bn_weight, bn_bias, activation, float(eps), running_mean if update else None,
         running_var if update else None, num_batches_tracked, float(momentum), upsample_factor, process_group,
+        stats_buffer,
     )  # fmt: skip

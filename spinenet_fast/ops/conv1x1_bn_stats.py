@@ -20,6 +20,7 @@ from . import backends
 from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
+    accumulating,
     check_affine_prologue,
     conv_outputs,
     fake_conv_grads,
@@ -102,6 +103,34 @@ def _conv1x1_op(
 @_conv1x1_op.register_fake
 def _(x, weight, scale, shift, activation):
     return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])
+
+
+# conv1x1_bn_stats_into: the same op adding its statistics into a caller's zeroed buffer (y only), so that several
+# ops share one fill (conv1x1_bn inside a connection).
+backends.register("conv1x1_bn_stats_into", "reference", lambda *args: [])(accumulating(conv1x1_bn_stats_reference))
+backends.register("conv1x1_bn_stats_into", "cuda", lambda x, *args: backends.library_reasons(x))(
+    accumulating(conv1x1_bn_stats_library)
+)
+backends.set_auto_order("conv1x1_bn_stats_into", ("triton", "cuda", "reference"))
+
+
+@backends.register("conv1x1_bn_stats_into", "triton", lambda *args: _triton_reasons(*args[:-1]))
+def _conv1x1_into_triton(x, weight, scale, shift, activation, stats) -> Tensor:
+    from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
+
+    return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats)[0]
+
+
+@torch.library.custom_op("spinenet_fast::conv1x1_bn_stats_into", mutates_args=("stats",))
+def _conv1x1_into_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, stats: Tensor
+) -> Tensor:
+    return backends.run("conv1x1_bn_stats_into", x, weight, scale, shift, activation, stats)
+
+
+@_conv1x1_into_op.register_fake
+def _(x, weight, scale, shift, activation, stats):
+    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0]
 
 
 def _triton_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[str]:

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import backends
 from .conv3x3s2_bn_stats import (
     _conv3x3s2_backward_triton,
+    _conv3x3s2_into_op,
     _conv3x3s2_op,
     _conv_backward_triton_reasons,
     check_conv3x3s2_args,
@@ -68,11 +69,13 @@ class _Conv3x3s2BN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn):
         conv_args = (activation, padding)
-        return conv_bn_forward(ctx, _conv3x3s2_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, *bn)
+        return conv_bn_forward(
+            ctx, _conv3x3s2_op, _conv3x3s2_into_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, *bn
+        )
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 9
+        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 10
 
 
 def conv3x3s2_bn(
@@ -91,15 +94,16 @@ def conv3x3s2_bn(
     num_batches_tracked: Tensor | None = None,
     momentum: float = 0.1,
     process_group=None,
+    stats_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
     check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
     pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels)
+    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels, stats_buffer)
     update = running_mean is not None and running_var is not None
     return _Conv3x3s2BN.apply(
         x, weight, scale, shift, bn_weight, bn_bias, activation, padding, float(eps),
         running_mean if update else None, running_var if update else None, num_batches_tracked, float(momentum), 1,
-        process_group,
+        process_group, stats_buffer,
     )  # fmt: skip

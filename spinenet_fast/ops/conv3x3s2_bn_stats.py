@@ -19,6 +19,7 @@ from . import backends
 from .checks import describe
 from .conv_common import (
     CHANNELS_LAST,
+    accumulating,
     check_stride2_input,
     conv_outputs,
     fake_conv_grads,
@@ -82,6 +83,35 @@ def _conv3x3s2_triton(x, weight, scale, shift, activation, padding) -> list[Tens
     from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
 
     return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, spatial_padding(3, 2, padding)[0])
+
+
+# conv3x3s2_bn_stats_into: as conv1x1_bn_stats_into, for conv3x3s2_bn.
+backends.register("conv3x3s2_bn_stats_into", "reference", lambda *args: [])(accumulating(conv3x3s2_bn_stats_reference))
+backends.register("conv3x3s2_bn_stats_into", "cuda", lambda x, *args: backends.library_reasons(x))(
+    accumulating(conv3x3s2_bn_stats_library)
+)
+backends.set_auto_order("conv3x3s2_bn_stats_into", ("triton", "cuda", "reference"))
+
+
+@backends.register("conv3x3s2_bn_stats_into", "triton", lambda *args: _conv_triton_reasons(*args[:-1]))
+def _conv3x3s2_into_triton(x, weight, scale, shift, activation, padding, stats) -> Tensor:
+    from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
+
+    pad_before = spatial_padding(3, 2, padding)[0]
+    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats)[0]
+
+
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_into", mutates_args=("stats",))
+def _conv3x3s2_into_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
+    stats: Tensor,
+) -> Tensor:  # fmt: skip
+    return backends.run("conv3x3s2_bn_stats_into", x, weight, scale, shift, activation, padding, stats)
+
+
+@_conv3x3s2_into_op.register_fake
+def _(x, weight, scale, shift, activation, padding, stats):
+    return fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0]
 
 
 def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str) -> tuple[Tensor, Tensor]:

@@ -15,8 +15,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
+from .activation import stats_dtype
 from .bn_finalize import _bn_finalize_backward_op, _bn_finalize_op, bn_finalize_backward_reference, check_bn_args
+from .checks import describe
 
 
 def with_bn_backward(conv_backward_reference: Callable) -> Callable:
@@ -34,11 +37,15 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     return reference
 
 
-def conv_bn_forward(ctx, conv_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, eps, running_mean,
-                    running_var, batches, momentum, upsample_factor, group) -> tuple:  # fmt: skip
+def conv_bn_forward(ctx, conv_op, conv_into_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, eps,
+                    running_mean, running_var, batches, momentum, upsample_factor, group, stats) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
-    backward needs saved on ``ctx``."""
-    y, stats = conv_op(x, weight, scale, shift, *conv_args)
+    backward needs saved on ``ctx``. ``stats``: a zeroed (2, C_out) fp32 buffer the conv adds its statistics into
+    (``conv_into_op``), or None (``conv_op`` allocates and fills one)."""
+    if stats is None:
+        y, stats = conv_op(x, weight, scale, shift, *conv_args)
+    else:
+        y = conv_into_op(x, weight, scale, shift, *conv_args, stats)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if group is not None:
         dist.all_reduce(stats, group=group)
@@ -73,9 +80,16 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
 
 
 def check_bn_of_conv(x, weight, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps,
-                     upsample_factor, pixels_out: int) -> None:  # fmt: skip
+                     upsample_factor, pixels_out: int, stats_buffer) -> None:  # fmt: skip
     """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
+    shape, dtype = (2, weight.shape[0]), stats_dtype(x)
+    fits = isinstance(stats_buffer, Tensor) and stats_buffer.shape == shape and stats_buffer.dtype == dtype
+    if stats_buffer is not None and not (fits and stats_buffer.is_contiguous() and stats_buffer.device == x.device):
+        raise ValueError(
+            f"stats_buffer must be a contiguous {str(dtype)[6:]} {shape} tensor on {x.device}, got "
+            f"{describe(stats_buffer)}"
+        )
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")

@@ -55,6 +55,19 @@ def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
     return [stored, torch.stack([stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))])]
 
 
+def accumulating(forward):
+    """A backend of a conv op's ``_into`` variant from a backend of the op: y returned, the statistics added into the
+    caller's ``stats`` (the last argument)."""
+
+    def run(*args):
+        *args, stats = args
+        y, new_stats = forward(*args)
+        stats.add_(new_stats)
+        return y
+
+    return run
+
+
 def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the (2, C_out) statistics."""
     y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,

@@ -190,3 +190,22 @@ def test_bad_input_3x3s2(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         conv3x3s2_bn(**args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_into_a_slice_of_a_shared_buffer(kind, backend):
+    """``stats_buffer``: the statistics are added into the given slice (one fill for several ops), nothing else
+    written; the result is the op's own."""
+    require_backend(backend)
+    x, weight, scale, shift, bn = make_case(kind)
+    expected = fused(kind, backend, x, weight, scale, shift, copy_of(bn))
+    shared = torch.zeros(3, 2, 70)
+    got = fused(kind, backend, x, weight, scale, shift, bn, stats_buffer=shared[1])
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    conv = eager(kind, x, weight, scale, shift, nn.Identity()).detach()
+    statistics = torch.stack([conv.sum((0, 2, 3)), (conv * conv).sum((0, 2, 3))])
+    torch.testing.assert_close(shared[1], statistics, rtol=1e-4, atol=1e-3)
+    assert shared[0].abs().sum() == 0 and shared[2].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"stats_buffer must be a contiguous float32 \(2, 70\) tensor"):
+        fused(kind, backend, x, weight, scale, shift, bn, stats_buffer=shared[:, 0])

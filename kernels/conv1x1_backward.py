@@ -127,12 +127,13 @@ def _conv1x1_wgrad_kernel(
     tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
 
 
-def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None) -> list:
+def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None):
     """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``.
 
     ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN, and ``d_sum``/``d_sumsq`` are the
     gradients of its scale and shift; the statistics' gradients are then computed inside both GEMMs, and
-    ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last."""
+    ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last. ``d_affine``: a zeroed fp32 (2, C_in) buffer the prologue's
+    gradients are added into (then not returned), or None."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     pixels = n * h * w
@@ -143,9 +144,10 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     if has_prologue:
         scale, shift = scale.contiguous(), shift.contiguous()
     d_weight = torch.empty((c_out, c_in), dtype=torch.float32, device=x.device)  # zeroed by the dgrad kernel
+    into_buffer = d_affine is not None
     if has_prologue:
-        d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device)  # [d_scale; d_shift]
-        d_scale, d_shift = d_affine
+        d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device) if d_affine is None else d_affine
+        d_scale, d_shift = d_affine  # [d_scale; d_shift]
         scale_arg, shift_arg = scale, shift
     else:  # unused pointers
         d_scale = d_shift = scale_arg = shift_arg = d_weight
@@ -183,5 +185,5 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         per_program, *dy.stride(), *y.stride(), *x.stride(), **common, **config,
     )  # fmt: skip
     d_weight = d_weight.view(weight.shape).to(weight.dtype)
-    grads = [dx, d_weight, d_affine] if has_prologue else [dx, d_weight]
+    grads = [dx, d_weight, d_affine] if has_prologue and not into_buffer else [dx, d_weight]
     return grads + ([d_bn] if bn is not None else [])

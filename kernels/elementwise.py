@@ -172,10 +172,12 @@ def output_grad(dy, y, d_sum, d_sumsq, dtype, bn=None) -> torch.Tensor | tuple[t
     return g if bn is None else (g, d_bn)
 
 
-def affine_activation_backward(d_a, x, scale, shift, activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dx channels_last in x's dtype, [d_scale; d_shift] (2, C) fp32)`` from the gradient of act(scale·x + shift)."""
+def affine_activation_backward(d_a, x, scale, shift, activation, d_affine=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx channels_last in x's dtype, [d_scale; d_shift] (2, C) fp32)`` from the gradient of act(scale·x + shift);
+    the reductions are added into ``d_affine`` (a zeroed fp32 (2, C) buffer) where it is given."""
     dx = torch.empty_like(x, memory_format=torch.channels_last)
-    d_affine = torch.zeros((2, x.shape[1]), dtype=torch.float32, device=x.device)
+    if d_affine is None:
+        d_affine = torch.zeros((2, x.shape[1]), dtype=torch.float32, device=x.device)
     _affine_activation_bwd_kernel[_grid(x)](
         dx, d_affine, d_a, x, scale.contiguous(), shift.contiguous(), *_geometry(x), *dx.stride(), *d_a.stride(),
         *x.stride(), ACT=ACTIVATION_CODES[activation], BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,

@@ -25,13 +25,20 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
     return isinstance(bn, nn.modules.batchnorm._BatchNorm) and (bn.training or bn.running_mean is None)
 
 
-class StatsWorkspace:
-    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for the (2, C) statistics of
-    every batch-statistics BN of a connection, handed out in slices: one fill per merge instead of one per BN."""
+class ConnectionWorkspace:
+    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every (2, C) accumulator
+    of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and each prologue's gradient
+    [d_scale; d_shift] — handed out in slices: one fill per merge instead of one per accumulator."""
 
-    def __init__(self, bns: list[nn.Module], device: torch.device, dtype: torch.dtype) -> None:
-        sizes = [2 * bn.num_features for bn in bns if uses_batch_statistics(bn)]
-        self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
+    def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
+        channels = []
+        for resample in module.resamples:
+            layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
+            layers.append((resample.expand, resample.down is None or not len(resample.pools)))
+            for layer, has_prologue in layers:
+                if uses_batch_statistics(layer.bn):
+                    channels += [layer.conv.out_channels] + ([layer.conv.in_channels] if has_prologue else [])
+        self.buffer = torch.zeros(2 * sum(channels), device=device, dtype=dtype) if channels else None
         self.offset = 0
 
     def take(self, channels: int) -> Tensor:
@@ -65,8 +72,9 @@ def running_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, bn.bias.float() - bn.running_mean.float() * scale
 
 
-def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str, workspace: StatsWorkspace,
-                 *, upsample_factor=1, padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str,
+                 workspace: ConnectionWorkspace, *, upsample_factor=1,
+                 padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding``) of act(scale·x + shift) (of x without them)
     and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward folds the BN's."""
     weight = gemm_weight(conv.weight, x.dtype)
@@ -78,7 +86,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
         y, _ = conv_stats(x, weight, scale, shift, *conv_args)
         return (y, *running_affine(bn))
     bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
-                   stats_buffer=workspace.take(bn.num_features))  # fmt: skip
+                   stats_buffer=workspace.take(conv.out_channels),
+                   prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None)  # fmt: skip
     if padding is not None:
         return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
@@ -100,7 +109,7 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight if low_precision and weight.dtype == torch.float32 else weight.to(dtype)
 
 
-def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: StatsWorkspace) -> tuple:
+def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
     y, scale, shift = conv_then_bn(x, squeeze.conv, squeeze.bn, None, None, activation, workspace)
@@ -126,10 +135,9 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     parents, scales, shifts, ratios = [], [], [], []
-    bns = [
-        m for resample in module.resamples for m in resample.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    workspace = StatsWorkspace(bns, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
+    workspace = ConnectionWorkspace(
+        module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32)
+    )
     for resample, i in zip(module.resamples, module.parent_ids):
         y, scale, shift, ratio = fused_resample(resample, feats[i].to(dtype), activation, padding, workspace)
         parents.append(y)

@@ -22,7 +22,6 @@ from .conv1x1_bn_stats import (
 )
 from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
 from .conv_common import fake_conv_grads
-from .schema_types import TensorList
 
 conv1x1_bn_backward_reference = with_bn_backward(conv1x1_bn_stats_backward_reference)
 
@@ -42,26 +41,27 @@ backends.set_auto_order("conv1x1_bn_backward", ("triton", "cuda", "reference"))
 
 @backends.register("conv1x1_bn_backward", "triton", _triton_reasons)
 def _conv1x1_bn_backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out
 ) -> list[Tensor]:
     from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
 
     bn = (bn_weight, mean, var, count, eps)
-    return conv1x1_bn_stats_backward(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn)
+    return conv1x1_bn_stats_backward(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn, d_affine_out)
 
 
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=())
+@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=("d_affine_out",))
 def _conv1x1_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int, eps: float,
-) -> TensorList:  # fmt: skip
+    d_affine_out: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps)
-    return backends.run("conv1x1_bn_backward", *args)
+    return tuple(backends.run("conv1x1_bn_backward", *args, d_affine_out))
 
 
 @_conv1x1_bn_backward_op.register_fake
-def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps):
-    return [*fake_conv_grads(x, weight, scale), bn_weight.new_empty((2, *bn_weight.shape))]
+def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out):
+    return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
 
 
 class _Conv1x1BN(torch.autograd.Function):
@@ -76,7 +76,7 @@ class _Conv1x1BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 9
+        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 10
 
 
 def conv1x1_bn(
@@ -96,19 +96,23 @@ def conv1x1_bn(
     upsample_factor: int = 1,
     process_group=None,
     stats_buffer: Tensor | None = None,
+    prologue_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
     updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the normalised
     y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values. ``stats_buffer``: a zeroed
     contiguous (2, C_out) tensor of the statistics' dtype the statistics are added into (a slice of one buffer that
-    several ops share, zeroed by one fill); None: the op allocates and zeroes its own."""
+    several ops share, zeroed by one fill); None: the op allocates and zeroes its own. ``prologue_grad_buffer``:
+    likewise a zeroed (2, C_in) tensor the (first) backward adds the prologue's [d_scale; d_shift] into."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels, stats_buffer)
+    check_bn_of_conv(
+        x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels, stats_buffer, prologue_grad_buffer
+    )
     update = running_mean is not None and running_var is not None
     return _Conv1x1BN.apply(
         x, weight, scale, shift, bn_weight, bn_bias, activation, float(eps), running_mean if update else None,
         running_var if update else None, num_batches_tracked, float(momentum), upsample_factor, process_group,
-        stats_buffer,
+        stats_buffer, prologue_grad_buffer,
     )  # fmt: skip

@@ -23,7 +23,6 @@ from .conv3x3s2_bn_stats import (
 )
 from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
 from .conv_common import fake_conv_grads
-from .schema_types import TensorList
 
 conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
 
@@ -42,25 +41,44 @@ backends.set_auto_order("conv3x3s2_bn_backward", ("triton", "cuda", "reference")
 
 @backends.register("conv3x3s2_bn_backward", "triton", _triton_reasons)
 def _conv3x3s2_bn_backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps
-) -> list[Tensor]:
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
+    d_affine_out,
+) -> list[Tensor]:  # fmt: skip
     bn = (bn_weight, mean, var, count, eps)
-    return _conv3x3s2_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn)
+    return _conv3x3s2_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn,
+                                      d_affine_out)  # fmt: skip
 
 
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=())
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=("d_affine_out",))
 def _conv3x3s2_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int,
-    eps: float,
-) -> TensorList:  # fmt: skip
+    eps: float, d_affine_out: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps)
-    return backends.run("conv3x3s2_bn_backward", *args)
+    return tuple(backends.run("conv3x3s2_bn_backward", *args, d_affine_out))
 
 
 @_conv3x3s2_bn_backward_op.register_fake
-def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps):
-    return [*fake_conv_grads(x, weight, scale), bn_weight.new_empty((2, *bn_weight.shape))]
+def _(
+    dy,
+    d_scale,
+    d_shift,
+    y,
+    x,
+    weight,
+    scale,
+    shift,
+    activation,
+    padding,
+    bn_weight,
+    mean,
+    var,
+    count,
+    eps,
+    d_affine_out,
+):
+    return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
 
 
 class _Conv3x3s2BN(torch.autograd.Function):
@@ -75,7 +93,7 @@ class _Conv3x3s2BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 10
+        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 11
 
 
 def conv3x3s2_bn(
@@ -95,15 +113,16 @@ def conv3x3s2_bn(
     momentum: float = 0.1,
     process_group=None,
     stats_buffer: Tensor | None = None,
+    prologue_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
     check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
     pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels, stats_buffer)
+    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels, stats_buffer, prologue_grad_buffer)
     update = running_mean is not None and running_var is not None
     return _Conv3x3s2BN.apply(
         x, weight, scale, shift, bn_weight, bn_bias, activation, padding, float(eps),
         running_mean if update else None, running_var if update else None, num_batches_tracked, float(momentum), 1,
-        process_group, stats_buffer,
+        process_group, stats_buffer, prologue_grad_buffer,
     )  # fmt: skip

@@ -138,13 +138,15 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
 
-def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, bn=None):
+def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, bn=None,
+                               d_affine=None):  # fmt: skip
     """The same maths with one Triton kernel on each side of ATen's conv backward: the recomputed activation and the
     folded output gradient go in as fp32 (cuDNN's TF32 where allowed: no bf16 rounding of the gradient after BN's
     backward cancelled most of it), with an fp32 master weight as it is (no cast launched; the forward rounded it
     to x's dtype, a difference at that rounding's level); the prologue's backward and its two reductions come out of
     one kernel. ``bn`` (``conv3x3s2_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, folded by
-    the output-gradient kernel, which also returns [dγ; dβ] (appended)."""
+    the output-gradient kernel, which also returns [dγ; dβ] (appended); ``d_affine``: a zeroed buffer the prologue's
+    gradients are added into (then not returned)."""
     from spinenet_fast.kernels.elementwise import affine_activation, affine_activation_backward, output_grad
 
     fp32 = torch.float32
@@ -154,8 +156,9 @@ def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, a
     d_a, d_w = _library_conv_backward(g, a, weight, padding)
     if scale is None:
         return [d_a.to(x.dtype, memory_format=CHANNELS_LAST), d_w.to(weight.dtype), *d_bn]
-    dx, d_affine = affine_activation_backward(d_a, x, scale, shift, activation)
-    return [dx, d_w.to(weight.dtype), d_affine, *d_bn]
+    into_buffer = d_affine is not None
+    dx, d_affine = affine_activation_backward(d_a, x, scale, shift, activation, d_affine)
+    return [dx, d_w.to(weight.dtype), *([] if into_buffer else [d_affine]), *d_bn]
 
 
 def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[str]:

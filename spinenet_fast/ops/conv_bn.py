@@ -24,24 +24,29 @@ from .checks import describe
 
 def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     """The reference backward of conv + BN from the conv op's reference backward ``(dy, dΣ, dΣ², y, x, weight, scale,
-    shift, *conv_args)``: BN's backward to the statistics' gradients first; ``[dx, dW, (d_affine), [dγ; dβ]]``."""
+    shift, *conv_args)``: BN's backward to the statistics' gradients first; ``[dx, dW, [dγ; dβ]]``, the prologue's
+    [d_scale; d_shift] (with a prologue) added into the last argument, a zeroed (2, C_in) buffer."""
 
     def reference(dy, d_scale, d_shift, y, x, weight, scale, shift, *args):
-        *conv_args, bn_weight, mean, var, count, eps = args
+        *conv_args, bn_weight, mean, var, count, eps, d_affine_out = args
         d_stats, d_gamma, d_beta = bn_finalize_backward_reference(
             d_scale, d_shift, None, None, bn_weight, bn_weight, mean, var, count, eps
         )
         grads = conv_backward_reference(dy, d_stats[0], d_stats[1], y, x, weight, scale, shift, *conv_args)
+        if scale is not None:
+            d_affine_out.add_(grads.pop(2))
         return [*grads, torch.stack([d_gamma, d_beta])]
 
     return reference
 
 
 def conv_bn_forward(ctx, conv_op, conv_into_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, eps,
-                    running_mean, running_var, batches, momentum, upsample_factor, group, stats) -> tuple:  # fmt: skip
+                    running_mean, running_var, batches, momentum, upsample_factor, group, stats,
+                    prologue_grad) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
-    backward needs saved on ``ctx``. ``stats``: a zeroed (2, C_out) fp32 buffer the conv adds its statistics into
-    (``conv_into_op``), or None (``conv_op`` allocates and fills one)."""
+    backward needs saved on ``ctx``. ``stats``: a zeroed (2, C_out) buffer the conv adds its statistics into
+    (``conv_into_op``), or None (``conv_op`` allocates and fills one); ``prologue_grad``: a zeroed (2, C_in) buffer
+    the first backward adds the prologue's [d_scale; d_shift] into, or None."""
     if stats is None:
         y, stats = conv_op(x, weight, scale, shift, *conv_args)
     else:
@@ -57,6 +62,7 @@ def conv_bn_forward(ctx, conv_op, conv_into_op, conv_args, x, weight, scale, shi
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var)
     ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
+    ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
     return y, out_scale, out_shift
 
 
@@ -70,26 +76,29 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
         d_affine = torch.stack(local)
         dist.all_reduce(d_affine, group=ctx.group)
         d_scale, d_shift = d_affine
-    args = (y, x, weight, scale, shift, *ctx.conv_args, bn_weight, mean, var, ctx.count, ctx.eps)
-    dx, d_weight, *d_prologue, d_bn = backward_op(dy, d_scale, d_shift, *args)
+    prologue_grad, ctx.prologue_grad = ctx.prologue_grad, None
+    if scale is not None and prologue_grad is None:
+        prologue_grad = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
+    args = (y, x, weight, scale, shift, *ctx.conv_args, bn_weight, mean, var, ctx.count, ctx.eps, prologue_grad)
+    dx, d_weight, d_bn = backward_op(dy, d_scale, d_shift, *args)
     d_gamma, d_beta = d_bn
     if ctx.group is not None:  # this rank's own dγ, dβ
         _, d_gamma, d_beta = _bn_finalize_backward_op(*local, None, None, bn_weight, bn_bias, mean, var, ctx.count,
                                                       ctx.eps)  # fmt: skip
-    return dx, d_weight, *(d_prologue[0].unbind() if d_prologue else (None, None)), d_gamma, d_beta
+    return dx, d_weight, *(prologue_grad.unbind() if scale is not None else (None, None)), d_gamma, d_beta
 
 
 def check_bn_of_conv(x, weight, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps,
-                     upsample_factor, pixels_out: int, stats_buffer) -> None:  # fmt: skip
+                     upsample_factor, pixels_out: int, stats_buffer, prologue_grad_buffer) -> None:  # fmt: skip
     """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
-    shape, dtype = (2, weight.shape[0]), stats_dtype(x)
-    fits = isinstance(stats_buffer, Tensor) and stats_buffer.shape == shape and stats_buffer.dtype == dtype
-    if stats_buffer is not None and not (fits and stats_buffer.is_contiguous() and stats_buffer.device == x.device):
-        raise ValueError(
-            f"stats_buffer must be a contiguous {str(dtype)[6:]} {shape} tensor on {x.device}, got "
-            f"{describe(stats_buffer)}"
-        )
+    for name, buffer, channels in (("stats_buffer", stats_buffer, weight.shape[0]),
+                                   ("prologue_grad_buffer", prologue_grad_buffer, x.shape[1])):  # fmt: skip
+        shape, dtype = (2, channels), stats_dtype(x)
+        fits = isinstance(buffer, Tensor) and buffer.shape == shape and buffer.dtype == dtype
+        if buffer is not None and not (fits and buffer.is_contiguous() and buffer.device == x.device):
+            expected = f"a contiguous {str(dtype)[6:]} {shape} tensor on {x.device}"
+            raise ValueError(f"{name} must be {expected}, got {describe(buffer)}")
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")

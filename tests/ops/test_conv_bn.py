@@ -144,14 +144,18 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (_conv3x3s2_bn_backward_op,
                                                                                ("relu", "torch"))  # fmt: skip
     args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
+    buffers = [torch.zeros(2, 5) if prologue else None for _ in range(3)]  # [d_scale; d_shift] added into these
     with use_backend("reference"):
-        want = op(*args)
+        want = op(*args, buffers[0])
     with use_backend(backend):
-        got = op(*args)
-        torch.library.opcheck(op, args)
-    assert len(got) == len(want) == (4 if prologue else 3)
+        got = op(*args, buffers[1])
+        torch.library.opcheck(op, (*args, buffers[2]))
+    assert len(got) == len(want) == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    if prologue:
+        torch.testing.assert_close(buffers[1], buffers[0], rtol=1e-5, atol=1e-4)
+        assert buffers[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -209,3 +213,25 @@ def test_statistics_into_a_slice_of_a_shared_buffer(kind, backend):
     assert shared[0].abs().sum() == 0 and shared[2].abs().sum() == 0
     with pytest.raises(ValueError, match=r"stats_buffer must be a contiguous float32 \(2, 70\) tensor"):
         fused(kind, backend, x, weight, scale, shift, bn, stats_buffer=shared[:, 0])
+    with pytest.raises(ValueError, match=r"prologue_grad_buffer must be a contiguous float32 \(2, 37\) tensor"):
+        fused(kind, backend, x, weight, scale, shift, bn, prologue_grad_buffer=torch.zeros(2, 36))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prologue_gradients_into_a_buffer_and_a_second_backward(kind, backend):
+    """``prologue_grad_buffer``: the first backward adds d_scale, d_shift into it (the gradients autograd passes on
+    are the buffer's rows); a second backward through the same graph (``retain_graph``) gets its own, equal ones."""
+    require_backend(backend)
+    x, weight, scale, shift, bn = make_case(kind)
+    expected = eager(kind, x, weight, scale, shift, copy_of(bn))
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (scale, shift), grad)
+    buffer = torch.zeros(2, 37)
+    with use_backend(backend):
+        out = fused(kind, backend, x, weight, scale, shift, bn, prologue_grad_buffer=buffer)
+        first = torch.autograd.grad(out, (scale, shift), grad, retain_graph=True)
+        second = torch.autograd.grad(out, (scale, shift), grad)
+    for got in (first, second, buffer.unbind()):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)

@@ -136,7 +136,8 @@ at::Tensor ext_merge(at::TensorList parents, at::TensorList scales, at::TensorLi
 
 std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorList parents, at::TensorList scales,
                                            at::TensorList shifts, at::IntArrayRef ratios,
-                                           const std::optional<at::Tensor>& extra, c10::string_view activation) {
+                                           const std::optional<at::Tensor>& extra, c10::string_view activation,
+                                           const std::optional<at::Tensor>& sums_out) {
   MergeTensors t;
   bool swapped = false;
   const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
@@ -147,7 +148,18 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());
-  t.sums = zeros_logged({kNumMergeSums, grad.size(1)}, t.scales[0].options());
+  if (sums_out) {
+    const auto& out = *sums_out;
+    TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({kNumMergeSums, grad.size(1)}) && out.is_contiguous() &&
+                          out.device() == grad.device(),
+                      "sums_out must be a contiguous (", kNumMergeSums, ", ", grad.size(1), ") tensor on ",
+                      grad.device(), ", got ", out.sizes(), " on ", out.device());
+    TORCH_CHECK_TYPE(out.scalar_type() == t.scales[0].scalar_type(), "sums_out must be ",
+                     t.scales[0].scalar_type(), " like the scales, got ", out.scalar_type());
+    t.sums = out;  // zeroed by the caller; the kernel adds into it
+  } else {
+    t.sums = zeros_logged({kNumMergeSums, grad.size(1)}, t.scales[0].options());
+  }
   if (grad.numel() > 0) grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t);
   if (swapped) std::swap(t.d_parents[0], t.d_parents[1]);
   // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift): the op's contract, which the

@@ -26,25 +26,30 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 
 
 class ConnectionWorkspace:
-    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every (2, C) accumulator
+    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
     of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and each prologue's gradient
-    [d_scale; d_shift] — handed out in slices: one fill per merge instead of one per accumulator."""
+    [d_scale; d_shift], and the merge backward's channel sums — handed out in slices: one fill per merge instead of one
+    per accumulator."""
 
     def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
-        channels = []
+        sizes = []  # elements
         for resample in module.resamples:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
             layers.append((resample.expand, resample.down is None or not len(resample.pools)))
             for layer, has_prologue in layers:
                 if uses_batch_statistics(layer.bn):
-                    channels += [layer.conv.out_channels] + ([layer.conv.in_channels] if has_prologue else [])
-        self.buffer = torch.zeros(2 * sum(channels), device=device, dtype=dtype) if channels else None
+                    sizes += [2 * layer.conv.out_channels] + ([2 * layer.conv.in_channels] if has_prologue else [])
+        if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
+            sizes.append(3 * module.resamples[0].expand.conv.out_channels)
+        self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
         self.offset = 0
 
-    def take(self, channels: int) -> Tensor:
-        """The next (2, channels) slice."""
-        view = self.buffer[self.offset : self.offset + 2 * channels].view(2, channels)
-        self.offset += 2 * channels
+    def take(self, channels: int, rows: int = 2) -> Tensor | None:
+        """The next (rows, channels) slice (None without a buffer: no training-mode BN)."""
+        if self.buffer is None:
+            return None
+        view = self.buffer[self.offset : self.offset + rows * channels].view(rows, channels)
+        self.offset += rows * channels
         return view
 
 
@@ -147,4 +152,5 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     extra = None
     for j in module.extra_ids:
         extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
-    return merge(parents, scales, shifts, ratios, extra, activation)
+    sums_buffer = workspace.take(parents[0].shape[1], rows=3) if len(parents) <= 2 else None
+    return merge(parents, scales, shifts, ratios, extra, activation, sums_buffer=sums_buffer)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import backends
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
+from .checks import describe
 from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
@@ -182,17 +183,47 @@ def _merge_backward_extension(grad, parents, scales, shifts, ratios, extra, acti
     return torch.ops.spinenet_fast.ext_merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
 
 
+def _triple(grads: list[Tensor], k: int, has_extra: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``merge_backward_into``'s fixed outputs from ``[*d_parents, sums, (d_extra)]``: (d_parent0, d_parent1,
+    d_extra), an empty tensor for a second parent or an extra that is not there."""
+    return grads[0], grads[1] if k == 2 else grads[0].new_empty(0), grads[k + 1] if has_extra else grads[0].new_empty(0)
+
+
+def _into(backward):
+    """A ``merge_backward_into`` backend from a ``merge_backward`` one: its sums added into ``sums_out``."""
+
+    def run(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
+        grads = backward(grad, parents, scales, shifts, ratios, extra, activation)
+        sums_out.add_(grads[len(parents)])
+        return _triple(grads, len(parents), extra is not None)
+
+    return run
+
+
+backends.register("merge_backward_into", "reference", lambda *args: [])(_into(merge_backward_reference))
+backends.register("merge_backward_into", "triton", lambda *args: _triton_backward_reasons(*args[:-1]))(
+    _into(_merge_backward_triton)
+)
+
+
+@backends.register("merge_backward_into", "cuda", lambda *args: _extension_backward_reasons(*args[:-1]))
+def _merge_backward_into_extension(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
+    args = (grad, parents, scales, shifts, ratios, extra, activation, sums_out)
+    return _triple(torch.ops.spinenet_fast.ext_merge_backward(*args), len(parents), extra is not None)
+
+
 @torch.library.custom_op("spinenet_fast::merge", mutates_args=())
 def _merge_op(
     parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList, extra: Tensor | None,
-    activation: str,
+    activation: str, sums_buffer: Tensor | None,
 ) -> Tensor:  # fmt: skip
+    """``sums_buffer``: unused by the forward; the backward adds its sums into it (see :func:`merge`)."""
     args = (parents, scales, shifts, ratios, extra, activation)
     return backends.run("merge", *args)
 
 
 @_merge_op.register_fake
-def _(parents, scales, shifts, ratios, extra, activation):
+def _(parents, scales, shifts, ratios, extra, activation, sums_buffer):
     y = parents[0]
     shape = (y.shape[0], y.shape[1], y.shape[2] * ratios[0], y.shape[3] * ratios[0])
     return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
@@ -215,8 +246,26 @@ def _(grad, parents, scales, shifts, ratios, extra, activation):
     return [*d_parents, sums, *d_extra]
 
 
+@torch.library.custom_op("spinenet_fast::merge_backward_into", mutates_args=("sums_out",))
+def _merge_backward_into_op(
+    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
+    extra: Tensor | None, activation: str, sums_out: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``merge_backward`` of one or two parents whose sums are added into the caller's zeroed ``sums_out`` (3, C):
+    ``(d_parent0, d_parent1, d_extra)``, empty where absent."""
+    args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
+    return backends.run("merge_backward_into", *args, sums_out)
+
+
+@_merge_backward_into_op.register_fake
+def _(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
+    d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
+    d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else grad.new_empty(0)
+    return d_parents[0], d_parents[1] if len(parents) == 2 else grad.new_empty(0), d_extra
+
+
 def _setup_context(ctx, inputs, output):
-    parents, scales, shifts, ratios, extra, activation = inputs
+    parents, scales, shifts, ratios, extra, activation, sums_buffer = inputs
     ctx.save_for_backward(*parents, *scales, *shifts, *([extra] if extra is not None else []))
     ctx.num_parents, ctx.ratios, ctx.has_extra, ctx.activation = (
         len(parents),
@@ -224,6 +273,7 @@ def _setup_context(ctx, inputs, output):
         extra is not None,
         activation,
     )
+    ctx.sums_buffer = sums_buffer if len(parents) <= 2 else None  # used once: a second backward allocates
 
 
 def _backward(ctx, grad):
@@ -231,12 +281,19 @@ def _backward(ctx, grad):
     saved = ctx.saved_tensors
     parents, scales, shifts = list(saved[:k]), list(saved[k : 2 * k]), list(saved[2 * k : 3 * k])
     extra = saved[3 * k] if ctx.has_extra else None
-    grads = _merge_backward_op(grad, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
-    sums, d_extra = grads[k], (grads[k + 1] if ctx.has_extra else None)
+    sums, ctx.sums_buffer = ctx.sums_buffer, None
+    args = (grad, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
+    if sums is not None:
+        d_first, d_second, d_extra = _merge_backward_into_op(*args, sums)
+        d_parents = [d_first, d_second][:k]
+    else:
+        grads = _merge_backward_op(*args)
+        d_parents, sums, d_extra = grads[:k], grads[k], (grads[k + 1] if ctx.has_extra else None)
+    d_extra = d_extra if ctx.has_extra else None
     d_scales = [None] * k
     for row, i in enumerate(coarse_first(ctx.ratios)):
         d_scales[i] = sums[row]
-    return grads[:k], d_scales, [sums[-1]] * k, None, d_extra, None
+    return d_parents, d_scales, [sums[-1]] * k, None, d_extra, None, None
 
 
 _merge_op.register_autograd(_backward, setup_context=_setup_context)
@@ -249,7 +306,19 @@ def merge(
     ratios: list[int],
     extra: Tensor | None = None,
     activation: str = "swish",
+    *,
+    sums_buffer: Tensor | None = None,
 ) -> Tensor:
-    """Fused cross-scale merge (see the module docstring); checks its arguments before any kernel runs."""
+    """Fused cross-scale merge (see the module docstring); checks its arguments before any kernel runs.
+    ``sums_buffer``: a zeroed contiguous (3, C) tensor of the scales' dtype that the (first) backward of a one- or
+    two-parent merge adds its channel sums into (a slice of one buffer several ops share); None: it allocates its
+    own."""
     check_merge_args(parents, scales, shifts, ratios, extra, activation)
-    return _merge_op(list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation)
+    if sums_buffer is not None:
+        shape, dtype = (3, parents[0].shape[1]), stats_dtype(parents[0])
+        fits = isinstance(sums_buffer, Tensor) and sums_buffer.shape == shape and sums_buffer.dtype == dtype
+        if not (fits and sums_buffer.is_contiguous() and sums_buffer.device == parents[0].device):
+            expected = f"a contiguous {str(dtype)[6:]} {shape} tensor on {parents[0].device}"
+            raise ValueError(f"sums_buffer must be {expected}, got {describe(sums_buffer)}")
+    args = (list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation, sums_buffer)
+    return _merge_op(*args)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spinenet_fast.ops import merge, merge_backward_reference, merge_reference, use_backend
-from spinenet_fast.ops.merge import _merge_op, coarse_first
+from spinenet_fast.ops.merge import _merge_backward_into_op, _merge_op, coarse_first
 
 from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype
@@ -151,7 +151,39 @@ def test_opcheck(backend):
     require_backend(backend)
     parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), batch=1, channels=4, size=(4, 4))
     with use_backend(backend):
-        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish"))
+        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", None))
+        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", torch.zeros(3, 4)))
+        grad = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+        vectors = ([t.detach() for t in scales], [t.detach() for t in shifts])
+        args = (grad, [p.detach() for p in parents], *vectors, ratios, extra.detach(), "swish", torch.zeros(3, 4))
+        torch.library.opcheck(_merge_backward_into_op, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize(("ratios", "extra"), [((1, 2), True), ((4,), False)])
+def test_sums_into_a_shared_buffer_and_a_second_backward(backend, ratios, extra):
+    """``sums_buffer``: the first backward adds the channel sums into the given slice (the scales' and shifts'
+    gradients are its rows), nothing else in the buffer is written; a retained graph's second backward allocates
+    its own and gets the same gradients."""
+    require_backend(backend)
+    inputs = make_inputs("cpu", torch.float32, ratios, extra=extra)
+    parents, scales, shifts, ratios, extra_t = inputs
+    leaves = [*parents, *scales, *shifts, *([extra_t] if extra_t is not None else [])]
+    out = merge_reference(*inputs, "swish")
+    grad = torch.randn_like(out)
+    _, want = run("reference", inputs, "swish", grad)
+    shared = torch.zeros(3, 3, 5)
+    with use_backend(backend):
+        out = merge(parents, scales, shifts, ratios, extra_t, "swish", sums_buffer=shared[1])
+        first = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        second = torch.autograd.grad(out, leaves, grad)
+    for got in (first, second):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert shared[1].abs().sum() > 0 and shared[0].abs().sum() == 0 and shared[2].abs().sum() == 0
+    torch.testing.assert_close(shared[1][-1], want[2 * len(ratios)])  # Σ d_pre: every parent's shift gradient
+    with pytest.raises(ValueError, match=r"sums_buffer must be a contiguous float32 \(3, 5\) tensor"):
+        merge(parents, scales, shifts, ratios, extra_t, "swish", sums_buffer=torch.zeros(2, 5))
 
 
 def test_compile_fullgraph_through_merge():

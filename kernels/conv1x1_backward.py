@@ -11,8 +11,10 @@ Tensors are (N, C, H, W) addressed through their strides (channels_last is the f
 g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16, IEEE fp32 dots for fp32);
 accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are atomic adds into zeroed
 fp32 buffers: dW is zeroed by the dgrad programs (the wgrad follows on the same stream), d_scale and d_shift by
-one fill, so the backward is two GEMM launches (plus that fill with a prologue, and dW's cast where W itself is
-bf16/fp16 rather than the fp32 master weight).
+one fill or by the caller (a slice of one buffer for a whole connection), so the backward is two GEMM launches (plus
+dW's cast where W itself is bf16/fp16 rather than the fp32 master weight). With the BN that y's statistics were
+finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the gradients of its scale and shift, and
+the dgrad also stores dγ, dβ.
 """
 
 import torch

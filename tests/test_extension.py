@@ -51,6 +51,11 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
     args = merge_args()
     with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\], got \[1, 4, 2, 2\]"):
         ops.ext_merge_backward(torch.zeros(1, 4, 2, 2), *args.values())
+    grad = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"sums_out must be a contiguous \(3, 4\) tensor"):
+        ops.ext_merge_backward(grad, *args.values(), torch.zeros(4, 3).t())
+    with pytest.raises(TypeError, match="sums_out must be Float like the scales, got Double"):
+        ops.ext_merge_backward(grad, *args.values(), torch.zeros(3, 4, dtype=torch.float64))
     args["parents"] = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 2)]
     with pytest.raises(ValueError, match="needs one ratio to divide the other"):
         ops.ext_merge_backward(torch.zeros(1, 4, 6, 6), *{**args, "ratios": [2, 3]}.values())

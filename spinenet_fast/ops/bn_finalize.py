@@ -49,13 +49,11 @@ def check_stats(stats) -> None:
         raise TypeError(f"stats must be float32 (or float64), got {describe(stats)}")
 
 
-def running_update_reference(running_mean, running_var, batches, mean, var, momentum, unbias) -> None:
+def running_update_reference(running_mean, running_var, mean, var, momentum, unbias) -> None:
     """``running ← lerp(running, batch, momentum)`` in place (``nn.BatchNorm2d``'s update), the batch variance
-    multiplied by ``unbias``; the one-element counter ``batches`` (None: none) incremented."""
+    multiplied by ``unbias``."""
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * unbias).to(running_var.dtype), momentum)
-    if batches is not None:
-        batches.add_(1)
 
 
 def bn_finalize_reference(
@@ -68,7 +66,7 @@ def bn_finalize_reference(
     scale = weight.to(stats.dtype) * torch.rsqrt(var + eps)
     if running_mean is not None:
         with torch.no_grad():
-            running_update_reference(running_mean, running_var, None, mean, var, momentum, unbias)
+            running_update_reference(running_mean, running_var, mean, var, momentum, unbias)
     if batches is not None:
         batches.add_(1)
     return scale, bias.to(stats.dtype) - mean * scale, mean, var
@@ -90,7 +88,7 @@ def _with_kernel(kernel, stats, count, weight, bias, eps, running_mean, running_
     if in_kernel:
         return kernel(stats, count, weight, bias, eps, *running, batches, momentum, unbias)
     outputs = kernel(stats, count, weight, bias, eps, None, None, batches, momentum, unbias)
-    running_update_reference(*running, None, outputs[2], outputs[3], momentum, unbias)
+    running_update_reference(*running, outputs[2], outputs[3], momentum, unbias)
     return outputs
 
 

@@ -10,3 +10,15 @@ def describe(value) -> str:
     if isinstance(value, Tensor):
         return f"{value.dtype} {tuple(value.shape)} on {value.device}"
     return type(value).__name__
+
+
+def check_accumulator(name: str, buffer, shape: tuple[int, ...], dtype, device) -> None:
+    """``buffer`` (if given) must be a contiguous ``dtype`` tensor of ``shape`` on ``device``: a caller's zeroed
+    accumulator that an op adds into. Raises ``ValueError`` naming it otherwise."""
+    if buffer is None:
+        return
+    fits = isinstance(buffer, Tensor) and tuple(buffer.shape) == shape and buffer.dtype == dtype
+    if not (fits and buffer.is_contiguous() and buffer.device == device):
+        raise ValueError(
+            f"{name} must be a contiguous {str(dtype)[6:]} {shape} tensor on {device}, got {describe(buffer)}"
+        )

@@ -20,7 +20,7 @@ from .conv1x1_bn_stats import (
     check_conv1x1_args,
     conv1x1_bn_stats_backward_reference,
 )
-from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
+from .conv_bn import checked_bn_args, conv_bn_backward, conv_bn_forward, with_bn_backward
 from .conv_common import fake_conv_grads
 
 conv1x1_bn_backward_reference = with_bn_backward(conv1x1_bn_stats_backward_reference)
@@ -106,13 +106,8 @@ def conv1x1_bn(
     likewise a zeroed (2, C_in) tensor the (first) backward adds the prologue's [d_scale; d_shift] into."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(
-        x, weight, *buffers, bn_weight, bn_bias, eps, upsample_factor, pixels, stats_buffer, prologue_grad_buffer
-    )
-    update = running_mean is not None and running_var is not None
-    return _Conv1x1BN.apply(
-        x, weight, scale, shift, bn_weight, bn_bias, activation, float(eps), running_mean if update else None,
-        running_var if update else None, num_batches_tracked, float(momentum), upsample_factor, process_group,
-        stats_buffer, prologue_grad_buffer,
+    bn = checked_bn_args(
+        x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
+        upsample_factor, process_group, stats_buffer, prologue_grad_buffer,
     )  # fmt: skip
+    return _Conv1x1BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, *bn)

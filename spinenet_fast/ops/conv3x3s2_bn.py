@@ -21,7 +21,7 @@ from .conv3x3s2_bn_stats import (
     check_conv3x3s2_args,
     conv3x3s2_bn_stats_backward_reference,
 )
-from .conv_bn import check_bn_of_conv, conv_bn_backward, conv_bn_forward, with_bn_backward
+from .conv_bn import checked_bn_args, conv_bn_backward, conv_bn_forward, with_bn_backward
 from .conv_common import fake_conv_grads
 
 conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
@@ -118,11 +118,8 @@ def conv3x3s2_bn(
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
     check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
     pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
-    buffers = (running_mean, running_var, num_batches_tracked)
-    check_bn_of_conv(x, weight, *buffers, bn_weight, bn_bias, eps, 1, pixels, stats_buffer, prologue_grad_buffer)
-    update = running_mean is not None and running_var is not None
-    return _Conv3x3s2BN.apply(
-        x, weight, scale, shift, bn_weight, bn_bias, activation, padding, float(eps),
-        running_mean if update else None, running_var if update else None, num_batches_tracked, float(momentum), 1,
-        process_group, stats_buffer, prologue_grad_buffer,
+    bn = checked_bn_args(
+        x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
+        1, process_group, stats_buffer, prologue_grad_buffer,
     )  # fmt: skip
+    return _Conv3x3s2BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn)

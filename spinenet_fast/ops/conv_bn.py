@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from .activation import stats_dtype
 from .bn_finalize import _bn_finalize_backward_op, _bn_finalize_op, bn_finalize_backward_reference, check_bn_args
-from .checks import describe
+from .checks import check_accumulator
 
 
 def with_bn_backward(conv_backward_reference: Callable) -> Callable:
@@ -88,17 +87,20 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
     return dx, d_weight, *(prologue_grad.unbind() if scale is not None else (None, None)), d_gamma, d_beta
 
 
-def check_bn_of_conv(x, weight, running_mean, running_var, num_batches_tracked, bn_weight, bn_bias, eps,
-                     upsample_factor, pixels_out: int, stats_buffer, prologue_grad_buffer) -> None:  # fmt: skip
-    """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels."""
+def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running_mean, running_var,
+                    num_batches_tracked, momentum, upsample_factor, process_group, stats_buffer,
+                    prologue_grad_buffer) -> tuple:  # fmt: skip
+    """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels,
+    checked, as its ``autograd.Function`` takes them after the conv's own: ``(eps, running_mean, running_var,
+    batches, momentum, upsample_factor, group, stats, prologue_grad)`` (running statistics: both or neither)."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
-    for name, buffer, channels in (("stats_buffer", stats_buffer, weight.shape[0]),
-                                   ("prologue_grad_buffer", prologue_grad_buffer, x.shape[1])):  # fmt: skip
-        shape, dtype = (2, channels), stats_dtype(x)
-        fits = isinstance(buffer, Tensor) and buffer.shape == shape and buffer.dtype == dtype
-        if buffer is not None and not (fits and buffer.is_contiguous() and buffer.device == x.device):
-            expected = f"a contiguous {str(dtype)[6:]} {shape} tensor on {x.device}"
-            raise ValueError(f"{name} must be {expected}, got {describe(buffer)}")
+    dtype = stats_dtype(x)
+    check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)
+    check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), dtype, x.device)
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
+    update = running_mean is not None and running_var is not None
+    running = (running_mean, running_var) if update else (None, None)
+    return (float(eps), *running, num_batches_tracked, float(momentum), upsample_factor, process_group, stats_buffer,
+            prologue_grad_buffer)  # fmt: skip

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import backends
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
-from .checks import describe
+from .checks import check_accumulator
 from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
@@ -314,11 +314,7 @@ def merge(
     two-parent merge adds its channel sums into (a slice of one buffer several ops share); None: it allocates its
     own."""
     check_merge_args(parents, scales, shifts, ratios, extra, activation)
-    if sums_buffer is not None:
-        shape, dtype = (3, parents[0].shape[1]), stats_dtype(parents[0])
-        fits = isinstance(sums_buffer, Tensor) and sums_buffer.shape == shape and sums_buffer.dtype == dtype
-        if not (fits and sums_buffer.is_contiguous() and sums_buffer.device == parents[0].device):
-            expected = f"a contiguous {str(dtype)[6:]} {shape} tensor on {parents[0].device}"
-            raise ValueError(f"sums_buffer must be {expected}, got {describe(sums_buffer)}")
+    shape = (3, parents[0].shape[1])
+    check_accumulator("sums_buffer", sums_buffer, shape, stats_dtype(parents[0]), parents[0].device)
     args = (list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation, sums_buffer)
     return _merge_op(*args)

@@ -3,10 +3,10 @@
 Bytes: every tensor a launch takes or returns is read or written once, whole (views by their own elements, broadcast
 dimensions once). That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch, not a
 measurement: re-reads of operand tiles that miss L2 are not modelled. Triton kernels: their tensor arguments; ATen
-ops: arguments and results; the extension: its op's arguments and results (buffers inside it, such as the max-pool
-backward's routed gradient, are not seen). An ATen op that runs several kernels counts its tensors once too — which
-favours eager: ``convolution_backward`` reads the gradient and the input for its dgrad and again for its wgrad,
-where our two GEMM kernels are modelled as reading them twice. FLOPs: the multiply-adds of convolutions and matrix
+ops: arguments and results, one kernel each (``aten_kernels``), except ``convolution_backward``, which runs its input
+gradient (dgrad), weight gradient (wgrad) and bias gradient as separate kernels on a GPU (cuDNN's, or cuBLAS's GEMMs),
+each reading the output gradient; the extension: its op's arguments and results (buffers inside it, such as the
+max-pool backward's routed gradient, are not seen). FLOPs: the multiply-adds of convolutions and matrix
 products (2 per MAC), from PyTorch's own formulas for ATen ops and from the problem sizes of our GEMM kernels;
 elementwise work is not counted."""
 
@@ -42,6 +42,25 @@ def aten_flops(func, args, kwargs, out) -> int:
     return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
 
 
+def aten_kernels(op: str, func, args, kwargs, out) -> list[tuple[str, int, int]]:
+    """The GPU kernels of one ATen op as ``(name, bytes, flops)``: the op itself, or ``convolution_backward``'s
+    dgrad (grad_output, weight -> grad_input), wgrad (grad_output, input -> grad_weight) and bias gradient
+    (grad_output -> grad_bias), those its ``output_mask`` asks for."""
+    flops = aten_flops(func, args, kwargs, out)
+    if op != "convolution_backward":
+        return [(op, tensors_bytes(args, kwargs) + tensors_bytes(out), flops)]
+    grad_output, input_, weight = args[:3]
+    mask = kwargs.get("output_mask", args[10] if len(args) > 10 else None)
+    grad_input, grad_weight, grad_bias = out
+    gemm_flops = flops // max(1, int(mask[0]) + int(mask[1]))  # dgrad and wgrad: the forward's MACs each
+    kernels = [
+        ("convolution_backward dgrad", tensors_bytes(grad_output, weight, grad_input), gemm_flops),
+        ("convolution_backward wgrad", tensors_bytes(grad_output, input_, grad_weight), gemm_flops),
+        ("convolution_backward bias", tensors_bytes(grad_output, grad_bias), 0),
+    ]
+    return [kernel for kernel, wanted in zip(kernels, mask) if wanted]
+
+
 def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
     return 2 * m * n * k * passes
 
@@ -52,6 +71,8 @@ TRITON_FLOPS = {
     "_conv1x1_dgrad_kernel": lambda a: _gemm(a["P"], a["C_IN"], a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1),
     "_conv1x1_wgrad_kernel": lambda a: _gemm(a["C_OUT"], a["C_IN"], a["P"]),
     "_conv3x3s2_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
+    "_conv3x3s2_dgrad_kernel": lambda a: _gemm(a["P"], a["C_IN"], 9 * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1),
+    "_conv3x3s2_wgrad_kernel": lambda a: _gemm(9 * a["C_OUT"], a["C_IN"], a["P"]),
 }
 
 

@@ -5,7 +5,8 @@ Launch counts do not depend on tensor sizes, so a CPU run at any size gives a GP
 
 - ATen: a dispatch mode sees every ATen op as the dispatcher runs it (after autograd and the composite ops'
   decompositions, i.e. the ops that have device kernels): each is one launch unless it is a view, a metadata op
-  or an allocation (``NO_KERNEL``). The fused ops (``torch.library.custom_op``) are opened: their implementation
+  or an allocation (``NO_KERNEL``) — ``convolution_backward`` is one per gradient it computes (dgrad, wgrad, bias:
+  separate kernels on a GPU). The fused ops (``torch.library.custom_op``) are opened: their implementation
   runs under the same mode, so what they launch is counted, not the op itself.
 - Triton: every launch of a ``@triton.jit`` kernel, intercepted before it would run (outputs stay uninitialised:
   launches and shapes are right, values are not).
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._traffic import aten_flops, connection_floor, tensors_bytes, triton_traffic
+from ._traffic import aten_kernels, connection_floor, tensors_bytes, triton_traffic
 from ._triton_launches import intercepted_launches, route_to_triton
 
 PASSES = ("forward", "backward")
@@ -147,9 +148,9 @@ class LaunchCounter(TorchDispatchMode):
             return out
         op = name.split("::")[-1]
         out = func(*args, **kwargs)
-        if op not in NO_KERNEL:
-            nbytes = tensors_bytes(args, kwargs) + tensors_bytes(out)  # an in-place op reads and writes its input
-            self.count("aten", op, nbytes, aten_flops(func, args, kwargs, out))
+        if op not in NO_KERNEL:  # an in-place op reads and writes its input
+            for kernel, nbytes, flops in aten_kernels(op, func, args, kwargs, out):
+                self.count("aten", kernel, nbytes, flops)
         return out
 
 

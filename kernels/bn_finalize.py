@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .elementwise import bn_statistics_grad
+from .bn_grad import bn_statistics_grad
 
 BLOCK_C = 128
 

@@ -21,12 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import ACTIVATION_CODES, activation_grad, apply_activation
-from .elementwise import output_grad_tile, store_bn_param_grads
+from .activation import ACTIVATION_CODES, apply_activation
+from .bn_grad import output_grad_tile, store_bn_param_grads
+from .gemm_backward import TARGET_PROGRAMS, ZERO_BLOCK, backward_buffers, grad_dot, store_input_grad, zero_share
 from .gemm_config import gemm_launch_config
-
-TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
-ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
 
 
 @triton.jit
@@ -43,10 +41,8 @@ def _conv1x1_dgrad_kernel(
     """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift. Each program
     also zeroes its share of the fp32 dW that the wgrad, next on the stream, adds into (no fill launch); with
     ``FROM_AFFINE``, program (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
-    first = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * ZERO_PER_PROGRAM
-    for z in range(first, first + ZERO_PER_PROGRAM, ZERO_BLOCK):
-        offsets = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(dw_ptr + offsets, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offsets < DW_NUMEL)
+    zero_share(dw_ptr, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), DW_NUMEL, ZERO_PER_PROGRAM,
+               ZERO_BLOCK)  # fmt: skip
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
@@ -63,34 +59,11 @@ def _conv1x1_dgrad_kernel(
                                      eps, o, o < C_OUT)  # fmt: skip
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
                     other=0.0)  # fmt: skip
-        # Operands in the storage dtype (an fp32 master weight is rounded as autocast would). g is the gradient after
-        # BN's backward cancelled its statistics' part: in bf16/fp16 it goes in as a rounded head and its rounding
-        # error (two dots; the 1×1 dgrad is bound by memory, not by the tensor cores).
-        storage = dx_ptr.dtype.element_ty
-        b = b.to(storage)
-        g_head = g.to(storage)
-        if FP32_DOT:
-            acc += tl.dot(g_head.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(g_head, b)
-        if SPLIT_GRAD:
-            g_tail = (g - g_head.to(tl.float32)).to(storage)
-            if FP32_DOT:
-                acc += tl.dot(g_tail.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(g_tail, b)
-    mask = (p < P)[:, None] & (k < C_IN)[None, :]
-    if HAS_PROLOGUE:
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)[None, :]
-        shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)[None, :]
-        d_pre = tl.where(mask, acc * activation_grad(x * scale + shift, ACT), 0.0)
-        tl.atomic_add(dscale_ptr + k, tl.sum(d_pre * x, axis=0), mask=k < C_IN)
-        tl.atomic_add(dshift_ptr + k, tl.sum(d_pre, axis=0), mask=k < C_IN)
-        acc = d_pre * scale
-    dx_rows = n * sdx_n + h * sdx_h + w * sdx_w
-    tl.store(dx_ptr + dx_rows[:, None] + k[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
+        acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+    store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
+                     scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (p < P)[:, None] & (k < C_IN)[None, :], C_IN,
+                     HAS_PROLOGUE, ACT)  # fmt: skip
 
 
 @triton.jit
@@ -140,37 +113,16 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     c_out = weight.shape[0]
     pixels = n * h * w
     w2d = weight.reshape(c_out, c_in)
-    has_prologue = scale is not None
-    # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
-    d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
-    if has_prologue:
-        scale, shift = scale.contiguous(), shift.contiguous()
-    d_weight = torch.empty((c_out, c_in), dtype=torch.float32, device=x.device)  # zeroed by the dgrad kernel
-    into_buffer = d_affine is not None
-    if has_prologue:
-        d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device) if d_affine is None else d_affine
-        d_scale, d_shift = d_affine  # [d_scale; d_shift]
-        scale_arg, shift_arg = scale, shift
-    else:  # unused pointers
-        d_scale = d_shift = scale_arg = shift_arg = d_weight
-    if bn is not None:
-        gamma, mean, var, count, eps = bn
-        gamma, mean, var = gamma.contiguous(), mean.contiguous(), var.contiguous()
-        d_bn = torch.empty((2, c_out), dtype=gamma.dtype, device=x.device)  # [dγ; dβ], written by the dgrad
-        bn_args = (gamma, mean, var, float(count), float(eps))
-    else:  # unused pointers
-        d_bn, bn_args = d_weight[:1], (d_sum, d_sum, d_sum, 1.0, 1.0)
-    dx = torch.empty_like(x, memory_format=torch.channels_last)
-    common = dict(HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], FROM_AFFINE=bn is not None)
+    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine)
+    common = dict(HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], FROM_AFFINE=bn is not None)
 
     config = gemm_launch_config(x.dtype, _conv1x1_dgrad_kernel)
     grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]))
-    zero_per_program = triton.cdiv(triton.cdiv(d_weight.numel(), grid[0] * grid[1]), ZERO_BLOCK) * ZERO_BLOCK
     _conv1x1_dgrad_kernel[grid](
-        dx, d_scale, d_shift, d_weight, d_bn[0], d_bn[-1], dy, d_sum, d_sumsq, *bn_args, y, x, w2d, scale_arg,
-        shift_arg, pixels, c_in, c_out, h * w, w, d_weight.numel(), zero_per_program, *dx.stride(), *dy.stride(),
-        *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common,
-        **config,
+        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, t.x, w2d,
+        t.scale, t.shift, pixels, c_in, c_out, h * w, w, t.d_weight.numel(), t.zero_per_program(grid[0] * grid[1]),
+        *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32,
+        ZERO_BLOCK=ZERO_BLOCK, **common, **config,
     )  # fmt: skip
 
     config = gemm_launch_config(x.dtype, _conv1x1_wgrad_kernel)
@@ -183,9 +135,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         triton.cdiv(pixels, per_program),
     )
     _conv1x1_wgrad_kernel[grid](
-        d_weight, dy, d_sum, d_sumsq, *bn_args, y, x, scale_arg, shift_arg, pixels, c_in, c_out, h * w, w,
+        t.d_weight, dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, t.scale, t.shift, pixels, c_in, c_out, h * w, w,
         per_program, *dy.stride(), *y.stride(), *x.stride(), **common, **config,
     )  # fmt: skip
-    d_weight = d_weight.view(weight.shape).to(weight.dtype)
-    grads = [dx, d_weight, d_affine] if has_prologue and not into_buffer else [dx, d_weight]
-    return grads + ([d_bn] if bn is not None else [])
+    return t.grads(weight)

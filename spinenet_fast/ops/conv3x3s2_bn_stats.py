@@ -7,8 +7,9 @@ autocast rounds it). ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (
 and W are even. Tensors are (N, C, H, W), any memory format; outputs are channels_last.
 The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test oracle. The
 op runs as a Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the materialised
-input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster); its backward recomputes the
-activation (not the conv) and runs ATen's conv backward.
+input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the
+activation (not the conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside
+them, or (``cuda``) ATen's conv backward between the elementwise steps.
 """
 
 import torch
@@ -18,7 +19,6 @@ from torch import Tensor
 from . import backends
 from .checks import describe
 from .conv_common import (
-    CHANNELS_LAST,
     accumulating,
     check_stride2_input,
     conv_outputs,
@@ -140,25 +140,14 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
 
 def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, bn=None,
                                d_affine=None):  # fmt: skip
-    """The same maths with one Triton kernel on each side of ATen's conv backward: the recomputed activation and the
-    folded output gradient go in as fp32 (cuDNN's TF32 where allowed: no bf16 rounding of the gradient after BN's
-    backward cancelled most of it), with an fp32 master weight as it is (no cast launched; the forward rounded it
-    to x's dtype, a difference at that rounding's level); the prologue's backward and its two reductions come out of
-    one kernel. ``bn`` (``conv3x3s2_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, folded by
-    the output-gradient kernel, which also returns [dγ; dβ] (appended); ``d_affine``: a zeroed buffer the prologue's
-    gradients are added into (then not returned)."""
-    from spinenet_fast.kernels.elementwise import affine_activation, affine_activation_backward, output_grad
+    """The Triton dgrad and wgrad implicit GEMMs (``kernels/conv3x3s2_backward.py``); ``bn`` (``conv3x3s2_bn``):
+    d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended; ``d_affine``: a zeroed buffer
+    the prologue's gradients are added into (then not returned)."""
+    from spinenet_fast.kernels.conv3x3s2_backward import conv3x3s2_bn_stats_backward
 
-    fp32 = torch.float32
-    a = x.to(fp32) if scale is None else affine_activation(x, scale, shift, activation, fp32)
-    folded = output_grad(dy, y, d_sum, d_sumsq, fp32, bn)
-    g, d_bn = (folded, []) if bn is None else (folded[0], [folded[1]])
-    d_a, d_w = _library_conv_backward(g, a, weight, padding)
-    if scale is None:
-        return [d_a.to(x.dtype, memory_format=CHANNELS_LAST), d_w.to(weight.dtype), *d_bn]
-    into_buffer = d_affine is not None
-    dx, d_affine = affine_activation_backward(d_a, x, scale, shift, activation, d_affine)
-    return [dx, d_w.to(weight.dtype), *([] if into_buffer else [d_affine]), *d_bn]
+    pad_before = spatial_padding(3, 2, padding)[0]
+    return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, bn,
+                                       d_affine)  # fmt: skip
 
 
 def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[str]:

@@ -1,0 +1,155 @@
+"""Triton backward of ``conv3x3s2_bn_stats``: a dgrad and a wgrad implicit GEMM, every elementwise step inside them.
+
+With g = dy + dΣ + 2·y·dΣ² (folded as each GEMM loads its dy and y tiles, from the statistics' gradients or from
+those of the BN affine map they were finalised into) and a = act(scale·x + shift) (recomputed from the saved raw x):
+
+- dgrad: ``d_a[n, c, h, w] = Σ_{o, kh, kw} g[n, o, i, j]·W[o, c, kh, kw]`` over the taps with h = 2i + kh − PAD,
+  w = 2j + kw − PAD. The input pixels fall into four parity classes (h mod 2, w mod 2), each fed by its own taps
+  (1, 2, 2 or 4 of the 9) from a dense output window: the grid's third axis is the class, so no program multiplies
+  by a tap that does not reach it. Its epilogue is the prologue's backward (``gemm_backward.store_input_grad``).
+- wgrad: ``dW[o, c, kh, kw] = Σ_{n, i, j} g[n, o, i, j]·a[n, c, 2i + kh − PAD, 2j + kw − PAD]``, one GEMM per tap,
+  split over pixel chunks, added atomically into the fp32 dW the dgrad programs zeroed.
+
+H and W are even (the op checks it), so every class has the output's H/2 × W/2 pixels. Tensors are (N, C, H, W)
+through their strides; dW has the weight's layout. Operands are rounded to the storage dtype (tensor cores for
+bf16/fp16; IEEE fp32 dots for fp32), accumulation and reductions are fp32: two launches in all.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, apply_activation
+from .bn_grad import output_grad_tile, store_bn_param_grads
+from .gemm_backward import TARGET_PROGRAMS, ZERO_BLOCK, backward_buffers, grad_dot, store_input_grad, zero_share
+from .gemm_config import gemm_launch_config
+
+
+@triton.jit
+def _conv3x3s2_dgrad_kernel(
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, DW_NUMEL,
+    ZERO_PER_PROGRAM,
+    sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_c, sw_h, sw_w,
+    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M input pixels of parity class ``program_id(2)``) × (BLOCK_N input channels) tile of dx, and its
+    share of d_scale, d_shift; each program zeroes its share of dW, and with ``FROM_AFFINE`` program (0, 0, 0)
+    stores the output BN's dγ, dβ."""
+    program = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + tl.program_id(1)
+    zero_share(dw_ptr, program, DW_NUMEL, ZERO_PER_PROGRAM, ZERO_BLOCK)
+    if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if program == 0:
+            for o0 in range(0, C_OUT, BLOCK_K):
+                o = o0 + tl.arange(0, BLOCK_K)
+                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                     eps, o, o < C_OUT)  # fmt: skip
+    parity_h, parity_w = tl.program_id(2) // 2, tl.program_id(2) % 2
+    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, u, v = q // HW_OUT, (q % HW_OUT) // W_OUT, q % W_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for tap in range(9):
+        # h = 2u + parity_h is reached from output row i = u + (parity_h + PAD − kh)/2 where that is an integer.
+        reach_h = parity_h + PAD - tap // 3
+        reach_w = parity_w + PAD - tap % 3
+        if (reach_h % 2 == 0) & (reach_w % 2 == 0):
+            i = u + reach_h // 2
+            j = v + reach_w // 2
+            valid = (q < P) & (i >= 0) & (i < H_OUT) & (j >= 0) & (j < W_OUT)
+            dy_rows, y_rows = n * sdy_n + i * sdy_h + j * sdy_w, n * sy_n + i * sy_h + j * sy_w
+            for o0 in range(0, C_OUT, BLOCK_K):
+                o = o0 + tl.arange(0, BLOCK_K)
+                g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                                     dy_rows, y_rows, o, o < C_OUT, valid[:, None] & (o < C_OUT)[None, :], sdy_c, sy_c,
+                                     True, FROM_AFFINE)  # fmt: skip
+                b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
+                            mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
+                acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+    h, w = 2 * u + parity_h, 2 * v + parity_w
+    store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
+                     scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (q < P)[:, None] & (k < C_IN)[None, :], C_IN,
+                     HAS_PROLOGUE, ACT)  # fmt: skip
+
+
+@triton.jit
+def _conv3x3s2_wgrad_kernel(
+    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
+    shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
+    sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at tap ``program_id(2) % 9`` over one
+    chunk of output pixels, added to dW."""
+    o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tap = tl.program_id(2) % 9
+    kh, kw = tap // 3, tap % 3
+    first = (tl.program_id(2) // 9) * PIXELS_PER_PROGRAM
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
+        dy_rows, y_rows = n * sdy_n + i * sdy_h + j * sdy_w, n * sy_n + i * sy_h + j * sy_w
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, (o < C_OUT)[:, None] & (p < P)[None, :], sdy_c, sy_c, False,
+                             FROM_AFFINE)  # fmt: skip
+        h, w = 2 * i + kh - PAD, 2 * j + kw - PAD
+        inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
+        a_mask = inside[:, None] & (k < C_IN)[None, :]
+        a = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
+        storage = a.dtype
+        if HAS_PROLOGUE:  # zero padding after the prologue, as the forward pads its activated input
+            scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)
+            shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)
+            a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
+            a = tl.where(a_mask, a, 0.0).to(storage)  # the forward's operand, rounded as it was
+        g = g.to(storage)
+        if FP32_DOT:
+            acc += tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(g, a)
+    mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
+    tl.atomic_add(dw_ptr + o[:, None] * sdw_o + k[None, :] * sdw_c + kh * sdw_h + kw * sdw_w, acc, mask=mask)
+
+
+def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, bn=None,
+                                d_affine=None) -> list[torch.Tensor]:  # fmt: skip
+    """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
+    ([dγ; dβ])]``; ``bn`` and ``d_affine`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``. ``pad_before``: the
+    top/left padding (1 for ``"torch"``, 0 for ``"tf_same"``)."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    pixels = n * (h // 2) * (w // 2)  # output pixels, and input pixels per parity class
+    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine)
+    common = dict(PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
+                  FROM_AFFINE=bn is not None)  # fmt: skip
+
+    config = gemm_launch_config(x.dtype, _conv3x3s2_dgrad_kernel)
+    grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]), 4)
+    _conv3x3s2_dgrad_kernel[grid](
+        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, t.x,
+        weight, t.scale, t.shift, pixels, c_in, c_out, (h // 2) * (w // 2), w // 2, h // 2, t.d_weight.numel(),
+        t.zero_per_program(grid[0] * grid[1] * grid[2]), *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(),
+        *weight.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common, **config,
+    )  # fmt: skip
+
+    config = gemm_launch_config(x.dtype, _conv3x3s2_wgrad_kernel)
+    tiles = 9 * triton.cdiv(c_out, config["BLOCK_M"]) * triton.cdiv(c_in, config["BLOCK_N"])
+    chunks = max(1, min(triton.cdiv(pixels, config["BLOCK_K"]), TARGET_PROGRAMS // tiles))
+    per_program = triton.cdiv(triton.cdiv(pixels, chunks), config["BLOCK_K"]) * config["BLOCK_K"]
+    grid = (
+        triton.cdiv(c_out, config["BLOCK_M"]),
+        triton.cdiv(c_in, config["BLOCK_N"]),
+        9 * triton.cdiv(pixels, per_program),
+    )
+    _conv3x3s2_wgrad_kernel[grid](
+        t.d_weight, dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, t.scale, t.shift, pixels, c_in, c_out, h, w,
+        (h // 2) * (w // 2), w // 2, per_program, *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(),
+        **common, **config,
+    )  # fmt: skip
+    return t.grads(weight)

@@ -1,0 +1,125 @@
+"""What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3s2_backward``).
+
+Jitted pieces: the dgrad's dW zeroing (the wgrad, next on the stream, adds into it: no fill launch), its dot of the
+folded output gradient (a head and, in bf16/fp16, its rounding error), and its epilogue — the prologue's backward
+d_pre = d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre added atomically and
+dx = d_pre·scale. The launchers' buffers: :class:`BackwardBuffers`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import activation_grad
+
+ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
+TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
+
+
+@triton.jit
+def zero_share(dw_ptr, program, DW_NUMEL, ZERO_PER_PROGRAM, ZERO_BLOCK: tl.constexpr):
+    """Zero the fp32 elements ``[program·ZERO_PER_PROGRAM, (program + 1)·ZERO_PER_PROGRAM)`` of a dense dW."""
+    first = program * ZERO_PER_PROGRAM
+    for z in range(first, first + ZERO_PER_PROGRAM, ZERO_BLOCK):
+        offsets = z + tl.arange(0, ZERO_BLOCK)
+        tl.store(dw_ptr + offsets, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offsets < DW_NUMEL)
+
+
+@triton.jit
+def grad_dot(acc, g, b, storage: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr):
+    """``acc + g·b`` with fp32 ``g`` (the output gradient after BN's backward cancelled its statistics' part) rounded
+    to the ``storage`` dtype as a head and, with ``SPLIT_GRAD``, its rounding error as a second dot (the dgrads are
+    bound by memory, not by the tensor cores)."""
+    b = b.to(storage)
+    g_head = g.to(storage)
+    if FP32_DOT:
+        acc += tl.dot(g_head.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(g_head, b)
+    if SPLIT_GRAD:
+        g_tail = (g - g_head.to(tl.float32)).to(storage)
+        if FP32_DOT:
+            acc += tl.dot(g_tail.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(g_tail, b)
+    return acc
+
+
+@triton.jit
+def store_input_grad(acc, dx_ptr, dx_rows, sdx_c, x_ptr, x_rows, sx_c, scale_ptr, shift_ptr, dscale_ptr,
+                     dshift_ptr, k, mask, C_IN, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """Store dx for the (pixels × input channels ``k``) tile ``acc`` = d_a, through the prologue's backward where there
+    is one (its d_scale, d_shift added to the zeroed fp32 buffers)."""
+    if HAS_PROLOGUE:
+        x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)[None, :]
+        d_pre = tl.where(mask, acc * activation_grad(x * scale + shift, ACT), 0.0)
+        tl.atomic_add(dscale_ptr + k, tl.sum(d_pre * x, axis=0), mask=k < C_IN)
+        tl.atomic_add(dshift_ptr + k, tl.sum(d_pre, axis=0), mask=k < C_IN)
+        acc = d_pre * scale
+    tl.store(dx_ptr + dx_rows[:, None] + k[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass
+class BackwardBuffers:
+    """The tensors a conv op's dgrad and wgrad launches take besides dy, y, x and W (unused pointers stand in for
+    absent ones, never dereferenced): see :func:`backward_buffers`."""
+
+    dx: torch.Tensor
+    d_weight: torch.Tensor  # fp32, laid out as the weight; zeroed by the dgrad
+    d_sum: torch.Tensor
+    d_sumsq: torch.Tensor
+    d_scale: torch.Tensor
+    d_shift: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    x: torch.Tensor  # the dgrad's x: only the prologue's backward reads it (dx stands in otherwise)
+    d_bn: torch.Tensor  # [dγ; dβ] (2, C_out) written by the dgrad, or a stand-in
+    bn_args: tuple  # (γ, mean, var, count, eps), or stand-ins
+    has_bn: bool
+    d_affine: torch.Tensor | None
+    returns_d_affine: bool
+
+    def zero_per_program(self, programs: int) -> int:
+        """Elements of dW each of ``programs`` dgrad programs zeroes (a multiple of ``ZERO_BLOCK``)."""
+        return triton.cdiv(triton.cdiv(self.d_weight.numel(), programs), ZERO_BLOCK) * ZERO_BLOCK
+
+    def grads(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """``[dx, dW in W's dtype, (d_affine), ([dγ; dβ])]``, as the launchers return them."""
+        grads = [self.dx, self.d_weight.to(weight.dtype)]
+        grads += [self.d_affine] if self.returns_d_affine else []
+        return grads + ([self.d_bn] if self.has_bn else [])
+
+
+def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine) -> BackwardBuffers:
+    """Allocate and prepare the buffers of a conv op's backward (no launch but d_affine's fill where the caller gives
+    none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and ``d_sum``/``d_sumsq`` are
+    the gradients of its scale and shift; ``d_affine``: a zeroed fp32 (2, C_in) buffer for the prologue's gradients
+    (then not returned), or None. dW is dense fp32 with the weight's layout (2-D for a 1×1 conv's (C_out, C_in))."""
+    c_in = x.shape[1]
+    has_prologue = scale is not None
+    # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
+    d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
+    d_weight = torch.empty_like(weight, dtype=torch.float32)  # zeroed by the dgrad kernel
+    if not d_weight.is_contiguous() and not d_weight.is_contiguous(memory_format=torch.channels_last):
+        d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    returns_d_affine = has_prologue and d_affine is None
+    if has_prologue:
+        d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device) if d_affine is None else d_affine
+        d_scale, d_shift = d_affine
+        scale, shift = scale.contiguous(), shift.contiguous()
+    else:  # unused pointers
+        d_scale = d_shift = scale = shift = d_weight
+    if bn is not None:
+        gamma, mean, var, count, eps = bn
+        gamma, mean, var = gamma.contiguous(), mean.contiguous(), var.contiguous()
+        d_bn = torch.empty((2, weight.shape[0]), dtype=gamma.dtype, device=x.device)  # [dγ; dβ], by the dgrad
+        bn_args = (gamma, mean, var, float(count), float(eps))
+    else:  # unused pointers
+        d_bn, bn_args = d_sum.new_empty((2, 1)), (d_sum, d_sum, d_sum, 1.0, 1.0)
+    return BackwardBuffers(dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, x if has_prologue else dx,
+                           d_bn, bn_args, bn is not None, d_affine, returns_d_affine)  # fmt: skip

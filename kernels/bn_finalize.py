@@ -1,5 +1,8 @@
 """Triton kernels of ``bn_finalize``: per-channel Σy, Σy² into BatchNorm's folded affine map (and batch mean /
-variance) with the running-statistics update (and the batch counter) in the same launch; its backward."""
+variance) with the running-statistics update (and the batch counter) in the same launch — or in the last program
+of the GEMM that produced the statistics (``finalize_when_last``, :class:`Finalize`); its backward."""
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -11,18 +14,15 @@ BLOCK_C = 128
 
 
 @triton.jit
-def _bn_finalize_kernel(
-    sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, running_mean_ptr,
-    running_var_ptr, batches_ptr, C, count, eps, momentum, unbias, HAS_RUNNING: tl.constexpr,
-    HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale; then
-    running ← running + momentum·(batch − running) (the variance unbiased by ``unbias`` = n/(n − 1)) and program 0
-    adds 1 to the batch counter."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = c < C
-    mean = tl.load(sums_ptr + c, mask=mask) / count
-    var = tl.maximum(tl.load(sumsq_ptr + c, mask=mask) / count - mean * mean, 0.0)
+def finalize_channels(c, mask, sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr,
+                      running_mean_ptr, running_var_ptr, count, eps, momentum, unbias,
+                      HAS_RUNNING: tl.constexpr):  # fmt: skip
+    """Channels ``c`` (where ``mask``): mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0), scale = γ/sqrt(var + eps),
+    shift = β − mean·scale stored with the mean and variance (fp32); then running ←
+    running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1). The statistics are read
+    from L2 (``.cg``): other programs of the same launch may have added them."""
+    mean = tl.load(sums_ptr + c, mask=mask, cache_modifier=".cg") / count
+    var = tl.maximum(tl.load(sumsq_ptr + c, mask=mask, cache_modifier=".cg") / count - mean * mean, 0.0)
     scale = tl.load(weight_ptr + c, mask=mask).to(tl.float32) / tl.sqrt(var + eps)
     tl.store(scale_ptr + c, scale, mask=mask)
     tl.store(shift_ptr + c, tl.load(bias_ptr + c, mask=mask).to(tl.float32) - mean * scale, mask=mask)
@@ -33,9 +33,74 @@ def _bn_finalize_kernel(
         tl.store(running_mean_ptr + c, running + momentum * (mean - running), mask=mask)
         running = tl.load(running_var_ptr + c, mask=mask)
         tl.store(running_var_ptr + c, running + momentum * (var * unbias - running), mask=mask)
+
+
+@triton.jit
+def finalize_when_last(stats_ptr, counter_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr,
+                       running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum, unbias,
+                       HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """A GEMM epilogue's BN finalize: after this program has added its share of the (2, C) ``stats``, it takes a
+    ticket from the zeroed int32 ``counter``; the program holding the last ticket (every other program's statistics
+    are complete) finalizes all C channels (``finalize_channels``) and adds 1 to the batch counter. No finalize
+    launch: the last-block reduction, with an acquire-release ticket after a barrier of the program's threads."""
+    tl.debug_barrier()  # every thread's statistics atomics precede this program's ticket
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            finalize_channels(c, c < C, stats_ptr, stats_ptr + C, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr,
+                              var_ptr, running_mean_ptr, running_var_ptr, count, eps, momentum, unbias,
+                              HAS_RUNNING)  # fmt: skip
+        if HAS_COUNTER:
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, running_mean_ptr,
+    running_var_ptr, batches_ptr, C, count, eps, momentum, unbias, HAS_RUNNING: tl.constexpr,
+    HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``finalize_channels`` for one block of channels; program 0 adds 1 to the batch counter."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    finalize_channels(c, c < C, sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr,
+                      running_mean_ptr, running_var_ptr, count, eps, momentum, unbias, HAS_RUNNING)  # fmt: skip
     if HAS_COUNTER:  # noqa: SIM102 (a constexpr branch, then a runtime one)
         if tl.program_id(0) == 0:
             tl.store(batches_ptr, tl.load(batches_ptr) + 1)
+
+
+@dataclass
+class Finalize:
+    """A BN finalize folded into a GEMM's epilogue (``finalize_when_last``): its tensors and scalars. ``counter``: a
+    zeroed int32 element; ``outputs``: the fp32 (C,) scale, shift, mean and var it writes; the running statistics
+    (fp32, contiguous; or both None) and the one-element counter ``batches`` (or None) it updates."""
+
+    counter: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    batches: torch.Tensor | None
+    count: float
+    eps: float
+    momentum: float
+    unbias: float
+
+    def launch_args(self) -> tuple[tuple, dict]:
+        """The kernel's arguments after the statistics (pointers, then scalars), and its constexprs."""
+        unused = self.outputs[0]  # the pointer of an absent tensor, never dereferenced
+        has_running, has_counter = self.running_mean is not None, self.batches is not None
+        tensors = (self.counter, self.weight, self.bias, *self.outputs, self.running_mean if has_running else unused,
+                   self.running_var if has_running else unused, self.batches if has_counter else unused)  # fmt: skip
+        scalars = (float(self.count), float(self.eps), float(self.momentum), float(self.unbias))
+        return tensors + scalars, dict(FINALIZE=True, HAS_RUNNING=has_running, HAS_COUNTER=has_counter)
+
+    @staticmethod
+    def absent_args(stand_in: torch.Tensor) -> tuple[tuple, dict]:
+        """The same arguments for a GEMM that finalizes nothing (``stand_in``'s pointer, never dereferenced)."""
+        return (stand_in,) * 10 + (1.0, 1.0, 0.0, 1.0), dict(FINALIZE=False, HAS_RUNNING=False, HAS_COUNTER=False)
 
 
 def bn_finalize_forward(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
@@ -43,7 +108,7 @@ def bn_finalize_forward(stats, count, weight, bias, eps, running_mean, running_v
     ``running_mean``/``running_var`` (fp32, contiguous; or both None) and the one-element counter ``batches`` (or
     None) in the same launch."""
     channels = stats.shape[1]
-    outputs = [stats.new_empty(channels) for _ in range(4)]
+    outputs = tuple(stats.new_empty(channels) for _ in range(4))
     has_running, has_counter = running_mean is not None, batches is not None
     unused = outputs[0]  # the pointer of an absent tensor, never dereferenced
     grid = (triton.cdiv(channels, BLOCK_C),)
@@ -52,7 +117,7 @@ def bn_finalize_forward(stats, count, weight, bias, eps, running_mean, running_v
         running_var if has_running else unused, batches if has_counter else unused, channels, float(count), eps,
         float(momentum), float(unbias), HAS_RUNNING=has_running, HAS_COUNTER=has_counter, BLOCK_C=BLOCK_C,
     )  # fmt: skip
-    return tuple(outputs)
+    return outputs
 
 
 @triton.jit

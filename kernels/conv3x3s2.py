@@ -11,16 +11,20 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
+from .bn_finalize import Finalize, finalize_when_last
 from .epilogue import store_tile_and_channel_stats
 from .gemm_config import gemm_launch_config
 
 
 @triton.jit
 def _conv3x3s2_fwd_kernel(
-    y_ptr, stats_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    y_ptr, stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
+    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, scale_ptr, shift_ptr,
+    P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
     PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,24 +54,30 @@ def _conv3x3s2_fwd_kernel(
             else:
                 acc += tl.dot(a, b)
     store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
+    if FINALIZE:  # the BN of y, in the last program to add its statistics
+        finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
+                           bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, N_OUT, count, eps, momentum,
+                           unbias, HAS_RUNNING, HAS_COUNTER, BLOCK_N)  # fmt: skip
 
 
-def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats=None) -> list:
+def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats=None,
+                               finalize: Finalize | None = None) -> list:  # fmt: skip
     """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
-    statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given."""
+    statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given, and the BN
+    of y is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
+    bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv3x3s2_fwd_kernel[grid](
-        y, stats, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
+        y, stats, *bn_args, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),
-        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
-        **config,
+        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], **bn_constexprs, **config,
     )  # fmt: skip
     return [y, stats]

@@ -84,11 +84,13 @@ def test_what_the_fused_path_already_achieves(small):
             assert sum(forward.values()) <= 2 and sum(backward.values()) <= 1, part
         else:
             downsampling = any("conv3x3s2" in op for op in forward)
-            assert sum(forward.values()) <= (7 if downsampling else 4), part
+            assert sum(forward.values()) <= (4 if downsampling else 2), part
             assert sum(backward.values()) <= (10 if downsampling else 5), part
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: connection-level kernels (BN finalised in the consumers) are to come")
+@pytest.mark.xfail(
+    strict=True, reason="issue 15: the downsampling parents' launches, and the blocks (issue 16) for the 0.5× total"
+)
 def test_fused_launch_budgets(small):
     """fused_ops.md §7: per parent ≤ 3 launches forward and ≤ 5 backward, per merge ≤ 2 per pass (BN finalisation
     of all its parents included), none of the forbidden reductions and casts, the backbone ≤ 0.5× eager's."""

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import bn_act_maxpool, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
+from ..ops.conv_bn import counter_view
 
 
 def uses_batch_statistics(bn: nn.Module) -> bool:
@@ -27,9 +28,9 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 
 class ConnectionWorkspace:
     """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
-    of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and each prologue's gradient
-    [d_scale; d_shift], and the merge backward's channel sums — handed out in slices: one fill per merge instead of one
-    per accumulator."""
+    of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's program counter,
+    each prologue's gradient [d_scale; d_shift], and the merge backward's channel sums — handed out in slices: one fill
+    per merge instead of one per accumulator."""
 
     def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
         sizes = []  # elements
@@ -37,12 +38,16 @@ class ConnectionWorkspace:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
             layers.append((resample.expand, resample.down is None or not len(resample.pools)))
             for layer, has_prologue in layers:
-                if uses_batch_statistics(layer.bn):
-                    sizes += [2 * layer.conv.out_channels] + ([2 * layer.conv.in_channels] if has_prologue else [])
+                if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients
+                    sizes += [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
         self.offset = 0
+
+    def take_counter(self) -> Tensor | None:
+        """The next element as a zeroed integer counter (``conv_bn.counter_view``; None without a buffer)."""
+        return None if self.buffer is None else counter_view(self.take(1, rows=1).view(1))
 
     def take(self, channels: int, rows: int = 2) -> Tensor | None:
         """The next (rows, channels) slice (None without a buffer: no training-mode BN)."""
@@ -61,7 +66,7 @@ def batch_bn_kwargs(bn: nn.Module) -> dict | None:
         return None
     momentum = bn.momentum
     update = bn.training and bn.track_running_stats
-    counter = bn.num_batches_tracked if update else None  # incremented by the finalize launch
+    counter = bn.num_batches_tracked if update else None  # incremented by the finalize
     if update and momentum is None:  # cumulative moving average, as nn.BatchNorm2d (reads the counter on the host)
         bn.num_batches_tracked.add_(1)
         momentum, counter = 1.0 / float(bn.num_batches_tracked), None
@@ -91,7 +96,7 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
         y, _ = conv_stats(x, weight, scale, shift, *conv_args)
         return (y, *running_affine(bn))
     bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
-                   stats_buffer=workspace.take(conv.out_channels),
+                   stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
                    prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None)  # fmt: skip
     if padding is not None:
         return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)

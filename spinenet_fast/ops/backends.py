@@ -192,6 +192,11 @@ def gpu_auto_order_on_cpu() -> Iterator[None]:
         _gpu_order_on_cpu = previous
 
 
+def implementation(op: str, backend: str) -> Callable:
+    """``backend``'s implementation of ``op`` (whether it can run given inputs is for its reasons to say)."""
+    return _registry[op][backend].fn
+
+
 def select(op: str, *args) -> Callable:
     """The implementation of ``op`` that runs ``args`` (see :func:`choose`)."""
     return _registry[op][choose(op, *args)].fn

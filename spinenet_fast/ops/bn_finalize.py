@@ -80,12 +80,19 @@ def _triton_reasons(vector: Tensor) -> list[str]:
     return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
 
 
+def running_in_kernel(stats: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    """Whether a kernel updates the running statistics: contiguous buffers of the statistics' dtype (BN keeps them
+    fp32 under autocast), or none; otherwise ATen updates them after it (a model cast to bf16)."""
+    return running_mean is None or all(
+        t.dtype == stats.dtype and t.is_contiguous() for t in (running_mean, running_var)
+    )
+
+
 def _with_kernel(kernel, stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
-    """``kernel``'s outputs, the running statistics updated in its launch where they are contiguous buffers of the
-    statistics' dtype (BN keeps them fp32 under autocast); otherwise by ATen after it (a model cast to bf16)."""
+    """``kernel``'s outputs, the running statistics updated in its launch where ``running_in_kernel``, otherwise by
+    ATen after it."""
     running = (running_mean, running_var)
-    in_kernel = running_mean is None or all(t.dtype == stats.dtype and t.is_contiguous() for t in running)
-    if in_kernel:
+    if running_in_kernel(stats, running_mean, running_var):
         return kernel(stats, count, weight, bias, eps, *running, batches, momentum, unbias)
     outputs = kernel(stats, count, weight, bias, eps, None, None, batches, momentum, unbias)
     running_update_reference(*running, outputs[2], outputs[3], momentum, unbias)

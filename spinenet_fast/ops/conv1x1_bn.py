@@ -5,8 +5,9 @@ Equivalent to::
     y, stats = conv1x1_bn_stats(x, weight, scale, shift, activation)
     out_scale, out_shift = bn_finalize(stats, pixels, bn_weight, bn_bias, eps=eps, running_mean=..., ...)
 
-returning ``(y, out_scale, out_shift)``. Its backward is the 1×1 op's two GEMMs, which compute the statistics'
-gradients from those of ``out_scale``/``out_shift`` as they load dy; the dgrad stores dγ, dβ.
+returning ``(y, out_scale, out_shift)`` — on Triton in one launch, the GEMM's last program finalizing the BN. Its
+backward is the 1×1 op's two GEMMs, which compute the statistics' gradients from those of ``out_scale``/``out_shift``
+as they load dy; the dgrad stores dγ, dβ.
 """
 
 import torch
@@ -20,8 +21,15 @@ from .conv1x1_bn_stats import (
     check_conv1x1_args,
     conv1x1_bn_stats_backward_reference,
 )
-from .conv_bn import checked_bn_args, conv_bn_backward, conv_bn_forward, with_bn_backward
-from .conv_common import fake_conv_grads
+from .conv_bn import (
+    checked_bn_args,
+    conv_bn_backward,
+    conv_bn_forward,
+    fake_train_forward,
+    train_forward_backends,
+    with_bn_backward,
+)
+from .conv_common import fake_conv_grads, fake_conv_outputs
 
 conv1x1_bn_backward_reference = with_bn_backward(conv1x1_bn_stats_backward_reference)
 
@@ -64,19 +72,47 @@ def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, m
     return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
 
 
+def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) -> Tensor:
+    from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
+
+    return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats, finalize)[0]
+
+
+train_forward_backends("conv1x1_bn_forward", "conv1x1_bn_stats_into", 1, _conv1x1_triton_train)
+
+
+@torch.library.custom_op(
+    "spinenet_fast::conv1x1_bn_forward", mutates_args=("stats", "counter", "running_mean", "running_var", "batches")
+)
+def _conv1x1_bn_forward_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, stats: Tensor,
+    counter: Tensor, count: int, bn_weight: Tensor, bn_bias: Tensor, eps: float, running_mean: Tensor | None,
+    running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The training forward: ``(y, out_scale, out_shift, mean, var)``, statistics added into ``stats``, the running
+    statistics and ``batches`` updated."""
+    args = (x, weight, scale, shift, activation, stats, counter, count, bn_weight, bn_bias, eps, running_mean,
+            running_var, batches, momentum, unbias)  # fmt: skip
+    return tuple(backends.run("conv1x1_bn_forward", *args))
+
+
+@_conv1x1_bn_forward_op.register_fake
+def _(x, weight, scale, shift, activation, stats, *_):
+    return fake_train_forward(fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0], stats)
+
+
 class _Conv1x1BN(torch.autograd.Function):
     """A Function around the custom ops: the finalize mutates the running statistics, so no custom op's autograd
     formula can hold both."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, *bn):
-        return conv_bn_forward(
-            ctx, _conv1x1_op, _conv1x1_into_op, (activation,), x, weight, scale, shift, bn_weight, bn_bias, *bn
-        )
+        return conv_bn_forward(ctx, _conv1x1_op, _conv1x1_into_op, _conv1x1_bn_forward_op, (activation,), x, weight,
+                               scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 10
+        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 12
 
 
 def conv1x1_bn(
@@ -96,18 +132,22 @@ def conv1x1_bn(
     upsample_factor: int = 1,
     process_group=None,
     stats_buffer: Tensor | None = None,
+    counter_buffer: Tensor | None = None,
     prologue_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
     updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the normalised
     y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values. ``stats_buffer``: a zeroed
     contiguous (2, C_out) tensor of the statistics' dtype the statistics are added into (a slice of one buffer that
-    several ops share, zeroed by one fill); None: the op allocates and zeroes its own. ``prologue_grad_buffer``:
-    likewise a zeroed (2, C_in) tensor the (first) backward adds the prologue's [d_scale; d_shift] into."""
+    several ops share, zeroed by one fill); None: the op allocates and zeroes its own. ``counter_buffer``: a zeroed
+    one-element int32 tensor (int64 for float64 statistics) the conv's programs count themselves on, so that the last
+    one finalizes the BN (a slice of the same buffer, viewed as an integer); None: allocated with the statistics, or
+    zeroed alone if ``stats_buffer`` is given. ``prologue_grad_buffer``: a zeroed (2, C_in) tensor the (first)
+    backward adds the prologue's [d_scale; d_shift] into, like ``stats_buffer``."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
-        upsample_factor, process_group, stats_buffer, prologue_grad_buffer,
+        upsample_factor, process_group, stats_buffer, counter_buffer, prologue_grad_buffer,
     )  # fmt: skip
     return _Conv1x1BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, *bn)

@@ -5,8 +5,9 @@ Equivalent to::
     y, stats = conv3x3s2_bn_stats(x, weight, scale, shift, activation, padding)
     out_scale, out_shift = bn_finalize(stats, pixels, bn_weight, bn_bias, eps=eps, running_mean=..., ...)
 
-returning ``(y, out_scale, out_shift)``. Its backward is the 3×3 op's: the output-gradient kernel computes the
-statistics' gradients from those of ``out_scale``/``out_shift`` (and stores dγ, dβ) as it folds them into dy.
+returning ``(y, out_scale, out_shift)`` — on Triton in one launch, the implicit GEMM's last program finalizing the
+BN. Its backward is the 3×3 op's two implicit GEMMs, which compute the statistics' gradients from those of
+``out_scale``/``out_shift`` as they load dy; the dgrad stores dγ, dβ.
 """
 
 import torch
@@ -21,8 +22,16 @@ from .conv3x3s2_bn_stats import (
     check_conv3x3s2_args,
     conv3x3s2_bn_stats_backward_reference,
 )
-from .conv_bn import checked_bn_args, conv_bn_backward, conv_bn_forward, with_bn_backward
-from .conv_common import fake_conv_grads
+from .conv_bn import (
+    checked_bn_args,
+    conv_bn_backward,
+    conv_bn_forward,
+    fake_train_forward,
+    train_forward_backends,
+    with_bn_backward,
+)
+from .conv_common import fake_conv_grads, fake_conv_outputs
+from .padding import spatial_padding
 
 conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
 
@@ -81,19 +90,47 @@ def _(
     return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
 
 
+def _conv3x3s2_triton_train(x, weight, scale, shift, activation, padding, stats, finalize) -> Tensor:
+    from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
+
+    pad_before = spatial_padding(3, 2, padding)[0]
+    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats, finalize)[0]
+
+
+train_forward_backends("conv3x3s2_bn_forward", "conv3x3s2_bn_stats_into", 2, _conv3x3s2_triton_train)
+
+
+@torch.library.custom_op(
+    "spinenet_fast::conv3x3s2_bn_forward", mutates_args=("stats", "counter", "running_mean", "running_var", "batches")
+)
+def _conv3x3s2_bn_forward_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
+    stats: Tensor, counter: Tensor, count: int, bn_weight: Tensor, bn_bias: Tensor, eps: float,
+    running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The training forward, as ``conv1x1_bn``'s."""
+    args = (x, weight, scale, shift, activation, padding, stats, counter, count, bn_weight, bn_bias, eps,
+            running_mean, running_var, batches, momentum, unbias)  # fmt: skip
+    return tuple(backends.run("conv3x3s2_bn_forward", *args))
+
+
+@_conv3x3s2_bn_forward_op.register_fake
+def _(x, weight, scale, shift, activation, padding, stats, *_):
+    return fake_train_forward(fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0], stats)
+
+
 class _Conv3x3s2BN(torch.autograd.Function):
     """A Function around the custom ops, as ``conv1x1_bn``'s."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn):
         conv_args = (activation, padding)
-        return conv_bn_forward(
-            ctx, _conv3x3s2_op, _conv3x3s2_into_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, *bn
-        )
+        return conv_bn_forward(ctx, _conv3x3s2_op, _conv3x3s2_into_op, _conv3x3s2_bn_forward_op, conv_args, x,
+                               weight, scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 11
+        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 13
 
 
 def conv3x3s2_bn(
@@ -113,6 +150,7 @@ def conv3x3s2_bn(
     momentum: float = 0.1,
     process_group=None,
     stats_buffer: Tensor | None = None,
+    counter_buffer: Tensor | None = None,
     prologue_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
@@ -120,6 +158,6 @@ def conv3x3s2_bn(
     pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
-        1, process_group, stats_buffer, prologue_grad_buffer,
+        1, process_group, stats_buffer, counter_buffer, prologue_grad_buffer,
     )  # fmt: skip
     return _Conv3x3s2BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn)

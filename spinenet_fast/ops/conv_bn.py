@@ -1,23 +1,33 @@
 """A conv op and the training-mode BN of its output as one autograd op: the pieces ``conv1x1_bn`` and
 ``conv3x3s2_bn`` share.
 
-Forward: the conv op's launch(es) with the statistics epilogue, then ``bn_finalize`` (with the running-statistics
-update) — returns ``(y, out_scale, out_shift)``, y raw in x's dtype and the BN's folded affine map fp32, so that the BN
-output is ``out_scale·y + out_shift`` (applied by the consumer as it loads y). Owning its BN pays off in the
-backward: the gradients of ``out_scale``/``out_shift`` become the statistics' gradients inside the kernels that fold
-them into dy (and dγ, dβ are stored by some of their programs), so no finalize-backward launch runs between the
-consumer's backward and this one. With a ``process_group`` (SyncBN) the statistics are all-reduced before they are
-finalised and the affine gradients before they are folded; dγ, dβ stay this rank's own, as ``nn.SyncBatchNorm``'s
-are (DDP averages them).
+Forward: on Triton one launch, the conv GEMM whose statistics epilogue is followed, in the last of its programs to
+finish, by the BN's finalize (running statistics and batch counter included); on the other backends the conv op's
+launch(es), then ``bn_finalize``. Returns ``(y, out_scale, out_shift)``, y raw in x's dtype and the BN's folded
+affine map fp32, so that the BN output is ``out_scale·y + out_shift`` (applied by the consumer as it loads y).
+Owning its BN pays off in the backward: the gradients of ``out_scale``/``out_shift`` become the statistics'
+gradients inside the kernels that fold them into dy (and dγ, dβ are stored by some of their programs), so no
+finalize-backward launch runs between the consumer's backward and this one. With a ``process_group`` (SyncBN) the
+statistics are all-reduced before they are finalised and the affine gradients before they are folded; dγ, dβ stay
+this rank's own, as ``nn.SyncBatchNorm``'s are (DDP averages them).
 """
 
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
+from . import backends
 from .activation import stats_dtype
-from .bn_finalize import _bn_finalize_backward_op, _bn_finalize_op, bn_finalize_backward_reference, check_bn_args
+from .bn_finalize import (
+    _bn_finalize_backward_op,
+    _bn_finalize_op,
+    bn_finalize_backward_reference,
+    check_bn_args,
+    running_in_kernel,
+    running_update_reference,
+)
 from .checks import check_accumulator
 
 
@@ -39,30 +49,101 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     return reference
 
 
-def conv_bn_forward(ctx, conv_op, conv_into_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias, eps,
-                    running_mean, running_var, batches, momentum, upsample_factor, group, stats,
-                    prologue_grad) -> tuple:  # fmt: skip
+def conv_bn_forward(ctx, conv_op, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
+                    count, eps, running_mean, running_var, batches, momentum, upsample_factor, group, stats,
+                    counter, prologue_grad) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
-    backward needs saved on ``ctx``. ``stats``: a zeroed (2, C_out) buffer the conv adds its statistics into
-    (``conv_into_op``), or None (``conv_op`` allocates and fills one); ``prologue_grad``: a zeroed (2, C_in) buffer
-    the first backward adds the prologue's [d_scale; d_shift] into, or None."""
+    backward needs saved on ``ctx``. ``count``: y's pixels (values per channel on this rank). Without a process
+    group, one ``train_op`` (the conv with the BN finalized in its last program); with one, the conv, the
+    statistics' all-reduce and ``bn_finalize``. ``stats``/``counter``: a zeroed (2, C_out) buffer the conv adds its
+    statistics into and a zeroed integer element its programs count themselves on, or None (allocated here, one
+    fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
+    into, or None."""
     if stats is None:
-        y, stats = conv_op(x, weight, scale, shift, *conv_args)
+        fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=stats_dtype(x), device=x.device)
+        stats, counter = fresh[:-1].view(2, -1), counter_view(fresh[-1:])
+    elif counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=x.device)
+    running = (running_mean, running_var, batches, momentum)
+    if group is None:
+        n = count * upsample_factor**2
+        y, out_scale, out_shift, mean, var = train_op(
+            x, weight, scale, shift, *conv_args, stats, counter, count, bn_weight, bn_bias, eps, *running, n / (n - 1)
+        )
     else:
         y = conv_into_op(x, weight, scale, shift, *conv_args, stats)
-    count = y.shape[0] * y.shape[2] * y.shape[3]
-    if group is not None:
         dist.all_reduce(stats, group=group)
         count *= dist.get_world_size(group)  # equal per-rank batches (DDP at a fixed size): no host sync
-    n = count * upsample_factor**2
-    out_scale, out_shift, mean, var = _bn_finalize_op(
-        stats, count, bn_weight, bn_bias, eps, running_mean, running_var, batches, momentum, n / (n - 1)
-    )
+        n = count * upsample_factor**2
+        out_scale, out_shift, mean, var = _bn_finalize_op(stats, count, bn_weight, bn_bias, eps, *running, n / (n - 1))
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var)
     ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
     ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
     return y, out_scale, out_shift
+
+
+def counter_view(element: Tensor) -> Tensor:
+    """A one-element slice of a zeroed fp32 (or float64) buffer as the integer of the same size: zero bits are 0."""
+    return element.view(torch.int32 if element.element_size() == 4 else torch.int64)
+
+
+def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forward: Callable) -> None:
+    """Register the backends of a conv + BN training forward ``op`` (arguments: the conv's x, weight, scale, shift,
+    its ``conv_arity`` further arguments, then stats, counter, count, γ, β, eps, running mean, running var, batches,
+    momentum, unbias; returns y, scale, shift, mean, var): ``triton_forward(*conv, stats, Finalize)`` (the finalize
+    in the GEMM's last program, running statistics in the kernel when they are fp32 buffers, else by ATen after);
+    on every backend, that backend's ``conv_into`` then its ``bn_finalize`` (two launches)."""
+    from spinenet_fast.kernels.bn_finalize import Finalize
+
+    def split(args):
+        conv, (stats, counter, count, *bn) = args[: 4 + conv_arity], args[4 + conv_arity :]
+        return conv, stats, counter, (stats, count, *bn)
+
+    def sequence(backend):
+        def run(*args):
+            conv, stats, _, bn = split(args)
+            y = backends.implementation(conv_into, backend)(*conv, stats)
+            stats, count, weight, bias, *rest = bn
+            return (y, *backends.implementation("bn_finalize", backend)(stats, count, weight.contiguous(),
+                                                                          bias.contiguous(), *rest))  # fmt: skip
+
+        def reasons(*args):
+            conv, stats, _, bn = split(args)
+            conv_reasons = backends.reasons_by_backend(conv_into, *conv, stats)[backend]
+            return conv_reasons + backends.reasons_by_backend("bn_finalize", *bn)[backend]
+
+        backends.register(op, backend, reasons)(run)
+
+    for backend in ("reference", "cuda"):
+        sequence(backend)
+
+    def triton_reasons(*args):
+        conv, stats, counter, bn = split(args)
+        reasons = backends.reasons_by_backend(conv_into, *conv, stats)["triton"]
+        return reasons + backends.reasons_by_backend("bn_finalize", *bn)["triton"] + backends.triton_reasons(counter)
+
+    @backends.register(op, "triton", triton_reasons)
+    def run_triton(*args):
+        conv, stats, counter, (_, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias) = (
+            split(args)
+        )
+        in_kernel = running_in_kernel(stats, running_mean, running_var)
+        outputs = tuple(stats.new_empty(stats.shape[1]) for _ in range(4))
+        finalize = Finalize(counter, weight.contiguous(), bias.contiguous(), outputs,
+                            *((running_mean, running_var) if in_kernel else (None, None)), batches, count, eps,
+                            momentum, unbias)  # fmt: skip
+        y = triton_forward(*conv, stats, finalize)
+        if not in_kernel:
+            running_update_reference(running_mean, running_var, outputs[2], outputs[3], momentum, unbias)
+        return (y, *outputs)
+
+    backends.set_auto_order(op, ("triton", "cuda", "reference"))
+
+
+def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
+    """Meta outputs of a conv + BN training forward: y and four (C,) vectors of the statistics' dtype."""
+    return (y, *(stats.new_empty(stats.shape[1]) for _ in range(4)))
 
 
 def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
@@ -88,19 +169,22 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
 
 
 def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running_mean, running_var,
-                    num_batches_tracked, momentum, upsample_factor, process_group, stats_buffer,
+                    num_batches_tracked, momentum, upsample_factor, process_group, stats_buffer, counter_buffer,
                     prologue_grad_buffer) -> tuple:  # fmt: skip
     """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels,
-    checked, as its ``autograd.Function`` takes them after the conv's own: ``(eps, running_mean, running_var,
-    batches, momentum, upsample_factor, group, stats, prologue_grad)`` (running statistics: both or neither)."""
+    checked, as its ``autograd.Function`` takes them after the conv's own: ``(count, eps, running_mean, running_var,
+    batches, momentum, upsample_factor, group, stats, counter, prologue_grad)`` (running statistics: both or
+    neither)."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
     dtype = stats_dtype(x)
     check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)
+    check_accumulator("counter_buffer", counter_buffer, (1,), torch.int32 if dtype == torch.float32 else torch.int64,
+                      x.device)  # fmt: skip
     check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), dtype, x.device)
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
     update = running_mean is not None and running_var is not None
     running = (running_mean, running_var) if update else (None, None)
-    return (float(eps), *running, num_batches_tracked, float(momentum), upsample_factor, process_group, stats_buffer,
-            prologue_grad_buffer)  # fmt: skip
+    return (pixels_out, float(eps), *running, num_batches_tracked, float(momentum), upsample_factor, process_group,
+            stats_buffer, counter_buffer, prologue_grad_buffer)  # fmt: skip

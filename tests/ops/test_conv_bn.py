@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spinenet_fast.ops import conv1x1_bn, conv3x3s2_bn, use_backend
-from spinenet_fast.ops.conv1x1_bn import _conv1x1_bn_backward_op
-from spinenet_fast.ops.conv3x3s2_bn import _conv3x3s2_bn_backward_op
+from spinenet_fast.ops.conv1x1_bn import _conv1x1_bn_backward_op, _conv1x1_bn_forward_op
+from spinenet_fast.ops.conv3x3s2_bn import _conv3x3s2_bn_backward_op, _conv3x3s2_bn_forward_op
 
 from ..conftest import require_backend
 from .tolerance import assert_low_precision_rule
@@ -107,10 +107,12 @@ def test_low_precision_gradients_tolerance_rule(kind, backend, dtype):
         assert_low_precision_rule(got_, want_, base)
 
 
-def test_running_variance_uses_the_upsampled_count():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_variance_uses_the_upsampled_count(backend):
+    require_backend(backend)
     x, weight, _, _, bn = make_case("1x1", prologue=False)
     bn.momentum = 1.0
-    fused("1x1", "reference", x, weight, None, None, bn, upsample_factor=4)
+    fused("1x1", backend, x, weight, None, None, bn, upsample_factor=4)
     conv = F.interpolate(F.conv2d(x, weight), scale_factor=4)
     torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bn.running_var, conv.var((0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-5)
@@ -158,9 +160,51 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
         assert buffers[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.bfloat16])
+def test_training_forward_op_matches_the_reference_and_opcheck(kind, backend, running_dtype):
+    """The training forward (conv, statistics, finalize, running update, counter; on Triton one launch whose last
+    program finalizes): equal to the reference backend's conv-then-finalize over a grid of several programs in both
+    dimensions, with running statistics in the kernel (fp32) or after it (bf16 buffers); opcheck."""
+    require_backend(backend)
+    h, w = (6, 8) if kind == "1x1" else (12, 16)  # 96 output pixels, 70 channels: 3 × 3 programs of 32 × 32
+    x, weight, scale, shift, _ = make_case(kind, c_in=37, c_out=70, h=h, w=w)
+    x, weight, scale, shift = (t.detach() for t in (x, weight, scale, shift))
+    op, conv_args = (_conv1x1_bn_forward_op, ("swish",)) if kind == "1x1" else (_conv3x3s2_bn_forward_op,
+                                                                                ("swish", "torch"))  # fmt: skip
+    count = 96
+    gamma, beta = torch.randn(70), torch.randn(70)
+    initial = [torch.zeros(2, 70), torch.zeros(1, dtype=torch.int32), torch.randn(70).to(running_dtype),
+               (torch.rand(70) + 0.5).to(running_dtype), torch.tensor(3)]  # fmt: skip
+
+    def fresh():
+        state = [t.clone() for t in initial]
+        stats, counter, *running = state
+        return (x, weight, scale, shift, *conv_args, stats, counter, count, gamma, beta, 1e-3, *running, 0.1,
+                count / (count - 1)), state  # fmt: skip
+
+    def run(backend):
+        args, state = fresh()
+        with use_backend(backend):
+            return op(*args), state
+
+    want, want_state = run("reference")
+    got, got_state = run(backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for i in (0, 2, 3, 4):  # statistics, running mean and variance, the batch counter (3 + 1)
+        torch.testing.assert_close(got_state[i], want_state[i], rtol=1e-4, atol=1e-3)
+    assert got_state[4] == 4
+    with use_backend(backend):  # each check on zeroed accumulators, as the op requires them
+        for check in ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"):
+            torch.library.opcheck(op, fresh()[0], test_utils=check)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
+        (lambda a: a.update(counter_buffer=torch.zeros(1)), ValueError, r"counter_buffer must be a contiguous int32"),
         (lambda a: a.update(bn_weight=torch.ones(5)), ValueError, r"weight must be a tensor of shape \(6,\)"),
         (lambda a: a.update(eps=0.0), ValueError, "eps must be positive"),
         (lambda a: a.update(running_var=torch.ones(6, device="meta")), ValueError, "running_var must be a float"),

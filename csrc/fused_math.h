@@ -252,7 +252,8 @@ struct PoolArgs {
   const acc_t* scale;  // nullptr: no affine and no activation
   const acc_t* shift;
   scalar_t* out;        // forward output
-  acc_t* d_a;           // backward: the gradient w.r.t. a, (N, H, W, C), zero-initialised
+  int32_t* route;       // forward output where not nullptr, backward input: per output element, the level-0 pixel
+                        // (h·W + w) its gradient goes to, (N, OH, OW, C)
   const scalar_t* grad; // backward: the output gradient, (N, OH, OW, C)
   scalar_t* d_y;        // backward output
   int64_t N, H, W, C, OH, OW;
@@ -286,7 +287,46 @@ SF_HOST_DEVICE bool replaces_max(T value, T best) {
   return value > best || is_nan(value);
 }
 
-// Forward work item: output pixel `pixel`, channels [c, c + VEC).
+// Whether the level-`level` position (h, w) — its chained window over level 0 — holds the value `best`.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE bool window_holds(const PoolArgs<scalar_t, acc_t>& a, int64_t n, int64_t h, int64_t w, int64_t c,
+                                 int level, acc_t best) {
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  chained_window(h, level, a.pad, a.H, &h_lo, &h_hi);
+  chained_window(w, level, a.pad, a.W, &w_lo, &w_hi);
+  for (int64_t i = h_lo; i <= h_hi; ++i) {
+    for (int64_t j = w_lo; j <= w_hi; ++j) {
+      const acc_t v = pool_input(a, n, i, j, c);
+      if (v == best || (is_nan(v) && is_nan(best))) return true;
+    }
+  }
+  return false;
+}
+
+// The level-0 pixel (h·W + w) where ATen's pool-by-pool backward sends the gradient of output (oh, ow) of channel
+// c, whose maximum is `best`: the first maximum of each 3×3 window in row-major order, stage by stage.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE int32_t maxpool_route(const PoolArgs<scalar_t, acc_t>& a, int64_t n, int64_t oh, int64_t ow, int64_t c,
+                                     acc_t best) {
+  int64_t h = oh, w = ow;
+  for (int level = a.levels; level >= 1; --level) {
+    const int64_t height = a.H >> (level - 1), width = a.W >> (level - 1);
+    bool found = false;
+    for (int dh = 0; dh < 3 && !found; ++dh) {
+      const int64_t ch = 2 * h - a.pad + dh;
+      if (ch < 0 || ch >= height) continue;
+      for (int dw = 0; dw < 3 && !found; ++dw) {
+        const int64_t cw = 2 * w - a.pad + dw;
+        if (cw < 0 || cw >= width || !window_holds(a, n, ch, cw, c, level - 1, best)) continue;
+        h = ch, w = cw, found = true;
+      }
+    }
+  }
+  return static_cast<int32_t>(h * a.W + w);
+}
+
+// Forward work item: output pixel `pixel`, channels [c, c + VEC): the maximum over its chained window and, where
+// `a.route` is given (training), the level-0 pixel its gradient will go to.
 template <int VEC, typename scalar_t, typename acc_t>
 SF_HOST_DEVICE void maxpool_forward_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
   const int64_t ow = pixel % a.OW, oh = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
@@ -307,68 +347,42 @@ SF_UNROLL
     }
   }
   store<VEC>(a.out + pixel * a.C + c, best);
+  if (a.route != nullptr) {
+    for (int k = 0; k < VEC; ++k) a.route[pixel * a.C + c + k] = maxpool_route(a, n, oh, ow, c + k, best[k]);
+  }
 }
 
-// Whether the level-`level` position (h, w) — its chained window over level 0 — holds the value `best`.
+// The gradient w.r.t. a at level-0 pixel `pixel`, channel c: the sum, in a fixed order, of the output gradients
+// routed there. An output o's chained window spans 2^(L+1) − 1 inputs from 2^L·o − pad·(2^L − 1) (L = levels), so
+// the outputs that can hold input h are within (h >> L) − 1 .. (h >> L) + 1.
 template <typename scalar_t, typename acc_t>
-SF_HOST_DEVICE bool window_holds(const PoolArgs<scalar_t, acc_t>& a, int64_t n, int64_t h, int64_t w, int64_t c,
-                                 int level, acc_t best) {
-  int64_t h_lo, h_hi, w_lo, w_hi;
-  chained_window(h, level, a.pad, a.H, &h_lo, &h_hi);
-  chained_window(w, level, a.pad, a.W, &w_lo, &w_hi);
-  for (int64_t i = h_lo; i <= h_hi; ++i) {
-    for (int64_t j = w_lo; j <= w_hi; ++j) {
-      const acc_t v = pool_input(a, n, i, j, c);
-      if (v == best || (is_nan(v) && is_nan(best))) return true;
+SF_HOST_DEVICE acc_t maxpool_gathered_grad(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
+  const int64_t w = pixel % a.W, h = (pixel / a.W) % a.H, n = pixel / (a.W * a.H);
+  const int32_t target = static_cast<int32_t>(h * a.W + w);
+  acc_t d = 0;
+  for (int64_t oh = (h >> a.levels) - 1; oh <= (h >> a.levels) + 1; ++oh) {
+    if (oh < 0 || oh >= a.OH) continue;
+    for (int64_t ow = (w >> a.levels) - 1; ow <= (w >> a.levels) + 1; ++ow) {
+      if (ow < 0 || ow >= a.OW) continue;
+      const int64_t at = ((n * a.OH + oh) * a.OW + ow) * a.C + c;
+      if (a.route[at] == target) d += static_cast<acc_t>(a.grad[at]);
     }
   }
-  return false;
-}
-
-// Backward work item: routes grad[pixel, c] to the level-0 position ATen's pool-by-pool backward would pick
-// (the first maximum of each 3×3 window in row-major order, stage by stage) and adds it to d_a there.
-// Returns the flat level-0 pixel; `add` performs the (atomic on the GPU) accumulation.
-template <typename scalar_t, typename acc_t, typename Add>
-SF_HOST_DEVICE void maxpool_route_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c, Add add) {
-  const int64_t ow = pixel % a.OW, oh = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
-  int64_t h_lo, h_hi, w_lo, w_hi;
-  chained_window(oh, a.levels, a.pad, a.H, &h_lo, &h_hi);
-  chained_window(ow, a.levels, a.pad, a.W, &w_lo, &w_hi);
-  acc_t best = -INFINITY;
-  for (int64_t h = h_lo; h <= h_hi; ++h) {
-    for (int64_t w = w_lo; w <= w_hi; ++w) {
-      const acc_t v = pool_input(a, n, h, w, c);
-      if (replaces_max(v, best)) best = v;
-    }
-  }
-  int64_t h = oh, w = ow;
-  for (int level = a.levels; level >= 1; --level) {
-    const int64_t height = a.H >> (level - 1), width = a.W >> (level - 1);
-    bool found = false;
-    for (int dh = 0; dh < 3 && !found; ++dh) {
-      const int64_t ch = 2 * h - a.pad + dh;
-      if (ch < 0 || ch >= height) continue;
-      for (int dw = 0; dw < 3 && !found; ++dw) {
-        const int64_t cw = 2 * w - a.pad + dw;
-        if (cw < 0 || cw >= width || !window_holds(a, n, ch, cw, c, level - 1, best)) continue;
-        h = ch, w = cw, found = true;
-      }
-    }
-  }
-  add(a.d_a + ((n * a.H + h) * a.W + w) * a.C + c, static_cast<acc_t>(a.grad[pixel * a.C + c]));
+  return d;
 }
 
 // Per-channel sums of the prologue backward: Σ d_pre·y (→ d_scale), Σ d_pre (→ d_shift).
 enum PrologueSum : int { kPrologueScale = 0, kPrologueShift = 1, kNumPrologueSums = 2 };
 
-// Backward of a = act(scale·y + shift) at input pixel `pixel`, channels [c, c + VEC): d_y = scale·act'·d_a.
+// Backward at input pixel `pixel`, channels [c, c + VEC): d_a gathered from the routed output gradients, then
+// through a = act(scale·y + shift): d_y = scale·act'·d_a.
 template <int VEC, typename scalar_t, typename acc_t>
-SF_HOST_DEVICE void prologue_backward_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
-                                           acc_t (&sums)[kNumPrologueSums][VEC]) {
+SF_HOST_DEVICE void maxpool_backward_item(const PoolArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
+                                          acc_t (&sums)[kNumPrologueSums][VEC]) {
   acc_t y[VEC], d[VEC];
   load<VEC>(a.y + pixel * a.C + c, y);
 SF_UNROLL
-  for (int k = 0; k < VEC; ++k) d[k] = a.d_a[pixel * a.C + c + k];
+  for (int k = 0; k < VEC; ++k) d[k] = maxpool_gathered_grad(a, pixel, c + k);
   if (a.scale != nullptr) {
 SF_UNROLL
     for (int k = 0; k < VEC; ++k) {

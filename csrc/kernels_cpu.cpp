@@ -99,29 +99,16 @@ void maxpool_forward(const PoolTensors& t) {
 }
 
 void maxpool_backward(const PoolTensors& t) {
+  SF_KERNEL_SCOPE("maxpool_backward");
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = pool_args<scalar_t, acc_t>(t);
-    {
-      SF_KERNEL_SCOPE("maxpool_route");
-      // Routing adds into d_a: tasks own whole (image, channel) planes, so no two write the same element.
-      at::parallel_for(0, a.N * a.C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t n = plane / a.C, c = plane % a.C;
-          for (int64_t pixel = n * a.OH * a.OW; pixel < (n + 1) * a.OH * a.OW; ++pixel) {
-            maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { *p += v; });
-          }
-        }
-      });
-    }
-    SF_KERNEL_SCOPE("maxpool_backward");
-    const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
-    with_vec<scalar_t>(vec, [&](auto width) {
+    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr()}), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       add_sums<acc_t, VEC, kNumPrologueSums>(
           t.sums, a.N * a.H * a.W, a.C,
           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumPrologueSums][VEC]) {
-            prologue_backward_item<VEC>(a, pixel, c, sums);
+            maxpool_backward_item<VEC>(a, pixel, c, sums);
           });
     });
   });

@@ -112,20 +112,11 @@ struct PoolForward {
 };
 
 template <typename scalar_t, typename acc_t>
-struct PoolRoute {
-  PoolArgs<scalar_t, acc_t> a;
-  template <int VEC>
-  __device__ void run(int64_t pixel, int64_t c) const {
-    maxpool_route_item(a, pixel, c, [](acc_t* p, acc_t v) { atomicAdd(p, v); });
-  }
-};
-
-template <typename scalar_t, typename acc_t>
-struct PrologueBackward {
+struct PoolBackward {
   PoolArgs<scalar_t, acc_t> a;
   template <int VEC>
   __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumPrologueSums][VEC]) const {
-    prologue_backward_item<VEC>(a, pixel, c, sums);
+    maxpool_backward_item<VEC>(a, pixel, c, sums);
   }
 };
 
@@ -186,17 +177,12 @@ void maxpool_forward(const PoolTensors& t) {
 }
 
 void maxpool_backward(const PoolTensors& t) {
+  SF_KERNEL_SCOPE("maxpool_backward");
   SF_DISPATCH(t.y.scalar_type(), "spinenet_fast::ext_bn_act_maxpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto a = pool_args<scalar_t, acc_t>(t);
-    {
-      SF_KERNEL_SCOPE("maxpool_route");
-      for_each_item<1>(PoolRoute<scalar_t, acc_t>{a}, a.N * a.OH * a.OW, a.C);
-    }
-    SF_KERNEL_SCOPE("maxpool_backward");
-    const PrologueBackward<scalar_t, acc_t> item{a};
-    const int vec = vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr(), t.d_a.const_data_ptr()});
-    with_vec<scalar_t>(vec, [&](auto width) {
+    const PoolBackward<scalar_t, acc_t> item{pool_args<scalar_t, acc_t>(t)};
+    const auto& a = item.a;
+    with_vec<scalar_t>(vec_width(t.y, a.C, {t.y.const_data_ptr(), t.d_y.const_data_ptr()}), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       add_sums<VEC, kNumPrologueSums, acc_t>(item, t.sums, a.N * a.H * a.W, a.C);
     });

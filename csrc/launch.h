@@ -104,7 +104,8 @@ inline std::vector<const void*> merge_pointers(const MergeTensors& t) {
 struct PoolTensors {
   at::Tensor y, scale, shift;
   at::Tensor out;        // forward
-  at::Tensor grad, d_a;  // backward: output gradient, fp32 (or fp64) zero-initialised accumulator
+  at::Tensor route;      // int32 (N, OH, OW, C): written by the forward where defined, read by the backward
+  at::Tensor grad;       // backward: output gradient
   at::Tensor d_y;        // backward
   at::Tensor sums;       // backward: (kNumPrologueSums, C) zero-initialised accumulator, maths dtype
   int levels, pad, act;
@@ -117,7 +118,7 @@ PoolArgs<scalar_t, acc_t> pool_args(const PoolTensors& t) {
   a.scale = t.scale.defined() ? t.scale.const_data_ptr<acc_t>() : nullptr;
   a.shift = t.shift.defined() ? t.shift.const_data_ptr<acc_t>() : nullptr;
   a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;
-  a.d_a = t.d_a.defined() ? t.d_a.mutable_data_ptr<acc_t>() : nullptr;
+  a.route = t.route.defined() ? t.route.data_ptr<int32_t>() : nullptr;
   a.grad = t.grad.defined() ? t.grad.const_data_ptr<scalar_t>() : nullptr;
   a.d_y = t.d_y.defined() ? t.d_y.mutable_data_ptr<scalar_t>() : nullptr;
   a.N = t.y.size(0), a.C = t.y.size(1), a.H = t.y.size(2), a.W = t.y.size(3);

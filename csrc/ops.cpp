@@ -134,6 +134,21 @@ at::Tensor ext_merge(at::TensorList parents, at::TensorList scales, at::TensorLi
   return t.out;
 }
 
+// The (rows, channels) accumulator a backward adds its channel sums into: the caller's zeroed `sums_out` (checked),
+// or a zeroed one (a fill).
+at::Tensor sums_accumulator(const std::optional<at::Tensor>& sums_out, int64_t rows, int64_t channels,
+                            const at::TensorOptions& options) {
+  if (!sums_out) return zeros_logged({rows, channels}, options);
+  const auto& out = *sums_out;
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({rows, channels}) && out.is_contiguous() &&
+                        out.device() == options.device(),
+                    "sums_out must be a contiguous (", rows, ", ", channels, ") tensor on ", options.device(),
+                    ", got ", out.sizes(), " on ", out.device());
+  TORCH_CHECK_TYPE(out.scalar_type() == options.dtype().toScalarType(), "sums_out must be ",
+                   options.dtype().toScalarType(), ", got ", out.scalar_type());
+  return out;
+}
+
 std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorList parents, at::TensorList scales,
                                            at::TensorList shifts, at::IntArrayRef ratios,
                                            const std::optional<at::Tensor>& extra, c10::string_view activation,
@@ -148,18 +163,7 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());
-  if (sums_out) {
-    const auto& out = *sums_out;
-    TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef({kNumMergeSums, grad.size(1)}) && out.is_contiguous() &&
-                          out.device() == grad.device(),
-                      "sums_out must be a contiguous (", kNumMergeSums, ", ", grad.size(1), ") tensor on ",
-                      grad.device(), ", got ", out.sizes(), " on ", out.device());
-    TORCH_CHECK_TYPE(out.scalar_type() == t.scales[0].scalar_type(), "sums_out must be ",
-                     t.scales[0].scalar_type(), " like the scales, got ", out.scalar_type());
-    t.sums = out;  // zeroed by the caller; the kernel adds into it
-  } else {
-    t.sums = zeros_logged({kNumMergeSums, grad.size(1)}, t.scales[0].options());
-  }
+  t.sums = sums_accumulator(sums_out, kNumMergeSums, grad.size(1), t.scales[0].options());
   if (grad.numel() > 0) grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t);
   if (swapped) std::swap(t.d_parents[0], t.d_parents[1]);
   // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift): the op's contract, which the
@@ -192,33 +196,38 @@ PoolTensors prepare_pool(const at::Tensor& y, const std::optional<at::Tensor>& s
   return t;
 }
 
-at::Tensor ext_bn_act_maxpool(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                              const std::optional<at::Tensor>& shift, c10::string_view activation, int64_t num_pools,
-                              c10::string_view padding) {
+std::tuple<at::Tensor, at::Tensor> ext_bn_act_maxpool(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                                                      const std::optional<at::Tensor>& shift,
+                                                      c10::string_view activation, int64_t num_pools,
+                                                      c10::string_view padding, bool with_route) {
   PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
-  t.out = at::empty({y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools},
-                    y.options().memory_format(kNHWC));
+  const std::vector<int64_t> shape{y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools};
+  t.out = at::empty(shape, y.options().memory_format(kNHWC));
+  if (with_route) t.route = at::empty(shape, y.options().dtype(at::kInt).memory_format(kNHWC));
   const c10::DeviceGuard guard(y.device());
   if (t.out.numel() > 0) y.is_cuda() ? cuda::maxpool_forward(t) : cpu::maxpool_forward(t);
-  return t.out;
+  return {t.out, with_route ? t.route : at::empty({0}, y.options().dtype(at::kInt))};
 }
 
 std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, const at::Tensor& y,
-                                                    const std::optional<at::Tensor>& scale,
+                                                    const at::Tensor& route, const std::optional<at::Tensor>& scale,
                                                     const std::optional<at::Tensor>& shift,
                                                     c10::string_view activation, int64_t num_pools,
-                                                    c10::string_view padding) {
+                                                    c10::string_view padding,
+                                                    const std::optional<at::Tensor>& sums_out) {
   PoolTensors t = prepare_pool(y, scale, shift, activation, num_pools, padding);
-  check_like("grad", grad, y, {y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools});
+  const std::vector<int64_t> shape{y.size(0), y.size(1), y.size(2) >> num_pools, y.size(3) >> num_pools};
+  check_like("grad", grad, y, shape);
+  TORCH_CHECK_VALUE(route.scalar_type() == at::kInt && route.sizes() == at::IntArrayRef(shape) &&
+                        route.device() == y.device(),
+                    "route must be the forward's int32 ", at::IntArrayRef(shape), " route on ", y.device(), ", got ",
+                    route.scalar_type(), " ", route.sizes(), " on ", route.device());
   t.grad = contiguous_logged(grad, kNHWC);
-  // One zeroed buffer for the routed gradient d_a (N, H, W, C) and, behind it, the channel sums: one fill.
-  const int64_t routed = y.numel(), channels = y.size(1);
-  const at::Tensor zeroed = zeros_logged({routed + kNumPrologueSums * channels}, y.options().dtype(stats_dtype(y)));
-  t.d_a = zeroed.narrow(0, 0, routed).view({y.size(0), y.size(2), y.size(3), channels});
-  t.sums = zeroed.narrow(0, routed, kNumPrologueSums * channels).view({kNumPrologueSums, channels});
+  t.route = contiguous_logged(route, kNHWC);
+  t.sums = sums_accumulator(sums_out, kNumPrologueSums, y.size(1), y.options().dtype(stats_dtype(y)));
   t.d_y = at::empty_like(t.y, kNHWC);
   const c10::DeviceGuard guard(y.device());
-  if (routed > 0) y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t);
+  if (y.numel() > 0) y.is_cuda() ? cuda::maxpool_backward(t) : cpu::maxpool_backward(t);
   if (!t.scale.defined()) return {t.d_y};
   return {t.d_y, t.sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
 }

@@ -53,14 +53,17 @@ TORCH_LIBRARY(spinenet_fast, m) {
   m.def(
       "ext_merge_backward(Tensor grad, Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios,"
       " Tensor? extra, str activation, Tensor(a!)? sums_out=None) -> Tensor[]");
-  // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift).
+  // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift), and with `with_route`
+  // the int32 (N, C, OH, OW) channels_last route: the level-0 pixel h·W + w each output's gradient goes to (else an
+  // empty tensor).
   m.def(
-      "ext_bn_act_maxpool(Tensor y, Tensor? scale, Tensor? shift, str activation, int num_pools, str padding)"
-      " -> Tensor");
-  // [d_y, (d_scale, d_shift)]
+      "ext_bn_act_maxpool(Tensor y, Tensor? scale, Tensor? shift, str activation, int num_pools, str padding,"
+      " bool with_route) -> (Tensor, Tensor)");
+  // [d_y, (sums = [d_scale; d_shift])], gathered through the forward's route; with `sums_out` (zeroed, (2, C)) the
+  // sums are added into it and the returned sums are that tensor.
   m.def(
-      "ext_bn_act_maxpool_backward(Tensor grad, Tensor y, Tensor? scale, Tensor? shift, str activation,"
-      " int num_pools, str padding) -> Tensor[]");
+      "ext_bn_act_maxpool_backward(Tensor grad, Tensor y, Tensor route, Tensor? scale, Tensor? shift,"
+      " str activation, int num_pools, str padding, Tensor(a!)? sums_out=None) -> Tensor[]");
   // (scale, shift, mean, var) from per-channel Σ, Σ² of `count` values; in the same kernel, where given, the running
   // statistics ← lerp(running, batch, momentum) (variance × unbias) and `batches` + 1.
   m.def(

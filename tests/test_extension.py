@@ -54,22 +54,28 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
     grad = torch.zeros(1, 4, 4, 4)
     with pytest.raises(ValueError, match=r"sums_out must be a contiguous \(3, 4\) tensor"):
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(4, 3).t())
-    with pytest.raises(TypeError, match="sums_out must be Float like the scales, got Double"):
+    with pytest.raises(TypeError, match="sums_out must be Float, got Double"):
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(3, 4, dtype=torch.float64))
     args["parents"] = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 2)]
     with pytest.raises(ValueError, match="needs one ratio to divide the other"):
         ops.ext_merge_backward(torch.zeros(1, 4, 6, 6), *{**args, "ratios": [2, 3]}.values())
     y = torch.randn(1, 4, 8, 8)
+    route = ops.ext_bn_act_maxpool(y, None, None, "relu", 1, "torch", True)[1]
     with pytest.raises(ValueError, match=r"y: H and W must be multiples of 2\^num_pools = 16"):
-        ops.ext_bn_act_maxpool(y, None, None, "relu", 4, "torch")
+        ops.ext_bn_act_maxpool(y, None, None, "relu", 4, "torch", True)
     with pytest.raises(ValueError, match="padding must be one of"):
-        ops.ext_bn_act_maxpool(y, None, None, "relu", 1, "same")
+        ops.ext_bn_act_maxpool(y, None, None, "relu", 1, "same", True)
     with pytest.raises(ValueError, match="scale and shift must be given together"):
-        ops.ext_bn_act_maxpool(y, torch.ones(4), None, "relu", 1, "torch")
+        ops.ext_bn_act_maxpool(y, torch.ones(4), None, "relu", 1, "torch", True)
     with pytest.raises(ValueError, match=r"y must be 4-D \(N, C, H, W\)"):
-        ops.ext_bn_act_maxpool(y[0], None, None, "relu", 1, "torch")
+        ops.ext_bn_act_maxpool(y[0], None, None, "relu", 1, "torch", True)
     with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\]"):
-        ops.ext_bn_act_maxpool_backward(torch.zeros(1, 4, 2, 2), y, None, None, "relu", 1, "torch")
+        ops.ext_bn_act_maxpool_backward(torch.zeros(1, 4, 2, 2), y, route, None, None, "relu", 1, "torch")
+    grad = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"route must be the forward's int32 \[1, 4, 4, 4\] route"):
+        ops.ext_bn_act_maxpool_backward(grad, y, route.long(), None, None, "relu", 1, "torch")
+    with pytest.raises(ValueError, match=r"sums_out must be a contiguous \(2, 4\) tensor"):
+        ops.ext_bn_act_maxpool_backward(grad, y, route, None, None, "relu", 1, "torch", torch.zeros(4, 2).t())
     no_update = (None, None, None, 0.1, 1.0)
     with pytest.raises(TypeError, match="sums must be float32 or float64, got Half"):
         ops.ext_bn_finalize(torch.zeros(4).half(), torch.ones(4), 8, torch.ones(4), torch.zeros(4), 1e-3, *no_update)
@@ -102,4 +108,5 @@ def test_extension_handles_empty_batches():
     grads = ops.ext_merge_backward(torch.zeros(0, 4, 4, 4), parents, vectors, vectors, [1, 2], None, "swish")
     assert [tuple(g.shape) for g in grads] == [(0, 4, 4, 4), (0, 4, 2, 2), (3, 4)]  # d_parents, sums
     assert grads[2].abs().sum() == 0
-    assert ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch").shape == (0, 4, 2, 2)
+    pooled, route = ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch", True)
+    assert pooled.shape == route.shape == (0, 4, 2, 2)

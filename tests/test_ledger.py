@@ -60,10 +60,9 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
 
 
 def test_what_the_fused_path_already_achieves(small):
-    """A ratchet below the budgets: the fused forward and backward launch fewer kernels than eager's; the forward none
-    of the forbidden ATen reductions, copies or casts around the fused ops, the backward none of them outside the
-    extension (whose accumulator fills remain); each merge within its budget of 2 launches per pass, each parent within
-    its launches of today (lower these as kernels land)."""
+    """A ratchet below the budgets: the fused forward and backward launch fewer kernels than eager's, none of the
+    forbidden reductions, copies, casts or fills around the fused ops; each merge within its budget of 2 launches per
+    pass, each parent within its launches of today (lower these as kernels land)."""
     from benchmarks.ledger import FORBIDDEN
 
     _, result = small
@@ -78,14 +77,13 @@ def test_what_the_fused_path_already_achieves(small):
         if not part.startswith("merges."):
             continue
         forward, backward = passes.get("forward", {}), passes.get("backward", {})
-        assert not [op for op in forward if op.startswith(FORBIDDEN)], part
-        assert not [op for op in backward if op.startswith(FORBIDDEN) and not op.startswith("extension")], part
+        assert not [op for op in (*forward, *backward) if op.startswith(FORBIDDEN)], part
         if ".resamples." not in part:  # the merge: its kernel and the statistics fill of the whole connection
             assert sum(forward.values()) <= 2 and sum(backward.values()) <= 1, part
         else:
             downsampling = any("conv3x3s2" in op for op in forward)
             assert sum(forward.values()) <= (4 if downsampling else 2), part
-            assert sum(backward.values()) <= (10 if downsampling else 5), part
+            assert sum(backward.values()) <= (9 if downsampling else 5), part
 
 
 @pytest.mark.xfail(

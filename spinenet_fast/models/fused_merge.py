@@ -29,8 +29,8 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 class ConnectionWorkspace:
     """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
     of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's program counter,
-    each prologue's gradient [d_scale; d_shift], and the merge backward's channel sums — handed out in slices: one fill
-    per merge instead of one per accumulator."""
+    each prologue's gradient [d_scale; d_shift] (the max-pools' included), and the merge backward's channel sums —
+    handed out in slices: one fill per merge instead of one per accumulator."""
 
     def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
         sizes = []  # elements
@@ -40,6 +40,8 @@ class ConnectionWorkspace:
             for layer, has_prologue in layers:
                 if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients
                     sizes += [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
+            if resample.down is not None and len(resample.pools) and uses_batch_statistics(resample.down.bn):
+                sizes.append(2 * resample.down.conv.out_channels)  # the max-pools' affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
@@ -128,7 +130,8 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace
         y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
                                        padding=padding)  # fmt: skip
         if len(resample.pools):
-            y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding)
+            buffer = workspace.take(y.shape[1]) if uses_batch_statistics(resample.down.bn) else None
+            y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding, affine_grad_buffer=buffer)
             scale = shift = None
     y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,
                                    upsample_factor=ratio)  # fmt: skip

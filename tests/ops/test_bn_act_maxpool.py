@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from spinenet_fast.models.layers import MaxPool3x3s2
 from spinenet_fast.ops import bn_act_maxpool, use_backend
-from spinenet_fast.ops.bn_act_maxpool import _maxpool_op
+from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op, _maxpool_backward_op, _maxpool_op
 
 from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype, assert_low_precision_rule
@@ -87,7 +87,7 @@ def test_gradcheck_float64_through_the_op():
     scale = torch.randn(2, dtype=torch.float64, requires_grad=True)
     shift = torch.randn(2, dtype=torch.float64, requires_grad=True)
     with use_backend("reference"):
-        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 1, "torch"), (x, scale, shift))
+        assert torch.autograd.gradcheck(lambda *t: bn_act_maxpool(*t, "swish", 1, "torch"), (x, scale, shift))
 
 
 def test_gradcheck_float64_through_the_extension():
@@ -96,18 +96,67 @@ def test_gradcheck_float64_through_the_extension():
     scale = torch.randn(2, dtype=torch.float64, requires_grad=True)
     shift = torch.randn(2, dtype=torch.float64, requires_grad=True)
     with use_backend("cuda"):
-        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 1, "torch"), (x, scale, shift))
-        assert torch.autograd.gradcheck(lambda *t: _maxpool_op(*t, "swish", 2, "tf_same"), (x, scale, shift))
+        assert torch.autograd.gradcheck(lambda *t: bn_act_maxpool(*t, "swish", 1, "torch"), (x, scale, shift))
+        assert torch.autograd.gradcheck(lambda *t: bn_act_maxpool(*t, "swish", 2, "tf_same"), (x, scale, shift))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 @pytest.mark.parametrize("prologue", [False, True])
 def test_opcheck(backend, prologue):
     require_backend(backend)
-    x = torch.randn(1, 2, 4, 4)
+    x = torch.randn(1, 2, 8, 8)
     scale, shift = (torch.randn(2), torch.randn(2)) if prologue else (None, None)
     with use_backend(backend):
-        torch.library.opcheck(_maxpool_op, (x, scale, shift, "relu", 1, "tf_same"))
+        for with_route in (False, True):
+            torch.library.opcheck(_maxpool_op, (x, scale, shift, "relu", 2, "tf_same", with_route, None))
+        route = _maxpool_op(x, scale, shift, "relu", 2, "tf_same", True, None)[1]
+        args = (torch.randn(1, 2, 2, 2), x, route, scale, shift, "relu", 2, "tf_same")
+        torch.library.opcheck(_maxpool_backward_op, args)
+        if prologue:
+            torch.library.opcheck(_maxpool_backward_into_op, (*args, torch.zeros(2, 2)))
+
+
+@pytest.mark.parametrize("padding", ["torch", "tf_same"])
+@pytest.mark.parametrize("num_pools", [1, 2, 3])
+def test_extension_route_is_aten_pool_by_pool_argmax(padding, num_pools):
+    """The route the extension's forward stores (with ties everywhere) equals the reference's, composed from ATen's
+    stage-by-stage argmax indices; no route is computed where no gradient can be needed."""
+    require_backend("cuda")
+    y = torch.randint(-2, 3, (2, 6, 16, 24)).float()
+    scale, shift = torch.rand(6) + 0.5, torch.zeros(6)
+    routes = []
+    for backend in ("reference", "cuda"):
+        with use_backend(backend):
+            routes.append(_maxpool_op(y, scale, shift, "relu", num_pools, padding, True, None)[1])
+    assert routes[0].dtype == routes[1].dtype == torch.int32
+    assert torch.equal(routes[0], routes[1])
+    with use_backend("cuda"):
+        assert _maxpool_op(y, scale, shift, "relu", num_pools, padding, False, None)[1].numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_affine_gradients_into_a_buffer_and_a_second_backward(backend):
+    """``affine_grad_buffer``: the first backward adds d_scale, d_shift into it (nothing else of it is written); a
+    second backward through the same graph gets its own, equal ones; without a gradient no route is stored."""
+    require_backend(backend)
+    y = torch.randn(2, 5, 8, 8, requires_grad=True)
+    scale, shift = (torch.rand(5) + 0.5).requires_grad_(), torch.randn(5, requires_grad=True)
+    expected = MaxPool3x3s2("torch")(F.silu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)))
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (y, scale, shift), grad)
+    shared = torch.zeros(3, 2, 5)
+    with use_backend(backend):
+        out = bn_act_maxpool(y, scale, shift, "swish", 1, "torch", affine_grad_buffer=shared[1])
+        first = torch.autograd.grad(out, (y, scale, shift), grad, retain_graph=True)
+        second = torch.autograd.grad(out, (y, scale, shift), grad)
+        with pytest.raises(ValueError, match=r"affine_grad_buffer must be a contiguous float32 \(2, 5\) tensor"):
+            bn_act_maxpool(y, scale, shift, "swish", 1, "torch", affine_grad_buffer=shared[:, 0])
+        with torch.no_grad():
+            torch.testing.assert_close(bn_act_maxpool(y, scale, shift, "swish", 1, "torch"), expected)
+    for got in (first, second, (first[0], *shared[1].unbind())):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert shared[0].abs().sum() == 0 and shared[2].abs().sum() == 0
 
 
 def test_bad_input():

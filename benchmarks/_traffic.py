@@ -1,14 +1,14 @@
 """The ledger's memory-traffic and FLOP model of one launch, and the byte floor of a cross-scale connection.
 
 Bytes: every tensor a launch takes or returns is read or written once, whole (views by their own elements, broadcast
-dimensions once). That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch, not a
-measurement: re-reads of operand tiles that miss L2 are not modelled. Triton kernels: their tensor arguments; ATen
-ops: arguments and results, one kernel each (``aten_kernels``), except ``convolution_backward``, which runs its input
-gradient (dgrad), weight gradient (wgrad) and bias gradient as separate kernels on a GPU (cuDNN's, or cuBLAS's GEMMs),
-each reading the output gradient; the extension: its op's arguments and results (buffers inside it, such as the
-max-pool backward's routed gradient, are not seen). FLOPs: the multiply-adds of convolutions and matrix
-products (2 per MAC), from PyTorch's own formulas for ATen ops and from the problem sizes of our GEMM kernels;
-elementwise work is not counted."""
+dimensions once; a launch running two GEMMs side by side counts the operands both read twice, ``READ_BY_BOTH``).
+That is the traffic of a kernel whose tiles stay on chip or in L2 — a floor per launch, not a measurement: re-reads
+of operand tiles that miss L2 are not modelled. Triton kernels: their tensor arguments; ATen ops: arguments and
+results, one kernel each (``aten_kernels``), except ``convolution_backward``, which runs its input gradient (dgrad),
+weight gradient (wgrad) and bias gradient as separate kernels on a GPU (cuDNN's, or cuBLAS's GEMMs), each reading
+the output gradient; the extension: its op's arguments and results (buffers inside it are not seen). FLOPs: the
+multiply-adds of convolutions and matrix products (2 per MAC), from PyTorch's own formulas for ATen ops and from the
+problem sizes of our GEMM kernels; elementwise work is not counted."""
 
 from __future__ import annotations
 
@@ -65,22 +65,34 @@ def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
     return 2 * m * n * k * passes
 
 
-# Our GEMM kernels' FLOPs from their named launch arguments (the bf16 dgrad's split gradient runs two dots).
+def _backward_gemms(taps: int):
+    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient) and its wgrad."""
+    return lambda a: (
+        _gemm(a["P"], a["C_IN"], taps * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1)
+        + _gemm(taps * a["C_OUT"], a["C_IN"], a["P"])
+    )
+
+
+# Our GEMM kernels' FLOPs from their named launch arguments.
 TRITON_FLOPS = {
     "_conv1x1_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], a["K"]),
-    "_conv1x1_dgrad_kernel": lambda a: _gemm(a["P"], a["C_IN"], a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1),
-    "_conv1x1_wgrad_kernel": lambda a: _gemm(a["C_OUT"], a["C_IN"], a["P"]),
     "_conv3x3s2_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
-    "_conv3x3s2_dgrad_kernel": lambda a: _gemm(a["P"], a["C_IN"], 9 * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1),
-    "_conv3x3s2_wgrad_kernel": lambda a: _gemm(9 * a["C_OUT"], a["C_IN"], a["P"]),
+    "_conv1x1_backward_kernel": _backward_gemms(1),
+    "_conv3x3s2_backward_kernel": _backward_gemms(9),
 }
+# Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
+# twice — dy and y always, x where the dgrad's prologue backward reads it too.
+READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3s2_backward_kernel"}
 
 
 def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
     """``(bytes, flops)`` of one intercepted Triton launch."""
     named = dict(zip(kernel.arg_names, args)) | kwargs
     formula = TRITON_FLOPS.get(kernel.fn.__name__)
-    return tensors_bytes(args), (formula(named) if formula is not None else 0)
+    nbytes = tensors_bytes(args)
+    if kernel.fn.__name__ in READ_BY_BOTH:
+        nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if named["HAS_PROLOGUE"] else None)
+    return nbytes, (formula(named) if formula is not None else 0)
 
 
 def connection_floor(inputs: Iterable[torch.Tensor], output: torch.Tensor, parameters: Iterable[torch.Tensor],

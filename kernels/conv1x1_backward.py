@@ -1,4 +1,4 @@
-"""Triton backward of ``conv1x1_bn_stats``: a dgrad and a wgrad GEMM, every elementwise step inside them.
+"""Triton backward of ``conv1x1_bn_stats``: a dgrad and a wgrad GEMM in one launch, every elementwise step inside.
 
 With g = dy + dΣ + 2·y·dΣ² (the statistics' gradients folded into the output gradient, computed as each GEMM loads
 its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from the saved raw x):
@@ -7,14 +7,13 @@ its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from
   stores ``dx = d_pre·scale`` and accumulates ``d_scale = Σ_p d_pre·x`` and ``d_shift = Σ_p d_pre``.
 - wgrad: ``dW = gᵀ · a`` (C_out × C_in), split over pixel chunks (one weight tile alone would leave a GPU idle).
 
-Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast layout); W is (C_out, C_in).
-g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16, IEEE fp32 dots for fp32);
-accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are atomic adds into zeroed
-fp32 buffers: dW is zeroed by the dgrad programs (the wgrad follows on the same stream), d_scale and d_shift by
-one fill or by the caller (a slice of one buffer for a whole connection), so the backward is two GEMM launches (plus
-dW's cast where W itself is bf16/fp16 rather than the fp32 master weight). With the BN that y's statistics were
-finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the gradients of its scale and shift, and
-the dgrad also stores dγ, dβ.
+The two GEMMs do not depend on each other: one launch runs both, its first programs the dgrad's tiles and the rest
+the wgrad's (horizontal fusion). Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast
+layout); W is (C_out, C_in). g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16,
+IEEE fp32 dots for fp32); accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are
+atomic adds into zeroed fp32 buffers, the caller's (slices of one buffer for a whole connection) or filled here. With
+the BN that y's statistics were finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the
+gradients of its scale and shift, and the dgrad also stores dγ, dβ.
 """
 
 import torch
@@ -23,28 +22,23 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_grad import output_grad_tile, store_bn_param_grads
-from .gemm_backward import TARGET_PROGRAMS, ZERO_BLOCK, backward_buffers, grad_dot, store_input_grad, zero_share
+from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_split
 from .gemm_config import gemm_launch_config
 
 
 @triton.jit
-def _conv1x1_dgrad_kernel(
-    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
-    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, DW_NUMEL,
-    ZERO_PER_PROGRAM,
+def _dgrad_tile(
+    pid_m, pid_n, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
+    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
     FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ZERO_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift. Each program
-    also zeroes its share of the fp32 dW that the wgrad, next on the stream, adds into (no fill launch); with
-    ``FROM_AFFINE``, program (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
-    zero_share(dw_ptr, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), DW_NUMEL, ZERO_PER_PROGRAM,
-               ZERO_BLOCK)  # fmt: skip
-    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift; with
+    ``FROM_AFFINE``, tile (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
     dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -54,7 +48,7 @@ def _conv1x1_dgrad_kernel(
         g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
                              y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
         if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            if (pid_m == 0) & (pid_n == 0):
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
@@ -67,16 +61,17 @@ def _conv1x1_dgrad_kernel(
 
 
 @triton.jit
-def _conv1x1_wgrad_kernel(
-    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
-    shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
-    sx_n, sx_c, sx_h, sx_w, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _wgrad_tile(
+    pid_o, pid_k, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
+    x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
+    sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW."""
-    o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    first = tl.program_id(2) * PIXELS_PER_PROGRAM
+    o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = chunk * PIXELS_PER_PROGRAM
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
@@ -102,40 +97,59 @@ def _conv1x1_wgrad_kernel(
     tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
 
 
-def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None):
+@triton.jit
+def _conv1x1_backward_kernel(
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, DGRAD_PROGRAMS,
+    DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
+    sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_k,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The first ``DGRAD_PROGRAMS`` programs are the dgrad's tiles (row-major over DGRAD_COLUMNS input-channel
+    blocks), the rest the wgrad's (WGRAD_CHUNKS pixel chunks of each of the weight's tiles, WGRAD_COLUMNS per row)."""
+    pid = tl.program_id(0)
+    if pid < DGRAD_PROGRAMS:
+        _dgrad_tile(pid // DGRAD_COLUMNS, pid % DGRAD_COLUMNS, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr,
+                    dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr,
+                    scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h,
+                    sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
+                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
+        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
+                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
+                    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+                    HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None,
+                              d_weight=None):  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``.
 
     ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN, and ``d_sum``/``d_sumsq`` are the
     gradients of its scale and shift; the statistics' gradients are then computed inside both GEMMs, and
     ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last. ``d_affine``: a zeroed fp32 (2, C_in) buffer the prologue's
-    gradients are added into (then not returned), or None."""
+    gradients are added into (then not returned), or None. ``d_weight``: a zeroed fp32 buffer laid out as the weight
+    that dW is added into (returned as dW for an fp32 weight), or None (one fill)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     pixels = n * h * w
     w2d = weight.reshape(c_out, c_in)
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine)
-    common = dict(HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], FROM_AFFINE=bn is not None)
-
-    config = gemm_launch_config(x.dtype, _conv1x1_dgrad_kernel)
-    grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]))
-    _conv1x1_dgrad_kernel[grid](
-        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, t.x, w2d,
-        t.scale, t.shift, pixels, c_in, c_out, h * w, w, t.d_weight.numel(), t.zero_per_program(grid[0] * grid[1]),
-        *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(), SPLIT_GRAD=x.dtype != torch.float32,
-        ZERO_BLOCK=ZERO_BLOCK, **common, **config,
-    )  # fmt: skip
-
-    config = gemm_launch_config(x.dtype, _conv1x1_wgrad_kernel)
-    tiles = triton.cdiv(c_out, config["BLOCK_M"]) * triton.cdiv(c_in, config["BLOCK_N"])
-    chunks = max(1, min(triton.cdiv(pixels, config["BLOCK_K"]), TARGET_PROGRAMS // tiles))
-    per_program = triton.cdiv(triton.cdiv(pixels, chunks), config["BLOCK_K"]) * config["BLOCK_K"]
-    grid = (
-        triton.cdiv(c_out, config["BLOCK_M"]),
-        triton.cdiv(c_in, config["BLOCK_N"]),
-        triton.cdiv(pixels, per_program),
-    )
-    _conv1x1_wgrad_kernel[grid](
-        t.d_weight, dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, t.scale, t.shift, pixels, c_in, c_out, h * w, w,
-        per_program, *dy.stride(), *y.stride(), *x.stride(), **common, **config,
+    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
+    config = gemm_launch_config(x.dtype, _conv1x1_backward_kernel)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    dgrad_columns = triton.cdiv(c_in, block_n)
+    dgrad_programs = triton.cdiv(pixels, block_m) * dgrad_columns
+    wgrad_columns = triton.cdiv(c_in, block_n)
+    chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
+    grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
+    _conv1x1_backward_kernel[grid](
+        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
+        t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,
+        per_program, *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(),
+        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32,
+        FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return t.grads(weight)

@@ -5,14 +5,16 @@ those of the BN affine map they were finalised into) and a = act(scale·x + shif
 
 - dgrad: ``d_a[n, c, h, w] = Σ_{o, kh, kw} g[n, o, i, j]·W[o, c, kh, kw]`` over the taps with h = 2i + kh − PAD,
   w = 2j + kw − PAD. The input pixels fall into four parity classes (h mod 2, w mod 2), each fed by its own taps
-  (1, 2, 2 or 4 of the 9) from a dense output window: the grid's third axis is the class, so no program multiplies
+  (1, 2, 2 or 4 of the 9) from a dense output window: each program belongs to one class, so none multiplies
   by a tap that does not reach it. Its epilogue is the prologue's backward (``gemm_backward.store_input_grad``).
 - wgrad: ``dW[o, c, kh, kw] = Σ_{n, i, j} g[n, o, i, j]·a[n, c, 2i + kh − PAD, 2j + kw − PAD]``, one GEMM per tap,
-  split over pixel chunks, added atomically into the fp32 dW the dgrad programs zeroed.
+  split over pixel chunks, added atomically into a zeroed fp32 dW.
+
+Both run in one launch (horizontal fusion: the dgrad's programs first, then the wgrad's).
 
 H and W are even (the op checks it), so every class has the output's H/2 × W/2 pixels. Tensors are (N, C, H, W)
 through their strides; dW has the weight's layout. Operands are rounded to the storage dtype (tensor cores for
-bf16/fp16; IEEE fp32 dots for fp32), accumulation and reductions are fp32: two launches in all.
+bf16/fp16; IEEE fp32 dots for fp32), accumulation and reductions are fp32.
 """
 
 import torch
@@ -21,35 +23,32 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_grad import output_grad_tile, store_bn_param_grads
-from .gemm_backward import TARGET_PROGRAMS, ZERO_BLOCK, backward_buffers, grad_dot, store_input_grad, zero_share
+from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_split
 from .gemm_config import gemm_launch_config
 
 
 @triton.jit
-def _conv3x3s2_dgrad_kernel(
-    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
-    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, DW_NUMEL,
-    ZERO_PER_PROGRAM,
+def _dgrad_tile(
+    parity, pid_m, pid_n, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr,
+    gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT,
+    W_OUT, H_OUT,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
     PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M input pixels of parity class ``program_id(2)``) × (BLOCK_N input channels) tile of dx, and its
-    share of d_scale, d_shift; each program zeroes its share of dW, and with ``FROM_AFFINE`` program (0, 0, 0)
-    stores the output BN's dγ, dβ."""
-    program = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(1) + tl.program_id(1)
-    zero_share(dw_ptr, program, DW_NUMEL, ZERO_PER_PROGRAM, ZERO_BLOCK)
+    """One (BLOCK_M input pixels of parity class ``parity``) × (BLOCK_N input channels) tile of dx, and its share of
+    d_scale, d_shift; with ``FROM_AFFINE`` tile (0, 0, 0) stores the output BN's dγ, dβ."""
     if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-        if program == 0:
+        if (parity == 0) & (pid_m == 0) & (pid_n == 0):
             for o0 in range(0, C_OUT, BLOCK_K):
                 o = o0 + tl.arange(0, BLOCK_K)
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
-    parity_h, parity_w = tl.program_id(2) // 2, tl.program_id(2) % 2
-    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    parity_h, parity_w = parity // 2, parity % 2
+    q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, u, v = q // HW_OUT, (q % HW_OUT) // W_OUT, q % W_OUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tap in range(9):
@@ -76,20 +75,19 @@ def _conv3x3s2_dgrad_kernel(
 
 
 @triton.jit
-def _conv3x3s2_wgrad_kernel(
-    dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
-    shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
+def _wgrad_tile(
+    pid_o, pid_k, tap, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
+    x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
     sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at tap ``program_id(2) % 9`` over one
-    chunk of output pixels, added to dW."""
-    o = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tap = tl.program_id(2) % 9
+    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at ``tap`` over one chunk of output
+    pixels, added to dW."""
+    o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     kh, kw = tap // 3, tap % 3
-    first = (tl.program_id(2) // 9) * PIXELS_PER_PROGRAM
+    first = chunk * PIXELS_PER_PROGRAM
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
@@ -117,39 +115,59 @@ def _conv3x3s2_wgrad_kernel(
     tl.atomic_add(dw_ptr + o[:, None] * sdw_o + k[None, :] * sdw_c + kh * sdw_h + kw * sdw_w, acc, mask=mask)
 
 
+@triton.jit
+def _conv3x3s2_backward_kernel(
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, H_OUT,
+    DGRAD_TILES, DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
+    sdx_n, sdx_c, sdx_h, sdx_w, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
+    sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
+    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The first 4·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
+    DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its 9 taps ×
+    WGRAD_CHUNKS pixel chunks)."""
+    pid = tl.program_id(0)
+    if pid < 4 * DGRAD_TILES:
+        tile = pid % DGRAD_TILES
+        _dgrad_tile(pid // DGRAD_TILES, tile // DGRAD_COLUMNS, tile % DGRAD_COLUMNS, dx_ptr, dscale_ptr, dshift_ptr,
+                    dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                    y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, sdx_n, sdx_c,
+                    sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o,
+                    sw_c, sw_h, sw_w, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N,
+                    BLOCK_K)  # fmt: skip
+    else:
+        tile, step = (pid - 4 * DGRAD_TILES) // (9 * WGRAD_CHUNKS), (pid - 4 * DGRAD_TILES) % (9 * WGRAD_CHUNKS)
+        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % 9, step // 9, dw_ptr, dy_ptr, dsum_ptr,
+                    dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN,
+                    C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c,
+                    sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, PAD, HAS_PROLOGUE, ACT, FP32_DOT,
+                    FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
 def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, bn=None,
-                                d_affine=None) -> list[torch.Tensor]:  # fmt: skip
+                                d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
-    ([dγ; dβ])]``; ``bn`` and ``d_affine`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``. ``pad_before``: the
-    top/left padding (1 for ``"torch"``, 0 for ``"tf_same"``)."""
+    ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
+    ``pad_before``: the top/left padding (1 for ``"torch"``, 0 for ``"tf_same"``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     pixels = n * (h // 2) * (w // 2)  # output pixels, and input pixels per parity class
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine)
-    common = dict(PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
-                  FROM_AFFINE=bn is not None)  # fmt: skip
-
-    config = gemm_launch_config(x.dtype, _conv3x3s2_dgrad_kernel)
-    grid = (triton.cdiv(pixels, config["BLOCK_M"]), triton.cdiv(c_in, config["BLOCK_N"]), 4)
-    _conv3x3s2_dgrad_kernel[grid](
-        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, t.x,
-        weight, t.scale, t.shift, pixels, c_in, c_out, (h // 2) * (w // 2), w // 2, h // 2, t.d_weight.numel(),
-        t.zero_per_program(grid[0] * grid[1] * grid[2]), *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(),
-        *weight.stride(), SPLIT_GRAD=x.dtype != torch.float32, ZERO_BLOCK=ZERO_BLOCK, **common, **config,
-    )  # fmt: skip
-
-    config = gemm_launch_config(x.dtype, _conv3x3s2_wgrad_kernel)
-    tiles = 9 * triton.cdiv(c_out, config["BLOCK_M"]) * triton.cdiv(c_in, config["BLOCK_N"])
-    chunks = max(1, min(triton.cdiv(pixels, config["BLOCK_K"]), TARGET_PROGRAMS // tiles))
-    per_program = triton.cdiv(triton.cdiv(pixels, chunks), config["BLOCK_K"]) * config["BLOCK_K"]
-    grid = (
-        triton.cdiv(c_out, config["BLOCK_M"]),
-        triton.cdiv(c_in, config["BLOCK_N"]),
-        9 * triton.cdiv(pixels, per_program),
-    )
-    _conv3x3s2_wgrad_kernel[grid](
-        t.d_weight, dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, t.scale, t.shift, pixels, c_in, c_out, h, w,
-        (h // 2) * (w // 2), w // 2, per_program, *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(),
-        **common, **config,
+    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
+    config = gemm_launch_config(x.dtype, _conv3x3s2_backward_kernel)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    dgrad_columns = triton.cdiv(c_in, block_n)
+    dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns
+    wgrad_tiles = triton.cdiv(c_out, block_m) * triton.cdiv(c_in, block_n)
+    chunks, per_program = wgrad_split(pixels, 9 * wgrad_tiles, block_k)
+    grid = (4 * dgrad_tiles + 9 * wgrad_tiles * chunks,)
+    _conv3x3s2_backward_kernel[grid](
+        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x,
+        weight, t.scale, t.shift, pixels, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, h // 2, dgrad_tiles,
+        dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(), *t.d_weight.stride(),
+        *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), PAD=pad_before, HAS_PROLOGUE=scale is not None,
+        ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return t.grads(weight)

@@ -1,9 +1,9 @@
 """What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3s2_backward``).
 
-Jitted pieces: the dgrad's dW zeroing (the wgrad, next on the stream, adds into it: no fill launch), its dot of the
-folded output gradient (a head and, in bf16/fp16, its rounding error), and its epilogue — the prologue's backward
-d_pre = d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre added atomically and
-dx = d_pre·scale. The launchers' buffers: :class:`BackwardBuffers`.
+Jitted pieces: the dgrad's dot of the folded output gradient (a head and, in bf16/fp16, its rounding error), and its
+epilogue — the prologue's backward d_pre = d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre
+added atomically and dx = d_pre·scale. The launchers' buffers (:class:`BackwardBuffers`) and the wgrad's split of
+the pixels (:func:`wgrad_split`).
 """
 
 from dataclasses import dataclass
@@ -14,17 +14,7 @@ import triton.language as tl
 
 from .activation import activation_grad
 
-ZERO_BLOCK = 256  # dgrad: elements of dW zeroed per store
 TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
-
-
-@triton.jit
-def zero_share(dw_ptr, program, DW_NUMEL, ZERO_PER_PROGRAM, ZERO_BLOCK: tl.constexpr):
-    """Zero the fp32 elements ``[program·ZERO_PER_PROGRAM, (program + 1)·ZERO_PER_PROGRAM)`` of a dense dW."""
-    first = program * ZERO_PER_PROGRAM
-    for z in range(first, first + ZERO_PER_PROGRAM, ZERO_BLOCK):
-        offsets = z + tl.arange(0, ZERO_BLOCK)
-        tl.store(dw_ptr + offsets, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offsets < DW_NUMEL)
 
 
 @triton.jit
@@ -65,47 +55,55 @@ def store_input_grad(acc, dx_ptr, dx_rows, sdx_c, x_ptr, x_rows, sx_c, scale_ptr
 
 @dataclass
 class BackwardBuffers:
-    """The tensors a conv op's dgrad and wgrad launches take besides dy, y, x and W (unused pointers stand in for
-    absent ones, never dereferenced): see :func:`backward_buffers`."""
+    """The tensors a conv op's backward launch takes besides dy, y, x and W (unused pointers stand in for absent ones,
+    never dereferenced): see :func:`backward_buffers`."""
 
     dx: torch.Tensor
-    d_weight: torch.Tensor  # fp32, laid out as the weight; zeroed by the dgrad
+    d_weight: torch.Tensor  # fp32, laid out as the weight, zeroed
     d_sum: torch.Tensor
     d_sumsq: torch.Tensor
     d_scale: torch.Tensor
     d_shift: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
-    x: torch.Tensor  # the dgrad's x: only the prologue's backward reads it (dx stands in otherwise)
     d_bn: torch.Tensor  # [dγ; dβ] (2, C_out) written by the dgrad, or a stand-in
     bn_args: tuple  # (γ, mean, var, count, eps), or stand-ins
     has_bn: bool
     d_affine: torch.Tensor | None
     returns_d_affine: bool
-
-    def zero_per_program(self, programs: int) -> int:
-        """Elements of dW each of ``programs`` dgrad programs zeroes (a multiple of ``ZERO_BLOCK``)."""
-        return triton.cdiv(triton.cdiv(self.d_weight.numel(), programs), ZERO_BLOCK) * ZERO_BLOCK
+    returns_d_weight: bool
 
     def grads(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        """``[dx, dW in W's dtype, (d_affine), ([dγ; dβ])]``, as the launchers return them."""
-        grads = [self.dx, self.d_weight.to(weight.dtype)]
+        """``[dx, dW in W's dtype (an empty stand-in where the caller's buffer holds it), (d_affine), ([dγ; dβ])]``, as
+        the launchers return them."""
+        grads = [self.dx, self.d_weight.to(weight.dtype) if self.returns_d_weight else self.d_weight.new_empty(0)]
         grads += [self.d_affine] if self.returns_d_affine else []
         return grads + ([self.d_bn] if self.has_bn else [])
 
 
-def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine) -> BackwardBuffers:
-    """Allocate and prepare the buffers of a conv op's backward (no launch but d_affine's fill where the caller gives
-    none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and ``d_sum``/``d_sumsq`` are
-    the gradients of its scale and shift; ``d_affine``: a zeroed fp32 (2, C_in) buffer for the prologue's gradients
-    (then not returned), or None. dW is dense fp32 with the weight's layout (2-D for a 1×1 conv's (C_out, C_in))."""
+def wgrad_split(pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
+    """``(chunks, pixels per chunk)``: the wgrad's reduction over ``pixels`` split so that its ``tiles`` weight tiles
+    make about ``TARGET_PROGRAMS`` programs; chunks are whole ``block_k`` steps."""
+    chunks = max(1, min(triton.cdiv(pixels, block_k), TARGET_PROGRAMS // tiles))
+    per_program = triton.cdiv(triton.cdiv(pixels, chunks), block_k) * block_k
+    return triton.cdiv(pixels, per_program), per_program
+
+
+def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight) -> BackwardBuffers:
+    """Allocate and prepare the buffers of a conv op's backward (no launch but the fills of d_affine and dW where the
+    caller gives none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and
+    ``d_sum``/``d_sumsq`` are the gradients of its scale and shift; ``d_affine``: a zeroed fp32 (2, C_in) buffer for
+    the prologue's gradients (then not returned), or None; ``d_weight``: a zeroed fp32 buffer of the weight's shape,
+    dense, or None (then dense with the weight's layout)."""
     c_in = x.shape[1]
     has_prologue = scale is not None
     # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
     d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
-    d_weight = torch.empty_like(weight, dtype=torch.float32)  # zeroed by the dgrad kernel
-    if not d_weight.is_contiguous() and not d_weight.is_contiguous(memory_format=torch.channels_last):
-        d_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    returns_d_weight = d_weight is None
+    if returns_d_weight:
+        dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
+        d_weight = torch.zeros_like(weight, dtype=torch.float32, memory_format=torch.preserve_format if dense
+                                    else torch.contiguous_format)  # fmt: skip
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     returns_d_affine = has_prologue and d_affine is None
     if has_prologue:
@@ -121,5 +119,5 @@ def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine) -> B
         bn_args = (gamma, mean, var, float(count), float(eps))
     else:  # unused pointers
         d_bn, bn_args = d_sum.new_empty((2, 1)), (d_sum, d_sum, d_sum, 1.0, 1.0)
-    return BackwardBuffers(dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, x if has_prologue else dx,
-                           d_bn, bn_args, bn is not None, d_affine, returns_d_affine)  # fmt: skip
+    return BackwardBuffers(dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, d_bn, bn_args, bn is not None,
+                           d_affine, returns_d_affine, returns_d_weight)  # fmt: skip

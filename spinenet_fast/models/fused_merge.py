@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import bn_act_maxpool, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
+from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
 
 
@@ -29,8 +30,8 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 class ConnectionWorkspace:
     """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
     of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's program counter,
-    each prologue's gradient [d_scale; d_shift] (the max-pools' included), and the merge backward's channel sums —
-    handed out in slices: one fill per merge instead of one per accumulator."""
+    each prologue's gradient [d_scale; d_shift] (the max-pools' included), each fp32 conv weight's gradient, and the
+    merge backward's channel sums — handed out in slices: one fill per merge instead of one per accumulator."""
 
     def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
         sizes = []  # elements
@@ -38,14 +39,28 @@ class ConnectionWorkspace:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
             layers.append((resample.expand, resample.down is None or not len(resample.pools)))
             for layer, has_prologue in layers:
-                if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients
+                if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients, dW
                     sizes += [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
+                    sizes += [layer.conv.weight.numel()] if self.holds_weight_grad(layer.conv.weight, dtype) else []
             if resample.down is not None and len(resample.pools) and uses_batch_statistics(resample.down.bn):
                 sizes.append(2 * resample.down.conv.out_channels)  # the max-pools' affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
         self.offset = 0
+
+    @staticmethod
+    def holds_weight_grad(weight: Tensor, dtype: torch.dtype) -> bool:
+        """Whether the buffer (of ``dtype``) holds the gradient of ``weight``: a dense fp32 weight that needs one."""
+        return weight.requires_grad and weight.dtype == dtype == torch.float32 and is_dense(weight)
+
+    def take_weight_grad(self, weight: Tensor) -> Tensor | None:
+        """The next ``weight.numel()`` elements laid out as ``weight`` (its strides: autograd then keeps it as the
+        parameter's gradient, no copy), where ``holds_weight_grad``."""
+        if self.buffer is None or not self.holds_weight_grad(weight, self.buffer.dtype):
+            return None
+        start, self.offset = self.offset, self.offset + weight.numel()  # the buffer is its storage's from element 0
+        return self.buffer.as_strided(weight.shape, weight.stride(), start)
 
     def take_counter(self) -> Tensor | None:
         """The next element as a zeroed integer counter (``conv_bn.counter_view``; None without a buffer)."""
@@ -99,7 +114,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
         return (y, *running_affine(bn))
     bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
                    stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
-                   prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None)  # fmt: skip
+                   prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
+                   weight_grad_buffer=workspace.take_weight_grad(conv.weight))  # fmt: skip
     if padding is not None:
         return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)

@@ -150,6 +150,7 @@ def _pool_setup_context(ctx, inputs, output):
     ctx.has_affine, ctx.activation, ctx.num_pools, ctx.padding = scale is not None, activation, num_pools, padding
     ctx.affine_grad = affine_grad_buffer if scale is not None else None  # used once: a second backward allocates
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros launched for the route's (absent) gradient
     ctx.save_for_backward(y, output[1], *((scale, shift) if scale is not None else ()))
 
 
@@ -158,6 +159,7 @@ def _pool_backward(ctx, grad, _):
     if route.numel() == 0 and y.numel() > 0:
         raise RuntimeError("bn_act_maxpool: the forward ran without its route (no input required a gradient)")
     scale, shift = affine if ctx.has_affine else (None, None)
+    grad = torch.zeros(route.shape, dtype=y.dtype, device=y.device) if grad is None else grad
     args = (grad, y, route, scale, shift, ctx.activation, ctx.num_pools, ctx.padding)
     buffer, ctx.affine_grad = ctx.affine_grad, None
     if buffer is not None:

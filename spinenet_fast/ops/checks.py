@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -22,3 +23,8 @@ def check_accumulator(name: str, buffer, shape: tuple[int, ...], dtype, device) 
         raise ValueError(
             f"{name} must be a contiguous {str(dtype)[6:]} {shape} tensor on {device}, got {describe(buffer)}"
         )
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` is laid out densely, contiguous or (4-D) channels_last: no gap, no overlap."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))

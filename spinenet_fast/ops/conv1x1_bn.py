@@ -49,27 +49,34 @@ backends.set_auto_order("conv1x1_bn_backward", ("triton", "cuda", "reference"))
 
 @backends.register("conv1x1_bn_backward", "triton", _triton_reasons)
 def _conv1x1_bn_backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out
-) -> list[Tensor]:
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out,
+    d_weight_out,
+) -> list[Tensor]:  # fmt: skip
     from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
 
     bn = (bn_weight, mean, var, count, eps)
-    return conv1x1_bn_stats_backward(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn, d_affine_out)
+    weight_grad = None if d_weight_out is None else d_weight_out.view(weight.shape[:2])
+    return conv1x1_bn_stats_backward(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn, d_affine_out,
+                                     weight_grad)  # fmt: skip
 
 
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=("d_affine_out",))
+@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=("d_affine_out", "d_weight_out"))
 def _conv1x1_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int, eps: float,
-    d_affine_out: Tensor | None,
+    d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(dx, dW, [dγ; dβ])``; the prologue's gradients added into ``d_affine_out``, and dW into ``d_weight_out`` where
+    given (a zeroed buffer of the weight's shape and dtype; the dW returned is then an empty stand-in)."""
     args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps)
-    return tuple(backends.run("conv1x1_bn_backward", *args, d_affine_out))
+    return tuple(backends.run("conv1x1_bn_backward", *args, d_affine_out, d_weight_out))
 
 
 @_conv1x1_bn_backward_op.register_fake
-def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out):
-    return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
+def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out,
+      d_weight_out):  # fmt: skip
+    dx, d_weight = fake_conv_grads(x, weight, None)
+    return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
 def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) -> Tensor:
@@ -112,7 +119,7 @@ class _Conv1x1BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 12
+        return *conv_bn_backward(ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift), *(None,) * 13
 
 
 def conv1x1_bn(
@@ -134,6 +141,7 @@ def conv1x1_bn(
     stats_buffer: Tensor | None = None,
     counter_buffer: Tensor | None = None,
     prologue_grad_buffer: Tensor | None = None,
+    weight_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
     updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the normalised
@@ -148,6 +156,6 @@ def conv1x1_bn(
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
-        upsample_factor, process_group, stats_buffer, counter_buffer, prologue_grad_buffer,
+        upsample_factor, process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer,
     )  # fmt: skip
     return _Conv1x1BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, *bn)

@@ -51,43 +51,29 @@ backends.set_auto_order("conv3x3s2_bn_backward", ("triton", "cuda", "reference")
 @backends.register("conv3x3s2_bn_backward", "triton", _triton_reasons)
 def _conv3x3s2_bn_backward_triton(
     dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
-    d_affine_out,
+    d_affine_out, d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
     bn = (bn_weight, mean, var, count, eps)
     return _conv3x3s2_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn,
-                                      d_affine_out)  # fmt: skip
+                                      d_affine_out, d_weight_out)  # fmt: skip
 
 
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=("d_affine_out",))
+@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=("d_affine_out", "d_weight_out"))
 def _conv3x3s2_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int,
-    eps: float, d_affine_out: Tensor | None,
+    eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """As ``conv1x1_bn``'s backward op."""
     args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps)
-    return tuple(backends.run("conv3x3s2_bn_backward", *args, d_affine_out))
+    return tuple(backends.run("conv3x3s2_bn_backward", *args, d_affine_out, d_weight_out))
 
 
 @_conv3x3s2_bn_backward_op.register_fake
-def _(
-    dy,
-    d_scale,
-    d_shift,
-    y,
-    x,
-    weight,
-    scale,
-    shift,
-    activation,
-    padding,
-    bn_weight,
-    mean,
-    var,
-    count,
-    eps,
-    d_affine_out,
-):
-    return (*fake_conv_grads(x, weight, None), bn_weight.new_empty((2, *bn_weight.shape)))
+def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
+      d_affine_out, d_weight_out):  # fmt: skip
+    dx, d_weight = fake_conv_grads(x, weight, None)
+    return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
 def _conv3x3s2_triton_train(x, weight, scale, shift, activation, padding, stats, finalize) -> Tensor:
@@ -130,7 +116,7 @@ class _Conv3x3s2BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 13
+        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 14
 
 
 def conv3x3s2_bn(
@@ -152,12 +138,13 @@ def conv3x3s2_bn(
     stats_buffer: Tensor | None = None,
     counter_buffer: Tensor | None = None,
     prologue_grad_buffer: Tensor | None = None,
+    weight_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
     check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
     pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
-        1, process_group, stats_buffer, counter_buffer, prologue_grad_buffer,
+        1, process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer,
     )  # fmt: skip
     return _Conv3x3s2BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn)

@@ -139,15 +139,15 @@ def conv3x3s2_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scal
 
 
 def _conv3x3s2_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, bn=None,
-                               d_affine=None):  # fmt: skip
-    """The Triton dgrad and wgrad implicit GEMMs (``kernels/conv3x3s2_backward.py``); ``bn`` (``conv3x3s2_bn``):
-    d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended; ``d_affine``: a zeroed buffer
-    the prologue's gradients are added into (then not returned)."""
+                               d_affine=None, d_weight=None):  # fmt: skip
+    """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3s2_backward.py``); ``bn``
+    (``conv3x3s2_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended;
+    ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned)."""
     from spinenet_fast.kernels.conv3x3s2_backward import conv3x3s2_bn_stats_backward
 
     pad_before = spatial_padding(3, 2, padding)[0]
     return conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, bn,
-                                       d_affine)  # fmt: skip
+                                       d_affine, d_weight)  # fmt: skip
 
 
 def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding) -> list[str]:

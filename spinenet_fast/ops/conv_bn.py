@@ -28,7 +28,7 @@ from .bn_finalize import (
     running_in_kernel,
     running_update_reference,
 )
-from .checks import check_accumulator
+from .checks import check_accumulator, describe, is_dense
 
 
 def with_bn_backward(conv_backward_reference: Callable) -> Callable:
@@ -37,13 +37,16 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     [d_scale; d_shift] (with a prologue) added into the last argument, a zeroed (2, C_in) buffer."""
 
     def reference(dy, d_scale, d_shift, y, x, weight, scale, shift, *args):
-        *conv_args, bn_weight, mean, var, count, eps, d_affine_out = args
+        *conv_args, bn_weight, mean, var, count, eps, d_affine_out, d_weight_out = args
         d_stats, d_gamma, d_beta = bn_finalize_backward_reference(
             d_scale, d_shift, None, None, bn_weight, bn_weight, mean, var, count, eps
         )
         grads = conv_backward_reference(dy, d_stats[0], d_stats[1], y, x, weight, scale, shift, *conv_args)
         if scale is not None:
             d_affine_out.add_(grads.pop(2))
+        if d_weight_out is not None:
+            d_weight_out.add_(grads[1])
+            grads[1] = grads[1].new_empty(0)
         return [*grads, torch.stack([d_gamma, d_beta])]
 
     return reference
@@ -51,14 +54,15 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
 
 def conv_bn_forward(ctx, conv_op, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
                     count, eps, running_mean, running_var, batches, momentum, upsample_factor, group, stats,
-                    counter, prologue_grad) -> tuple:  # fmt: skip
+                    counter, prologue_grad, weight_grad) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
     backward needs saved on ``ctx``. ``count``: y's pixels (values per channel on this rank). Without a process
     group, one ``train_op`` (the conv with the BN finalized in its last program); with one, the conv, the
     statistics' all-reduce and ``bn_finalize``. ``stats``/``counter``: a zeroed (2, C_out) buffer the conv adds its
     statistics into and a zeroed integer element its programs count themselves on, or None (allocated here, one
     fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
-    into, or None."""
+    into, or None; ``weight_grad``: likewise a zeroed fp32 buffer of the weight's shape for dW (an fp32 weight's), or
+    None."""
     if stats is None:
         fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=stats_dtype(x), device=x.device)
         stats, counter = fresh[:-1].view(2, -1), counter_view(fresh[-1:])
@@ -80,6 +84,7 @@ def conv_bn_forward(ctx, conv_op, conv_into_op, train_op, conv_args, x, weight, 
     ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var)
     ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
     ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
+    ctx.weight_grad = weight_grad
     return y, out_scale, out_shift
 
 
@@ -157,10 +162,12 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
         dist.all_reduce(d_affine, group=ctx.group)
         d_scale, d_shift = d_affine
     prologue_grad, ctx.prologue_grad = ctx.prologue_grad, None
+    weight_grad, ctx.weight_grad = ctx.weight_grad, None
     if scale is not None and prologue_grad is None:
         prologue_grad = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
     args = (y, x, weight, scale, shift, *ctx.conv_args, bn_weight, mean, var, ctx.count, ctx.eps, prologue_grad)
-    dx, d_weight, d_bn = backward_op(dy, d_scale, d_shift, *args)
+    dx, d_weight, d_bn = backward_op(dy, d_scale, d_shift, *args, weight_grad)
+    d_weight = d_weight if weight_grad is None else weight_grad
     d_gamma, d_beta = d_bn
     if ctx.group is not None:  # this rank's own dγ, dβ
         _, d_gamma, d_beta = _bn_finalize_backward_op(*local, None, None, bn_weight, bn_bias, mean, var, ctx.count,
@@ -170,11 +177,11 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
 
 def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running_mean, running_var,
                     num_batches_tracked, momentum, upsample_factor, process_group, stats_buffer, counter_buffer,
-                    prologue_grad_buffer) -> tuple:  # fmt: skip
+                    prologue_grad_buffer, weight_grad_buffer) -> tuple:  # fmt: skip
     """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels,
     checked, as its ``autograd.Function`` takes them after the conv's own: ``(count, eps, running_mean, running_var,
-    batches, momentum, upsample_factor, group, stats, counter, prologue_grad)`` (running statistics: both or
-    neither)."""
+    batches, momentum, upsample_factor, group, stats, counter, prologue_grad, weight_grad)`` (running statistics: both
+    or neither)."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
     dtype = stats_dtype(x)
@@ -182,9 +189,20 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
     check_accumulator("counter_buffer", counter_buffer, (1,), torch.int32 if dtype == torch.float32 else torch.int64,
                       x.device)  # fmt: skip
     check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), dtype, x.device)
+    if weight_grad_buffer is not None:
+        if weight.dtype != torch.float32:
+            raise ValueError(f"weight_grad_buffer needs a float32 weight (dW accumulates in fp32), got {weight.dtype}")
+        buffer = weight_grad_buffer
+        fits = isinstance(buffer, Tensor) and buffer.dtype == torch.float32 and buffer.device == x.device
+        if not (fits and buffer.shape == weight.shape and buffer.stride() == weight.stride() and is_dense(weight)):
+            strides = buffer.stride() if isinstance(buffer, Tensor) else None
+            raise ValueError(
+                f"weight_grad_buffer must be a float32 tensor with the dense weight's shape {tuple(weight.shape)} and "
+                f"strides {weight.stride()} on {x.device}, got {describe(buffer)} with strides {strides}"
+            )
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
     update = running_mean is not None and running_var is not None
     running = (running_mean, running_var) if update else (None, None)
     return (pixels_out, float(eps), *running, num_batches_tracked, float(momentum), upsample_factor, process_group,
-            stats_buffer, counter_buffer, prologue_grad_buffer)  # fmt: skip
+            stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer)  # fmt: skip

@@ -31,15 +31,13 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
     kernels = {v["kernel"].split(":")[1] for v in variants}
     assert {
         "_conv1x1_fwd_kernel",
-        "_conv1x1_dgrad_kernel",
-        "_conv1x1_wgrad_kernel",
+        "_conv1x1_backward_kernel",
         "_conv3x3s2_fwd_kernel",
         "_merge_fwd_kernel",
         "_merge_bwd_kernel",
         "_bn_finalize_kernel",
         "_bn_finalize_bwd_kernel",
-        "_conv3x3s2_dgrad_kernel",
-        "_conv3x3s2_wgrad_kernel",
+        "_conv3x3s2_backward_kernel",
     } <= kernels
     assert all(v["registers"] and v["spill_stores"] == 0 and v["spill_loads"] == 0 for v in variants)
     # Hopper's tensor cores for every half-precision GEMM; the fp32 path is IEEE (no TF32), so no wgmma there.

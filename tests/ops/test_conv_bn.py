@@ -146,17 +146,24 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (_conv3x3s2_bn_backward_op,
                                                                                ("relu", "torch"))  # fmt: skip
     args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
-    buffers = [torch.zeros(2, 5) if prologue else None for _ in range(3)]  # [d_scale; d_shift] added into these
+    buffers = [torch.zeros(2, 5) if prologue else None for _ in range(4)]  # [d_scale; d_shift] added into these
     with use_backend("reference"):
-        want = op(*args, buffers[0])
+        want = op(*args, buffers[0], None)
     with use_backend(backend):
-        got = op(*args, buffers[1])
-        torch.library.opcheck(op, (*args, buffers[2]))
-    assert len(got) == len(want) == 3
+        got = op(*args, buffers[1], None)
+        torch.library.opcheck(op, (*args, buffers[2], None))
+        d_weight = torch.zeros_like(weight)  # dW added into it, an empty stand-in returned
+        into = op(*args, buffers[3], d_weight)
+        torch.library.opcheck(op, (*args, None if buffers[3] is None else torch.zeros(2, 5), torch.zeros_like(weight)))
+    assert len(got) == len(want) == len(into) == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert into[1].numel() == 0
+    torch.testing.assert_close(d_weight, want[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(into[0], want[0], rtol=1e-5, atol=1e-4)
     if prologue:
         torch.testing.assert_close(buffers[1], buffers[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(buffers[3], buffers[0], rtol=1e-5, atol=1e-4)
         assert buffers[0].abs().sum() > 0
 
 
@@ -259,23 +266,41 @@ def test_statistics_into_a_slice_of_a_shared_buffer(kind, backend):
         fused(kind, backend, x, weight, scale, shift, bn, stats_buffer=shared[:, 0])
     with pytest.raises(ValueError, match=r"prologue_grad_buffer must be a contiguous float32 \(2, 37\) tensor"):
         fused(kind, backend, x, weight, scale, shift, bn, prologue_grad_buffer=torch.zeros(2, 36))
+    with pytest.raises(
+        ValueError, match=r"weight_grad_buffer must be a float32 tensor with the dense weight's shape \(70, 37"
+    ):
+        fused(kind, backend, x, weight, scale, shift, bn, weight_grad_buffer=torch.zeros(weight.shape[::-1]))
+    with pytest.raises(ValueError, match="weight_grad_buffer needs a float32 weight"):
+        fused(
+            kind,
+            backend,
+            x.bfloat16(),
+            weight.bfloat16(),
+            scale,
+            shift,
+            bn,
+            weight_grad_buffer=torch.zeros(weight.shape),
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prologue_gradients_into_a_buffer_and_a_second_backward(kind, backend):
-    """``prologue_grad_buffer``: the first backward adds d_scale, d_shift into it (the gradients autograd passes on
-    are the buffer's rows); a second backward through the same graph (``retain_graph``) gets its own, equal ones."""
+def test_prologue_and_weight_gradients_into_buffers_and_a_second_backward(kind, backend):
+    """``prologue_grad_buffer`` / ``weight_grad_buffer``: the first backward adds d_scale, d_shift / dW into them (the
+    gradients autograd passes on are the buffers themselves); a second backward through the same graph
+    (``retain_graph``) gets its own, equal ones."""
     require_backend(backend)
     x, weight, scale, shift, bn = make_case(kind)
     expected = eager(kind, x, weight, scale, shift, copy_of(bn))
     grad = torch.randn_like(expected)
-    want = torch.autograd.grad(expected, (scale, shift), grad)
-    buffer = torch.zeros(2, 37)
+    want = torch.autograd.grad(expected, (scale, shift, weight), grad)
+    buffer, weight_buffer = torch.zeros(2, 37), torch.zeros(weight.shape)
     with use_backend(backend):
-        out = fused(kind, backend, x, weight, scale, shift, bn, prologue_grad_buffer=buffer)
-        first = torch.autograd.grad(out, (scale, shift), grad, retain_graph=True)
-        second = torch.autograd.grad(out, (scale, shift), grad)
-    for got in (first, second, buffer.unbind()):
+        out = fused(kind, backend, x, weight, scale, shift, bn, prologue_grad_buffer=buffer,
+                    weight_grad_buffer=weight_buffer)  # fmt: skip
+        first = torch.autograd.grad(out, (scale, shift, weight), grad, retain_graph=True)
+        second = torch.autograd.grad(out, (scale, shift, weight), grad)
+    assert first[2].data_ptr() == weight_buffer.data_ptr()
+    for got in (first, second, (*buffer.unbind(), weight_buffer)):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)

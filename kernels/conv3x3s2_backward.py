@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import ACTIVATION_CODES, apply_activation
+from .activation import ACTIVATION_CODES
 from .bn_grad import output_grad_tile, store_bn_param_grads
-from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_split
+from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_dot, wgrad_split
 from .gemm_config import gemm_launch_config
 
 
@@ -98,19 +98,8 @@ def _wgrad_tile(
                              FROM_AFFINE)  # fmt: skip
         h, w = 2 * i + kh - PAD, 2 * j + kw - PAD
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
-        a_mask = inside[:, None] & (k < C_IN)[None, :]
-        a = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
-        storage = a.dtype
-        if HAS_PROLOGUE:  # zero padding after the prologue, as the forward pads its activated input
-            scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)
-            shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)
-            a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
-            a = tl.where(a_mask, a, 0.0).to(storage)  # the forward's operand, rounded as it was
-        g = g.to(storage)
-        if FP32_DOT:
-            acc += tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(g, a)
+        acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, inside[:, None] & (k < C_IN)[None, :],
+                        scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
     mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
     tl.atomic_add(dw_ptr + o[:, None] * sdw_o + k[None, :] * sdw_c + kh * sdw_h + kw * sdw_w, acc, mask=mask)
 

@@ -80,19 +80,13 @@ def _triton_reasons(vector: Tensor) -> list[str]:
     return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
 
 
-def running_in_kernel(stats: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> bool:
-    """Whether a kernel updates the running statistics: contiguous buffers of the statistics' dtype (BN keeps them
-    fp32 under autocast), or none; otherwise ATen updates them after it (a model cast to bf16)."""
-    return running_mean is None or all(
-        t.dtype == stats.dtype and t.is_contiguous() for t in (running_mean, running_var)
-    )
-
-
-def _with_kernel(kernel, stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
-    """``kernel``'s outputs, the running statistics updated in its launch where ``running_in_kernel``, otherwise by
-    ATen after it."""
+def with_running_update(kernel, stats, count, weight, bias, eps, running_mean, running_var, batches, momentum,
+                        unbias):  # fmt: skip
+    """``kernel``'s outputs (scale, shift, mean, var), the running statistics updated in its launch where they are
+    contiguous buffers of the statistics' dtype (BN keeps them fp32 under autocast); otherwise by ATen after it (a
+    model cast to bf16)."""
     running = (running_mean, running_var)
-    if running_in_kernel(stats, running_mean, running_var):
+    if running_mean is None or all(t.dtype == stats.dtype and t.is_contiguous() for t in running):
         return kernel(stats, count, weight, bias, eps, *running, batches, momentum, unbias)
     outputs = kernel(stats, count, weight, bias, eps, None, None, batches, momentum, unbias)
     running_update_reference(*running, outputs[2], outputs[3], momentum, unbias)
@@ -103,7 +97,7 @@ def _with_kernel(kernel, stats, count, weight, bias, eps, running_mean, running_
 def _bn_finalize_triton(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from spinenet_fast.kernels.bn_finalize import bn_finalize_forward
 
-    return _with_kernel(bn_finalize_forward, *args)
+    return with_running_update(bn_finalize_forward, *args)
 
 
 def _extension_kernel(stats, *args):
@@ -112,7 +106,7 @@ def _extension_kernel(stats, *args):
 
 @backends.register("bn_finalize", "cuda", lambda stats, *args: backends.extension_reasons(stats))
 def _bn_finalize_extension(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _with_kernel(_extension_kernel, *args)
+    return with_running_update(_extension_kernel, *args)
 
 
 @torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=("running_mean", "running_var", "batches"))

@@ -16,7 +16,6 @@ from torch import Tensor
 from . import backends
 from .conv1x1_bn_stats import (
     _conv1x1_into_op,
-    _conv1x1_op,
     _triton_backward_reasons,
     check_conv1x1_args,
     conv1x1_bn_stats_backward_reference,
@@ -114,7 +113,7 @@ class _Conv1x1BN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, *bn):
-        return conv_bn_forward(ctx, _conv1x1_op, _conv1x1_into_op, _conv1x1_bn_forward_op, (activation,), x, weight,
+        return conv_bn_forward(ctx, _conv1x1_into_op, _conv1x1_bn_forward_op, (activation,), x, weight,
                                scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
 
     @staticmethod

@@ -17,7 +17,6 @@ from . import backends
 from .conv3x3s2_bn_stats import (
     _conv3x3s2_backward_triton,
     _conv3x3s2_into_op,
-    _conv3x3s2_op,
     _conv_backward_triton_reasons,
     check_conv3x3s2_args,
     conv3x3s2_bn_stats_backward_reference,
@@ -111,7 +110,7 @@ class _Conv3x3s2BN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn):
         conv_args = (activation, padding)
-        return conv_bn_forward(ctx, _conv3x3s2_op, _conv3x3s2_into_op, _conv3x3s2_bn_forward_op, conv_args, x,
+        return conv_bn_forward(ctx, _conv3x3s2_into_op, _conv3x3s2_bn_forward_op, conv_args, x,
                                weight, scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
 
     @staticmethod

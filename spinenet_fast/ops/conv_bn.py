@@ -25,8 +25,7 @@ from .bn_finalize import (
     _bn_finalize_op,
     bn_finalize_backward_reference,
     check_bn_args,
-    running_in_kernel,
-    running_update_reference,
+    with_running_update,
 )
 from .checks import check_accumulator, describe, is_dense
 
@@ -52,7 +51,7 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     return reference
 
 
-def conv_bn_forward(ctx, conv_op, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
+def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
                     count, eps, running_mean, running_var, batches, momentum, upsample_factor, group, stats,
                     counter, prologue_grad, weight_grad) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
@@ -130,18 +129,18 @@ def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forw
 
     @backends.register(op, "triton", triton_reasons)
     def run_triton(*args):
-        conv, stats, counter, (_, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias) = (
-            split(args)
-        )
-        in_kernel = running_in_kernel(stats, running_mean, running_var)
-        outputs = tuple(stats.new_empty(stats.shape[1]) for _ in range(4))
-        finalize = Finalize(counter, weight.contiguous(), bias.contiguous(), outputs,
-                            *((running_mean, running_var) if in_kernel else (None, None)), batches, count, eps,
-                            momentum, unbias)  # fmt: skip
-        y = triton_forward(*conv, stats, finalize)
-        if not in_kernel:
-            running_update_reference(running_mean, running_var, outputs[2], outputs[3], momentum, unbias)
-        return (y, *outputs)
+        conv, _, counter, bn = split(args)
+        launched = []
+
+        def finalizing_conv(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
+            outputs = tuple(stats.new_empty(stats.shape[1]) for _ in range(4))
+            finalize = Finalize(counter, weight.contiguous(), bias.contiguous(), outputs, running_mean, running_var,
+                                batches, count, eps, momentum, unbias)  # fmt: skip
+            launched.append(triton_forward(*conv, stats, finalize))
+            return outputs
+
+        outputs = with_running_update(finalizing_conv, *bn)
+        return (launched[0], *outputs)
 
     backends.set_auto_order(op, ("triton", "cuda", "reference"))
 

@@ -8,9 +8,10 @@ max-pool) is judged on its outputs, which are continuous in its inputs. Both ove
 the same way on every torch version (torch 2.11's module initialisation drew other weights from the same seed, and
 one of those broke the rule: the cause was the fused path's rounding, since fixed, not the Triton version).
 
-Over 16 seeds the largest gradient error of the fused path is 2.0× eager's (squeeze/expand BN parameters, whose
-gradients cancel the statistics' part against the affine part after the latter was stored in bf16): at the rule's
-bound. Issue 15's backward, which applies BN's backward before any bf16 store, is expected to lower it.
+The squeezes are 16 channels wide: the rule compares maximum errors, and over a 4-channel BN vector (the first
+version of this test) that maximum is chance — on an AVX2 CPU one seed in 16 put a 4-vector where eager happened to
+be accurate 5% past the bound, while every other tensor of that seed was more accurate fused than eager. With 16
+channels, the largest ratio over 16 seeds (reference backend, AVX2) is 0.80 of the bound (seed 11, a squeeze BN's γ).
 """
 
 import pytest
@@ -24,16 +25,17 @@ from spinenet_fast.ops import use_backend
 from ..conftest import require_backend
 from ..ops.tolerance import assert_low_precision_rule
 
-SEEDS = (0, 4, 8, 12)  # 4: the seed closest to the rule's bound (1% under it)
+SEEDS = (0, 8, 11, 12)  # 11: the seed closest to the rule's bound (0.80 of it)
+DOWN_CHANNELS, UP_CHANNELS = 128, 32  # bottleneck / 4 · α 0.5 and residual · α 0.5: both squeezes 16 wide
 
 
 def make_merge(seed: int, down_levels: int) -> CrossScaleMerge:
-    """A ↓2^down_levels parent (32 channels) and a ↑2 parent (24 channels) into 16 channels at level 5, with
+    """A ↓2^down_levels bottleneck parent (128 channels) and a ↑2 residual parent (32) into 16 channels at level 5, with
     weights drawn from a generator (the same on every torch version): convs N(0, 1/fan_in), BN γ ∈ [0.5, 1.5],
     β ∈ [-0.2, 0.2]."""
     norm = make_norm_factory(nn.BatchNorm2d, 0.1, 1e-3)
-    down = Resample(32, "bottleneck", 5 - down_levels, 16, 5, 0.5, norm, "swish", "torch")
-    up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")
+    down = Resample(DOWN_CHANNELS, "bottleneck", 5 - down_levels, 16, 5, 0.5, norm, "swish", "torch")
+    up = Resample(UP_CHANNELS, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")
     merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -49,7 +51,7 @@ def make_merge(seed: int, down_levels: int) -> CrossScaleMerge:
 def inputs(seed: int, down_levels: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
     side = 4 << down_levels
-    return [torch.randn(4, 32, side, side, generator=g), torch.randn(4, 24, 2, 2, generator=g)]
+    return [torch.randn(4, DOWN_CHANNELS, side, side, generator=g), torch.randn(4, UP_CHANNELS, 2, 2, generator=g)]
 
 
 def run(module, feats, autocast: bool):

@@ -164,7 +164,15 @@ def drive_model(dtype: torch.dtype, activation: str, padding: str) -> None:
 
 def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     """Every public op over its argument space at one production-like shape (64 channels, 32×32, batch 2)."""
-    from spinenet_fast.ops import bn_finalize, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
+    from spinenet_fast.ops import (
+        bn_finalize,
+        conv1x1_bn,
+        conv1x1_bn_stats,
+        conv3x3s2_bn,
+        conv3x3s2_bn_stats,
+        merge,
+        pooled_conv1x1_bn,
+    )
 
     def leaf(*shape, stats: bool = False) -> torch.Tensor:
         t = torch.randn(*shape, dtype=torch.float32 if stats else dtype)
@@ -182,6 +190,9 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         bn = dict(bn_weight=leaf(64, stats=True), bn_bias=leaf(64, stats=True), eps=1e-3)  # with its BN's backward
         backward(*conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, **bn))
         backward(*conv3x3s2_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, **bn))
+        for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
+            backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
+                                        **bn))  # fmt: skip
     statistics = torch.stack([torch.randn(64), torch.rand(64) + 64]).requires_grad_()  # [Σ; Σ²] of 2048 values
     running = [torch.zeros(64), torch.ones(64)]
     backward(*bn_finalize(statistics, 2048, leaf(64, stats=True), leaf(64, stats=True), eps=1e-3,

@@ -1,14 +1,14 @@
 """The fused forward of a :class:`~spinenet_fast.models.resample.CrossScaleMerge`, built from the fused ops.
 
 Per parent: squeeze 1×1 (+ Σ, Σ²) -> [3×3/s2 with the squeeze's BN + act as prologue (+ Σ, Σ²) -> BN + act +
-max-pools] -> expand 1×1 with the previous BN + act as prologue (+ Σ, Σ²), run at the parent's resolution for
-upsampling connections -> one ``merge`` that applies each expand BN, gathers every parent at its own resolution,
-adds the raw extra inputs and applies the activation. BN in training mode finalises the statistics (running variance
-with the upsampled count) inside ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backwards fold the BN's backward into their
-kernels; otherwise its running statistics become the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces
-each BN's (2, C) [Σ; Σ²] (and, in the backward, the gradients they feed). Under autocast the activations run in the
-autocast dtype and the conv ops take the fp32 weights, rounding them as they load them; statistics, scales and
-shifts stay fp32.
+max-pools (in training mode, the expand conv's prologue: ``pooled_conv1x1_bn``)] -> expand 1×1 with the previous BN
++ act as prologue (+ Σ, Σ²), run at the parent's resolution for upsampling connections -> one ``merge`` that applies
+each expand BN, gathers every parent at its own resolution, adds the raw extra inputs and applies the activation. BN
+in training mode finalises the statistics (running variance with the upsampled count) inside ``conv1x1_bn`` /
+``conv3x3s2_bn``, whose backwards fold the BN's backward into their kernels; otherwise its running statistics become
+the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2, C) [Σ; Σ²] (and, in the backward,
+the gradients they feed). Under autocast the activations run in the autocast dtype and the conv ops take the fp32
+weights, rounding them as they load them; statistics, scales and shifts stay fp32.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..ops import bn_act_maxpool, conv1x1_bn, conv1x1_bn_stats, conv3x3s2_bn, conv3x3s2_bn_stats, merge
+from ..ops import (
+    bn_act_maxpool,
+    conv1x1_bn,
+    conv1x1_bn_stats,
+    conv3x3s2_bn,
+    conv3x3s2_bn_stats,
+    merge,
+    pooled_conv1x1_bn,
+)
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
 
@@ -37,13 +45,13 @@ class ConnectionWorkspace:
         sizes = []  # elements
         for resample in module.resamples:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
-            layers.append((resample.expand, resample.down is None or not len(resample.pools)))
+            layers.append((resample.expand, True))  # the max-pools' affine gradients are the pooled conv's prologue's
             for layer, has_prologue in layers:
                 if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients, dW
                     sizes += [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
                     sizes += [layer.conv.weight.numel()] if self.holds_weight_grad(layer.conv.weight, dtype) else []
-            if resample.down is not None and len(resample.pools) and uses_batch_statistics(resample.down.bn):
-                sizes.append(2 * resample.down.conv.out_channels)  # the max-pools' affine gradients
+            if pools_apart(resample) and uses_batch_statistics(resample.down.bn):
+                sizes.append(2 * resample.down.conv.out_channels)  # the separate max-pool op's affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
@@ -99,11 +107,19 @@ def running_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, bn.bias.float() - bn.running_mean.float() * scale
 
 
+def pools_apart(resample) -> bool:
+    """Whether a connection's max-pools run as their own op: its expand BN normalises with running statistics (in
+    training mode the pools are the prologue of the expand conv, ``pooled_conv1x1_bn``)."""
+    return resample.down is not None and len(resample.pools) > 0 and not uses_batch_statistics(resample.expand.bn)
+
+
 def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str,
-                 workspace: ConnectionWorkspace, *, upsample_factor=1,
-                 padding: str | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding``) of act(scale·x + shift) (of x without them)
-    and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward folds the BN's."""
+                 workspace: ConnectionWorkspace, *, upsample_factor=1, padding: str | None = None,
+                 num_pools: int = 0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding`` and no ``num_pools``) of act(scale·x + shift)
+    (of x without them) and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward
+    folds the BN's. ``num_pools``: the 1×1 conv of that many 3×3/s2 max-pools (``padding``) of act(scale·x + shift),
+    one ``pooled_conv1x1_bn`` (training mode only)."""
     weight = gemm_weight(conv.weight, x.dtype)
     act = activation if scale is not None else "identity"
     conv_args = (act,) if padding is None else (act, padding)
@@ -116,6 +132,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
                    stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
                    prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
                    weight_grad_buffer=workspace.take_weight_grad(conv.weight))  # fmt: skip
+    if num_pools:
+        return pooled_conv1x1_bn(x, weight, scale, shift, activation, num_pools, padding, **bn_args)
     if padding is not None:
         return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
@@ -145,10 +163,14 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace
     if resample.down is not None:
         y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
                                        padding=padding)  # fmt: skip
-        if len(resample.pools):
+        if pools_apart(resample):
             buffer = workspace.take(y.shape[1]) if uses_batch_statistics(resample.down.bn) else None
             y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding, affine_grad_buffer=buffer)
             scale = shift = None
+        elif len(resample.pools):
+            y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,
+                                           padding=padding, num_pools=len(resample.pools))  # fmt: skip
+            return y, scale, shift, ratio
     y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,
                                    upsample_factor=ratio)  # fmt: skip
     return y, scale, shift, ratio

@@ -8,6 +8,7 @@ from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3s2_bn import conv3x3s2_bn, conv3x3s2_bn_backward_reference
 from .conv3x3s2_bn_stats import conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
 from .merge import merge, merge_backward_reference, merge_reference
+from .pooled_conv1x1_bn import pooled_conv1x1_bn
 
 __all__ = [
     "bn_act_maxpool",
@@ -25,6 +26,7 @@ __all__ = [
     "merge",
     "merge_backward_reference",
     "merge_reference",
+    "pooled_conv1x1_bn",
     "set_backend",
     "use_backend",
 ]

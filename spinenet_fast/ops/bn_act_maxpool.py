@@ -171,6 +171,16 @@ def _pool_backward(ctx, grad, _):
 _maxpool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
+def check_pool_input(name: str, y, scale, shift, activation, num_pools, padding) -> None:
+    """The input of ``num_pools`` chained 3×3/s2 max-pools: as any stride-2 op's, with H and W multiples of
+    2^num_pools."""
+    check_stride2_input(name, y, scale, shift, activation, padding)
+    if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 1:
+        raise ValueError(f"num_pools must be a positive int, got {num_pools!r}")
+    if y.shape[2] % 2**num_pools or y.shape[3] % 2**num_pools:
+        raise ValueError(f"{name}: H and W must be multiples of 2^num_pools = {2**num_pools}, got {tuple(y.shape)}")
+
+
 def bn_act_maxpool(
     y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int = 1, padding: str = "torch",
     *, affine_grad_buffer: Tensor | None = None,
@@ -180,11 +190,7 @@ def bn_act_maxpool(
     through it in one pass. ``affine_grad_buffer``: a zeroed contiguous (2, C) tensor of the scale's dtype the (first)
     backward adds [d_scale; d_shift] into (a slice of one buffer several ops share); None: the backward allocates its
     own."""
-    check_stride2_input("y", y, scale, shift, activation, padding)
-    if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 1:
-        raise ValueError(f"num_pools must be a positive int, got {num_pools!r}")
-    if y.shape[2] % 2**num_pools or y.shape[3] % 2**num_pools:
-        raise ValueError(f"y: H and W must be multiples of 2^num_pools = {2**num_pools}, got {tuple(y.shape)}")
+    check_pool_input("y", y, scale, shift, activation, num_pools, padding)
     if affine_grad_buffer is not None and scale is None:
         raise ValueError("affine_grad_buffer needs scale and shift (the gradients it holds are theirs)")
     if scale is not None:

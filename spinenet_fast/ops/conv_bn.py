@@ -53,7 +53,7 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
 
 def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
                     count, eps, running_mean, running_var, batches, momentum, upsample_factor, group, stats,
-                    counter, prologue_grad, weight_grad) -> tuple:  # fmt: skip
+                    counter, prologue_grad, weight_grad, side_outputs: int = 0) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
     backward needs saved on ``ctx``. ``count``: y's pixels (values per channel on this rank). Without a process
     group, one ``train_op`` (the conv with the BN finalized in its last program); with one, the conv, the
@@ -61,7 +61,7 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     statistics into and a zeroed integer element its programs count themselves on, or None (allocated here, one
     fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
     into, or None; ``weight_grad``: likewise a zeroed fp32 buffer of the weight's shape for dW (an fp32 weight's), or
-    None."""
+    None. ``side_outputs``: how many tensors the ops return after y (saved after the rest, not returned)."""
     if stats is None:
         fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=stats_dtype(x), device=x.device)
         stats, counter = fresh[:-1].view(2, -1), counter_view(fresh[-1:])
@@ -70,21 +70,27 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     running = (running_mean, running_var, batches, momentum)
     if group is None:
         n = count * upsample_factor**2
-        y, out_scale, out_shift, mean, var = train_op(
+        y, *rest = train_op(
             x, weight, scale, shift, *conv_args, stats, counter, count, bn_weight, bn_bias, eps, *running, n / (n - 1)
         )
+        side, (out_scale, out_shift, mean, var) = rest[:side_outputs], rest[side_outputs:]
     else:
-        y = conv_into_op(x, weight, scale, shift, *conv_args, stats)
+        y, *side = as_tuple(conv_into_op(x, weight, scale, shift, *conv_args, stats))
         dist.all_reduce(stats, group=group)
         count *= dist.get_world_size(group)  # equal per-rank batches (DDP at a fixed size): no host sync
         n = count * upsample_factor**2
         out_scale, out_shift, mean, var = _bn_finalize_op(stats, count, bn_weight, bn_bias, eps, *running, n / (n - 1))
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var)
+    ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *side)
     ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
     ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
     ctx.weight_grad = weight_grad
     return y, out_scale, out_shift
+
+
+def as_tuple(outputs) -> tuple:
+    """A conv op's outputs as a tuple: y alone, or y and its side outputs."""
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
 def counter_view(element: Tensor) -> Tensor:
@@ -95,7 +101,8 @@ def counter_view(element: Tensor) -> Tensor:
 def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forward: Callable) -> None:
     """Register the backends of a conv + BN training forward ``op`` (arguments: the conv's x, weight, scale, shift,
     its ``conv_arity`` further arguments, then stats, counter, count, γ, β, eps, running mean, running var, batches,
-    momentum, unbias; returns y, scale, shift, mean, var): ``triton_forward(*conv, stats, Finalize)`` (the finalize
+    momentum, unbias; returns y (and the conv's side outputs), scale, shift, mean, var):
+    ``triton_forward(*conv, stats, Finalize)`` (the finalize
     in the GEMM's last program, running statistics in the kernel when they are fp32 buffers, else by ATen after);
     on every backend, that backend's ``conv_into`` then its ``bn_finalize`` (two launches)."""
     from spinenet_fast.kernels.bn_finalize import Finalize
@@ -107,9 +114,9 @@ def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forw
     def sequence(backend):
         def run(*args):
             conv, stats, _, bn = split(args)
-            y = backends.implementation(conv_into, backend)(*conv, stats)
+            y = as_tuple(backends.implementation(conv_into, backend)(*conv, stats))
             stats, count, weight, bias, *rest = bn
-            return (y, *backends.implementation("bn_finalize", backend)(stats, count, weight.contiguous(),
+            return (*y, *backends.implementation("bn_finalize", backend)(stats, count, weight.contiguous(),
                                                                           bias.contiguous(), *rest))  # fmt: skip
 
         def reasons(*args):
@@ -140,7 +147,7 @@ def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forw
             return outputs
 
         outputs = with_running_update(finalizing_conv, *bn)
-        return (launched[0], *outputs)
+        return (*as_tuple(launched[0]), *outputs)
 
     backends.set_auto_order(op, ("triton", "cuda", "reference"))
 
@@ -150,9 +157,12 @@ def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
     return (y, *(stats.new_empty(stats.shape[1]) for _ in range(4)))
 
 
-def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift) -> tuple:
-    """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β."""
-    y, x, weight, scale, shift, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None) -> tuple:
+    """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β.
+    ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not the op's (a max-pool in
+    between)."""
+    y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *_ = ctx.saved_tensors
+    x, scale, shift = (x, scale, shift) if conv_input is None else conv_input
     dy = torch.zeros_like(y) if dy is None else dy
     d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
     local = (d_scale, d_shift)

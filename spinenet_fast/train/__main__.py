@@ -9,7 +9,12 @@ Data layout: ``DIR/{train,val}2017/`` images and ``DIR/annotations/instances_{tr
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
 from ..detection.presets import MODEL_NAMES, detector_from_args
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import load_checkpoint, read_jsonl_rows, remove_stale_temporaries, save_atomic, write_jsonl_atomic
 from .cuda_graphs import graph_detector
-from .engine import ShardSampler, distributed_init, evaluate, param_groups, train_one_epoch
+from .engine import ShardSampler, TrainingDiverged, distributed_init, evaluate, param_groups, train_one_epoch
 from .plot import plot_metrics
 from .schedule import default_warmup_steps, lr_factor, scaled_lr
 
@@ -50,6 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=4e-5)
     p.add_argument("--clip-norm", type=float, default=10.0)
+    p.add_argument("--max-loss", type=float, default=1e4,
+                   help="a batch loss above this (or not finite) stops training as diverged")  # fmt: skip
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 autocast by default)")
     p.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--eval-every", type=int, default=1,
@@ -76,9 +83,60 @@ def args_to_dict(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
 
 
+def check_hyperparameters(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the flag for a value no training can use (NaN, infinite, out of range)."""
+    ranges = {  # flag: (value, low, high, low included); None: not given
+        "--lr": (args.lr, 0.0, math.inf, False),
+        "--momentum": (args.momentum, 0.0, 1.0, True),
+        "--weight-decay": (args.weight_decay, 0.0, math.inf, True),
+        "--clip-norm": (args.clip_norm, 0.0, math.inf, False),
+        "--max-loss": (args.max_loss, 0.0, math.inf, False),
+        "--bn-momentum": (args.bn_momentum, 0.0, 1.0, False),
+        "--stochastic-depth-rate": (args.stochastic_depth_rate, 0.0, 1.0, True),
+    }
+    for flag, (value, low, high, low_included) in ranges.items():
+        if value is None:
+            continue
+        above_low = value >= low if low_included else value > low
+        if not (math.isfinite(value) and above_low and value <= high and (flag != "--momentum" or value < high)):
+            bounds = f"{'[' if low_included else '('}{low:g}, {high:g}{')' if flag == '--momentum' else ']'}"
+            raise ValueError(f"{flag} must be a finite number in {bounds}, got {value}")
+    low, high = args.scale_range
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise ValueError(f"--scale-range must be two finite numbers 0 < MIN <= MAX, got {low} {high}")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                               ("--workers", args.workers, 0), ("--warmup-steps", args.warmup_steps, 0)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be an int >= {least}, got {value}")
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create ``--output-dir`` and prove it writable now, not after an epoch; remove the temporary files a killed
+    checkpoint or metrics write left there."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=output_dir, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--output-dir {output_dir} is not a writable directory: {exc}") from exc
+    for name in ("checkpoint.pth", "metrics.jsonl"):
+        for stale in remove_stale_temporaries(output_dir / name):
+            print(f"removed {stale}, left by an interrupted write", flush=True)
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the model's floating parameters and buffers holding a NaN or an infinity."""
+    state = model.state_dict()
+    floating = [(name, t) for name, t in state.items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in floating]).tolist() if floating else []
+    return [name for (name, _), ok in zip(floating, finite) if not ok]
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run training or evaluation; returns the last validation stats (rank 0) or an empty dict."""
     args = get_args_parser().parse_args(argv)
+    check_hyperparameters(args)
     if args.image_size % 128 or args.image_size < 128:
         raise ValueError(f"--image-size must be a positive multiple of 128, got {args.image_size}")
     if args.accum_steps < 1:
@@ -136,6 +194,8 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     )
     output_dir = args.output_dir
     progress = main_process and not args.no_progress
+    if main_process:
+        prepare_output_dir(output_dir)
 
     if args.test_only:
         checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
@@ -177,7 +237,8 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype] if args.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch = 0
+    start_epoch, history = 0, []  # history: one metrics row per finished epoch, saved in every checkpoint
+    log_file = output_dir / "metrics.jsonl"
     if args.resume is not None:
         checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
         if LabelMap.from_dict(checkpoint["label_map"]) != label_map:
@@ -187,6 +248,10 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch = checkpoint["epoch"] + 1
+        # Checkpoints before the metrics history: the rows of the log (whose last line may be torn) up to this epoch.
+        history = checkpoint.get("metrics") or [
+            r for r in read_jsonl_rows(log_file) if r.get("epoch", 1e9) < start_epoch
+        ]
 
     if args.cuda_graphs:
         graph_detector(model, args.batch_size, amp_dtype=amp_dtype)
@@ -199,7 +264,6 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
         train_model = torch.compile(train_model, backend=args.compile)
 
     stats: dict[str, float] = {}
-    log_file = output_dir / "metrics.jsonl"
     for epoch in range(start_epoch, args.epochs):
         # Reseeding per epoch makes epoch e identical whether or not the run was resumed before it.
         torch.manual_seed(args.seed + epoch)
@@ -221,8 +285,16 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
                 clip_norm=args.clip_norm,
                 progress=progress,
                 accum_steps=args.accum_steps,
+                max_loss=args.max_loss,
             ),
         }
+        bad = non_finite_tensors(model)  # every rank: no rank waits at a barrier for one that stopped
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch}: {len(bad)} weights and buffers are not finite "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was saved, the checkpoint of the "
+                "epoch before is kept"
+            )
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
             row.update(stats)
@@ -231,6 +303,7 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
                 dist.barrier()  # wait for rank 0's checkpoint: a restart resumes every rank from it
             continue
         row["seconds"] = time.perf_counter() - start
+        history.append(row)
         save_atomic(
             {
                 "model": model.state_dict(),
@@ -240,11 +313,11 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
                 "epoch": epoch,
                 "args": args_to_dict(args),
                 "label_map": label_map.to_dict(),
+                "metrics": history,
             },
             output_dir / "checkpoint.pth",
         )
-        with log_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_jsonl_atomic(history, log_file)  # rewritten from the checkpoint's history: a kill loses no row
         plot_metrics(log_file, output_dir / "metrics.png")
         summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss", "AP", "AP50") if k in row)
         memory = f", {row['max_memory_mb']:.0f} MiB" if "max_memory_mb" in row else ""
@@ -255,4 +328,9 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (TrainingDiverged, OSError) as error:  # a message, not a traceback: the user's to act on
+        if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"error: {error}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -69,6 +68,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights left the finite range (or the loss passed ``--max-loss``): nothing is saved."""
+
+
 def train_one_epoch(
     model,
     optimizer,
@@ -82,10 +85,12 @@ def train_one_epoch(
     clip_norm: float,
     progress: bool,
     accum_steps: int = 1,
+    max_loss: float = float("inf"),
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``, one optimiser step per ``accum_steps`` batches (a trailing
     incomplete group is skipped). Returns the mean losses over all ranks' images, the images/s of all ranks,
-    the last LR and, on a GPU, this rank's peak memory in MiB."""
+    the last LR and, on a GPU, this rank's peak memory in MiB. Raises :class:`TrainingDiverged` before the backward
+    of a batch whose loss is not finite or above ``max_loss``."""
     model.train()
     sums: dict[str, float] = {}
     num_images, start = 0, time.perf_counter()
@@ -110,8 +115,12 @@ def train_one_epoch(
             loss = sum(losses.values())
             # One device sync per batch: every logged value at once, checked before the weights change.
             values = dict(zip(("loss", *losses), torch.stack([loss, *losses.values()]).detach().float().tolist()))
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is not finite at epoch {epoch}: {values}")
+            if not values["loss"] <= max_loss:  # NaN too
+                losses_text = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, batch {index} (after {lr_scheduler.last_epoch} optimiser "
+                    f"steps): {losses_text} (--max-loss {max_loss:g}); lower --lr or raise --warmup-steps"
+                )
             scaler.scale(loss / accum_steps).backward()
         if step_now:
             scaler.unscale_(optimizer)

@@ -29,7 +29,8 @@ def test_outputs(two_epoch_run):
     stats = json.loads((two_epoch_run / "coco_stats.json").read_text())
     assert len(stats) == 12
     ckpt = torch.load(two_epoch_run / "checkpoint.pth", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "label_map"}
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "label_map", "metrics"}
+    assert ckpt["metrics"] == rows  # the log is rewritten from the checkpoint's history
     assert ckpt["epoch"] == 1 and ckpt["label_map"]["names"] == ["circle", "square", "triangle"]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+ELLIPSE_POINTS = 32
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
 
 
@@ -42,14 +43,31 @@ def _shape_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return rgb.getpixel((0, 0))
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, category: int, box: tuple[float, float, float, float], colour) -> None:
+def _outline(category: int, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """The shape's polygon in pixel coordinates: the ellipse of a circle sampled at 32 points, a square's corners, a
+    triangle's apex and base corners."""
     x1, y1, x2, y2 = box
+    if category == 1:
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        angles = (2 * math.pi * k / ELLIPSE_POINTS for k in range(ELLIPSE_POINTS))
+        return [(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles]
+    if category == 2:
+        return [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+    return [((x1 + x2) / 2, y1), (x2, y2), (x1, y2)]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, category: int, box: tuple[float, float, float, float], colour) -> None:
     if category == 1:
         draw.ellipse(box, fill=colour)
     elif category == 2:
         draw.rectangle(box, fill=colour)
     else:
-        draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour)
+        draw.polygon(_outline(category, box), fill=colour)
+
+
+def _polygon_area(points: list[tuple[float, float]]) -> float:
+    """The shoelace formula."""
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
 
 
 def _iou(a, b) -> float:
@@ -83,13 +101,15 @@ def make_split(root: Path, split: str, num_images: int, image_size: int, seed: i
             _draw_shape(draw, category, box, _shape_colour(rng))
             boxes.append(box)
             w, h = box[2] - box[0], box[3] - box[1]
+            outline = _outline(category, box)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": category,
                     "bbox": [box[0], box[1], w, h],
-                    "area": float(w * h),
+                    "segmentation": [[round(c, 2) for point in outline for c in point]],  # COCO polygon
+                    "area": round(_polygon_area(outline), 2),  # COCO's area is the mask's
                     "iscrowd": 0,
                 }
             )
@@ -107,6 +127,9 @@ def make_synthetic_coco(
     root: str | Path, *, num_train: int = 600, num_val: int = 100, image_size: int = 128, seed: int = 0
 ) -> Path:
     """Generate the train2017 and val2017 splits under ``root`` (deterministic in ``seed``); returns ``root``."""
+    for name, value, least in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     root = Path(root)
     make_split(root, "train2017", num_train, image_size, seed)
     make_split(root, "val2017", num_val, image_size, seed + 1)

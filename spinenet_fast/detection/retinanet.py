@@ -36,31 +36,44 @@ class SpineNetRetinaNet(RetinaNet):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is not None:
-            check_targets(images, targets)
+            targets = checked_targets(images, targets, self.head.num_classes)
         return super().forward(images, targets)
 
 
-def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
-    """Raise a clear error for targets that are not (K, 4) float boxes inside their image with int64 labels."""
+def checked_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_classes: int) -> list[dict]:
+    """The targets with float boxes and int64 labels, as torchvision's RetinaNet takes them (integer boxes and labels
+    of any integer dtype accepted, boxes past the image edge too); a clear error for what torchvision rejects
+    (degenerate boxes) and what is invalid: not (K, 4) boxes with K labels, non-finite boxes, labels outside
+    [0, ``num_classes``). The caller's dicts are not modified."""
     if len(images) != len(targets):
         raise ValueError(f"targets must have one dict per image: got {len(targets)} for {len(images)} images")
-    for i, (image, target) in enumerate(zip(images, targets)):
+    checked = []
+    for i, target in enumerate(targets):
         boxes, labels = target.get("boxes"), target.get("labels")
-        if not isinstance(boxes, Tensor) or not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise TypeError(f"targets[{i}]['boxes'] must be a float tensor of shape (K, 4), got {describe(boxes)}")
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+        real = isinstance(boxes, Tensor) and not boxes.is_complex() and boxes.dtype != torch.bool
+        if not real or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise TypeError(f"targets[{i}]['boxes'] must be a real tensor of shape (K, 4), got {describe(boxes)}")
+        integer = isinstance(labels, Tensor) and not (labels.is_floating_point() or labels.is_complex())
+        if not integer or labels.dtype == torch.bool or labels.shape != boxes.shape[:1]:
             raise TypeError(
-                f"targets[{i}]['labels'] must be an int64 tensor of shape ({boxes.shape[0]},), got {describe(labels)}"
+                f"targets[{i}]['labels'] must be an integer tensor of shape ({boxes.shape[0]},), got {describe(labels)}"
             )
-        height, width = image.shape[-2:]
-        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        bad |= (boxes[:, :2] < 0).any(dim=1) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
-        if bad.any():
-            box = boxes[bad.nonzero()[0, 0]].tolist()
+        boxes = boxes if boxes.is_floating_point() else boxes.float()
+        if not boxes.isfinite().all():
+            raise ValueError(f"targets[{i}]['boxes'] must be finite, got {boxes[~boxes.isfinite().all(1)][0].tolist()}")
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
             raise ValueError(
-                f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 < x2, y1 < y2 inside the {width}×{height} "
-                f"image, got {box}"
+                f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2, got "
+                f"{boxes[degenerate][0].tolist()}"
             )
+        outside = (labels < 0) | (labels >= num_classes)
+        if outside.any():
+            raise ValueError(
+                f"targets[{i}]['labels'] must be class indices in [0, {num_classes}), got {labels[outside][0].item()}"
+            )
+        checked.append({**target, "boxes": boxes, "labels": labels.long()})
+    return checked
 
 
 def retinanet_spinenet(

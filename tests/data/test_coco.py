@@ -9,6 +9,8 @@ from PIL import Image
 from spinenet_fast.data import CocoDetectionDataset, LabelMap, collate, train_transforms
 from spinenet_fast.data.synthetic import make_synthetic_coco
 
+from ..conftest import require_optional
+
 
 @pytest.fixture()
 def tiny_coco(tmp_path):
@@ -86,3 +88,30 @@ def test_synthetic_dataset_is_deterministic_and_varied(tmp_path):
     sides = [max(a["bbox"][2:]) for a in ann_a["annotations"]]
     assert min(sides) < 30 < max(sides)
     assert len(json.loads((a / "annotations" / "instances_val2017.json").read_text())["images"]) == 3
+
+
+def test_synthetic_annotations_carry_polygons_matching_the_drawn_shapes(tmp_path):
+    """Every shape has a COCO ``segmentation`` polygon (torchvision's detection references read it) whose bounds are
+    its box, whose area is the annotation's, and whose mask covers the pixels drawn in the shape's colour."""
+    mask_utils = require_optional("pycocotools.mask")
+    root = make_synthetic_coco(tmp_path, num_train=6, num_val=1, image_size=128, seed=2)
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert data["annotations"]
+    for ann in data["annotations"]:
+        (polygon,) = ann["segmentation"]
+        xs, ys = polygon[0::2], polygon[1::2]
+        x, y, w, h = ann["bbox"]
+        assert min(xs) == pytest.approx(x, abs=0.01) and max(xs) == pytest.approx(x + w, abs=0.01)
+        assert min(ys) == pytest.approx(y, abs=0.01) and max(ys) == pytest.approx(y + h, abs=0.01)
+        rle = mask_utils.frPyObjects([polygon], 128, 128)
+        pixels = mask_utils.area(mask_utils.merge(rle))
+        assert 0 < ann["area"] <= w * h and pixels == pytest.approx(ann["area"], rel=0.1)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"num_train": -5}, "num_train must be an int >= 1, got -5"),
+                                               ({"num_val": 0}, "num_val must be an int >= 1"),
+                                               ({"image_size": 8}, "image_size must be an int >= 32")])  # fmt: skip
+def test_synthetic_generator_refuses_bad_sizes(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_synthetic_coco(tmp_path, **kwargs)
+    assert not list(tmp_path.iterdir())

@@ -1,5 +1,7 @@
 """The RetinaNet-SpineNet builder: a torchvision RetinaNet with §7's parts, parameter counts and target checks."""
 
+from math import nan
+
 import pytest
 import torch
 from torchvision.models.detection import RetinaNet
@@ -109,20 +111,42 @@ def test_train_and_eval_any_image_size(small_detector):
             ValueError,
             r"x1 < x2.*10\.0, 10\.0, 5\.0",
         ),
-        ({"boxes": torch.tensor([[10.0, 10, 500, 60]]), "labels": torch.tensor([1])}, ValueError, "inside the 128×128"),
+        ({"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([1.0])}, TypeError, "must be an integer"),
         (
-            {"boxes": torch.tensor([[10, 10, 50, 60]]), "labels": torch.tensor([1])},
-            TypeError,
-            r"\['boxes'\] must be a float",
+            {"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([-1])},
+            ValueError,
+            r"in \[0, 3\), got -1",
         ),
-        ({"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([1.0])}, TypeError, "must be an int64"),
+        ({"boxes": torch.tensor([[10.0, 10, 50, 60]]), "labels": torch.tensor([3])}, ValueError, r"in \[0, 3\), got 3"),
+        ({"boxes": torch.tensor([[10.0, nan, 50, 60]]), "labels": torch.tensor([1])}, ValueError, "must be finite"),
+        ({"boxes": torch.tensor([[True, True, True, True]]), "labels": torch.tensor([1])}, TypeError, "real tensor"),
         ({"boxes": torch.tensor([10.0, 10, 50, 60]), "labels": torch.tensor([1])}, TypeError, r"shape \(K, 4\)"),
     ],
 )
 def test_bad_targets(small_detector, target, error, match):
+    """What torchvision's RetinaNet rejects (degenerate boxes) and what is invalid for any detector."""
     small_detector.train()
     with pytest.raises(error, match=match):
         small_detector([torch.rand(3, 128, 128)], [target])
+
+
+def test_targets_torchvision_accepts_are_accepted(small_detector):
+    """Integer boxes (torchvision's v2 transforms keep COCO's), int32 labels and a box a hair past the image edge
+    train as their float / int64 equivalents; the caller's dicts are left as they were."""
+    image = torch.rand(3, 128, 128)
+    as_given = {
+        "boxes": torch.tensor([[10, 10, 50, 60]], dtype=torch.int32),
+        "labels": torch.tensor([1], dtype=torch.int32),
+    }
+    edge = {"boxes": torch.tensor([[10.0, 10.0, 128.00001, 60.0]]), "labels": torch.tensor([2])}
+    small_detector.train()
+    torch.manual_seed(0)
+    got = small_detector([image, image], [as_given, edge])
+    torch.manual_seed(0)
+    want = small_detector([image, image], [{"boxes": as_given["boxes"].float(), "labels": torch.tensor([1])}, edge])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    assert as_given["boxes"].dtype == torch.int32 and as_given["labels"].dtype == torch.int32
 
 
 def test_bad_images_and_sizes(small_detector):

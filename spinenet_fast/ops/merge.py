@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import backends
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
-from .checks import check_accumulator
+from .checks import check_accumulator, describe
 from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
@@ -65,11 +65,10 @@ def check_merge_args(
                 )
             if vector.dtype != stats_dtype(first):
                 raise TypeError(f"{name}[{i}] must be {str(stats_dtype(first))[6:]}, got {vector.dtype}")
-    if extra is not None and (extra.shape != target or extra.dtype != first.dtype or extra.device != first.device):
-        raise ValueError(
-            f"extra must be a {first.dtype} tensor of shape {target} on {first.device}, got "
-            f"{extra.dtype} {tuple(extra.shape)} on {extra.device}"
-        )
+    fits = isinstance(extra, Tensor) and extra.shape == target and extra.dtype == first.dtype
+    if extra is not None and not (fits and extra.device == first.device):
+        raise ValueError(f"extra must be None or a {first.dtype} tensor of shape {target} on {first.device}, got "
+                         f"{describe(extra)}")  # fmt: skip
 
 
 def _upsample(x: Tensor, ratio: int) -> Tensor:

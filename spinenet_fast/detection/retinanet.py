@@ -6,6 +6,7 @@ The result is a ``torchvision.models.detection.RetinaNet``: it takes a list of (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -76,6 +77,24 @@ def checked_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_
     return checked
 
 
+def check_detector_args(anchor_size, head_num_convs, score_thresh, nms_thresh, detections_per_img, topk_candidates,
+                        fg_iou_thresh, bg_iou_thresh) -> None:  # fmt: skip
+    """``ValueError`` naming the argument for a detector setting no model can use."""
+    if anchor_size is not None and not (isinstance(anchor_size, (int, float)) and 0 < anchor_size < math.inf):
+        raise ValueError(f"anchor_size must be a finite positive number (or None), got {anchor_size!r}")
+    counts = (("head_num_convs", head_num_convs, 0), ("detections_per_img", detections_per_img, 1),
+              ("topk_candidates", topk_candidates, 1))  # fmt: skip
+    for name, value, least in counts:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    for name, value in (("score_thresh", score_thresh), ("nms_thresh", nms_thresh), ("fg_iou_thresh", fg_iou_thresh),
+                        ("bg_iou_thresh", bg_iou_thresh)):  # fmt: skip
+        if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if bg_iou_thresh > fg_iou_thresh:
+        raise ValueError(f"bg_iou_thresh ({bg_iou_thresh}) must not exceed fg_iou_thresh ({fg_iou_thresh})")
+
+
 def retinanet_spinenet(
     model_id: str | Mapping | SpineNetScaling = "49",
     num_classes: int = 91,
@@ -108,6 +127,8 @@ def retinanet_spinenet(
     A custom scaling dict as ``model_id`` uses anchor size 3, 4 head convs and 640 px unless overridden.
     """
     resolve_scaling(model_id)
+    check_detector_args(anchor_size, head_num_convs, score_thresh, nms_thresh, detections_per_img, topk_candidates,
+                        fg_iou_thresh, bg_iou_thresh)  # fmt: skip
     key = model_id.upper() if isinstance(model_id, str) else None
     default_anchor, default_convs, default_size = DETECTOR_DEFAULTS.get(key, (3, 4, 640))
     image_size = default_size if image_size is None else image_size

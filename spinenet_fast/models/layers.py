@@ -39,6 +39,10 @@ def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: floa
     ``norm_layer`` may be ``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d`` or any
     callable taking ``num_features``; keywords already bound by a ``functools.partial`` win.
     """
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+        raise ValueError(f"bn_momentum must be a number in (0, 1] (PyTorch's convention) or None, got {momentum!r}")
+    if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+        raise ValueError(f"bn_eps must be a finite positive number, got {eps!r}")
     if norm_layer is None:
         norm_layer = nn.BatchNorm2d
     if not callable(norm_layer):

@@ -155,3 +155,22 @@ def test_bad_images_and_sizes(small_detector):
         small_detector([torch.zeros(3, 128, 128, dtype=torch.uint8)])
     with pytest.raises(ValueError, match="image_size must be a positive multiple of 128, got 100"):
         retinanet_spinenet("49S", 3, image_size=100)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"anchor_size": 0}, "anchor_size must be a finite positive number"),
+        ({"anchor_size": -3}, "anchor_size must be a finite positive number"),
+        ({"head_num_convs": -1}, "head_num_convs must be an int >= 0, got -1"),
+        ({"score_thresh": 2}, r"score_thresh must be a number in \[0, 1\], got 2"),
+        ({"nms_thresh": nan}, "nms_thresh must be a number in"),
+        ({"detections_per_img": 0}, "detections_per_img must be an int >= 1"),
+        ({"fg_iou_thresh": 0.4}, r"bg_iou_thresh \(0.5\) must not exceed fg_iou_thresh \(0.4\)"),
+        ({"bn_momentum": 5}, r"bn_momentum must be a number in \(0, 1\]"),
+        ({"bn_eps": 0.0}, "bn_eps must be a finite positive number"),
+    ],
+)
+def test_unusable_detector_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        retinanet_spinenet("49S", 3, image_size=128, **kwargs)

@@ -116,6 +116,7 @@ def retinanet_spinenet(
     topk_candidates: int = 5000,
     fg_iou_thresh: float = 0.5,
     bg_iou_thresh: float = 0.5,
+    _skip_resize: bool = False,
     **head_kwargs,
 ) -> SpineNetRetinaNet:
     """RetinaNet-SpineNet with the protocol-C recipe; every default can be overridden.
@@ -123,7 +124,8 @@ def retinanet_spinenet(
     ``image_size``: the square training/eval size (images are resized so the long side fits, then padded to a
     multiple of 128); defaults to the model id's published size. ``anchor_style``: ``"torchvision"`` or ``"tf"``
     (the official placement, see :mod:`~spinenet_fast.detection.anchors`). ``head_kwargs`` go to
-    :class:`SpineNetRetinaNetHead` (loss weights, prior probability).
+    :class:`SpineNetRetinaNetHead` (loss weights, prior probability). ``_skip_resize``: torchvision's flag (its
+    references set it for multiscale / LSJ augmentation) that keeps training images at the size the transforms made.
     A custom scaling dict as ``model_id`` uses anchor size 3, 4 head convs and 640 px unless overridden.
     """
     resolve_scaling(model_id)
@@ -172,4 +174,5 @@ def retinanet_spinenet(
         bg_iou_thresh=bg_iou_thresh,
         topk_candidates=topk_candidates,
         size_divisible=SpineNet.size_divisibility,
+        _skip_resize=_skip_resize,
     )

@@ -39,3 +39,25 @@ def test_without_size_divisible_128_the_backbone_says_what_to_do():
                       max_size=200).eval()  # fmt: skip
     with pytest.raises(ValueError, match=r"H=224 must be a multiple of 128 .*pad it to 256"):
         model([torch.rand(3, 200, 200)])  # torchvision pads to 224, a multiple of 32 only
+
+
+def test_registered_with_torchvision_get_model():
+    """torchvision's references build models by name with their builder keywords: ours take them."""
+    import torchvision
+
+    from spinenet_fast.detection import SpineNetRetinaNet, torchvision_model_name
+
+    names = set(torchvision.models.list_models())
+    assert {torchvision_model_name(i) for i in ("49S", "49", "96", "143", "143L", "190")} <= names
+    model = torchvision.models.get_model("retinanet_spinenet49s", weights=None, weights_backbone=None, num_classes=4,
+                                         trainable_backbone_layers=None, _skip_resize=True, image_size=128)  # fmt: skip
+    assert isinstance(model, SpineNetRetinaNet) and model.head.num_classes == 4 and model.transform._skip_resize
+    assert torchvision.models.get_model("retinanet_spinenet49s", image_size=128).head.num_classes == 91
+    refused = [
+        ({"weights": "COCO_V1"}, "no pretrained weights .*python -m spinenet_fast.convert"),
+        ({"weights_backbone": "IMAGENET1K_V1"}, "no pretrained backbone weights"),
+        ({"trainable_backbone_layers": 3}, "trainable_backbone_layers must be None or 5"),
+    ]
+    for kwargs, match in refused:
+        with pytest.raises(ValueError, match=match):
+            torchvision.models.get_model("retinanet_spinenet49s", **kwargs)

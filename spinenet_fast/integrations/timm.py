@@ -2,7 +2,8 @@
 
 After ``spinenet_fast.integrations.timm.register()``, ``timm.create_model("spinenet49", features_only=True)``
 returns :class:`SpineNetFeatures` around our :class:`~spinenet_fast.models.SpineNet`: ``forward(x)`` gives the list
-P3…P7 (NCHW; ``out_indices`` picks among them) and ``feature_info.channels()`` / ``.reduction()`` describe them.
+P3…P7 (NCHW; ``out_indices`` picks among them, and the endpoints and blocks no picked one reads are dropped) and
+``feature_info.channels()`` / ``.reduction()`` describe them.
 Without ``features_only`` it is the SpineNet itself (``forward`` -> ``OrderedDict`` p3…p7). Names:
 ``spinenet49s``, ``spinenet49``, ``spinenet96``, ``spinenet143``, ``spinenet143l``, ``spinenet190``; keyword
 arguments go to ``SpineNet`` (timm's ``drop_path_rate`` is its ``stochastic_depth_rate``). No pretrained timm
@@ -29,10 +30,16 @@ class SpineNetFeatures(nn.Module):
         super().__init__()
         from timm.models import FeatureInfo
 
-        self.body = model
-        self.feature_info = FeatureInfo(list(model.feature_info), tuple(out_indices))
         names = list(model.endpoints)
+        valid = isinstance(out_indices, (tuple, list)) and len(out_indices) > 0
+        if not (valid and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(names)
+                              for i in out_indices)):  # fmt: skip
+            raise ValueError(f"out_indices must be a non-empty tuple of indices into P3…P7 (0…{len(names) - 1}), "
+                             f"got {out_indices!r}")  # fmt: skip
+        self.feature_info = FeatureInfo(list(model.feature_info), tuple(out_indices))
         self.names = [names[i] for i in self.feature_info.out_indices]
+        model.keep_endpoints(self.names)  # no parameter without a gradient
+        self.body = model
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = self.body(x)
@@ -49,6 +56,8 @@ def _entrypoint(model_id: str, name: str):
     from timm.models import build_model_with_cfg
 
     def create(pretrained: bool = False, **kwargs):
+        if kwargs.get("in_chans", 3) != 3:
+            raise ValueError(f"{name} takes RGB images: in_chans must be 3, got {kwargs['in_chans']!r}")
         if pretrained:
             raise ValueError(
                 f"{name} has no pretrained timm weights; convert the official TF checkpoints with "

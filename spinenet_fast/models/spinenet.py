@@ -293,6 +293,24 @@ class SpineNet(nn.Module):
         """``(source feats index, target block k)`` for every raw extra input the out-degree rule added."""
         return [(j, k) for k, merge in enumerate(self.merges, start=1) for j in merge.extra_ids]
 
+    def keep_endpoints(self, names: list[str]) -> None:
+        """Drop the endpoints not in ``names`` (of ``p3``…``p7``) and every block that none of the kept ones reads:
+        their parameters would get no gradient (DDP would then need ``find_unused_parameters``). The state dict
+        loses their keys."""
+        unknown = [name for name in names if name not in self._endpoint_ids]
+        if unknown or not names:
+            raise ValueError(f"endpoints to keep must be a non-empty subset of {list(self._endpoint_ids)}, got {names}")
+        first = len(self.init_groups)
+        needed = {self._endpoint_ids[name] for name in names}
+        for k in range(len(self.merges) - 1, -1, -1):  # blocks read only earlier blocks: one backward sweep
+            if first + k in needed:
+                needed.update(self.merges[k].parent_ids + self.merges[k].extra_ids)
+        for k in range(len(self.merges)):
+            if first + k not in needed:
+                self.merges[k], self.groups[k] = PrunedBlock(), PrunedBlock()
+        for name in [name for name in self._endpoint_ids if name not in names]:
+            del self.endpoints[name], self._endpoint_ids[name]
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(check_image_batch(x))
         feats = []
@@ -300,8 +318,12 @@ class SpineNet(nn.Module):
             x = group(x)
             feats.append(x)
         for merge, group in zip(self.merges, self.groups):
-            feats.append(group(merge(feats)))
+            feats.append(None if isinstance(group, PrunedBlock) else group(merge(feats)))
         return OrderedDict((name, self.endpoints[name](feats[i])) for name, i in self._endpoint_ids.items())
+
+
+class PrunedBlock(nn.Module):
+    """The place of a block (or its merge) that no kept endpoint reads (:meth:`SpineNet.keep_endpoints`)."""
 
 
 def _check_levels(min_level: int, max_level: int) -> None:

@@ -45,3 +45,32 @@ def test_out_indices_kwargs_and_plain_model(timm):
     assert plain.pretrained_cfg["input_size"] == (3, 1024, 1024)
     with pytest.raises(ValueError, match="spinenet49 has no pretrained timm weights"):
         timm.create_model("spinenet49", pretrained=True)
+
+
+def test_a_subset_of_endpoints_trains_every_parameter_it_keeps(timm):
+    """``out_indices`` a subset: the endpoints and blocks no picked endpoint reads are dropped, so every remaining
+    parameter gets a gradient (DDP needs no ``find_unused_parameters``); outputs equal the full model's."""
+    full = timm.create_model("spinenet49s", features_only=True).eval()
+    model = timm.create_model("spinenet49s", features_only=True, out_indices=(0, 2)).eval()
+    assert set(model.body.endpoints) == {"p3", "p5"}
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    model.body.load_state_dict({k: v for k, v in full.body.state_dict().items() if k in model.body.state_dict()})
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        for got, want in zip(model(x), [full(x)[i] for i in (0, 2)]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    sum(f.sum() for f in model.train()(x)).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"features_only": True, "out_indices": (5,)}, r"out_indices must be .* got \(5,\)"),
+        ({"features_only": True, "out_indices": ()}, "out_indices must be a non-empty tuple"),
+        ({"in_chans": 1}, "in_chans must be 3, got 1"),
+    ],
+)
+def test_bad_timm_arguments(timm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("spinenet49s", **kwargs)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,48 @@ def read_instances(ann_file: str | Path) -> dict:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"annotation file {ann_file} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"annotation file {ann_file} is not COCO instances format: a {type(data).__name__}, not an "
+                         "object with lists images, annotations, categories")  # fmt: skip
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
-    if not isinstance(data, dict) or missing:
+    if missing:
         raise ValueError(f"annotation file {ann_file} is not COCO instances format: missing lists {missing}")
     if not data["categories"]:
         raise ValueError(f"annotation file {ann_file} has no categories")
+    check_entries(data, ann_file)
     return data
+
+
+def check_entries(data: dict, ann_file: Path) -> None:
+    """Every category, image and annotation has the fields training reads, of the right kind, and every
+    annotation names a known image and category: ``ValueError`` naming the file, the entry and the field."""
+
+    def fail(kind: str, index: int, entry, problem: str):
+        raise ValueError(f"annotation file {ann_file}: {kind}[{index}] {problem}, got {json.dumps(entry)[:200]}")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for i, category in enumerate(data["categories"]):
+        if not (isinstance(category, dict) and is_int(category.get("id")) and isinstance(category.get("name"), str)):
+            fail("categories", i, category, "must have an int 'id' and a str 'name'")
+    for i, image in enumerate(data["images"]):
+        if not (isinstance(image, dict) and is_int(image.get("id")) and isinstance(image.get("file_name"), str)):
+            fail("images", i, image, "must have an int 'id' and a str 'file_name'")
+    category_ids = {c["id"] for c in data["categories"]}
+    image_ids = {image["id"] for image in data["images"]}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            fail("annotations", i, ann, "must be an object")
+        box = ann.get("bbox")
+        numbers = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not (numbers and all(math.isfinite(v) for v in box) and box[2] >= 0 and box[3] >= 0):
+            fail("annotations", i, ann, "must have a 'bbox' [x, y, width, height] of 4 finite numbers, width and "
+                                        "height >= 0")  # fmt: skip
+        if ann.get("category_id") not in category_ids:
+            fail("annotations", i, ann, f"has a 'category_id' not among the categories {sorted(category_ids)}")
+        if ann.get("image_id") not in image_ids:
+            fail("annotations", i, ann, "has an 'image_id' not among the images")
 
 
 class CocoDetectionDataset(Dataset):
@@ -104,8 +141,12 @@ class CocoDetectionDataset(Dataset):
 
     def __getitem__(self, index: int):
         info = self.images[index]
-        with Image.open(self.image_root / info["file_name"]) as file:
-            image = file.convert("RGB")
+        path = self.image_root / info["file_name"]
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")
+        except (OSError, SyntaxError) as exc:  # PIL: missing, unidentified or truncated files
+            raise OSError(f"image {path} (image id {info['id']}) cannot be read: {exc}") from exc
         annotations = [a for a in self.annotations[info["id"]] if not a.get("iscrowd", 0)]
         xywh = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes = tv_tensors.BoundingBoxes(

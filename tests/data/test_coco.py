@@ -115,3 +115,47 @@ def test_synthetic_generator_refuses_bad_sizes(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_synthetic_coco(tmp_path, **kwargs)
     assert not list(tmp_path.iterdir())
+
+
+def _edit(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            lambda d: d["annotations"][1].update(category_id=9),
+            r"annotations\[1\] has a .category_id. not among",
+        ),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\] must have a 'bbox' \[x, y, width"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 3]), r"annotations\[0\] must have a 'bbox'"),
+        (lambda d: d["annotations"][2].update(image_id=5), r"annotations\[2\] has an 'image_id' not among the images"),
+        (lambda d: d["categories"][1].pop("name"), r"categories\[1\] must have an int 'id' and a str 'name'"),
+        (lambda d: d["images"][0].pop("file_name"), r"images\[0\] must have an int 'id' and a str 'file_name'"),
+    ],
+)
+def test_malformed_entries_are_named_at_load(tiny_coco, change, match):
+    """Found when the dataset is built, naming the file, the entry and the field — not a KeyError mid-training."""
+    images, ann_file = tiny_coco
+    _edit(ann_file, change)
+    with pytest.raises(ValueError, match=match):
+        CocoDetectionDataset(images, ann_file)
+
+
+@pytest.mark.parametrize("content", ["[]", "null"])
+def test_annotation_file_that_is_not_an_object(tiny_coco, content):
+    images, ann_file = tiny_coco
+    ann_file.write_text(content)
+    with pytest.raises(ValueError, match=r"is not COCO instances format: a (list|NoneType), not an object"):
+        CocoDetectionDataset(images, ann_file)
+
+
+def test_truncated_image_names_its_path(tiny_coco):
+    images, ann_file = tiny_coco
+    data = (images / "1.png").read_bytes()
+    (images / "1.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"image .*1\.png \(image id 1\) cannot be read"):
+        CocoDetectionDataset(images, ann_file)[0]

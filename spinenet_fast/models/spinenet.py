@@ -70,8 +70,8 @@ class SpineNetScaling:
     def __post_init__(self) -> None:
         for name in ("filter_size_scale", "resample_alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"model_id[{name!r}] must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"model_id[{name!r}] must be a finite positive number, got {value!r}")
         for name in ("block_repeats", "endpoints_num_filters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -131,8 +131,9 @@ class FeatureInfo(list):
         return [d[key] for d in self] if idx is None else self[idx][key]
 
 
-def check_image_batch(x: torch.Tensor) -> torch.Tensor:
-    """Raise a clear error unless ``x`` is a floating (N, 3, H, W) batch with H, W multiples of 128."""
+def check_image_batch(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a floating (N, 3, H, W) batch with H, W positive multiples of 128, on the
+    device of the model's first ``weight`` and (outside autocast) of its dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -142,12 +143,16 @@ def check_image_batch(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     for name, size in (("H", x.shape[2]), ("W", x.shape[3])):
-        if size % SIZE_DIVISIBILITY:
+        if size % SIZE_DIVISIBILITY or size == 0:
             padded = math.ceil(size / SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
             raise ValueError(
-                f"x: {name}={size} must be a multiple of {SIZE_DIVISIBILITY} (SpineNet reaches level 7); "
-                f"pad it to {padded}"
+                f"x: {name}={size} must be a positive multiple of {SIZE_DIVISIBILITY} (SpineNet reaches level 7); "
+                f"pad it to {max(padded, SIZE_DIVISIBILITY)}"
             )
+    if weight is not None and x.device != weight.device:
+        raise ValueError(f"x must be on the model's device {weight.device}, got {x.device}")
+    if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x must have the model's dtype {weight.dtype} (or run under autocast), got {x.dtype}")
     return x
 
 
@@ -312,7 +317,7 @@ class SpineNet(nn.Module):
             del self.endpoints[name], self._endpoint_ids[name]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        x = self.stem(check_image_batch(x))
+        x = self.stem(check_image_batch(x, self.stem.conv.conv.weight))
         feats = []
         for group in self.init_groups:
             x = group(x)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,10 +78,23 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, num_classes: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"checkpoint {path} cannot be read as a PyTorch checkpoint (empty, truncated, not one, or "
+                         f"holding objects other than tensors and plain values): {exc}") from exc  # fmt: skip
+    if not isinstance(checkpoint, dict):
+        kind = type(checkpoint).__name__
+        raise ValueError(f"checkpoint {path} is not a spinenet_fast training checkpoint: a {kind}, "
+                         "not a dict with model, args and label_map")  # fmt: skip
     missing = [key for key in ("model", "args", "label_map") if key not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} is not a spinenet_fast training checkpoint: missing {missing}")
+    label_map = checkpoint["label_map"]
+    well_formed = isinstance(checkpoint["model"], dict) and isinstance(checkpoint["args"], dict)
+    if not (well_formed and isinstance(label_map, dict) and isinstance(label_map.get("category_ids"), list)):
+        raise ValueError(f"checkpoint {path} is not a spinenet_fast training checkpoint: model and args must be dicts "
+                         "and label_map a dict with a category_ids list")  # fmt: skip
     saved_model = checkpoint["args"].get("model")
     if model is not None and saved_model != model:
         raise ValueError(f"checkpoint {path} is for model {saved_model!r}, but model {model!r} was requested")

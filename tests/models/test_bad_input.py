@@ -14,8 +14,9 @@ def model():
 @pytest.mark.parametrize(
     ("shape", "match"),
     [
-        ((1, 3, 100, 128), r"H=100 must be a multiple of 128.*pad it to 128"),
-        ((1, 3, 128, 200), r"W=200 must be a multiple of 128.*pad it to 256"),
+        ((1, 3, 100, 128), r"H=100 must be a positive multiple of 128.*pad it to 128"),
+        ((1, 3, 128, 200), r"W=200 must be a positive multiple of 128.*pad it to 256"),
+        ((1, 3, 0, 0), r"H=0 must be a positive multiple of 128.*pad it to 128"),
         ((1, 1, 128, 128), r"x must have 3 channels.*got 1"),
         ((3, 128, 128), r"x must be 4-D.*got shape \(3, 128, 128\)"),
     ],
@@ -30,6 +31,10 @@ def test_bad_image_types(model):
         model([[0.0]])
     with pytest.raises(TypeError, match=r"floating-point.*uint8"):
         model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"x must have the model's dtype torch\.float32 .*got torch\.float64"):
+        model(torch.zeros(1, 3, 128, 128, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be on the model's device cpu, got meta"):
+        model(torch.zeros(1, 3, 128, 128, device="meta"))
 
 
 @pytest.mark.parametrize(
@@ -44,6 +49,19 @@ def test_bad_image_types(model):
         ({"min_level": 2}, ValueError, "min_level.*got min_level=2"),
         ({"max_level": 3.0}, TypeError, "max_level must be an int, got float"),
         ({"stochastic_depth_rate": 1.5}, ValueError, "stochastic_depth_rate must be None or a number in"),
+        (
+            {
+                "model_id": {
+                    "filter_size_scale": float("inf"),
+                    "resample_alpha": 0.5,
+                    "block_repeats": 1,
+                    "endpoints_num_filters": 48,
+                }
+            },
+            ValueError,
+            "must be a finite positive number, got inf",
+        ),
+        ({"bn_momentum": 5}, ValueError, r"bn_momentum must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, match):

@@ -49,7 +49,27 @@ def test_load_rejects_other_model_or_class_count(tmp_path):
 def test_load_is_weights_only(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({**checkpoint(), "args": {"model": "49S", "obj": object()}}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r"[Ww]eights only load failed"):
+    with pytest.raises(ValueError, match=r"cannot be read .*[Ww]eights only load failed") as info:
+        load_checkpoint(path)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "cannot be read as a PyTorch checkpoint"),
+        (bytes(range(256)) * 4, "cannot be read as a PyTorch checkpoint"),
+        (torch.zeros(3), "not a spinenet_fast training checkpoint: a Tensor, not a dict"),
+        ({"model": 1, "args": {}, "label_map": {}}, "model and args must be dicts and label_map a dict"),
+    ],
+)
+def test_unreadable_or_foreign_checkpoints_say_so(tmp_path, content, match):
+    path = tmp_path / "checkpoint.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=match):
         load_checkpoint(path)
 
 

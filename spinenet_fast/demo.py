@@ -10,14 +10,32 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+
+from .data import CocoDetectionDataset
 from .data.synthetic import make_synthetic_coco
 from .eval.__main__ import main as evaluate_checkpoint
+from .predict import load_detector, save_grid
 from .train.__main__ import main as train
 
 DEMO_TRAIN_ARGS = [
     "--model", "49XS-custom", "--image-size", "128", "-b", "8", "--lr", "0.05", "--bn-momentum", "0.1",
     "--stochastic-depth-rate", "0", "--scale-range", "0.75", "1.33", "--workers", "0", "--seed", "0",
 ]  # fmt: skip
+
+
+def save_validation_grid(checkpoint: Path, data: Path, path: Path, count: int = 8) -> None:
+    """The first ``count`` validation images with the checkpoint's detections (score ≥ 0.5) and the ground truth."""
+    dataset = CocoDetectionDataset(data / "val2017", data / "annotations" / "instances_val2017.json")
+    images, boxes = [], []
+    for i in range(min(count, len(dataset))):
+        image, target = dataset[i]
+        images.append(pil_to_tensor(image))
+        boxes.append(target["boxes"].as_subclass(torch.Tensor))
+    device = torch.device("cpu")
+    model, label_map = load_detector(checkpoint, device, score_thresh=0.5)
+    save_grid(model, label_map, images, boxes, path, device)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -41,9 +59,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
          "--workers", "0"]
     )  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
+    grid = run / "predictions.png"
+    save_validation_grid(run / "checkpoint.pth", data, grid)
     print(f"\nSynthetic shapes val: COCO AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f} "
           f"(train + evaluate: {minutes:.1f} min)")  # fmt: skip
-    print(f"Loss/AP plot: {run / 'metrics.png'}; checkpoint: {run / 'checkpoint.pth'}")
+    print(
+        f"Loss/AP plot: {run / 'metrics.png'}; predictions (yellow) and ground truth (green) on 8 validation "
+        f"images: {grid}; checkpoint: {run / 'checkpoint.pth'}"
+    )
     return stats
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 from .data import LabelMap
 from .detection.presets import detector_from_args
@@ -54,29 +54,51 @@ def draw(image: torch.Tensor, detections: dict, label_map: LabelMap) -> torch.Te
     return draw_bounding_boxes(image, detections["boxes"], labels=names, colors="yellow", width=2)
 
 
+def load_detector(path: Path, device: torch.device, score_thresh: float) -> tuple[torch.nn.Module, LabelMap]:
+    """The checkpoint's detector in eval mode on ``device``, reporting detections scoring at least ``score_thresh``,
+    and its label map."""
+    checkpoint = load_checkpoint(path)
+    label_map = LabelMap.from_dict(checkpoint["label_map"])
+    model = detector_from_args(checkpoint["args"], len(label_map))
+    model.load_state_dict(checkpoint["model"])
+    model.score_thresh = score_thresh  # the detector's own candidate filter: this threshold decides
+    return model.to(device).eval(), label_map
+
+
+def detect(model: torch.nn.Module, image: torch.Tensor, device: torch.device) -> tuple[dict, float]:
+    """``(detections on the CPU, latency in ms)`` for one (3, H, W) uint8 image."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        (detections,) = model([image.to(device).float() / 255])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {key: value.cpu() for key, value in detections.items()}, 1000 * (time.perf_counter() - start)
+
+
+def save_grid(model, label_map: LabelMap, images: list[torch.Tensor], ground_truth: list[torch.Tensor],
+              path: Path, device: torch.device) -> None:  # fmt: skip
+    """One PNG of the images (uint8 (3, H, W), same size), ground-truth boxes (XYXY) in green under the detections."""
+    drawn = []
+    for image, boxes in zip(images, ground_truth):
+        if len(boxes):
+            image = draw_bounding_boxes(image, boxes, colors="lime", width=1)
+        drawn.append(draw(image, detect(model, image, device)[0], label_map))
+    grid = make_grid(drawn, nrow=min(4, len(drawn)), padding=4, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Predict, draw and write; returns the COCO-format results."""
     args = get_args_parser().parse_args(argv)
     if not 0 <= args.score_thresh <= 1:
         raise ValueError(f"--score-thresh must be a number in [0, 1], got {args.score_thresh}")
-    checkpoint = load_checkpoint(args.checkpoint)
-    label_map = LabelMap.from_dict(checkpoint["label_map"])
     device = torch.device(args.device)
-    model = detector_from_args(checkpoint["args"], len(label_map))
-    model.load_state_dict(checkpoint["model"])
-    model.score_thresh = args.score_thresh  # the detector's own candidate filter: this threshold decides
-    model.to(device).eval()
+    model, label_map = load_detector(args.checkpoint, device, args.score_thresh)
     images = [read_image(path) for path in args.images]  # every file checked before any work
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for image_id, (path, image) in enumerate(zip(args.images, images), start=1):
-        start = time.perf_counter()
-        with torch.no_grad():
-            (detections,) = model([image.to(device).float() / 255])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        latency_ms = 1000 * (time.perf_counter() - start)
-        detections = {key: value.cpu() for key, value in detections.items()}
+        detections, latency_ms = detect(model, image, device)
         Image.fromarray(draw(image, detections, label_map).permute(1, 2, 0).numpy()).save(args.out / f"{path.stem}.png")
         for box, label, score in zip(detections["boxes"].tolist(), detections["labels"], detections["scores"]):
             x1, y1, x2, y2 = box

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -41,3 +42,12 @@ def test_missing_image_and_bad_threshold(trained, tmp_path):
         predict_main([str(tmp_path / "nope.png"), "--checkpoint", str(trained), "--out", str(tmp_path / "o"),
                       "--score-thresh", "2"])  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_grid_of_validation_predictions(tiny_data, trained, tmp_path):
+    from spinenet_fast.demo import save_validation_grid
+
+    save_validation_grid(trained, tiny_data, tmp_path / "grid.png", count=4)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (4 * 128 + 5 * 4, 128 + 2 * 4)  # one row of 4, padded
+    assert (np.asarray(grid.convert("RGB")) == (0, 255, 0)).all(-1).any()  # the ground truth, drawn in lime

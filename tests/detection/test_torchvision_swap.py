@@ -37,7 +37,7 @@ def test_torchvision_detectors_train_and_predict(detector):
 def test_without_size_divisible_128_the_backbone_says_what_to_do():
     model = RetinaNet(_backbone(), num_classes=3, anchor_generator=spinenet_anchor_generator(3), min_size=200,
                       max_size=200).eval()  # fmt: skip
-    with pytest.raises(ValueError, match=r"H=224 must be a multiple of 128 .*pad it to 256"):
+    with pytest.raises(ValueError, match=r"H=224 must be a positive multiple of 128 .*pad it to 256"):
         model([torch.rand(3, 200, 200)])  # torchvision pads to 224, a multiple of 32 only
 
 

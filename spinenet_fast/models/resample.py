@@ -97,7 +97,8 @@ class CrossScaleMerge(nn.Module):
         return bool(self.fused)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        if self.uses_fused_ops():
+        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
+        if self.uses_fused_ops() and feats[self.parent_ids[0]].shape[0] > 0:
             return fused_merge_forward(self, feats, self.activation, self.padding)
         x = self.resamples[0](feats[self.parent_ids[0]])
         for resample, i in zip(self.resamples[1:], self.parent_ids[1:]):

@@ -8,6 +8,7 @@ The statistics are one (2, C) tensor, as the conv ops produce them: one buffer p
 under SyncBN, one gradient).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,16 +21,30 @@ from .schema_types import TensorList
 StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
 
 
-def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked) -> None:
+def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+                  momentum=0.1, upsample_factor=1) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
-    on ``device`` normalising ``count`` values per channel."""
+    on ``device`` normalising ``count`` values per channel (running statistics: both or neither; ``momentum`` is
+    checked where they are given)."""
     for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor) or t.shape != (channels,) or t.device != device:
-            raise ValueError(f"{name} must be a tensor of shape ({channels},) on {device}, got {describe(t)}")
+        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
+        if not (fits and t.device == device):
+            raise ValueError(f"{name} must be a float tensor of shape ({channels},) on {device}, got {describe(t)}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be positive and finite, got {eps!r}")
+    if running_mean is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        raise TypeError(f"momentum must be a real number in [0, 1], got {type(momentum).__name__}")
+    if running_mean is not None and not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
+        raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"{given} was given without {missing}: pass both running statistics or neither")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
         if t is not None and not (fits and t.device == device):
@@ -225,12 +240,11 @@ def bn_finalize(
     if stats_reducer is not None:
         stats, count = stats_reducer(stats, count)
     check_stats(stats)
-    bn_args = (count, weight, bias, eps, running_mean, running_var, num_batches_tracked)
+    bn_args = (count, weight, bias, eps, running_mean, running_var, num_batches_tracked, momentum, upsample_factor)
     check_bn_args(stats.shape[1], stats.device, *bn_args)
-    update = running_mean is not None and running_var is not None
     n = count * upsample_factor**2
+    momentum = 0.0 if running_mean is None else float(momentum)  # unused without running statistics
     scale, shift, _, _ = bn_finalize_op(
-        stats, count, weight, bias, float(eps), running_mean if update else None, running_var if update else None,
-        num_batches_tracked, float(momentum), n / (n - 1),
+        stats, count, weight, bias, float(eps), running_mean, running_var, num_batches_tracked, momentum, n / (n - 1),
     )  # fmt: skip
     return scale, shift

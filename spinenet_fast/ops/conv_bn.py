@@ -189,9 +189,8 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
                     prologue_grad_buffer, weight_grad_buffer) -> tuple:  # fmt: skip
     """The BN arguments of a conv + BN op whose output has ``weight.shape[0]`` channels and ``pixels_out`` pixels,
     checked, as its ``autograd.Function`` takes them after the conv's own: ``(count, eps, running_mean, running_var,
-    batches, momentum, upsample_factor, group, stats, counter, prologue_grad, weight_grad)`` (running statistics: both
-    or neither)."""
-    bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked)
+    batches, momentum, upsample_factor, group, stats, counter, prologue_grad, weight_grad)``."""
+    bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, upsample_factor)
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn)
     dtype = stats_dtype(x)
     check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)
@@ -209,9 +208,6 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
                 f"weight_grad_buffer must be a float32 tensor with the dense weight's shape {tuple(weight.shape)} and "
                 f"strides {weight.stride()} on {x.device}, got {describe(buffer)} with strides {strides}"
             )
-    if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
-        raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
-    update = running_mean is not None and running_var is not None
-    running = (running_mean, running_var) if update else (None, None)
-    return (pixels_out, float(eps), *running, num_batches_tracked, float(momentum), upsample_factor, process_group,
-            stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer)  # fmt: skip
+    momentum = 0.0 if running_mean is None else float(momentum)  # unused without running statistics
+    return (pixels_out, float(eps), running_mean, running_var, num_batches_tracked, momentum, upsample_factor,
+            process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer)  # fmt: skip

@@ -50,7 +50,11 @@ def train_steps(model, images, steps):
 # steps (both models are right; they diverge like any chaotic system), so that variant compares one step.
 @pytest.mark.parametrize(
     ("model_id", "kwargs", "steps"),
-    [("49", {}, 3), ("49S", {"activation": "relu", "padding": "tf_same"}, 1)],
+    [
+        ("49", {}, 3),
+        ("49S", {"activation": "relu", "padding": "tf_same"}, 1),
+        ("49S", {"bn_momentum": None}, 2),  # nn.BatchNorm2d's cumulative average
+    ],
 )
 def test_float64_training_equals_eager(model_id, kwargs, steps):
     # 256 px: at 128 px P7 is 1×1, and training-mode BN over 2 values per channel is chaotic in any precision.
@@ -66,6 +70,20 @@ def test_float64_training_equals_eager(model_id, kwargs, steps):
     eager_state, fused_state = eager.state_dict(), fused.state_dict()
     for name in eager_state:  # parameters and running statistics after the steps
         assert_close_scaled(fused_state[name], eager_state[name], name)
+
+
+def test_empty_training_batch_gives_what_eager_gives():
+    eager, fused = twins("49S")
+    images = torch.randn(0, 3, 128, 128, requires_grad=True)
+    expected = eager.train()(images)
+    with use_backend("reference"):
+        got = fused.train()(images)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    sum(v.sum() for v in got.values()).backward()
+    assert images.grad.shape == images.shape
+    eager_state, fused_state = eager.state_dict(), fused.state_dict()
+    for name in eager_state:
+        torch.testing.assert_close(fused_state[name], eager_state[name], msg=name)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"activation": "relu", "padding": "tf_same"}])

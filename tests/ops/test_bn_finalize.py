@@ -133,17 +133,35 @@ def test_opcheck(backend):
         torch.library.opcheck(_bn_finalize_op, (*stats(y), torch.rand(6), torch.randn(6), 1e-3, *running, 0.1, 1.5))
 
 
+RUNNING = {"running_mean": torch.zeros(4), "running_var": torch.ones(4)}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"stats": torch.zeros(2, 4, dtype=torch.float16)}, TypeError, r"stats must be float32 \(or float64\)"),
         ({"stats": torch.zeros(4)}, TypeError, r"stats must be a \(2, C\) tensor \[Σy; Σy²\]"),
-        ({"weight": torch.ones(5)}, ValueError, r"weight must be a tensor of shape \(4,\)"),
+        ({"weight": torch.ones(5)}, ValueError, r"weight must be a float tensor of shape \(4,\)"),
         ({"count": 1}, ValueError, "count must be an int >= 2"),
         ({"eps": 0.0}, ValueError, "eps must be positive"),
         ({"num_batches_tracked": torch.zeros(2)}, TypeError, "num_batches_tracked must be a one-element int64 tensor"),
-        ({"running_mean": torch.zeros(5)}, ValueError, r"running_mean must be a float tensor of shape \(4,\)"),
-        ({"running_var": torch.zeros(4, device="meta")}, ValueError, "running_var must be a float tensor .* on cpu"),
+        (
+            {"running_mean": torch.zeros(5), "running_var": torch.ones(4)},
+            ValueError,
+            r"running_mean must be a float tensor of shape \(4,\)",
+        ),
+        (
+            {**RUNNING, "running_var": torch.zeros(4, device="meta")},
+            ValueError,
+            "running_var must be a float tensor .* on cpu",
+        ),
+        ({"eps": float("nan")}, ValueError, "eps must be positive and finite, got nan"),
+        ({"eps": "1e-3"}, TypeError, "eps must be a real number, got str"),
+        ({"weight": torch.ones(4, dtype=torch.long)}, ValueError, r"weight must be a float tensor of shape \(4,\)"),
+        ({"upsample_factor": 0}, ValueError, "upsample_factor must be a positive int, got 0"),
+        ({"running_mean": torch.zeros(4)}, ValueError, "running_mean was given without running_var"),
+        ({**RUNNING, "momentum": 5.0}, ValueError, r"momentum must be in \[0, 1\], got 5.0"),
+        ({**RUNNING, "momentum": None}, TypeError, "momentum must be a real number in .*, got NoneType"),
         (
             {"num_batches_tracked": torch.zeros((), dtype=torch.long, device="meta")},
             ValueError,

@@ -212,7 +212,7 @@ def test_training_forward_op_matches_the_reference_and_opcheck(kind, backend, ru
     ("change", "error", "match"),
     [
         (lambda a: a.update(counter_buffer=torch.zeros(1)), ValueError, r"counter_buffer must be a contiguous int32"),
-        (lambda a: a.update(bn_weight=torch.ones(5)), ValueError, r"weight must be a tensor of shape \(6,\)"),
+        (lambda a: a.update(bn_weight=torch.ones(5)), ValueError, r"weight must be a float tensor of shape \(6,\)"),
         (lambda a: a.update(eps=0.0), ValueError, "eps must be positive"),
         (lambda a: a.update(running_var=torch.ones(6, device="meta")), ValueError, "running_var must be a float"),
         (lambda a: a.update(upsample_factor=0), ValueError, "upsample_factor must be a positive int"),
@@ -232,7 +232,11 @@ def test_bad_input_is_rejected_before_any_launch(change, error, match):
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (lambda a: a.update(bn_bias=torch.zeros(6, device="meta")), ValueError, r"bias must be a tensor of shape"),
+        (
+            lambda a: a.update(bn_bias=torch.zeros(6, device="meta")),
+            ValueError,
+            r"bias must be a float tensor of shape",
+        ),
         (lambda a: a.update(x=a["x"][:, :, :3]), ValueError, "x must have even H and W"),
         (lambda a: a.update(padding="same"), ValueError, "padding must be one of"),
         (lambda a: a.update(num_batches_tracked=torch.zeros(2)), TypeError, "num_batches_tracked must be a one"),

@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     save_validation_grid(run / "checkpoint.pth", data, grid)
     print(f"\nSynthetic shapes val: COCO AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f} "
           f"(train + evaluate: {minutes:.1f} min)")  # fmt: skip
-    print(
-        f"Loss/AP plot: {run / 'metrics.png'}; predictions (yellow) and ground truth (green) on 8 validation "
-        f"images: {grid}; checkpoint: {run / 'checkpoint.pth'}"
-    )
+    run = run.resolve()  # paths that work from wherever the user stands
+    print(f"Loss/AP plot: {run / 'metrics.png'}")
+    print(f"Predictions (yellow) and ground truth (green) on 8 validation images: {run / 'predictions.png'}")
+    print(f"Checkpoint: {run / 'checkpoint.pth'} (python -m spinenet_fast.predict --checkpoint it IMAGE... --out DIR)")
     return stats
 
 

@@ -1,13 +1,13 @@
 """``python -m spinenet_fast.eval``: COCO box AP of a training checkpoint on a COCO-format split.
 
 Writes ``coco_results.json`` (xywh boxes, original category ids, original-image coordinates) and
-``coco_stats.json`` (the 12 named ``COCOeval`` stats) to ``--output-dir`` and prints the stats.
+``coco_stats.json`` (the 12 named ``COCOeval`` stats; -1 where the split has no object of that size) to
+``--output-dir`` and prints the stats.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms
 from ..detection.presets import detector_from_args
 from ..train.checkpoint import load_checkpoint
 from ..train.engine import evaluate
+from .coco_eval import format_stats
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.load_state_dict(checkpoint["model"])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
     stats = evaluate(model, loader, device, label_map, args.output_dir)
-    print(json.dumps(stats, indent=2))
+    print(format_stats(stats))
+    print(f"written to {(args.output_dir / 'coco_stats.json').resolve()}")
     return stats
 
 

@@ -55,3 +55,12 @@ def coco_stats(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+
+
+def format_stats(stats: dict[str, float]) -> str:
+    """The stats as two aligned lines (AP row, AR row); pycocotools' -1 ("no ground truth of that size") as n/a."""
+    cells = [f"{name} {'n/a' if stats[name] == -1 else f'{stats[name]:.3f}'}" for name in STAT_NAMES if name in stats]
+    lines = ["  ".join(cells[:6]), "  ".join(cells[6:])]
+    if any(stats.get(name) == -1 for name in STAT_NAMES):
+        lines.append("n/a: the split has no ground-truth objects of that size (pycocotools reports -1)")
+    return "\n".join(line for line in lines if line)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
 from ..detection.presets import MODEL_NAMES, detector_from_args
+from ..eval.coco_eval import format_stats
 from .checkpoint import load_checkpoint, read_jsonl_rows, remove_stale_temporaries, save_atomic, write_jsonl_atomic
 from .cuda_graphs import graph_detector
 from .engine import ShardSampler, TrainingDiverged, distributed_init, evaluate, param_groups, train_one_epoch
@@ -133,6 +133,24 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     return [name for (name, _), ok in zip(floating, finite) if not ok]
 
 
+def describe_run(args: argparse.Namespace, model: nn.Module, train_set, val_set, world_size: int) -> str:
+    """One paragraph saying what is about to be trained, on what, where, and where it lands."""
+    label_map = train_set.label_map
+    names = ", ".join(label_map.names[:5]) + (", ..." if len(label_map) > 5 else "")
+    parameters = sum(p.numel() for p in model.parameters())
+    fused = any(m.uses_fused_ops() for m in model.modules() if hasattr(m, "uses_fused_ops"))
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    evaluation = f"every {args.eval_every} epoch(s) on {len(val_set)} {args.val_split} images"
+    return (
+        f"training RetinaNet-SpineNet-{args.model} ({parameters / 1e6:.2f} M parameters, fused connections "
+        f"{'on' if fused else 'off'}) to detect {len(label_map)} classes ({names})\n"
+        f"  data: {len(train_set)} {args.train_split} images from {args.data_path.resolve()}, {args.image_size} px, "
+        f"batch {args.batch_size}{processes}, {args.epochs} epochs on {args.device}; evaluation: "
+        f"{evaluation if args.eval_every else 'never'}\n"
+        f"  output: {args.output_dir.resolve()} (checkpoint.pth, metrics.jsonl, metrics.png)"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run training or evaluation; returns the last validation stats (rank 0) or an empty dict."""
     args = get_args_parser().parse_args(argv)
@@ -196,13 +214,15 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     progress = main_process and not args.no_progress
     if main_process:
         prepare_output_dir(output_dir)
+        if not args.test_only:
+            print(describe_run(args, model, train_set, val_set, world_size), flush=True)
 
     if args.test_only:
         checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
         model.load_state_dict(checkpoint["model"])
         stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
         if main_process:
-            print(json.dumps(stats))
+            print(format_stats(stats))
         return stats
 
     generator = torch.Generator()

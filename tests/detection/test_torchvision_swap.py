@@ -1,5 +1,8 @@
 """The README's swap of our backbone into torchvision's own RetinaNet and Faster R-CNN works as written."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision.models.detection import FasterRCNN, RetinaNet
@@ -39,6 +42,14 @@ def test_without_size_divisible_128_the_backbone_says_what_to_do():
                       max_size=200).eval()  # fmt: skip
     with pytest.raises(ValueError, match=r"H=224 must be a positive multiple of 128 .*pad it to 256"):
         model([torch.rand(3, 200, 200)])  # torchvision pads to 224, a multiple of 32 only
+
+
+def test_import_spinenet_fast_registers_the_detectors():
+    """The references do ``import spinenet_fast`` (or any submodule) and then ``get_model``: a fresh interpreter."""
+    code = "import spinenet_fast, torchvision\n"
+    code += "print(torchvision.models.get_model('retinanet_spinenet49s').head.num_classes)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "91"
 
 
 def test_registered_with_torchvision_get_model():

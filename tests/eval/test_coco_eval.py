@@ -5,6 +5,7 @@ import torch
 
 from spinenet_fast.data import LabelMap
 from spinenet_fast.eval import STAT_NAMES, coco_stats, predict
+from spinenet_fast.eval.coco_eval import format_stats
 
 from ..conftest import require_optional
 
@@ -57,3 +58,12 @@ def test_predict_writes_xywh_and_original_category_ids(coco_gt):
     results = predict(FixedDetector(), loader, torch.device("cpu"), LabelMap((5, 9), ("a", "b")), progress=False)
     assert results == [{"image_id": 2, "category_id": 9, "bbox": [50.0, 40.0, 40.0, 30.0], "score": pytest.approx(0.8)}]
     assert coco_stats(coco_gt, results)["AP50"] == pytest.approx(0.5)  # one of two classes found perfectly
+
+
+def test_format_stats_reads_minus_one_as_not_applicable():
+    stats = dict.fromkeys(STAT_NAMES, 0.5) | {"APl": -1.0, "ARl": -1.0}
+    lines = format_stats(stats).splitlines()
+    assert lines[0] == "AP 0.500  AP50 0.500  AP75 0.500  APs 0.500  APm 0.500  APl n/a"
+    assert lines[1] == "AR1 0.500  AR10 0.500  AR100 0.500  ARs 0.500  ARm 0.500  ARl n/a"
+    assert "no ground-truth objects of that size" in lines[2]
+    assert len(format_stats(dict.fromkeys(STAT_NAMES, 0.0)).splitlines()) == 2

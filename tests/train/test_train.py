@@ -1,5 +1,6 @@
 """The training CLI end to end on a tiny synthetic set: outputs, resume equivalence, bad input, --test-only."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -57,12 +58,19 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_data, two_epoch_run, 
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_test_only_and_eval_cli_agree(tiny_data, two_epoch_run, tmp_path):
+def test_test_only_and_eval_cli_agree(tiny_data, two_epoch_run, tmp_path, capsys):
     ckpt = str(two_epoch_run / "checkpoint.pth")
     test_only = train_main(train_args(tiny_data, tmp_path / "t", "--resume", ckpt, "--test-only"))
+    capsys.readouterr()
     evaluated = eval_main(["--checkpoint", ckpt, "--data-path", str(tiny_data), "--output-dir", str(tmp_path / "e"),
                            "--workers", "0"])  # fmt: skip
     assert test_only == evaluated
+    printed = capsys.readouterr().out
+    assert "index created" not in printed and "loading annotations" not in printed  # pycocotools kept quiet
+    pairs = set(itertools.pairwise(printed.split()))
+    for name, value in evaluated.items():
+        assert (name, "n/a" if value == -1 else f"{value:.3f}") in pairs, name
+    assert str((tmp_path / "e" / "coco_stats.json").resolve()) in printed
     results = json.loads((tmp_path / "e" / "coco_results.json").read_text())
     assert all(r["category_id"] in (1, 2, 3) and len(r["bbox"]) == 4 for r in results)
 
@@ -100,6 +108,16 @@ def test_training_without_evaluation_needs_no_pycocotools(tiny_data, tmp_path):
     subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_PYCOCOTOOLS, *args], check=True)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["loss"] > 0 and "AP" not in row and not (tmp_path / "coco_stats.json").exists()
+
+
+def test_what_is_trained_is_said_first(tiny_data, tmp_path, capsys):
+    train_main(train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--eval-every", "0"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training RetinaNet-SpineNet-49XS-custom (")
+    assert "fused connections off) to detect 3 classes (circle, square, triangle)" in lines[0]
+    assert f"8 train2017 images from {tiny_data.resolve()}, 128 px, batch 4, 1 epochs on cpu" in lines[1]
+    assert f"output: {(tmp_path / 'run').resolve()}" in lines[2]
+    assert lines[3].startswith("epoch 0: loss ")
 
 
 def test_fused_spinenet49_trains_in_the_training_loop(tiny_data, tmp_path):

@@ -90,6 +90,12 @@ def check_entries(data: dict, ann_file: Path) -> None:
     for i, image in enumerate(data["images"]):
         if not (isinstance(image, dict) and is_int(image.get("id")) and isinstance(image.get("file_name"), str)):
             fail("images", i, image, "must have an int 'id' and a str 'file_name'")
+    for kind in ("categories", "images"):
+        seen = set()
+        for i, entry in enumerate(data[kind]):
+            if entry["id"] in seen:
+                fail(kind, i, entry, f"repeats the 'id' {entry['id']} of an earlier entry: ids must be unique")
+            seen.add(entry["id"])
     category_ids = {c["id"] for c in data["categories"]}
     image_ids = {image["id"] for image in data["images"]}
     for i, ann in enumerate(data["annotations"]):
@@ -100,9 +106,10 @@ def check_entries(data: dict, ann_file: Path) -> None:
         if not (numbers and all(math.isfinite(v) for v in box) and box[2] >= 0 and box[3] >= 0):
             fail("annotations", i, ann, "must have a 'bbox' [x, y, width, height] of 4 finite numbers, width and "
                                         "height >= 0")  # fmt: skip
-        if ann.get("category_id") not in category_ids:
+        category_id, image_id = ann.get("category_id"), ann.get("image_id")
+        if not (is_int(category_id) and category_id in category_ids):
             fail("annotations", i, ann, f"has a 'category_id' not among the categories {sorted(category_ids)}")
-        if ann.get("image_id") not in image_ids:
+        if not (is_int(image_id) and image_id in image_ids):
             fail("annotations", i, ann, "has an 'image_id' not among the images")
 
 

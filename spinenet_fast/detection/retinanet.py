@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 
-from ..models.layers import make_norm_factory
+from ..models.layers import check_choice, make_norm_factory
 from ..models.spinenet import SpineNet, SpineNetScaling, resolve_scaling
 from ..ops.checks import describe
-from .anchors import spinenet_anchor_generator
+from .anchors import ANCHOR_STYLES, spinenet_anchor_generator
 from .head import SpineNetRetinaNetHead
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,6 +129,7 @@ def retinanet_spinenet(
     A custom scaling dict as ``model_id`` uses anchor size 3, 4 head convs and 640 px unless overridden.
     """
     resolve_scaling(model_id)
+    check_choice("anchor_style", anchor_style, ANCHOR_STYLES)
     check_detector_args(anchor_size, head_num_convs, score_thresh, nms_thresh, detections_per_img, topk_candidates,
                         fg_iou_thresh, bg_iou_thresh)  # fmt: skip
     key = model_id.upper() if isinstance(model_id, str) else None

@@ -22,14 +22,17 @@ StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
 
 
 def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
-                  momentum=0.1, upsample_factor=1) -> None:  # fmt: skip
+                  momentum=0.1, upsample_factor=1, channels_of="stats") -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
     on ``device`` normalising ``count`` values per channel (running statistics: both or neither; ``momentum`` is
-    checked where they are given)."""
+    checked where they are given). ``channels_of`` says where the channel count comes from."""
     for name, t in (("weight", weight), ("bias", bias)):
         fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
         if not (fits and t.device == device):
-            raise ValueError(f"{name} must be a float tensor of shape ({channels},) on {device}, got {describe(t)}")
+            raise ValueError(
+                f"{name} must be a float tensor of shape ({channels},) (the channels of {channels_of}) on {device}, "
+                f"got {describe(t)}"
+            )
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -48,7 +51,10 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
         if t is not None and not (fits and t.device == device):
-            raise ValueError(f"{name} must be a float tensor of shape ({channels},) on {device}, got {describe(t)}")
+            raise ValueError(
+                f"{name} must be a float tensor of shape ({channels},) (the channels of {channels_of}) on {device}, "
+                f"got {describe(t)}"
+            )
     counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
     if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
         raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")

@@ -22,6 +22,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -273,9 +274,23 @@ def compile_variant(module: str, name: str, signature, constexprs, attrs, option
     }
 
 
-def compile_all(recorder: LaunchRecorder, jobs: int) -> list[Variant]:
-    """Compile every recorded variant (``jobs`` worker processes, a fresh Triton cache: ptxas always runs)."""
-    keys = list(recorder.variants)
+def largest_per_kernel_and_dtypes(variants: dict[str, Variant]) -> list[str]:
+    """The keys of one variant per (kernel, pointer dtypes): the one with the largest tiles, then the most pipeline
+    stages and warps — where register pressure, hence a spill, shows first."""
+    chosen: dict[tuple, tuple] = {}
+    for key, v in variants.items():
+        tiles = math.prod(value for name, value in v.constexprs.items() if name.startswith("BLOCK_"))
+        rank = (tiles, v.num_stages, v.num_warps, len(v.label), v.label)
+        group = (v.kernel, tuple(v.pointer_dtypes))
+        if group not in chosen or rank > chosen[group][0]:
+            chosen[group] = (rank, key)
+    return [key for _, key in chosen.values()]
+
+
+def compile_all(recorder: LaunchRecorder, jobs: int, sample: bool = False) -> list[Variant]:
+    """Compile every recorded variant (``jobs`` worker processes, a fresh Triton cache: ptxas always runs); with
+    ``sample``, only :func:`largest_per_kernel_and_dtypes` (CI's quick check)."""
+    keys = largest_per_kernel_and_dtypes(recorder.variants) if sample else list(recorder.variants)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         context = multiprocessing.get_context("fork")
@@ -337,15 +352,16 @@ def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
 
 
 def check_kernels(
-    modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int
+    modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int, sample: bool = False
 ) -> list[str]:
-    """Record, compile and report every kernel variant of ``modules`` that ``drivers`` launch: writes
-    ``out/compile_sm90.{json,md}`` and returns the problems (empty: every variant compiles without spills)."""
+    """Record, compile and report every kernel variant of ``modules`` that ``drivers`` launch (with ``sample``: the
+    largest per kernel and dtypes): writes ``out/compile_sm90.{json,md}`` and returns the problems (empty: every
+    compiled variant compiles without spills)."""
     started = time.perf_counter()
     functions = jit_functions(modules)  # imported as real JITFunctions: the interpreter flag is not set yet
     recorder, unlaunched = record_variants(functions, drivers)
     recorded_s = time.perf_counter() - started
-    variants = compile_all(recorder, jobs)
+    variants = compile_all(recorder, jobs, sample)
     problems = failures(variants, unlaunched)
     env = {**environment(), "record_s": round(recorded_s, 1), "total_s": round(time.perf_counter() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_sm90", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    sample_help = "one variant per kernel and dtypes, the largest tiles (CI's check); default: all"
+    parser.add_argument("--sample", action="store_true", help=sample_help)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the kernels must be real JITFunctions to compile")
@@ -370,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not hasattr(triton, "knobs"):
         parser.error(f"needs Triton >= 3.4 (its knobs print ptxas's report); this is Triton {triton.__version__}")
-    return 1 if check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs) else 0
+    return 1 if check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs, args.sample) else 0
 
 
 if __name__ == "__main__":

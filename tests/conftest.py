@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit kernel is imported: Triton kernels then run on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # pytest -n N: the cores shared among the workers, not each worker on all of them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(config, items):

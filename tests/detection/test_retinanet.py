@@ -28,7 +28,6 @@ def test_parameter_counts(model_id, num_classes):
     assert trainable(retinanet_spinenet(model_id, num_classes)) == DETECTOR_PARAMS[(model_id, num_classes)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("model_id", "num_classes"), list(SLOW_DETECTOR_PARAMS))
 def test_parameter_counts_large_models(model_id, num_classes):
     assert trainable(retinanet_spinenet(model_id, num_classes)) == SLOW_DETECTOR_PARAMS[(model_id, num_classes)]

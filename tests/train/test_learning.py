@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from spinenet_fast.data.synthetic import make_synthetic_coco
 from spinenet_fast.demo import DEMO_TRAIN_ARGS
 from spinenet_fast.train.__main__ import main as train_main
@@ -11,7 +9,6 @@ from spinenet_fast.train.__main__ import main as train_main
 AP50_FLOOR = 0.15  # this run reaches ~0.25 here; an untrained model scores ~0; the full demo ~0.9
 
 
-@pytest.mark.slow
 def test_short_training_learns(tmp_path):
     data = make_synthetic_coco(tmp_path / "data", num_train=320, num_val=60, image_size=128, seed=0)
     out = tmp_path / "run"

@@ -50,7 +50,8 @@ else
     else
         step "spinenet-fast"
     fi
-    python -m pip install --quiet --no-build-isolation -e ".${extras:+[${extras}]}"
+    # (setuptools warns about editable installs in general; nothing here to act on)
+    PYTHONWARNINGS="ignore:Editable installation" python -m pip install --quiet --no-build-isolation -e ".${extras:+[${extras}]}"
     if [[ ",${extras}," == *",test,"* ]]; then
         # The converter test builds TF Model Garden's RetinaNet-SpineNet; its package pins would replace our
         # dependencies, so it comes without them (the [model-garden] extra has what it imports).

@@ -18,7 +18,7 @@ if python -c "import torch, torchvision, sys; sys.exit(not (torch.__version__.st
 else
     step "torch 2.14.1 + torchvision 0.29.1 (a CUDA build that also runs on the CPU: ~5.6 GB installed, a few" \
         "minutes)"
-    python -m pip install --progress-bar on "torch==2.14.1" "torchvision==0.29.1" | grep -v "already satisfied" || true
+    python -m pip install --progress-bar on "torch==2.14.1" "torchvision==0.29.1"
 fi
 python -m pip install --quiet setuptools wheel ninja
 if [ -z "${FORCE_CUDA:-}" ] && command -v nvcc >/dev/null 2>&1; then

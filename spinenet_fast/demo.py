@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"(train + evaluate: {minutes:.1f} min)")  # fmt: skip
     run = run.resolve()  # paths that work from wherever the user stands
     print(f"Loss/AP plot: {run / 'metrics.png'}")
-    print(f"Predictions (yellow) and ground truth (green) on 8 validation images: {run / 'predictions.png'}")
+    print(f"Predictions (yellow) and ground truth (green) on 8 validation images: {grid.resolve()}")
     print(f"Checkpoint: {run / 'checkpoint.pth'} (python -m spinenet_fast.predict --checkpoint it IMAGE... --out DIR)")
     return stats
 

@@ -90,14 +90,13 @@ def check_entries(data: dict, ann_file: Path) -> None:
     for i, image in enumerate(data["images"]):
         if not (isinstance(image, dict) and is_int(image.get("id")) and isinstance(image.get("file_name"), str)):
             fail("images", i, image, "must have an int 'id' and a str 'file_name'")
-    for kind in ("categories", "images"):
-        seen = set()
+    ids: dict[str, set[int]] = {"categories": set(), "images": set()}
+    for kind, seen in ids.items():
         for i, entry in enumerate(data[kind]):
             if entry["id"] in seen:
                 fail(kind, i, entry, f"repeats the 'id' {entry['id']} of an earlier entry: ids must be unique")
             seen.add(entry["id"])
-    category_ids = {c["id"] for c in data["categories"]}
-    image_ids = {image["id"] for image in data["images"]}
+    category_ids, image_ids = ids["categories"], ids["images"]
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             fail("annotations", i, ann, "must be an object")

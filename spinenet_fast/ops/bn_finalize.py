@@ -26,9 +26,13 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
     on ``device`` normalising ``count`` values per channel (running statistics: both or neither; ``momentum`` is
     checked where they are given). ``channels_of`` says where the channel count comes from."""
-    for name, t in (("weight", weight), ("bias", bias)):
-        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
-        if not (fits and t.device == device):
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(f"{given} was given without {missing}: pass both running statistics or neither")
+    vectors = (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var))
+    for name, t in vectors:
+        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,) and t.device == device
+        if not fits and (t is not None or name in ("weight", "bias")):
             raise ValueError(
                 f"{name} must be a float tensor of shape ({channels},) (the channels of {channels_of}) on {device}, "
                 f"got {describe(t)}"
@@ -45,16 +49,6 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if isinstance(upsample_factor, bool) or not isinstance(upsample_factor, int) or upsample_factor < 1:
         raise ValueError(f"upsample_factor must be a positive int, got {upsample_factor!r}")
-    if (running_mean is None) != (running_var is None):
-        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
-        raise ValueError(f"{given} was given without {missing}: pass both running statistics or neither")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        fits = isinstance(t, Tensor) and t.is_floating_point() and t.shape == (channels,)
-        if t is not None and not (fits and t.device == device):
-            raise ValueError(
-                f"{name} must be a float tensor of shape ({channels},) (the channels of {channels_of}) on {device}, "
-                f"got {describe(t)}"
-            )
     counter_ok = isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dtype == torch.long
     if num_batches_tracked is not None and not (counter_ok and num_batches_tracked.numel() == 1):
         raise TypeError(f"num_batches_tracked must be a one-element int64 tensor, got {describe(num_batches_tracked)}")

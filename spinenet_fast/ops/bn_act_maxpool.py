@@ -12,9 +12,10 @@ pixel ATen's pool-by-pool backward sends its gradient to — so that its backwar
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .checks import check_accumulator
 from .conv_common import CHANNELS_LAST, check_stride2_input, prologue_backward, prologue_forward
+from .op_spec import Backend
 from .padding import crop_window, pad_window, spatial_padding
 from .schema_types import TensorList
 
@@ -52,12 +53,32 @@ def bn_act_maxpool_reference(y, scale, shift, activation, num_pools, padding, wi
     return a.to(y.dtype).contiguous(memory_format=CHANNELS_LAST), route
 
 
-backends.register("bn_act_maxpool", "reference", lambda *args: [])(bn_act_maxpool_reference)
+def _extension_reasons(y, scale, *args) -> list[str]:
+    return backends.extension_reasons(y, scale)
 
 
-@backends.register("bn_act_maxpool", "cuda", lambda y, scale, shift, *args: backends.extension_reasons(y, scale))
-def _maxpool_extension(y, scale, shift, activation, num_pools, padding, with_route) -> tuple[Tensor, Tensor]:
-    return torch.ops.spinenet_fast.ext_bn_act_maxpool(y, scale, shift, activation, num_pools, padding, with_route)
+def _fake_forward(y, scale, shift, activation, num_pools, padding, with_route, affine_grad_buffer):
+    shape = (y.shape[0], y.shape[1], y.shape[2] >> num_pools, y.shape[3] >> num_pools)
+    pooled = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
+    route = torch.empty(shape if with_route else (0,), dtype=torch.int32, device=y.device)
+    return pooled, route.contiguous(memory_format=CHANNELS_LAST) if with_route else route
+
+
+@op_spec.custom_op(
+    "bn_act_maxpool",
+    fake=_fake_forward,
+    implementations={
+        "reference": Backend(bn_act_maxpool_reference),
+        "cuda": Backend(op_spec.extension("ext_bn_act_maxpool"), _extension_reasons),
+    },
+    prepare=lambda *args: args[:-1],  # the buffer is the backward's
+)
+def _maxpool_op(
+    y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int, padding: str,
+    with_route: bool, affine_grad_buffer: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(pooled, route)``; ``affine_grad_buffer``: unused by the forward, the backward adds [d_scale; d_shift] into
+    it (see :func:`bn_act_maxpool`)."""
 
 
 def bn_act_maxpool_backward_reference(grad, y, route, scale, shift, activation, num_pools, padding) -> list[Tensor]:
@@ -72,77 +93,49 @@ def bn_act_maxpool_backward_reference(grad, y, route, scale, shift, activation, 
     return [dy, torch.stack(d_affine)] if d_affine else [dy]
 
 
-backends.register("bn_act_maxpool_backward", "reference", lambda *args: [])(bn_act_maxpool_backward_reference)
-
-
 def _extension_backward_reasons(grad, y, route, scale, *args) -> list[str]:
     return backends.extension_reasons(grad, y, scale)
 
 
-@backends.register("bn_act_maxpool_backward", "cuda", _extension_backward_reasons)
-def _maxpool_backward_extension(grad, y, route, scale, shift, activation, num_pools, padding) -> list[Tensor]:
-    args = (grad, y, route, scale, shift, activation, num_pools, padding)
-    return torch.ops.spinenet_fast.ext_bn_act_maxpool_backward(*args)
-
-
-# bn_act_maxpool_backward_into: the sums [d_scale; d_shift] added into a caller's zeroed (2, C) buffer, dy returned.
-@backends.register("bn_act_maxpool_backward_into", "reference", lambda *args: [])
-def _maxpool_backward_into_reference(*args) -> Tensor:
+def _backward_into_reference(*args) -> Tensor:
     *args, sums_out = args
     dy, d_affine = bn_act_maxpool_backward_reference(*args)
     sums_out.add_(d_affine)
     return dy
 
 
-@backends.register("bn_act_maxpool_backward_into", "cuda", lambda *args: _extension_backward_reasons(*args[:-1]))
-def _maxpool_backward_into_extension(*args) -> Tensor:
-    return torch.ops.spinenet_fast.ext_bn_act_maxpool_backward(*args)[0]
-
-
-@torch.library.custom_op("spinenet_fast::bn_act_maxpool", mutates_args=())
-def _maxpool_op(
-    y: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, num_pools: int, padding: str,
-    with_route: bool, affine_grad_buffer: Tensor | None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(pooled, route)``; ``affine_grad_buffer``: unused by the forward, the backward adds [d_scale; d_shift] into
-    it (see :func:`bn_act_maxpool`)."""
-    args = (y, scale, shift, activation, num_pools, padding, with_route)
-    return tuple(backends.run("bn_act_maxpool", *args))
-
-
-@_maxpool_op.register_fake
-def _(y, scale, shift, activation, num_pools, padding, with_route, affine_grad_buffer):
-    shape = (y.shape[0], y.shape[1], y.shape[2] >> num_pools, y.shape[3] >> num_pools)
-    pooled = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
-    route = torch.empty(shape if with_route else (0,), dtype=torch.int32, device=y.device)
-    return pooled, route.contiguous(memory_format=CHANNELS_LAST) if with_route else route
-
-
-@torch.library.custom_op("spinenet_fast::bn_act_maxpool_backward", mutates_args=())
+@op_spec.custom_op(
+    "bn_act_maxpool_backward",
+    fake=lambda grad, y, route, scale, *_: (
+        [torch.empty_like(y, memory_format=CHANNELS_LAST)]
+        + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
+    ),
+    implementations={
+        "reference": Backend(bn_act_maxpool_backward_reference),
+        "cuda": Backend(op_spec.extension("ext_bn_act_maxpool_backward"), _extension_backward_reasons),
+    },
+)
 def _maxpool_backward_op(grad: Tensor, y: Tensor, route: Tensor, scale: Tensor | None, shift: Tensor | None,
                          activation: str, num_pools: int, padding: str) -> TensorList:  # fmt: skip
-    args = (grad, y, route, scale, shift, activation, num_pools, padding)
-    return backends.run("bn_act_maxpool_backward", *args)
+    """``[dy, ([d_scale; d_shift])]``."""
 
 
-@_maxpool_backward_op.register_fake
-def _(grad, y, route, scale, shift, activation, num_pools, padding):
-    grads = [torch.empty_like(y, memory_format=CHANNELS_LAST)]
-    return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
-
-
-@torch.library.custom_op("spinenet_fast::bn_act_maxpool_backward_into", mutates_args=("sums_out",))
+@op_spec.custom_op(
+    "bn_act_maxpool_backward_into",
+    fake=lambda grad, y, *_: torch.empty_like(y, memory_format=CHANNELS_LAST),
+    implementations={
+        "reference": Backend(_backward_into_reference),
+        "cuda": Backend(
+            lambda *args: torch.ops.spinenet_fast.ext_bn_act_maxpool_backward(*args)[0],
+            lambda *args: _extension_backward_reasons(*args[:-1]),
+        ),
+    },
+    mutates_args=("sums_out",),
+)
 def _maxpool_backward_into_op(grad: Tensor, y: Tensor, route: Tensor, scale: Tensor, shift: Tensor,
                               activation: str, num_pools: int, padding: str, sums_out: Tensor) -> Tensor:  # fmt: skip
     """``bn_act_maxpool_backward`` with an affine, its [d_scale; d_shift] added into the caller's zeroed ``sums_out``
     (2, C): dy."""
-    return backends.run("bn_act_maxpool_backward_into", grad, y, route, scale, shift, activation, num_pools, padding,
-                        sums_out)  # fmt: skip
-
-
-@_maxpool_backward_into_op.register_fake
-def _(grad, y, route, scale, shift, activation, num_pools, padding, sums_out):
-    return torch.empty_like(y, memory_format=CHANNELS_LAST)
 
 
 def _pool_setup_context(ctx, inputs, output):

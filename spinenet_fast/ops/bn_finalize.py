@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .checks import describe
+from .op_spec import Backend
 from .schema_types import TensorList
 
 StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
@@ -87,9 +88,6 @@ def bn_finalize_reference(
     return scale, bias.to(stats.dtype) - mean * scale, mean, var
 
 
-backends.register("bn_finalize", "reference", lambda *args: [])(bn_finalize_reference)
-
-
 def _triton_reasons(vector: Tensor) -> list[str]:
     reasons = backends.triton_reasons(vector)
     return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
@@ -108,7 +106,6 @@ def with_running_update(kernel, stats, count, weight, bias, eps, running_mean, r
     return outputs
 
 
-@backends.register("bn_finalize", "triton", lambda stats, *args: _triton_reasons(stats))
 def _bn_finalize_triton(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from spinenet_fast.kernels.bn_finalize import bn_finalize_forward
 
@@ -119,24 +116,29 @@ def _extension_kernel(stats, *args):
     return torch.ops.spinenet_fast.ext_bn_finalize(stats[0], stats[1], *args)
 
 
-@backends.register("bn_finalize", "cuda", lambda stats, *args: backends.extension_reasons(stats))
-def _bn_finalize_extension(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return with_running_update(_extension_kernel, *args)
+def _contiguous_vectors(stats, count, weight, bias, *args) -> tuple:
+    return stats.contiguous(), count, weight.contiguous(), bias.contiguous(), *args
 
 
-@torch.library.custom_op("spinenet_fast::bn_finalize", mutates_args=("running_mean", "running_var", "batches"))
+@op_spec.custom_op(
+    "bn_finalize",
+    fake=lambda stats, *_: tuple(stats.new_empty(stats.shape[1:]) for _ in range(4)),
+    implementations={
+        "reference": Backend(bn_finalize_reference),
+        "triton": Backend(_bn_finalize_triton, lambda stats, *args: _triton_reasons(stats)),
+        "cuda": Backend(
+            lambda *args: with_running_update(_extension_kernel, *args),
+            lambda stats, *args: backends.extension_reasons(stats),
+        ),
+    },
+    mutates_args=("running_mean", "running_var", "batches"),
+    prepare=_contiguous_vectors,
+)
 def _bn_finalize_op(
     stats: Tensor, count: int, weight: Tensor, bias: Tensor, eps: float, running_mean: Tensor | None,
     running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """One launch: the affine map and batch statistics out, the running statistics and counter updated in place."""
-    vectors = (stats.contiguous(), count, weight.contiguous(), bias.contiguous(), eps)
-    return backends.run("bn_finalize", *vectors, running_mean, running_var, batches, momentum, unbias)
-
-
-@_bn_finalize_op.register_fake
-def _(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
-    return tuple(stats.new_empty(stats.shape[1:]) for _ in range(4))
 
 
 def bn_finalize_backward_reference(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
@@ -152,10 +154,6 @@ def bn_finalize_backward_reference(d_scale, d_shift, d_mean, d_var, weight, bias
     return [torch.stack([d_mean_total, d_var_total]) / count, d_weight, d_bias]
 
 
-backends.register("bn_finalize_backward", "reference", lambda *args: [])(bn_finalize_backward_reference)
-
-
-@backends.register("bn_finalize_backward", "cuda", lambda d_scale, *args: backends.extension_reasons(d_scale))
 def _bn_finalize_backward_extension(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
     d_stats, d_weight, d_bias = torch.ops.spinenet_fast.ext_bn_finalize_backward(
         d_scale, d_shift, d_mean, d_var, weight, mean, var, count, eps
@@ -164,25 +162,31 @@ def _bn_finalize_backward_extension(d_scale, d_shift, d_mean, d_var, weight, bia
     return [d_stats, d_weight.to(weight.dtype), d_bias.to(bias.dtype)]
 
 
-@backends.register("bn_finalize_backward", "triton", lambda d_scale, *args: _triton_reasons(d_scale))
-def _bn_finalize_backward_triton(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
-    from spinenet_fast.kernels.bn_finalize import bn_finalize_backward
-
-    return bn_finalize_backward(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps)
+def _contiguous_grads(*args) -> tuple:
+    return *(t if t is None else t.contiguous() for t in args[:6]), *args[6:]
 
 
-@torch.library.custom_op("spinenet_fast::bn_finalize_backward", mutates_args=())
+@op_spec.custom_op(
+    "bn_finalize_backward",
+    fake=lambda d_scale, d_shift, d_mean, d_var, weight, bias, mean, *_: [
+        mean.new_empty((2, *mean.shape)),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape),
+    ],
+    implementations={
+        "reference": Backend(bn_finalize_backward_reference),
+        "triton": Backend(
+            op_spec.kernel("bn_finalize", "bn_finalize_backward"), lambda d_scale, *args: _triton_reasons(d_scale)
+        ),
+        "cuda": Backend(_bn_finalize_backward_extension, lambda d_scale, *args: backends.extension_reasons(d_scale)),
+    },
+    prepare=_contiguous_grads,
+)
 def _bn_finalize_backward_op(
     d_scale: Tensor, d_shift: Tensor, d_mean: Tensor | None, d_var: Tensor | None, weight: Tensor, bias: Tensor,
     mean: Tensor, var: Tensor, count: int, eps: float,
 ) -> TensorList:  # fmt: skip
-    vectors = [t if t is None else t.contiguous() for t in (d_scale, d_shift, d_mean, d_var, weight, bias)]
-    return backends.run("bn_finalize_backward", *vectors, mean, var, count, eps)
-
-
-@_bn_finalize_backward_op.register_fake
-def _(d_scale, d_shift, d_mean, d_var, weight, bias, mean, var, count, eps):
-    return [mean.new_empty((2, *mean.shape)), weight.new_empty(weight.shape), bias.new_empty(bias.shape)]
+    """``[d_stats = [dΣ; dΣ²], dγ, dβ]``."""
 
 
 class _BNFinalize(torch.autograd.Function):

@@ -13,7 +13,7 @@ as they load dy; the dgrad stores dγ, dβ.
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .conv1x1_bn_stats import (
     _conv1x1_into_op,
     _triton_backward_reasons,
@@ -24,11 +24,13 @@ from .conv_bn import (
     checked_bn_args,
     conv_bn_backward,
     conv_bn_forward,
+    fake_conv_bn_backward,
     fake_train_forward,
-    train_forward_backends,
+    train_forward_implementations,
     with_bn_backward,
 )
-from .conv_common import fake_conv_grads, fake_conv_outputs
+from .conv_common import fake_conv_outputs
+from .op_spec import FUSED_FIRST, Backend
 
 conv1x1_bn_backward_reference = with_bn_backward(conv1x1_bn_stats_backward_reference)
 
@@ -38,16 +40,7 @@ def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
-backends.register("conv1x1_bn_backward", "reference", lambda *args: [])(conv1x1_bn_backward_reference)
-# As for conv1x1_bn_stats: the cuda backend's backward is ATen's GEMMs around the elementwise steps.
-backends.register("conv1x1_bn_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
-    conv1x1_bn_backward_reference
-)
-backends.set_auto_order("conv1x1_bn_backward", ("triton", "cuda", "reference"))
-
-
-@backends.register("conv1x1_bn_backward", "triton", _triton_reasons)
-def _conv1x1_bn_backward_triton(
+def _backward_triton(
     dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out,
     d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
@@ -59,7 +52,18 @@ def _conv1x1_bn_backward_triton(
                                      weight_grad)  # fmt: skip
 
 
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_backward", mutates_args=("d_affine_out", "d_weight_out"))
+@op_spec.custom_op(
+    "conv1x1_bn_backward",
+    fake=fake_conv_bn_backward,
+    implementations={
+        "reference": Backend(conv1x1_bn_backward_reference),
+        # As for conv1x1_bn_stats: the cuda backend's backward is ATen's GEMMs around the elementwise steps.
+        "cuda": Backend(conv1x1_bn_backward_reference, lambda dy, *args: backends.library_reasons(dy)),
+        "triton": Backend(_backward_triton, _triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("d_affine_out", "d_weight_out"),
+)
 def _conv1x1_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int, eps: float,
@@ -67,15 +71,6 @@ def _conv1x1_bn_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dx, dW, [dγ; dβ])``; the prologue's gradients added into ``d_affine_out``, and dW into ``d_weight_out`` where
     given (a zeroed buffer of the weight's shape and dtype; the dW returned is then an empty stand-in)."""
-    args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps)
-    return tuple(backends.run("conv1x1_bn_backward", *args, d_affine_out, d_weight_out))
-
-
-@_conv1x1_bn_backward_op.register_fake
-def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, bn_weight, mean, var, count, eps, d_affine_out,
-      d_weight_out):  # fmt: skip
-    dx, d_weight = fake_conv_grads(x, weight, None)
-    return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
 def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) -> Tensor:
@@ -84,11 +79,14 @@ def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) 
     return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats, finalize)[0]
 
 
-train_forward_backends("conv1x1_bn_forward", "conv1x1_bn_stats_into", 1, _conv1x1_triton_train)
-
-
-@torch.library.custom_op(
-    "spinenet_fast::conv1x1_bn_forward", mutates_args=("stats", "counter", "running_mean", "running_var", "batches")
+@op_spec.custom_op(
+    "conv1x1_bn_forward",
+    fake=lambda x, weight, scale, shift, activation, stats, *_: fake_train_forward(
+        fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0], stats
+    ),
+    implementations=train_forward_implementations("conv1x1_bn_stats_into", 1, _conv1x1_triton_train),
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),
 )
 def _conv1x1_bn_forward_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, stats: Tensor,
@@ -97,14 +95,6 @@ def _conv1x1_bn_forward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The training forward: ``(y, out_scale, out_shift, mean, var)``, statistics added into ``stats``, the running
     statistics and ``batches`` updated."""
-    args = (x, weight, scale, shift, activation, stats, counter, count, bn_weight, bn_bias, eps, running_mean,
-            running_var, batches, momentum, unbias)  # fmt: skip
-    return tuple(backends.run("conv1x1_bn_forward", *args))
-
-
-@_conv1x1_bn_forward_op.register_fake
-def _(x, weight, scale, shift, activation, stats, *_):
-    return fake_train_forward(fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0], stats)
 
 
 class _Conv1x1BN(torch.autograd.Function):

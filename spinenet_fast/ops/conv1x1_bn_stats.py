@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .activation import ACTIVATIONS
 from .checks import describe
 from .conv_common import (
@@ -30,6 +30,7 @@ from .conv_common import (
     prologue_backward,
     prologue_forward,
 )
+from .op_spec import FUSED_FIRST, Backend, kernel
 from .schema_types import TensorList
 
 
@@ -80,89 +81,74 @@ def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:
     return reasons
 
 
-backends.register("conv1x1_bn_stats", "reference", lambda *args: [])(conv1x1_bn_stats_reference)
-backends.register("conv1x1_bn_stats", "cuda", lambda x, *args: backends.library_reasons(x))(conv1x1_bn_stats_library)
-backends.set_auto_order("conv1x1_bn_stats", ("triton", "cuda", "reference"))  # the fused prologue/epilogue first
+def _triton_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[str]:
+    return _triton_reasons(x, weight, scale, shift, activation) + backends.triton_reasons(dy, d_sum, d_sumsq, y)
 
 
-@backends.register("conv1x1_bn_stats", "triton", _triton_reasons)
-def _conv1x1_triton(x, weight, scale, shift, activation) -> list[Tensor]:
-    from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
-
-    return conv1x1_bn_stats_forward(x, weight, scale, shift, activation)
+def _library_reasons(x, *args) -> list[str]:
+    return backends.library_reasons(x)
 
 
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_stats", mutates_args=())
-def _conv1x1_op(
-    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str
-) -> tuple[Tensor, Tensor]:
-    args = (x, weight, scale, shift, activation)
-    return tuple(backends.run("conv1x1_bn_stats", *args))
-
-
-@_conv1x1_op.register_fake
-def _(x, weight, scale, shift, activation):
-    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])
-
-
-# conv1x1_bn_stats_into: the same op adding its statistics into a caller's zeroed buffer (y only), so that several
-# ops share one fill (conv1x1_bn inside a connection).
-backends.register("conv1x1_bn_stats_into", "reference", lambda *args: [])(accumulating(conv1x1_bn_stats_reference))
-backends.register("conv1x1_bn_stats_into", "cuda", lambda x, *args: backends.library_reasons(x))(
-    accumulating(conv1x1_bn_stats_library)
-)
-backends.set_auto_order("conv1x1_bn_stats_into", ("triton", "cuda", "reference"))
-
-
-@backends.register("conv1x1_bn_stats_into", "triton", lambda *args: _triton_reasons(*args[:-1]))
-def _conv1x1_into_triton(x, weight, scale, shift, activation, stats) -> Tensor:
+def _into_triton(x, weight, scale, shift, activation, stats) -> Tensor:
     from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
 
     return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats)[0]
 
 
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_stats_into", mutates_args=("stats",))
+def _fake(x, weight, *_):
+    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])
+
+
+@op_spec.custom_op(
+    "conv1x1_bn_stats",
+    fake=_fake,
+    implementations={
+        "reference": Backend(conv1x1_bn_stats_reference),
+        "cuda": Backend(conv1x1_bn_stats_library, _library_reasons),
+        "triton": Backend(kernel("conv1x1", "conv1x1_bn_stats_forward"), _triton_reasons),
+    },
+    auto_order=FUSED_FIRST,  # the fused prologue/epilogue first
+)
+def _conv1x1_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str
+) -> tuple[Tensor, Tensor]:
+    """``(y, [Σy; Σy²])``."""
+
+
+@op_spec.custom_op(
+    "conv1x1_bn_stats_into",
+    fake=lambda *args: _fake(*args)[0],
+    implementations={
+        "reference": Backend(accumulating(conv1x1_bn_stats_reference)),
+        "cuda": Backend(accumulating(conv1x1_bn_stats_library), _library_reasons),
+        "triton": Backend(_into_triton, lambda *args: _triton_reasons(*args[:-1])),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats",),
+)
 def _conv1x1_into_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, stats: Tensor
 ) -> Tensor:
-    return backends.run("conv1x1_bn_stats_into", x, weight, scale, shift, activation, stats)
+    """The same op adding its statistics into a caller's zeroed ``stats`` (y only), so that several ops share one
+    fill (``conv1x1_bn`` inside a connection)."""
 
 
-@_conv1x1_into_op.register_fake
-def _(x, weight, scale, shift, activation, stats):
-    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0]
-
-
-def _triton_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[str]:
-    return _triton_reasons(x, weight, scale, shift, activation) + backends.triton_reasons(dy, d_sum, d_sumsq, y)
-
-
-backends.register("conv1x1_bn_stats_backward", "reference", lambda *args: [])(conv1x1_bn_stats_backward_reference)
-# The cuda backend's backward: ATen GEMMs (cuBLAS on a GPU) around the elementwise steps, as fused_ops.md §3 allows.
-backends.register("conv1x1_bn_stats_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
-    conv1x1_bn_stats_backward_reference
+@op_spec.custom_op(
+    "conv1x1_bn_stats_backward",
+    fake=lambda dy, d_sum, d_sumsq, y, x, weight, scale, *_: fake_conv_grads(x, weight, scale),
+    implementations={
+        "reference": Backend(conv1x1_bn_stats_backward_reference),
+        # ATen's GEMMs (cuBLAS on a GPU) around the elementwise steps, as fused_ops.md §3 allows.
+        "cuda": Backend(conv1x1_bn_stats_backward_reference, _library_reasons),
+        "triton": Backend(kernel("conv1x1_backward", "conv1x1_bn_stats_backward"), _triton_backward_reasons),
+    },
+    auto_order=FUSED_FIRST,
 )
-backends.set_auto_order("conv1x1_bn_stats_backward", ("triton", "cuda", "reference"))
-
-
-@backends.register("conv1x1_bn_stats_backward", "triton", _triton_backward_reasons)
-def _conv1x1_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
-    from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
-
-    return conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
-
-
-@torch.library.custom_op("spinenet_fast::conv1x1_bn_stats_backward", mutates_args=())
 def _conv1x1_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str,
 ) -> TensorList:  # fmt: skip
-    return backends.run("conv1x1_bn_stats_backward", dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation)
-
-
-@_conv1x1_backward_op.register_fake
-def _(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation):
-    return fake_conv_grads(x, weight, scale)
+    """``[dx, dW, ([d_scale; d_shift])]``."""
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,7 +13,7 @@ BN. Its backward is the 3×3 op's two implicit GEMMs, which compute the statisti
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .conv3x3s2_bn_stats import (
     _conv3x3s2_backward_triton,
     _conv3x3s2_into_op,
@@ -25,11 +25,13 @@ from .conv_bn import (
     checked_bn_args,
     conv_bn_backward,
     conv_bn_forward,
+    fake_conv_bn_backward,
     fake_train_forward,
-    train_forward_backends,
+    train_forward_implementations,
     with_bn_backward,
 )
-from .conv_common import fake_conv_grads, fake_conv_outputs
+from .conv_common import fake_conv_outputs
+from .op_spec import FUSED_FIRST, Backend
 from .padding import spatial_padding
 
 conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
@@ -40,15 +42,7 @@ def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
-backends.register("conv3x3s2_bn_backward", "reference", lambda *args: [])(conv3x3s2_bn_backward_reference)
-backends.register("conv3x3s2_bn_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
-    conv3x3s2_bn_backward_reference
-)
-backends.set_auto_order("conv3x3s2_bn_backward", ("triton", "cuda", "reference"))
-
-
-@backends.register("conv3x3s2_bn_backward", "triton", _triton_reasons)
-def _conv3x3s2_bn_backward_triton(
+def _backward_triton(
     dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
     d_affine_out, d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
@@ -57,22 +51,23 @@ def _conv3x3s2_bn_backward_triton(
                                       d_affine_out, d_weight_out)  # fmt: skip
 
 
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_backward", mutates_args=("d_affine_out", "d_weight_out"))
+@op_spec.custom_op(
+    "conv3x3s2_bn_backward",
+    fake=fake_conv_bn_backward,
+    implementations={
+        "reference": Backend(conv3x3s2_bn_backward_reference),
+        "cuda": Backend(conv3x3s2_bn_backward_reference, lambda dy, *args: backends.library_reasons(dy)),
+        "triton": Backend(_backward_triton, _triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("d_affine_out", "d_weight_out"),
+)
 def _conv3x3s2_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int,
     eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """As ``conv1x1_bn``'s backward op."""
-    args = (dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps)
-    return tuple(backends.run("conv3x3s2_bn_backward", *args, d_affine_out, d_weight_out))
-
-
-@_conv3x3s2_bn_backward_op.register_fake
-def _(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
-      d_affine_out, d_weight_out):  # fmt: skip
-    dx, d_weight = fake_conv_grads(x, weight, None)
-    return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
 def _conv3x3s2_triton_train(x, weight, scale, shift, activation, padding, stats, finalize) -> Tensor:
@@ -82,11 +77,14 @@ def _conv3x3s2_triton_train(x, weight, scale, shift, activation, padding, stats,
     return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats, finalize)[0]
 
 
-train_forward_backends("conv3x3s2_bn_forward", "conv3x3s2_bn_stats_into", 2, _conv3x3s2_triton_train)
-
-
-@torch.library.custom_op(
-    "spinenet_fast::conv3x3s2_bn_forward", mutates_args=("stats", "counter", "running_mean", "running_var", "batches")
+@op_spec.custom_op(
+    "conv3x3s2_bn_forward",
+    fake=lambda x, weight, scale, shift, activation, padding, stats, *_: fake_train_forward(
+        fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0], stats
+    ),
+    implementations=train_forward_implementations("conv3x3s2_bn_stats_into", 2, _conv3x3s2_triton_train),
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),
 )
 def _conv3x3s2_bn_forward_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
@@ -94,14 +92,6 @@ def _conv3x3s2_bn_forward_op(
     running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The training forward, as ``conv1x1_bn``'s."""
-    args = (x, weight, scale, shift, activation, padding, stats, counter, count, bn_weight, bn_bias, eps,
-            running_mean, running_var, batches, momentum, unbias)  # fmt: skip
-    return tuple(backends.run("conv3x3s2_bn_forward", *args))
-
-
-@_conv3x3s2_bn_forward_op.register_fake
-def _(x, weight, scale, shift, activation, padding, stats, *_):
-    return fake_train_forward(fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0], stats)
 
 
 class _Conv3x3s2BN(torch.autograd.Function):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .checks import describe
 from .conv_common import (
     accumulating,
@@ -29,6 +29,7 @@ from .conv_common import (
     prologue_backward,
     prologue_forward,
 )
+from .op_spec import FUSED_FIRST, Backend
 from .padding import crop_window, pad_window, spatial_padding
 from .schema_types import TensorList
 
@@ -63,14 +64,6 @@ def conv3x3s2_bn_stats_library(x, weight, scale, shift, activation, padding) -> 
     return conv_outputs(F.conv2d(a, weight.to(x.dtype), stride=2, padding=pads), x)
 
 
-backends.register("conv3x3s2_bn_stats", "reference", lambda *args: [])(conv3x3s2_bn_stats_reference)
-backends.register("conv3x3s2_bn_stats", "cuda", lambda x, *args: backends.library_reasons(x))(
-    conv3x3s2_bn_stats_library
-)
-# Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
-backends.set_auto_order("conv3x3s2_bn_stats", ("triton", "cuda", "reference"))
-
-
 def _conv_triton_reasons(x, weight, scale, shift, activation, padding) -> list[str]:
     reasons = backends.triton_reasons(x, weight, scale, shift)
     if x.dtype not in backends.FLOAT_DTYPES:
@@ -78,40 +71,37 @@ def _conv_triton_reasons(x, weight, scale, shift, activation, padding) -> list[s
     return reasons
 
 
-@backends.register("conv3x3s2_bn_stats", "triton", _conv_triton_reasons)
-def _conv3x3s2_triton(x, weight, scale, shift, activation, padding) -> list[Tensor]:
-    from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
-
-    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, spatial_padding(3, 2, padding)[0])
+def _library_reasons(x, *args) -> list[str]:
+    return backends.library_reasons(x)
 
 
-# conv3x3s2_bn_stats_into: as conv1x1_bn_stats_into, for conv3x3s2_bn.
-backends.register("conv3x3s2_bn_stats_into", "reference", lambda *args: [])(accumulating(conv3x3s2_bn_stats_reference))
-backends.register("conv3x3s2_bn_stats_into", "cuda", lambda x, *args: backends.library_reasons(x))(
-    accumulating(conv3x3s2_bn_stats_library)
-)
-backends.set_auto_order("conv3x3s2_bn_stats_into", ("triton", "cuda", "reference"))
-
-
-@backends.register("conv3x3s2_bn_stats_into", "triton", lambda *args: _conv_triton_reasons(*args[:-1]))
-def _conv3x3s2_into_triton(x, weight, scale, shift, activation, padding, stats) -> Tensor:
+def _triton_forward(x, weight, scale, shift, activation, padding, stats=None) -> list[Tensor]:
     from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
 
     pad_before = spatial_padding(3, 2, padding)[0]
-    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats)[0]
+    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats)
 
 
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_into", mutates_args=("stats",))
+def _fake(x, weight, *_):
+    return fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)
+
+
+@op_spec.custom_op(
+    "conv3x3s2_bn_stats_into",
+    fake=lambda *args: _fake(*args)[0],
+    implementations={
+        "reference": Backend(accumulating(conv3x3s2_bn_stats_reference)),
+        "cuda": Backend(accumulating(conv3x3s2_bn_stats_library), _library_reasons),
+        "triton": Backend(lambda *args: _triton_forward(*args)[0], lambda *args: _conv_triton_reasons(*args[:-1])),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats",),
+)
 def _conv3x3s2_into_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
     stats: Tensor,
 ) -> Tensor:  # fmt: skip
-    return backends.run("conv3x3s2_bn_stats_into", x, weight, scale, shift, activation, padding, stats)
-
-
-@_conv3x3s2_into_op.register_fake
-def _(x, weight, scale, shift, activation, padding, stats):
-    return fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0]
+    """As ``conv1x1_bn_stats_into``, for ``conv3x3s2_bn``: y, the statistics added into ``stats``."""
 
 
 def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str) -> tuple[Tensor, Tensor]:
@@ -154,39 +144,38 @@ def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift
     return _conv_triton_reasons(x, weight, scale, shift, activation, padding) + backends.triton_reasons(dy, y)
 
 
-backends.register("conv3x3s2_bn_stats_backward", "reference", lambda *args: [])(conv3x3s2_bn_stats_backward_reference)
-backends.register("conv3x3s2_bn_stats_backward", "cuda", lambda dy, *args: backends.library_reasons(dy))(
-    conv3x3s2_bn_stats_backward_reference
+# Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
+@op_spec.custom_op(
+    "conv3x3s2_bn_stats",
+    fake=_fake,
+    implementations={
+        "reference": Backend(conv3x3s2_bn_stats_reference),
+        "cuda": Backend(conv3x3s2_bn_stats_library, _library_reasons),
+        "triton": Backend(_triton_forward, _conv_triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
 )
-backends.register("conv3x3s2_bn_stats_backward", "triton", _conv_backward_triton_reasons)(_conv3x3s2_backward_triton)
-backends.set_auto_order("conv3x3s2_bn_stats_backward", ("triton", "cuda", "reference"))
-
-
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats", mutates_args=())
 def _conv3x3s2_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str
 ) -> tuple[Tensor, Tensor]:
-    args = (x, weight, scale, shift, activation, padding)
-    return tuple(backends.run("conv3x3s2_bn_stats", *args))
+    """``(y, [Σy; Σy²])``."""
 
 
-@_conv3x3s2_op.register_fake
-def _(x, weight, scale, shift, activation, padding):
-    return fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)
-
-
-@torch.library.custom_op("spinenet_fast::conv3x3s2_bn_stats_backward", mutates_args=())
+@op_spec.custom_op(
+    "conv3x3s2_bn_stats_backward",
+    fake=lambda dy, d_sum, d_sumsq, y, x, weight, scale, *_: fake_conv_grads(x, weight, scale),
+    implementations={
+        "reference": Backend(conv3x3s2_bn_stats_backward_reference),
+        "cuda": Backend(conv3x3s2_bn_stats_backward_reference, _library_reasons),
+        "triton": Backend(_conv3x3s2_backward_triton, _conv_backward_triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
+)
 def _conv3x3s2_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
     shift: Tensor | None, activation: str, padding: str,
 ) -> TensorList:  # fmt: skip
-    args = (dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding)
-    return backends.run("conv3x3s2_bn_stats_backward", *args)
-
-
-@_conv3x3s2_backward_op.register_fake
-def _(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding):
-    return fake_conv_grads(x, weight, scale)
+    """``[dx, dW, ([d_scale; d_shift])]``."""
 
 
 def _conv_setup_context(ctx, inputs, output):

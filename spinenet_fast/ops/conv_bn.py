@@ -28,6 +28,8 @@ from .bn_finalize import (
     with_running_update,
 )
 from .checks import check_accumulator, describe, is_dense
+from .conv_common import fake_conv_grads
+from .op_spec import Backend
 
 
 def with_bn_backward(conv_backward_reference: Callable) -> Callable:
@@ -98,13 +100,13 @@ def counter_view(element: Tensor) -> Tensor:
     return element.view(torch.int32 if element.element_size() == 4 else torch.int64)
 
 
-def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forward: Callable) -> None:
-    """Register the backends of a conv + BN training forward ``op`` (arguments: the conv's x, weight, scale, shift,
-    its ``conv_arity`` further arguments, then stats, counter, count, γ, β, eps, running mean, running var, batches,
-    momentum, unbias; returns y (and the conv's side outputs), scale, shift, mean, var):
-    ``triton_forward(*conv, stats, Finalize)`` (the finalize
-    in the GEMM's last program, running statistics in the kernel when they are fp32 buffers, else by ATen after);
-    on every backend, that backend's ``conv_into`` then its ``bn_finalize`` (two launches)."""
+def train_forward_implementations(conv_into: str, conv_arity: int, triton_forward: Callable) -> dict[str, Backend]:
+    """The backends of a conv + BN training forward op (arguments: the conv's x, weight, scale, shift, its
+    ``conv_arity`` further arguments, then stats, counter, count, γ, β, eps, running mean, running var, batches,
+    momentum, unbias; returns y (and the conv's side outputs), scale, shift, mean, var): on Triton
+    ``triton_forward(*conv, stats, Finalize)`` (the finalize in the GEMM's last program, running statistics in the
+    kernel when they are fp32 buffers, else by ATen after); on the other backends, that backend's ``conv_into`` then
+    its ``bn_finalize`` (two launches)."""
     from spinenet_fast.kernels.bn_finalize import Finalize
 
     def split(args):
@@ -124,17 +126,15 @@ def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forw
             conv_reasons = backends.reasons_by_backend(conv_into, *conv, stats)[backend]
             return conv_reasons + backends.reasons_by_backend("bn_finalize", *bn)[backend]
 
-        backends.register(op, backend, reasons)(run)
+        return Backend(run, reasons)
 
-    for backend in ("reference", "cuda"):
-        sequence(backend)
+    implementations = {backend: sequence(backend) for backend in ("reference", "cuda")}
 
     def triton_reasons(*args):
         conv, stats, counter, bn = split(args)
         reasons = backends.reasons_by_backend(conv_into, *conv, stats)["triton"]
         return reasons + backends.reasons_by_backend("bn_finalize", *bn)["triton"] + backends.triton_reasons(counter)
 
-    @backends.register(op, "triton", triton_reasons)
     def run_triton(*args):
         conv, _, counter, bn = split(args)
         launched = []
@@ -149,7 +149,15 @@ def train_forward_backends(op: str, conv_into: str, conv_arity: int, triton_forw
         outputs = with_running_update(finalizing_conv, *bn)
         return (*as_tuple(launched[0]), *outputs)
 
-    backends.set_auto_order(op, ("triton", "cuda", "reference"))
+    return implementations | {"triton": Backend(run_triton, triton_reasons)}
+
+
+def fake_conv_bn_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """Meta outputs of a conv + BN backward op (arguments: dy, d_scale, d_shift, y, x, weight, ..., γ, mean, var,
+    count, eps, d_affine_out, d_weight_out): dx, dW (an empty stand-in where ``d_weight_out`` holds it), [dγ; dβ]."""
+    x, weight, bn_weight, d_weight_out = args[4], args[5], args[-7], args[-1]
+    dx, d_weight = fake_conv_grads(x, weight, None)
+    return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
 def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:

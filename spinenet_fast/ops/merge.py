@@ -12,9 +12,10 @@ No upsampled copy is ever written; the backward block-sums the gradient back to 
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 from .checks import check_accumulator, describe
+from .op_spec import Backend
 from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
@@ -153,33 +154,11 @@ def _extension_backward_reasons(grad, *args) -> list[str]:
     return _extension_reasons(*args) + backends.extension_reasons(grad)
 
 
-backends.register("merge", "reference", lambda *args: [])(merge_reference)
-backends.register("merge_backward", "reference", lambda *args: [])(merge_backward_reference)
-
-
-@backends.register("merge", "triton", _triton_reasons)
-def _merge_triton(parents, scales, shifts, ratios, extra, activation) -> Tensor:
-    from spinenet_fast.kernels.merge import merge_forward
-
-    return merge_forward(parents, scales, shifts, ratios, extra, activation)
-
-
-@backends.register("merge_backward", "triton", _triton_backward_reasons)
 def _merge_backward_triton(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
     from spinenet_fast.kernels.merge import merge_backward
 
     d_parents, d_scales, d_shift, d_extra = merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
     return [*d_parents, backward_sums(d_scales, d_shift, ratios), *([d_extra] if d_extra is not None else [])]
-
-
-@backends.register("merge", "cuda", _extension_reasons)
-def _merge_extension(parents, scales, shifts, ratios, extra, activation) -> Tensor:
-    return torch.ops.spinenet_fast.ext_merge(parents, scales, shifts, ratios, extra, activation)
-
-
-@backends.register("merge_backward", "cuda", _extension_backward_reasons)
-def _merge_backward_extension(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
-    return torch.ops.spinenet_fast.ext_merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
 
 
 def _triple(grads: list[Tensor], k: int, has_extra: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,68 +178,85 @@ def _into(backward):
     return run
 
 
-backends.register("merge_backward_into", "reference", lambda *args: [])(_into(merge_backward_reference))
-backends.register("merge_backward_into", "triton", lambda *args: _triton_backward_reasons(*args[:-1]))(
-    _into(_merge_backward_triton)
-)
-
-
-@backends.register("merge_backward_into", "cuda", lambda *args: _extension_backward_reasons(*args[:-1]))
 def _merge_backward_into_extension(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
     args = (grad, parents, scales, shifts, ratios, extra, activation, sums_out)
     return _triple(torch.ops.spinenet_fast.ext_merge_backward(*args), len(parents), extra is not None)
 
 
-@torch.library.custom_op("spinenet_fast::merge", mutates_args=())
-def _merge_op(
-    parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList, extra: Tensor | None,
-    activation: str, sums_buffer: Tensor | None,
-) -> Tensor:  # fmt: skip
-    """``sums_buffer``: unused by the forward; the backward adds its sums into it (see :func:`merge`)."""
-    args = (parents, scales, shifts, ratios, extra, activation)
-    return backends.run("merge", *args)
-
-
-@_merge_op.register_fake
-def _(parents, scales, shifts, ratios, extra, activation, sums_buffer):
+def _fake_merge(parents, scales, shifts, ratios, extra, activation, sums_buffer):
     y = parents[0]
     shape = (y.shape[0], y.shape[1], y.shape[2] * ratios[0], y.shape[3] * ratios[0])
     return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
 
 
-@torch.library.custom_op("spinenet_fast::merge_backward", mutates_args=())
-def _merge_backward_op(
-    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
-    extra: Tensor | None, activation: str,
-) -> TensorList:  # fmt: skip
-    args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
-    return backends.run("merge_backward", *args)
-
-
-@_merge_backward_op.register_fake
-def _(grad, parents, scales, shifts, ratios, extra, activation):
+def _fake_backward(grad, parents, scales, shifts, ratios, extra, activation):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
     sums = scales[0].new_empty((max(len(parents), 2) + 1, *scales[0].shape))
     d_extra = [torch.empty_like(extra, memory_format=CHANNELS_LAST)] if extra is not None else []
     return [*d_parents, sums, *d_extra]
 
 
-@torch.library.custom_op("spinenet_fast::merge_backward_into", mutates_args=("sums_out",))
+def _fake_backward_into(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
+    d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
+    d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else grad.new_empty(0)
+    return d_parents[0], d_parents[1] if len(parents) == 2 else grad.new_empty(0), d_extra
+
+
+def _channels_last_grad(grad, *args) -> tuple:
+    return grad.contiguous(memory_format=CHANNELS_LAST), *args
+
+
+@op_spec.custom_op(
+    "merge",
+    fake=_fake_merge,
+    implementations={
+        "reference": Backend(merge_reference),
+        "triton": Backend(op_spec.kernel("merge", "merge_forward"), _triton_reasons),
+        "cuda": Backend(op_spec.extension("ext_merge"), _extension_reasons),
+    },
+    prepare=lambda *args: args[:-1],  # the buffer is the backward's
+)
+def _merge_op(
+    parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList, extra: Tensor | None,
+    activation: str, sums_buffer: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """``sums_buffer``: unused by the forward; the backward adds its sums into it (see :func:`merge`)."""
+
+
+@op_spec.custom_op(
+    "merge_backward",
+    fake=_fake_backward,
+    implementations={
+        "reference": Backend(merge_backward_reference),
+        "triton": Backend(_merge_backward_triton, _triton_backward_reasons),
+        "cuda": Backend(op_spec.extension("ext_merge_backward"), _extension_backward_reasons),
+    },
+    prepare=_channels_last_grad,
+)
+def _merge_backward_op(
+    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
+    extra: Tensor | None, activation: str,
+) -> TensorList:  # fmt: skip
+    """``[*d_parents, sums (max(k, 2) + 1, C): each parent's d_scale (coarse first), then d_shift, (d_extra)]``."""
+
+
+@op_spec.custom_op(
+    "merge_backward_into",
+    fake=_fake_backward_into,
+    implementations={
+        "reference": Backend(_into(merge_backward_reference)),
+        "triton": Backend(_into(_merge_backward_triton), lambda *args: _triton_backward_reasons(*args[:-1])),
+        "cuda": Backend(_merge_backward_into_extension, lambda *args: _extension_backward_reasons(*args[:-1])),
+    },
+    mutates_args=("sums_out",),
+    prepare=_channels_last_grad,
+)
 def _merge_backward_into_op(
     grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
     extra: Tensor | None, activation: str, sums_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``merge_backward`` of one or two parents whose sums are added into the caller's zeroed ``sums_out`` (3, C):
     ``(d_parent0, d_parent1, d_extra)``, empty where absent."""
-    args = (grad.contiguous(memory_format=CHANNELS_LAST), parents, scales, shifts, ratios, extra, activation)
-    return backends.run("merge_backward_into", *args, sums_out)
-
-
-@_merge_backward_into_op.register_fake
-def _(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
-    d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
-    d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else grad.new_empty(0)
-    return d_parents[0], d_parents[1] if len(parents) == 2 else grad.new_empty(0), d_extra
 
 
 def _setup_context(ctx, inputs, output):

@@ -15,17 +15,24 @@ the pooled tensor, then the max-pools' one-pass gather, which adds [d_scale; d_s
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, op_spec
 from .bn_act_maxpool import _maxpool_backward_into_op, check_pool_input
 from .conv1x1_bn import _conv1x1_bn_backward_op
 from .conv1x1_bn_stats import _triton_reasons, check_conv1x1_args
-from .conv_bn import checked_bn_args, conv_bn_backward, conv_bn_forward, fake_train_forward, train_forward_backends
+from .conv_bn import (
+    checked_bn_args,
+    conv_bn_backward,
+    conv_bn_forward,
+    fake_train_forward,
+    train_forward_implementations,
+)
 from .conv_common import CHANNELS_LAST
+from .op_spec import FUSED_FIRST, Backend
 from .padding import spatial_padding
 
 
-def _composed(backend: str) -> None:
-    """Register ``backend``'s pooled conv as its max-pool op (with the route) then its 1×1 conv."""
+def _composed(backend: str) -> Backend:
+    """``backend``'s pooled conv as its max-pool op (with the route) then its 1×1 conv."""
 
     def run(x, weight, scale, shift, activation, num_pools, padding, stats) -> tuple[Tensor, Tensor, Tensor]:
         pooled, route = backends.implementation("bn_act_maxpool", backend)(x, scale, shift, activation, num_pools,
@@ -38,11 +45,7 @@ def _composed(backend: str) -> None:
         pool = by_backend("bn_act_maxpool", x, scale, shift, activation, num_pools, padding, True)[backend]
         return pool + by_backend("conv1x1_bn_stats_into", x, weight, None, None, "identity", stats)[backend]
 
-    backends.register("pooled_conv1x1_bn_stats_into", backend, reasons)(run)
-
-
-for _backend in ("reference", "cuda"):
-    _composed(_backend)
+    return Backend(run, reasons)
 
 
 def _triton_forward(x, weight, scale, shift, activation, num_pools, padding, stats, finalize=None) -> tuple:
@@ -54,20 +57,6 @@ def _triton_forward(x, weight, scale, shift, activation, num_pools, padding, sta
     return y, pooled, route
 
 
-backends.register("pooled_conv1x1_bn_stats_into", "triton", lambda *args: _triton_reasons(*args[:5]))(_triton_forward)
-backends.set_auto_order("pooled_conv1x1_bn_stats_into", ("triton", "cuda", "reference"))
-
-
-@torch.library.custom_op("spinenet_fast::pooled_conv1x1_bn_stats_into", mutates_args=("stats",))
-def _pooled_into_op(
-    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, activation: str, num_pools: int, padding: str,
-    stats: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, pooled, route)``, [Σy; Σy²] added into ``stats``."""
-    args = (x, weight, scale, shift, activation, num_pools, padding, stats)
-    return tuple(backends.run("pooled_conv1x1_bn_stats_into", *args))
-
-
 def _fake_outputs(x: Tensor, weight: Tensor, num_pools: int) -> tuple[Tensor, Tensor, Tensor]:
     n, c, h, w = x.shape[0], x.shape[1], x.shape[2] >> num_pools, x.shape[3] >> num_pools
     y = torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=CHANNELS_LAST)
@@ -76,16 +65,35 @@ def _fake_outputs(x: Tensor, weight: Tensor, num_pools: int) -> tuple[Tensor, Te
     return y, pooled, route
 
 
-@_pooled_into_op.register_fake
-def _(x, weight, scale, shift, activation, num_pools, padding, stats):
-    return _fake_outputs(x, weight, num_pools)
+@op_spec.custom_op(
+    "pooled_conv1x1_bn_stats_into",
+    fake=lambda x, weight, scale, shift, activation, num_pools, *_: _fake_outputs(x, weight, num_pools),
+    implementations={
+        "reference": _composed("reference"),
+        "cuda": _composed("cuda"),
+        "triton": Backend(_triton_forward, lambda *args: _triton_reasons(*args[:5])),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats",),
+)
+def _pooled_into_op(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, activation: str, num_pools: int, padding: str,
+    stats: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, pooled, route)``, [Σy; Σy²] added into ``stats``."""
 
 
-train_forward_backends("pooled_conv1x1_bn_forward", "pooled_conv1x1_bn_stats_into", 3, _triton_forward)
+def _fake_forward(x, weight, scale, shift, activation, num_pools, padding, stats, *_):
+    y, pooled, route = _fake_outputs(x, weight, num_pools)
+    y, *bn = fake_train_forward(y, stats)
+    return y, pooled, route, *bn
 
 
-@torch.library.custom_op(
-    "spinenet_fast::pooled_conv1x1_bn_forward",
+@op_spec.custom_op(
+    "pooled_conv1x1_bn_forward",
+    fake=_fake_forward,
+    implementations=train_forward_implementations("pooled_conv1x1_bn_stats_into", 3, _triton_forward),
+    auto_order=FUSED_FIRST,
     mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),
 )
 def _pooled_forward_op(
@@ -95,16 +103,6 @@ def _pooled_forward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The training forward: ``(y, pooled, route, out_scale, out_shift, mean, var)``, statistics added into
     ``stats``, the running statistics and ``batches`` updated."""
-    args = (x, weight, scale, shift, activation, num_pools, padding, stats, counter, count, bn_weight, bn_bias, eps,
-            running_mean, running_var, batches, momentum, unbias)  # fmt: skip
-    return tuple(backends.run("pooled_conv1x1_bn_forward", *args))
-
-
-@_pooled_forward_op.register_fake
-def _(x, weight, scale, shift, activation, num_pools, padding, stats, *_):
-    y, pooled, route = _fake_outputs(x, weight, num_pools)
-    y, *bn = fake_train_forward(y, stats)
-    return y, pooled, route, *bn
 
 
 class _PooledConv1x1BN(torch.autograd.Function):

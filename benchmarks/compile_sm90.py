@@ -173,6 +173,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         conv3x3s2_bn_stats,
         merge,
         pooled_conv1x1_bn,
+        retinanet_loss,
     )
 
     def leaf(*shape, stats: bool = False) -> torch.Tensor:
@@ -205,6 +206,12 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
             vectors = [leaf(64, stats=True) for _ in range(2 * len(ratios))]
             extra = leaf(2, 64, 32, 32) if with_extra else None
             backward(merge(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation))
+    # RetinaNet's loss over 900 anchors × 91 COCO classes: 3 ground-truth boxes per image, every kind of match.
+    corners = torch.rand(2, 903, 2) * 100
+    boxes = torch.cat([corners, corners + 10], -1)
+    matched, labels = torch.randint(-2, 3, (2, 900)), torch.randint(0, 91, (2, 3))
+    sums = retinanet_loss(leaf(2, 900, 91), leaf(2, 900, 4), matched, labels, boxes[:, :3], boxes[:, 3:])
+    backward(sums[:2])
 
 
 def default_drivers() -> Iterator[tuple[str, Callable[[], None]]]:

@@ -25,6 +25,10 @@ enum Activation : int { kIdentity = 0, kRelu = 1, kSwish = 2 };
 
 SF_HOST_DEVICE float exp_of(float x) { return expf(x); }
 SF_HOST_DEVICE double exp_of(double x) { return exp(x); }
+SF_HOST_DEVICE float log_of(float x) { return logf(x); }
+SF_HOST_DEVICE double log_of(double x) { return log(x); }
+SF_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
+SF_HOST_DEVICE double log1p_of(double x) { return log1p(x); }
 
 template <typename T>
 SF_HOST_DEVICE bool is_nan(T x) {
@@ -393,6 +397,104 @@ SF_UNROLL
     }
   }
   store<VEC>(a.d_y + pixel * a.C + c, d);
+}
+
+// ------------------------------------------------------------------------------------------------ RetinaNet loss
+// Row r = n·A + a of contiguous cls_logits (N, A, K) and box_regression (N, A, 4); matched (N, A): a ground-truth
+// index, −1 background, −2 ignored; gt_labels (N, G); gt_boxes (N, G, 4) and anchors (N, A, 4) in acc_t.
+enum LossSum : int { kFocalSum = 0, kBoxSum = 1, kMatchedCount = 2, kNumLossSums = 3 };
+
+template <typename scalar_t, typename acc_t>
+struct LossArgs {
+  const scalar_t* logits;
+  const scalar_t* regression;
+  const int64_t* matched;
+  const int64_t* labels;
+  const acc_t* boxes;
+  const acc_t* anchors;
+  const acc_t* grad;        // backward: the gradient (3,) of the sums
+  scalar_t* d_logits;       // backward
+  scalar_t* d_regression;   // backward
+  int64_t A, K, G;
+  acc_t alpha, gamma, delta;
+};
+
+// Sigmoid focal loss of logit x for the target `positive` and, where d_x is given, its derivative: with z = ±x and
+// p_t = sigmoid(z), loss = −α_t (1 − p_t)^γ log p_t and d loss / dz = α_t (1 − p_t)^γ (γ p_t log p_t − (1 − p_t)).
+template <typename T>
+SF_HOST_DEVICE T focal_loss(T x, bool positive, T alpha, T gamma, T* d_x) {
+  const T z = positive ? x : -x;
+  const T t = log1p_of(exp_of(z < T(0) ? z : -z));
+  const T log_p = -((z < T(0) ? -z : T(0)) + t), log_q = -((z > T(0) ? z : T(0)) + t);  // log p_t, log(1 − p_t)
+  const T alpha_t = positive ? alpha : T(1) - alpha;
+  const T modulator = exp_of(gamma * log_q);
+  if (d_x != nullptr) {
+    const T dz = alpha_t * modulator * (gamma * exp_of(log_p) * log_p - exp_of(log_q));
+    *d_x = positive ? dz : -dz;
+  }
+  return -alpha_t * modulator * log_p;
+}
+
+// Σ_c huber(regression − encode(gt_boxes[gt], anchors[r]), δ) / 4 of row r (torchvision's BoxCoder with weights 1);
+// where `d_regression` is set, its gradient clamp(·, −δ, δ) / 4 · g is stored.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE acc_t box_loss_row(const LossArgs<scalar_t, acc_t>& a, int64_t r, int64_t gt, acc_t g) {
+  const acc_t* anchor = a.anchors + r * 4;
+  const acc_t* box = a.boxes + gt * 4;
+  const acc_t aw = anchor[2] - anchor[0], ah = anchor[3] - anchor[1];
+  const acc_t gw = box[2] - box[0], gh = box[3] - box[1];
+  const acc_t target[4] = {((box[0] + acc_t(0.5) * gw) - (anchor[0] + acc_t(0.5) * aw)) / aw,
+                           ((box[1] + acc_t(0.5) * gh) - (anchor[1] + acc_t(0.5) * ah)) / ah, log_of(gw / aw),
+                           log_of(gh / ah)};
+  acc_t loss = 0;
+SF_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    const acc_t d = static_cast<acc_t>(a.regression[r * 4 + c]) - target[c];
+    const acc_t abs_d = d < acc_t(0) ? -d : d;
+    loss += abs_d < a.delta ? acc_t(0.5) * d * d : a.delta * (abs_d - acc_t(0.5) * a.delta);
+    if (a.d_regression != nullptr) {
+      const acc_t clamped = d < -a.delta ? -a.delta : (d > a.delta ? a.delta : d);
+      a.d_regression[r * 4 + c] = static_cast<scalar_t>(clamped * acc_t(0.25) * g);
+    }
+  }
+  return acc_t(0.25) * loss;
+}
+
+// Forward work item (row r, class k): its focal loss (rows not ignored), and at k = 0 the row's box loss and count
+// (matched rows).
+template <int VEC, typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void retinanet_loss_item(const LossArgs<scalar_t, acc_t>& a, int64_t r, int64_t k,
+                                        acc_t (&sums)[kNumLossSums][VEC]) {
+  const int64_t m = a.matched[r];
+  if (m < -1) return;
+  const int64_t gt = (r / a.A) * a.G + m;
+  const bool positive = m >= 0 && a.labels[gt] == k;
+  sums[kFocalSum][0] += focal_loss(static_cast<acc_t>(a.logits[r * a.K + k]), positive, a.alpha, a.gamma,
+                                   static_cast<acc_t*>(nullptr));
+  if (k == 0 && m >= 0) {
+    sums[kBoxSum][0] += box_loss_row(a, r, gt, acc_t(0));
+    sums[kMatchedCount][0] += acc_t(1);
+  }
+}
+
+// Backward work item (row r, class k): d_logits[r, k] and at k = 0 the row's d_regression (0 where not matched).
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void retinanet_loss_backward_item(const LossArgs<scalar_t, acc_t>& a, int64_t r, int64_t k) {
+  const int64_t m = a.matched[r];
+  const int64_t gt = (r / a.A) * a.G + (m < 0 ? 0 : m);
+  acc_t d_x = 0;
+  if (m >= -1) {
+    focal_loss(static_cast<acc_t>(a.logits[r * a.K + k]), m >= 0 && a.labels[gt] == k, a.alpha, a.gamma, &d_x);
+    d_x *= a.grad[kFocalSum];
+  }
+  a.d_logits[r * a.K + k] = static_cast<scalar_t>(d_x);
+  if (k != 0) return;
+  if (m >= 0) {
+    box_loss_row(a, r, gt, a.grad[kBoxSum]);
+  } else {
+SF_UNROLL
+    for (int c = 0; c < 4; ++c) a.d_regression[r * 4 + c] = static_cast<scalar_t>(0);
+  }
 }
 
 }  // namespace spinenet_fast

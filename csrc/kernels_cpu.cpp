@@ -55,6 +55,28 @@ void for_each_item(int64_t pixels, int64_t channels, Item item) {
 
 }  // namespace
 
+void retinanet_loss(const LossTensors& t) {
+  SF_KERNEL_SCOPE("retinanet_loss");
+  SF_DISPATCH(t.logits.scalar_type(), "spinenet_fast::ext_retinanet_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = loss_args<scalar_t, acc_t>(t);
+    add_sums<acc_t, 1, kNumLossSums>(t.sums, t.logits.size(0) * a.A, a.K,
+                                     [&](int64_t r, int64_t k, acc_t(&sums)[kNumLossSums][1]) {
+                                       retinanet_loss_item<1>(a, r, k, sums);
+                                     });
+  });
+}
+
+void retinanet_loss_backward(const LossTensors& t) {
+  SF_KERNEL_SCOPE("retinanet_loss_backward");
+  SF_DISPATCH(t.logits.scalar_type(), "spinenet_fast::ext_retinanet_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = loss_args<scalar_t, acc_t>(t);
+    for_each_item<1>(t.logits.size(0) * a.A, a.K,
+                     [&](int64_t r, int64_t k) { retinanet_loss_backward_item(a, r, k); });
+  });
+}
+
 void merge_forward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_forward");
   SF_DISPATCH(t.out.scalar_type(), "spinenet_fast::ext_merge", [&] {

@@ -120,6 +120,22 @@ struct PoolBackward {
   }
 };
 
+template <typename scalar_t, typename acc_t>
+struct LossForward {
+  LossArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t r, int64_t k, acc_t (&sums)[kNumLossSums][VEC]) const {
+    retinanet_loss_item<VEC>(a, r, k, sums);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct LossBackward {
+  LossArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t r, int64_t k) const { retinanet_loss_backward_item(a, r, k); }
+};
+
 template <typename T>
 __global__ void bn_finalize_kernel(const BnFinalizeArgs<T> a, int64_t channels) {
   const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
@@ -139,6 +155,24 @@ __global__ void bn_finalize_backward_kernel(const T* d_scale, const T* d_shift, 
 
 
 }  // namespace
+
+void retinanet_loss(const LossTensors& t) {
+  SF_KERNEL_SCOPE("retinanet_loss");
+  SF_DISPATCH(t.logits.scalar_type(), "spinenet_fast::ext_retinanet_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossForward<scalar_t, acc_t> item{loss_args<scalar_t, acc_t>(t)};
+    add_sums<1, kNumLossSums, acc_t>(item, t.sums, t.logits.size(0) * item.a.A, item.a.K);
+  });
+}
+
+void retinanet_loss_backward(const LossTensors& t) {
+  SF_KERNEL_SCOPE("retinanet_loss_backward");
+  SF_DISPATCH(t.logits.scalar_type(), "spinenet_fast::ext_retinanet_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LossBackward<scalar_t, acc_t> item{loss_args<scalar_t, acc_t>(t)};
+    for_each_item<1>(item, t.logits.size(0) * item.a.A, item.a.K);
+  });
+}
 
 void merge_forward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_forward");

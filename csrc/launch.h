@@ -145,9 +145,37 @@ BnFinalizeArgs<T> finalize_args(const FinalizeTensors& t) {
           static_cast<T>(t.unbias), t.batches.defined() ? t.batches.mutable_data_ptr<int64_t>() : nullptr};
 }
 
+// RetinaNet loss: cls_logits, box_regression contiguous in one storage dtype; matched, gt_labels int64; gt_boxes,
+// anchors contiguous in the maths dtype; grad (3,) and the d_ outputs for the backward.
+struct LossTensors {
+  at::Tensor logits, regression, matched, labels, boxes, anchors;
+  at::Tensor grad, d_logits, d_regression;  // backward
+  at::Tensor sums;                          // forward: (kNumLossSums, K) zeroed accumulator, maths dtype
+  double alpha, gamma, delta;
+};
+
+template <typename scalar_t, typename acc_t>
+LossArgs<scalar_t, acc_t> loss_args(const LossTensors& t) {
+  LossArgs<scalar_t, acc_t> a{};
+  a.logits = t.logits.const_data_ptr<scalar_t>();
+  a.regression = t.regression.const_data_ptr<scalar_t>();
+  a.matched = t.matched.const_data_ptr<int64_t>();
+  a.labels = t.labels.const_data_ptr<int64_t>();
+  a.boxes = t.boxes.const_data_ptr<acc_t>();
+  a.anchors = t.anchors.const_data_ptr<acc_t>();
+  a.grad = t.grad.defined() ? t.grad.const_data_ptr<acc_t>() : nullptr;
+  a.d_logits = t.d_logits.defined() ? t.d_logits.mutable_data_ptr<scalar_t>() : nullptr;
+  a.d_regression = t.d_regression.defined() ? t.d_regression.mutable_data_ptr<scalar_t>() : nullptr;
+  a.A = t.logits.size(1), a.K = t.logits.size(2), a.G = t.labels.size(1);
+  a.alpha = static_cast<acc_t>(t.alpha), a.gamma = static_cast<acc_t>(t.gamma), a.delta = static_cast<acc_t>(t.delta);
+  return a;
+}
+
 // Where an op reduces over pixels, its launcher adds the per-channel sums into the tensors' zeroed `sums` (atomics
 // on CUDA; per-chunk rows added up in the same call on the CPU): no separate reduction.
 namespace cpu {
+void retinanet_loss(const LossTensors& t);
+void retinanet_loss_backward(const LossTensors& t);
 void merge_forward(const MergeTensors& t);
 void merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);
@@ -159,6 +187,8 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
 }  // namespace cpu
 
 namespace cuda {
+void retinanet_loss(const LossTensors& t);
+void retinanet_loss_backward(const LossTensors& t);
 void merge_forward(const MergeTensors& t);
 void merge_backward(const MergeTensors& t);
 void maxpool_forward(const PoolTensors& t);

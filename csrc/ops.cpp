@@ -57,13 +57,18 @@ at::ScalarType stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_storage(const std::string& name, const at::Tensor& x) {
+// A tensor of a storage dtype the kernels take, on a device they run on.
+void check_storage_dtype(const std::string& name, const at::Tensor& x) {
   TORCH_CHECK_TYPE(x.defined(), name, " must be a tensor, got None");
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
                    name, " must be float32, float64, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), name, " must be on the CPU or a CUDA device, got ", x.device());
+}
+
+void check_storage(const std::string& name, const at::Tensor& x) {
+  check_storage_dtype(name, x);
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
 }
 
 void check_like(const std::string& name, const at::Tensor& x, const at::Tensor& like, at::IntArrayRef shape) {
@@ -325,8 +330,70 @@ std::vector<at::Tensor> ext_bn_finalize_backward(const at::Tensor& d_scale, cons
   return {d_stats, out[2], out[3]};
 }
 
+// Checks the loss arguments (shapes, dtypes, device) and fills `t` with contiguous ones: logits and regression in
+// their storage dtype, the boxes in the maths dtype.
+LossTensors prepare_loss(const at::Tensor& cls_logits, const at::Tensor& box_regression, const at::Tensor& matched,
+                         const at::Tensor& gt_labels, const at::Tensor& gt_boxes, const at::Tensor& anchors,
+                         double alpha, double gamma, double delta) {
+  TORCH_CHECK_VALUE(cls_logits.dim() == 3 && cls_logits.size(2) >= 1, "cls_logits must be (N, A, K) with K >= 1, got ",
+                    cls_logits.sizes());
+  const int64_t n = cls_logits.size(0), a = cls_logits.size(1);
+  TORCH_CHECK_VALUE(gt_labels.dim() == 2, "gt_labels must be (N, G), got ", gt_labels.sizes());
+  const int64_t g = gt_labels.size(1);
+  check_like("box_regression", box_regression, cls_logits, {n, a, 4});
+  const std::initializer_list<std::tuple<const char*, const at::Tensor*, at::ScalarType, std::vector<int64_t>>> small{
+      {"matched", &matched, at::kLong, {n, a}},
+      {"gt_labels", &gt_labels, at::kLong, {n, g}},
+      {"gt_boxes", &gt_boxes, stats_dtype(cls_logits), {n, g, 4}},
+      {"anchors", &anchors, stats_dtype(cls_logits), {n, a, 4}}};
+  for (const auto& [name, x, dtype, shape] : small) {
+    TORCH_CHECK_VALUE(x->sizes() == at::IntArrayRef(shape) && x->device() == cls_logits.device(), name,
+                      " must have shape ", at::IntArrayRef(shape), " on ", cls_logits.device(), ", got ", x->sizes(),
+                      " on ", x->device());
+    TORCH_CHECK_TYPE(x->scalar_type() == dtype, name, " must be ", dtype, ", got ", x->scalar_type());
+  }
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1 && gamma >= 0 && delta > 0,
+                    "alpha must be in [0, 1], gamma >= 0 and delta > 0, got ", alpha, ", ", gamma, ", ", delta);
+  LossTensors t;
+  t.logits = contiguous_logged(cls_logits), t.regression = contiguous_logged(box_regression);
+  t.matched = contiguous_logged(matched), t.labels = contiguous_logged(gt_labels);
+  t.boxes = contiguous_logged(gt_boxes), t.anchors = contiguous_logged(anchors);
+  t.alpha = alpha, t.gamma = gamma, t.delta = delta;
+  return t;
+}
+
+at::Tensor ext_retinanet_loss(const at::Tensor& cls_logits, const at::Tensor& box_regression, const at::Tensor& matched,
+                              const at::Tensor& gt_labels, const at::Tensor& gt_boxes, const at::Tensor& anchors,
+                              double alpha, double gamma, double delta) {
+  check_storage_dtype("cls_logits", cls_logits);
+  LossTensors t = prepare_loss(cls_logits, box_regression, matched, gt_labels, gt_boxes, anchors, alpha, gamma, delta);
+  const c10::DeviceGuard guard(cls_logits.device());
+  t.sums = zeros_logged({kNumLossSums, cls_logits.size(2)}, cls_logits.options().dtype(stats_dtype(cls_logits)));
+  if (cls_logits.numel() > 0) cls_logits.is_cuda() ? cuda::retinanet_loss(t) : cpu::retinanet_loss(t);
+  log_launch("aten::sum");
+  return t.sums.sum(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> ext_retinanet_loss_backward(
+    const at::Tensor& grad, const at::Tensor& cls_logits, const at::Tensor& box_regression, const at::Tensor& matched,
+    const at::Tensor& gt_labels, const at::Tensor& gt_boxes, const at::Tensor& anchors, double alpha, double gamma,
+    double delta) {
+  check_storage_dtype("cls_logits", cls_logits);
+  LossTensors t = prepare_loss(cls_logits, box_regression, matched, gt_labels, gt_boxes, anchors, alpha, gamma, delta);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({kNumLossSums}) && grad.device() == cls_logits.device(),
+                    "grad must have shape (3,) on ", cls_logits.device(), ", got ", grad.sizes(), " on ",
+                    grad.device());
+  t.grad = contiguous_logged(to_logged(grad, stats_dtype(cls_logits)));
+  t.d_logits = at::empty_like(t.logits), t.d_regression = at::empty_like(t.regression);
+  const c10::DeviceGuard guard(cls_logits.device());
+  if (cls_logits.numel() > 0) cls_logits.is_cuda() ? cuda::retinanet_loss_backward(t) : cpu::retinanet_loss_backward(t);
+  return {t.d_logits, t.d_regression};
+}
+
 // The same functions serve both dispatch keys: they pick the launchers by the tensors' device.
 void register_impls(torch::Library& m) {
+  m.impl("ext_retinanet_loss", &ext_retinanet_loss);
+  m.impl("ext_retinanet_loss_backward", &ext_retinanet_loss_backward);
   m.impl("ext_merge", &ext_merge);
   m.impl("ext_merge_backward", &ext_merge_backward);
   m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);

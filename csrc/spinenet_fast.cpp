@@ -75,6 +75,17 @@ TORCH_LIBRARY(spinenet_fast, m) {
   m.def(
       "ext_bn_finalize_backward(Tensor d_scale, Tensor d_shift, Tensor? d_mean, Tensor? d_var, Tensor weight,"
       " Tensor mean, Tensor var, int count, float eps) -> Tensor[]");
+  // RetinaNet's loss sums (3,) [Σ focal (rows not ignored), Σ box Huber / 4 (matched rows), matched rows] of
+  // cls_logits (N, A, K) and box_regression (N, A, 4) for matched (N, A) (ground-truth index, −1 background, −2
+  // ignored), gt_labels (N, G), gt_boxes (N, G, 4), anchors (N, A, 4); and its backward (d_cls_logits,
+  // d_box_regression) for the sums' gradient (3,).
+  m.def(
+      "ext_retinanet_loss(Tensor cls_logits, Tensor box_regression, Tensor matched, Tensor gt_labels, Tensor gt_boxes,"
+      " Tensor anchors, float alpha, float gamma, float delta) -> Tensor");
+  m.def(
+      "ext_retinanet_loss_backward(Tensor grad, Tensor cls_logits, Tensor box_regression, Tensor matched,"
+      " Tensor gt_labels, Tensor gt_boxes, Tensor anchors, float alpha, float gamma, float delta)"
+      " -> (Tensor, Tensor)");
   // The names of the kernels the extension launched since the last call, logged while enabled (launch.h), for
   // benchmarks/ledger.py; `enable` switches logging on or off from now on.
   m.def("ext_launch_log(bool enable) -> str[]", &spinenet_fast::launch_log_take);

@@ -2,7 +2,8 @@
 
 Follows torchvision ``RetinaNetHead``'s contract: ``forward(features)`` returns ``cls_logits`` (N, ΣHWA, K) and
 ``bbox_regression`` (N, ΣHWA, 4); ``compute_loss(targets, head_outputs, anchors, matched_idxs)`` returns
-``classification`` and ``bbox_regression`` losses.
+``classification`` and ``bbox_regression`` losses — eagerly (torchvision's ops, image by image) or through the fused
+``retinanet_loss`` op for the whole batch (:meth:`SpineNetRetinaNetHead.loss_from_matches`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
 from ..models.layers import NormFactory, make_activation
+from ..ops.backends import fused_kernels_available
+from ..ops.retinanet_loss import retinanet_loss
+from .matching import pad_targets
 
 
 class SharedTower(nn.Module):
@@ -51,6 +55,8 @@ class SpineNetRetinaNetHead(nn.Module):
     Losses (architecture.md §7): sigmoid focal loss (α, γ) summed over non-ignored anchors; Huber (δ) of the
     box deltas averaged over the 4 coordinates of each positive anchor (Keras ``Huber`` as used by the
     official code), summed, × ``box_loss_weight``; both divided by (positive anchors in the batch + 1).
+    ``fused``: True computes them with the fused ``retinanet_loss`` op (one forward and one backward kernel for the
+    batch), False with torchvision's ops image by image, ``"auto"`` fused on a GPU with Triton. Same values.
     """
 
     def __init__(
@@ -68,10 +74,14 @@ class SpineNetRetinaNetHead(nn.Module):
         focal_gamma: float = 1.5,
         huber_delta: float = 0.1,
         box_loss_weight: float = 50.0,
+        fused: bool | str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(fused, bool) and fused != "auto":
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        self.fused = fused
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         self.class_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
@@ -96,6 +106,10 @@ class SpineNetRetinaNetHead(nn.Module):
             bbox_regression.append(_flatten_per_anchor(self.box_predictor(self.box_tower(x, level)), 4))
         return {"cls_logits": torch.cat(cls_logits, dim=1), "bbox_regression": torch.cat(bbox_regression, dim=1)}
 
+    def uses_fused_loss(self, device: torch.device) -> bool:
+        """Whether the losses of outputs on ``device`` go through the fused op (see ``fused``)."""
+        return fused_kernels_available(device) if self.fused == "auto" else self.fused
+
     def compute_loss(
         self,
         targets: list[dict[str, Tensor]],
@@ -104,8 +118,15 @@ class SpineNetRetinaNetHead(nn.Module):
         matched_idxs: list[Tensor],
     ) -> dict[str, Tensor]:
         """matched_idxs[i]: (ΣHWA,) ground-truth index per anchor, −1 background, −2 ignored."""
-        cls_logits = head_outputs["cls_logits"].float()
-        bbox_regression = head_outputs["bbox_regression"].float()
+        if self.uses_fused_loss(head_outputs["cls_logits"].device):
+            boxes, labels, _ = pad_targets(targets)
+            matched = torch.stack(matched_idxs)
+            return self.loss_from_matches(
+                head_outputs, torch.stack(anchors), matched, boxes, labels, check_indices=True
+            )
+        dtype = torch.promote_types(head_outputs["cls_logits"].dtype, torch.float32)  # fp32, or float64
+        cls_logits = head_outputs["cls_logits"].to(dtype)
+        bbox_regression = head_outputs["bbox_regression"].to(dtype)
         matched = torch.stack(matched_idxs)
         foreground = matched >= 0
         normalizer = foreground.sum() + 1.0
@@ -115,7 +136,9 @@ class SpineNetRetinaNetHead(nn.Module):
         for i, target in enumerate(targets):
             fg_gt = matched[i][foreground[i]]
             class_targets[i, foreground[i], target["labels"][fg_gt]] = 1.0
-            box_targets.append(self.box_coder.encode_single(target["boxes"][fg_gt].float(), anchors[i][foreground[i]]))
+            box_targets.append(
+                self.box_coder.encode_single(target["boxes"][fg_gt].to(dtype), anchors[i][foreground[i]].to(dtype))
+            )
         valid = matched != Matcher.BETWEEN_THRESHOLDS
         class_loss = sigmoid_focal_loss(
             cls_logits[valid], class_targets[valid], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
@@ -125,3 +148,24 @@ class SpineNetRetinaNetHead(nn.Module):
         )
         box_loss = self.box_loss_weight * huber.mean(dim=-1).sum()
         return {"classification": class_loss / normalizer, "bbox_regression": box_loss / normalizer}
+
+    def loss_from_matches(
+        self,
+        head_outputs: dict[str, Tensor],
+        anchors: Tensor,
+        matched: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        *,
+        check_indices: bool = False,
+    ) -> dict[str, Tensor]:
+        """The losses of the whole batch through the fused op: anchors (N, A, 4), matched (N, A) (``compute_loss``'s,
+        stacked), padded gt_boxes (N, G, 4) and gt_labels (N, G). ``check_indices``: check that every ``matched`` entry
+        is −2, −1 or below G (a device sync; not needed for :func:`~spinenet_fast.detection.matching.match_anchors`'
+        result)."""
+        sums = retinanet_loss(
+            head_outputs["cls_logits"], head_outputs["bbox_regression"], matched, gt_labels, gt_boxes, anchors,
+            self.focal_alpha, self.focal_gamma, self.huber_delta, check_indices=check_indices,
+        )  # fmt: skip
+        normalizer = sums[2].detach() + 1.0
+        return {"classification": sums[0] / normalizer, "bbox_regression": self.box_loss_weight * sums[1] / normalizer}

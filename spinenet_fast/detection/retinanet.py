@@ -18,6 +18,7 @@ from ..models.spinenet import SpineNet, SpineNetScaling, resolve_scaling
 from ..ops.checks import describe
 from .anchors import ANCHOR_STYLES, spinenet_anchor_generator
 from .head import SpineNetRetinaNetHead
+from .matching import match_anchors, pad_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,12 +34,27 @@ DETECTOR_DEFAULTS = {
 
 
 class SpineNetRetinaNet(RetinaNet):
-    """torchvision ``RetinaNet`` that checks training targets first and raises ``ValueError``/``TypeError``."""
+    """torchvision ``RetinaNet`` that checks training targets first and raises ``ValueError``/``TypeError``; where
+    its head's loss is fused, the anchors of the whole batch are matched at once (same matches as torchvision's
+    per-image ``Matcher``) and the loss runs as one fused op."""
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is not None:
             targets = checked_targets(images, targets, self.head.num_classes)
         return super().forward(images, targets)
+
+    def compute_loss(
+        self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
+    ) -> dict[str, Tensor]:
+        if not self.head.uses_fused_loss(head_outputs["cls_logits"].device):
+            return super().compute_loss(targets, head_outputs, anchors)
+        boxes, labels, valid = pad_targets(targets)
+        anchors = torch.stack(anchors)
+        matcher = self.proposal_matcher
+        matched = match_anchors(
+            anchors, boxes, valid, matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches
+        )
+        return self.head.loss_from_matches(head_outputs, anchors, matched, boxes, labels)
 
 
 def checked_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_classes: int) -> list[dict]:
@@ -157,6 +173,7 @@ def retinanet_spinenet(
         num_convs=default_convs if head_num_convs is None else head_num_convs,
         activation=activation,
         norm=make_norm_factory(norm_layer, bn_momentum, bn_eps),
+        fused=fused,
         **head_kwargs,
     )
     return SpineNetRetinaNet(

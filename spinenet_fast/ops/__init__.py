@@ -1,4 +1,5 @@
-"""Fused cross-scale ops: ``torch.library`` custom ops with reference, Triton and CUDA (extension) backends."""
+"""Fused ops (cross-scale connections, RetinaNet loss): ``torch.library`` custom ops with reference, Triton and CUDA
+(extension) backends."""
 
 from .backends import set_backend, use_backend
 from .bn_act_maxpool import bn_act_maxpool, bn_act_maxpool_reference
@@ -9,6 +10,7 @@ from .conv3x3s2_bn import conv3x3s2_bn, conv3x3s2_bn_backward_reference
 from .conv3x3s2_bn_stats import conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
 from .merge import merge, merge_backward_reference, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
+from .retinanet_loss import retinanet_loss, retinanet_loss_reference
 
 __all__ = [
     "bn_act_maxpool",
@@ -27,6 +29,8 @@ __all__ = [
     "merge_backward_reference",
     "merge_reference",
     "pooled_conv1x1_bn",
+    "retinanet_loss",
+    "retinanet_loss_reference",
     "set_backend",
     "use_backend",
 ]

@@ -9,8 +9,8 @@ from torch import nn
 from spinenet_fast.detection import SpineNetRetinaNetHead
 
 
-def make_head(num_classes=3, channels=16, num_anchors=9):
-    return SpineNetRetinaNetHead(channels, num_anchors, num_classes, num_convs=2, activation="relu")
+def make_head(num_classes=3, channels=16, num_anchors=9, fused="auto"):
+    return SpineNetRetinaNetHead(channels, num_anchors, num_classes, num_convs=2, activation="relu", fused=fused)
 
 
 def test_output_shapes_follow_torchvision_contract():
@@ -68,8 +68,9 @@ def encode_by_hand(gt, anchor):
     return [(gx - ax) / aw, (gy - ay) / ah, math.log(gw / aw), math.log(gh / ah)]
 
 
-def test_losses_against_a_hand_computed_case():
-    head = make_head(num_classes=2, num_anchors=1)
+@pytest.mark.parametrize("fused", [False, True])
+def test_losses_against_a_hand_computed_case(fused):
+    head = make_head(num_classes=2, num_anchors=1, fused=fused)
     logits = torch.tensor([[[2.0, -1.0], [0.5, 0.3], [-3.0, 4.0]], [[-0.2, 1.5], [1.0, -2.0], [0.0, 0.0]]])
     regression = torch.tensor(
         [
@@ -106,3 +107,5 @@ def test_bad_arguments():
         make_head(num_classes=0)
     with pytest.raises(ValueError, match="features must hold 5 levels, got 2"):
         make_head()([torch.randn(1, 16, 4, 4)] * 2)
+    with pytest.raises(ValueError, match="fused must be True, False or 'auto', got 'yes'"):
+        make_head(fused="yes")

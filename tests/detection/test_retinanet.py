@@ -173,3 +173,34 @@ def test_bad_images_and_sizes(small_detector):
 def test_unusable_detector_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         retinanet_spinenet("49S", 3, image_size=128, **kwargs)
+
+
+def loss_and_grads(detector, images, targets):
+    losses = detector(images, targets)
+    params = [p for p in detector.parameters() if p.requires_grad]
+    return losses, torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_loss_equals_torchvision_per_image(dtype):
+    """The fused loss (batched matching + ``retinanet_loss``; float64: the reference backend, fp32: Triton under the
+    interpreter) against torchvision's per-image matching and losses, on one detector: losses and every gradient.
+    Targets: several boxes, one too small for any anchor to reach IoU 0.5 (a low-quality match), an empty image."""
+    torch.manual_seed(0)
+    detector = retinanet_spinenet("49S", 3, image_size=128, stochastic_depth_rate=0.0, fused=False).to(dtype).train()
+    images = [torch.rand(3, 128, 128, dtype=dtype) for _ in range(3)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10, 50, 60], [60, 20, 120, 90], [70, 70, 73, 74]]),
+         "labels": torch.tensor([1, 2, 0])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+        {"boxes": torch.tensor([[0.0, 0, 128, 128]]), "labels": torch.tensor([2])},
+    ]  # fmt: skip
+    eager_losses, eager_grads = loss_and_grads(detector, images, targets)
+    detector.head.fused = True
+    fused_losses, fused_grads = loss_and_grads(detector, images, targets)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    for name in eager_losses:
+        torch.testing.assert_close(fused_losses[name], eager_losses[name], **tolerance)
+    for fused, eager in zip(fused_grads, eager_grads):
+        torch.testing.assert_close(fused, eager, **tolerance)
+    assert eager_losses["bbox_regression"] > 0

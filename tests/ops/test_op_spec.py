@@ -98,7 +98,7 @@ FUSED_OPS = (
     "conv1x1_bn_backward", "conv1x1_bn_forward", "conv1x1_bn_stats", "conv1x1_bn_stats_backward",
     "conv1x1_bn_stats_into", "conv3x3s2_bn_backward", "conv3x3s2_bn_forward", "conv3x3s2_bn_stats",
     "conv3x3s2_bn_stats_backward", "conv3x3s2_bn_stats_into", "merge", "merge_backward", "merge_backward_into",
-    "pooled_conv1x1_bn_forward", "pooled_conv1x1_bn_stats_into",
+    "pooled_conv1x1_bn_forward", "pooled_conv1x1_bn_stats_into", "retinanet_loss", "retinanet_loss_backward",
 )  # fmt: skip
 
 

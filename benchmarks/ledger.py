@@ -1,5 +1,6 @@
-"""``python -m benchmarks.ledger --model 49 --out DIR [--size 256 --batch 1 --dtype bf16]``: the kernel launches of
-one SpineNet training step (forward, backward), per part of the model, eager against fused — counted on a CPU.
+"""``python -m benchmarks.ledger --model 49 --out DIR [--head] [--size 256 --batch 1 --dtype bf16]``: the kernel
+launches of one SpineNet training step (forward, backward), per part of the model, eager against fused — counted on
+a CPU. ``--head``: the whole RetinaNet training step (transform, backbone, head, anchors, matching and losses).
 
 Launch counts do not depend on tensor sizes, so a CPU run at any size gives a GPU's counts, generically:
 
@@ -17,7 +18,8 @@ The fused model's ops take the backends ``auto`` takes on a GPU (``backends.gpu_
 extension's CPU twins stand in for its CUDA kernels. Parts are the model's modules (stem, the two initial block
 groups, merge k and each of its parents, block group k, endpoints) and the loss, tracked by module hooks (the
 fused path's parents by a wrapper of ``fused_resample``); a backward launch belongs to the part whose forward
-created the autograd node it runs in (a node-creation hook tags each node). Writes ``DIR/ledger.json``,
+created the autograd node it runs in (a node-creation hook tags each node). Per part also the activation memory
+saved for backward (a saved-tensors hook: every storage once, parameters excluded). Writes ``DIR/ledger.json``,
 ``DIR/ledger.md`` and ``DIR/ledger.png``.
 
 Bytes and FLOPs are modelled per launch (``benchmarks/_traffic.py``: every tensor a launch takes or returns moved
@@ -63,11 +65,13 @@ NO_KERNEL = frozenset(
 @dataclass
 class Ledger:
     """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``; modelled ``bytes`` and
-    ``flops`` per (part, pass) likewise."""
+    ``flops`` per (part, pass) likewise; ``saved``: per part, the bytes of the tensors saved for backward (each
+    storage once; parameters excluded)."""
 
     counts: dict[str, dict[str, Counter]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Counter)))
     bytes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     flops: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    saved: Counter = field(default_factory=Counter)  # part -> bytes of the activations autograd saves for backward
 
     def traffic(self, measure: str, part_prefix: str = "", pass_: str | None = None) -> int:
         """Modelled ``"bytes"`` or ``"flops"`` of the parts whose name starts with ``part_prefix``."""
@@ -167,12 +171,13 @@ def part_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def part_tracking(model: nn.Module, counter: LaunchCounter) -> Iterator[None]:
-    """Keep ``counter.parts`` on the innermost running part (the fused path's parents included), and tag every
-    autograd node created meanwhile with it."""
+def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[str, nn.Module] | None = None
+                  ) -> Iterator[None]:  # fmt: skip
+    """Keep ``counter.parts`` on the innermost running part (the fused path's parents included; ``extra_parts``:
+    modules around the backbone, by name), and tag every autograd node created meanwhile with it."""
     from spinenet_fast.models import fused_merge
 
-    parts = part_modules(model)
+    parts = {**part_modules(model), **(extra_parts or {})}
     names = {id(module): name for name, module in parts.items()}
 
     def enter(module, args):
@@ -228,20 +233,32 @@ def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
             handle.remove()
 
 
-def count_training_step(
-    model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
-) -> Ledger:
-    """Launches of one training step (forward, backward of Σ mean(p²) over the outputs) of a SpineNet on CPU
-    tensors: eager, or fused with each op on the backend ``auto`` takes on a GPU; under ``autocast`` (bf16, as
-    ``--amp`` trains: fp32 parameters) or in the model's own dtype."""
+@contextlib.contextmanager
+def saved_tensor_accounting(counter: LaunchCounter) -> Iterator[None]:
+    """Add the bytes of every tensor autograd saves (each storage once, parameters excluded) to the saving part."""
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if not (t.is_leaf and t.requires_grad) and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            counter.ledger.saved[counter.part()] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+@contextlib.contextmanager
+def counting(model: nn.Module, fused: bool, extra_parts: dict[str, nn.Module] | None = None) -> Iterator[LaunchCounter]:
+    """A counter of what runs in the block, per part of the SpineNet ``model`` (and ``extra_parts``), its
+    connections eager or fused (each op on the backend ``auto`` takes on a GPU), Triton launches intercepted."""
     from spinenet_fast.ops import backends
 
     for merge in model.merges:
         merge.fused = fused
-    model.train().zero_grad(set_to_none=True)  # a step's gradients are written, not accumulated
     route_to_triton()
-    ledger = Ledger()
-    counter = LaunchCounter(ledger)
+    counter = LaunchCounter(Ledger())
 
     def triton_launch(kernel, args, kwargs) -> None:
         counter.count("triton", kernel.fn.__name__, *triton_traffic(kernel, args, kwargs))
@@ -249,8 +266,20 @@ def count_training_step(
     with contextlib.ExitStack() as stack:
         stack.enter_context(backends.gpu_auto_order_on_cpu())
         stack.enter_context(intercepted_launches(triton_launch))
-        stack.enter_context(part_tracking(model, counter))
+        stack.enter_context(part_tracking(model, counter, extra_parts))
         stack.enter_context(counter)
+        stack.enter_context(saved_tensor_accounting(counter))
+        yield counter
+
+
+def count_training_step(
+    model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
+) -> Ledger:
+    """Launches of one training step (forward, backward of Σ mean(p²) over the outputs) of a SpineNet on CPU
+    tensors: eager, or fused with each op on the backend ``auto`` takes on a GPU; under ``autocast`` (bf16, as
+    ``--amp`` trains: fp32 parameters) or in the model's own dtype."""
+    model.train().zero_grad(set_to_none=True)  # a step's gradients are written, not accumulated
+    with counting(model, fused) as counter:
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             outputs = list(model(images).values())
         counter.parts.append("loss")
@@ -258,7 +287,42 @@ def count_training_step(
         counter.parts.pop()
         counter.pass_ = "backward"
         loss.backward()
-    return ledger
+    return counter.ledger
+
+
+def count_detector_step(
+    detector: nn.Module, images: list[torch.Tensor], targets: list[dict], *, fused: bool,
+    autocast: torch.dtype | None = None,
+) -> Ledger:  # fmt: skip
+    """Launches of one RetinaNet training step (``detector(images, targets)``: transform, backbone, head, anchors,
+    matching and losses; backward of their sum), eager or fused (connections and loss) as
+    :func:`count_training_step` counts a backbone's. Parts: the backbone's, ``transform``, ``head``, ``anchors`` and
+    ``loss`` (matching and both losses)."""
+    detector.train().zero_grad(set_to_none=True)
+    detector.head.fused = fused
+    extra = {"transform": detector.transform, "head": detector.head, "anchors": detector.anchor_generator}
+    compute_loss = detector.compute_loss
+    with counting(detector.backbone, fused, extra) as counter:
+
+        def tracked_loss(*args, **kwargs):
+            counter.parts.append("loss")
+            try:
+                return compute_loss(*args, **kwargs)
+            finally:
+                counter.parts.pop()
+
+        detector.compute_loss = tracked_loss
+        try:
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                losses = detector(images, targets)
+            counter.parts.append("loss")
+            loss = sum(losses.values())
+            counter.parts.pop()
+            counter.pass_ = "backward"
+            loss.backward()
+        finally:
+            del detector.compute_loss
+    return counter.ledger
 
 
 @dataclass(frozen=True)
@@ -269,13 +333,25 @@ class PartGroup:
     prefixes: tuple[str, ...]
 
 
-def _groups(model) -> list[PartGroup]:
-    return [
+def _groups(model, ledgers: dict[str, Ledger]) -> list[PartGroup]:
+    """The summary's rows: the backbone's parts, then a detector's (where the ledgers hold a head) and the loss."""
+    groups = [
         PartGroup("stem and initial blocks", ("stem", "init_groups.")),
         PartGroup("cross-scale parents", tuple(f"merges.{k}.resamples." for k in range(len(model.merges)))),
         PartGroup("merges (sum, activation, extras)", tuple(f"merges.{k}" for k in range(len(model.merges)))),
         PartGroup("blocks", ("groups.",)),
         PartGroup("endpoints", ("endpoints.",)),
+    ]
+    if any("head" in ledger.counts for ledger in ledgers.values()):
+        return [
+            *groups,
+            PartGroup("transform and anchors", ("transform", "anchors")),
+            PartGroup("head (class and box towers, predictors)", ("head",)),
+            PartGroup("loss (matching, focal and box losses)", ("loss",)),
+            PartGroup("target checks (forward), gradient accumulation", ("gradient accumulation", "other")),
+        ]
+    return [
+        *groups,
         PartGroup("loss (Σ mean(p²)) and gradient accumulation", ("loss", "gradient accumulation", "other")),
     ]
 
@@ -289,8 +365,8 @@ def _group_launches(ledger: Ledger, group: PartGroup, pass_: str, exclude: tuple
 
 
 def summarise(model, ledgers: dict[str, Ledger]) -> dict:
-    """Per group and per connection type: launches per pass and variant."""
-    groups = _groups(model)
+    """Per group and per connection type: launches per pass and variant; bytes saved for backward per group."""
+    groups = _groups(model, ledgers)
     parents = groups[1].prefixes
     rows = []
     for group in groups:
@@ -298,6 +374,10 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
         cells = {f"{v} {p}": _group_launches(ledgers[v], group, p, exclude) for v in ledgers for p in PASSES}
         rows.append({"part": group.label, **cells})
     rows.append({"part": "total", **{f"{v} {p}": ledgers[v].launches(pass_=p) for v in ledgers for p in PASSES}})
+    saved = [{"part": group.label, **{v: sum(n for part, n in ledger.saved.items() if part.startswith(group.prefixes)
+                                             and not (group.label.startswith("merges") and part.startswith(parents)))
+                                      for v, ledger in ledgers.items()}} for group in groups]  # fmt: skip
+    saved.append({"part": "total", **{v: sum(ledger.saved.values()) for v, ledger in ledgers.items()}})
     connections = []
     for k, merge in enumerate(model.merges):
         for i, resample in enumerate(merge.resamples):
@@ -307,12 +387,12 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
                 "part": part, "connection": f"L{resample.parent_level}->L{resample.target_level} {kind}",
                 **{f"{v} {p}": ledgers[v].launches(part, p) for v in ledgers for p in PASSES},
             })  # fmt: skip
-    return {"groups": rows, "connections": connections}
+    return {"groups": rows, "connections": connections, "saved": saved}
 
 
 def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[str, int]]) -> dict:
     """Modelled bytes and FLOPs per group and in total, and per block connection against its byte floor."""
-    groups = _groups(model)
+    groups = _groups(model, ledgers)
     parents = groups[1].prefixes
     rows = []
     for group in groups:
@@ -378,6 +458,9 @@ def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
         "|---|" + "---:|" * len(columns),
     ]
     lines += ["| " + r["part"] + " | " + " | ".join(str(r[c]) for c in columns) + " |" for r in summary["groups"]]
+    lines += ["", "Activation memory saved for backward (MB; every storage autograd saves, once; parameters excluded):",
+              "", "| part | " + " | ".join(ledgers) + " |", "|---|" + "---:|" * len(ledgers)]  # fmt: skip
+    lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[v]) for v in ledgers) + " |" for r in summary["saved"]]
     seen = {}
     for row in summary["connections"]:
         seen.setdefault(row["connection"], row)
@@ -424,30 +507,62 @@ def plot(summary: dict, ledgers: dict[str, Ledger], path: Path) -> None:
     plt.close(figure)
 
 
+def detector_inputs(batch: int, size: int, num_classes: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images and targets of a detector step: four boxes of different sizes and classes per image."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=generator) for _ in range(batch)]
+    corners = torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.4, 0.2, 0.9, 0.7], [0.05, 0.6, 0.2, 0.8], [0.3, 0.3, 0.9, 0.95]])
+    targets = [{"boxes": corners * size, "labels": torch.arange(4) * (num_classes // 4)} for _ in range(batch)]
+    return images, targets
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="49", help="SpineNet id, or 49XS-custom")
+    parser.add_argument(
+        "--head",
+        action="store_true",
+        help="the RetinaNet training step (91 classes: head, matching, losses), not the backbone's",
+    )
     parser.add_argument("--size", type=int, default=256, help="image size (counts do not depend on it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                         help="bfloat16: autocast with fp32 parameters, as --amp trains")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from spinenet_fast.detection.presets import CUSTOM_SCALINGS
+    from spinenet_fast.detection.presets import CUSTOM_SCALINGS, build_detector
     from spinenet_fast.models import SpineNet
 
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     torch.manual_seed(0)
-    model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=0.0, fused=False)
-    model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     ledgers = {}
+    if args.head:
+        detector = build_detector(args.model, 91, image_size=args.size, stochastic_depth_rate=0.0, fused=False)
+        detector = detector.to(memory_format=torch.channels_last)  # as training on a GPU takes it
+        model = detector.backbone
+        images, targets = detector_inputs(args.batch, args.size, 91)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            detector.train()(images, targets)  # a steady state: the anchor generator caches cell anchors per dtype
+
+        def count(fused: bool) -> Ledger:
+            return count_detector_step(detector, images, targets, fused=fused, autocast=autocast)
+
+        subject = f"RetinaNet-SpineNet-{args.model} training step (91 classes)"
+    else:
+        model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=0.0, fused=False)
+        model = model.to(memory_format=torch.channels_last)
+        batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+
+        def count(fused: bool) -> Ledger:
+            return count_training_step(model, batch, fused=fused, autocast=autocast)
+
+        subject = f"SpineNet-{args.model} backbone"
     with recorded_floors(model) as floors:
-        ledgers["eager"] = count_training_step(model, images, fused=False, autocast=autocast)
-    ledgers["fused-auto"] = count_training_step(model, images, fused=True, autocast=autocast)
+        ledgers["eager"] = count(False)
+    ledgers["fused-auto"] = count(True)
     precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
-    description = f"SpineNet-{args.model} backbone, {args.size} px, batch {args.batch}, {precision}"
-    config = {"model": args.model, "size": args.size, "batch": args.batch, "dtype": args.dtype,
+    description = f"{subject}, {args.size} px, batch {args.batch}, {precision}"
+    config = {"model": args.model, "head": args.head, "size": args.size, "batch": args.batch, "dtype": args.dtype,
               "description": description}  # fmt: skip
     summary = summarise(model, ledgers)
     summary["traffic"] = summarise_traffic(model, ledgers, floors)

@@ -60,10 +60,11 @@ def _outputs_and_grads(fn: Callable, inputs: tuple, weights: list[torch.Tensor] 
 
 
 def _as(inputs: tuple, dtype: torch.dtype | None) -> tuple:
-    """Fresh leaves (activations cast to ``dtype``; fp32 vectors stay fp32 unless ``dtype`` is float64)."""
+    """Fresh leaves (activations cast to ``dtype``; fp32 vectors stay fp32 unless ``dtype`` is float64; integer
+    tensors as they are)."""
     cast = []
     for t in inputs:
-        target = dtype if dtype == torch.float64 or t.dim() == 4 else t.dtype
+        target = dtype if t.is_floating_point() and (dtype == torch.float64 or t.dim() == 4) else t.dtype
         cast.append(t.detach().to(target).requires_grad_(t.requires_grad))
     return tuple(cast)
 

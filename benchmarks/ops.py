@@ -1,18 +1,22 @@
-"""Suite ``ops``: every fused op on the shapes of SpineNet-49's L5 → L3 and L3 → L5 connections (640 px, batch 8).
+"""Suite ``ops``: every fused op on the shapes of SpineNet-49's L5 → L3 and L3 → L5 connections (640 px, batch 8),
+and the RetinaNet loss over every anchor of that batch (76 725 anchors per image, 91 classes).
 
 Providers: ``eager`` (the same maths as plain PyTorch in the storage dtype: materialised activation, upsampled
-copies), ``compile`` (``torch.compile`` of that function) and every backend of the op (``reference``,
-``triton``, ``cuda``), forced with ``use_backend``. Modes ``fwd``, ``bwd``, ``fwd+bwd``; bf16 and fp32.
+copies; for the loss, the head's eager loss: torchvision's ops image by image), ``compile`` (``torch.compile`` of
+that function) and every backend of the op (``reference``, ``triton``, ``cuda``), forced with ``use_backend``.
+Modes ``fwd``, ``bwd``, ``fwd+bwd``; bf16 and fp32.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from spinenet_fast.detection import SpineNetRetinaNetHead
 from spinenet_fast.ops import (
     backends,
     bn_act_maxpool,
@@ -95,6 +99,31 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
     def pool_eager(y, scale, shift):
         return F.max_pool2d(_affine_act(y, scale, shift), 3, 2, 1)
 
+    anchors, classes, boxes = (64, 5, 3) if s.smoke else (76725, 91, 8)  # every anchor of a 640 px image, COCO
+
+    def loss_inputs():
+        logits = torch.randn(n, anchors, classes, device=device, dtype=dtype).requires_grad_()
+        regression = (0.1 * torch.randn(n, anchors, 4, device=device, dtype=dtype)).requires_grad_()
+        draw = torch.rand(n, anchors, device=device)  # ~1 % matched, ~4 % ignored, the rest background
+        index = torch.randint(0, boxes, (n, anchors), device=device)
+        matched = torch.where(draw < 0.01, index, torch.where(draw < 0.05, -2, -1))
+        corners = torch.rand(n, boxes + anchors, 2, device=device) * 600
+        corners = torch.cat([corners, corners + 40], -1)
+        labels = torch.randint(0, classes, (n, boxes), device=device)
+        return logits, regression, matched, labels, corners[:, :boxes], corners[:, boxes:]
+
+    heads = {fused: SpineNetRetinaNetHead(8, 9, classes, num_convs=1, fused=fused) for fused in (False, True)}
+
+    def head_loss(fused, logits, regression, matched, labels, gt_boxes, anchor_boxes):
+        """The head's two losses: eager (torchvision's ops, image by image) or through the fused op."""
+        outputs = {"cls_logits": logits, "bbox_regression": regression}
+        if fused:
+            losses = heads[True].loss_from_matches(outputs, anchor_boxes, matched, gt_boxes, labels)
+        else:
+            targets = [{"boxes": b, "labels": lab} for b, lab in zip(gt_boxes, labels)]
+            losses = heads[False].compute_loss(targets, outputs, list(anchor_boxes), list(matched))
+        return torch.stack([losses["classification"], losses["bbox_regression"]])
+
     return [
         OpCase("conv1x1_bn_stats", f"x {n}x{c_mid}x{lo}x{lo} -> {c_target}, prologue", conv1x1_inputs,
                lambda x, w, a, b: conv1x1_bn_stats(x, w, a, b, "swish"),
@@ -111,6 +140,9 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
         OpCase("bn_finalize", f"C {c_target}", finalize_inputs,
                lambda stats, w, b: bn_finalize(stats, n * lo * lo, w, b, eps=1e-3),
                finalize_eager, 4 * c_target * 4),
+        OpCase("retinanet_loss", f"{n}x{anchors} anchors x {classes} classes", loss_inputs,
+               functools.partial(head_loss, True), functools.partial(head_loss, False),
+               n * anchors * ((classes + 4) * item + 8 + 16)),
     ]  # fmt: skip
 
 

@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="swish", choices=("swish", "relu"))
     p.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (official: 0.01)")
     p.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
-                   help="fused cross-scale connections (auto: on a GPU with Triton)")  # fmt: skip
+                   help="fused cross-scale connections and loss (auto: on a GPU with Triton)")  # fmt: skip
     p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process and batch")
     p.add_argument("--accum-steps", type=int, default=1, help="batches per optimiser step (gradient accumulation)")
@@ -143,7 +143,7 @@ def describe_run(args: argparse.Namespace, model: nn.Module, train_set, val_set,
     evaluation = f"every {args.eval_every} epoch(s) on {len(val_set)} {args.val_split} images"
     return (
         f"training RetinaNet-SpineNet-{args.model} ({parameters / 1e6:.2f} M parameters, fused connections "
-        f"{'on' if fused else 'off'}) to detect {len(label_map)} classes ({names})\n"
+        f"and loss {'on' if fused else 'off'}) to detect {len(label_map)} classes ({names})\n"
         f"  data: {len(train_set)} {args.train_split} images from {args.data_path.resolve()}, {args.image_size} px, "
         f"batch {args.batch_size}{processes}, {args.epochs} epochs on {args.device}; evaluation: "
         f"{evaluation if args.eval_every else 'never'}\n"

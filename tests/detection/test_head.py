@@ -109,3 +109,29 @@ def test_bad_arguments():
         make_head()([torch.randn(1, 16, 4, 4)] * 2)
     with pytest.raises(ValueError, match="fused must be True, False or 'auto', got 'yes'"):
         make_head(fused="yes")
+
+
+def test_compile_fullgraph_through_batched_matching_and_the_fused_loss():
+    """torch.compile traces the fused loss path whole (no data-dependent shapes, no host syncs): matching and loss,
+    forward and backward, equal to eager."""
+    from spinenet_fast.detection.matching import match_anchors
+    from spinenet_fast.ops import use_backend
+
+    torch._dynamo.reset()
+    head = make_head(num_classes=4, num_anchors=1, fused=True)
+    anchors = torch.tensor([[0.0, 0, 8, 8], [8, 8, 24, 24], [0, 0, 32, 32], [4, 4, 12, 12]]).expand(2, 4, 4)
+    boxes = torch.tensor([[[1.0, 0, 10, 9], [6, 6, 26, 20]], [[0.0, 0, 6, 7], [0, 0, 0, 0]]])
+    labels, valid = torch.tensor([[1, 3], [2, 0]]), torch.tensor([[True, True], [True, False]])
+
+    def loss(logits, regression):
+        matched = match_anchors(anchors, boxes, valid, 0.5, 0.4)
+        losses = head.loss_from_matches({"cls_logits": logits, "bbox_regression": regression}, anchors, matched, boxes,
+                                        labels)  # fmt: skip
+        return losses["classification"] + losses["bbox_regression"]
+
+    inputs = [torch.randn(2, 4, 4, requires_grad=True), torch.randn(2, 4, 4, requires_grad=True)]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with use_backend("reference"):
+        got, want = compiled(*inputs), loss(*inputs)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs))

@@ -114,7 +114,7 @@ def test_what_is_trained_is_said_first(tiny_data, tmp_path, capsys):
     train_main(train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--eval-every", "0"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("training RetinaNet-SpineNet-49XS-custom (")
-    assert "fused connections off) to detect 3 classes (circle, square, triangle)" in lines[0]
+    assert "fused connections and loss off) to detect 3 classes (circle, square, triangle)" in lines[0]
     assert f"8 train2017 images from {tiny_data.resolve()}, 128 px, batch 4, 1 epochs on cpu" in lines[1]
     assert f"output: {(tmp_path / 'run').resolve()}" in lines[2]
     assert lines[3].startswith("epoch 0: loss ")

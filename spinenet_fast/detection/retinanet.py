@@ -61,7 +61,8 @@ def checked_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_
     """The targets with float boxes and int64 labels, as torchvision's RetinaNet takes them (integer boxes and labels
     of any integer dtype accepted, boxes past the image edge too); a clear error for what torchvision rejects
     (degenerate boxes) and what is invalid: not (K, 4) boxes with K labels, non-finite boxes, labels outside
-    [0, ``num_classes``). The caller's dicts are not modified."""
+    [0, ``num_classes``). The caller's dicts are not modified. The value checks run on the whole batch at once: a
+    fixed number of launches and one host sync per step, whatever the batch size."""
     if len(images) != len(targets):
         raise ValueError(f"targets must have one dict per image: got {len(targets)} for {len(images)} images")
     checked = []
@@ -75,22 +76,35 @@ def checked_targets(images: list[Tensor], targets: list[dict[str, Tensor]], num_
             raise TypeError(
                 f"targets[{i}]['labels'] must be an integer tensor of shape ({boxes.shape[0]},), got {describe(labels)}"
             )
-        boxes = boxes if boxes.is_floating_point() else boxes.float()
-        if not boxes.isfinite().all():
-            raise ValueError(f"targets[{i}]['boxes'] must be finite, got {boxes[~boxes.isfinite().all(1)][0].tolist()}")
-        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if degenerate.any():
-            raise ValueError(
-                f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2, got "
-                f"{boxes[degenerate][0].tolist()}"
-            )
-        outside = (labels < 0) | (labels >= num_classes)
-        if outside.any():
-            raise ValueError(
-                f"targets[{i}]['labels'] must be class indices in [0, {num_classes}), got {labels[outside][0].item()}"
-            )
-        checked.append({**target, "boxes": boxes, "labels": labels.long()})
+        checked.append(
+            {**target, "boxes": boxes if boxes.is_floating_point() else boxes.float(), "labels": labels.long()}
+        )
+    if checked and len({(t["boxes"].dtype, t["boxes"].device) for t in checked}) == 1:
+        boxes = torch.cat([t["boxes"] for t in checked])
+        labels = torch.cat([t["labels"] for t in checked]).to(boxes.device)
+        bad = ~boxes.isfinite().all(1) | (boxes[:, 2:] <= boxes[:, :2]).any(1) | (labels < 0) | (labels >= num_classes)
+        if not bad.any():  # the one sync
+            return checked
+    for i, target in enumerate(checked):  # a bad value (or mixed dtypes or devices): find it, image by image
+        _check_target_values(i, target["boxes"], target["labels"], num_classes)
     return checked
+
+
+def _check_target_values(i: int, boxes: Tensor, labels: Tensor, num_classes: int) -> None:
+    """``ValueError`` naming ``targets[i]`` for a non-finite or degenerate box or a label outside [0, num_classes)."""
+    if not boxes.isfinite().all():
+        raise ValueError(f"targets[{i}]['boxes'] must be finite, got {boxes[~boxes.isfinite().all(1)][0].tolist()}")
+    degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+    if degenerate.any():
+        raise ValueError(
+            f"targets[{i}]['boxes'] must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2, got "
+            f"{boxes[degenerate][0].tolist()}"
+        )
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        raise ValueError(
+            f"targets[{i}]['labels'] must be class indices in [0, {num_classes}), got {labels[outside][0].item()}"
+        )
 
 
 def check_detector_args(anchor_size, head_num_convs, score_thresh, nms_thresh, detections_per_img, topk_candidates,

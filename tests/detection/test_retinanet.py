@@ -1,5 +1,6 @@
 """The RetinaNet-SpineNet builder: a torchvision RetinaNet with §7's parts, parameter counts and target checks."""
 
+import copy
 from math import nan
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torchvision.models.detection import RetinaNet
 
 from spinenet_fast.detection import retinanet_spinenet, spinenet_anchor_generator
+from spinenet_fast.detection.retinanet import checked_targets
 
 DETECTOR_PARAMS = {("49S", 91): 11_265_942, ("49S", 80): 11_151_795, ("49", 91): 28_543_383, ("49", 80): 28_315_188}
 SLOW_DETECTOR_PARAMS = {
@@ -148,6 +150,33 @@ def test_targets_torchvision_accepts_are_accepted(small_detector):
     assert as_given["boxes"].dtype == torch.int32 and as_given["labels"].dtype == torch.int32
 
 
+def test_target_checks_are_batched_and_name_the_bad_target():
+    """One set of launches (and one host sync) for the whole batch's value checks, whatever its size; a bad value in
+    any image is reported with that image's index."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    good = {"boxes": torch.tensor([[10.0, 10, 50, 60], [0, 0, 5, 5]]), "labels": torch.tensor([1, 2])}
+    images = [torch.zeros(3, 8, 8)] * 5
+    counts = []
+    for batch in (2, 5):
+        with Ops() as ops:
+            checked_targets(images[:batch], [good] * batch, 3)
+        counts.append(ops.names)
+    assert counts[0] == counts[1] and counts[0].count("aten::_local_scalar_dense") == 1  # one host sync
+    bad = {"boxes": torch.tensor([[10.0, 10, 50, 60], [0, 0, 5, 5]]), "labels": torch.tensor([1, 3])}
+    with pytest.raises(ValueError, match=r"targets\[3\]\['labels'\] must be class indices in \[0, 3\), got 3"):
+        checked_targets(images[:4], [good, good, good, bad], 3)
+
+
 def test_bad_images_and_sizes(small_detector):
     small_detector.eval()
     with pytest.raises(TypeError, match="floating"):
@@ -204,3 +233,35 @@ def test_fused_loss_equals_torchvision_per_image(dtype):
     for fused, eager in zip(fused_grads, eager_grads):
         torch.testing.assert_close(fused, eager, **tolerance)
     assert eager_losses["bbox_regression"] > 0
+
+
+def test_fused_detector_training_equals_eager_in_float64():
+    """The whole detector fused (cross-scale connections and loss: batched matching + ``retinanet_loss``) trains as
+    the eager one in float64: the same losses and, after two SGD steps, the same parameters and BN running
+    statistics, up to summation order (256 px: at 128 px P7 is 1×1, and training-mode BN over 2 values per channel
+    is chaotic in any precision)."""
+    torch.manual_seed(0)
+    eager = retinanet_spinenet("49S", 3, image_size=256, stochastic_depth_rate=0.0, fused=False).double().train()
+    fused = copy.deepcopy(eager)
+    for merge in fused.backbone.merges:
+        merge.fused = True
+    fused.head.fused = True
+    images = [torch.rand(3, 256, 256, dtype=torch.float64) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[20.0, 20, 100, 120], [140, 140, 146, 148]]), "labels": torch.tensor([1, 0])},
+        {"boxes": torch.tensor([[60.0, 10, 240, 200]]), "labels": torch.tensor([2])},
+    ]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) for model in (eager, fused)]
+    for _ in range(2):
+        losses = []
+        for model, optimizer in zip((eager, fused), optimizers):
+            optimizer.zero_grad()
+            step_losses = model(images, targets)
+            sum(step_losses.values()).backward()
+            optimizer.step()
+            losses.append(step_losses)
+        for name in losses[0]:
+            torch.testing.assert_close(losses[1][name], losses[0][name], rtol=1e-7, atol=0, msg=name)
+    for (name, a), b in zip(eager.state_dict().items(), fused.state_dict().values()):
+        error, scale = (b - a).abs().max().item(), a.abs().max().item()
+        assert error <= 1e-6 * scale + 1e-12, f"{name}: error {error} for values up to {scale}"

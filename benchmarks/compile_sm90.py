@@ -171,6 +171,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         conv1x1_bn_stats,
         conv3x3s2_bn,
         conv3x3s2_bn_stats,
+        match_anchors,
         merge,
         pooled_conv1x1_bn,
         retinanet_loss,
@@ -212,6 +213,8 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     matched, labels = torch.randint(-2, 3, (2, 900)), torch.randint(0, 91, (2, 3))
     sums = retinanet_loss(leaf(2, 900, 91), leaf(2, 900, 4), matched, labels, boxes[:, :3], boxes[:, 3:])
     backward(sums[:2])
+    for low_quality in (True, False):
+        match_anchors(boxes[:, 3:], boxes[:, :3], torch.ones(2, 3, dtype=torch.bool), 0.5, 0.4, low_quality)
 
 
 def default_drivers() -> Iterator[tuple[str, Callable[[], None]]]:

@@ -50,10 +50,12 @@ class SpineNetRetinaNet(RetinaNet):
             return super().compute_loss(targets, head_outputs, anchors)
         boxes, labels, valid = pad_targets(targets)
         anchors = torch.stack(anchors)
+        dtype = torch.promote_types(anchors.dtype, boxes.dtype)  # box_iou's promotion (bf16 anchors under autocast)
         matcher = self.proposal_matcher
         matched = match_anchors(
-            anchors, boxes, valid, matcher.high_threshold, matcher.low_threshold, matcher.allow_low_quality_matches
-        )
+            anchors.to(dtype), boxes.to(dtype), valid, matcher.high_threshold, matcher.low_threshold,
+            matcher.allow_low_quality_matches,
+        )  # fmt: skip
         return self.head.loss_from_matches(head_outputs, anchors, matched, boxes, labels)
 
 

@@ -1,5 +1,5 @@
-"""Fused ops (cross-scale connections, RetinaNet loss): ``torch.library`` custom ops with reference, Triton and CUDA
-(extension) backends."""
+"""Fused ops (cross-scale connections, RetinaNet matching and loss): ``torch.library`` custom ops with reference,
+Triton and CUDA (extension) backends."""
 
 from .backends import set_backend, use_backend
 from .bn_act_maxpool import bn_act_maxpool, bn_act_maxpool_reference
@@ -8,6 +8,7 @@ from .conv1x1_bn import conv1x1_bn, conv1x1_bn_backward_reference
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3s2_bn import conv3x3s2_bn, conv3x3s2_bn_backward_reference
 from .conv3x3s2_bn_stats import conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
+from .match_anchors import match_anchors, match_anchors_reference
 from .merge import merge, merge_backward_reference, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
 from .retinanet_loss import retinanet_loss, retinanet_loss_reference
@@ -25,6 +26,8 @@ __all__ = [
     "conv3x3s2_bn_backward_reference",
     "conv3x3s2_bn_stats",
     "conv3x3s2_bn_stats_reference",
+    "match_anchors",
+    "match_anchors_reference",
     "merge",
     "merge_backward_reference",
     "merge_reference",

@@ -70,3 +70,57 @@ def test_padding_never_matches():
     assert valid.tolist() == [[True, True], [True, False]] and labels.tolist() == [[1, 2], [3, 0]]
     # The second image's padding box (all zeros) must not become the best match of any anchor.
     assert match_anchors(anchors, boxes, valid, 0.5, 0.5).tolist() == [[0, 1, -1], [0, -1, -1]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_every_backend_equals_torchvision(backend, low_quality):
+    """Each backend of the op, forced, on a batch with ties, an empty image and several thresholds' outcomes."""
+    from spinenet_fast.ops import use_backend
+
+    generator = torch.Generator().manual_seed(3)
+    anchors = [grid_anchors()] * 3
+    targets = random_targets((4, 0, 6), generator)
+    boxes, _, valid = pad_targets(targets)
+    with use_backend(backend):
+        matched = match_anchors(torch.stack(anchors), boxes, valid, 0.5, 0.4, low_quality)
+    expected = torchvision_matches(anchors, targets, 0.5, 0.4, low_quality)
+    torch.testing.assert_close(matched, expected, rtol=0, atol=0)
+    assert {-2, -1} <= set(matched.unique().tolist()) and (matched >= 0).any()
+
+
+def test_batched_box_iou_is_torchvisions_to_the_last_bit():
+    from torchvision.ops import box_iou
+
+    from spinenet_fast.ops.match_anchors import batched_box_iou
+
+    generator = torch.Generator().manual_seed(2)
+    gt = torch.stack([t["boxes"] for t in random_targets((5, 5), generator)])
+    anchors = torch.rand(2, 40, 2, generator=generator) * 30
+    anchors = torch.cat([anchors, anchors + torch.rand(2, 40, 2, generator=generator) * 9 + 0.5], -1)
+    want = torch.stack([box_iou(g, a) for g, a in zip(gt, anchors)])
+    torch.testing.assert_close(batched_box_iou(gt, anchors), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    from spinenet_fast.ops import use_backend
+    from spinenet_fast.ops.match_anchors import _match_anchors_op
+
+    boxes, _, valid = pad_targets(random_targets((2, 1), torch.Generator().manual_seed(1)))
+    with use_backend(backend):
+        torch.library.opcheck(_match_anchors_op, (torch.stack([grid_anchors()] * 2), boxes, valid, 0.5, 0.4, True))
+
+
+def test_bad_arguments():
+    anchors, boxes, valid = torch.zeros(2, 5, 4), torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"anchors must be a floating-point \(N, A, 4\) tensor, got torch.int64"):
+        match_anchors(anchors.long(), boxes, valid, 0.5, 0.4)
+    with pytest.raises(TypeError, match=r"gt_boxes must be a torch.float32 \(N=2, G, 4\) tensor on cpu"):
+        match_anchors(anchors, boxes[:1], valid, 0.5, 0.4)
+    with pytest.raises(TypeError, match=r"gt_valid must be a bool tensor of shape \(2, 3\) on cpu, got torch.int64"):
+        match_anchors(anchors, boxes, valid.long(), 0.5, 0.4)
+    with pytest.raises(ValueError, match=r"low_threshold \(0.6\) must not exceed high_threshold \(0.5\)"):
+        match_anchors(anchors, boxes, valid, 0.5, 0.6)
+    with pytest.raises(ValueError, match=r"high_threshold must be a number in \[0, 1\], got 1.5"):
+        match_anchors(anchors, boxes, valid, 1.5, 0.4)

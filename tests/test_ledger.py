@@ -255,7 +255,6 @@ def test_fused_detector_step_saves_at_most_0_7_of_eager_activation_memory(detect
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 16: blocks, stem and head towers still run eager (0.60× today)")
 def test_fused_detector_step_byte_budget(detector_budget_setting):
     """Issue 16: the RetinaNet-49 step fused ≤ 0.6× eager's modelled bytes, both passes together."""
     traffic = rows_by_part(detector_budget_setting["traffic"]["bytes"])["total"]

@@ -62,7 +62,7 @@ def _match_kernel(
     a, mask, ax1, ay1, ax2, ay2, area_a = _anchor_block(anchors_ptr, A, BLOCK_A)
     best_iou = tl.full([BLOCK_A], -1.0, tl.float32)
     best_gt = tl.zeros([BLOCK_A], tl.int64)
-    is_best = tl.zeros([BLOCK_A], tl.int1)
+    is_best = tl.zeros([BLOCK_A], tl.int32)  # int32, not int1: Triton 3.2's interpreter has no int1 zeros
     for g in range(G):
         if tl.load(valid_ptr + n * G + g) != 0:
             iou = _iou(ax1, ay1, ax2, ay2, area_a, boxes_ptr, n * G + g)
@@ -70,10 +70,10 @@ def _match_kernel(
             best_gt = tl.where(better, g, best_gt)
             best_iou = tl.where(better, iou, best_iou)
             if LOW_QUALITY:
-                is_best = is_best | (iou == tl.load(best_ptr + n * G + g))
+                is_best = is_best | (iou == tl.load(best_ptr + n * G + g)).to(tl.int32)
     matched = tl.where(best_iou < low, -1, tl.where(best_iou < high, -2, best_gt))  # Matcher's two codes
     if LOW_QUALITY:
-        matched = tl.where(is_best, best_gt, matched)
+        matched = tl.where(is_best != 0, best_gt, matched)
     tl.store(matched_ptr + n * A + a, matched, mask=mask)
 
 

@@ -43,8 +43,7 @@ def check_retinanet_loss_args(cls_logits, box_regression, matched, gt_labels, gt
     )
     for name, value, shape, dtype in expected:
         fits = isinstance(value, Tensor) and tuple(value.shape) == shape and value.device == cls_logits.device
-        kind = value.is_floating_point() if dtype == "floating" else value.dtype == dtype if fits else False
-        if not (fits and kind):
+        if not (fits and (value.is_floating_point() if dtype == "floating" else value.dtype == dtype)):
             wanted = "floating-point" if dtype == "floating" else str(dtype)[6:]
             raise TypeError(f"{name} must be a {wanted} tensor of shape {shape} on {cls_logits.device}, got "
                             f"{describe(value)}")  # fmt: skip

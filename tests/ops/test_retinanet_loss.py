@@ -163,6 +163,10 @@ def test_bad_arguments():
         retinanet_loss(*batch[:2], batch[2].int(), *batch[3:])
     with pytest.raises(TypeError, match=r"gt_boxes must be a floating-point tensor of shape \(2, 2, 4\)"):
         retinanet_loss(*batch[:4], batch[4][:, :1], batch[5])
+    with pytest.raises(
+        TypeError, match=r"anchors must be a floating-point tensor of shape \(2, 6, 4\) on cpu, got NoneType"
+    ):
+        retinanet_loss(*batch[:5], None)
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
         retinanet_loss(*batch, alpha=1.5)
     with pytest.raises(ValueError, match=r"delta must be a number in \[0, inf\] above 0, got 0"):

@@ -76,13 +76,13 @@ def _backward_gemms(taps: int):
 # Our GEMM kernels' FLOPs from their named launch arguments.
 TRITON_FLOPS = {
     "_conv1x1_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], a["K"]),
-    "_conv3x3s2_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
+    "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv1x1_backward_kernel": _backward_gemms(1),
-    "_conv3x3s2_backward_kernel": _backward_gemms(9),
+    "_conv3x3_backward_kernel": _backward_gemms(9),
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
 # twice — dy and y always, x where the dgrad's prologue backward reads it too.
-READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3s2_backward_kernel"}
+READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3_backward_kernel"}
 
 
 def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:

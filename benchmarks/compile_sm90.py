@@ -169,8 +169,8 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         bn_finalize,
         conv1x1_bn,
         conv1x1_bn_stats,
-        conv3x3s2_bn,
-        conv3x3s2_bn_stats,
+        conv3x3_bn,
+        conv3x3_bn_stats,
         match_anchors,
         merge,
         pooled_conv1x1_bn,
@@ -189,10 +189,14 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act))
         if dtype != torch.float32:  # the fp32 master weight of autocast
             backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1, stats=True), scale, shift, act))
-        backward(*conv3x3s2_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding))
+        for stride in (1, 2):
+            backward(*conv3x3_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding,
+                                       stride=stride))  # fmt: skip
         bn = dict(bn_weight=leaf(64, stats=True), bn_bias=leaf(64, stats=True), eps=1e-3)  # with its BN's backward
         backward(*conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, **bn))
-        backward(*conv3x3s2_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, **bn))
+        for stride in (1, 2):
+            backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=stride,
+                                 **bn))  # fmt: skip
         for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
             backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
                                         **bn))  # fmt: skip

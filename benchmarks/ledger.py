@@ -255,8 +255,8 @@ def counting(model: nn.Module, fused: bool, extra_parts: dict[str, nn.Module] | 
     connections eager or fused (each op on the backend ``auto`` takes on a GPU), Triton launches intercepted."""
     from spinenet_fast.ops import backends
 
-    for merge in model.merges:
-        merge.fused = fused
+    for module in (*model.merges, *model.init_groups, *model.groups):
+        module.fused = fused
     route_to_triton()
     counter = LaunchCounter(Ledger())
 

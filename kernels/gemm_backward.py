@@ -1,4 +1,4 @@
-"""What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3s2_backward``).
+"""What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3_backward``).
 
 Jitted pieces: the dgrad's dot of the folded output gradient (a head and, in bf16/fp16, its rounding error), the
 wgrad's dot with the recomputed prologue, and the dgrad's epilogue — the prologue's backward d_pre =

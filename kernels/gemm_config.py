@@ -1,4 +1,4 @@
-"""Launch configuration shared by the GEMM kernels (``conv1x1``, ``conv3x3s2``): dot precision, tiles, warps.
+"""Launch configuration shared by the GEMM kernels (``conv1x1``, ``conv3x3``): dot precision, tiles, warps.
 
 Chosen with ``python -m benchmarks.compile_sm90`` (every variant compiled for sm_90 under Triton 3.6 and 3.8, no
 spills allowed): bf16/fp16 tensor-core dots take 64×64×32 tiles on two warp groups (one warp group needs 255

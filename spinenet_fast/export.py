@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._optional import require
+from .models.blocks import BlockGroup
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
 
@@ -47,8 +48,8 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections through the eager modules inside the block."""
-    merges = [m for m in model.modules() if isinstance(m, CrossScaleMerge)]
+    """Run ``model``'s cross-scale connections and blocks through the eager modules inside the block."""
+    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup))]
     saved = [m.fused for m in merges]
     try:
         for merge in merges:

@@ -17,13 +17,14 @@ def _example_args(device: torch.device, dtype: torch.dtype) -> dict[str, tuple]:
     vector = torch.zeros(8, device=device)
     return {
         "conv1x1_bn_stats": (x, torch.zeros(8, 8, 1, 1, device=device, dtype=dtype), vector, vector, "swish"),
-        "conv3x3s2_bn_stats": (
+        "conv3x3_bn_stats": (
             x,
             torch.zeros(8, 8, 3, 3, device=device, dtype=dtype),
             vector,
             vector,
             "swish",
             "torch",
+            1,
         ),
         "bn_act_maxpool": (x, vector, vector, "swish", 1, "torch"),
         "merge": ([x, x[:, :, :2, :2]], [vector] * 2, [vector] * 2, [1, 2], None, "swish"),

@@ -111,7 +111,7 @@ def test_gpu_smoke_runs_every_op_backend_and_the_model(tmp_path):
     assert gpu_smoke.main(["--out", str(tmp_path), "--tiny", "--device", "cpu"]) == 0
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     checks = {(r["check"].split(" ")[1], r["backend"], r["dtype"]) for r in rows if r["check"].startswith("op ")}
-    assert ("conv3x3s2_bn_stats", "triton", "bfloat16") in checks and ("merge", "cuda", "float16") in checks
+    assert ("conv3x3_bn_stats", "triton", "bfloat16") in checks and ("merge", "cuda", "float16") in checks
     assert ("retinanet_loss", "triton", "bfloat16") in checks
     assert len({r["dtype"] for r in rows if r["check"].startswith("model ")}) == 3
     assert "| yes |" in (tmp_path / "smoke.md").read_text()

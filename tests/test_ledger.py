@@ -51,8 +51,17 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
     parent = fused["merges.0.resamples.0"]["forward"]
     assert parent.get("triton _conv1x1_fwd_kernel", 0) >= 2  # squeeze and expand GEMMs
     assert "aten conv2d" not in parent
-    # The same blocks run eagerly in both variants.
-    assert eager["groups.3"] == fused["groups.3"]
+    # A bottleneck block: two 1×1 GEMMs, the 3×3 implicit GEMM and the merge of its output, each pass.
+    block = fused["groups.3"]
+    assert block["forward"] == {"aten zeros": 1, "triton _conv1x1_fwd_kernel": 2, "triton _conv3x3_fwd_kernel": 1,
+                                "extension merge_forward": 1}  # fmt: skip
+    assert block["backward"] == {
+        "triton _conv1x1_backward_kernel": 2,
+        "triton _conv3x3_backward_kernel": 1,
+        "extension merge_backward": 1,
+        "aten add": 1,
+    }  # the input's two gradients: as eager
+    assert "aten convolution" in eager["groups.3"]["forward"]
     groups = {row["part"]: row for row in result["summary"]["groups"]}
     assert groups["total"]["eager forward"] == sum(sum(p["forward"].values()) for p in eager.values())
     markdown = (out / "ledger.md").read_text()
@@ -78,7 +87,7 @@ def test_fused_launch_budgets(small):
     assert len(parents) == 30 and len(merges) == 15
     for part in parents:
         forward, backward = (fused_launches(fused, part, pass_) for pass_ in ("forward", "backward"))
-        downsampling = any("conv3x3s2" in op for op in fused[part]["forward"])
+        downsampling = any("conv3x3" in op for op in fused[part]["forward"])
         assert forward <= (3 if downsampling else 2) and backward <= (5 if downsampling else 3), part
     for part in merges:
         assert fused_launches(fused, part, "forward") <= 2 and fused_launches(fused, part, "backward") <= 1, part
@@ -91,7 +100,6 @@ def test_fused_launch_budgets(small):
         assert total["fused"] < total["eager"], pass_
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the blocks, stem and endpoints still run eager")
 def test_fused_backbone_launches_at_most_half_of_eager(small):
     """fused_ops.md §7: the whole backbone's training step fused ≤ 0.5× eager's launches, in each pass."""
     _, result = small
@@ -223,11 +231,11 @@ def test_saved_activation_memory(detector_step):
     loss = saved["loss (matching, focal and box losses)"]
     assert 0 < loss["fused-auto"] <= 0.1 * loss["eager"]
     assert saved["cross-scale parents"]["fused-auto"] < saved["cross-scale parents"]["eager"]
-    assert saved["blocks"]["fused-auto"] == saved["blocks"]["eager"] > 0
+    assert 0 < saved["blocks"]["fused-auto"] < saved["blocks"]["eager"]
     assert saved["total"]["fused-auto"] < saved["total"]["eager"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: blocks, stem, head towers and endpoints still run eager")
+@pytest.mark.xfail(strict=True, reason="issue 16: the head towers, stem conv and endpoints still run eager")
 def test_fused_detector_step_launch_budget(detector_step):
     """Issue 16: the whole RetinaNet training step fused ≤ 0.35× eager's launches (size-independent: checked small)."""
     _, result = detector_step

@@ -1,7 +1,7 @@
 """ResNet-v1 bottleneck and residual blocks (stride 1) and block groups, as SpineNet uses them.
 
 All blocks take and return NCHW tensors at a fixed resolution: SpineNet changes resolution only in the
-cross-scale resampling.
+cross-scale resampling. A group with ``fused`` runs its blocks through the fused ops (``fused_block``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .layers import ConvNorm, NormFactory, make_activation
+from .fused_block import fused_block_forward
+from .layers import ConvNorm, NormFactory, make_activation, uses_fused_setting
 
 BLOCK_TYPES = ("bottleneck", "residual")
 
@@ -82,6 +83,8 @@ class BlockGroup(nn.Sequential):
     """``block_repeats`` blocks of one type sharing one stochastic-depth rate.
 
     Only the first block may project its shortcut (when ``in_channels`` differs from the output width).
+    ``fused``: True runs the blocks through the fused ops (same parameters and results), False through the eager
+    modules, ``"auto"`` fused on a GPU with Triton.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class BlockGroup(nn.Sequential):
         activation: str,
         padding: str,
         drop_rate: float,
+        fused: bool | str = False,
     ) -> None:
         block = Bottleneck if block_type == "bottleneck" else Residual
         out_channels = block_output_channels(block_type, filters)
@@ -104,3 +108,16 @@ class BlockGroup(nn.Sequential):
             )
         )
         self.out_channels = out_channels
+        self.activation, self.padding, self.fused = activation, padding, fused
+
+    def uses_fused_ops(self) -> bool:
+        """See ``fused``."""
+        return uses_fused_setting(self, self.fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
+        if not self.uses_fused_ops() or x.shape[0] == 0:
+            return super().forward(x)
+        for block in self:
+            x = fused_block_forward(block, x, self.activation, self.padding)
+        return x

@@ -5,7 +5,7 @@ max-pools (in training mode, the expand conv's prologue: ``pooled_conv1x1_bn``)]
 + act as prologue (+ Σ, Σ²), run at the parent's resolution for upsampling connections -> one ``merge`` that applies
 each expand BN, gathers every parent at its own resolution, adds the raw extra inputs and applies the activation. BN
 in training mode finalises the statistics (running variance with the upsampled count) inside ``conv1x1_bn`` /
-``conv3x3s2_bn``, whose backwards fold the BN's backward into their kernels; otherwise its running statistics become
+``conv3x3_bn``, whose backwards fold the BN's backward into their kernels; otherwise its running statistics become
 the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2, C) [Σ; Σ²] (and, in the backward,
 the gradients they feed). Under autocast the activations run in the autocast dtype and the conv ops take the fp32
 weights, rounding them as they load them; statistics, scales and shifts stay fp32.
@@ -21,8 +21,8 @@ from ..ops import (
     bn_act_maxpool,
     conv1x1_bn,
     conv1x1_bn_stats,
-    conv3x3s2_bn,
-    conv3x3s2_bn_stats,
+    conv3x3_bn,
+    conv3x3_bn_stats,
     merge,
     pooled_conv1x1_bn,
 )
@@ -37,25 +37,37 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 
 class ConnectionWorkspace:
     """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
-    of a connection's training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's program counter,
-    each prologue's gradient [d_scale; d_shift] (the max-pools' included), each fp32 conv weight's gradient, and the
-    merge backward's channel sums — handed out in slices: one fill per merge instead of one per accumulator."""
+    of a connection's (or a block's) training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's
+    program counter, each prologue's gradient [d_scale; d_shift] (the max-pools' included), each fp32 conv weight's
+    gradient, and the merge backward's channel sums — handed out in slices, in the order the ops take them: one fill
+    per merge (or block) instead of one per accumulator. ``sizes``: the slices' elements, in that order."""
 
-    def __init__(self, module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
+        self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
+        self.offset = 0
+
+    @classmethod
+    def for_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
+        """The workspace of a ``CrossScaleMerge``'s fused forward (``fused_merge_forward``)."""
         sizes = []  # elements
         for resample in module.resamples:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
             layers.append((resample.expand, True))  # the max-pools' affine gradients are the pooled conv's prologue's
-            for layer, has_prologue in layers:
-                if uses_batch_statistics(layer.bn):  # statistics, the finalize's counter, prologue gradients, dW
-                    sizes += [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
-                    sizes += [layer.conv.weight.numel()] if self.holds_weight_grad(layer.conv.weight, dtype) else []
+            sizes += [size for layer, has_prologue in layers for size in cls.layer_sizes(layer, has_prologue, dtype)]
             if pools_apart(resample) and uses_batch_statistics(resample.down.bn):
                 sizes.append(2 * resample.down.conv.out_channels)  # the separate max-pool op's affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
-        self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
-        self.offset = 0
+        return cls(sizes, device, dtype)
+
+    @classmethod
+    def layer_sizes(cls, layer, has_prologue: bool, dtype: torch.dtype) -> list[int]:
+        """The slices one conv + BN layer (``.conv``, ``.bn``) takes through ``conv_then_bn``: in training mode its
+        statistics, the finalize's counter, its prologue's gradients and an fp32 weight's gradient; none otherwise."""
+        if not uses_batch_statistics(layer.bn):
+            return []
+        sizes = [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
+        return sizes + ([layer.conv.weight.numel()] if cls.holds_weight_grad(layer.conv.weight, dtype) else [])
 
     @staticmethod
     def holds_weight_grad(weight: Tensor, dtype: torch.dtype) -> bool:
@@ -84,7 +96,7 @@ class ConnectionWorkspace:
 
 
 def batch_bn_kwargs(bn: nn.Module) -> dict | None:
-    """The keyword arguments of ``conv1x1_bn`` / ``conv3x3s2_bn`` that make them ``bn`` in training mode (batch
+    """The keyword arguments of ``conv1x1_bn`` / ``conv3x3_bn`` that make them ``bn`` in training mode (batch
     statistics, running statistics and counter updated as ``nn.BatchNorm2d`` does), or None where ``bn`` normalises
     with its running statistics."""
     if not uses_batch_statistics(bn):
@@ -101,10 +113,11 @@ def batch_bn_kwargs(bn: nn.Module) -> dict | None:
     )  # fmt: skip
 
 
-def running_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` (fp32) of a BN that normalises with its running statistics."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    return scale, bn.bias.float() - bn.running_mean.float() * scale
+def running_affine(bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` (in the statistics' ``dtype``: fp32, or float64) of a BN that normalises with its running
+    statistics."""
+    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    return scale, bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
 
 
 def pools_apart(resample) -> bool:
@@ -115,19 +128,19 @@ def pools_apart(resample) -> bool:
 
 def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str,
                  workspace: ConnectionWorkspace, *, upsample_factor=1, padding: str | None = None,
-                 num_pools: int = 0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, scale, shift)``: the conv (1×1, or 3×3/s2 with a ``padding`` and no ``num_pools``) of act(scale·x + shift)
-    (of x without them) and its BN's affine map; in training mode one ``conv1x1_bn`` / ``conv3x3s2_bn``, whose backward
-    folds the BN's. ``num_pools``: the 1×1 conv of that many 3×3/s2 max-pools (``padding``) of act(scale·x + shift),
-    one ``pooled_conv1x1_bn`` (training mode only)."""
+                 num_pools: int = 0, stride: int = 2) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, scale, shift)``: the conv (1×1, or 3×3 of ``stride`` with a ``padding`` and no ``num_pools``) of
+    act(scale·x + shift) (of x without them) and its BN's affine map; in training mode one ``conv1x1_bn`` /
+    ``conv3x3_bn``, whose backward folds the BN's. ``num_pools``: the 1×1 conv of that many 3×3/s2 max-pools
+    (``padding``) of act(scale·x + shift), one ``pooled_conv1x1_bn`` (training mode only)."""
     weight = gemm_weight(conv.weight, x.dtype)
     act = activation if scale is not None else "identity"
     conv_args = (act,) if padding is None else (act, padding)
     kwargs = batch_bn_kwargs(bn)
     if kwargs is None:
-        conv_stats = conv1x1_bn_stats if padding is None else conv3x3s2_bn_stats
-        y, _ = conv_stats(x, weight, scale, shift, *conv_args)
-        return (y, *running_affine(bn))
+        conv_stats = conv1x1_bn_stats if padding is None else conv3x3_bn_stats
+        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **({} if padding is None else {"stride": stride}))
+        return (y, *running_affine(bn, torch.promote_types(x.dtype, torch.float32)))
     bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
                    stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
                    prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
@@ -135,7 +148,7 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
     if num_pools:
         return pooled_conv1x1_bn(x, weight, scale, shift, activation, num_pools, padding, **bn_args)
     if padding is not None:
-        return conv3x3s2_bn(x, weight, scale, shift, *conv_args, **bn_args)
+        return conv3x3_bn(x, weight, scale, shift, *conv_args, stride=stride, **bn_args)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
 
 
@@ -186,7 +199,7 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     parents, scales, shifts, ratios = [], [], [], []
-    workspace = ConnectionWorkspace(
+    workspace = ConnectionWorkspace.for_merge(
         module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32)
     )
     for resample, i in zip(module.resamples, module.parent_ids):

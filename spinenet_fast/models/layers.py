@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backends import fused_kernels_available
 from ..ops.padding import spatial_padding
 
 ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU}
@@ -54,6 +55,15 @@ def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: floa
         accepted = {}
     extra = {k: v for k, v in (("momentum", momentum), ("eps", eps)) if k in accepted and k not in bound}
     return functools.partial(norm_layer, **extra)
+
+
+def uses_fused_setting(module: nn.Module, fused: bool | str) -> bool:
+    """Whether a module whose ``fused`` setting is ``fused`` runs the fused ops: True, or ``"auto"`` with the module's
+    parameters on a GPU where Triton is available."""
+    if fused == "auto":
+        # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
+        return fused_kernels_available(next(module.parameters()).device)
+    return bool(fused)
 
 
 def init_conv_(conv: nn.Conv2d) -> None:

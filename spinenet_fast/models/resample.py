@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.backends import fused_kernels_available
 from .fused_merge import fused_merge_forward
-from .layers import ConvNorm, MaxPool3x3s2, NormFactory, make_activation
+from .layers import ConvNorm, MaxPool3x3s2, NormFactory, make_activation, uses_fused_setting
 
 
 def squeeze_channels(parent_channels: int, parent_type: str, resample_alpha: float) -> int:
@@ -91,10 +90,7 @@ class CrossScaleMerge(nn.Module):
 
     def uses_fused_ops(self) -> bool:
         """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
-        if self.fused == "auto":
-            # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
-            return fused_kernels_available(next(self.parameters()).device)
-        return bool(self.fused)
+        return uses_fused_setting(self, self.fused)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.

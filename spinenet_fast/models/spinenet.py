@@ -173,8 +173,8 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
-    ``fused``: True runs the cross-scale connections through the fused ops (any device; the backend follows
-    ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
+    ``fused``: True runs the cross-scale connections and the blocks through the fused ops (any device; the backend
+    follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
     Both paths share parameters and ``state_dict`` keys.
     """
 
@@ -226,7 +226,7 @@ class SpineNet(nn.Module):
         init_filters = filters_at(2)
         init_channels = block_output_channels("bottleneck", init_filters)
         self.init_groups = nn.ModuleList(
-            BlockGroup("bottleneck", in_ch, init_filters, scaling.block_repeats, drop_rate=0.0, **common)
+            BlockGroup("bottleneck", in_ch, init_filters, scaling.block_repeats, drop_rate=0.0, fused=fused, **common)
             for in_ch in (STEM_FILTERS, init_channels)
         )
         nodes = [_Node(2, "bottleneck", init_channels)] * 2
@@ -269,6 +269,7 @@ class SpineNet(nn.Module):
                     filters,
                     scaling.block_repeats,
                     drop_rate=block_drop_rate,
+                    fused=fused,
                     **common,
                 )
             )

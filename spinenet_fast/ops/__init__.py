@@ -6,8 +6,8 @@ from .bn_act_maxpool import bn_act_maxpool, bn_act_maxpool_reference
 from .bn_finalize import bn_finalize, bn_finalize_reference
 from .conv1x1_bn import conv1x1_bn, conv1x1_bn_backward_reference
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
-from .conv3x3s2_bn import conv3x3s2_bn, conv3x3s2_bn_backward_reference
-from .conv3x3s2_bn_stats import conv3x3s2_bn_stats, conv3x3s2_bn_stats_reference
+from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
+from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
 from .match_anchors import match_anchors, match_anchors_reference
 from .merge import merge, merge_backward_reference, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
@@ -22,10 +22,10 @@ __all__ = [
     "conv1x1_bn_backward_reference",
     "conv1x1_bn_stats",
     "conv1x1_bn_stats_reference",
-    "conv3x3s2_bn",
-    "conv3x3s2_bn_backward_reference",
-    "conv3x3s2_bn_stats",
-    "conv3x3s2_bn_stats_reference",
+    "conv3x3_bn",
+    "conv3x3_bn_backward_reference",
+    "conv3x3_bn_stats",
+    "conv3x3_bn_stats_reference",
     "match_anchors",
     "match_anchors_reference",
     "merge",

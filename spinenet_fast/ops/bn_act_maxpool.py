@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .checks import check_accumulator
-from .conv_common import CHANNELS_LAST, check_stride2_input, prologue_backward, prologue_forward
+from .conv_common import CHANNELS_LAST, check_window_input, prologue_backward, prologue_forward
 from .op_spec import Backend
 from .padding import crop_window, pad_window, spatial_padding
 from .schema_types import TensorList
@@ -167,7 +167,7 @@ _maxpool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 def check_pool_input(name: str, y, scale, shift, activation, num_pools, padding) -> None:
     """The input of ``num_pools`` chained 3×3/s2 max-pools: as any stride-2 op's, with H and W multiples of
     2^num_pools."""
-    check_stride2_input(name, y, scale, shift, activation, padding)
+    check_window_input(name, y, scale, shift, activation, padding)
     if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 1:
         raise ValueError(f"num_pools must be a positive int, got {num_pools!r}")
     if y.shape[2] % 2**num_pools or y.shape[3] % 2**num_pools:

@@ -1,5 +1,5 @@
 """A conv op and the training-mode BN of its output as one autograd op: the pieces ``conv1x1_bn`` and
-``conv3x3s2_bn`` share.
+``conv3x3_bn`` share.
 
 Forward: on Triton one launch, the conv GEMM whose statistics epilogue is followed, in the last of its programs to
 finish, by the BN's finalize (running statistics and batch counter included); on the other backends the conv op's

@@ -1,4 +1,4 @@
-"""Pieces shared by the convolution ops (``conv1x1_bn_stats``, ``conv3x3s2_bn_stats``) and the max-pool: checks,
+"""Pieces shared by the convolution ops (``conv1x1_bn_stats``, ``conv3x3_bn_stats``) and the max-pool: checks,
 fakes, the prologue and the folded output gradient."""
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ def check_affine_prologue(x: Tensor, scale: Tensor | None, shift: Tensor | None)
             raise ValueError(f"{name} must be a {expected}, got {describe(vector)}")
 
 
-def check_stride2_input(name: str, x, scale, shift, activation, padding) -> None:
-    """The input of a stride-2 op (the 3×3 conv, the max-pools): a floating (N, C, H, W) tensor of even H and W, its
-    prologue's vectors, activation and padding mode."""
+def check_window_input(name: str, x, scale, shift, activation, padding, stride: int = 2) -> None:
+    """The input of a 3×3 window op (the 3×3 conv, the max-pools) of ``stride`` 1 or 2: a floating (N, C, H, W)
+    tensor (H and W even for stride 2), its prologue's vectors, activation and padding mode."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating (N, C, H, W) tensor, got {describe(x)}")
-    if x.shape[2] % 2 or x.shape[3] % 2:
+    if x.shape[2] % stride or x.shape[3] % stride:
         raise ValueError(f"{name} must have even H and W for a stride-2 op, got shape {tuple(x.shape)}")
     check_affine_prologue(x, scale, shift)
     if activation not in ACTIVATIONS:

@@ -28,13 +28,13 @@ def spatial_padding(kernel_size: int, stride: int, padding: str) -> tuple[int, i
     return kernel_size // 2, kernel_size // 2
 
 
-def pad_window(x: Tensor, padding: str, value: float) -> Tensor:
-    """x (N, C, H, W) padded for a 3×3 stride-2 window in ``padding`` mode, with ``value``."""
-    before, after = spatial_padding(3, 2, padding)
+def pad_window(x: Tensor, padding: str, value: float, stride: int = 2) -> Tensor:
+    """x (N, C, H, W) padded for a 3×3 window of ``stride`` in ``padding`` mode, with ``value``."""
+    before, after = spatial_padding(3, stride, padding)
     return F.pad(x, (before, after, before, after), value=value)
 
 
-def crop_window(x: Tensor, padding: str) -> Tensor:
+def crop_window(x: Tensor, padding: str, stride: int = 2) -> Tensor:
     """The adjoint of :func:`pad_window`: drop the padded border."""
-    before, after = spatial_padding(3, 2, padding)
+    before, after = spatial_padding(3, stride, padding)
     return x[..., before : x.shape[2] - after, before : x.shape[3] - after]

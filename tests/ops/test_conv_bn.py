@@ -1,20 +1,25 @@
-"""``conv1x1_bn`` and ``conv3x3s2_bn`` (a conv and the training-mode BN of its output, the BN's backward folded into
-the conv's backward kernels) against eager ``F.conv2d`` + ``nn.BatchNorm2d`` and against their reference backward."""
+"""``conv1x1_bn`` and ``conv3x3_bn`` (strides 2 and 1) — a conv and the training-mode BN of its output, the BN's
+backward folded into the conv's backward kernels — against eager ``F.conv2d`` + ``nn.BatchNorm2d`` and against their
+reference backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spinenet_fast.ops import conv1x1_bn, conv3x3s2_bn, use_backend
+from spinenet_fast.ops import conv1x1_bn, conv3x3_bn, use_backend
 from spinenet_fast.ops.conv1x1_bn import _conv1x1_bn_backward_op, _conv1x1_bn_forward_op
-from spinenet_fast.ops.conv3x3s2_bn import _conv3x3s2_bn_backward_op, _conv3x3s2_bn_forward_op
+from spinenet_fast.ops.conv3x3_bn import _conv3x3_bn_backward_op, _conv3x3_bn_forward_op
 
 from ..conftest import require_backend
 from .tolerance import assert_low_precision_rule
 
 BACKENDS = ["reference", "triton", "cuda"]
-KINDS = ["1x1", "3x3s2"]
+KINDS = ["1x1", "3x3s2", "3x3s1"]
+
+
+def conv3x3_stride(kind: str) -> int:
+    return 1 if kind == "3x3s1" else 2
 
 
 def make_case(kind, dtype=torch.float32, *, prologue=True, layout="channels_last", batch=2, c_in=37, c_out=70, h=6,
@@ -34,17 +39,18 @@ def make_case(kind, dtype=torch.float32, *, prologue=True, layout="channels_last
 
 
 def eager(kind, x, weight, scale, shift, bn):
-    """swish(scale·x + shift) (or x) → conv (1×1, or 3×3/s2 with PyTorch padding) → BN (training), in x's dtype."""
+    """swish(scale·x + shift) (or x) → conv (1×1, or 3×3 with PyTorch padding) → BN (training), in x's dtype."""
     if scale is not None:
         x = F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1))
-    return bn(F.conv2d(x, weight) if kind == "1x1" else F.conv2d(x, weight, stride=2, padding=1))
+    return bn(F.conv2d(x, weight) if kind == "1x1" else F.conv2d(x, weight, stride=conv3x3_stride(kind), padding=1))
 
 
 def fused(kind, backend, x, weight, scale, shift, bn, **kwargs):
     """BN(conv) = out_scale·y + out_shift from the fused op on ``backend``, with ``bn``'s buffers updated."""
     activation = "swish" if scale is not None else "identity"
     conv_args = (activation,) if kind == "1x1" else (activation, "torch")
-    op = conv1x1_bn if kind == "1x1" else conv3x3s2_bn
+    op = conv1x1_bn if kind == "1x1" else conv3x3_bn
+    kwargs = kwargs if kind == "1x1" else {"stride": conv3x3_stride(kind), **kwargs}
     with use_backend(backend):
         y, out_scale, out_shift = op(
             x, weight, scale, shift, *conv_args, bn_weight=bn.weight, bn_bias=bn.bias, eps=bn.eps,
@@ -123,10 +129,11 @@ def test_gradcheck_float64(kind):
     x, weight, scale, shift, _ = make_case(kind, torch.float64, c_in=3, c_out=4, h=4, w=4)
     scale, shift = (t.detach().double().requires_grad_() for t in (scale, shift))
     gamma, beta = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    op, conv_args = (conv1x1_bn, ("swish",)) if kind == "1x1" else (conv3x3s2_bn, ("swish", "tf_same"))
+    op, conv_args = (conv1x1_bn, ("swish",)) if kind == "1x1" else (conv3x3_bn, ("swish", "tf_same"))
+    stride = {} if kind == "1x1" else {"stride": conv3x3_stride(kind)}
 
     def fn(x, weight, scale, shift, gamma, beta):
-        return op(x, weight, scale, shift, *conv_args, bn_weight=gamma, bn_bias=beta, eps=1e-3)
+        return op(x, weight, scale, shift, *conv_args, bn_weight=gamma, bn_bias=beta, eps=1e-3, **stride)
 
     with use_backend("reference"):
         assert torch.autograd.gradcheck(fn, (x, weight, scale, shift, gamma, beta))
@@ -140,11 +147,11 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     x, weight, scale, shift, _ = make_case(kind, prologue=prologue, c_in=5, c_out=6, h=4, w=6)
     x, weight = x.detach(), weight.detach()
     scale, shift = (t.detach() if t is not None else None for t in (scale, shift))
-    size = (2, 6, 4, 6) if kind == "1x1" else (2, 6, 2, 3)
+    size = (2, 6, 2, 3) if kind == "3x3s2" else (2, 6, 4, 6)
     y = torch.randn(size).contiguous(memory_format=torch.channels_last)
     vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
-    op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (_conv3x3s2_bn_backward_op,
-                                                                               ("relu", "torch"))  # fmt: skip
+    op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (
+        _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind)))  # fmt: skip
     args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
     buffers = [torch.zeros(2, 5) if prologue else None for _ in range(4)]  # [d_scale; d_shift] added into these
     with use_backend("reference"):
@@ -175,11 +182,11 @@ def test_training_forward_op_matches_the_reference_and_opcheck(kind, backend, ru
     program finalizes): equal to the reference backend's conv-then-finalize over a grid of several programs in both
     dimensions, with running statistics in the kernel (fp32) or after it (bf16 buffers); opcheck."""
     require_backend(backend)
-    h, w = (6, 8) if kind == "1x1" else (12, 16)  # 96 output pixels, 70 channels: 3 × 3 programs of 32 × 32
+    h, w = (12, 16) if kind == "3x3s2" else (6, 8)  # 96 output pixels, 70 channels: 3 × 3 programs of 32 × 32
     x, weight, scale, shift, _ = make_case(kind, c_in=37, c_out=70, h=h, w=w)
     x, weight, scale, shift = (t.detach() for t in (x, weight, scale, shift))
-    op, conv_args = (_conv1x1_bn_forward_op, ("swish",)) if kind == "1x1" else (_conv3x3s2_bn_forward_op,
-                                                                                ("swish", "torch"))  # fmt: skip
+    op, conv_args = (_conv1x1_bn_forward_op, ("swish",)) if kind == "1x1" else (
+        _conv3x3_bn_forward_op, ("swish", "torch", conv3x3_stride(kind)))  # fmt: skip
     count = 96
     gamma, beta = torch.randn(70), torch.randn(70)
     initial = [torch.zeros(2, 70), torch.zeros(1, dtype=torch.int32), torch.randn(70).to(running_dtype),
@@ -240,15 +247,17 @@ def test_bad_input_is_rejected_before_any_launch(change, error, match):
         (lambda a: a.update(x=a["x"][:, :, :3]), ValueError, "x must have even H and W"),
         (lambda a: a.update(padding="same"), ValueError, "padding must be one of"),
         (lambda a: a.update(num_batches_tracked=torch.zeros(2)), TypeError, "num_batches_tracked must be a one"),
+        (lambda a: a.update(stride=3), ValueError, "stride must be 1 or 2, got 3"),
+        (lambda a: a.update(x=a["x"][:1, :, :1, :1], stride=1), ValueError, r"count must be an int >= 2"),
     ],
 )
-def test_bad_input_3x3s2(change, error, match):
+def test_bad_input_3x3(change, error, match):
     x, weight, scale, shift, _ = make_case("3x3s2", c_in=5, c_out=6, h=4, w=4)
-    args = dict(x=x, weight=weight, scale=scale, shift=shift, activation="relu", padding="torch",
+    args = dict(x=x, weight=weight, scale=scale, shift=shift, activation="relu", padding="torch", stride=2,
                 bn_weight=torch.ones(6), bn_bias=torch.zeros(6), eps=1e-3)  # fmt: skip
     change(args)
     with pytest.raises(error, match=match):
-        conv3x3s2_bn(**args)
+        conv3x3_bn(**args)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,8 +1,8 @@
-"""Triton implicit GEMM for 3×3 stride-2 convolutions with a BN-affine + activation prologue and Σy, Σy².
+"""Triton implicit GEMM for 3×3 convolutions of stride 1 or 2 with a BN-affine + activation prologue and Σy, Σy².
 
-``y[n, o, i, j] = Σ_{c, kh, kw} act(scale[c]·x[n, c, 2i + kh − pad, 2j + kw − pad] + shift[c]) · W[o, c, kh, kw]``
-where taps outside the input contribute 0 (zero padding *after* the prologue, as the eager conv pads its
-activated input). ``PAD`` is the top/left padding: 1 for ``"torch"``, 0 for ``"tf_same"`` (whose extra
+``y[n, o, i, j] = Σ_{c, kh, kw} act(scale[c]·x[n, c, s·i + kh − pad, s·j + kw − pad] + shift[c]) · W[o, c, kh, kw]``
+(s = ``STRIDE``) where taps outside the input contribute 0 (zero padding *after* the prologue, as the eager conv pads
+its activated input). ``PAD`` is the top/left padding: 1, or 0 for stride 2 in ``"tf_same"`` (whose extra
 bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W) through their strides.
 """
 
@@ -17,12 +17,12 @@ from .gemm_config import gemm_launch_config
 
 
 @triton.jit
-def _conv3x3s2_fwd_kernel(
+def _conv3x3_fwd_kernel(
     y_ptr, stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
     running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, scale_ptr, shift_ptr,
     P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
-    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -30,12 +30,14 @@ def _conv3x3s2_fwd_kernel(
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
+    y_rows = n * sy_n + i * sy_h + j * sy_w
+    h0, w0 = STRIDE * i - PAD, STRIDE * j - PAD  # the window's top-left input pixel
+    x_corner = n * sx_n + h0 * sx_h + w0 * sx_w
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tap in range(9):
-        h = 2 * i + tap // 3 - PAD
-        w = 2 * j + tap % 3 - PAD
+        h, w = h0 + tap // 3, w0 + tap % 3
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
-        x_row = n * sx_n + h * sx_h + w * sx_w
+        x_row = x_corner + (tap // 3) * sx_h + (tap % 3) * sx_w
         for c0 in range(0, C_IN, BLOCK_K):
             c = c0 + tl.arange(0, BLOCK_K)
             x_mask = inside[:, None] & (c < C_IN)[None, :]
@@ -53,31 +55,36 @@ def _conv3x3s2_fwd_kernel(
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, b)
-    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, o, sy_c, N_OUT)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT)
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
                            bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, N_OUT, count, eps, momentum,
                            unbias, HAS_RUNNING, HAS_COUNTER, BLOCK_N)  # fmt: skip
 
 
-def conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats=None,
-                               finalize: Finalize | None = None) -> list:  # fmt: skip
-    """Returns ``[y (N, C_out, H/2, W/2) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
+def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats=None,
+                             finalize: Finalize | None = None) -> list:  # fmt: skip
+    """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
     statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given, and the BN
     of y is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    y = torch.empty((n, c_out, h // 2, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    config = gemm_launch_config(x.dtype, _conv3x3s2_fwd_kernel)
+    y = torch.empty(
+        (n, c_out, h // stride, w // stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+    config = gemm_launch_config(x.dtype, _conv3x3_fwd_kernel)
+    if config["FP32_DOT"]:  # two stages: at three the fp32 stride-1 variant that finalizes its BN spills on sm_90
+        config["num_stages"] = 2
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
-    _conv3x3s2_fwd_kernel[grid](
+    _conv3x3_fwd_kernel[grid](
         y, stats, *bn_args, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
-        y.numel() // c_out, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, *x.stride(), *y.stride(), *weight.stride(),
-        PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], **bn_constexprs, **config,
+        y.numel() // c_out, c_in, c_out, h, w, y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(),
+        *weight.stride(), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
+        **bn_constexprs, **config,
     )  # fmt: skip
     return [y, stats]

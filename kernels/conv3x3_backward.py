@@ -1,20 +1,22 @@
-"""Triton backward of ``conv3x3s2_bn_stats``: a dgrad and a wgrad implicit GEMM, every elementwise step inside them.
+"""Triton backward of ``conv3x3_bn_stats`` (stride s = 1 or 2): a dgrad and a wgrad implicit GEMM, every elementwise
+step inside them.
 
 With g = dy + dΣ + 2·y·dΣ² (folded as each GEMM loads its dy and y tiles, from the statistics' gradients or from
 those of the BN affine map they were finalised into) and a = act(scale·x + shift) (recomputed from the saved raw x):
 
-- dgrad: ``d_a[n, c, h, w] = Σ_{o, kh, kw} g[n, o, i, j]·W[o, c, kh, kw]`` over the taps with h = 2i + kh − PAD,
-  w = 2j + kw − PAD. The input pixels fall into four parity classes (h mod 2, w mod 2), each fed by its own taps
-  (1, 2, 2 or 4 of the 9) from a dense output window: each program belongs to one class, so none multiplies
-  by a tap that does not reach it. Its epilogue is the prologue's backward (``gemm_backward.store_input_grad``).
-- wgrad: ``dW[o, c, kh, kw] = Σ_{n, i, j} g[n, o, i, j]·a[n, c, 2i + kh − PAD, 2j + kw − PAD]``, one GEMM per tap,
+- dgrad: ``d_a[n, c, h, w] = Σ_{o, kh, kw} g[n, o, i, j]·W[o, c, kh, kw]`` over the taps with h = s·i + kh − PAD,
+  w = s·j + kw − PAD. The input pixels fall into s² parity classes (h mod s, w mod s), each fed by its own taps
+  (stride 2: 1, 2, 2 or 4 of the 9; stride 1: one class, all 9) from a dense output window: each program belongs to
+  one class, so none multiplies by a tap that does not reach it. Its epilogue is the prologue's backward
+  (``gemm_backward.store_input_grad``).
+- wgrad: ``dW[o, c, kh, kw] = Σ_{n, i, j} g[n, o, i, j]·a[n, c, s·i + kh − PAD, s·j + kw − PAD]``, one GEMM per tap,
   split over pixel chunks, added atomically into a zeroed fp32 dW.
 
 Both run in one launch (horizontal fusion: the dgrad's programs first, then the wgrad's).
 
-H and W are even (the op checks it), so every class has the output's H/2 × W/2 pixels. Tensors are (N, C, H, W)
-through their strides; dW has the weight's layout. Operands are rounded to the storage dtype (tensor cores for
-bf16/fp16; IEEE fp32 dots for fp32), accumulation and reductions are fp32.
+H and W are multiples of s (the op checks it), so every class has the output's H/s × W/s pixels. Tensors are
+(N, C, H, W) through their strides; dW has the weight's layout. Operands are rounded to the storage dtype (tensor
+cores for bf16/fp16; IEEE fp32 dots for fp32), accumulation and reductions are fp32.
 """
 
 import torch
@@ -34,7 +36,7 @@ def _dgrad_tile(
     W_OUT, H_OUT,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
-    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -46,18 +48,18 @@ def _dgrad_tile(
                 o = o0 + tl.arange(0, BLOCK_K)
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
-    parity_h, parity_w = parity // 2, parity % 2
+    parity_h, parity_w = parity // STRIDE, parity % STRIDE
     q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, u, v = q // HW_OUT, (q % HW_OUT) // W_OUT, q % W_OUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tap in range(9):
-        # h = 2u + parity_h is reached from output row i = u + (parity_h + PAD − kh)/2 where that is an integer.
+        # h = s·u + parity_h is reached from output row i = u + (parity_h + PAD − kh)/s where that is an integer.
         reach_h = parity_h + PAD - tap // 3
         reach_w = parity_w + PAD - tap % 3
-        if (reach_h % 2 == 0) & (reach_w % 2 == 0):
-            i = u + reach_h // 2
-            j = v + reach_w // 2
+        if (reach_h % STRIDE == 0) & (reach_w % STRIDE == 0):
+            i = u + reach_h // STRIDE
+            j = v + reach_w // STRIDE
             valid = (q < P) & (i >= 0) & (i < H_OUT) & (j >= 0) & (j < W_OUT)
             dy_rows, y_rows = n * sdy_n + i * sdy_h + j * sdy_w, n * sy_n + i * sy_h + j * sy_w
             for o0 in range(0, C_OUT, BLOCK_K):
@@ -68,7 +70,7 @@ def _dgrad_tile(
                 b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
                             mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
                 acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
-    h, w = 2 * u + parity_h, 2 * v + parity_w
+    h, w = STRIDE * u + parity_h, STRIDE * v + parity_w
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
                      scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (q < P)[:, None] & (k < C_IN)[None, :], C_IN,
                      HAS_PROLOGUE, ACT)  # fmt: skip
@@ -79,7 +81,7 @@ def _wgrad_tile(
     pid_o, pid_k, tap, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
     x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
     sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at ``tap`` over one chunk of output
@@ -96,7 +98,7 @@ def _wgrad_tile(
         g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
                              y_rows, o, o < C_OUT, (o < C_OUT)[:, None] & (p < P)[None, :], sdy_c, sy_c, False,
                              FROM_AFFINE)  # fmt: skip
-        h, w = 2 * i + kh - PAD, 2 * j + kw - PAD
+        h, w = STRIDE * i + kh - PAD, STRIDE * j + kw - PAD
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
         acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, inside[:, None] & (k < C_IN)[None, :],
                         scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
@@ -105,58 +107,61 @@ def _wgrad_tile(
 
 
 @triton.jit
-def _conv3x3s2_backward_kernel(
+def _conv3x3_backward_kernel(
     dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
     var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, H_OUT,
     DGRAD_TILES, DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
-    PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """The first 4·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
+    """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
     DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its 9 taps ×
     WGRAD_CHUNKS pixel chunks)."""
     pid = tl.program_id(0)
-    if pid < 4 * DGRAD_TILES:
+    if pid < STRIDE * STRIDE * DGRAD_TILES:
         tile = pid % DGRAD_TILES
         _dgrad_tile(pid // DGRAD_TILES, tile // DGRAD_COLUMNS, tile % DGRAD_COLUMNS, dx_ptr, dscale_ptr, dshift_ptr,
                     dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                     y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, sdx_n, sdx_c,
                     sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o,
-                    sw_c, sw_h, sw_w, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N,
-                    BLOCK_K)  # fmt: skip
+                    sw_c, sw_h, sw_w, STRIDE, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
+                    BLOCK_N, BLOCK_K)  # fmt: skip
     else:
-        tile, step = (pid - 4 * DGRAD_TILES) // (9 * WGRAD_CHUNKS), (pid - 4 * DGRAD_TILES) % (9 * WGRAD_CHUNKS)
+        wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
+        tile, step = wgrad_pid // (9 * WGRAD_CHUNKS), wgrad_pid % (9 * WGRAD_CHUNKS)
         _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % 9, step // 9, dw_ptr, dy_ptr, dsum_ptr,
                     dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN,
                     C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c,
-                    sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, PAD, HAS_PROLOGUE, ACT, FP32_DOT,
-                    FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, STRIDE, PAD, HAS_PROLOGUE, ACT,
+                    FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
-def conv3x3s2_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, bn=None,
-                                d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
+def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
+                              bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
     ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
-    ``pad_before``: the top/left padding (1 for ``"torch"``, 0 for ``"tf_same"``)."""
+    ``pad_before``: the top/left padding (1, or 0 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    pixels = n * (h // 2) * (w // 2)  # output pixels, and input pixels per parity class
+    h_out, w_out = h // stride, w // stride
+    pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
     t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
-    config = gemm_launch_config(x.dtype, _conv3x3s2_backward_kernel)
+    config = gemm_launch_config(x.dtype, _conv3x3_backward_kernel)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     dgrad_columns = triton.cdiv(c_in, block_n)
     dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns
     wgrad_tiles = triton.cdiv(c_out, block_m) * triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, 9 * wgrad_tiles, block_k)
-    grid = (4 * dgrad_tiles + 9 * wgrad_tiles * chunks,)
-    _conv3x3s2_backward_kernel[grid](
+    grid = (stride * stride * dgrad_tiles + 9 * wgrad_tiles * chunks,)
+    _conv3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x,
-        weight, t.scale, t.shift, pixels, c_in, c_out, h, w, (h // 2) * (w // 2), w // 2, h // 2, dgrad_tiles,
+        weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out, w_out, h_out, dgrad_tiles,
         dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(), *t.d_weight.stride(),
-        *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), PAD=pad_before, HAS_PROLOGUE=scale is not None,
-        ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
+        *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), STRIDE=stride, PAD=pad_before,
+        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32,
+        FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return t.grads(weight)

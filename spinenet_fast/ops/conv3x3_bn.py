@@ -1,8 +1,8 @@
-"""``conv3x3s2_bn``: ``conv3x3s2_bn_stats`` and the training-mode BN of its output as one autograd op (``conv_bn``).
+"""``conv3x3_bn``: ``conv3x3_bn_stats`` and the training-mode BN of its output as one autograd op (``conv_bn``).
 
 Equivalent to::
 
-    y, stats = conv3x3s2_bn_stats(x, weight, scale, shift, activation, padding)
+    y, stats = conv3x3_bn_stats(x, weight, scale, shift, activation, padding, stride=stride)
     out_scale, out_shift = bn_finalize(stats, pixels, bn_weight, bn_bias, eps=eps, running_mean=..., ...)
 
 returning ``(y, out_scale, out_shift)`` — on Triton in one launch, the implicit GEMM's last program finalizing the
@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from . import backends, op_spec
-from .conv3x3s2_bn_stats import (
-    _conv3x3s2_backward_triton,
-    _conv3x3s2_into_op,
+from .conv3x3_bn_stats import (
+    _conv3x3_backward_triton,
+    _conv3x3_into_op,
     _conv_backward_triton_reasons,
-    check_conv3x3s2_args,
-    conv3x3s2_bn_stats_backward_reference,
+    check_conv3x3_args,
+    conv3x3_bn_stats_backward_reference,
 )
 from .conv_bn import (
     checked_bn_args,
@@ -34,81 +34,83 @@ from .conv_common import fake_conv_outputs
 from .op_spec import FUSED_FIRST, Backend
 from .padding import spatial_padding
 
-conv3x3s2_bn_backward_reference = with_bn_backward(conv3x3s2_bn_stats_backward_reference)
+conv3x3_bn_backward_reference = with_bn_backward(conv3x3_bn_stats_backward_reference)
 
 
-def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, *_):
-    reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding)
+def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn_weight, mean,
+                    var, *_):  # fmt: skip
+    reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding,
+                                            stride)  # fmt: skip
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
 def _backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn_weight, mean, var, count, eps,
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn_weight, mean, var, count, eps,
     d_affine_out, d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
     bn = (bn_weight, mean, var, count, eps)
-    return _conv3x3s2_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, bn,
-                                      d_affine_out, d_weight_out)  # fmt: skip
+    return _conv3x3_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn,
+                                    d_affine_out, d_weight_out)  # fmt: skip
 
 
 @op_spec.custom_op(
-    "conv3x3s2_bn_backward",
+    "conv3x3_bn_backward",
     fake=fake_conv_bn_backward,
     implementations={
-        "reference": Backend(conv3x3s2_bn_backward_reference),
-        "cuda": Backend(conv3x3s2_bn_backward_reference, lambda dy, *args: backends.library_reasons(dy)),
+        "reference": Backend(conv3x3_bn_backward_reference),
+        "cuda": Backend(conv3x3_bn_backward_reference, lambda dy, *args: backends.library_reasons(dy)),
         "triton": Backend(_backward_triton, _triton_reasons),
     },
     auto_order=FUSED_FIRST,
     mutates_args=("d_affine_out", "d_weight_out"),
 )
-def _conv3x3s2_bn_backward_op(
+def _conv3x3_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str, padding: str, bn_weight: Tensor, mean: Tensor, var: Tensor, count: int,
-    eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str, stride: int, bn_weight: Tensor, mean: Tensor, var: Tensor,
+    count: int, eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """As ``conv1x1_bn``'s backward op."""
 
 
-def _conv3x3s2_triton_train(x, weight, scale, shift, activation, padding, stats, finalize) -> Tensor:
-    from spinenet_fast.kernels.conv3x3s2 import conv3x3s2_bn_stats_forward
+def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, stats, finalize) -> Tensor:
+    from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
 
-    pad_before = spatial_padding(3, 2, padding)[0]
-    return conv3x3s2_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stats, finalize)[0]
+    pad_before = spatial_padding(3, stride, padding)[0]
+    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats, finalize)[0]
 
 
 @op_spec.custom_op(
-    "conv3x3s2_bn_forward",
-    fake=lambda x, weight, scale, shift, activation, padding, stats, *_: fake_train_forward(
-        fake_conv_outputs(x, weight, x.shape[2] // 2, x.shape[3] // 2)[0], stats
+    "conv3x3_bn_forward",
+    fake=lambda x, weight, scale, shift, activation, padding, stride, stats, *_: fake_train_forward(
+        fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)[0], stats
     ),
-    implementations=train_forward_implementations("conv3x3s2_bn_stats_into", 2, _conv3x3s2_triton_train),
+    implementations=train_forward_implementations("conv3x3_bn_stats_into", 3, _conv3x3_triton_train),
     auto_order=FUSED_FIRST,
     mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),
 )
-def _conv3x3s2_bn_forward_op(
-    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
+def _conv3x3_bn_forward_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
     stats: Tensor, counter: Tensor, count: int, bn_weight: Tensor, bn_bias: Tensor, eps: float,
     running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The training forward, as ``conv1x1_bn``'s."""
 
 
-class _Conv3x3s2BN(torch.autograd.Function):
+class _Conv3x3BN(torch.autograd.Function):
     """A Function around the custom ops, as ``conv1x1_bn``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn):
-        conv_args = (activation, padding)
-        return conv_bn_forward(ctx, _conv3x3s2_into_op, _conv3x3s2_bn_forward_op, conv_args, x,
+    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, *bn):
+        conv_args = (activation, padding, stride)
+        return conv_bn_forward(ctx, _conv3x3_into_op, _conv3x3_bn_forward_op, conv_args, x,
                                weight, scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3s2_bn_backward_op, dy, d_scale, d_shift), *(None,) * 14
+        return *conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift), *(None,) * 15
 
 
-def conv3x3s2_bn(
+def conv3x3_bn(
     x: Tensor,
     weight: Tensor,
     scale: Tensor | None = None,
@@ -116,6 +118,7 @@ def conv3x3s2_bn(
     activation: str = "identity",
     padding: str = "torch",
     *,
+    stride: int,
     bn_weight: Tensor,
     bn_bias: Tensor,
     eps: float,
@@ -130,10 +133,10 @@ def conv3x3s2_bn(
     weight_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
-    check_conv3x3s2_args(x, weight, scale, shift, activation, padding)
-    pixels = x.shape[0] * (x.shape[2] // 2) * (x.shape[3] // 2)
+    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride)
+    pixels = x.shape[0] * (x.shape[2] // stride) * (x.shape[3] // stride)
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
         1, process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer,
     )  # fmt: skip
-    return _Conv3x3s2BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, *bn)
+    return _Conv3x3BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, *bn)

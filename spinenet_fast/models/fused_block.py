@@ -1,0 +1,71 @@
+"""The fused forward of a :class:`~spinenet_fast.models.blocks.Bottleneck` or
+:class:`~spinenet_fast.models.blocks.Residual` block, built from the fused ops.
+
+Bottleneck: 1×1 (+ Σ, Σ²) -> 3×3/s1 with the previous BN + act as its prologue (+ Σ, Σ²) -> 1×1 likewise; residual:
+3×3/s1 -> 3×3/s1 likewise; a projection shortcut is a 1×1 (+ Σ, Σ²) of the block input. Each conv + training-mode BN
+is one ``conv1x1_bn`` / ``conv3x3_bn`` (the BN finalised in the GEMM's last program, its backward folded into the
+conv's backward kernels), so no normalised or activated tensor is written between the convs. The block output —
+last BN, shortcut BN (or the identity input), residual add, activation — is one ``merge`` of same-resolution parents.
+With stochastic depth active (training mode, drop rate > 0) the output is computed by the eager ops instead (the
+merge has no per-sample scale), after the same fused convs, drawing the same random numbers as the eager block.
+Activations are NCHW tensors of any memory format; the fused convs return channels_last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import merge
+from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
+
+
+def block_convs(block) -> list:
+    """The block's conv + BN layers along its main path, in order (``ConvNorm``)."""
+    return [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+
+
+def drops_rows(block) -> bool:
+    """Whether the block's stochastic depth changes its output in this call (training mode, drop rate > 0)."""
+    return block.drop_path.training and block.drop_path.p > 0
+
+
+def fused_block_forward(block, x: Tensor, activation: str, padding: str) -> Tensor:
+    """``block(x)`` from the fused ops: same parameters, buffers and result as the block's eager forward.
+    x: (N, C_in, H, W) -> (N, C_out, H, W) channels_last."""
+    dtype = compute_dtype(x)
+    x = x.to(dtype)
+    convs = block_convs(block)
+    layers = [(layer, i > 0) for i, layer in enumerate(convs)]
+    layers += [(block.shortcut, False)] if block.shortcut is not None else []
+    stats_dtype = torch.promote_types(dtype, torch.float32)
+    sizes = [
+        size for layer, prologue in layers for size in ConnectionWorkspace.layer_sizes(layer, prologue, stats_dtype)
+    ]
+    if sizes and not drops_rows(block):  # the merge backward's (3, C) channel sums
+        sizes.append(3 * convs[-1].conv.out_channels)
+    workspace = ConnectionWorkspace(sizes, x.device, stats_dtype)
+    y, scale, shift = x, None, None
+    for layer in convs:
+        three_by_three = layer.conv.kernel_size[0] == 3
+        y, scale, shift = conv_then_bn(y, layer.conv, layer.bn, scale, shift, activation, workspace,
+                                       padding=padding if three_by_three else None, stride=1)  # fmt: skip
+    parents, scales, shifts, extra = [y], [scale], [shift], x
+    if block.shortcut is not None:
+        shortcut = block.shortcut
+        y_short, scale_short, shift_short = conv_then_bn(x, shortcut.conv, shortcut.bn, None, None, activation,
+                                                         workspace)  # fmt: skip
+        parents.append(y_short)
+        scales.append(scale_short)
+        shifts.append(shift_short)
+        extra = None
+    if drops_rows(block):
+        branch, *rest = (affine(p, s, t, dtype) for p, s, t in zip(parents, scales, shifts))
+        return block.act(block.drop_path(branch) + (rest[0] if rest else x))
+    sums_buffer = workspace.take(parents[0].shape[1], rows=3) if sizes else None
+    return merge(parents, scales, shifts, [1] * len(parents), extra, activation, sums_buffer=sums_buffer)
+
+
+def affine(y: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scale·y + shift`` (a BN's output from its folded affine map), in ``dtype``."""
+    return (y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)

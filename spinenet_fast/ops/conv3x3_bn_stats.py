@@ -1,0 +1,207 @@
+"""``conv3x3_bn_stats``: ``y = conv3x3/s(act(scale·x + shift))`` plus fp32 [Σy; Σy²] (2, C_out) — equivalent to::
+
+    F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, stride=stride)
+
+``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` is in x's dtype,
+or the fp32 master weight of a bf16/fp16 x (rounded to x's dtype as it is used, as autocast rounds it). ``padding``
+is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0 before, 1 after, for inputs whose H
+and W are even). Tensors are (N, C, H, W), any memory format; outputs are channels_last.
+The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test oracle. The
+op runs as a Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the materialised
+input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the
+activation (not the conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside
+them, or (``cuda``) ATen's conv backward between the elementwise steps.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends, op_spec
+from .checks import describe
+from .conv_common import (
+    accumulating,
+    check_window_input,
+    conv_outputs,
+    fake_conv_grads,
+    fake_conv_outputs,
+    fill_output_grads,
+    folded_output_grad,
+    prologue_backward,
+    prologue_forward,
+)
+from .op_spec import FUSED_FIRST, Backend
+from .padding import crop_window, pad_window, spatial_padding
+from .schema_types import TensorList
+
+
+def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument unless the inputs describe one 3×3 conv."""
+    check_window_input("x", x, scale, shift, activation, padding, stride)
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
+    if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype not in allowed:
+        expected = " or ".join(map(str, allowed))
+        raise ValueError(f"weight must be a {expected} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+
+
+def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride) -> list[Tensor]:
+    """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
+    a = prologue_forward(x, scale, shift, activation)
+    y = F.conv2d(pad_window(a, padding, 0.0, stride), weight.to(x.dtype).to(a.dtype), stride=stride)
+    return conv_outputs(y, x)
+
+
+def _conv_input(a: Tensor, padding: str, stride: int) -> tuple[Tensor, list[int]]:
+    """The conv's input and its ``padding`` argument: symmetric padding is the conv's own (no padded copy);
+    TF ``SAME``'s asymmetric padding (stride 2) is materialised."""
+    before, after = spatial_padding(3, stride, padding)
+    return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride), [0, 0])
+
+
+def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride) -> list[Tensor]:
+    """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
+    a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype), stride=stride, padding=pads), x)
+
+
+def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride) -> list[str]:
+    reasons = backends.triton_reasons(x, weight, scale, shift)
+    if x.dtype not in backends.FLOAT_DTYPES:
+        reasons.append(f"dtype {x.dtype} is not one of {backends.FLOAT_DTYPES}")
+    return reasons
+
+
+def _library_reasons(x, *args) -> list[str]:
+    return backends.library_reasons(x)
+
+
+def _triton_forward(x, weight, scale, shift, activation, padding, stride, stats=None) -> list[Tensor]:
+    from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
+
+    pad_before = spatial_padding(3, stride, padding)[0]
+    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats)
+
+
+def _fake(x, weight, scale, shift, activation, padding, stride, *_):
+    return fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)
+
+
+@op_spec.custom_op(
+    "conv3x3_bn_stats_into",
+    fake=lambda *args: _fake(*args)[0],
+    implementations={
+        "reference": Backend(accumulating(conv3x3_bn_stats_reference)),
+        "cuda": Backend(accumulating(conv3x3_bn_stats_library), _library_reasons),
+        "triton": Backend(lambda *args: _triton_forward(*args)[0], lambda *args: _conv_triton_reasons(*args[:-1])),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("stats",),
+)
+def _conv3x3_into_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
+    stats: Tensor,
+) -> Tensor:  # fmt: skip
+    """As ``conv1x1_bn_stats_into``, for ``conv3x3_bn``: y, the statistics added into ``stats``."""
+
+
+def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int) -> tuple[Tensor, Tensor]:
+    """ATen's (cuDNN's) 3×3 conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype;
+    d_weight laid out as ``weight`` (ATen follows a channels_last a; the parameter's gradient takes the weight's
+    strides in any case, so the copy is the one autograd would make)."""
+    a, pads = _conv_input(a, padding, stride)
+    d_a, d_w, _ = torch.ops.aten.convolution_backward(
+        grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    if d_w.stride() != weight.stride():
+        d_w = torch.empty_like(weight, dtype=d_w.dtype).copy_(d_w)
+    return (d_a if pads[0] else crop_window(d_a, padding, stride)), d_w
+
+
+def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride):
+    """``[dx, d_weight, (d_affine)]``, d_affine = [d_scale; d_shift] (2, C_in): statistics' gradients folded into dy
+    (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths."""
+    a = prologue_forward(x, scale, shift, activation)
+    dtype = a.dtype
+    grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
+    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride)  # the weight rounded as forward
+    dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
+    return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
+
+
+def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, bn=None,
+                             d_affine=None, d_weight=None):  # fmt: skip
+    """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3_backward.py``); ``bn``
+    (``conv3x3_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended;
+    ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned)."""
+    from spinenet_fast.kernels.conv3x3_backward import conv3x3_bn_stats_backward
+
+    pad_before = spatial_padding(3, stride, padding)[0]
+    return conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
+                                     bn, d_affine, d_weight)  # fmt: skip
+
+
+def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *conv_args) -> list[str]:
+    return _conv_triton_reasons(x, weight, scale, shift, *conv_args) + backends.triton_reasons(dy, y)
+
+
+# Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
+@op_spec.custom_op(
+    "conv3x3_bn_stats",
+    fake=_fake,
+    implementations={
+        "reference": Backend(conv3x3_bn_stats_reference),
+        "cuda": Backend(conv3x3_bn_stats_library, _library_reasons),
+        "triton": Backend(_triton_forward, _conv_triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
+)
+def _conv3x3_op(
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int
+) -> tuple[Tensor, Tensor]:
+    """``(y, [Σy; Σy²])``."""
+
+
+@op_spec.custom_op(
+    "conv3x3_bn_stats_backward",
+    fake=lambda dy, d_sum, d_sumsq, y, x, weight, scale, *_: fake_conv_grads(x, weight, scale),
+    implementations={
+        "reference": Backend(conv3x3_bn_stats_backward_reference),
+        "cuda": Backend(conv3x3_bn_stats_backward_reference, _library_reasons),
+        "triton": Backend(_conv3x3_backward_triton, _conv_backward_triton_reasons),
+    },
+    auto_order=FUSED_FIRST,
+)
+def _conv3x3_backward_op(
+    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str, stride: int,
+) -> TensorList:  # fmt: skip
+    """``[dx, dW, ([d_scale; d_shift])]``."""
+
+
+def _conv_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
+    x, weight, scale, shift, *conv_args = inputs
+    ctx.has_prologue, ctx.conv_args = scale is not None, conv_args
+    ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
+
+
+def _conv_backward(ctx, dy, d_stats):
+    y, x, weight, *affine = ctx.saved_tensors
+    scale, shift = affine if ctx.has_prologue else (None, None)
+    dy, d_sum, d_sumsq = fill_output_grads(dy, d_stats, y.shape, x)
+    grads = _conv3x3_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *ctx.conv_args)
+    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None, None, None)
+
+
+_conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def conv3x3_bn_stats(
+    x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
+    padding: str = "torch", *, stride: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """3×3 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
+    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride)
+    return _conv3x3_op(x, weight, scale, shift, activation, padding, stride)

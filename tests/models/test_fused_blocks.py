@@ -1,0 +1,109 @@
+"""Block groups on the fused ops (``fused_block``): equal to the eager blocks — output, every gradient, running
+statistics — with identity and projection shortcuts, with and without stochastic depth, in training and eval mode."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spinenet_fast.models.blocks import BlockGroup
+from spinenet_fast.ops import use_backend
+
+from ..ops.tolerance import assert_low_precision_rule
+
+# (block type, input channels, filters): the first block projects its shortcut where the widths differ.
+GROUPS = [("bottleneck", 12, 4), ("bottleneck", 16, 4), ("residual", 6, 8), ("residual", 8, 8)]
+
+
+def twin_groups(block_type, in_channels, filters, drop_rate, dtype=torch.float32):
+    """An eager group of two blocks with non-trivial BN affines and running statistics, and its fused twin."""
+    eager = BlockGroup(block_type, in_channels, filters, 2, nn.BatchNorm2d, "swish", "torch", drop_rate).to(dtype)
+    for bn in eager.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+            nn.init.normal_(bn.running_mean)
+    fused = copy.deepcopy(eager)
+    fused.fused = True
+    return eager, fused
+
+
+def run(group, x, grad, seed=1):
+    """Output and the gradients of x and every parameter; the stochastic depth draws from ``seed``."""
+    torch.manual_seed(seed)
+    out = group(x)
+    return out, torch.autograd.grad(out, [x, *group.parameters()], grad)
+
+
+@pytest.mark.parametrize(("block_type", "in_channels", "filters"), GROUPS)
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_float64_fused_blocks_equal_eager(block_type, in_channels, filters, drop_rate):
+    """float64, reference backend: the fused blocks are the eager blocks' maths to rounding."""
+    eager, fused = twin_groups(block_type, in_channels, filters, drop_rate, torch.float64)
+    x = torch.randn(2, in_channels, 6, 5, dtype=torch.float64, requires_grad=True)  # odd sizes
+    grad = torch.randn(2, eager.out_channels, 6, 5, dtype=torch.float64)
+    want, want_grads = run(eager, x, grad)
+    with use_backend("reference"):
+        got, got_grads = run(fused, x, grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), use_backend("reference"):
+        torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("block_type", "in_channels", "filters"), [GROUPS[0], GROUPS[3]])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_fused_backends_equal_eager(fused_backend, block_type, in_channels, filters, drop_rate):
+    """fp32 on Triton (the interpreter here) and the extension: output, gradients, running statistics; batch 1."""
+    eager, fused = twin_groups(block_type, in_channels, filters, drop_rate)
+    x = torch.randn(1, in_channels, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(1, eager.out_channels, 6, 6)
+    want, want_grads = run(eager, x, grad)
+    with use_backend(fused_backend):
+        got, got_grads = run(fused, x, grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])  # 1: the closest to the bound seen (0.83 of it, Triton bf16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_blocks_under_autocast_keep_the_tolerance_rule(fused_backend, dtype, seed):
+    """Autocast (fp32 parameters, low-precision activations): the fused blocks' output and gradients against fp32 no
+    worse than twice the eager blocks' in the same dtype, plus 1e-2. BN vectors are 16 wide: the rule compares
+    maximum errors, and over 4-channel vectors that maximum is chance (``test_fused_autocast`` says more)."""
+    torch.manual_seed(seed)
+    eager, fused = twin_groups("bottleneck", 48, 16, 0.0)
+    reference = copy.deepcopy(eager)
+    x = torch.randn(4, 48, 6, 6, requires_grad=True)
+    grad = torch.randn(4, 64, 6, 6)
+    want, want_grads = run(reference, x, grad)
+    with torch.autocast("cpu", dtype=dtype):
+        base, base_grads = run(eager, x, grad.to(dtype))
+        with use_backend(fused_backend):
+            got, got_grads = run(fused, x, grad.to(dtype))
+    assert got.dtype == base.dtype == dtype
+    assert all(g.dtype == torch.float32 for g in got_grads[1:])  # parameter gradients stay fp32
+    assert_low_precision_rule(got, want, base)
+    for a, b, c in zip(got_grads, want_grads, base_grads):
+        assert_low_precision_rule(a, b, c)
+
+
+def test_eager_paths_where_the_fused_one_does_not_apply():
+    """``"auto"`` on a CPU and an empty batch take the eager modules (the BN counters advance as eager's)."""
+    eager, fused = twin_groups("bottleneck", 12, 4, 0.0)
+    fused.fused = "auto"
+    assert not fused.uses_fused_ops()
+    fused.fused = True
+    assert fused.uses_fused_ops()
+    empty = torch.randn(0, 12, 4, 4)
+    assert fused(empty).shape == (0, 16, 4, 4)
+    eager(empty)
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b)

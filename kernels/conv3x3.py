@@ -73,8 +73,8 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
         (n, c_out, h // stride, w // stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
     )
     config = gemm_launch_config(x.dtype, _conv3x3_fwd_kernel)
-    if config["FP32_DOT"]:  # two stages: at three the fp32 stride-1 variant that finalizes its BN spills on sm_90
-        config["num_stages"] = 2
+    if config["FP32_DOT"] and stride == 1:  # no software pipelining: at 2-4 stages fp32 stride-1 variants spill (sm_90)
+        config["num_stages"] = 1
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()

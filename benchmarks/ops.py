@@ -132,6 +132,10 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
                lambda x, w, a, b: conv3x3_bn_stats(x, w, a, b, "swish", stride=2),
                lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, stride=2, padding=1)),
                n * c_mid * hi * hi * item),
+        OpCase("conv3x3_bn_stats", f"x {n}x{c_mid // 2}x{hi}x{hi}, stride 1, prologue", conv3x3_inputs,
+               lambda x, w, a, b: conv3x3_bn_stats(x, w, a, b, "swish", stride=1),
+               lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, padding=1)),
+               n * c_mid * hi * hi * item),  # a block's 3×3: the implicit GEMM against cuDNN decides `auto`'s order
         OpCase("bn_act_maxpool", f"y {n}x{c_mid // 2}x{hi // 2}x{hi // 2}, 1 pool", pool_inputs,
                lambda y, a, b: bn_act_maxpool(y, a, b, "swish", 1), pool_eager, n * c_mid * hi * hi // 4 * item),
         OpCase("merge", f"{n}x{c_target}: {lo}x{lo} x4 + {hi}x{hi}", merge_inputs,

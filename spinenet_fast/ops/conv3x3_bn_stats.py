@@ -2,7 +2,7 @@
 
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, stride=stride)
 
-``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` is in x's dtype,
+``stride`` is 1 (the blocks' convs) or 2 (the cross-scale downsampling). ``weight`` is in x's dtype,
 or the fp32 master weight of a bf16/fp16 x (rounded to x's dtype as it is used, as autocast rounds it). ``padding``
 is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0 before, 1 after, for inputs whose H
 and W are even). Tensors are (N, C, H, W), any memory format; outputs are channels_last.

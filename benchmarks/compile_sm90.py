@@ -192,11 +192,16 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         for stride in (1, 2):
             backward(*conv3x3_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding,
                                        stride=stride))  # fmt: skip
+        # the head's predictors and towers: stride 1 with a bias (fp32 master under autocast)
+        backward(*conv3x3_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=1,
+                                   bias=leaf(64, stats=True)))  # fmt: skip
         bn = dict(bn_weight=leaf(64, stats=True), bn_bias=leaf(64, stats=True), eps=1e-3)  # with its BN's backward
         backward(*conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, **bn))
         for stride in (1, 2):
             backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=stride,
                                  **bn))  # fmt: skip
+        backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=1,
+                             bias=leaf(64, stats=True), **bn))  # fmt: skip
         for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
             backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
                                         **bn))  # fmt: skip

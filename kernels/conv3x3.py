@@ -1,9 +1,10 @@
 """Triton implicit GEMM for 3×3 convolutions of stride 1 or 2 with a BN-affine + activation prologue and Σy, Σy².
 
-``y[n, o, i, j] = Σ_{c, kh, kw} act(scale[c]·x[n, c, s·i + kh − pad, s·j + kw − pad] + shift[c]) · W[o, c, kh, kw]``
-(s = ``STRIDE``) where taps outside the input contribute 0 (zero padding *after* the prologue, as the eager conv pads
-its activated input). ``PAD`` is the top/left padding: 1, or 0 for stride 2 in ``"tf_same"`` (whose extra
-bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W) through their strides.
+``y[n, o, i, j] = b[o] + Σ_{c, kh, kw} act(scale[c]·x[n, c, s·i + kh − pad, s·j + kw − pad] + shift[c])·W[o, c, kh,
+kw]`` (s = ``STRIDE``; b the optional bias) where taps outside the input contribute 0 (zero padding *after* the
+prologue, as the eager conv pads its activated input). ``PAD`` is the top/left padding: 1, or 0 for stride 2 in
+``"tf_same"`` (whose extra bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W) through their
+strides.
 """
 
 import torch
@@ -19,12 +20,12 @@ from .gemm_config import gemm_launch_config
 @triton.jit
 def _conv3x3_fwd_kernel(
     y_ptr, stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
-    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, scale_ptr, shift_ptr,
-    P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, bias_ptr, scale_ptr,
+    shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M:
+    tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,6 +56,9 @@ def _conv3x3_fwd_kernel(
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, b)
+    if HAS_BIAS:  # rounded to the storage dtype as autocast rounds it; added before the one rounding of y
+        bias = tl.load(bias_ptr + o, mask=o < N_OUT, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += bias[None, :]
     store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT)
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
@@ -62,11 +66,12 @@ def _conv3x3_fwd_kernel(
                            unbias, HAS_RUNNING, HAS_COUNTER, BLOCK_N)  # fmt: skip
 
 
-def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats=None,
+def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias=None, stats=None,
                              finalize: Finalize | None = None) -> list:  # fmt: skip
-    """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
-    statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given, and the BN
-    of y is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
+    """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``, y with
+    the (C_out,) ``bias`` added where one is given; the statistics are added into ``stats`` (a zeroed contiguous fp32
+    (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program where ``finalize``
+    is given (``bn_finalize.Finalize``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty(
@@ -82,9 +87,10 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv3x3_fwd_kernel[grid](
-        y, stats, *bn_args, x, weight, scale if has_prologue else weight, shift if has_prologue else weight,
+        y, stats, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
+        scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(),
         *weight.stride(), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
-        **bn_constexprs, **config,
+        HAS_BIAS=bias is not None, **bn_constexprs, **config,
     )  # fmt: skip
     return [y, stats]

@@ -78,19 +78,21 @@ def _dgrad_tile(
 
 @triton.jit
 def _wgrad_tile(
-    pid_o, pid_k, tap, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
-    x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
+    pid_o, pid_k, tap, chunk, dw_ptr, dbias_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+    eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
     sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at ``tap`` over one chunk of output
-    pixels, added to dW."""
+    pixels, added to dW; with ``HAS_BIAS`` the tiles of tap 0 and the first input channels add Σ_p g to d_bias."""
     o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     kh, kw = tap // 3, tap % 3
     first = chunk * PIXELS_PER_PROGRAM
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    bias_acc = tl.zeros((BLOCK_M,), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
@@ -98,24 +100,28 @@ def _wgrad_tile(
         g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
                              y_rows, o, o < C_OUT, (o < C_OUT)[:, None] & (p < P)[None, :], sdy_c, sy_c, False,
                              FROM_AFFINE)  # fmt: skip
+        if HAS_BIAS:
+            bias_acc += tl.sum(g, axis=1)
         h, w = STRIDE * i + kh - PAD, STRIDE * j + kw - PAD
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
         acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, inside[:, None] & (k < C_IN)[None, :],
                         scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
     mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
     tl.atomic_add(dw_ptr + o[:, None] * sdw_o + k[None, :] * sdw_c + kh * sdw_h + kw * sdw_w, acc, mask=mask)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + o, bias_acc, mask=(o < C_OUT) & (pid_k == 0) & (tap == 0))
 
 
 @triton.jit
 def _conv3x3_backward_kernel(
-    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
-    var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, H_OUT,
-    DGRAD_TILES, DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
+    dx_ptr, dscale_ptr, dshift_ptr, dw_ptr, dbias_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
+    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    H_OUT, DGRAD_TILES, DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
     DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its 9 taps ×
@@ -132,18 +138,19 @@ def _conv3x3_backward_kernel(
     else:
         wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
         tile, step = wgrad_pid // (9 * WGRAD_CHUNKS), wgrad_pid % (9 * WGRAD_CHUNKS)
-        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % 9, step // 9, dw_ptr, dy_ptr, dsum_ptr,
-                    dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN,
-                    C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c,
-                    sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, STRIDE, PAD, HAS_PROLOGUE, ACT,
-                    FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % 9, step // 9, dw_ptr, dbias_ptr,
+                    dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
+                    shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h,
+                    sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, STRIDE, PAD,
+                    HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
-                              bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
+                              d_bias=None, bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
     ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
-    ``pad_before``: the top/left padding (1, or 0 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2."""
+    ``pad_before``: the top/left padding (1, or 0 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2; ``d_bias``: a
+    zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     h_out, w_out = h // stride, w // stride
@@ -157,11 +164,11 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     chunks, per_program = wgrad_split(pixels, 9 * wgrad_tiles, block_k)
     grid = (stride * stride * dgrad_tiles + 9 * wgrad_tiles * chunks,)
     _conv3x3_backward_kernel[grid](
-        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x,
-        weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out, w_out, h_out, dgrad_tiles,
-        dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(), *t.d_weight.stride(),
-        *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), STRIDE=stride, PAD=pad_before,
-        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32,
-        FROM_AFFINE=bn is not None, **config,
+        t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,
+        t.d_sum, t.d_sumsq, *t.bn_args, y, x, weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out, w_out,
+        h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
+        *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), STRIDE=stride, PAD=pad_before,
+        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], HAS_BIAS=d_bias is not None,
+        SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return t.grads(weight)

@@ -48,8 +48,11 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections and blocks through the eager modules inside the block."""
-    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup))]
+    """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
+    block."""
+    from .detection.head import SpineNetRetinaNetHead
+
+    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead))]
     saved = [m.fused for m in merges]
     try:
         for merge in merges:

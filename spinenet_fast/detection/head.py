@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
-from ..models.layers import NormFactory, make_activation
+from ..models.layers import NormFactory, make_activation, uses_fused_setting
 from ..ops.backends import fused_kernels_available
 from ..ops.retinanet_loss import retinanet_loss
+from .fused_head import fusable_head, fused_head_forward
 from .matching import pad_targets
 
 
@@ -45,8 +46,13 @@ class SharedTower(nn.Module):
 
 def _flatten_per_anchor(x: Tensor, values_per_anchor: int) -> Tensor:
     """(N, A·V, H, W) -> (N, H·W·A, V), torchvision's anchor order."""
-    n, _, h, w = x.shape
-    return x.view(n, -1, values_per_anchor, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, values_per_anchor)
+    n, channels, h, w = x.shape
+    anchors = channels // values_per_anchor  # explicit: an empty batch has no size to infer
+    return (
+        x.view(n, anchors, values_per_anchor, h, w)
+        .permute(0, 3, 4, 1, 2)
+        .reshape(n, h * w * anchors, values_per_anchor)
+    )
 
 
 class SpineNetRetinaNetHead(nn.Module):
@@ -81,7 +87,7 @@ class SpineNetRetinaNetHead(nn.Module):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not isinstance(fused, bool) and fused != "auto":
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-        self.fused = fused
+        self.fused, self.activation = fused, activation
         self.num_classes = num_classes
         self.num_anchors = num_anchors
         self.class_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
@@ -100,11 +106,18 @@ class SpineNetRetinaNetHead(nn.Module):
         """features: P3…P7, each (N, C, H_l, W_l) -> ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4)."""
         if len(features) != len(self.class_tower.norms):
             raise ValueError(f"features must hold {len(self.class_tower.norms)} levels, got {len(features)}")
+        if self.uses_fused_ops() and features[0].shape[0] > 0:
+            return fused_head_forward(self, features)
         cls_logits, bbox_regression = [], []
         for level, x in enumerate(features):
             cls_logits.append(_flatten_per_anchor(self.class_predictor(self.class_tower(x, level)), self.num_classes))
             bbox_regression.append(_flatten_per_anchor(self.box_predictor(self.box_tower(x, level)), 4))
         return {"cls_logits": torch.cat(cls_logits, dim=1), "bbox_regression": torch.cat(bbox_regression, dim=1)}
+
+    def uses_fused_ops(self) -> bool:
+        """Whether the towers and predictors run on the fused ops: ``fused`` (True, or ``"auto"`` with the parameters on
+        a GPU with Triton) and every tower norm a BN (others, e.g. ``FrozenBatchNorm2d``, run eagerly)."""
+        return uses_fused_setting(self, self.fused) and fusable_head(self)
 
     def uses_fused_loss(self, device: torch.device) -> bool:
         """Whether the losses of outputs on ``device`` go through the fused op (see ``fused``)."""

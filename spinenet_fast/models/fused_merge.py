@@ -44,7 +44,7 @@ class ConnectionWorkspace:
 
     def __init__(self, sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
-        self.offset = 0
+        self.offset, self.dtype = 0, dtype
 
     @classmethod
     def for_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
@@ -128,27 +128,34 @@ def pools_apart(resample) -> bool:
 
 def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activation: str,
                  workspace: ConnectionWorkspace, *, upsample_factor=1, padding: str | None = None,
-                 num_pools: int = 0, stride: int = 2) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                 num_pools: int = 0, stride: int = 2, shared=None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, scale, shift)``: the conv (1×1, or 3×3 of ``stride`` with a ``padding`` and no ``num_pools``) of
     act(scale·x + shift) (of x without them) and its BN's affine map; in training mode one ``conv1x1_bn`` /
     ``conv3x3_bn``, whose backward folds the BN's. ``num_pools``: the 1×1 conv of that many 3×3/s2 max-pools
-    (``padding``) of act(scale·x + shift), one ``pooled_conv1x1_bn`` (training mode only)."""
-    weight = gemm_weight(conv.weight, x.dtype)
+    (``padding``) of act(scale·x + shift), one ``pooled_conv1x1_bn`` (training mode only). A 3×3 conv may have a
+    bias; ``shared`` (3×3): the conv's weight and bias as several calls share them
+    (``detection.fused_head.SharedConv``), their gradients left in its buffers."""
+    weight = gemm_weight(conv.weight if shared is None else shared.weight, x.dtype)
+    bias = {} if padding is None else {"bias": conv.bias if shared is None else shared.bias}
     act = activation if scale is not None else "identity"
     conv_args = (act,) if padding is None else (act, padding)
     kwargs = batch_bn_kwargs(bn)
     if kwargs is None:
         conv_stats = conv1x1_bn_stats if padding is None else conv3x3_bn_stats
-        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **({} if padding is None else {"stride": stride}))
+        window = {} if padding is None else {"stride": stride}
+        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias)
         return (y, *running_affine(bn, torch.promote_types(x.dtype, torch.float32)))
+    weight_grad = workspace.take_weight_grad(conv.weight) if shared is None else shared.weight_grad
     bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
                    stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
                    prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
-                   weight_grad_buffer=workspace.take_weight_grad(conv.weight))  # fmt: skip
+                   weight_grad_buffer=weight_grad)  # fmt: skip
     if num_pools:
         return pooled_conv1x1_bn(x, weight, scale, shift, activation, num_pools, padding, **bn_args)
     if padding is not None:
-        return conv3x3_bn(x, weight, scale, shift, *conv_args, stride=stride, **bn_args)
+        if shared is not None and shared.weight_grad is not None:
+            bias.update(bias_grad_buffer=shared.bias_grad, shared_grad_buffers=True)
+        return conv3x3_bn(x, weight, scale, shift, *conv_args, stride=stride, **bn_args, **bias)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from . import backends, op_spec
+from .activation import stats_dtype
+from .checks import check_accumulator
 from .conv3x3_bn_stats import (
     _conv3x3_backward_triton,
     _conv3x3_into_op,
@@ -37,20 +39,20 @@ from .padding import spatial_padding
 conv3x3_bn_backward_reference = with_bn_backward(conv3x3_bn_stats_backward_reference)
 
 
-def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn_weight, mean,
-                    var, *_):  # fmt: skip
+def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
+                    bn_weight, mean, var, *_):  # fmt: skip
     reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding,
-                                            stride)  # fmt: skip
+                                            stride, d_bias_out)  # fmt: skip
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
 def _backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn_weight, mean, var, count, eps,
-    d_affine_out, d_weight_out,
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out, bn_weight, mean, var,
+    count, eps, d_affine_out, d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
     bn = (bn_weight, mean, var, count, eps)
-    return _conv3x3_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, bn,
-                                    d_affine_out, d_weight_out)  # fmt: skip
+    return _conv3x3_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride,
+                                    d_bias_out, bn, d_affine_out, d_weight_out)  # fmt: skip
 
 
 @op_spec.custom_op(
@@ -62,35 +64,35 @@ def _backward_triton(
         "triton": Backend(_backward_triton, _triton_reasons),
     },
     auto_order=FUSED_FIRST,
-    mutates_args=("d_affine_out", "d_weight_out"),
+    mutates_args=("d_bias_out", "d_affine_out", "d_weight_out"),
 )
 def _conv3x3_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str, padding: str, stride: int, bn_weight: Tensor, mean: Tensor, var: Tensor,
-    count: int, eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str, stride: int, d_bias_out: Tensor | None, bn_weight: Tensor,
+    mean: Tensor, var: Tensor, count: int, eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """As ``conv1x1_bn``'s backward op."""
+    """As ``conv1x1_bn``'s backward op; the bias gradient added into ``d_bias_out`` where it is given."""
 
 
-def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, stats, finalize) -> Tensor:
+def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, bias, stats, finalize) -> Tensor:
     from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
 
     pad_before = spatial_padding(3, stride, padding)[0]
-    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats, finalize)[0]
+    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats, finalize)[0]
 
 
 @op_spec.custom_op(
     "conv3x3_bn_forward",
-    fake=lambda x, weight, scale, shift, activation, padding, stride, stats, *_: fake_train_forward(
+    fake=lambda x, weight, scale, shift, activation, padding, stride, bias, stats, *_: fake_train_forward(
         fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)[0], stats
     ),
-    implementations=train_forward_implementations("conv3x3_bn_stats_into", 3, _conv3x3_triton_train),
+    implementations=train_forward_implementations("conv3x3_bn_stats_into", 4, _conv3x3_triton_train),
     auto_order=FUSED_FIRST,
     mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),
 )
 def _conv3x3_bn_forward_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
-    stats: Tensor, counter: Tensor, count: int, bn_weight: Tensor, bn_bias: Tensor, eps: float,
+    bias: Tensor | None, stats: Tensor, counter: Tensor, count: int, bn_weight: Tensor, bn_bias: Tensor, eps: float,
     running_mean: Tensor | None, running_var: Tensor | None, batches: Tensor | None, momentum: float, unbias: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The training forward, as ``conv1x1_bn``'s."""
@@ -100,14 +102,16 @@ class _Conv3x3BN(torch.autograd.Function):
     """A Function around the custom ops, as ``conv1x1_bn``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, *bn):
+    def forward(ctx, x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, bias, bias_grad,
+                shares_grads, *bn):  # fmt: skip
         conv_args = (activation, padding, stride)
-        return conv_bn_forward(ctx, _conv3x3_into_op, _conv3x3_bn_forward_op, conv_args, x,
-                               weight, scale, shift, bn_weight, bn_bias, *bn)  # fmt: skip
+        return conv_bn_forward(ctx, _conv3x3_into_op, _conv3x3_bn_forward_op, conv_args, x, weight, scale, shift,
+                               bn_weight, bn_bias, *bn, bias=(bias, bias_grad), shares_grads=shares_grads)  # fmt: skip
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        return *conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift), *(None,) * 15
+        *grads, d_bias = conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift)
+        return *grads, None, None, None, d_bias, *(None,) * 14
 
 
 def conv3x3_bn(
@@ -131,12 +135,27 @@ def conv3x3_bn(
     counter_buffer: Tensor | None = None,
     prologue_grad_buffer: Tensor | None = None,
     weight_grad_buffer: Tensor | None = None,
+    bias: Tensor | None = None,
+    bias_grad_buffer: Tensor | None = None,
+    shared_grad_buffers: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first."""
-    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride)
+    """``(y, out_scale, out_shift)`` (see the module docstring and ``conv1x1_bn``'s); checks arguments first.
+    ``bias``: the conv's (C_out,) bias (its gradient is Σ over pixels of y's, 0 up to rounding in training mode but
+    computed); ``bias_grad_buffer``: a zeroed (C_out,) tensor of the statistics' dtype its gradient is added into,
+    like ``weight_grad_buffer``. ``shared_grad_buffers``: the weight's and bias' gradients stay in those buffers,
+    shared by several calls of one weight (the head's levels), and are returned as None: the caller hands the buffers
+    to autograd once (``detection.fused_head.shared_parameters``)."""
+    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias)
     pixels = x.shape[0] * (x.shape[2] // stride) * (x.shape[3] // stride)
     bn = checked_bn_args(
         x, weight, pixels, bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum,
         1, process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer,
     )  # fmt: skip
-    return _Conv3x3BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, *bn)
+    check_accumulator("bias_grad_buffer", bias_grad_buffer, (weight.shape[0],), stats_dtype(x), x.device)
+    if bias_grad_buffer is not None and bias is None:
+        raise ValueError("bias_grad_buffer was given for a conv without a bias")
+    if shared_grad_buffers and (weight_grad_buffer is None or (bias is not None and bias_grad_buffer is None)):
+        raise ValueError("shared_grad_buffers needs weight_grad_buffer (and bias_grad_buffer for a bias): the "
+                         "gradients are left in them")  # fmt: skip
+    return _Conv3x3BN.apply(x, weight, scale, shift, bn_weight, bn_bias, activation, padding, stride, bias,
+                            bias_grad_buffer, shared_grad_buffers, *bn)  # fmt: skip

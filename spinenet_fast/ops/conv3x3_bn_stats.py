@@ -1,9 +1,11 @@
-"""``conv3x3_bn_stats``: ``y = conv3x3/s(act(scale·x + shift))`` plus fp32 [Σy; Σy²] (2, C_out) — equivalent to::
+"""``conv3x3_bn_stats``: ``y = conv3x3/s(act(scale·x + shift)) + bias`` plus fp32 [Σy; Σy²] (2, C_out) — equivalent
+to::
 
-    F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, stride=stride)
+    F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, bias, stride=stride)
 
-``stride`` is 1 (the blocks' convs) or 2 (the cross-scale downsampling). ``weight`` is in x's dtype,
-or the fp32 master weight of a bf16/fp16 x (rounded to x's dtype as it is used, as autocast rounds it). ``padding``
+``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` and the optional
+(C_out,) ``bias`` are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are
+used, as autocast rounds them). ``padding``
 is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0 before, 1 after, for inputs whose H
 and W are even). Tensors are (N, C, H, W), any memory format; outputs are channels_last.
 The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test oracle. The
@@ -35,21 +37,32 @@ from .padding import crop_window, pad_window, spatial_padding
 from .schema_types import TensorList
 
 
-def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride) -> None:
+def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias=None) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument unless the inputs describe one 3×3 conv."""
     check_window_input("x", x, scale, shift, activation, padding, stride)
     allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
+    expected = " or ".join(map(str, allowed))
     if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype not in allowed:
-        expected = " or ".join(map(str, allowed))
         raise ValueError(f"weight must be a {expected} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+    if bias is not None and (
+        not isinstance(bias, Tensor) or bias.shape != weight.shape[:1] or bias.dtype not in allowed
+        or bias.device != x.device
+    ):  # fmt: skip
+        raise ValueError(f"bias must be None or a {expected} ({weight.shape[0]},) tensor on {x.device}, "
+                         f"got {describe(bias)}")  # fmt: skip
 
 
-def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride) -> list[Tensor]:
+def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """A weight or bias rounded to x's dtype (as autocast uses an fp32 master parameter), in ``dtype``."""
+    return None if parameter is None else parameter.to(x.dtype).to(dtype)
+
+
+def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
     """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
-    y = F.conv2d(pad_window(a, padding, 0.0, stride), weight.to(x.dtype).to(a.dtype), stride=stride)
+    y = F.conv2d(pad_window(a, padding, 0.0, stride), rounded(weight, x, a.dtype), rounded(bias, x, a.dtype), stride)
     return conv_outputs(y, x)
 
 
@@ -60,14 +73,14 @@ def _conv_input(a: Tensor, padding: str, stride: int) -> tuple[Tensor, list[int]
     return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride), [0, 0])
 
 
-def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride) -> list[Tensor]:
+def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
     """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype), stride=stride, padding=pads), x)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads), x)
 
 
-def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride) -> list[str]:
-    reasons = backends.triton_reasons(x, weight, scale, shift)
+def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, bias=None) -> list[str]:
+    reasons = backends.triton_reasons(x, weight, scale, shift, bias)
     if x.dtype not in backends.FLOAT_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of {backends.FLOAT_DTYPES}")
     return reasons
@@ -77,11 +90,11 @@ def _library_reasons(x, *args) -> list[str]:
     return backends.library_reasons(x)
 
 
-def _triton_forward(x, weight, scale, shift, activation, padding, stride, stats=None) -> list[Tensor]:
+def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
     from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
 
     pad_before = spatial_padding(3, stride, padding)[0]
-    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, stats)
+    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats)
 
 
 def _fake(x, weight, scale, shift, activation, padding, stride, *_):
@@ -101,7 +114,7 @@ def _fake(x, weight, scale, shift, activation, padding, stride, *_):
 )
 def _conv3x3_into_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
-    stats: Tensor,
+    bias: Tensor | None, stats: Tensor,
 ) -> Tensor:  # fmt: skip
     """As ``conv1x1_bn_stats_into``, for ``conv3x3_bn``: y, the statistics added into ``stats``."""
 
@@ -119,19 +132,23 @@ def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str
     return (d_a if pads[0] else crop_window(d_a, padding, stride)), d_w
 
 
-def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride):
+def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
+                                        d_bias_out):  # fmt: skip
     """``[dx, d_weight, (d_affine)]``, d_affine = [d_scale; d_shift] (2, C_in): statistics' gradients folded into dy
-    (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths."""
+    (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths; the bias
+    gradient Σ_p g added into ``d_bias_out`` where it is given."""
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
     grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
+    if d_bias_out is not None:
+        d_bias_out.add_(grad.sum((0, 2, 3)))
     d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride)  # the weight rounded as forward
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
 
-def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, bn=None,
-                             d_affine=None, d_weight=None):  # fmt: skip
+def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
+                             bn=None, d_affine=None, d_weight=None):  # fmt: skip
     """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3_backward.py``); ``bn``
     (``conv3x3_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended;
     ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned)."""
@@ -139,11 +156,31 @@ def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, act
 
     pad_before = spatial_padding(3, stride, padding)[0]
     return conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
-                                     bn, d_affine, d_weight)  # fmt: skip
+                                     d_bias_out, bn, d_affine, d_weight)  # fmt: skip
 
 
-def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *conv_args) -> list[str]:
-    return _conv_triton_reasons(x, weight, scale, shift, *conv_args) + backends.triton_reasons(dy, y)
+def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
+                                  d_bias_out) -> list[str]:  # fmt: skip
+    reasons = _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride)
+    return reasons + backends.triton_reasons(dy, y)
+
+
+def _bias_grad_output(backward):
+    """A backend of the stats op's backward (``has_bias``: the bias gradient returned last) from a backward that adds
+    it into a ``d_bias_out`` buffer (an op output rather than a mutated argument: a list-returning op that mutates an
+    argument cannot be functionalised for ``torch.compile``)."""
+
+    def run(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, has_bias):
+        d_bias = d_sum.new_zeros(weight.shape[0]) if has_bias else None
+        grads = backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, d_bias)
+        return grads + ([d_bias] if has_bias else [])
+
+    return run
+
+
+def _fake_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, has_bias):
+    grads = fake_conv_grads(x, weight, scale)
+    return grads + ([d_sum.new_empty(weight.shape[0])] if has_bias else [])
 
 
 # Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
@@ -158,32 +195,34 @@ def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift
     auto_order=FUSED_FIRST,
 )
 def _conv3x3_op(
-    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(y, [Σy; Σy²])``."""
 
 
 @op_spec.custom_op(
     "conv3x3_bn_stats_backward",
-    fake=lambda dy, d_sum, d_sumsq, y, x, weight, scale, *_: fake_conv_grads(x, weight, scale),
+    fake=_fake_backward,
     implementations={
-        "reference": Backend(conv3x3_bn_stats_backward_reference),
-        "cuda": Backend(conv3x3_bn_stats_backward_reference, _library_reasons),
-        "triton": Backend(_conv3x3_backward_triton, _conv_backward_triton_reasons),
+        "reference": Backend(_bias_grad_output(conv3x3_bn_stats_backward_reference)),
+        "cuda": Backend(_bias_grad_output(conv3x3_bn_stats_backward_reference), _library_reasons),
+        "triton": Backend(_bias_grad_output(_conv3x3_backward_triton), _conv_backward_triton_reasons),
     },
     auto_order=FUSED_FIRST,
 )
 def _conv3x3_backward_op(
     dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str, padding: str, stride: int,
+    shift: Tensor | None, activation: str, padding: str, stride: int, has_bias: bool,
 ) -> TensorList:  # fmt: skip
-    """``[dx, dW, ([d_scale; d_shift])]``."""
+    """``[dx, dW, ([d_scale; d_shift]), (d_bias)]``; d_bias (the statistics' dtype) with ``has_bias``."""
 
 
 def _conv_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
-    x, weight, scale, shift, *conv_args = inputs
-    ctx.has_prologue, ctx.conv_args = scale is not None, conv_args
+    x, weight, scale, shift, activation, padding, stride, bias = inputs
+    ctx.has_prologue, ctx.conv_args = scale is not None, (activation, padding, stride)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
 
 
@@ -191,8 +230,10 @@ def _conv_backward(ctx, dy, d_stats):
     y, x, weight, *affine = ctx.saved_tensors
     scale, shift = affine if ctx.has_prologue else (None, None)
     dy, d_sum, d_sumsq = fill_output_grads(dy, d_stats, y.shape, x)
-    grads = _conv3x3_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *ctx.conv_args)
-    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None, None, None)
+    has_bias = ctx.bias_dtype is not None
+    grads = _conv3x3_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *ctx.conv_args, has_bias)
+    d_affine = grads[2].unbind() if ctx.has_prologue else (None, None)
+    return *grads[:2], *d_affine, None, None, None, grads[-1].to(ctx.bias_dtype) if has_bias else None
 
 
 _conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -200,8 +241,8 @@ _conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 def conv3x3_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
-    padding: str = "torch", *, stride: int,
+    padding: str = "torch", *, stride: int, bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """3×3 conv of ``act(scale·x + shift)`` with BN statistics (see the module docstring)."""
-    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride)
-    return _conv3x3_op(x, weight, scale, shift, activation, padding, stride)
+    """3×3 conv of ``act(scale·x + shift)`` (plus ``bias``) with BN statistics (see the module docstring)."""
+    check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias)
+    return _conv3x3_op(x, weight, scale, shift, activation, padding, stride, bias)

@@ -38,7 +38,7 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
     [d_scale; d_shift] (with a prologue) added into the last argument, a zeroed (2, C_in) buffer."""
 
     def reference(dy, d_scale, d_shift, y, x, weight, scale, shift, *args):
-        *conv_args, bn_weight, mean, var, count, eps, d_affine_out, d_weight_out = args
+        *conv_args, bn_weight, mean, var, count, eps, d_affine_out, d_weight_out = args  # conv_args: the conv op's
         d_stats, d_gamma, d_beta = bn_finalize_backward_reference(
             d_scale, d_shift, None, None, bn_weight, bn_weight, mean, var, count, eps
         )
@@ -55,7 +55,8 @@ def with_bn_backward(conv_backward_reference: Callable) -> Callable:
 
 def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, shift, bn_weight, bn_bias,
                     count, eps, running_mean, running_var, batches, momentum, upsample_factor, group, stats,
-                    counter, prologue_grad, weight_grad, side_outputs: int = 0) -> tuple:  # fmt: skip
+                    counter, prologue_grad, weight_grad, side_outputs: int = 0, bias: tuple = (),
+                    shares_grads: bool = False) -> tuple:  # fmt: skip
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
     backward needs saved on ``ctx``. ``count``: y's pixels (values per channel on this rank). Without a process
     group, one ``train_op`` (the conv with the BN finalized in its last program); with one, the conv, the
@@ -63,21 +64,26 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     statistics into and a zeroed integer element its programs count themselves on, or None (allocated here, one
     fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
     into, or None; ``weight_grad``: likewise a zeroed fp32 buffer of the weight's shape for dW (an fp32 weight's), or
-    None. ``side_outputs``: how many tensors the ops return after y (saved after the rest, not returned)."""
+    None. ``side_outputs``: how many tensors the ops return after y (saved after the rest, not returned). ``bias``:
+    ``()`` for ops without one, else ``(bias or None, its gradient's zeroed stats-dtype buffer or None)``: the bias is
+    the ops' argument after ``conv_args``, its buffer the backward op's. ``shares_grads``: the weight's and bias'
+    gradients are left in their buffers (returned as None) for a caller that shares the buffers across calls (the
+    first backward only, as the buffers are used once)."""
     if stats is None:
         fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=stats_dtype(x), device=x.device)
         stats, counter = fresh[:-1].view(2, -1), counter_view(fresh[-1:])
     elif counter is None:
         counter = torch.zeros(1, dtype=torch.int32, device=x.device)
     running = (running_mean, running_var, batches, momentum)
+    op_args = (*conv_args, bias[0]) if bias else conv_args
     if group is None:
         n = count * upsample_factor**2
         y, *rest = train_op(
-            x, weight, scale, shift, *conv_args, stats, counter, count, bn_weight, bn_bias, eps, *running, n / (n - 1)
+            x, weight, scale, shift, *op_args, stats, counter, count, bn_weight, bn_bias, eps, *running, n / (n - 1)
         )
         side, (out_scale, out_shift, mean, var) = rest[:side_outputs], rest[side_outputs:]
     else:
-        y, *side = as_tuple(conv_into_op(x, weight, scale, shift, *conv_args, stats))
+        y, *side = as_tuple(conv_into_op(x, weight, scale, shift, *op_args, stats))
         dist.all_reduce(stats, group=group)
         count *= dist.get_world_size(group)  # equal per-rank batches (DDP at a fixed size): no host sync
         n = count * upsample_factor**2
@@ -86,7 +92,9 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     ctx.save_for_backward(y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *side)
     ctx.conv_args, ctx.count, ctx.eps, ctx.group = conv_args, count, eps, group
     ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
-    ctx.weight_grad = weight_grad
+    ctx.weight_grad, ctx.shares_grads = weight_grad, shares_grads
+    ctx.takes_bias = bool(bias)
+    ctx.bias_dtype, ctx.bias_grad = (bias[0].dtype, bias[1]) if bias and bias[0] is not None else (None, None)
     return y, out_scale, out_shift
 
 
@@ -166,9 +174,9 @@ def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
 
 
 def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None) -> tuple:
-    """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β.
-    ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not the op's (a max-pool in
-    between)."""
+    """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β (and the
+    bias, for an op that takes one). ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not
+    the op's (a max-pool in between)."""
     y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *_ = ctx.saved_tensors
     x, scale, shift = (x, scale, shift) if conv_input is None else conv_input
     dy = torch.zeros_like(y) if dy is None else dy
@@ -182,14 +190,23 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple |
     weight_grad, ctx.weight_grad = ctx.weight_grad, None
     if scale is not None and prologue_grad is None:
         prologue_grad = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
-    args = (y, x, weight, scale, shift, *ctx.conv_args, bn_weight, mean, var, ctx.count, ctx.eps, prologue_grad)
+    bias_grad, ctx.bias_grad = ctx.bias_grad, None
+    if ctx.bias_dtype is not None and bias_grad is None:
+        bias_grad = torch.zeros(weight.shape[0], dtype=mean.dtype, device=x.device)
+    conv_args = (*ctx.conv_args, bias_grad) if ctx.takes_bias else ctx.conv_args
+    args = (y, x, weight, scale, shift, *conv_args, bn_weight, mean, var, ctx.count, ctx.eps, prologue_grad)
     dx, d_weight, d_bn = backward_op(dy, d_scale, d_shift, *args, weight_grad)
     d_weight = d_weight if weight_grad is None else weight_grad
+    if ctx.shares_grads and weight_grad is not None:  # left in the shared buffers (a second backward returns its own)
+        d_weight = bias_grad = None
     d_gamma, d_beta = d_bn
     if ctx.group is not None:  # this rank's own dγ, dβ
         _, d_gamma, d_beta = _bn_finalize_backward_op(*local, None, None, bn_weight, bn_bias, mean, var, ctx.count,
                                                       ctx.eps)  # fmt: skip
-    return dx, d_weight, *(prologue_grad.unbind() if scale is not None else (None, None)), d_gamma, d_beta
+    d_affine = prologue_grad.unbind() if scale is not None else (None, None)
+    if not ctx.takes_bias:
+        return dx, d_weight, *d_affine, d_gamma, d_beta
+    return dx, d_weight, *d_affine, d_gamma, d_beta, None if bias_grad is None else bias_grad.to(ctx.bias_dtype)
 
 
 def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running_mean, running_var,

@@ -108,7 +108,7 @@ def test_conv3x3_fused_low_precision_tolerance_rule(device, fused_backend, dtype
 def test_conv3x3_triton_opcheck(stride):
     x, weight, scale, shift = (t.detach() if t is not None else None for t in conv_inputs("cpu", torch.float32, "x"))
     with use_backend("triton"):
-        torch.library.opcheck(_conv3x3_op, (x, weight, scale, shift, "relu", "torch", stride))
+        torch.library.opcheck(_conv3x3_op, (x, weight, scale, shift, "relu", "torch", stride, None))
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -168,8 +168,13 @@ def test_gradcheck_float64_through_the_op(stride, padding):
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     scale = torch.randn(2, dtype=torch.float64, requires_grad=True)
     shift = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, weight, scale, shift, bias):
+        return _conv3x3_op(x, weight, scale, shift, "swish", padding, stride, bias)
+
     with use_backend("reference"):
-        assert torch.autograd.gradcheck(lambda *t: _conv3x3_op(*t, "swish", padding, stride), (x, weight, scale, shift))
+        assert torch.autograd.gradcheck(conv, (x, weight, scale, shift, bias))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
@@ -180,7 +185,59 @@ def test_opcheck(backend, prologue, stride):
     x = torch.randn(1, 2, 4, 4)
     scale, shift = (torch.randn(2), torch.randn(2)) if prologue else (None, None)
     with use_backend(backend):
-        torch.library.opcheck(_conv3x3_op, (x, torch.randn(3, 2, 3, 3), scale, shift, "relu", "torch", stride))
+        torch.library.opcheck(_conv3x3_op, (x, torch.randn(3, 2, 3, 3), scale, shift, "relu", "torch", stride, None))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_opcheck_with_bias(backend):
+    """The bias and its gradient (added into a zeroed buffer by the backward op) through opcheck's autograd checks."""
+    require_backend(backend)
+    x, weight, scale, shift = (t.detach() for t in conv_inputs("cpu", torch.float32, "channels_last", size=(4, 6)))
+    with use_backend(backend):
+        torch.library.opcheck(_conv3x3_op, (x, weight, scale, shift, "relu", "torch", 1, torch.randn(70)))
+
+
+@pytest.mark.parametrize(("stride", "size"), [(1, (5, 7)), (2, (6, 10))])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_conv3x3_bias_matches_the_eager_conv(device, fused_backend, prologue, stride, size):
+    """y = conv + bias, its statistics and every gradient (the bias' too) against ``F.conv2d`` with a bias."""
+    x, weight, scale, shift = conv_inputs(device, torch.float32, "channels_last", prologue, batch=2, size=size)
+    bias = torch.randn(70, device=device, requires_grad=True)
+    leaves = [t for t in (x, weight, bias, scale, shift) if t is not None]
+    a = F.silu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
+    expected = F.conv2d(a, weight, bias, stride=stride, padding=1)
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad((expected * grad).sum() + expected.sum() + expected.pow(2).sum() / 100, leaves)
+    with use_backend(fused_backend):
+        y, stats = conv3x3_bn_stats(x, weight, scale, shift, "swish" if prologue else "identity", "torch",
+                                    stride=stride, bias=bias)  # fmt: skip
+        got = torch.autograd.grad((y * grad).sum() + stats[0].sum() + stats[1].sum() / 100, leaves)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[0], expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv3x3_bias_low_precision_tolerance_rule(device, fused_backend, dtype):
+    """An fp32 master bias with a low-precision x (the head under autocast): y and d_bias by the tolerance rule."""
+    x, weight, scale, shift = conv_inputs(device, dtype, "channels_last", batch=2)
+    bias = torch.randn(70, device=device, requires_grad=True)
+    grad_y = torch.randn(2, 70, 6, 10, device=device)
+    with use_backend(fused_backend):
+        y, _ = conv3x3_bn_stats(x, weight, scale, shift, "swish", "torch", stride=1, bias=bias)
+        (d_bias,) = torch.autograd.grad((y.float() * grad_y).sum(), (bias,))
+    leaves32 = [x.detach().float(), weight.detach().float(), scale, shift]
+    bias32 = bias.detach().to(dtype).float().requires_grad_()
+    with use_backend("reference"):
+        y32, _ = conv3x3_bn_stats(*leaves32, "swish", "torch", stride=1, bias=bias32)
+        (d_bias32,) = torch.autograd.grad((y32 * grad_y).sum(), (bias32,))
+    a = F.silu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1))
+    eager = F.conv2d(a, weight, bias.to(dtype), padding=1)
+    (d_bias_eager,) = torch.autograd.grad((eager.float() * grad_y).sum(), (bias,))
+    assert d_bias.dtype == torch.float32
+    assert_low_precision_rule(y, y32, eager)
+    assert_low_precision_rule(d_bias, d_bias32, d_bias_eager)
 
 
 def test_bad_input():
@@ -191,6 +248,10 @@ def test_bad_input():
         conv3x3_bn_stats(x, torch.randn(3, 2, 1, 1), stride=1)
     with pytest.raises(ValueError, match="padding must be one of"):
         conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), padding="same", stride=1)
+    with pytest.raises(ValueError, match=r"bias must be None or a torch.float32 \(3,\) tensor on cpu, got"):
+        conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), stride=1, bias=torch.randn(4))
+    with pytest.raises(ValueError, match=r"bias must be None or a torch.float32 \(3,\) tensor"):
+        conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), stride=1, bias=torch.randn(3, dtype=torch.float64))
     for stride in (0, 3, True, 1.0):
         with pytest.raises(ValueError, match=f"stride must be 1 or 2, got {stride!r}"):
             conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), stride=stride)

@@ -151,7 +151,7 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     y = torch.randn(size).contiguous(memory_format=torch.channels_last)
     vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
     op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (
-        _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind)))  # fmt: skip
+        _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind), None))  # fmt: skip
     args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
     buffers = [torch.zeros(2, 5) if prologue else None for _ in range(4)]  # [d_scale; d_shift] added into these
     with use_backend("reference"):
@@ -186,7 +186,7 @@ def test_training_forward_op_matches_the_reference_and_opcheck(kind, backend, ru
     x, weight, scale, shift, _ = make_case(kind, c_in=37, c_out=70, h=h, w=w)
     x, weight, scale, shift = (t.detach() for t in (x, weight, scale, shift))
     op, conv_args = (_conv1x1_bn_forward_op, ("swish",)) if kind == "1x1" else (
-        _conv3x3_bn_forward_op, ("swish", "torch", conv3x3_stride(kind)))  # fmt: skip
+        _conv3x3_bn_forward_op, ("swish", "torch", conv3x3_stride(kind), None))  # fmt: skip
     count = 96
     gamma, beta = torch.randn(70), torch.randn(70)
     initial = [torch.zeros(2, 70), torch.zeros(1, dtype=torch.int32), torch.randn(70).to(running_dtype),
@@ -317,3 +317,47 @@ def test_prologue_and_weight_gradients_into_buffers_and_a_second_backward(kind, 
     for got in (first, second, (*buffer.unbind(), weight_buffer)):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv3x3_bn_with_a_bias_equals_conv_then_batchnorm(backend):
+    """The head's layer: stride-1 3×3 conv with a bias, then training-mode BN. Output, every gradient (the bias' is
+    Σ of the BN input's gradient: 0 up to rounding, computed all the same), and the running mean, which holds the
+    bias; then two calls sharing gradient buffers (``shared_grad_buffers``) leave the sum of their weight and bias
+    gradients there and return none."""
+    require_backend(backend)
+    x, weight, scale, shift, bn = make_case("3x3s1", batch=2)
+    bias = torch.randn(70, requires_grad=True)
+    bn_eager = copy_of(bn)
+    a = F.silu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    expected = bn_eager(F.conv2d(a, weight, bias, padding=1))
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (x, weight, bias, scale, shift, bn_eager.weight, bn_eager.bias), grad)
+    with use_backend(backend):
+        out = fused("3x3s1", backend, x, weight, scale, shift, bn, bias=bias)
+        got = torch.autograd.grad(out, (x, weight, bias, scale, shift, bn.weight, bn.bias), grad)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(bn.running_mean, bn_eager.running_mean, rtol=1e-5, atol=1e-6)
+
+    weight_buffer, bias_buffer = torch.zeros(weight.shape), torch.zeros(70)
+    with use_backend(backend):
+        outs = [fused("3x3s1", backend, x, weight, scale, shift, bn, bias=bias, weight_grad_buffer=weight_buffer,
+                      bias_grad_buffer=bias_buffer, shared_grad_buffers=True) for _ in range(2)]  # fmt: skip
+        shared = torch.autograd.grad(outs, (weight, bias), [grad, grad], allow_unused=True)
+    assert shared == (None, None)
+    torch.testing.assert_close(weight_buffer, 2 * want[1], rtol=1e-4, atol=4e-4)
+    torch.testing.assert_close(bias_buffer, 2 * want[2], rtol=1e-4, atol=4e-4)
+
+
+def test_conv3x3_bn_bias_buffers_are_checked():
+    x, weight, scale, shift, bn = make_case("3x3s1", batch=2)
+    with pytest.raises(ValueError, match=r"bias_grad_buffer must be a contiguous float32 \(70,\) tensor"):
+        fused("3x3s1", "reference", x, weight, scale, shift, bn, bias=torch.randn(70), bias_grad_buffer=torch.zeros(7))
+    with pytest.raises(ValueError, match="bias_grad_buffer was given for a conv without a bias"):
+        fused("3x3s1", "reference", x, weight, scale, shift, bn, bias_grad_buffer=torch.zeros(70))
+    with pytest.raises(ValueError, match="shared_grad_buffers needs weight_grad_buffer"):
+        fused("3x3s1", "reference", x, weight, scale, shift, bn, shared_grad_buffers=True)
+    with pytest.raises(ValueError, match=r"bias must be None or a torch.float32 \(70,\) tensor"):
+        fused("3x3s1", "reference", x, weight, scale, shift, bn, bias=torch.randn(3))

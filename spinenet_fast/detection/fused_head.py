@@ -1,0 +1,141 @@
+"""The fused forward of :class:`~spinenet_fast.detection.head.SpineNetRetinaNetHead`'s towers and predictors.
+
+A tower layer is one 3×3 conv with a bias, shared by the five levels, then that level's BN and the activation. Fused,
+each (layer, level) is one ``conv3x3_bn`` (stride 1, the bias added in its epilogue, the BN finalised in its last
+program, its backward one dgrad + wgrad launch that folds the BN's) whose prologue is the same level's previous BN +
+act, so no normalised or activated tensor is written; a predictor is one ``conv3x3_bn_stats`` with a bias per level,
+whose prologue is the last tower BN + act. In training mode the five levels' backward launches of a tower layer add
+their weight and bias gradients into one zeroed fp32 buffer, handed to autograd once by :class:`SharedParameter`:
+no per-level gradient is allocated or added up. A predictor's channels_last (N, A·V, H, W) output viewed as
+(N, H·W·A, V) is torchvision's anchor order without a copy; one concatenation per output joins the levels. BN with
+running statistics (eval mode) becomes the next conv's prologue affine. Activations are NCHW of any memory format;
+under autocast they run in the autocast dtype with the fp32 parameters rounded as the kernels load them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..models.fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn, gemm_weight, uses_batch_statistics
+from ..ops import conv3x3_bn_stats
+
+
+class SharedParameter(torch.autograd.Function):
+    """``parameter`` passed on (a view) to the convs of several levels that add its gradient into ``buffer`` and
+    return none (``conv3x3_bn(shared_grad_buffers=True)``): its gradient is the buffer, once all of them ran. A
+    second backward through the same graph (``retain_graph``) has the convs return their own gradients, passed on."""
+
+    @staticmethod
+    def forward(ctx, parameter: Tensor, buffer: Tensor) -> Tensor:
+        ctx.buffer = buffer  # mutated by the backward ops: not saved (its version changes)
+        ctx.set_materialize_grads(False)  # the convs pass None: no zeros filled, none added
+        return parameter.view_as(parameter)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        buffer, ctx.buffer = ctx.buffer, None
+        if buffer is None:
+            return grad, None
+        return (buffer if grad is None else buffer + grad), None
+
+
+@dataclass
+class SharedConv:
+    """A tower layer's conv as its five levels' ``conv3x3_bn`` calls take it: weight and bias (views through
+    :class:`SharedParameter` where their gradients share buffers) and the buffers, or None."""
+
+    weight: Tensor
+    bias: Tensor | None
+    weight_grad: Tensor | None = None
+    bias_grad: Tensor | None = None
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, workspace: ConnectionWorkspace, batch_statistics: bool) -> SharedConv:
+        """Share the gradient buffers where every level's BN uses batch statistics (``batch_statistics``), the
+        workspace holds the weight's gradient (a dense fp32 weight) and the bias is fp32 or absent."""
+        bias = conv.bias
+        if not batch_statistics or SharedConv.buffer_elements(conv, workspace.dtype) == 0:
+            return cls(conv.weight, bias)
+        weight_grad = workspace.take_weight_grad(conv.weight)
+        bias_grad = None if bias is None else workspace.take(bias.numel(), rows=1)[0]
+        weight = SharedParameter.apply(conv.weight, weight_grad)
+        return cls(weight, None if bias is None else SharedParameter.apply(bias, bias_grad), weight_grad, bias_grad)
+
+    @staticmethod
+    def buffer_elements(conv: nn.Conv2d, dtype: torch.dtype) -> int:
+        """The workspace elements :meth:`of` takes for ``conv``."""
+        if not ConnectionWorkspace.holds_weight_grad(conv.weight, dtype):
+            return 0
+        if conv.bias is not None and not _holds_bias_grad(conv.bias):
+            return 0
+        return conv.weight.numel() + (0 if conv.bias is None else conv.bias.numel())
+
+
+def _holds_bias_grad(bias: Tensor) -> bool:
+    return bias.requires_grad and bias.dtype == torch.float32
+
+
+def fusable_head(head) -> bool:
+    """Whether every norm of the head's towers is a BN the fused ops implement (``nn.BatchNorm2d`` and subclasses)."""
+    towers = (head.class_tower, head.box_tower)
+    return all(isinstance(norm, nn.modules.batchnorm._BatchNorm) for t in towers for n in t.norms for norm in n)
+
+
+def _workspace_elements(tower, num_levels: int, channels: int, dtype: torch.dtype) -> int:
+    """The zeroed elements a tower's training-mode layers take: per layer its shared gradient buffers, and per level
+    the BN's statistics and counter and (after the first layer) the prologue's gradients."""
+    total = 0
+    for k, conv in enumerate(tower.convs):
+        batch_levels = sum(uses_batch_statistics(tower.norms[level][k]) for level in range(num_levels))
+        total += batch_levels * (2 * channels + 1 + 2 * channels * (k > 0))
+        total += SharedConv.buffer_elements(conv, dtype) if batch_levels == num_levels else 0
+    return total
+
+
+def _batch_statistics(tower, k: int, num_levels: int) -> bool:
+    return all(uses_batch_statistics(tower.norms[level][k]) for level in range(num_levels))
+
+
+def tower_forward(tower, features: list[Tensor], activation: str) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    """Per level ``(y, scale, shift)``: the last layer's raw conv output (N, C, H, W) channels_last and its BN's
+    affine map (fp32), so that the tower's output is ``act(scale·y + shift)``."""
+    stats_dtype = torch.promote_types(features[0].dtype, torch.float32)
+    elements = _workspace_elements(tower, len(features), features[0].shape[1], stats_dtype)
+    workspace = ConnectionWorkspace([elements] if elements else [], features[0].device, stats_dtype)
+    levels = [(x, None, None) for x in features]
+    for k, conv in enumerate(tower.convs):
+        shared = SharedConv.of(conv, workspace, _batch_statistics(tower, k, len(features)))
+        norms = [tower.norms[level][k] for level in range(len(levels))]
+        levels = [
+            conv_then_bn(x, conv, norm, scale, shift, activation, workspace, padding="torch", stride=1, shared=shared)
+            for norm, (x, scale, shift) in zip(norms, levels)
+        ]
+    return levels
+
+
+def predictor_forward(predictor: nn.Conv2d, y: Tensor, scale, shift, activation: str, values_per_anchor: int) -> Tensor:
+    """``predictor(act(scale·y + shift))`` as (N, H·W·A, V) in torchvision's anchor order (a view of the conv's
+    channels_last output)."""
+    out, _ = conv3x3_bn_stats(y, gemm_weight(predictor.weight, y.dtype), scale, shift, activation, "torch", stride=1,
+                              bias=predictor.bias)  # fmt: skip
+    n, _, h, w = out.shape
+    return out.permute(0, 2, 3, 1).reshape(n, h * w * (out.shape[1] // values_per_anchor), values_per_anchor)
+
+
+def fused_head_forward(head, features: list[Tensor]) -> dict[str, Tensor]:
+    """``head(features)`` from the fused ops: same parameters, buffers and result as the eager forward."""
+    dtype = compute_dtype(features[0])
+    features = [x.to(dtype) for x in features]
+    outputs = {}
+    for name, tower, predictor, values in (
+        ("cls_logits", head.class_tower, head.class_predictor, head.num_classes),
+        ("bbox_regression", head.box_tower, head.box_predictor, 4),
+    ):
+        levels = tower_forward(tower, features, head.activation)
+        outputs[name] = torch.cat(
+            [predictor_forward(predictor, y, scale, shift, head.activation, values) for y, scale, shift in levels], 1
+        )
+    return outputs

@@ -92,7 +92,6 @@ def _wgrad_tile(
     kh, kw = tap // 3, tap % 3
     first = chunk * PIXELS_PER_PROGRAM
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    bias_acc = tl.zeros((BLOCK_M,), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
@@ -100,16 +99,15 @@ def _wgrad_tile(
         g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
                              y_rows, o, o < C_OUT, (o < C_OUT)[:, None] & (p < P)[None, :], sdy_c, sy_c, False,
                              FROM_AFFINE)  # fmt: skip
-        if HAS_BIAS:
-            bias_acc += tl.sum(g, axis=1)
+        if HAS_BIAS:  # noqa: SIM102 (a constexpr branch, then a runtime one; added per step: no loop-carried vector)
+            if (pid_k == 0) & (tap == 0):
+                tl.atomic_add(dbias_ptr + o, tl.sum(g, axis=1), mask=o < C_OUT)
         h, w = STRIDE * i + kh - PAD, STRIDE * j + kw - PAD
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
         acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, inside[:, None] & (k < C_IN)[None, :],
                         scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
     mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
     tl.atomic_add(dw_ptr + o[:, None] * sdw_o + k[None, :] * sdw_c + kh * sdw_h + kw * sdw_w, acc, mask=mask)
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + o, bias_acc, mask=(o < C_OUT) & (pid_k == 0) & (tap == 0))
 
 
 @triton.jit

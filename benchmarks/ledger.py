@@ -295,7 +295,7 @@ def count_detector_step(
     autocast: torch.dtype | None = None,
 ) -> Ledger:  # fmt: skip
     """Launches of one RetinaNet training step (``detector(images, targets)``: transform, backbone, head, anchors,
-    matching and losses; backward of their sum), eager or fused (connections and loss) as
+    matching and losses; backward of their sum), eager or fused (connections, blocks, head and loss) as
     :func:`count_training_step` counts a backbone's. Parts: the backbone's, ``transform``, ``head``, ``anchors`` and
     ``loss`` (matching and both losses)."""
     detector.train().zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="swish", choices=("swish", "relu"))
     p.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (official: 0.01)")
     p.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
-                   help="fused cross-scale connections, blocks and loss (auto: on a GPU with Triton)")  # fmt: skip
+                   help="fused connections, blocks, head and loss (auto: on a GPU with Triton)")  # fmt: skip
     p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process and batch")
     p.add_argument("--accum-steps", type=int, default=1, help="batches per optimiser step (gradient accumulation)")

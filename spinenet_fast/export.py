@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._optional import require
+from .detection.head import SpineNetRetinaNetHead
 from .models.blocks import BlockGroup
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
@@ -50,8 +51,6 @@ class RawDetector(nn.Module):
 def eager_connections(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
     block."""
-    from .detection.head import SpineNetRetinaNetHead
-
     merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead))]
     saved = [m.fused for m in merges]
     try:

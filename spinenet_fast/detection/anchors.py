@@ -45,3 +45,14 @@ def spinenet_anchor_generator(
     )
     generator = CellCenteredAnchorGenerator if style == "tf" else AnchorGenerator
     return generator(sizes, (ASPECT_RATIOS,) * len(sizes))
+
+
+def flatten_per_anchor(x: Tensor, values_per_anchor: int) -> Tensor:
+    """(N, A·V, H, W) -> (N, H·W·A, V), torchvision's anchor order."""
+    n, channels, h, w = x.shape
+    anchors = channels // values_per_anchor  # explicit: an empty batch has no size to infer
+    return (
+        x.view(n, anchors, values_per_anchor, h, w)
+        .permute(0, 3, 4, 1, 2)
+        .reshape(n, h * w * anchors, values_per_anchor)
+    )

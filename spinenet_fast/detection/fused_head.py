@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..models.fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn, gemm_weight, uses_batch_statistics
 from ..ops import conv3x3_bn_stats
+from .anchors import flatten_per_anchor
 
 
 class SharedParameter(torch.autograd.Function):
@@ -91,7 +92,7 @@ def _workspace_elements(tower, num_levels: int, channels: int, dtype: torch.dtyp
     for k, conv in enumerate(tower.convs):
         batch_levels = sum(uses_batch_statistics(tower.norms[level][k]) for level in range(num_levels))
         total += batch_levels * (2 * channels + 1 + 2 * channels * (k > 0))
-        total += SharedConv.buffer_elements(conv, dtype) if batch_levels == num_levels else 0
+        total += SharedConv.buffer_elements(conv, dtype) if _batch_statistics(tower, k, num_levels) else 0
     return total
 
 
@@ -121,8 +122,7 @@ def predictor_forward(predictor: nn.Conv2d, y: Tensor, scale, shift, activation:
     channels_last output)."""
     out, _ = conv3x3_bn_stats(y, gemm_weight(predictor.weight, y.dtype), scale, shift, activation, "torch", stride=1,
                               bias=predictor.bias)  # fmt: skip
-    n, _, h, w = out.shape
-    return out.permute(0, 2, 3, 1).reshape(n, h * w * (out.shape[1] // values_per_anchor), values_per_anchor)
+    return flatten_per_anchor(out, values_per_anchor)
 
 
 def fused_head_forward(head, features: list[Tensor]) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from torchvision.ops import sigmoid_focal_loss
 from ..models.layers import NormFactory, make_activation, uses_fused_setting
 from ..ops.backends import fused_kernels_available
 from ..ops.retinanet_loss import retinanet_loss
+from .anchors import flatten_per_anchor
 from .fused_head import fusable_head, fused_head_forward
 from .matching import pad_targets
 
@@ -42,17 +43,6 @@ class SharedTower(nn.Module):
         for conv, norm in zip(self.convs, self.norms[level]):
             x = self.act(norm(conv(x)))
         return x
-
-
-def _flatten_per_anchor(x: Tensor, values_per_anchor: int) -> Tensor:
-    """(N, A·V, H, W) -> (N, H·W·A, V), torchvision's anchor order."""
-    n, channels, h, w = x.shape
-    anchors = channels // values_per_anchor  # explicit: an empty batch has no size to infer
-    return (
-        x.view(n, anchors, values_per_anchor, h, w)
-        .permute(0, 3, 4, 1, 2)
-        .reshape(n, h * w * anchors, values_per_anchor)
-    )
 
 
 class SpineNetRetinaNetHead(nn.Module):
@@ -110,8 +100,8 @@ class SpineNetRetinaNetHead(nn.Module):
             return fused_head_forward(self, features)
         cls_logits, bbox_regression = [], []
         for level, x in enumerate(features):
-            cls_logits.append(_flatten_per_anchor(self.class_predictor(self.class_tower(x, level)), self.num_classes))
-            bbox_regression.append(_flatten_per_anchor(self.box_predictor(self.box_tower(x, level)), 4))
+            cls_logits.append(flatten_per_anchor(self.class_predictor(self.class_tower(x, level)), self.num_classes))
+            bbox_regression.append(flatten_per_anchor(self.box_predictor(self.box_tower(x, level)), 4))
         return {"cls_logits": torch.cat(cls_logits, dim=1), "bbox_regression": torch.cat(bbox_regression, dim=1)}
 
     def uses_fused_ops(self) -> bool:

@@ -42,7 +42,7 @@ conv3x3_bn_backward_reference = with_bn_backward(conv3x3_bn_stats_backward_refer
 def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
                     bn_weight, mean, var, *_):  # fmt: skip
     reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding,
-                                            stride, d_bias_out)  # fmt: skip
+                                            stride)  # fmt: skip
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
@@ -144,7 +144,7 @@ def conv3x3_bn(
     computed); ``bias_grad_buffer``: a zeroed (C_out,) tensor of the statistics' dtype its gradient is added into,
     like ``weight_grad_buffer``. ``shared_grad_buffers``: the weight's and bias' gradients stay in those buffers,
     shared by several calls of one weight (the head's levels), and are returned as None: the caller hands the buffers
-    to autograd once (``detection.fused_head.shared_parameters``)."""
+    to autograd once (``detection.fused_head.SharedParameter``)."""
     check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias)
     pixels = x.shape[0] * (x.shape[2] // stride) * (x.shape[3] // stride)
     bn = checked_bn_args(

@@ -4,15 +4,14 @@ to::
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, bias, stride=stride)
 
 ``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` and the optional
-(C_out,) ``bias`` are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are
-used, as autocast rounds them). ``padding``
-is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0 before, 1 after, for inputs whose H
-and W are even). Tensors are (N, C, H, W), any memory format; outputs are channels_last.
-The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test oracle. The
-op runs as a Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the materialised
-input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the
-activation (not the conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside
-them, or (``cuda``) ATen's conv backward between the elementwise steps.
+(C_out,) ``bias`` are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are used,
+as autocast rounds them). ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0
+before, 1 after, for inputs whose H and W are even). Tensors are (N, C, H, W), any memory format; outputs are
+channels_last. The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test
+oracle. The op runs as a Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the
+materialised input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the
+activation (not the conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside them,
+or (``cuda``) ATen's conv backward between the elementwise steps.
 """
 
 import torch
@@ -160,7 +159,7 @@ def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, act
 
 
 def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
-                                  d_bias_out) -> list[str]:  # fmt: skip
+                                  *_) -> list[str]:  # fmt: skip
     reasons = _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride)
     return reasons + backends.triton_reasons(dy, y)
 

@@ -176,6 +176,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         pooled_conv1x1_bn,
         retinanet_loss,
     )
+    from spinenet_fast.ops.merge import MAX_READERS, merge_for_readers
 
     def leaf(*shape, stats: bool = False) -> torch.Tensor:
         t = torch.randn(*shape, dtype=torch.float32 if stats else dtype)
@@ -216,6 +217,9 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
             vectors = [leaf(64, stats=True) for _ in range(2 * len(ratios))]
             extra = leaf(2, 64, 32, 32) if with_extra else None
             backward(merge(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation))
+            for readers in range(2, MAX_READERS + 1):  # the backward summing every reader's gradient as it loads it
+                backward(*merge_for_readers(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation,
+                                            readers=readers))  # fmt: skip
     # RetinaNet's loss over 900 anchors × 91 COCO classes: 3 ground-truth boxes per image, every kind of match.
     corners = torch.rand(2, 903, 2) * 100
     boxes = torch.cat([corners, corners + 10], -1)

@@ -221,6 +221,7 @@ def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
         def record(module, args, output):
             feats = args[0]
             parents, extras = [feats[i] for i in module.parent_ids], [feats[j] for j in module.extra_ids]
+            output = output if isinstance(output, torch.Tensor) else output[0]  # one of its readers' copies
             floors[name] = connection_floor(parents, output, list(module.parameters()), extras)
 
         return record

@@ -127,7 +127,10 @@ SF_HOST_DEVICE void bn_finalize_backward_channel(const T* d_scale, const T* d_sh
 
 // ------------------------------------------------------------------------------------------------------ merge
 // out = act(Σ_i scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i + extra) for one or two parents. For the backward, parent 0
-// is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order.
+// is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order. The backward's output gradient
+// is the sum of up to kMaxMergeGrads tensors (one per reader of the output), added as they are loaded.
+constexpr int kMaxMergeGrads = 4;
+
 template <typename scalar_t, typename acc_t>
 struct MergeArgs {
   const scalar_t* parent[2];
@@ -136,7 +139,8 @@ struct MergeArgs {
   int64_t ratio[2];
   int num_parents;
   const scalar_t* extra;  // nullptr: none
-  const scalar_t* grad;   // backward only: (N, H, W, C)
+  const scalar_t* grad[kMaxMergeGrads];  // backward only: (N, H, W, C) each, their sum the output gradient
+  int num_grads;
   scalar_t* out;          // forward: the merged output; backward: unused
   scalar_t* d_parent[2];  // backward outputs, at the parents' resolutions
   scalar_t* d_extra;      // backward output (nullptr without extra)
@@ -216,7 +220,12 @@ SF_UNROLL
 SF_UNROLL
             for (int k = 0; k < VEC; ++k) pre[k] += term[k];
           }
-          load<VEC>(a.grad + pixel * a.C + c, grad);
+          load<VEC>(a.grad[0] + pixel * a.C + c, grad);
+          for (int g = 1; g < a.num_grads; ++g) {
+            load<VEC>(a.grad[g] + pixel * a.C + c, term);
+SF_UNROLL
+            for (int k = 0; k < VEC; ++k) grad[k] += term[k];
+          }
 SF_UNROLL
           for (int k = 0; k < VEC; ++k) {
             term[k] = grad[k] * activation_grad(pre[k], a.act);

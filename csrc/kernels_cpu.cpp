@@ -92,11 +92,11 @@ void merge_forward(const MergeTensors& t) {
 
 void merge_backward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_backward");
-  SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
+  SF_DISPATCH(t.grads[0].scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = merge_args<scalar_t, acc_t>(t);
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
-    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
+    with_vec<scalar_t>(vec_width(t.grads[0], a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       add_sums<acc_t, VEC, kNumMergeSums>(
           t.sums, coarse_pixels, a.C,

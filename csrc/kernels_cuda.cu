@@ -187,12 +187,12 @@ void merge_forward(const MergeTensors& t) {
 
 void merge_backward(const MergeTensors& t) {
   SF_KERNEL_SCOPE("merge_backward");
-  SF_DISPATCH(t.grad.scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
+  SF_DISPATCH(t.grads[0].scalar_type(), "spinenet_fast::ext_merge_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MergeBackward<scalar_t, acc_t> item{merge_args<scalar_t, acc_t>(t)};
     const auto& a = item.a;
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
-    with_vec<scalar_t>(vec_width(t.grad, a.C, merge_pointers(t)), [&](auto width) {
+    with_vec<scalar_t>(vec_width(t.grads[0], a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
       add_sums<VEC, kNumMergeSums, acc_t>(item, t.sums, coarse_pixels, a.C);
     });

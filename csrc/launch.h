@@ -57,7 +57,7 @@ struct MergeTensors {
   std::vector<at::Tensor> parents, scales, shifts;
   std::vector<int64_t> ratios;
   std::optional<at::Tensor> extra;
-  at::Tensor grad;                 // backward
+  std::vector<at::Tensor> grads;   // backward: the output gradient's terms (one per reader), summed
   at::Tensor out;                  // forward
   std::vector<at::Tensor> d_parents;  // backward
   std::optional<at::Tensor> d_extra;  // backward
@@ -77,10 +77,11 @@ MergeArgs<scalar_t, acc_t> merge_args(const MergeTensors& t) {
     if (!t.d_parents.empty()) a.d_parent[i] = t.d_parents[i].mutable_data_ptr<scalar_t>();
   }
   a.extra = t.extra ? t.extra->const_data_ptr<scalar_t>() : nullptr;
-  a.grad = t.grad.defined() ? t.grad.const_data_ptr<scalar_t>() : nullptr;
+  a.num_grads = static_cast<int>(t.grads.size());
+  for (int g = 0; g < a.num_grads; ++g) a.grad[g] = t.grads[g].const_data_ptr<scalar_t>();
   a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;
   a.d_extra = t.d_extra ? t.d_extra->mutable_data_ptr<scalar_t>() : nullptr;
-  const at::Tensor& like = t.out.defined() ? t.out : t.grad;
+  const at::Tensor& like = t.out.defined() ? t.out : t.grads[0];
   a.N = like.size(0), a.C = like.size(1), a.H = like.size(2), a.W = like.size(3);
   a.act = t.act;
   return a;
@@ -88,15 +89,13 @@ MergeArgs<scalar_t, acc_t> merge_args(const MergeTensors& t) {
 
 inline std::vector<const void*> merge_pointers(const MergeTensors& t) {
   std::vector<const void*> p;
-  for (const auto& v : {t.parents, t.d_parents}) {
+  for (const auto& v : {t.parents, t.d_parents, t.grads}) {
     for (const auto& x : v) p.push_back(x.const_data_ptr());
   }
   for (const auto* x : {&t.extra, &t.d_extra}) {
     if (*x) p.push_back((*x)->const_data_ptr());
   }
-  for (const auto* x : {&t.grad, &t.out}) {
-    if (x->defined()) p.push_back(x->const_data_ptr());
-  }
+  if (t.out.defined()) p.push_back(t.out.const_data_ptr());
   return p;
 }
 

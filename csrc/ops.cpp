@@ -154,7 +154,7 @@ at::Tensor sums_accumulator(const std::optional<at::Tensor>& sums_out, int64_t r
   return out;
 }
 
-std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorList parents, at::TensorList scales,
+std::vector<at::Tensor> ext_merge_backward(at::TensorList grads, at::TensorList parents, at::TensorList scales,
                                            at::TensorList shifts, at::IntArrayRef ratios,
                                            const std::optional<at::Tensor>& extra, c10::string_view activation,
                                            const std::optional<at::Tensor>& sums_out) {
@@ -163,8 +163,13 @@ std::vector<at::Tensor> ext_merge_backward(const at::Tensor& grad, at::TensorLis
   const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
   TORCH_CHECK_VALUE(t.ratios[0] % t.ratios.back() == 0,
                     "ratios: the extension's merge backward needs one ratio to divide the other, got ", ratios);
-  check_like("grad", grad, parents[0], shape);
-  t.grad = contiguous_logged(grad, kNHWC);
+  TORCH_CHECK_VALUE(!grads.empty() && grads.size() <= kMaxMergeGrads, "grads: the extension's merge backward sums 1 to ",
+                    kMaxMergeGrads, " output gradients, got ", grads.size());
+  for (size_t g = 0; g < grads.size(); ++g) {
+    check_like("grads[" + std::to_string(g) + "]", grads[g], parents[0], shape);
+    t.grads.push_back(contiguous_logged(grads[g], kNHWC));
+  }
+  const at::Tensor& grad = t.grads[0];
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());

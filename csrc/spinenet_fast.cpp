@@ -48,10 +48,11 @@ TORCH_LIBRARY(spinenet_fast, m) {
   m.def(
       "ext_merge(Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios, Tensor? extra, str activation)"
       " -> Tensor");
-  // [*d_parents, sums (coarse-first Σ d_pre·y_i rows, then Σ d_pre), (d_extra)]; with `sums_out` (zeroed, (3, C)) the
-  // sums are added into it and the returned sums are that tensor.
+  // [*d_parents, sums (coarse-first Σ d_pre·y_i rows, then Σ d_pre), (d_extra)] for the output gradient Σ grads
+  // (1 to 4 terms, one per reader of the output); with `sums_out` (zeroed, (3, C)) the sums are added into it and the
+  // returned sums are that tensor.
   m.def(
-      "ext_merge_backward(Tensor grad, Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios,"
+      "ext_merge_backward(Tensor[] grads, Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios,"
       " Tensor? extra, str activation, Tensor(a!)? sums_out=None) -> Tensor[]");
   // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift), and with `with_route`
   // the int32 (N, C, OH, OW) channels_last route: the level-0 pixel h·W + w each output's gradient goes to (else an

@@ -49,16 +49,20 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
     require_backend("cuda")
     ops = torch.ops.spinenet_fast
     args = merge_args()
-    with pytest.raises(ValueError, match=r"grad must have shape \[1, 4, 4, 4\], got \[1, 4, 2, 2\]"):
-        ops.ext_merge_backward(torch.zeros(1, 4, 2, 2), *args.values())
-    grad = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"grads\[1\] must have shape \[1, 4, 4, 4\], got \[1, 4, 2, 2\]"):
+        ops.ext_merge_backward([torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 2, 2)], *args.values())
+    with pytest.raises(ValueError, match="grads: the extension's merge backward sums 1 to 4 output gradients, got 5"):
+        ops.ext_merge_backward([torch.zeros(1, 4, 4, 4)] * 5, *args.values())
+    with pytest.raises(ValueError, match="sums 1 to 4 output gradients, got 0"):
+        ops.ext_merge_backward([], *args.values())
+    grad = [torch.zeros(1, 4, 4, 4)]
     with pytest.raises(ValueError, match=r"sums_out must be a contiguous \(3, 4\) tensor"):
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(4, 3).t())
     with pytest.raises(TypeError, match="sums_out must be Float, got Double"):
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(3, 4, dtype=torch.float64))
     args["parents"] = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 2)]
     with pytest.raises(ValueError, match="needs one ratio to divide the other"):
-        ops.ext_merge_backward(torch.zeros(1, 4, 6, 6), *{**args, "ratios": [2, 3]}.values())
+        ops.ext_merge_backward([torch.zeros(1, 4, 6, 6)], *{**args, "ratios": [2, 3]}.values())
     y = torch.randn(1, 4, 8, 8)
     route = ops.ext_bn_act_maxpool(y, None, None, "relu", 1, "torch", True)[1]
     with pytest.raises(ValueError, match=r"y: H and W must be multiples of 2\^num_pools = 16"):
@@ -105,7 +109,7 @@ def test_extension_handles_empty_batches():
     parents = [torch.randn(0, 4, 4, 4), torch.randn(0, 4, 2, 2)]
     vectors = [torch.ones(4)] * 2
     assert ops.ext_merge(parents, vectors, vectors, [1, 2], None, "swish").shape == (0, 4, 4, 4)
-    grads = ops.ext_merge_backward(torch.zeros(0, 4, 4, 4), parents, vectors, vectors, [1, 2], None, "swish")
+    grads = ops.ext_merge_backward([torch.zeros(0, 4, 4, 4)], parents, vectors, vectors, [1, 2], None, "swish")
     assert [tuple(g.shape) for g in grads] == [(0, 4, 4, 4), (0, 4, 2, 2), (3, 4)]  # d_parents, sums
     assert grads[2].abs().sum() == 0
     pooled, route = ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch", True)

@@ -59,9 +59,16 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
         "triton _conv1x1_backward_kernel": 2,
         "triton _conv3x3_backward_kernel": 1,
         "extension merge_backward": 1,
-        "aten add": 1,
-    }  # the input's two gradients: as eager
+    }  # the input's two gradients (main path, shortcut) are summed by the producing merge's backward: no add
     assert "aten convolution" in eager["groups.3"]["forward"]
+
+    # Autograd adds the gradients of a map several modules read: eager, one add per extra reader (37); fused, only
+    # the eager stem's output (read by the first block's main path and shortcut) — every block output and block
+    # input is a merge's, returned once per reader (ops.merge_for_readers).
+    def adds(ledger):
+        return {part: ops["backward"]["aten add"] for part, ops in ledger.items() if "aten add" in ops["backward"]}
+
+    assert sum(adds(eager).values()) == 37 and adds(fused) == {"init_groups.0": 1}
     groups = {row["part"]: row for row in result["summary"]["groups"]}
     assert groups["total"]["eager forward"] == sum(sum(p["forward"].values()) for p in eager.values())
     markdown = (out / "ledger.md").read_text()

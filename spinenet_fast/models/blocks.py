@@ -114,10 +114,17 @@ class BlockGroup(nn.Sequential):
         """See ``fused``."""
         return uses_fused_setting(self, self.fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], readers: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """x: the input, or one copy per reader of it (main path, shortcut: a fused merge's ``readers=2``); with
+        ``readers``, the output that many times, one per reader (see ``CrossScaleMerge.forward``)."""
+        main = x[0] if isinstance(x, tuple) else x
         # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
-        if not self.uses_fused_ops() or x.shape[0] == 0:
-            return super().forward(x)
-        for block in self:
-            x = fused_block_forward(block, x, self.activation, self.padding)
-        return x
+        if not self.uses_fused_ops() or main.shape[0] == 0:
+            out = super().forward(main)
+            return out if readers is None else (out,) * readers
+        for i, block in enumerate(self):
+            last = i == len(self) - 1
+            x = fused_block_forward(block, x, self.activation, self.padding, (readers or 1) if last else 2)
+        return x[0] if readers is None else x

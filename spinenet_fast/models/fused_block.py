@@ -8,7 +8,9 @@ conv's backward kernels), so no normalised or activated tensor is written betwee
 last BN, shortcut BN (or the identity input), residual add, activation — is one ``merge`` of same-resolution parents.
 With stochastic depth active (training mode, drop rate > 0) the output is computed by the eager ops instead (the
 merge has no per-sample scale), after the same fused convs, drawing the same random numbers as the eager block.
-Activations are NCHW tensors of any memory format; the fused convs return channels_last.
+Activations are NCHW tensors of any memory format; the fused convs return channels_last. The block's input comes
+as one tensor or as one per reader (main path, shortcut: ``merge_for_readers``), and its output goes out as one per
+reader of it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import merge
+from ..ops.merge import merge_for_readers
 from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
 
 
@@ -30,11 +32,14 @@ def drops_rows(block) -> bool:
     return block.drop_path.training and block.drop_path.p > 0
 
 
-def fused_block_forward(block, x: Tensor, activation: str, padding: str) -> Tensor:
-    """``block(x)`` from the fused ops: same parameters, buffers and result as the block's eager forward.
-    x: (N, C_in, H, W) -> (N, C_out, H, W) channels_last."""
+def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: str, padding: str,
+                        readers: int = 1) -> tuple[Tensor, ...]:  # fmt: skip
+    """``block(x)`` from the fused ops, once per reader (``merge_for_readers``): same parameters, buffers and result
+    as the block's eager forward. x: (N, C_in, H, W), or its (main path, shortcut) readers' copies -> ``readers``
+    × (N, C_out, H, W) channels_last."""
+    x, x_shortcut = x if isinstance(x, tuple) else (x, x)
     dtype = compute_dtype(x)
-    x = x.to(dtype)
+    x, x_shortcut = x.to(dtype), x_shortcut.to(dtype)
     convs = block_convs(block)
     layers = [(layer, i > 0) for i, layer in enumerate(convs)]
     layers += [(block.shortcut, False)] if block.shortcut is not None else []
@@ -50,10 +55,10 @@ def fused_block_forward(block, x: Tensor, activation: str, padding: str) -> Tens
         three_by_three = layer.conv.kernel_size[0] == 3
         y, scale, shift = conv_then_bn(y, layer.conv, layer.bn, scale, shift, activation, workspace,
                                        padding=padding if three_by_three else None, stride=1)  # fmt: skip
-    parents, scales, shifts, extra = [y], [scale], [shift], x
+    parents, scales, shifts, extra = [y], [scale], [shift], x_shortcut
     if block.shortcut is not None:
         shortcut = block.shortcut
-        y_short, scale_short, shift_short = conv_then_bn(x, shortcut.conv, shortcut.bn, None, None, activation,
+        y_short, scale_short, shift_short = conv_then_bn(x_shortcut, shortcut.conv, shortcut.bn, None, None, activation,
                                                          workspace)  # fmt: skip
         parents.append(y_short)
         scales.append(scale_short)
@@ -61,9 +66,10 @@ def fused_block_forward(block, x: Tensor, activation: str, padding: str) -> Tens
         extra = None
     if drops_rows(block):
         branch, *rest = (affine(p, s, t, dtype) for p, s, t in zip(parents, scales, shifts))
-        return block.act(block.drop_path(branch) + (rest[0] if rest else x))
+        return (block.act(block.drop_path(branch) + (rest[0] if rest else x_shortcut)),) * readers
     sums_buffer = workspace.take(parents[0].shape[1], rows=3) if sizes else None
-    return merge(parents, scales, shifts, [1] * len(parents), extra, activation, sums_buffer=sums_buffer)
+    return merge_for_readers(parents, scales, shifts, [1] * len(parents), extra, activation, readers=readers,
+                             sums_buffer=sums_buffer)  # fmt: skip
 
 
 def affine(y: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:

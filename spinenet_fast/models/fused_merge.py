@@ -23,11 +23,11 @@ from ..ops import (
     conv1x1_bn_stats,
     conv3x3_bn,
     conv3x3_bn_stats,
-    merge,
     pooled_conv1x1_bn,
 )
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
+from ..ops.merge import merge_for_readers
 
 
 def uses_batch_statistics(bn: nn.Module) -> bool:
@@ -202,8 +202,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str) -> Tensor:
-    """``module``'s output from the fused ops; same parameters, buffers and result as its eager forward."""
+def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str, readers: int = 1
+                        ) -> tuple[Tensor, ...]:  # fmt: skip
+    """``module``'s output from the fused ops, once per reader (``merge_for_readers``); same parameters, buffers
+    and result as its eager forward."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     parents, scales, shifts, ratios = [], [], [], []
     workspace = ConnectionWorkspace.for_merge(
@@ -219,4 +221,5 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     for j in module.extra_ids:
         extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
     sums_buffer = workspace.take(parents[0].shape[1], rows=3) if len(parents) <= 2 else None
-    return merge(parents, scales, shifts, ratios, extra, activation, sums_buffer=sums_buffer)
+    return merge_for_readers(parents, scales, shifts, ratios, extra, activation, readers=readers,
+                             sums_buffer=sums_buffer)  # fmt: skip

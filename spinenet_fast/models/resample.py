@@ -92,13 +92,17 @@ class CrossScaleMerge(nn.Module):
         """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
         return uses_fused_setting(self, self.fused)
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor], readers: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The merged map; with ``readers``, that many tensors of it, one per reader (fused: views whose gradients
+        the merge backward sums as it loads them, ``ops.merge_for_readers``; eager: the same tensor)."""
         # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
         if self.uses_fused_ops() and feats[self.parent_ids[0]].shape[0] > 0:
-            return fused_merge_forward(self, feats, self.activation, self.padding)
+            outputs = fused_merge_forward(self, feats, self.activation, self.padding, readers or 1)
+            return outputs[0] if readers is None else outputs
         x = self.resamples[0](feats[self.parent_ids[0]])
         for resample, i in zip(self.resamples[1:], self.parent_ids[1:]):
             x = x + resample(feats[i])
         for j in self.extra_ids:
             x = x + feats[j]
-        return self.act(x)
+        x = self.act(x)
+        return x if readers is None else (x,) * readers

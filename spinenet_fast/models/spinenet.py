@@ -317,15 +317,35 @@ class SpineNet(nn.Module):
         for name in [name for name in self._endpoint_ids if name not in names]:
             del self.endpoints[name], self._endpoint_ids[name]
 
+    def feature_reads(self) -> list[int]:
+        """How many modules read each block output (``feats`` entry): merges as a parent or an extra, endpoints."""
+        reads = [0] * (len(self.init_groups) + len(self.merges))
+        for merge in self.merges:
+            for i in () if isinstance(merge, PrunedBlock) else merge.parent_ids + merge.extra_ids:
+                reads[i] += 1
+        for i in self._endpoint_ids.values():
+            reads[i] += 1
+        return reads
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        # Every block output and block input comes once per reader (fused: views whose gradients the producing merge
+        # sums in its backward kernel, so autograd adds no full-size gradients; eager: the same tensor repeated).
         x = self.stem(check_image_batch(x, self.stem.conv.conv.weight))
-        feats = []
-        for group in self.init_groups:
-            x = group(x)
-            feats.append(x)
+        reads = self.feature_reads()
+        feats: list[list[torch.Tensor] | None] = []  # per block: its output's copies not yet read
+        for k, group in enumerate(self.init_groups):
+            chained = k + 1 < len(self.init_groups)  # the next initial group reads it too (main path, shortcut)
+            copies = list(group(x, readers=max(1, reads[k]) + 2 * chained))
+            x = (copies.pop(), copies.pop()) if chained else None
+            feats.append(copies)
         for merge, group in zip(self.merges, self.groups):
-            feats.append(None if isinstance(group, PrunedBlock) else group(merge(feats)))
-        return OrderedDict((name, self.endpoints[name](feats[i])) for name, i in self._endpoint_ids.items())
+            if isinstance(group, PrunedBlock):
+                feats.append(None)
+                continue
+            ids = set(merge.parent_ids + merge.extra_ids)
+            inputs = [feats[i].pop() if i in ids else None for i in range(len(feats))]
+            feats.append(list(group(merge(inputs, readers=2), readers=max(1, reads[len(feats)]))))
+        return OrderedDict((name, self.endpoints[name](feats[i].pop())) for name, i in self._endpoint_ids.items())
 
 
 class PrunedBlock(nn.Module):

@@ -7,6 +7,8 @@ Equivalent to::
 parents y_i: (N, C, H/ρ_i, W/ρ_i), any memory format (channels_last is the fast one); scales, shifts: (C,)
 fp32 (BN folded to an affine map); extra: (N, C, H, W) or None. Returns (N, C, H, W) in the parents' dtype.
 No upsampled copy is ever written; the backward block-sums the gradient back to each parent's resolution.
+``merge_for_readers`` returns the output once per reader, so that the backward sums the readers' gradients as it
+loads them (autograd adds none).
 """
 
 import torch
@@ -19,6 +21,7 @@ from .op_spec import Backend
 from .schema_types import IntList, TensorList
 
 CHANNELS_LAST = torch.channels_last  # every 4-D output of the merge ops (NHWC in memory)
+MAX_READERS = 4  # the output gradient terms the backward kernels sum as they load them
 
 
 def check_merge_args(
@@ -112,11 +115,11 @@ def backward_sums(d_scales: list[Tensor], d_shift: Tensor, ratios: list[int]) ->
     return torch.stack(rows)
 
 
-def merge_backward_reference(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
-    """``[*d_parents, sums, (d_extra)]`` of :func:`merge_reference` in plain PyTorch (``sums``:
-    :func:`backward_sums`)."""
+def merge_backward_reference(grads, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+    """``[*d_parents, sums, (d_extra)]`` of :func:`merge_reference` for the output gradient Σ ``grads``, in plain
+    PyTorch (``sums``: :func:`backward_sums`)."""
     pre = _pre_activation(parents, scales, shifts, ratios, extra)
-    d_pre = grad.to(pre.dtype) * activation_grad(pre, activation)
+    d_pre = sum(g.to(pre.dtype) for g in grads) * activation_grad(pre, activation)
     sums = [_block_sum(d_pre, r) for r in ratios]
     d_parents = [
         (s * scale.to(s.dtype).view(1, -1, 1, 1)).to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
@@ -137,8 +140,14 @@ def _triton_reasons(parents, scales, shifts, ratios, extra, activation) -> list[
     return reasons
 
 
-def _triton_backward_reasons(grad, *args) -> list[str]:
-    return _triton_reasons(*args) + backends.triton_reasons(grad)
+def _readers_reasons(grads: list[Tensor]) -> list[str]:
+    if len(grads) > MAX_READERS:
+        return [f"the fused merge backward sums at most {MAX_READERS} output gradients, got {len(grads)}"]
+    return []
+
+
+def _triton_backward_reasons(grads, *args) -> list[str]:
+    return _triton_reasons(*args) + backends.triton_reasons(*grads) + _readers_reasons(grads)
 
 
 def _extension_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
@@ -150,14 +159,14 @@ def _extension_reasons(parents, scales, shifts, ratios, extra, activation) -> li
     return reasons
 
 
-def _extension_backward_reasons(grad, *args) -> list[str]:
-    return _extension_reasons(*args) + backends.extension_reasons(grad)
+def _extension_backward_reasons(grads, *args) -> list[str]:
+    return _extension_reasons(*args) + backends.extension_reasons(*grads) + _readers_reasons(grads)
 
 
-def _merge_backward_triton(grad, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+def _merge_backward_triton(grads, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
     from spinenet_fast.kernels.merge import merge_backward
 
-    d_parents, d_scales, d_shift, d_extra = merge_backward(grad, parents, scales, shifts, ratios, extra, activation)
+    d_parents, d_scales, d_shift, d_extra = merge_backward(grads, parents, scales, shifts, ratios, extra, activation)
     return [*d_parents, backward_sums(d_scales, d_shift, ratios), *([d_extra] if d_extra is not None else [])]
 
 
@@ -170,16 +179,16 @@ def _triple(grads: list[Tensor], k: int, has_extra: bool) -> tuple[Tensor, Tenso
 def _into(backward):
     """A ``merge_backward_into`` backend from a ``merge_backward`` one: its sums added into ``sums_out``."""
 
-    def run(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
-        grads = backward(grad, parents, scales, shifts, ratios, extra, activation)
-        sums_out.add_(grads[len(parents)])
-        return _triple(grads, len(parents), extra is not None)
+    def run(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
+        outputs = backward(grads, parents, scales, shifts, ratios, extra, activation)
+        sums_out.add_(outputs[len(parents)])
+        return _triple(outputs, len(parents), extra is not None)
 
     return run
 
 
-def _merge_backward_into_extension(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
-    args = (grad, parents, scales, shifts, ratios, extra, activation, sums_out)
+def _merge_backward_into_extension(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
+    args = (grads, parents, scales, shifts, ratios, extra, activation, sums_out)
     return _triple(torch.ops.spinenet_fast.ext_merge_backward(*args), len(parents), extra is not None)
 
 
@@ -189,21 +198,22 @@ def _fake_merge(parents, scales, shifts, ratios, extra, activation, sums_buffer)
     return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
 
 
-def _fake_backward(grad, parents, scales, shifts, ratios, extra, activation):
+def _fake_backward(grads, parents, scales, shifts, ratios, extra, activation):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
     sums = scales[0].new_empty((max(len(parents), 2) + 1, *scales[0].shape))
     d_extra = [torch.empty_like(extra, memory_format=CHANNELS_LAST)] if extra is not None else []
     return [*d_parents, sums, *d_extra]
 
 
-def _fake_backward_into(grad, parents, scales, shifts, ratios, extra, activation, sums_out):
+def _fake_backward_into(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
-    d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else grad.new_empty(0)
-    return d_parents[0], d_parents[1] if len(parents) == 2 else grad.new_empty(0), d_extra
+    empty = grads[0].new_empty(0)
+    d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else empty
+    return d_parents[0], d_parents[1] if len(parents) == 2 else empty, d_extra
 
 
-def _channels_last_grad(grad, *args) -> tuple:
-    return grad.contiguous(memory_format=CHANNELS_LAST), *args
+def _channels_last_grads(grads, *args) -> tuple:
+    return [g.contiguous(memory_format=CHANNELS_LAST) for g in grads], *args
 
 
 @op_spec.custom_op(
@@ -231,13 +241,14 @@ def _merge_op(
         "triton": Backend(_merge_backward_triton, _triton_backward_reasons),
         "cuda": Backend(op_spec.extension("ext_merge_backward"), _extension_backward_reasons),
     },
-    prepare=_channels_last_grad,
+    prepare=_channels_last_grads,
 )
 def _merge_backward_op(
-    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
+    grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
     extra: Tensor | None, activation: str,
 ) -> TensorList:  # fmt: skip
-    """``[*d_parents, sums (max(k, 2) + 1, C): each parent's d_scale (coarse first), then d_shift, (d_extra)]``."""
+    """``[*d_parents, sums (max(k, 2) + 1, C): each parent's d_scale (coarse first), then d_shift, (d_extra)]`` for the
+    output gradient Σ ``grads`` (one term per reader of the output)."""
 
 
 @op_spec.custom_op(
@@ -249,10 +260,10 @@ def _merge_backward_op(
         "cuda": Backend(_merge_backward_into_extension, lambda *args: _extension_backward_reasons(*args[:-1])),
     },
     mutates_args=("sums_out",),
-    prepare=_channels_last_grad,
+    prepare=_channels_last_grads,
 )
 def _merge_backward_into_op(
-    grad: Tensor, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
+    grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
     extra: Tensor | None, activation: str, sums_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``merge_backward`` of one or two parents whose sums are added into the caller's zeroed ``sums_out`` (3, C):
@@ -271,27 +282,63 @@ def _setup_context(ctx, inputs, output):
     ctx.sums_buffer = sums_buffer if len(parents) <= 2 else None  # used once: a second backward allocates
 
 
-def _backward(ctx, grad):
+def _gradients(ctx, grads: list[Tensor]) -> tuple:
+    """``(d_parents, d_scales, d_shifts, d_extra)`` for the output gradient Σ ``grads`` (the defined ones)."""
     k = ctx.num_parents
     saved = ctx.saved_tensors
     parents, scales, shifts = list(saved[:k]), list(saved[k : 2 * k]), list(saved[2 * k : 3 * k])
     extra = saved[3 * k] if ctx.has_extra else None
     sums, ctx.sums_buffer = ctx.sums_buffer, None
-    args = (grad, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
+    args = (grads, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
     if sums is not None:
         d_first, d_second, d_extra = _merge_backward_into_op(*args, sums)
         d_parents = [d_first, d_second][:k]
     else:
-        grads = _merge_backward_op(*args)
-        d_parents, sums, d_extra = grads[:k], grads[k], (grads[k + 1] if ctx.has_extra else None)
+        outputs = _merge_backward_op(*args)
+        d_parents, sums, d_extra = outputs[:k], outputs[k], (outputs[k + 1] if ctx.has_extra else None)
     d_extra = d_extra if ctx.has_extra else None
     d_scales = [None] * k
     for row, i in enumerate(coarse_first(ctx.ratios)):
         d_scales[i] = sums[row]
-    return d_parents, d_scales, [sums[-1]] * k, None, d_extra, None, None
+    return d_parents, d_scales, [sums[-1]] * k, d_extra
+
+
+def _backward(ctx, grad):
+    d_parents, d_scales, d_shifts, d_extra = _gradients(ctx, [grad])
+    return d_parents, d_scales, d_shifts, None, d_extra, None, None
 
 
 _merge_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MergeForReaders(torch.autograd.Function):
+    """``merge`` returned once per reader (views of one output): each reader's gradient arrives apart, and the
+    backward kernel sums them as it loads them. Inputs flattened, as a Function tracks only tensor arguments."""
+
+    @staticmethod
+    def forward(ctx, readers, ratios, activation, sums_buffer, has_extra, *tensors):
+        k = len(ratios)
+        parents, scales, shifts = list(tensors[:k]), list(tensors[k : 2 * k]), list(tensors[2 * k : 3 * k])
+        inputs = (parents, scales, shifts, list(ratios), tensors[3 * k] if has_extra else None, activation, sums_buffer)
+        out = _merge_op(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.set_materialize_grads(False)
+        return (out, *(out.view_as(out) for _ in range(readers - 1)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        defined = [g for g in grads if g is not None]
+        if not defined:
+            return (None,) * (5 + 3 * ctx.num_parents + ctx.has_extra)
+        d_parents, d_scales, d_shifts, d_extra = _gradients(ctx, defined)
+        return None, None, None, None, None, *d_parents, *d_scales, *d_shifts, *([d_extra] if ctx.has_extra else [])
+
+
+def _checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer) -> tuple:
+    check_merge_args(parents, scales, shifts, ratios, extra, activation)
+    shape = (3, parents[0].shape[1])
+    check_accumulator("sums_buffer", sums_buffer, shape, stats_dtype(parents[0]), parents[0].device)
+    return list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation, sums_buffer
 
 
 def merge(
@@ -308,8 +355,27 @@ def merge(
     ``sums_buffer``: a zeroed contiguous (3, C) tensor of the scales' dtype that the (first) backward of a one- or
     two-parent merge adds its channel sums into (a slice of one buffer several ops share); None: it allocates its
     own."""
-    check_merge_args(parents, scales, shifts, ratios, extra, activation)
-    shape = (3, parents[0].shape[1])
-    check_accumulator("sums_buffer", sums_buffer, shape, stats_dtype(parents[0]), parents[0].device)
-    args = (list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation, sums_buffer)
-    return _merge_op(*args)
+    return _merge_op(*_checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer))
+
+
+def merge_for_readers(
+    parents: list[Tensor],
+    scales: list[Tensor],
+    shifts: list[Tensor],
+    ratios: list[int],
+    extra: Tensor | None = None,
+    activation: str = "swish",
+    *,
+    readers: int,
+    sums_buffer: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """:func:`merge`'s output once per reader (1 to ``MAX_READERS``): tensors of the same values, each to be read by
+    one consumer, whose gradients the backward kernel sums as it loads them — where several ops read the output,
+    autograd adds no gradients (each addition reads two full-size maps and writes one)."""
+    if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= MAX_READERS:
+        raise ValueError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
+    args = _checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer)
+    tensors = [*args[0], *args[1], *args[2], *([extra] if extra is not None else [])]
+    if readers == 1 or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return (_merge_op(*args),) * readers
+    return _MergeForReaders.apply(readers, args[3], activation, sums_buffer, extra is not None, *tensors)

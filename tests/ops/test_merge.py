@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from spinenet_fast.ops import merge, merge_backward_reference, merge_reference, use_backend
-from spinenet_fast.ops.merge import _merge_backward_into_op, _merge_op, coarse_first
+from spinenet_fast.ops.merge import (
+    _merge_backward_into_op,
+    _merge_backward_op,
+    _merge_op,
+    coarse_first,
+    merge_for_readers,
+)
 
 from ..conftest import require_backend
 from .tolerance import assert_close_by_dtype
@@ -114,7 +120,7 @@ def test_reference_backward_is_the_adjoint():
     assert torch.autograd.gradcheck(fn, leaves)
     grad = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     expected = torch.autograd.grad(fn(*leaves), leaves, grad)
-    d_p0, d_p1, sums, d_extra = merge_backward_reference(grad, parents, scales, shifts, ratios, extra, "swish")
+    d_p0, d_p1, sums, d_extra = merge_backward_reference([grad], parents, scales, shifts, ratios, extra, "swish")
     rows = dict(zip(coarse_first(ratios), sums))  # parent -> its Σ d_pre·y row; the last row is every d_shift
     got = (d_p0, d_p1, rows[0], rows[1], sums[-1], sums[-1], d_extra)
     assert len(sums) == 3
@@ -153,10 +159,11 @@ def test_opcheck(backend):
     with use_backend(backend):
         torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", None))
         torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", torch.zeros(3, 4)))
-        grad = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+        grads = [torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(3)]
         vectors = ([t.detach() for t in scales], [t.detach() for t in shifts])
-        args = (grad, [p.detach() for p in parents], *vectors, ratios, extra.detach(), "swish", torch.zeros(3, 4))
-        torch.library.opcheck(_merge_backward_into_op, args)
+        args = (grads, [p.detach() for p in parents], *vectors, ratios, extra.detach(), "swish")
+        torch.library.opcheck(_merge_backward_into_op, (*args, torch.zeros(3, 4)))
+        torch.library.opcheck(_merge_backward_op, (grads[:1], *args[1:]))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
@@ -227,3 +234,118 @@ def test_bad_input_is_rejected_before_any_launch(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         merge(**args)
+
+
+def run_readers(backend, inputs, activation, readers, consumers):
+    """``merge_for_readers`` with each copy read by its own consumer; the leaves' gradients of Σ consumer outputs."""
+    parents, scales, shifts, ratios, extra = inputs
+    leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
+    with use_backend(backend):
+        copies = merge_for_readers(parents, scales, shifts, ratios, extra, activation, readers=readers)
+        loss = sum(consume(copy) for consume, copy in zip(consumers, copies))
+        grads = torch.autograd.grad(loss, leaves)
+    return copies, grads
+
+
+CONSUMERS = [lambda t: (t * t).sum(), lambda t: (t.sin() * 3).sum(), lambda t: t[:, :2].sum(), lambda t: t.exp().sum()]
+
+
+@pytest.mark.parametrize("readers", [2, 3, 4])
+@pytest.mark.parametrize("ratios", [(1, 2), (4,)])
+def test_readers_gradients_are_summed_by_the_backward(device, fused_backend, readers, ratios):
+    """Each reader's copy holds the merge's values; the gradients of all readers reach the inputs (summed inside the
+    backward kernel), equal to the reference merge read by the same consumers through one tensor."""
+    inputs = make_inputs(device, torch.float32, ratios, batch=1, extra=len(ratios) == 1)
+    copies, grads = run_readers(fused_backend, inputs, "swish", readers, CONSUMERS[:readers])
+    assert len(copies) == readers
+    parents, scales, shifts, ratios, extra = inputs
+    leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
+    out = merge_reference(parents, scales, shifts, ratios, extra, "swish")
+    want = torch.autograd.grad(sum(consume(out) for consume in CONSUMERS[:readers]), leaves)
+    for copy in copies:
+        torch.testing.assert_close(copy, out, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_readers_launch_no_gradient_addition():
+    """Autograd adds no reader gradients: the extension's backward kernel receives them apart (the point of the
+    readers), while one tensor read three times gets two additions."""
+    require_backend("cuda")
+    inputs = make_inputs("cpu", torch.float32, (1, 2), batch=1)
+    consumers = [lambda t: t.sum(), lambda t: (2 * t).sum(), lambda t: t.sum()]
+    seen = []
+    with _NoAdds(seen):
+        run_readers("cuda", inputs, "swish", 3, consumers)
+    assert seen == []
+    with _NoAdds(seen), use_backend("cuda"):
+        out = merge(*inputs, "swish")
+        torch.autograd.grad(sum(consume(out) for consume in consumers), inputs[0])
+    assert len(seen) == 2
+
+
+class _NoAdds(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every ATen ``add`` of a full-size (N, C, H, W) map run under it."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and getattr(out, "dim", lambda: 0)() == 4:
+            self.seen.append(func)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_readers_gradcheck_float64(backend):
+    require_backend(backend)
+    torch.manual_seed(0)
+    parents, _, _, ratios, extra = make_inputs("cpu", torch.float64, (2, 1), batch=1, channels=3, size=(4, 6))
+    scales = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
+    shifts = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
+
+    def fn(p0, p1, e, s0):
+        a, b, c = merge_for_readers([p0, p1], [s0, scales[1]], shifts, ratios, e, "swish", readers=3)
+        return a * 2, b.sin(), c
+
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(fn, (*parents, extra, scales[0]))
+
+
+def test_readers_unused_copies_and_no_grad():
+    """A copy nobody differentiates contributes nothing; without autograd the copies are one tensor."""
+    inputs = make_inputs("cpu", torch.float32, (1, 2), batch=1)
+    parents, scales, shifts, ratios, extra = inputs
+    with use_backend("reference"):
+        a, b = merge_for_readers(parents, scales, shifts, ratios, extra, "swish", readers=2)
+        (g,) = torch.autograd.grad(a.sum(), [parents[0]])
+        (want,) = torch.autograd.grad(merge(parents, scales, shifts, ratios, extra, "swish").sum(), [parents[0]])
+        torch.testing.assert_close(g, want)
+        with torch.no_grad():
+            a, b = merge_for_readers(parents, scales, shifts, ratios, extra, "swish", readers=2)
+        assert a is b
+
+
+@pytest.mark.parametrize("readers", [0, 5, 2.0, True])
+def test_readers_is_checked(readers):
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1,), batch=1)
+    with pytest.raises(ValueError, match=rf"readers must be an int in \[1, 4\], got {readers!r}"):
+        merge_for_readers(parents, scales, shifts, ratios, extra, "swish", readers=readers)
+
+
+def test_compile_fullgraph_through_merge_for_readers():
+    torch._dynamo.reset()
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), channels=4, size=(4, 4))
+
+    def fn(p0, p1):
+        a, b = merge_for_readers([p0, p1], scales, shifts, ratios, extra, "relu", readers=2)
+        return a * 2 + b.sin()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with use_backend("reference"):
+        torch.testing.assert_close(compiled(*parents), fn(*parents))
+        (got,) = torch.autograd.grad(compiled(*parents).sum(), [parents[0]])
+        (want,) = torch.autograd.grad(fn(*parents).sum(), [parents[0]])
+    torch.testing.assert_close(got, want)

@@ -66,10 +66,12 @@ def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
 
 
 def _backward_gemms(taps: int):
-    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient) and its wgrad."""
+    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient) and its wgrad, each
+    recomputing the forward's GEMM where the launch recomputes y (``RECOMPUTE_Y``)."""
     return lambda a: (
         _gemm(a["P"], a["C_IN"], taps * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1)
         + _gemm(taps * a["C_OUT"], a["C_IN"], a["P"])
+        + (2 * _gemm(a["P"], a["C_OUT"], a["C_IN"]) if a.get("RECOMPUTE_Y") else 0)
     )
 
 
@@ -81,7 +83,8 @@ TRITON_FLOPS = {
     "_conv3x3_backward_kernel": _backward_gemms(9),
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
-# twice — dy and y always, x where the dgrad's prologue backward reads it too.
+# twice — dy always, y where they read it (not where they recompute it, ``RECOMPUTE_Y``: its argument is then a
+# stand-in, dy), x where the dgrad reads it too (its prologue's backward, or the recomputation of y).
 READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3_backward_kernel"}
 
 
@@ -91,7 +94,8 @@ def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
     formula = TRITON_FLOPS.get(kernel.fn.__name__)
     nbytes = tensors_bytes(args)
     if kernel.fn.__name__ in READ_BY_BOTH:
-        nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if named["HAS_PROLOGUE"] else None)
+        x_by_both = named["HAS_PROLOGUE"] or named.get("RECOMPUTE_Y", False)
+        nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if x_by_both else None)
     return nbytes, (formula(named) if formula is not None else 0)
 
 

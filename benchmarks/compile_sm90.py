@@ -188,6 +188,11 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     affine = (leaf(64, stats=True), leaf(64, stats=True))
     for scale, shift, act in ((None, None, "identity"), (*affine, activation)):
         backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act))
+        # 32 input channels: one tile of them in every dtype, so the 1×1 backward recomputes y (RECOMPUTE_Y)
+        narrow = (None, None) if scale is None else (leaf(32, stats=True), leaf(32, stats=True))
+        backward(*conv1x1_bn_stats(leaf(2, 32, 32, 32), leaf(64, 32, 1, 1), *narrow, act))
+        backward(*conv1x1_bn(leaf(2, 32, 32, 32), leaf(64, 32, 1, 1), *narrow, act, bn_weight=leaf(64, stats=True),
+                             bn_bias=leaf(64, stats=True), eps=1e-3))  # fmt: skip
         if dtype != torch.float32:  # the fp32 master weight of autocast
             backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1, stats=True), scale, shift, act))
         for stride in (1, 2):
@@ -211,7 +216,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     backward(*bn_finalize(statistics, 2048, leaf(64, stats=True), leaf(64, stats=True), eps=1e-3,
                           running_mean=running[0], running_var=running[1],
                           num_batches_tracked=torch.zeros((), dtype=torch.long)))  # fmt: skip
-    for ratios in ((2,), (1, 2)):
+    for ratios in ((1,), (2,), (1, 2)):
         for with_extra in (False, True):
             parents = [leaf(2, 64, 32 // r, 32 // r) for r in ratios]
             vectors = [leaf(64, stats=True) for _ in range(2 * len(ratios))]

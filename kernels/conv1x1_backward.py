@@ -8,8 +8,10 @@ its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from
 - wgrad: ``dW = gᵀ · a`` (C_out × C_in), split over pixel chunks (one weight tile alone would leave a GPU idle).
 
 The two GEMMs do not depend on each other: one launch runs both, its first programs the dgrad's tiles and the rest
-the wgrad's (horizontal fusion). Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast
-layout); W is (C_out, C_in). g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16,
+the wgrad's (horizontal fusion). Where every input channel fits one tile (C_in ≤ BLOCK_N), both recompute y = a·Wᵀ
+(K = C_in: one more dot per output-channel step) instead of reading it — y, C_out wide, is the largest tensor either
+reads. Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast layout); W is (C_out,
+C_in). g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16,
 IEEE fp32 dots for fp32); accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are
 atomic adds into zeroed fp32 buffers, the caller's (slices of one buffer for a whole connection) or filled here. With
 the BN that y's statistics were finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the
@@ -21,8 +23,16 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES
-from .bn_grad import output_grad_tile, store_bn_param_grads
-from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_dot, wgrad_split
+from .bn_grad import folded_grad, output_grad_tile, store_bn_param_grads
+from .gemm_backward import (
+    backward_buffers,
+    grad_dot,
+    operand_dot,
+    prologue_tile,
+    store_input_grad,
+    wgrad_dot,
+    wgrad_split,
+)
 from .gemm_config import gemm_launch_config
 
 
@@ -33,26 +43,39 @@ def _dgrad_tile(
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
-    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift; with
-    ``FROM_AFFINE``, tile (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
+    ``FROM_AFFINE``, tile (0, 0) stores the output BN's dγ, dβ as it passes over every output channel. With
+    ``RECOMPUTE_Y`` (one tile holds every input channel) y is recomputed from a = act(scale·x + shift), not read."""
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
     dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
+    if RECOMPUTE_Y:
+        a = prologue_tile(x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
+                          scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for o0 in range(0, C_OUT, BLOCK_K):
         o = o0 + tl.arange(0, BLOCK_K)
         g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
-                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
+        w_offsets, w_mask = o[:, None] * sw_o + k[None, :] * sw_k, (o < C_OUT)[:, None] & (k < C_IN)[None, :]
+        if RECOMPUTE_Y:
+            b = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+            y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), a, tl.trans(b.to(a.dtype)), FP32_DOT)
+            dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=g_mask, other=0.0)
+            g = folded_grad(dy, y, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
+                            g_mask, True, FROM_AFFINE)  # fmt: skip
+        else:
+            g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                                 dy_rows, y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
         if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
             if (pid_m == 0) & (pid_n == 0):
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
-        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
-                    other=0.0)  # fmt: skip
+        if not RECOMPUTE_Y:
+            b = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
         # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
         acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
@@ -63,25 +86,39 @@ def _dgrad_tile(
 @triton.jit
 def _wgrad_tile(
     pid_o, pid_k, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
-    x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
-    sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
+    sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW."""
+    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW;
+    with ``RECOMPUTE_Y`` (one tile holds every input channel) y's tile is W·aᵀ, not read."""
     o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     first = chunk * PIXELS_PER_PROGRAM
+    if RECOMPUTE_Y:
+        w_tile = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k,
+                         mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
         g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
         dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
-                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, False, FROM_AFFINE)  # fmt: skip
-        acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
-                        scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
+        if RECOMPUTE_Y:
+            a = prologue_tile(x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
+                              scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
+            y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), w_tile.to(a.dtype), tl.trans(a), FP32_DOT)
+            dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=g_mask, other=0.0)
+            g = folded_grad(dy, y, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
+                            g_mask, False, FROM_AFFINE)  # fmt: skip
+            acc = operand_dot(acc, g.to(a.dtype), a, FP32_DOT)
+        else:
+            g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                                 dy_rows, y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, False, FROM_AFFINE)  # fmt: skip
+            acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c,
+                            (p < P)[:, None] & (k < C_IN)[None, :], scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT,
+                            FP32_DOT)  # fmt: skip
     mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
     tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
 
@@ -94,7 +131,8 @@ def _conv1x1_backward_kernel(
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
-    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first ``DGRAD_PROGRAMS`` programs are the dgrad's tiles (row-major over DGRAD_COLUMNS input-channel
     blocks), the rest the wgrad's (WGRAD_CHUNKS pixel chunks of each of the weight's tiles, WGRAD_COLUMNS per row)."""
@@ -104,13 +142,14 @@ def _conv1x1_backward_kernel(
                     dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr,
                     scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h,
                     sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
-                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    SPLIT_GRAD, FROM_AFFINE, RECOMPUTE_Y, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
         _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
-                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
-                    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-                    HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW,
+                    W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h,
+                    sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, RECOMPUTE_Y, BLOCK_M, BLOCK_N,
+                    BLOCK_K)  # fmt: skip
 
 
 def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None,
@@ -134,11 +173,15 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     wgrad_columns = triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
+    recompute_y = c_in <= block_n  # a = act(scale·x + shift) fits one tile: y = a·Wᵀ costs a dot, not a read
+    if recompute_y and config["FP32_DOT"]:  # the fp32 tiles and the recomputation spilled on sm_90 with 4 warps
+        config = {**config, "num_warps": 8}
+    y = dy if recompute_y else y  # never read: a stand-in
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
         t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,
         per_program, *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(),
         HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32,
-        FROM_AFFINE=bn is not None, **config,
+        FROM_AFFINE=bn is not None, RECOMPUTE_Y=recompute_y, **config,
     )  # fmt: skip
     return t.grads(weight)

@@ -1,9 +1,10 @@
 """What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3_backward``).
 
 Jitted pieces: the dgrad's dot of the folded output gradient (a head and, in bf16/fp16, its rounding error), the
-wgrad's dot with the recomputed prologue, and the dgrad's epilogue — the prologue's backward d_pre =
-d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre added atomically and dx = d_pre·scale. The
-launchers' buffers (:class:`BackwardBuffers`) and the wgrad's split of the pixels (:func:`wgrad_split`).
+forward's operand a = act(scale·x + shift) recomputed, the wgrad's dot with it, and the dgrad's epilogue — the
+prologue's backward d_pre = d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre added
+atomically and dx = d_pre·scale. The launchers' buffers (:class:`BackwardBuffers`) and the wgrad's split of the
+pixels (:func:`wgrad_split`).
 """
 
 from dataclasses import dataclass
@@ -56,22 +57,33 @@ def store_input_grad(acc, dx_ptr, dx_rows, sdx_c, x_ptr, x_rows, sx_c, scale_ptr
 @triton.jit
 def wgrad_dot(acc, g, x_ptr, x_rows, k, sx_c, a_mask, scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE: tl.constexpr,
               ACT: tl.constexpr, FP32_DOT: tl.constexpr):  # fmt: skip
-    """``acc + g·a`` for the wgrad: the (pixels × input channels ``k``) tile a = act(scale·x + shift) recomputed from x
-    at ``x_rows`` (0 outside ``a_mask``: padding after the prologue, as the forward pads its activated input), both
-    operands rounded to x's dtype as the forward's were."""
+    """``acc + g·a`` for the wgrad, a = :func:`prologue_tile`, both operands rounded to x's dtype as the forward's
+    were."""
+    a = prologue_tile(x_ptr, x_rows, k, sx_c, a_mask, scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)
+    return operand_dot(acc, g.to(a.dtype), a, FP32_DOT)
+
+
+@triton.jit
+def prologue_tile(x_ptr, x_rows, k, sx_c, a_mask, scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE: tl.constexpr,
+                  ACT: tl.constexpr):  # fmt: skip
+    """The forward GEMM's (pixels × input channels ``k``) operand a = act(scale·x + shift) recomputed from x at
+    ``x_rows`` (x itself without a prologue; 0 outside ``a_mask``: padding after the prologue, as the forward pads its
+    activated input), in x's dtype."""
     a = tl.load(x_ptr + x_rows[:, None] + k[None, :] * sx_c, mask=a_mask, other=0.0)
-    storage = a.dtype
     if HAS_PROLOGUE:
         scale = tl.load(scale_ptr + k, mask=k < C_IN, other=0.0)
         shift = tl.load(shift_ptr + k, mask=k < C_IN, other=0.0)
-        a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
-        a = tl.where(a_mask, a, 0.0).to(storage)
-    g = g.to(storage)
+        activated = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
+        a = tl.where(a_mask, activated, 0.0).to(a.dtype)
+    return a
+
+
+@triton.jit
+def operand_dot(acc, a, b, FP32_DOT: tl.constexpr):
+    """``acc + a·b`` of two operands in the storage dtype: tensor cores, or IEEE fp32 with ``FP32_DOT``."""
     if FP32_DOT:
-        acc += tl.dot(g.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    else:
-        acc += tl.dot(g, a)
-    return acc
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a, b)
 
 
 @dataclass

@@ -63,7 +63,7 @@ def _merge_fwd_kernel(
 
 @triton.jit
 def _merge_bwd_kernel(
-    dy_ptr, dextra_ptr, dscale_partial_ptr, dshift_partial_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr,
+    dy_ptr, dextra_ptr, dscale_partial_ptr, dshift_partial_ptr, grad_ptr, g1_delta, g2_delta, g3_delta,
     y0_ptr, y1_ptr, extra_ptr, scale_ptr, shift_ptr, PL, C, H, W,
     sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h, sd_w, sx_n, sx_c, sx_h, sx_w,
     s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, se_n, se_c, se_h, se_w,
@@ -73,7 +73,8 @@ def _merge_bwd_kernel(
 ):  # fmt: skip
     """Gradients for parent ``TARGET`` (ratio ``R``) over a tile of its own pixels, PL = N·(H/R)·(W/R).
 
-    grad = the sum of the first ``NUM_GRADS`` of g0…g3 (one per reader of the output; same strides), as loaded.
+    grad = the sum of ``NUM_GRADS`` tensors (one per reader of the output; same strides and dtype) as loaded: the
+    first at ``grad_ptr``, the others ``g1_delta``… elements after it.
 
     dpre = grad·act'(pre) is recomputed at the ρ×ρ target pixels of each low-resolution pixel and block-summed:
     dy = scale·Σ dpre; per-program channel partials Σ(Σdpre)·y and Σ dpre go to (programs, C) fp32 buffers.
@@ -94,13 +95,13 @@ def _merge_bwd_kernel(
             s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, se_n, se_c, se_h, se_w, R0, R1, NUM_PARENTS, HAS_EXTRA,
         )  # fmt: skip
         offsets = n[:, None] * sg_n + c[None, :] * sg_c + h[:, None] * sg_h + w[:, None] * sg_w
-        grad = tl.load(g0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if NUM_GRADS > 1:
-            grad += tl.load(g1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            grad += tl.load(grad_ptr + g1_delta + offsets, mask=mask, other=0.0).to(tl.float32)
         if NUM_GRADS > 2:
-            grad += tl.load(g2_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            grad += tl.load(grad_ptr + g2_delta + offsets, mask=mask, other=0.0).to(tl.float32)
         if NUM_GRADS > 3:
-            grad += tl.load(g3_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            grad += tl.load(grad_ptr + g3_delta + offsets, mask=mask, other=0.0).to(tl.float32)
         dpre = grad * activation_grad(pre, ACT)
         dpre = tl.where(mask, dpre, 0.0)
         block_sum += dpre
@@ -156,9 +157,11 @@ def merge_backward(grads, parents, scales, shifts, ratios, extra, activation) ->
     returns ``(d_parents, d_scales, d_shift, d_extra or None)``."""
     grad = grads[0]
     n, c, h, w = grad.shape
-    if any(g.stride() != grad.stride() for g in grads):
-        raise ValueError(f"grads must share one layout, got strides {[g.stride() for g in grads]}")
-    g_ptrs = [*grads, *[grad] * (4 - len(grads))]
+    if any(g.stride() != grad.stride() or g.dtype != grad.dtype for g in grads):
+        raise ValueError(f"grads must share one layout and dtype, got {[(g.stride(), g.dtype) for g in grads]}")
+    # The other gradients as element offsets from the first (allocations are element-aligned): scalars, not pointers.
+    deltas = [(g.data_ptr() - grad.data_ptr()) // grad.element_size() for g in grads[1:]]
+    deltas += [0] * (3 - len(deltas))
     scale = torch.stack([s.float() for s in scales]).contiguous()
     shift = torch.stack([s.float() for s in shifts]).contiguous()
     y0_, y1_, *parent_strides = _parent_args(parents)
@@ -174,8 +177,8 @@ def merge_backward(grads, parents, scales, shifts, ratios, extra, activation) ->
         write_dextra = extra is not None and target == 0
         d_extra_ = d_extra if write_dextra else d_y
         _merge_bwd_kernel[grid](
-            d_y, d_extra_, partial_scale, partial_shift, *g_ptrs, y0_, y1_, extra_, scale, shift, low_pixels, c, h, w,
-            *grad.stride(), *d_y.stride(), *d_extra_.stride(), *parent_strides, *extra_.stride(),
+            d_y, d_extra_, partial_scale, partial_shift, grad, *deltas, y0_, y1_, extra_, scale, shift, low_pixels, c,
+            h, w, *grad.stride(), *d_y.stride(), *d_extra_.stride(), *parent_strides, *extra_.stride(),
             TARGET=target, R=ratio, **_ratio_args(ratios), HAS_EXTRA=extra is not None, WRITE_DEXTRA=write_dextra,
             ACT=ACTIVATION_CODES[activation], NUM_GRADS=len(grads), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
         )  # fmt: skip

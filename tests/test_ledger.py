@@ -186,16 +186,21 @@ def test_every_fused_connection_moves_fewer_bytes_than_eager(budget_setting):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15: connection-level kernels, then fewer and narrower operands")
-def test_fused_byte_budgets(budget_setting):
-    """fused_ops.md §7 at its stated setting: every block connection ≤ 1.5× its byte floor forward and ≤ 2×
-    backward; the backbone step ≤ 0.7× eager's modelled bytes."""
-    for row in budget_setting["connections"]:
-        assert row["fused-auto forward"] <= 1.5 * row["floor forward"], row["part"]
-        assert row["fused-auto backward"] <= 2 * row["floor backward"], row["part"]
+def test_fused_backbone_step_byte_budget(budget_setting):
+    """fused_ops.md §7 at its stated setting: the backbone's training step fused ≤ 0.7× eager's modelled bytes."""
     totals = {row["part"]: row for row in budget_setting["bytes"]}["total"]
     fused = totals["fused-auto forward"] + totals["fused-auto backward"]
     assert fused <= 0.7 * (totals["eager forward"] + totals["eager backward"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 15: connection-level kernels, then fewer and narrower operands")
+def test_fused_connection_byte_budgets(budget_setting):
+    """fused_ops.md §7 at its stated setting: every block connection ≤ 1.5× its byte floor forward and ≤ 2×
+    backward (1.4–3.0× and 1.6–5.3× today)."""
+    for row in budget_setting["connections"]:
+        assert row["fused-auto forward"] <= 1.5 * row["floor forward"], row["part"]
+        assert row["fused-auto backward"] <= 2 * row["floor backward"], row["part"]
 
 
 @pytest.fixture(scope="module")

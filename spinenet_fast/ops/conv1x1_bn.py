@@ -70,7 +70,8 @@ def _conv1x1_bn_backward_op(
     d_affine_out: Tensor | None, d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dx, dW, [dγ; dβ])``; the prologue's gradients added into ``d_affine_out``, and dW into ``d_weight_out`` where
-    given (a zeroed buffer of the weight's shape and dtype; the dW returned is then an empty stand-in)."""
+    given (a zeroed buffer of the weight's shape and dtype; the dW returned is then an empty stand-in). ``y``: the
+    forward's output for these x, W, scale and shift (see ``conv1x1_bn_stats_backward``)."""
 
 
 def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) -> Tensor:

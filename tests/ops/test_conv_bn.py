@@ -72,12 +72,15 @@ def copy_of(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("prologue", "layout", "batch"), [(True, "channels_last", 2), (False, "contiguous", 1),
-                                                           (True, "strided", 1)])  # fmt: skip
-def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch):
+# C_in 24 fits one fp32 tile of input channels (32): the Triton 1×1 backward recomputes y instead of reading it.
+@pytest.mark.parametrize(("prologue", "layout", "batch", "c_in"), [
+    (True, "channels_last", 2, 37), (False, "contiguous", 1, 37), (True, "strided", 1, 37),
+    (True, "channels_last", 2, 24), (False, "contiguous", 1, 24),
+])  # fmt: skip
+def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch, c_in):
     """Output, every gradient (x, W, the prologue's scale/shift, γ, β), running statistics and counter (fp32)."""
     require_backend(backend)
-    x, weight, scale, shift, bn = make_case(kind, prologue=prologue, layout=layout, batch=batch)
+    x, weight, scale, shift, bn = make_case(kind, prologue=prologue, layout=layout, batch=batch, c_in=c_in)
     bn_eager = copy_of(bn)
     expected = eager(kind, x, weight, scale, shift, bn_eager)
     grad = torch.randn_like(expected)
@@ -147,8 +150,10 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     x, weight, scale, shift, _ = make_case(kind, prologue=prologue, c_in=5, c_out=6, h=4, w=6)
     x, weight = x.detach(), weight.detach()
     scale, shift = (t.detach() if t is not None else None for t in (scale, shift))
-    size = (2, 6, 2, 3) if kind == "3x3s2" else (2, 6, 4, 6)
-    y = torch.randn(size).contiguous(memory_format=torch.channels_last)
+    # y: the conv's output for these inputs, as the op's contract has it (the 1×1 backward may recompute it)
+    a = x if scale is None else F.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    y = F.conv2d(a, weight) if kind == "1x1" else F.conv2d(a, weight, stride=conv3x3_stride(kind), padding=1)
+    y = y.contiguous(memory_format=torch.channels_last)
     vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
     op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (
         _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind), None))  # fmt: skip

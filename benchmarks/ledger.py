@@ -256,7 +256,7 @@ def counting(model: nn.Module, fused: bool, extra_parts: dict[str, nn.Module] | 
     connections eager or fused (each op on the backend ``auto`` takes on a GPU), Triton launches intercepted."""
     from spinenet_fast.ops import backends
 
-    for module in (*model.merges, *model.init_groups, *model.groups):
+    for module in model.fusable_modules():
         module.fused = fused
     route_to_triton()
     counter = LaunchCounter(Ledger())

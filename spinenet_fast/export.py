@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ._optional import require
 from .detection.head import SpineNetRetinaNetHead
 from .models.blocks import BlockGroup
+from .models.endpoint import Endpoint
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
 
@@ -49,9 +50,10 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
-    block."""
-    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead))]
+    """Run ``model``'s cross-scale connections, blocks, endpoints and RetinaNet head through the eager modules
+    inside the block."""
+    kinds = (CrossScaleMerge, BlockGroup, Endpoint, SpineNetRetinaNetHead)
+    merges = [m for m in model.modules() if isinstance(m, kinds)]
     saved = [m.fused for m in merges]
     try:
         for merge in merges:

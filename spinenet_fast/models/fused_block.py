@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.merge import merge_for_readers
+from ..ops import merge_for_readers
 from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
 
 

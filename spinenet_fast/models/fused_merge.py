@@ -23,11 +23,11 @@ from ..ops import (
     conv1x1_bn_stats,
     conv3x3_bn,
     conv3x3_bn_stats,
+    merge_for_readers,
     pooled_conv1x1_bn,
 )
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
-from ..ops.merge import merge_for_readers
 
 
 def uses_batch_statistics(bn: nn.Module) -> bool:

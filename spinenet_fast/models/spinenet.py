@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
+from .endpoint import Endpoint
 from .layers import ACTIVATIONS, ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 
@@ -173,9 +174,10 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
-    ``fused``: True runs the cross-scale connections and the blocks through the fused ops (any device; the backend
-    follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
-    Both paths share parameters and ``state_dict`` keys.
+    ``fused``: True runs the cross-scale connections, the blocks and the endpoints through the fused ops (any device;
+    the backend follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with
+    Triton. Both paths share parameters and ``state_dict`` keys; :meth:`fusable_modules` are the modules that hold
+    the setting.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
@@ -283,7 +285,7 @@ class SpineNet(nn.Module):
         self.endpoints = nn.ModuleDict(
             (
                 f"p{level}",
-                ConvNorm(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, 1, **common),
+                Endpoint(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, fused=fused, **common),
             )
             for level in levels
         )
@@ -316,6 +318,11 @@ class SpineNet(nn.Module):
                 self.merges[k], self.groups[k] = PrunedBlock(), PrunedBlock()
         for name in [name for name in self._endpoint_ids if name not in names]:
             del self.endpoints[name], self._endpoint_ids[name]
+
+    def fusable_modules(self) -> list[nn.Module]:
+        """The modules with a ``fused`` setting of their own (merges, block groups, endpoints), pruned ones left out."""
+        modules = [*self.init_groups, *self.merges, *self.groups, *self.endpoints.values()]
+        return [m for m in modules if not isinstance(m, PrunedBlock)]
 
     def feature_reads(self) -> list[int]:
         """How many modules read each block output (``feats`` entry): merges as a parent or an extra, endpoints."""

@@ -9,7 +9,7 @@ from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
 from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
 from .match_anchors import match_anchors, match_anchors_reference
-from .merge import merge, merge_backward_reference, merge_reference
+from .merge import merge, merge_backward_reference, merge_for_readers, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
 from .retinanet_loss import retinanet_loss, retinanet_loss_reference
 
@@ -30,6 +30,7 @@ __all__ = [
     "match_anchors_reference",
     "merge",
     "merge_backward_reference",
+    "merge_for_readers",
     "merge_reference",
     "pooled_conv1x1_bn",
     "retinanet_loss",

@@ -7,15 +7,15 @@ its dy and y tiles) and a = act(scale·x + shift) (the prologue, recomputed from
   stores ``dx = d_pre·scale`` and accumulates ``d_scale = Σ_p d_pre·x`` and ``d_shift = Σ_p d_pre``.
 - wgrad: ``dW = gᵀ · a`` (C_out × C_in), split over pixel chunks (one weight tile alone would leave a GPU idle).
 
-The two GEMMs do not depend on each other: one launch runs both, its first programs the dgrad's tiles and the rest
-the wgrad's (horizontal fusion). Where every input channel fits one tile (C_in ≤ BLOCK_N), both recompute y = a·Wᵀ
-(K = C_in: one more dot per output-channel step) instead of reading it — y, C_out wide, is the largest tensor either
-reads. Tensors are (N, C, H, W) addressed through their strides (channels_last is the fast layout); W is (C_out,
-C_in). g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16,
+The two GEMMs do not depend on each other: one launch runs both, its first programs the dgrad's tiles and the rest the
+wgrad's (horizontal fusion). Where every input channel fits one tile (C_in ≤ BLOCK_N) and the dots run on tensor cores
+(bf16/fp16), both recompute y = a·Wᵀ (K = C_in: one more dot per output-channel step) instead of reading it — y, C_out
+wide, is the largest tensor either reads. Tensors are (N, C, H, W) addressed through their strides (channels_last is the
+fast layout); W is (C_out, C_in). g and a are rounded to the storage dtype as GEMM operands (tensor cores for bf16/fp16,
 IEEE fp32 dots for fp32); accumulation and the channel reductions are fp32. The reductions (d_scale, d_shift, dW) are
 atomic adds into zeroed fp32 buffers, the caller's (slices of one buffer for a whole connection) or filled here. With
-the BN that y's statistics were finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the
-gradients of its scale and shift, and the dgrad also stores dγ, dβ.
+the BN that y's statistics were finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the gradients
+of its scale and shift, and the dgrad also stores dγ, dβ.
 """
 
 import torch
@@ -173,9 +173,9 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     wgrad_columns = triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
-    recompute_y = c_in <= block_n  # a = act(scale·x + shift) fits one tile: y = a·Wᵀ costs a dot, not a read
-    if recompute_y and config["FP32_DOT"]:  # the fp32 tiles and the recomputation spilled on sm_90 with 4 warps
-        config = {**config, "num_warps": 8}
+    # a = act(scale·x + shift) fits one tile: y = a·Wᵀ costs a tensor-core dot, not a read (not with fp32's IEEE
+    # dots, whose variants with the recomputation spilled registers on sm_90)
+    recompute_y = c_in <= block_n and not config["FP32_DOT"]
     y = dy if recompute_y else y  # never read: a stand-in
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,

@@ -181,6 +181,7 @@ def merge_backward(grads, parents, scales, shifts, ratios, extra, activation) ->
             h, w, *grad.stride(), *d_y.stride(), *d_extra_.stride(), *parent_strides, *extra_.stride(),
             TARGET=target, R=ratio, **_ratio_args(ratios), HAS_EXTRA=extra is not None, WRITE_DEXTRA=write_dextra,
             ACT=ACTIVATION_CODES[activation], NUM_GRADS=len(grads), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+            num_warps=4 if len(grads) <= 2 else 8,  # more gradients' loads in flight: 4 warps spilled on sm_90
         )  # fmt: skip
         d_parents.append(d_y)
         d_scales.append(partial_scale.sum(0))

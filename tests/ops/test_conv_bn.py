@@ -72,15 +72,12 @@ def copy_of(bn: nn.BatchNorm2d, dtype=torch.float32) -> nn.BatchNorm2d:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-# C_in 24 fits one fp32 tile of input channels (32): the Triton 1×1 backward recomputes y instead of reading it.
-@pytest.mark.parametrize(("prologue", "layout", "batch", "c_in"), [
-    (True, "channels_last", 2, 37), (False, "contiguous", 1, 37), (True, "strided", 1, 37),
-    (True, "channels_last", 2, 24), (False, "contiguous", 1, 24),
-])  # fmt: skip
-def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch, c_in):
+@pytest.mark.parametrize(("prologue", "layout", "batch"), [(True, "channels_last", 2), (False, "contiguous", 1),
+                                                           (True, "strided", 1)])  # fmt: skip
+def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch):
     """Output, every gradient (x, W, the prologue's scale/shift, γ, β), running statistics and counter (fp32)."""
     require_backend(backend)
-    x, weight, scale, shift, bn = make_case(kind, prologue=prologue, layout=layout, batch=batch, c_in=c_in)
+    x, weight, scale, shift, bn = make_case(kind, prologue=prologue, layout=layout, batch=batch)
     bn_eager = copy_of(bn)
     expected = eager(kind, x, weight, scale, shift, bn_eager)
     grad = torch.randn_like(expected)
@@ -99,7 +96,8 @@ def test_equals_conv_then_batchnorm(kind, backend, prologue, layout, batch, c_in
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gradients_tolerance_rule(kind, backend, dtype):
-    """Every gradient in bf16/fp16 against fp32, no worse than eager conv + BN in the same dtype."""
+    """Every gradient in bf16/fp16 against fp32, no worse than eager conv + BN in the same dtype (37 input channels:
+    one tile, so the Triton 1×1 backward recomputes y instead of reading it)."""
     require_backend(backend)
     x, weight, scale, shift, bn = make_case(kind, dtype, h=10, w=12)
     with use_backend(backend):

@@ -188,7 +188,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     affine = (leaf(64, stats=True), leaf(64, stats=True))
     for scale, shift, act in ((None, None, "identity"), (*affine, activation)):
         backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act))
-        # 32 input channels: one tile of them in every dtype, so the 1×1 backward recomputes y (RECOMPUTE_Y)
+        # 32 input channels, one tile of them: the bf16/fp16 1×1 backward recomputes y (RECOMPUTE_Y)
         narrow = (None, None) if scale is None else (leaf(32, stats=True), leaf(32, stats=True))
         backward(*conv1x1_bn_stats(leaf(2, 32, 32, 32), leaf(64, 32, 1, 1), *narrow, act))
         backward(*conv1x1_bn(leaf(2, 32, 32, 32), leaf(64, 32, 1, 1), *narrow, act, bn_weight=leaf(64, stats=True),

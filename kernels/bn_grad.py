@@ -2,8 +2,8 @@
 
 - ``bn_statistics_grad``: dΣ, dΣ² (and dγ, dβ) of BN's statistics from the gradients of the affine map they were
   finalised into (also ``bn_finalize``'s own backward).
-- ``output_grad_tile`` / ``folded_grad``: g = dy + dΣ + 2·y·dΣ², the statistics' gradients folded into the output
-  gradient as a GEMM loads its dy and y tiles (or recomputes y).
+- ``output_grad_tile``: g = dy + dΣ + 2·y·dΣ², the statistics' gradients (``statistics_grads``) folded into the
+  output gradient as a GEMM loads its dy and y tiles.
 - ``store_bn_param_grads``: dγ, dβ of some channels.
 """
 
@@ -40,29 +40,28 @@ def output_grad_tile(
     dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows, y_rows, o, o_mask, mask,
     sdy_c, sy_c, ROWS_ARE_PIXELS: tl.constexpr, FROM_AFFINE: tl.constexpr,
 ):  # fmt: skip
-    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose, of
-    dy and y loaded at ``dy_rows``/``y_rows`` (the pixels' offsets); ``o``: output channels, valid where ``o_mask``.
-    The statistics' gradients: see :func:`folded_grad`."""
+    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose.
+    ``dy_rows``/``y_rows``: the pixels' offsets in dy and y; ``o``: output channels, valid where ``o_mask``. The
+    statistics' gradients: :func:`statistics_grads`."""
+    d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask,
+                                      FROM_AFFINE)  # fmt: skip
     if ROWS_ARE_PIXELS:
-        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0)
-        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum, d_sumsq = d_sum[None, :], d_sumsq[None, :]
     else:  # transposed tile: output channels × pixels
-        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0)
-        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0)
-    return folded_grad(dy, y.to(tl.float32), dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask,
-                       mask, ROWS_ARE_PIXELS, FROM_AFFINE)  # fmt: skip
+        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0).to(tl.float32)
+        d_sum, d_sumsq = d_sum[:, None], d_sumsq[:, None]
+    return tl.where(mask, dy + d_sum + 2.0 * y * d_sumsq, 0.0)
 
 
 @triton.jit
-def folded_grad(
-    dy, y, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask, mask,
-    ROWS_ARE_PIXELS: tl.constexpr, FROM_AFFINE: tl.constexpr,
-):  # fmt: skip
-    """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``) of a dy tile and the fp32 y (loaded, or recomputed by the
-    GEMM), pixels × output channels ``o`` or the transpose. ``FROM_AFFINE``: ``dsum_ptr``/``dsumsq_ptr`` hold the
-    gradients of the BN affine map (d_scale, d_shift) that y's statistics were finalised into (γ, batch mean and
-    variance of ``count`` values, eps), and dΣ, dΣ² are computed here (``bn_statistics_grad``); otherwise they are dΣ,
-    dΣ² themselves."""
+def statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask,
+                     FROM_AFFINE: tl.constexpr):  # fmt: skip
+    """(dΣ, dΣ²) of output channels ``o``: with ``FROM_AFFINE``, ``dsum_ptr``/``dsumsq_ptr`` hold the gradients of the
+    BN affine map (d_scale, d_shift) that y's statistics were finalised into (γ, batch mean and variance of ``count``
+    values, eps), and dΣ, dΣ² are computed here (``bn_statistics_grad``); otherwise they are dΣ, dΣ² themselves."""
     d_sum = tl.load(dsum_ptr + o, mask=o_mask, other=0.0)
     d_sumsq = tl.load(dsumsq_ptr + o, mask=o_mask, other=0.0)
     if FROM_AFFINE:
@@ -70,8 +69,4 @@ def folded_grad(
         mean = tl.load(mean_ptr + o, mask=o_mask, other=0.0)
         var = tl.load(var_ptr + o, mask=o_mask, other=0.0)
         d_sum, d_sumsq, _, _ = bn_statistics_grad(d_sum, d_sumsq, gamma, mean, var, count, eps)
-    if ROWS_ARE_PIXELS:
-        d_sum, d_sumsq = d_sum[None, :], d_sumsq[None, :]
-    else:
-        d_sum, d_sumsq = d_sum[:, None], d_sumsq[:, None]
-    return tl.where(mask, dy.to(tl.float32) + d_sum + 2.0 * y * d_sumsq, 0.0)
+    return d_sum, d_sumsq

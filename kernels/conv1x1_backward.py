@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES
-from .bn_grad import folded_grad, output_grad_tile, store_bn_param_grads
+from .bn_grad import output_grad_tile, statistics_grads, store_bn_param_grads
 from .gemm_backward import (
     backward_buffers,
     grad_dot,
@@ -43,39 +43,26 @@ def _dgrad_tile(
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
-    FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift; with
-    ``FROM_AFFINE``, tile (0, 0) stores the output BN's dγ, dβ as it passes over every output channel. With
-    ``RECOMPUTE_Y`` (one tile holds every input channel) y is recomputed from a = act(scale·x + shift), not read."""
+    ``FROM_AFFINE``, tile (0, 0) stores the output BN's dγ, dβ as it passes over every output channel."""
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
     dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-    if RECOMPUTE_Y:
-        a = prologue_tile(x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
-                          scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for o0 in range(0, C_OUT, BLOCK_K):
         o = o0 + tl.arange(0, BLOCK_K)
         g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        w_offsets, w_mask = o[:, None] * sw_o + k[None, :] * sw_k, (o < C_OUT)[:, None] & (k < C_IN)[None, :]
-        if RECOMPUTE_Y:
-            b = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
-            y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), a, tl.trans(b.to(a.dtype)), FP32_DOT)
-            dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=g_mask, other=0.0)
-            g = folded_grad(dy, y, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
-                            g_mask, True, FROM_AFFINE)  # fmt: skip
-        else:
-            g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
-                                 dy_rows, y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
         if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
             if (pid_m == 0) & (pid_n == 0):
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
-        if not RECOMPUTE_Y:
-            b = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                    other=0.0)  # fmt: skip
         # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
         acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
@@ -86,41 +73,91 @@ def _dgrad_tile(
 @triton.jit
 def _wgrad_tile(
     pid_o, pid_k, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr,
-    x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
-    sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
+    sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW;
-    with ``RECOMPUTE_Y`` (one tile holds every input channel) y's tile is W·aᵀ, not read."""
+    """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW over one chunk of pixels, added to dW."""
     o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     first = chunk * PIXELS_PER_PROGRAM
-    if RECOMPUTE_Y:
-        w_tile = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k,
-                         mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
         p = p0 + tl.arange(0, BLOCK_K)
         n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
         g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
         dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-        if RECOMPUTE_Y:
-            a = prologue_tile(x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
-                              scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
-            y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), w_tile.to(a.dtype), tl.trans(a), FP32_DOT)
-            dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=g_mask, other=0.0)
-            g = folded_grad(dy, y, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
-                            g_mask, False, FROM_AFFINE)  # fmt: skip
-            acc = operand_dot(acc, g.to(a.dtype), a, FP32_DOT)
-        else:
-            g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
-                                 dy_rows, y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, False, FROM_AFFINE)  # fmt: skip
-            acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c,
-                            (p < P)[:, None] & (k < C_IN)[None, :], scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT,
-                            FP32_DOT)  # fmt: skip
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, False, FROM_AFFINE)  # fmt: skip
+        acc = wgrad_dot(acc, g, x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
+                        scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT, FP32_DOT)  # fmt: skip
     mask = (o < C_OUT)[:, None] & (k < C_IN)[None, :]
     tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _dgrad_tile_recomputing(
+    pid_m, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w,
+    sdy_n, sdy_c, sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """:func:`_dgrad_tile` where one tile holds every input channel: y = a·Wᵀ recomputed from a = act(scale·x +
+    shift) per output-channel step, not read."""
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_N)
+    n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+    x_rows, x_mask = n * sx_n + h * sx_h + w * sx_w, (p < P)[:, None] & (k < C_IN)[None, :]
+    a = prologue_tile(x_ptr, x_rows, k, sx_c, x_mask, scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for o0 in range(0, C_OUT, BLOCK_K):
+        o = o0 + tl.arange(0, BLOCK_K)
+        g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
+        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                    other=0.0).to(a.dtype)  # fmt: skip
+        y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), a, tl.trans(b), FP32_DOT)
+        d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
+                                          FROM_AFFINE)  # fmt: skip
+        dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[:, None] + o[None, :] * sdy_c, mask=g_mask, other=0.0)
+        g = tl.where(g_mask, dy.to(tl.float32) + d_sum[None, :] + 2.0 * y * d_sumsq[None, :], 0.0)
+        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if pid_m == 0:
+                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                     eps, o, o < C_OUT)  # fmt: skip
+        acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+    store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, x_rows, sx_c, scale_ptr, shift_ptr,
+                     dscale_ptr, dshift_ptr, k, x_mask, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
+
+
+@triton.jit
+def _wgrad_tile_recomputing(
+    pid_o, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, x_ptr, w_ptr,
+    scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w,
+    sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """:func:`_wgrad_tile` where one tile holds every input channel: y's tile is W·aᵀ, not read."""
+    o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_N)
+    first = chunk * PIXELS_PER_PROGRAM
+    w_tile = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                     other=0.0).to(x_ptr.dtype.element_ty)  # fmt: skip
+    d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
+                                      FROM_AFFINE)  # fmt: skip
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
+        p = p0 + tl.arange(0, BLOCK_K)
+        n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+        g_mask = (o < C_OUT)[:, None] & (p < P)[None, :]
+        a = prologue_tile(x_ptr, n * sx_n + h * sx_h + w * sx_w, k, sx_c, (p < P)[:, None] & (k < C_IN)[None, :],
+                          scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
+        y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), w_tile, tl.trans(a), FP32_DOT)
+        dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[None, :] + o[:, None] * sdy_c, mask=g_mask, other=0.0)
+        g = tl.where(g_mask, dy.to(tl.float32) + d_sum[:, None] + 2.0 * y * d_sumsq[:, None], 0.0)
+        acc = operand_dot(acc, g.to(a.dtype), a, FP32_DOT)
+    tl.atomic_add(dw_ptr + o[:, None] * C_IN + k[None, :], acc, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :])
 
 
 @triton.jit
@@ -135,21 +172,34 @@ def _conv1x1_backward_kernel(
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first ``DGRAD_PROGRAMS`` programs are the dgrad's tiles (row-major over DGRAD_COLUMNS input-channel
-    blocks), the rest the wgrad's (WGRAD_CHUNKS pixel chunks of each of the weight's tiles, WGRAD_COLUMNS per row)."""
+    blocks), the rest the wgrad's (WGRAD_CHUNKS pixel chunks of each of the weight's tiles, WGRAD_COLUMNS per row).
+    ``RECOMPUTE_Y``: one column of tiles holds every input channel, and both recompute y instead of reading it."""
     pid = tl.program_id(0)
-    if pid < DGRAD_PROGRAMS:
+    if RECOMPUTE_Y:
+        if pid < DGRAD_PROGRAMS:
+            _dgrad_tile_recomputing(pid, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr,
+                                    dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, x_ptr, w_ptr, scale_ptr,
+                                    shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c,
+                                    sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
+                                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        else:
+            tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
+            _wgrad_tile_recomputing(tile, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr,
+                                    count, eps, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
+                                    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k,
+                                    HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    elif pid < DGRAD_PROGRAMS:
         _dgrad_tile(pid // DGRAD_COLUMNS, pid % DGRAD_COLUMNS, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr,
                     dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr,
                     scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h,
                     sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
-                    SPLIT_GRAD, FROM_AFFINE, RECOMPUTE_Y, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
         _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
-                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW,
-                    W_IMG, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h,
-                    sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, RECOMPUTE_Y, BLOCK_M, BLOCK_N,
-                    BLOCK_K)  # fmt: skip
+                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
+                    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+                    HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None,

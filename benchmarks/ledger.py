@@ -284,7 +284,9 @@ def count_training_step(
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             outputs = list(model(images).values())
         counter.parts.append("loss")
-        loss = sum((o.float() ** 2).mean() for o in outputs)
+        # Σ mean(p²) through per-channel sums: its gradient comes in the outputs' (channels_last) layout, as a head's
+        # convolutions return it (mean()'s expanded scalar gradient would come NCHW-contiguous)
+        loss = sum((o.float() ** 2).sum((0, 2, 3)).sum() / o.numel() for o in outputs)
         counter.parts.pop()
         counter.pass_ = "backward"
         loss.backward()

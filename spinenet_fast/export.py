@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from ._optional import require
 from .detection.head import SpineNetRetinaNetHead
 from .models.blocks import BlockGroup
-from .models.endpoint import Endpoint
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
 
@@ -50,9 +49,9 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections, blocks, endpoints and RetinaNet head through the eager modules
-    inside the block."""
-    kinds = (CrossScaleMerge, BlockGroup, Endpoint, SpineNetRetinaNetHead)
+    """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
+    block."""
+    kinds = (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead)
     merges = [m for m in model.modules() if isinstance(m, kinds)]
     saved = [m.fused for m in merges]
     try:

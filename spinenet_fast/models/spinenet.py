@@ -16,7 +16,6 @@ from torch import nn
 
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
-from .endpoint import Endpoint
 from .layers import ACTIVATIONS, ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 
@@ -174,10 +173,10 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
-    ``fused``: True runs the cross-scale connections, the blocks and the endpoints through the fused ops (any device;
-    the backend follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with
-    Triton. Both paths share parameters and ``state_dict`` keys; :meth:`fusable_modules` are the modules that hold
-    the setting.
+    ``fused``: True runs the cross-scale connections and the blocks through the fused ops (any device; the backend
+    follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
+    Both paths share parameters and ``state_dict`` keys; :meth:`fusable_modules` are the modules that hold the
+    setting.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
@@ -285,7 +284,7 @@ class SpineNet(nn.Module):
         self.endpoints = nn.ModuleDict(
             (
                 f"p{level}",
-                Endpoint(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, fused=fused, **common),
+                ConvNorm(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, 1, **common),
             )
             for level in levels
         )
@@ -320,8 +319,8 @@ class SpineNet(nn.Module):
             del self.endpoints[name], self._endpoint_ids[name]
 
     def fusable_modules(self) -> list[nn.Module]:
-        """The modules with a ``fused`` setting of their own (merges, block groups, endpoints), pruned ones left out."""
-        modules = [*self.init_groups, *self.merges, *self.groups, *self.endpoints.values()]
+        """The modules with a ``fused`` setting of their own (merges, block groups), pruned ones left out."""
+        modules = [*self.init_groups, *self.merges, *self.groups]
         return [m for m in modules if not isinstance(m, PrunedBlock)]
 
     def feature_reads(self) -> list[int]:

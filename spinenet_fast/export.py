@@ -51,8 +51,7 @@ class RawDetector(nn.Module):
 def eager_connections(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
     block."""
-    kinds = (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead)
-    merges = [m for m in model.modules() if isinstance(m, kinds)]
+    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead))]
     saved = [m.fused for m in merges]
     try:
         for merge in merges:

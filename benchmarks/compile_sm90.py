@@ -225,6 +225,15 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
             for readers in range(2, MAX_READERS + 1):  # the backward summing every reader's gradient as it loads it
                 backward(*merge_for_readers(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation,
                                             readers=readers))  # fmt: skip
+    # a block's tail under stochastic depth: the residual branch scaled per sample, an identity or projection shortcut
+    factors = torch.tensor([1.25, 0.0])
+    for ratios, with_extra in (((1,), True), ((1, 1), False)):
+        parents = [leaf(2, 64, 32, 32) for _ in ratios]
+        vectors = [leaf(64, stats=True) for _ in range(2 * len(ratios))]
+        extra = leaf(2, 64, 32, 32) if with_extra else None
+        for readers in range(1, MAX_READERS + 1):
+            backward(*merge_for_readers(parents, vectors[::2], vectors[1::2], list(ratios), extra, activation,
+                                        readers=readers, row_scale=factors))  # fmt: skip
     # RetinaNet's loss over 900 anchors × 91 COCO classes: 3 ground-truth boxes per image, every kind of match.
     corners = torch.rand(2, 903, 2) * 100
     boxes = torch.cat([corners, corners + 10], -1)

@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                         help="bfloat16: autocast with fp32 parameters, as --amp trains")  # fmt: skip
+    parser.add_argument("--stochastic-depth-rate", type=float, default=0.0,
+                        help="the backbone's stochastic depth (0.2: the models' training default; its per-sample "
+                        "draws add launches, never full-size maps)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from spinenet_fast.detection.presets import CUSTOM_SCALINGS, build_detector
@@ -540,7 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     ledgers = {}
     if args.head:
-        detector = build_detector(args.model, 91, image_size=args.size, stochastic_depth_rate=0.0, fused=False)
+        detector = build_detector(args.model, 91, image_size=args.size,
+                                  stochastic_depth_rate=args.stochastic_depth_rate, fused=False)  # fmt: skip
         detector = detector.to(memory_format=torch.channels_last)  # as training on a GPU takes it
         model = detector.backbone
         images, targets = detector_inputs(args.batch, args.size, 91)
@@ -552,7 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         subject = f"RetinaNet-SpineNet-{args.model} training step (91 classes)"
     else:
-        model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=0.0, fused=False)
+        model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=args.stochastic_depth_rate,
+                         fused=False)  # fmt: skip
         model = model.to(memory_format=torch.channels_last)
         batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
 
@@ -564,9 +569,10 @@ def main(argv: list[str] | None = None) -> dict:
         ledgers["eager"] = count(False)
     ledgers["fused-auto"] = count(True)
     precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
-    description = f"{subject}, {args.size} px, batch {args.batch}, {precision}"
+    depth = f", stochastic depth {args.stochastic_depth_rate:g}" if args.stochastic_depth_rate else ""
+    description = f"{subject}, {args.size} px, batch {args.batch}, {precision}{depth}"
     config = {"model": args.model, "head": args.head, "size": args.size, "batch": args.batch, "dtype": args.dtype,
-              "description": description}  # fmt: skip
+              "stochastic_depth_rate": args.stochastic_depth_rate, "description": description}  # fmt: skip
     summary = summarise(model, ledgers)
     summary["traffic"] = summarise_traffic(model, ledgers, floors)
     args.out.mkdir(parents=True, exist_ok=True)

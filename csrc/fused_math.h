@@ -126,9 +126,10 @@ SF_HOST_DEVICE void bn_finalize_backward_channel(const T* d_scale, const T* d_sh
 }
 
 // ------------------------------------------------------------------------------------------------------ merge
-// out = act(Σ_i scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i + extra) for one or two parents. For the backward, parent 0
-// is the coarser one (ρ_0 a multiple of ρ_1); the forward takes them in any order. The backward's output gradient
-// is the sum of up to kMaxMergeGrads tensors (one per reader of the output), added as they are loaded.
+// out = act(Σ_i f_i[n]·(scale_i·y_i[h/ρ_i, w/ρ_i] + shift_i) + extra) for one or two parents, f_i[n] = row_scale[n]
+// for the row-scaled parent (stochastic depth) and 1 otherwise. For the backward, parent 0 is the coarser one (ρ_0 a
+// multiple of ρ_1); the forward takes them in any order. The backward's output gradient is the sum of up to
+// kMaxMergeGrads tensors (one per reader of the output), added as they are loaded.
 constexpr int kMaxMergeGrads = 4;
 
 template <typename scalar_t, typename acc_t>
@@ -139,6 +140,8 @@ struct MergeArgs {
   int64_t ratio[2];
   int num_parents;
   const scalar_t* extra;  // nullptr: none
+  const acc_t* row_scale;  // nullptr: none; else (N,), the per-sample factor of parent `scaled_parent`'s term
+  int scaled_parent;
   const scalar_t* grad[kMaxMergeGrads];  // backward only: (N, H, W, C) each, their sum the output gradient
   int num_grads;
   scalar_t* out;          // forward: the merged output; backward: unused
@@ -155,13 +158,19 @@ SF_HOST_DEVICE int64_t parent_pixel(const MergeArgs<scalar_t, acc_t>& a, int i, 
   return (n * (a.H / r) + h / r) * (a.W / r) + w / r;
 }
 
-// scale_i·y_i + shift_i for VEC channels from c, at flat parent pixel `pixel`.
+// Parent i's per-sample factor in sample n: row_scale[n] for the row-scaled parent, else 1.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE acc_t row_factor(const MergeArgs<scalar_t, acc_t>& a, int i, int64_t n) {
+  return a.row_scale != nullptr && i == a.scaled_parent ? a.row_scale[n] : acc_t(1);
+}
+
+// factor·(scale_i·y_i + shift_i) for VEC channels from c, at flat parent pixel `pixel`.
 template <int VEC, typename scalar_t, typename acc_t>
-SF_HOST_DEVICE void parent_affine(const MergeArgs<scalar_t, acc_t>& a, int i, int64_t pixel, int64_t c,
+SF_HOST_DEVICE void parent_affine(const MergeArgs<scalar_t, acc_t>& a, int i, int64_t pixel, int64_t c, acc_t factor,
                                   acc_t (&y)[VEC], acc_t (&out)[VEC]) {
   load<VEC>(a.parent[i] + pixel * a.C + c, y);
 SF_UNROLL
-  for (int k = 0; k < VEC; ++k) out[k] = a.scale[i][c + k] * y[k] + a.shift[i][c + k];
+  for (int k = 0; k < VEC; ++k) out[k] = factor * (a.scale[i][c + k] * y[k] + a.shift[i][c + k]);
 }
 
 // Forward work item: output pixel `pixel`, channels [c, c + VEC).
@@ -169,9 +178,9 @@ template <int VEC, typename scalar_t, typename acc_t>
 SF_HOST_DEVICE void merge_forward_item(const MergeArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
   const int64_t w = pixel % a.W, h = (pixel / a.W) % a.H, n = pixel / (a.W * a.H);
   acc_t pre[VEC], y[VEC], term[VEC];
-  parent_affine<VEC>(a, 0, parent_pixel(a, 0, n, h, w), c, y, pre);
+  parent_affine<VEC>(a, 0, parent_pixel(a, 0, n, h, w), c, row_factor(a, 0, n), y, pre);
   if (a.num_parents == 2) {
-    parent_affine<VEC>(a, 1, parent_pixel(a, 1, n, h, w), c, y, term);
+    parent_affine<VEC>(a, 1, parent_pixel(a, 1, n, h, w), c, row_factor(a, 1, n), y, term);
 SF_UNROLL
     for (int k = 0; k < VEC; ++k) pre[k] += term[k];
   }
@@ -185,21 +194,24 @@ SF_UNROLL
   store<VEC>(a.out + pixel * a.C + c, pre);
 }
 
-// Per-channel sums the merge backward accumulates: Σ d_pre·y_0 (→ d_scale_0), Σ d_pre·y_1 (→ d_scale_1),
-// Σ d_pre (→ every d_shift).
-enum MergeSum : int { kScale0 = 0, kScale1 = 1, kShift = 2, kNumMergeSums = 3 };
+// Per-channel sums the merge backward accumulates: Σ f_0·d_pre·y_0 (→ d_scale_0), Σ f_1·d_pre·y_1 (→ d_scale_1),
+// Σ d_pre (→ the d_shift of every parent without a row scale), and with a row scale (kNumRowScaledMergeSums rows)
+// Σ row_scale·d_pre (→ the row-scaled parent's d_shift).
+enum MergeSum : int { kScale0 = 0, kScale1 = 1, kShift = 2, kShiftScaled = 3 };
+constexpr int kNumMergeSums = 3, kNumRowScaledMergeSums = 4;
 
 // Backward work item: one pixel of the coarse parent 0 (its ρ_0×ρ_0 output block), channels [c, c + VEC).
-// d_pre = grad·act'(pre) over the block; d_parent_i = scale_i·(block-sum of d_pre over ρ_i×ρ_i); d_extra = d_pre.
-// Adds this item's contributions to `sums` (per channel lane).
-template <int VEC, typename scalar_t, typename acc_t>
+// d_pre = grad·act'(pre) over the block; d_parent_i = f_i·scale_i·(block-sum of d_pre over ρ_i×ρ_i); d_extra = d_pre.
+// Adds this item's contributions to `sums` (per channel lane; NUM_SUMS rows, 4 with a row scale).
+template <int VEC, int NUM_SUMS, typename scalar_t, typename acc_t>
 SF_HOST_DEVICE void merge_backward_item(const MergeArgs<scalar_t, acc_t>& a, int64_t coarse_pixel, int64_t c,
-                                        acc_t (&sums)[kNumMergeSums][VEC]) {
+                                        acc_t (&sums)[NUM_SUMS][VEC]) {
   const int64_t r0 = a.ratio[0], r1 = a.num_parents == 2 ? a.ratio[1] : r0, q = r0 / r1;
   const int64_t w0 = coarse_pixel % (a.W / r0), h0 = (coarse_pixel / (a.W / r0)) % (a.H / r0);
   const int64_t n = coarse_pixel / ((a.W / r0) * (a.H / r0));
+  const acc_t f0 = row_factor(a, 0, n), f1 = row_factor(a, 1, n);
   acc_t y0[VEC], pre0[VEC], y1[VEC], pre1[VEC], acc0[VEC], acc1[VEC], term[VEC];
-  parent_affine<VEC>(a, 0, coarse_pixel, c, y0, pre0);
+  parent_affine<VEC>(a, 0, coarse_pixel, c, f0, y0, pre0);
 SF_UNROLL
   for (int k = 0; k < VEC; ++k) acc0[k] = acc_t(0);
   for (int64_t sh = 0; sh < q; ++sh) {
@@ -208,7 +220,7 @@ SF_UNROLL
       const int64_t pixel1 = (n * (a.H / r1) + h1) * (a.W / r1) + w1;
 SF_UNROLL
       for (int k = 0; k < VEC; ++k) pre1[k] = acc_t(0), acc1[k] = acc_t(0);
-      if (a.num_parents == 2) parent_affine<VEC>(a, 1, pixel1, c, y1, pre1);
+      if (a.num_parents == 2) parent_affine<VEC>(a, 1, pixel1, c, f1, y1, pre1);
       for (int64_t ih = 0; ih < r1; ++ih) {
         for (int64_t iw = 0; iw < r1; ++iw) {
           const int64_t pixel = (n * a.H + h1 * r1 + ih) * a.W + w1 * r1 + iw;
@@ -237,8 +249,8 @@ SF_UNROLL
       if (a.num_parents == 2) {
 SF_UNROLL
         for (int k = 0; k < VEC; ++k) {
-          sums[kScale1][k] += acc1[k] * y1[k];
-          term[k] = a.scale[1][c + k] * acc1[k];
+          sums[kScale1][k] += f1 * acc1[k] * y1[k];
+          term[k] = f1 * a.scale[1][c + k] * acc1[k];
         }
         store<VEC>(a.d_parent[1] + pixel1 * a.C + c, term);
       }
@@ -248,9 +260,14 @@ SF_UNROLL
   }
 SF_UNROLL
   for (int k = 0; k < VEC; ++k) {
-    sums[kScale0][k] += acc0[k] * y0[k];
+    sums[kScale0][k] += f0 * acc0[k] * y0[k];
     sums[kShift][k] += acc0[k];
-    term[k] = a.scale[0][c + k] * acc0[k];
+    term[k] = f0 * a.scale[0][c + k] * acc0[k];
+  }
+  if constexpr (NUM_SUMS > kShiftScaled) {
+    const acc_t f = a.row_scale[n];
+SF_UNROLL
+    for (int k = 0; k < VEC; ++k) sums[kShiftScaled][k] += f * acc0[k];
   }
   store<VEC>(a.d_parent[0] + coarse_pixel * a.C + c, term);
 }

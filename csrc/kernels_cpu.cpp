@@ -98,11 +98,12 @@ void merge_backward(const MergeTensors& t) {
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
     with_vec<scalar_t>(vec_width(t.grads[0], a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      add_sums<acc_t, VEC, kNumMergeSums>(
-          t.sums, coarse_pixels, a.C,
-          [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumMergeSums][VEC]) {
-            merge_backward_item<VEC>(a, pixel, c, sums);
-          });
+      const auto item = [&](int64_t pixel, int64_t c, auto& sums) { merge_backward_item<VEC>(a, pixel, c, sums); };
+      if (t.row_scale) {
+        add_sums<acc_t, VEC, kNumRowScaledMergeSums>(t.sums, coarse_pixels, a.C, item);
+      } else {
+        add_sums<acc_t, VEC, kNumMergeSums>(t.sums, coarse_pixels, a.C, item);
+      }
     });
   });
 }

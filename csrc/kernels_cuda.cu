@@ -98,8 +98,8 @@ struct MergeForward {
 template <typename scalar_t, typename acc_t>
 struct MergeBackward {
   MergeArgs<scalar_t, acc_t> a;
-  template <int VEC>
-  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumMergeSums][VEC]) const {
+  template <int VEC, int NUM_SUMS>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[NUM_SUMS][VEC]) const {
     merge_backward_item<VEC>(a, pixel, c, sums);
   }
 };
@@ -194,7 +194,11 @@ void merge_backward(const MergeTensors& t) {
     const int64_t coarse_pixels = a.N * (a.H / a.ratio[0]) * (a.W / a.ratio[0]);
     with_vec<scalar_t>(vec_width(t.grads[0], a.C, merge_pointers(t)), [&](auto width) {
       constexpr int VEC = decltype(width)::value;
-      add_sums<VEC, kNumMergeSums, acc_t>(item, t.sums, coarse_pixels, a.C);
+      if (t.row_scale) {
+        add_sums<VEC, kNumRowScaledMergeSums, acc_t>(item, t.sums, coarse_pixels, a.C);
+      } else {
+        add_sums<VEC, kNumMergeSums, acc_t>(item, t.sums, coarse_pixels, a.C);
+      }
     });
   });
 }

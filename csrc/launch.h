@@ -57,11 +57,13 @@ struct MergeTensors {
   std::vector<at::Tensor> parents, scales, shifts;
   std::vector<int64_t> ratios;
   std::optional<at::Tensor> extra;
+  std::optional<at::Tensor> row_scale;  // (N,) maths dtype: the per-sample factor of parent `scaled_parent`
+  int scaled_parent = 0;
   std::vector<at::Tensor> grads;   // backward: the output gradient's terms (one per reader), summed
   at::Tensor out;                  // forward
   std::vector<at::Tensor> d_parents;  // backward
   std::optional<at::Tensor> d_extra;  // backward
-  at::Tensor sums;                    // backward: (kNumMergeSums, C) zero-initialised accumulator, maths dtype
+  at::Tensor sums;  // backward: (kNumMergeSums or, with a row scale, kNumRowScaledMergeSums, C) zeroed, maths dtype
   int act;
 };
 
@@ -77,6 +79,8 @@ MergeArgs<scalar_t, acc_t> merge_args(const MergeTensors& t) {
     if (!t.d_parents.empty()) a.d_parent[i] = t.d_parents[i].mutable_data_ptr<scalar_t>();
   }
   a.extra = t.extra ? t.extra->const_data_ptr<scalar_t>() : nullptr;
+  a.row_scale = t.row_scale ? t.row_scale->const_data_ptr<acc_t>() : nullptr;
+  a.scaled_parent = t.scaled_parent;
   a.num_grads = static_cast<int>(t.grads.size());
   for (int g = 0; g < a.num_grads; ++g) a.grad[g] = t.grads[g].const_data_ptr<scalar_t>();
   a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;

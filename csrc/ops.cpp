@@ -90,8 +90,9 @@ at::Tensor channel_vector(const std::string& name, const at::Tensor& v, const at
 
 // Checks the merge arguments and fills `t` with NHWC-contiguous inputs, coarse parent first; returns the output
 // shape and sets `swapped` when the parents were reordered.
-std::vector<int64_t> prepare_merge(MergeTensors& t, bool& swapped, at::TensorList parents, at::TensorList scales, at::TensorList shifts,
-                   at::IntArrayRef ratios, const std::optional<at::Tensor>& extra, c10::string_view activation) {
+std::vector<int64_t> prepare_merge(MergeTensors& t, bool& swapped, at::TensorList parents, at::TensorList scales,
+                                   at::TensorList shifts, at::IntArrayRef ratios, const std::optional<at::Tensor>& extra,
+                                   const std::optional<at::Tensor>& row_scale, c10::string_view activation) {
   const auto k = parents.size();
   TORCH_CHECK_VALUE(k == 1 || k == 2, "parents: the extension's merge takes 1 or 2 parents, got ", k);
   TORCH_CHECK_VALUE(scales.size() == k && shifts.size() == k && ratios.size() == k,
@@ -120,19 +121,30 @@ std::vector<int64_t> prepare_merge(MergeTensors& t, bool& swapped, at::TensorLis
     check_like("extra", *extra, first, target);
     t.extra = contiguous_logged(*extra, kNHWC);
   }
+  if (row_scale) {
+    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == first.size(0) &&
+                          row_scale->device() == first.device(),
+                      "row_scale must be a (", first.size(0), ",) tensor on ", first.device(), ", got shape ",
+                      row_scale->sizes(), " on ", row_scale->device());
+    TORCH_CHECK_TYPE(row_scale->scalar_type() == t.scales[0].scalar_type(), "row_scale must be ",
+                     t.scales[0].scalar_type(), ", got ", row_scale->scalar_type());
+    t.row_scale = contiguous_logged(*row_scale);
+  }
   swapped = k == 2 && t.ratios[1] > t.ratios[0];
   if (swapped) {
     for (auto* v : {&t.parents, &t.scales, &t.shifts}) std::swap((*v)[0], (*v)[1]);
     std::swap(t.ratios[0], t.ratios[1]);
   }
+  t.scaled_parent = swapped ? 1 : 0;
   return target;
 }
 
 at::Tensor ext_merge(at::TensorList parents, at::TensorList scales, at::TensorList shifts, at::IntArrayRef ratios,
-                     const std::optional<at::Tensor>& extra, c10::string_view activation) {
+                     const std::optional<at::Tensor>& extra, const std::optional<at::Tensor>& row_scale,
+                     c10::string_view activation) {
   MergeTensors t;
   bool swapped = false;
-  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
+  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, row_scale, activation);
   t.out = at::empty(shape, parents[0].options().memory_format(kNHWC));
   const c10::DeviceGuard guard(t.out.device());
   if (t.out.numel() > 0) t.out.is_cuda() ? cuda::merge_forward(t) : cpu::merge_forward(t);
@@ -156,11 +168,12 @@ at::Tensor sums_accumulator(const std::optional<at::Tensor>& sums_out, int64_t r
 
 std::vector<at::Tensor> ext_merge_backward(at::TensorList grads, at::TensorList parents, at::TensorList scales,
                                            at::TensorList shifts, at::IntArrayRef ratios,
-                                           const std::optional<at::Tensor>& extra, c10::string_view activation,
+                                           const std::optional<at::Tensor>& extra,
+                                           const std::optional<at::Tensor>& row_scale, c10::string_view activation,
                                            const std::optional<at::Tensor>& sums_out) {
   MergeTensors t;
   bool swapped = false;
-  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, activation);
+  const auto shape = prepare_merge(t, swapped, parents, scales, shifts, ratios, extra, row_scale, activation);
   TORCH_CHECK_VALUE(t.ratios[0] % t.ratios.back() == 0,
                     "ratios: the extension's merge backward needs one ratio to divide the other, got ", ratios);
   TORCH_CHECK_VALUE(!grads.empty() && grads.size() <= kMaxMergeGrads, "grads: the extension's merge backward sums 1 to ",
@@ -173,11 +186,12 @@ std::vector<at::Tensor> ext_merge_backward(at::TensorList grads, at::TensorList 
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);
   const c10::DeviceGuard guard(grad.device());
-  t.sums = sums_accumulator(sums_out, kNumMergeSums, grad.size(1), t.scales[0].options());
+  const int rows = t.row_scale ? kNumRowScaledMergeSums : kNumMergeSums;
+  t.sums = sums_accumulator(sums_out, rows, grad.size(1), t.scales[0].options());
   if (grad.numel() > 0) grad.is_cuda() ? cuda::merge_backward(t) : cpu::merge_backward(t);
   if (swapped) std::swap(t.d_parents[0], t.d_parents[1]);
-  // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift): the op's contract, which the
-  // Python side maps back to its parents as views, so no row is copied.
+  // The sums stay in the kernel's coarse-first order (rows kScale0, kScale1, kShift, kShiftScaled): the op's contract,
+  // which the Python side maps back to its parents as views, so no row is copied.
   std::vector<at::Tensor> out = t.d_parents;
   out.push_back(t.sums);
   if (t.d_extra) out.push_back(*t.d_extra);

@@ -44,16 +44,17 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(spinenet_fast, m) {
-  // act(Σ_i scale_i·parents_i[h/ρ_i, w/ρ_i] + shift_i + extra); 1 or 2 parents.
+  // act(Σ_i f_i·(scale_i·parents_i[h/ρ_i, w/ρ_i] + shift_i) + extra); 1 or 2 parents; f_0 = row_scale[n] (a
+  // per-sample factor; 1 without), f_1 = 1.
   m.def(
-      "ext_merge(Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios, Tensor? extra, str activation)"
-      " -> Tensor");
-  // [*d_parents, sums (coarse-first Σ d_pre·y_i rows, then Σ d_pre), (d_extra)] for the output gradient Σ grads
-  // (1 to 4 terms, one per reader of the output); with `sums_out` (zeroed, (3, C)) the sums are added into it and the
-  // returned sums are that tensor.
+      "ext_merge(Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios, Tensor? extra, Tensor? row_scale,"
+      " str activation) -> Tensor");
+  // [*d_parents, sums (coarse-first Σ f_i·d_pre·y_i rows, Σ d_pre, with a row_scale Σ row_scale·d_pre), (d_extra)]
+  // for the output gradient Σ grads (1 to 4 terms, one per reader of the output); with `sums_out` (zeroed, (3, C) or
+  // (4, C)) the sums are added into it and the returned sums are that tensor.
   m.def(
       "ext_merge_backward(Tensor[] grads, Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios,"
-      " Tensor? extra, str activation, Tensor(a!)? sums_out=None) -> Tensor[]");
+      " Tensor? extra, Tensor? row_scale, str activation, Tensor(a!)? sums_out=None) -> Tensor[]");
   // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift), and with `with_route`
   // the int32 (N, C, OH, OW) channels_last route: the level-0 pixel h·W + w each output's gradient goes to (else an
   // empty tensor).

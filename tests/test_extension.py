@@ -18,7 +18,7 @@ def test_missing_extension_explains_how_to_build(monkeypatch):
 def merge_args():
     parents = [torch.randn(1, 4, 4, 4), torch.randn(1, 4, 2, 2)]
     return dict(parents=parents, scales=[torch.ones(4)] * 2, shifts=[torch.zeros(4)] * 2, ratios=[1, 2], extra=None,
-                activation="relu")  # fmt: skip
+                row_scale=None, activation="relu")  # fmt: skip
 
 
 THREE_PARENTS = dict(parents=[torch.randn(1, 4, 4, 4)] * 3, scales=[torch.ones(4)] * 3, shifts=[torch.zeros(4)] * 3,
@@ -35,6 +35,8 @@ THREE_PARENTS = dict(parents=[torch.randn(1, 4, 4, 4)] * 3, scales=[torch.ones(4
         (dict(shifts=[torch.zeros(5), torch.zeros(4)]), ValueError, r"shifts\[0\] must be a \(4,\) tensor"),
         (dict(extra=torch.zeros(1, 4, 2, 4)), ValueError, r"extra must have shape \[1, 4, 4, 4\]"),
         (dict(activation="gelu"), ValueError, "activation must be one of"),
+        (dict(row_scale=torch.ones(2)), ValueError, r"row_scale must be a \(1,\) tensor on cpu, got shape \[2\]"),
+        (dict(row_scale=torch.ones(1).double()), TypeError, "row_scale must be Float, got Double"),
         (dict(parents=[torch.zeros(1, 4, 4, 4, dtype=torch.int32)] * 2), TypeError, r"parents\[0\] must be float32"),
     ],
 )
@@ -60,6 +62,8 @@ def test_extension_merge_backward_and_pool_and_finalize_reject_bad_input():
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(4, 3).t())
     with pytest.raises(TypeError, match="sums_out must be Float, got Double"):
         ops.ext_merge_backward(grad, *args.values(), torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"sums_out must be a contiguous \(4, 4\) tensor"):  # a row-scaled merge's
+        ops.ext_merge_backward(grad, *{**args, "row_scale": torch.ones(1)}.values(), torch.zeros(3, 4))
     args["parents"] = [torch.randn(1, 4, 3, 3), torch.randn(1, 4, 2, 2)]
     with pytest.raises(ValueError, match="needs one ratio to divide the other"):
         ops.ext_merge_backward([torch.zeros(1, 4, 6, 6)], *{**args, "ratios": [2, 3]}.values())
@@ -108,8 +112,8 @@ def test_extension_handles_empty_batches():
     ops = torch.ops.spinenet_fast
     parents = [torch.randn(0, 4, 4, 4), torch.randn(0, 4, 2, 2)]
     vectors = [torch.ones(4)] * 2
-    assert ops.ext_merge(parents, vectors, vectors, [1, 2], None, "swish").shape == (0, 4, 4, 4)
-    grads = ops.ext_merge_backward([torch.zeros(0, 4, 4, 4)], parents, vectors, vectors, [1, 2], None, "swish")
+    assert ops.ext_merge(parents, vectors, vectors, [1, 2], None, None, "swish").shape == (0, 4, 4, 4)
+    grads = ops.ext_merge_backward([torch.zeros(0, 4, 4, 4)], parents, vectors, vectors, [1, 2], None, None, "swish")
     assert [tuple(g.shape) for g in grads] == [(0, 4, 4, 4), (0, 4, 2, 2), (3, 4)]  # d_parents, sums
     assert grads[2].abs().sum() == 0
     pooled, route = ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch", True)

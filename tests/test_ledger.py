@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,25 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
     markdown = (out / "ledger.md").read_text()
     assert "| cross-scale parents |" in markdown and "L5->L3 up" in markdown
     assert (out / "ledger.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stochastic_depth_is_the_block_merges_row_scale(small, tmp_path):
+    """Stochastic depth at the models' training default (0.2) in the fused blocks: per block (49XS-custom's groups
+    hold one each) its two per-sample launches — the Bernoulli draw, the 1/(1 - p) scaling — and nothing else in
+    either pass (the block merge scales the branch per sample); eager adds a full-size multiply to each pass."""
+    _, without = small
+    with_depth = ledger(tmp_path, "--size", "128", "--batch", "2", "--stochastic-depth-rate", "0.2")
+    added = {
+        "eager": ({"aten bernoulli_": 1, "aten div_": 1, "aten mul": 1}, {"aten mul": 1}),
+        "fused-auto": ({"aten bernoulli_": 1, "aten div": 1}, {}),
+    }
+    for variant, (forward, backward) in added.items():
+        got, base = with_depth["ledgers"][variant], without["ledgers"][variant]
+        assert got.keys() == base.keys()
+        for part in got:
+            for pass_, extra in (("forward", forward), ("backward", backward)):
+                want = Counter(base[part][pass_]) + Counter(extra if part.startswith("groups.") else {})
+                assert Counter(got[part][pass_]) == want, (variant, part, pass_)
 
 
 def fused_launches(ledger: dict, part: str, pass_: str) -> int:

@@ -5,9 +5,9 @@ Bottleneck: 1×1 (+ Σ, Σ²) -> 3×3/s1 with the previous BN + act as its prolo
 3×3/s1 -> 3×3/s1 likewise; a projection shortcut is a 1×1 (+ Σ, Σ²) of the block input. Each conv + training-mode BN
 is one ``conv1x1_bn`` / ``conv3x3_bn`` (the BN finalised in the GEMM's last program, its backward folded into the
 conv's backward kernels), so no normalised or activated tensor is written between the convs. The block output —
-last BN, shortcut BN (or the identity input), residual add, activation — is one ``merge`` of same-resolution parents.
-With stochastic depth active (training mode, drop rate > 0) the output is computed by the eager ops instead (the
-merge has no per-sample scale), after the same fused convs, drawing the same random numbers as the eager block.
+last BN, shortcut BN (or the identity input), stochastic depth, residual add, activation — is one ``merge`` of
+same-resolution parents; stochastic depth (training mode, drop rate > 0) is its ``row_scale`` on the last BN's term,
+drawn as torchvision's ``StochasticDepth(mode="row")`` draws it (same random numbers as the eager block).
 Activations are NCHW tensors of any memory format; the fused convs return channels_last. The block's input comes
 as one tensor or as one per reader (main path, shortcut: ``merge_for_readers``), and its output goes out as one per
 reader of it.
@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from ..ops import merge_for_readers
+from ..ops.activation import stats_dtype
+from ..ops.merge import sums_rows
 from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
 
 
@@ -27,9 +29,16 @@ def block_convs(block) -> list:
     return [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
 
 
-def drops_rows(block) -> bool:
-    """Whether the block's stochastic depth changes its output in this call (training mode, drop rate > 0)."""
-    return block.drop_path.training and block.drop_path.p > 0
+def row_scale(drop_path, like: Tensor) -> Tensor | None:
+    """The (N,) per-sample factors ``drop_path`` (torchvision's ``StochasticDepth(mode="row")``) would multiply a
+    branch like ``like`` (N, C, H, W) by in this call — kept samples 1/(1 - p), dropped ones 0, from the same Bernoulli
+    draws in the same dtype — in the merge's statistics dtype; None where it is the identity (eval mode, p = 0)."""
+    if not (drop_path.training and drop_path.p > 0):
+        return None
+    survival = 1.0 - drop_path.p
+    noise = torch.empty((like.shape[0],), dtype=like.dtype, device=like.device).bernoulli_(survival)
+    factors = torch.empty_like(noise, dtype=stats_dtype(like))
+    return torch.div(noise, survival, out=factors)  # divided in like's dtype, as torchvision does, then widened
 
 
 def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: str, padding: str,
@@ -47,8 +56,8 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
     sizes = [
         size for layer, prologue in layers for size in ConnectionWorkspace.layer_sizes(layer, prologue, stats_dtype)
     ]
-    if sizes and not drops_rows(block):  # the merge backward's (3, C) channel sums
-        sizes.append(3 * convs[-1].conv.out_channels)
+    if sizes:  # the merge backward's channel sums
+        sizes.append(sums_rows(2, block.drop_path.training and block.drop_path.p > 0) * convs[-1].conv.out_channels)
     workspace = ConnectionWorkspace(sizes, x.device, stats_dtype)
     y, scale, shift = x, None, None
     for layer in convs:
@@ -64,14 +73,7 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
         scales.append(scale_short)
         shifts.append(shift_short)
         extra = None
-    if drops_rows(block):
-        branch, *rest = (affine(p, s, t, dtype) for p, s, t in zip(parents, scales, shifts))
-        return (block.act(block.drop_path(branch) + (rest[0] if rest else x_shortcut)),) * readers
-    sums_buffer = workspace.take(parents[0].shape[1], rows=3) if sizes else None
+    factors = row_scale(block.drop_path, y)
+    sums_buffer = workspace.take(parents[0].shape[1], rows=sums_rows(2, factors is not None)) if sizes else None
     return merge_for_readers(parents, scales, shifts, [1] * len(parents), extra, activation, readers=readers,
-                             sums_buffer=sums_buffer)  # fmt: skip
-
-
-def affine(y: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
-    """``scale·y + shift`` (a BN's output from its folded affine map), in ``dtype``."""
-    return (y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)
+                             row_scale=factors, sums_buffer=sums_buffer)  # fmt: skip

@@ -5,7 +5,9 @@ Equivalent to::
     act(sum(F.interpolate(scale_i[:, None, None] * y_i + shift_i[:, None, None], scale_factor=ρ_i)) + extra)
 
 parents y_i: (N, C, H/ρ_i, W/ρ_i), any memory format (channels_last is the fast one); scales, shifts: (C,)
-fp32 (BN folded to an affine map); extra: (N, C, H, W) or None. Returns (N, C, H, W) in the parents' dtype.
+fp32 (BN folded to an affine map); extra: (N, C, H, W) or None; row_scale: (N,) or None, a per-sample factor of
+the first parent's term (stochastic depth: a block's residual branch, kept samples scaled by 1/(1 - rate), dropped
+ones 0). Returns (N, C, H, W) in the parents' dtype.
 No upsampled copy is ever written; the backward block-sums the gradient back to each parent's resolution.
 ``merge_for_readers`` returns the output once per reader, so that the backward sums the readers' gradients as it
 loads them (autograd adds none).
@@ -31,6 +33,7 @@ def check_merge_args(
     ratios: list[int],
     extra: Tensor | None,
     activation: str,
+    row_scale: Tensor | None = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument unless the inputs describe one valid merge."""
     if not isinstance(parents, (list, tuple)) or not parents or not all(isinstance(p, Tensor) for p in parents):
@@ -73,6 +76,10 @@ def check_merge_args(
     if extra is not None and not (fits and extra.device == first.device):
         raise ValueError(f"extra must be None or a {first.dtype} tensor of shape {target} on {first.device}, got "
                          f"{describe(extra)}")  # fmt: skip
+    fits = isinstance(row_scale, Tensor) and row_scale.shape == (first.shape[0],) and row_scale.device == first.device
+    if row_scale is not None and not (fits and row_scale.dtype == stats_dtype(first)):
+        raise ValueError(f"row_scale must be None or a {stats_dtype(first)} tensor of shape ({first.shape[0]},) on "
+                         f"{first.device}, got {describe(row_scale)}")  # fmt: skip
 
 
 def _upsample(x: Tensor, ratio: int) -> Tensor:
@@ -87,18 +94,24 @@ def _block_sum(x: Tensor, ratio: int) -> Tensor:
     return x.reshape(n, c, h // ratio, ratio, w // ratio, ratio).sum((3, 5))
 
 
-def _pre_activation(parents, scales, shifts, ratios, extra) -> Tensor:
+def _row_factors(parents, row_scale) -> list:
+    """Each parent's per-sample factor, (N, 1, 1, 1) or 1: ``row_scale`` for the first, 1 for the others."""
+    first = 1 if row_scale is None else row_scale.to(stats_dtype(parents[0])).view(-1, 1, 1, 1)
+    return [first] + [1] * (len(parents) - 1)
+
+
+def _pre_activation(parents, scales, shifts, ratios, extra, row_scale) -> Tensor:
     dtype = stats_dtype(parents[0])
     pre = sum(
-        _upsample(y.to(dtype) * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1), r)
-        for y, s, b, r in zip(parents, scales, shifts, ratios)
+        _upsample(f * (y.to(dtype) * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1)), r)
+        for y, s, b, r, f in zip(parents, scales, shifts, ratios, _row_factors(parents, row_scale))
     )
     return pre if extra is None else pre + extra.to(dtype)
 
 
-def merge_reference(parents, scales, shifts, ratios, extra, activation) -> Tensor:
+def merge_reference(parents, scales, shifts, ratios, extra, row_scale, activation) -> Tensor:
     """Plain-PyTorch merge (fp32 maths), the CPU path and the test oracle."""
-    pre = _pre_activation(parents, scales, shifts, ratios, extra)
+    pre = _pre_activation(parents, scales, shifts, ratios, extra, row_scale)
     return activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
@@ -107,32 +120,41 @@ def coarse_first(ratios: list[int]) -> list[int]:
     return sorted(range(len(ratios)), key=lambda i: -ratios[i])
 
 
-def backward_sums(d_scales: list[Tensor], d_shift: Tensor, ratios: list[int]) -> Tensor:
-    """The merge backward's ``sums`` (max(k, 2) + 1, C): Σ d_pre·y_i in :func:`coarse_first` order (a zero row for a
-    single parent), then Σ d_pre, the gradient of every parent's shift."""
+def sums_rows(num_parents: int, row_scaled: bool) -> int:
+    """Rows of the merge backward's ``sums`` (see :func:`backward_sums`)."""
+    return max(num_parents, 2) + 1 + row_scaled
+
+
+def backward_sums(d_scales: list[Tensor], d_shifts: list[Tensor], ratios: list[int], row_scaled: bool) -> Tensor:
+    """The merge backward's ``sums`` (:func:`sums_rows`, C): Σ d_pre·y_i (row-scaled for the first parent) in
+    :func:`coarse_first` order (a zero row for a single parent), then Σ d_pre, the gradient of every parent's shift,
+    and with a ``row_scale`` Σ row_scale·d_pre, the first parent's."""
     rows = [d_scales[i] for i in coarse_first(ratios)]
-    rows += [torch.zeros_like(d_shift)] * (2 - len(rows)) + [d_shift]
+    rows += [torch.zeros_like(d_shifts[-1])] * (2 - len(rows)) + [d_shifts[-1]] + d_shifts[:row_scaled]
     return torch.stack(rows)
 
 
-def merge_backward_reference(grads, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+def merge_backward_reference(grads, parents, scales, shifts, ratios, extra, row_scale, activation) -> list[Tensor]:
     """``[*d_parents, sums, (d_extra)]`` of :func:`merge_reference` for the output gradient Σ ``grads``, in plain
     PyTorch (``sums``: :func:`backward_sums`)."""
-    pre = _pre_activation(parents, scales, shifts, ratios, extra)
+    pre = _pre_activation(parents, scales, shifts, ratios, extra, row_scale)
     d_pre = sum(g.to(pre.dtype) for g in grads) * activation_grad(pre, activation)
-    sums = [_block_sum(d_pre, r) for r in ratios]
+    factors = _row_factors(parents, row_scale)
+    sums = [_block_sum(f * d_pre, r) for r, f in zip(ratios, factors)]
     d_parents = [
         (s * scale.to(s.dtype).view(1, -1, 1, 1)).to(y.dtype).contiguous(memory_format=CHANNELS_LAST)
         for s, scale, y in zip(sums, scales, parents)
     ]
     d_scales = [(s * y.to(s.dtype)).sum((0, 2, 3)).to(scale.dtype) for s, y, scale in zip(sums, parents, scales)]
-    d_shift = d_pre.sum((0, 2, 3)).to(shifts[0].dtype)
+    d_shifts = [d_pre.sum((0, 2, 3)).to(shifts[0].dtype)]
+    if row_scale is not None:
+        d_shifts.insert(0, sums[0].sum((0, 2, 3)).to(shifts[0].dtype))
     d_extra = [d_pre.to(extra.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
-    return [*d_parents, backward_sums(d_scales, d_shift, ratios), *d_extra]
+    return [*d_parents, backward_sums(d_scales, d_shifts, ratios, row_scale is not None), *d_extra]
 
 
-def _triton_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
-    reasons = backends.triton_reasons(*parents, extra)
+def _triton_reasons(parents, scales, shifts, ratios, extra, row_scale, activation) -> list[str]:
+    reasons = backends.triton_reasons(*parents, extra, row_scale)
     if len(parents) > 2:
         reasons.append(f"the Triton merge takes 1 or 2 parents, got {len(parents)}")
     if parents[0].dtype not in backends.FLOAT_DTYPES:
@@ -150,8 +172,8 @@ def _triton_backward_reasons(grads, *args) -> list[str]:
     return _triton_reasons(*args) + backends.triton_reasons(*grads) + _readers_reasons(grads)
 
 
-def _extension_reasons(parents, scales, shifts, ratios, extra, activation) -> list[str]:
-    reasons = backends.extension_reasons(*parents, extra)
+def _extension_reasons(parents, scales, shifts, ratios, extra, row_scale, activation) -> list[str]:
+    reasons = backends.extension_reasons(*parents, extra, row_scale)
     if len(parents) > 2:
         reasons.append(f"the extension's merge takes 1 or 2 parents, got {len(parents)}")
     elif max(ratios) % min(ratios):
@@ -163,11 +185,14 @@ def _extension_backward_reasons(grads, *args) -> list[str]:
     return _extension_reasons(*args) + backends.extension_reasons(*grads) + _readers_reasons(grads)
 
 
-def _merge_backward_triton(grads, parents, scales, shifts, ratios, extra, activation) -> list[Tensor]:
+def _merge_backward_triton(grads, parents, scales, shifts, ratios, extra, row_scale, activation) -> list[Tensor]:
     from spinenet_fast.kernels.merge import merge_backward
 
-    d_parents, d_scales, d_shift, d_extra = merge_backward(grads, parents, scales, shifts, ratios, extra, activation)
-    return [*d_parents, backward_sums(d_scales, d_shift, ratios), *([d_extra] if d_extra is not None else [])]
+    d_parents, d_scales, d_shifts, d_extra = merge_backward(
+        grads, parents, scales, shifts, ratios, extra, row_scale, activation
+    )
+    sums = backward_sums(d_scales, d_shifts, ratios, row_scale is not None)
+    return [*d_parents, sums, *([d_extra] if d_extra is not None else [])]
 
 
 def _triple(grads: list[Tensor], k: int, has_extra: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,33 +204,33 @@ def _triple(grads: list[Tensor], k: int, has_extra: bool) -> tuple[Tensor, Tenso
 def _into(backward):
     """A ``merge_backward_into`` backend from a ``merge_backward`` one: its sums added into ``sums_out``."""
 
-    def run(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
-        outputs = backward(grads, parents, scales, shifts, ratios, extra, activation)
+    def run(grads, parents, scales, shifts, ratios, extra, row_scale, activation, sums_out):
+        outputs = backward(grads, parents, scales, shifts, ratios, extra, row_scale, activation)
         sums_out.add_(outputs[len(parents)])
         return _triple(outputs, len(parents), extra is not None)
 
     return run
 
 
-def _merge_backward_into_extension(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
-    args = (grads, parents, scales, shifts, ratios, extra, activation, sums_out)
+def _merge_backward_into_extension(grads, parents, scales, shifts, ratios, extra, row_scale, activation, sums_out):
+    args = (grads, parents, scales, shifts, ratios, extra, row_scale, activation, sums_out)
     return _triple(torch.ops.spinenet_fast.ext_merge_backward(*args), len(parents), extra is not None)
 
 
-def _fake_merge(parents, scales, shifts, ratios, extra, activation, sums_buffer):
+def _fake_merge(parents, scales, shifts, ratios, extra, row_scale, activation, sums_buffer):
     y = parents[0]
     shape = (y.shape[0], y.shape[1], y.shape[2] * ratios[0], y.shape[3] * ratios[0])
     return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST)
 
 
-def _fake_backward(grads, parents, scales, shifts, ratios, extra, activation):
+def _fake_backward(grads, parents, scales, shifts, ratios, extra, row_scale, activation):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
-    sums = scales[0].new_empty((max(len(parents), 2) + 1, *scales[0].shape))
+    sums = scales[0].new_empty((sums_rows(len(parents), row_scale is not None), *scales[0].shape))
     d_extra = [torch.empty_like(extra, memory_format=CHANNELS_LAST)] if extra is not None else []
     return [*d_parents, sums, *d_extra]
 
 
-def _fake_backward_into(grads, parents, scales, shifts, ratios, extra, activation, sums_out):
+def _fake_backward_into(grads, parents, scales, shifts, ratios, extra, row_scale, activation, sums_out):
     d_parents = [torch.empty_like(y, memory_format=CHANNELS_LAST) for y in parents]
     empty = grads[0].new_empty(0)
     d_extra = torch.empty_like(extra, memory_format=CHANNELS_LAST) if extra is not None else empty
@@ -228,7 +253,7 @@ def _channels_last_grads(grads, *args) -> tuple:
 )
 def _merge_op(
     parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList, extra: Tensor | None,
-    activation: str, sums_buffer: Tensor | None,
+    row_scale: Tensor | None, activation: str, sums_buffer: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """``sums_buffer``: unused by the forward; the backward adds its sums into it (see :func:`merge`)."""
 
@@ -245,10 +270,10 @@ def _merge_op(
 )
 def _merge_backward_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
-    extra: Tensor | None, activation: str,
+    extra: Tensor | None, row_scale: Tensor | None, activation: str,
 ) -> TensorList:  # fmt: skip
-    """``[*d_parents, sums (max(k, 2) + 1, C): each parent's d_scale (coarse first), then d_shift, (d_extra)]`` for the
-    output gradient Σ ``grads`` (one term per reader of the output)."""
+    """``[*d_parents, sums (:func:`backward_sums`), (d_extra)]`` for the output gradient Σ ``grads`` (one term per
+    reader of the output)."""
 
 
 @op_spec.custom_op(
@@ -264,21 +289,18 @@ def _merge_backward_op(
 )
 def _merge_backward_into_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
-    extra: Tensor | None, activation: str, sums_out: Tensor,
+    extra: Tensor | None, row_scale: Tensor | None, activation: str, sums_out: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``merge_backward`` of one or two parents whose sums are added into the caller's zeroed ``sums_out`` (3, C):
-    ``(d_parent0, d_parent1, d_extra)``, empty where absent."""
+    """``merge_backward`` of one or two parents whose sums are added into the caller's zeroed ``sums_out``
+    (:func:`sums_rows`, C): ``(d_parent0, d_parent1, d_extra)``, empty where absent."""
 
 
 def _setup_context(ctx, inputs, output):
-    parents, scales, shifts, ratios, extra, activation, sums_buffer = inputs
-    ctx.save_for_backward(*parents, *scales, *shifts, *([extra] if extra is not None else []))
-    ctx.num_parents, ctx.ratios, ctx.has_extra, ctx.activation = (
-        len(parents),
-        list(ratios),
-        extra is not None,
-        activation,
-    )
+    parents, scales, shifts, ratios, extra, row_scale, activation, sums_buffer = inputs
+    optional = [t for t in (extra, row_scale) if t is not None]
+    ctx.save_for_backward(*parents, *scales, *shifts, *optional)
+    ctx.num_parents, ctx.ratios, ctx.activation = len(parents), list(ratios), activation
+    ctx.has_extra, ctx.row_scaled = extra is not None, row_scale is not None
     ctx.sums_buffer = sums_buffer if len(parents) <= 2 else None  # used once: a second backward allocates
 
 
@@ -287,9 +309,11 @@ def _gradients(ctx, grads: list[Tensor]) -> tuple:
     k = ctx.num_parents
     saved = ctx.saved_tensors
     parents, scales, shifts = list(saved[:k]), list(saved[k : 2 * k]), list(saved[2 * k : 3 * k])
-    extra = saved[3 * k] if ctx.has_extra else None
+    optional = iter(saved[3 * k :])
+    extra = next(optional) if ctx.has_extra else None
+    row_scale = next(optional) if ctx.row_scaled else None
     sums, ctx.sums_buffer = ctx.sums_buffer, None
-    args = (grads, parents, scales, shifts, ctx.ratios, extra, ctx.activation)
+    args = (grads, parents, scales, shifts, ctx.ratios, extra, row_scale, ctx.activation)
     if sums is not None:
         d_first, d_second, d_extra = _merge_backward_into_op(*args, sums)
         d_parents = [d_first, d_second][:k]
@@ -300,12 +324,14 @@ def _gradients(ctx, grads: list[Tensor]) -> tuple:
     d_scales = [None] * k
     for row, i in enumerate(coarse_first(ctx.ratios)):
         d_scales[i] = sums[row]
-    return d_parents, d_scales, [sums[-1]] * k, d_extra
+    shift_row = max(k, 2)
+    d_shifts = [sums[shift_row + ctx.row_scaled]] + [sums[shift_row]] * (k - 1)
+    return d_parents, d_scales, d_shifts, d_extra
 
 
 def _backward(ctx, grad):
     d_parents, d_scales, d_shifts, d_extra = _gradients(ctx, [grad])
-    return d_parents, d_scales, d_shifts, None, d_extra, None, None
+    return d_parents, d_scales, d_shifts, None, d_extra, None, None, None
 
 
 _merge_op.register_autograd(_backward, setup_context=_setup_context)
@@ -316,10 +342,11 @@ class _MergeForReaders(torch.autograd.Function):
     backward kernel sums them as it loads them. Inputs flattened, as a Function tracks only tensor arguments."""
 
     @staticmethod
-    def forward(ctx, readers, ratios, activation, sums_buffer, has_extra, *tensors):
+    def forward(ctx, readers, ratios, activation, row_scale, sums_buffer, has_extra, *tensors):
         k = len(ratios)
         parents, scales, shifts = list(tensors[:k]), list(tensors[k : 2 * k]), list(tensors[2 * k : 3 * k])
-        inputs = (parents, scales, shifts, list(ratios), tensors[3 * k] if has_extra else None, activation, sums_buffer)
+        extra = tensors[3 * k] if has_extra else None
+        inputs = (parents, scales, shifts, list(ratios), extra, row_scale, activation, sums_buffer)
         out = _merge_op(*inputs)
         _setup_context(ctx, inputs, out)
         ctx.set_materialize_grads(False)
@@ -329,16 +356,18 @@ class _MergeForReaders(torch.autograd.Function):
     def backward(ctx, *grads):
         defined = [g for g in grads if g is not None]
         if not defined:
-            return (None,) * (5 + 3 * ctx.num_parents + ctx.has_extra)
+            return (None,) * (6 + 3 * ctx.num_parents + ctx.has_extra)
         d_parents, d_scales, d_shifts, d_extra = _gradients(ctx, defined)
-        return None, None, None, None, None, *d_parents, *d_scales, *d_shifts, *([d_extra] if ctx.has_extra else [])
+        optional = [d_extra] if ctx.has_extra else []
+        return None, None, None, None, None, None, *d_parents, *d_scales, *d_shifts, *optional
 
 
-def _checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer) -> tuple:
-    check_merge_args(parents, scales, shifts, ratios, extra, activation)
-    shape = (3, parents[0].shape[1])
+def _checked_args(parents, scales, shifts, ratios, extra, row_scale, activation, sums_buffer) -> tuple:
+    check_merge_args(parents, scales, shifts, ratios, extra, activation, row_scale)
+    shape = (sums_rows(min(len(parents), 2), row_scale is not None), parents[0].shape[1])
     check_accumulator("sums_buffer", sums_buffer, shape, stats_dtype(parents[0]), parents[0].device)
-    return list(parents), list(scales), list(shifts), [int(r) for r in ratios], extra, activation, sums_buffer
+    ratios = [int(r) for r in ratios]
+    return list(parents), list(scales), list(shifts), ratios, extra, row_scale, activation, sums_buffer
 
 
 def merge(
@@ -349,13 +378,15 @@ def merge(
     extra: Tensor | None = None,
     activation: str = "swish",
     *,
+    row_scale: Tensor | None = None,
     sums_buffer: Tensor | None = None,
 ) -> Tensor:
     """Fused cross-scale merge (see the module docstring); checks its arguments before any kernel runs.
-    ``sums_buffer``: a zeroed contiguous (3, C) tensor of the scales' dtype that the (first) backward of a one- or
-    two-parent merge adds its channel sums into (a slice of one buffer several ops share); None: it allocates its
-    own."""
-    return _merge_op(*_checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer))
+    ``row_scale``: None or an (N,) tensor of the scales' dtype multiplying the first parent's term per sample (no
+    gradient flows to it). ``sums_buffer``: a zeroed contiguous (:func:`sums_rows`, C) tensor of the scales' dtype —
+    (3, C), (4, C) with a ``row_scale`` — that the (first) backward of a one- or two-parent merge adds its channel sums
+    into (a slice of one buffer several ops share); None: it allocates its own."""
+    return _merge_op(*_checked_args(parents, scales, shifts, ratios, extra, row_scale, activation, sums_buffer))
 
 
 def merge_for_readers(
@@ -367,6 +398,7 @@ def merge_for_readers(
     activation: str = "swish",
     *,
     readers: int,
+    row_scale: Tensor | None = None,
     sums_buffer: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """:func:`merge`'s output once per reader (1 to ``MAX_READERS``): tensors of the same values, each to be read by
@@ -374,8 +406,8 @@ def merge_for_readers(
     autograd adds no gradients (each addition reads two full-size maps and writes one)."""
     if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= MAX_READERS:
         raise ValueError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
-    args = _checked_args(parents, scales, shifts, ratios, extra, activation, sums_buffer)
+    args = _checked_args(parents, scales, shifts, ratios, extra, row_scale, activation, sums_buffer)
     tensors = [*args[0], *args[1], *args[2], *([extra] if extra is not None else [])]
     if readers == 1 or not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return (_merge_op(*args),) * readers
-    return _MergeForReaders.apply(readers, args[3], activation, sums_buffer, extra is not None, *tensors)
+    return _MergeForReaders.apply(readers, args[3], activation, row_scale, sums_buffer, extra is not None, *tensors)

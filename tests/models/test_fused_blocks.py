@@ -29,11 +29,27 @@ def twin_groups(block_type, in_channels, filters, drop_rate, dtype=torch.float32
     return eager, fused
 
 
-def run(group, x, grad, seed=1):
-    """Output and the gradients of x and every parameter; the stochastic depth draws from ``seed``."""
+def run(group, x, grad, seed=2):
+    """Output and the gradients of x and every parameter; the stochastic depth draws from ``seed`` (2: of the two
+    blocks' draws at batch 1 or 2, some drop a sample and some keep one — ``test_the_seed_drops_and_keeps``)."""
     torch.manual_seed(seed)
     out = group(x)
     return out, torch.autograd.grad(out, [x, *group.parameters()], grad)
+
+
+@pytest.mark.parametrize(("batch", "dtype"), [(1, torch.float32), (2, torch.float64), (2, torch.float32)])
+def test_the_seed_drops_and_keeps(batch, dtype):
+    """The stochastic-depth tests below see a dropped and a kept sample: the draws two eager blocks make from
+    ``run``'s seed at the tests' batch sizes and dtypes."""
+    eager = BlockGroup("residual", 8, 8, 2, nn.BatchNorm2d, "swish", "torch", 0.3).to(dtype)
+    x = torch.randn(batch, 8, 3, 3, dtype=dtype)
+    kept = []
+    hooks = [b.drop_path.register_forward_hook(lambda m, i, o: kept.append((o != 0).flatten(1).any(1))) for b in eager]
+    run(eager, x.requires_grad_(), torch.ones(batch, 8, 3, 3, dtype=dtype))
+    for hook in hooks:
+        hook.remove()
+    kept = torch.cat(kept)
+    assert kept.any() and not kept.all(), kept
 
 
 @pytest.mark.parametrize(("block_type", "in_channels", "filters"), GROUPS)

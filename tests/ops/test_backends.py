@@ -16,9 +16,16 @@ def merge_args(device="cpu"):
     return parents, vectors[:2], vectors[2:], [1, 2], None, "relu"
 
 
+def op_args(device="cpu"):
+    """``merge_args`` as the op and its backends take them: (parents, scales, shifts, ratios, extra, row_scale,
+    activation)."""
+    *args, activation = merge_args(device)
+    return *args, None, activation
+
+
 def test_auto_picks_reference_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    args = merge_args()
+    args = op_args()
     assert backends.select("merge", *args) is merge_reference
     reasons = backends.reasons_by_backend("merge", *args)
     assert reasons["reference"] == []
@@ -28,7 +35,7 @@ def test_auto_picks_reference_on_cpu_without_the_interpreter(monkeypatch):
 def test_auto_never_picks_the_extensions_cpu_twins(monkeypatch):
     require_backend("cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    args = merge_args()
+    args = op_args()
     assert backends.reasons_by_backend("merge", *args)["cuda"] == []
     assert backends.select("merge", *args) is merge_reference
     with use_backend("cuda"):
@@ -40,7 +47,7 @@ def test_gpu_auto_order_on_cpu_picks_what_a_gpu_would(monkeypatch):
     merge, Triton first for the GEMM ops), and only inside the context."""
     require_backend("cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    args = merge_args()
+    args = op_args()
     assert backends.choose("merge", *args) == "triton"  # the CPU order
     with backends.gpu_auto_order_on_cpu():
         assert backends.choose("merge", *args) == "cuda"
@@ -88,7 +95,7 @@ def test_environment_variable_and_set_backend(monkeypatch):
 def test_triton_takes_at_most_two_parents():
     parents = [torch.randn(1, 3, 2, 2) for _ in range(3)]
     vectors = [torch.randn(3) for _ in range(3)]
-    reasons = backends.reasons_by_backend("merge", parents, vectors, vectors, [1, 1, 1], None, "relu")
+    reasons = backends.reasons_by_backend("merge", parents, vectors, vectors, [1, 1, 1], None, None, "relu")
     assert "the Triton merge takes 1 or 2 parents, got 3" in reasons["triton"]
     assert "the extension's merge takes 1 or 2 parents, got 3" in reasons["cuda"]
     with use_backend("reference"):

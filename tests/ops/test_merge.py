@@ -60,7 +60,7 @@ def upsampled_eager(inputs, activation, grad):
 
 def assert_matches_reference_fp32(backend, inputs, activation):
     """Forward (1e-5) and every gradient (1e-4) of ``backend`` against the reference, in fp32."""
-    out = merge_reference(*inputs, activation)
+    out = merge_reference(*inputs, None, activation)
     grad = torch.randn_like(out)
     fused, fused_grads = run(backend, inputs, activation, grad)
     reference, reference_grads = run("reference", inputs, activation, grad)
@@ -114,13 +114,13 @@ def test_reference_backward_is_the_adjoint():
     shifts = [s.detach().double().requires_grad_() for s in shifts]
 
     def fn(p0, p1, s0, s1, b0, b1, e):
-        return merge_reference([p0, p1], [s0, s1], [b0, b1], ratios, e, "swish")
+        return merge_reference([p0, p1], [s0, s1], [b0, b1], ratios, e, None, "swish")
 
     leaves = (*parents, *scales, *shifts, extra)
     assert torch.autograd.gradcheck(fn, leaves)
     grad = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     expected = torch.autograd.grad(fn(*leaves), leaves, grad)
-    d_p0, d_p1, sums, d_extra = merge_backward_reference([grad], parents, scales, shifts, ratios, extra, "swish")
+    d_p0, d_p1, sums, d_extra = merge_backward_reference([grad], parents, scales, shifts, ratios, extra, None, "swish")
     rows = dict(zip(coarse_first(ratios), sums))  # parent -> its Σ d_pre·y row; the last row is every d_shift
     got = (d_p0, d_p1, rows[0], rows[1], sums[-1], sums[-1], d_extra)
     assert len(sums) == 3
@@ -157,11 +157,12 @@ def test_opcheck(backend):
     require_backend(backend)
     parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (1, 2), batch=1, channels=4, size=(4, 4))
     with use_backend(backend):
-        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", None))
-        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, "swish", torch.zeros(3, 4)))
+        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, None, "swish", None))
+        sums = torch.zeros(3, 4)
+        torch.library.opcheck(_merge_op, ([*parents], [*scales], [*shifts], ratios, extra, None, "swish", sums))
         grads = [torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(3)]
         vectors = ([t.detach() for t in scales], [t.detach() for t in shifts])
-        args = (grads, [p.detach() for p in parents], *vectors, ratios, extra.detach(), "swish")
+        args = (grads, [p.detach() for p in parents], *vectors, ratios, extra.detach(), None, "swish")
         torch.library.opcheck(_merge_backward_into_op, (*args, torch.zeros(3, 4)))
         torch.library.opcheck(_merge_backward_op, (grads[:1], *args[1:]))
 
@@ -176,7 +177,7 @@ def test_sums_into_a_shared_buffer_and_a_second_backward(backend, ratios, extra)
     inputs = make_inputs("cpu", torch.float32, ratios, extra=extra)
     parents, scales, shifts, ratios, extra_t = inputs
     leaves = [*parents, *scales, *shifts, *([extra_t] if extra_t is not None else [])]
-    out = merge_reference(*inputs, "swish")
+    out = merge_reference(*inputs, None, "swish")
     grad = torch.randn_like(out)
     _, want = run("reference", inputs, "swish", grad)
     shared = torch.zeros(3, 3, 5)
@@ -227,6 +228,13 @@ def valid_args():
         (lambda a: a.update(extra=1.0), ValueError, r"extra must be None or a torch.float32 tensor .*, got float"),
         (lambda a: a.update(activation="gelu"), ValueError, "activation must be one of"),
         (lambda a: a.update(parents=[p.int() for p in a["parents"]]), TypeError, "must be floating-point"),
+        (lambda a: a.update(row_scale=torch.ones(3)), ValueError, r"row_scale must be None or a .* shape \(2,\)"),
+        (lambda a: a.update(row_scale=torch.ones(2).half()), ValueError, "row_scale must be None or a torch.float32"),
+        (
+            lambda a: a.update(row_scale=torch.ones(2), sums_buffer=torch.zeros(3, 4)),
+            ValueError,
+            r"sums_buffer must be a contiguous float32 \(4, 4\) tensor",
+        ),
     ],
 )
 def test_bad_input_is_rejected_before_any_launch(change, error, match):
@@ -260,7 +268,7 @@ def test_readers_gradients_are_summed_by_the_backward(device, fused_backend, rea
     assert len(copies) == readers
     parents, scales, shifts, ratios, extra = inputs
     leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
-    out = merge_reference(parents, scales, shifts, ratios, extra, "swish")
+    out = merge_reference(parents, scales, shifts, ratios, extra, None, "swish")
     want = torch.autograd.grad(sum(consume(out) for consume in CONSUMERS[:readers]), leaves)
     for copy in copies:
         torch.testing.assert_close(copy, out, rtol=1e-5, atol=1e-5)
@@ -349,3 +357,118 @@ def test_compile_fullgraph_through_merge_for_readers():
         (got,) = torch.autograd.grad(compiled(*parents).sum(), [parents[0]])
         (want,) = torch.autograd.grad(fn(*parents).sum(), [parents[0]])
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------ row_scale (stochastic depth)
+def sample_factors(batch, device, dtype=torch.float32):
+    """Stochastic-depth-like per-sample factors: kept samples 1/0.75, dropped ones 0 (at least one of each)."""
+    return torch.tensor([1 / 0.75, 0.0, 1 / 0.75, 1 / 0.75][:batch], device=device, dtype=dtype)
+
+
+def run_row_scaled(backend, inputs, row_scale, grad, *, readers=1, sums_buffer=None):
+    parents, scales, shifts, ratios, extra = inputs
+    leaves = [*parents, *scales, *shifts, *([extra] if extra is not None else [])]
+    with use_backend(backend):
+        copies = merge_for_readers(parents, scales, shifts, ratios, extra, "swish", readers=readers,
+                                   row_scale=row_scale, sums_buffer=sums_buffer)  # fmt: skip
+        grads = torch.autograd.grad(copies, leaves, [grad * (i + 1) for i in range(readers)])
+    return copies[0], grads
+
+
+def test_row_scale_reference_is_the_scaled_branch_and_its_adjoint():
+    """The reference with a row scale is act(f[n]·(s_0·y_0 + b_0)↑ + (s_1·y_1 + b_1)↑ + extra) written out in eager
+    ops (f multiplies the first parent only), and its backward (every gradient, the 4 sums rows) is that expression's
+    autograd in float64."""
+    torch.manual_seed(0)
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float64, (1, 2), batch=3, channels=3, size=(4, 4))
+    scales = [s.detach().double().requires_grad_() for s in scales]
+    shifts = [s.detach().double().requires_grad_() for s in shifts]
+    factors = sample_factors(3, "cpu", torch.float64)
+    leaves = (*parents, *scales, *shifts, extra)
+
+    def eager(p0, p1, s0, s1, b0, b1, e):
+        first = factors.view(-1, 1, 1, 1) * (p0 * s0.view(1, -1, 1, 1) + b0.view(1, -1, 1, 1))
+        second = F.interpolate(p1 * s1.view(1, -1, 1, 1) + b1.view(1, -1, 1, 1), scale_factor=2)
+        return F.silu(first + second + e)
+
+    out = merge_reference(list(parents), scales, shifts, ratios, extra, factors, "swish")
+    torch.testing.assert_close(out, eager(*leaves))
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(eager(*leaves), leaves, grad)
+    d_p0, d_p1, sums, d_extra = merge_backward_reference([grad], parents, scales, shifts, ratios, extra, factors,
+                                                         "swish")  # fmt: skip
+    rows = dict(zip(coarse_first(ratios), sums))
+    assert sums.shape == (4, 3)
+    got = (d_p0, d_p1, rows[0], rows[1], sums[3], sums[2], d_extra)  # the first parent's shift: the last row
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert d_p0[1].abs().sum() == 0 and sums[3].abs().sum() > 0  # the dropped sample gets no gradient
+
+
+# (1, 2): the first parent is the finer one, which the extension's backward swaps to second place.
+@pytest.mark.parametrize(("ratios", "extra"), [((1, 1), True), ((1, 2), False), ((4, 1), True), ((2,), True)])
+@pytest.mark.parametrize("readers", [1, 2])
+def test_row_scale_matches_the_reference(device, fused_backend, ratios, extra, readers):
+    """Forward and every gradient with a per-sample factor on the first parent (a dropped sample among them), one or
+    two readers, with and without a shared sums buffer, against the reference (fp32)."""
+    inputs = make_inputs(device, torch.float32, ratios, batch=3, channels=5, extra=extra)
+    factors = sample_factors(3, device)
+    grad = torch.randn_like(merge_reference(*inputs, factors, "swish"))
+    want_out, want = run_row_scaled("reference", inputs, factors, grad, readers=readers)
+    for sums_buffer in (None, torch.zeros(4, 5, device=device)):
+        out, grads = run_row_scaled(fused_backend, inputs, factors, grad, readers=readers, sums_buffer=sums_buffer)
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        if sums_buffer is not None:
+            assert sums_buffer[3].abs().sum() > 0  # the first parent's shift row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_scale_low_precision_tolerance_rule(device, fused_backend, dtype):
+    """bf16/fp16 with a row scale: fused and eager (drop-path multiply in the storage dtype) against fp32."""
+    inputs = make_inputs(device, dtype, (1, 1), batch=3, channels=16, size=(6, 4))
+    factors = sample_factors(3, device)
+    grad = torch.randn(3, 16, 6, 4, device=device).to(dtype)
+    fused, fused_grads = run_row_scaled(fused_backend, inputs, factors, grad)
+    reference, reference_grads = run_row_scaled("reference", fp32_copy(inputs), factors, grad.float())
+    parents, scales, shifts, _, extra = inputs
+    leaves = [*parents, *scales, *shifts, extra]
+    branch, other = (y * s.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1)
+                     for y, s, b in zip(parents, scales, shifts))  # fmt: skip
+    eager = F.silu(branch * factors.to(dtype).view(-1, 1, 1, 1) + other + extra)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    assert_close_by_dtype(fused, reference, eager)
+    for a, b, c in zip(fused_grads, reference_grads, eager_grads, strict=True):
+        assert_close_by_dtype(a, b, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_row_scale_gradcheck_float64(backend):
+    require_backend(backend)
+    torch.manual_seed(2)
+    parents, _, _, ratios, extra = make_inputs("cpu", torch.float64, (1, 2), batch=2, channels=3, size=(4, 2))
+    scales = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
+    shifts = [torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in ratios]
+    factors = sample_factors(2, "cpu", torch.float64)
+
+    def fn(p0, p1, s0, b0, e):
+        return merge([p0, p1], [s0, scales[1]], [b0, shifts[1]], ratios, e, "swish", row_scale=factors)
+
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(fn, (*parents, scales[0], shifts[0], extra))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_row_scale_opcheck(backend):
+    require_backend(backend)
+    parents, scales, shifts, ratios, extra = make_inputs("cpu", torch.float32, (2, 1), batch=2, channels=4, size=(4, 4))
+    factors = sample_factors(2, "cpu")
+    with use_backend(backend):
+        args = ([*parents], [*scales], [*shifts], ratios, extra, factors, "swish")
+        torch.library.opcheck(_merge_op, (*args, torch.zeros(4, 4)))
+        grads = [torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+        vectors = ([t.detach() for t in scales], [t.detach() for t in shifts])
+        args = (grads, [p.detach() for p in parents], *vectors, ratios, extra.detach(), factors, "swish")
+        torch.library.opcheck(_merge_backward_into_op, (*args, torch.zeros(4, 4)))
+        torch.library.opcheck(_merge_backward_op, args)

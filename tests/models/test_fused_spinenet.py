@@ -160,8 +160,9 @@ def test_triton_kernels_in_the_whole_model(monkeypatch):
 
 
 def merge_args():
+    """The merge op's arguments: parents, scales, shifts, ratios, extra, row_scale, activation."""
     parents = [torch.randn(1, 3, 2, 2), torch.randn(1, 3, 1, 1)]
-    return parents, [torch.ones(3)] * 2, [torch.zeros(3)] * 2, [1, 2], None, "relu"
+    return parents, [torch.ones(3)] * 2, [torch.zeros(3)] * 2, [1, 2], None, None, "relu"
 
 
 def saved_bytes(module, feats):

@@ -27,7 +27,7 @@ def _example_args(device: torch.device, dtype: torch.dtype) -> dict[str, tuple]:
             1,
         ),
         "bn_act_maxpool": (x, vector, vector, "swish", 1, "torch"),
-        "merge": ([x, x[:, :, :2, :2]], [vector] * 2, [vector] * 2, [1, 2], None, "swish"),
+        "merge": ([x, x[:, :, :2, :2]], [vector] * 2, [vector] * 2, [1, 2], None, None, "swish"),
         "bn_finalize": (vector, vector, 16, vector, vector, 1e-3),
     }
 

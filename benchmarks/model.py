@@ -1,12 +1,13 @@
-"""Suite ``model``: SpineNet backbones and RetinaNet detectors, training steps and inference, images/s.
+"""Suite ``model``: SpineNet backbones, RetinaNet detectors and classifiers, training steps and inference, images/s.
 
-Benches: ``backbone <id>`` and ``retinanet <id>`` (our detector; its rows also carry torchvision's
-``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``). Modes: ``train``
+Benches: ``backbone <id>``, ``retinanet <id>`` (our detector; its rows also carry torchvision's
+``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``) and ``classifier <id>``
+(:class:`~spinenet_fast.models.SpineNetClassifier`, 1000 classes, at the classification size 256 px). Modes: ``train``
 (forward with loss, backward, SGD step; the detector's loss is torchvision's full training forward) and
 ``infer`` (eval mode, no grad, raw head outputs without NMS). Providers: ``eager``, ``compile``, ``compile-max``
 (inference: ``max-autotune`` with freezing and CUDA graphs), ``fused-auto`` (the fused model with each op's auto
 backend, as users run it). bf16 rows run under bf16 autocast with fp32 parameters, as training with ``--amp``
-does. All models at 640 px (--smoke: 128, fp32). Rows without ``torch.compile`` come first, so that a time limit
+does. Detection models at 640 px (--smoke: 128, fp32). Rows without ``torch.compile`` come first, so that a time limit
 cuts the slowest rows; :func:`plan` lists the rows without running them.
 """
 
@@ -18,14 +19,15 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from spinenet_fast import SpineNet
+from spinenet_fast import SpineNet, SpineNetClassifier
 from spinenet_fast.detection import retinanet_spinenet
+from spinenet_fast.models.classifier import CLASSIFICATION_DEFAULTS
 from spinenet_fast.ops import use_backend
 
 from ._harness import Row, Settings, fused_backend, measure
 
 PROVIDERS = ("eager", "compile", "compile-max", "fused-auto")
-BENCHES = ("backbone", "retinanet")
+BENCHES = ("backbone", "retinanet", "classifier")
 
 
 def _loss(out) -> torch.Tensor:
@@ -96,6 +98,8 @@ def _build(bench: str, model_id, provider: str, size: int) -> nn.Module:
     fused = provider == "fused-auto"
     if bench == "backbone":
         return SpineNet(model_id, stochastic_depth_rate=0.0, fused=fused)
+    if bench == "classifier":
+        return SpineNetClassifier(model_id, 1000, stochastic_depth_rate=0.0, fused=fused)
     if provider == "torchvision-r50fpn":
         from torchvision.models.detection import retinanet_resnet50_fpn
 
@@ -134,7 +138,6 @@ def plan(
 
 def run(s: Settings, env: dict, **selection) -> Iterator[Row]:
     """Rows for every case of :func:`plan` (``selection``: its keyword arguments)."""
-    size = 128 if s.smoke else 640
     for bench, model_id, provider, mode, batch, dtype in plan(s.smoke, **selection):
         if s.smoke:
             from spinenet_fast.detection.presets import CUSTOM_SCALINGS
@@ -142,6 +145,7 @@ def run(s: Settings, env: dict, **selection) -> Iterator[Row]:
             model_spec = CUSTOM_SCALINGS[model_id]
         else:
             model_spec = model_id
+        size = 128 if s.smoke else CLASSIFICATION_DEFAULTS["image_size"] if bench == "classifier" else 640
         yield _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, size, dtype)
 
 
@@ -153,7 +157,7 @@ def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, si
         model = _build(bench, model_spec, provider, size).to(s.device, memory_format=torch.channels_last)
         model.train(train)
         images = torch.randn(batch, 3, size, size, device=s.device).contiguous(memory_format=torch.channels_last)
-        if bench == "backbone":
+        if bench in ("backbone", "classifier"):
             forward, inputs = model, (images,)
         elif train:
             forward, inputs = model, (list(images), _targets(batch, size, s.device, torch.float32))

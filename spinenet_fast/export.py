@@ -4,6 +4,8 @@ The export traces the eager path (fused connections switched off for the export:
 same maths), with ``torch.onnx``'s dynamo exporter, opset ≥ 17, and a dynamic batch dimension.
 
 - A :class:`~spinenet_fast.models.SpineNet` exports as ``images`` (N, 3, S, S) -> ``p3`` … ``p7`` (NCHW).
+- A :class:`~spinenet_fast.models.SpineNetClassifier` exports as ``images`` (N, 3, S, S), normalised as it was
+  trained (e.g. timm's data config) -> ``logits`` (N, K).
 - A RetinaNet-SpineNet exports its raw outputs: ``images`` (N, 3, S, S) RGB in [0, 1] -> ``cls_logits``
   (N, ΣHWA, K) and ``bbox_regression`` (N, ΣHWA, 4) in torchvision's anchor order and box coding; the ImageNet
   normalisation is inside the graph; anchors, decoding and NMS stay with the caller (they depend on the image
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from ._optional import require
 from .detection.head import SpineNetRetinaNetHead
 from .models.blocks import BlockGroup
+from .models.classifier import SpineNetClassifier
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
 
@@ -66,15 +69,20 @@ def exportable(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module to trace for ``model`` and its output names; ``TypeError`` for anything else."""
     if isinstance(model, SpineNet):
         return model, list(model.endpoints)
+    if isinstance(model, SpineNetClassifier):
+        return model, ["logits"]
     if isinstance(getattr(model, "backbone", None), SpineNet) and hasattr(model, "head"):
         return RawDetector(model), ["cls_logits", "bbox_regression"]
-    raise TypeError(f"model must be a SpineNet or a RetinaNet-SpineNet detector, got {type(model).__name__}")
+    raise TypeError(
+        f"model must be a SpineNet, a SpineNetClassifier or a RetinaNet-SpineNet detector, got {type(model).__name__}"
+    )
 
 
 def to_onnx(
     model: nn.Module, path: str | Path, image_size: int | tuple[int, int], *, opset: int = 18, batch_size: int = 1
 ) -> Path:
-    """Export ``model`` (a SpineNet or a RetinaNet-SpineNet, see the module docstring) to ``path`` and return it.
+    """Export ``model`` (a SpineNet, a SpineNetClassifier or a RetinaNet-SpineNet, see the module docstring) to
+    ``path`` and return it.
 
     ``image_size``: S or (H, W), multiples of 128, fixed in the graph; the batch dimension stays dynamic
     (``batch_size`` is the example's). The model is exported in eval mode, on its own device, in fp32 as given.

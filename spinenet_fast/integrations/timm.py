@@ -8,6 +8,8 @@ Without ``features_only`` it is the SpineNet itself (``forward`` -> ``OrderedDic
 ``spinenet49s``, ``spinenet49``, ``spinenet96``, ``spinenet143``, ``spinenet143l``, ``spinenet190``; keyword
 arguments go to ``SpineNet`` (timm's ``drop_path_rate`` is its ``stochastic_depth_rate``). No pretrained timm
 weights exist: ``pretrained=True`` raises, see ``spinenet_fast.convert`` for the official TF weights.
+``spinenet49_cls`` … ``spinenet190_cls`` are :class:`~spinenet_fast.models.SpineNetClassifier` (timm's ``num_classes``,
+``drop_rate``, ``drop_path_rate`` apply), for timm's training and validation scripts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from .._optional import require
 from ..detection.retinanet import DETECTOR_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD
+from ..models.classifier import CLASSIFICATION_DEFAULTS, SpineNetClassifier
 from ..models.spinenet import SCALING_MAP, SpineNet
 
 # timm fills these from its pretrained config; a backbone has no classifier and a fixed 3-channel input.
@@ -52,21 +55,38 @@ def _build(model_id: str, **kwargs) -> SpineNet:
     return SpineNet(model_id, **kwargs)
 
 
-def _entrypoint(model_id: str, name: str):
+def _build_classifier(model_id: str, **kwargs) -> SpineNetClassifier:
+    """timm's classifier keywords in :class:`SpineNetClassifier`'s terms (``drop_rate``: the dropout before the dense
+    layer, ``drop_path_rate``: stochastic depth; ``global_pool`` must be ``"avg"``, the official head's)."""
+    renames = {"drop_rate": "dropout_rate", "drop_path_rate": "stochastic_depth_rate"}
+    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+    kwargs.pop("in_chans", None)  # timm's builder passes it on; ``create`` checked it
+    pool = kwargs.pop("global_pool", "avg")
+    if pool != "avg":
+        raise ValueError(f"global_pool must be 'avg' (the official head's pooling), got {pool!r}")
+    return SpineNetClassifier(model_id, **kwargs)
+
+
+def _entrypoint(model_id: str, name: str, classifier: bool):
     from timm.models import build_model_with_cfg
 
     def create(pretrained: bool = False, **kwargs):
-        if kwargs.get("in_chans", 3) != 3:
-            raise ValueError(f"{name} takes RGB images: in_chans must be 3, got {kwargs['in_chans']!r}")
+        in_chans = kwargs.pop("in_chans", 3)
+        if in_chans != 3:
+            raise ValueError(f"{name} takes RGB images: in_chans must be 3, got {in_chans!r}")
         if pretrained:
             raise ValueError(
                 f"{name} has no pretrained timm weights; convert the official TF checkpoints with "
                 "spinenet_fast.convert.from_tf_checkpoint and load them into the backbone"
             )
         if kwargs.get("pretrained_cfg") is None:  # timm passes None: describe the input, no weights
-            size = DETECTOR_DEFAULTS[model_id][2]
+            size = CLASSIFICATION_DEFAULTS["image_size"] if classifier else DETECTOR_DEFAULTS[model_id][2]
             kwargs["pretrained_cfg"] = {"input_size": (3, size, size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                                        "num_classes": 0, "architecture": name}  # fmt: skip
+                                        "num_classes": 1000 if classifier else 0, "architecture": name}  # fmt: skip
+            if classifier:  # the dense layer, and a full-image crop (sizes are multiples of 128)
+                kwargs["pretrained_cfg"] |= {"classifier": "fc", "crop_pct": 1.0}
+        if classifier:
+            return build_model_with_cfg(_build_classifier, name, pretrained=False, model_id=model_id, **kwargs)
         return build_model_with_cfg(
             _build,
             name,
@@ -78,19 +98,22 @@ def _entrypoint(model_id: str, name: str):
         )
 
     create.__name__ = create.__qualname__ = name
-    create.__doc__ = f"SpineNet-{model_id} backbone (spinenet_fast): P3–P7 feature maps."
+    system = "classifier (the official classification head): logits" if classifier else "backbone: P3–P7 feature maps"
+    create.__doc__ = f"SpineNet-{model_id} {system} (spinenet_fast)."
     return create
 
 
 def register() -> list[str]:
-    """Register every official SpineNet id with timm (idempotent); returns the registered names."""
+    """Register every official SpineNet id with timm, as a backbone (``spinenet49``) and as a classifier
+    (``spinenet49_cls``) (idempotent); returns the registered names."""
     timm = require("timm")
     from timm.models import register_model
 
     names = []
     for model_id in SCALING_MAP:
-        name = f"spinenet{model_id.lower()}"
-        if not timm.is_model(name):
-            register_model(_entrypoint(model_id, name))
-        names.append(name)
+        for classifier in (False, True):
+            name = f"spinenet{model_id.lower()}" + ("_cls" if classifier else "")
+            if not timm.is_model(name):
+                register_model(_entrypoint(model_id, name, classifier))
+            names.append(name)
     return names

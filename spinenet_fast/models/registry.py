@@ -1,23 +1,27 @@
 """Builders by name, in the style of ``torchvision.models.get_model``.
 
-``spinenet<id>`` is the backbone (:class:`~spinenet_fast.models.SpineNet`), ``retinanet_spinenet<id>`` the
-detector (:func:`~spinenet_fast.detection.retinanet_spinenet`), for every official id (``49s``, ``49``, ``96``,
-``143``, ``143l``, ``190``; any case). Keyword arguments go to the builder.
+``spinenet<id>`` is the backbone (:class:`~spinenet_fast.models.SpineNet`), ``spinenet<id>_cls`` the classifier
+(:class:`~spinenet_fast.models.SpineNetClassifier`), ``retinanet_spinenet<id>`` the detector
+(:func:`~spinenet_fast.detection.retinanet_spinenet`), for every official id (``49s``, ``49``, ``96``, ``143``,
+``143l``, ``190``; any case). Keyword arguments go to the builder.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .classifier import spinenet_classifier
 from .spinenet import SCALING_MAP, SpineNet
 
 PREFIXES = ("retinanet_spinenet", "spinenet")  # longest first: "spinenet" is a prefix of the other
+CLASSIFIER_SUFFIX = "_cls"
 
 
 def list_models() -> list[str]:
     """Every name :func:`get_model` builds."""
     ids = [model_id.lower() for model_id in SCALING_MAP]
-    return [f"{prefix}{model_id}" for prefix in reversed(PREFIXES) for model_id in ids]
+    names = [f"{prefix}{model_id}" for prefix in reversed(PREFIXES) for model_id in ids]
+    return names + [f"spinenet{model_id}{CLASSIFIER_SUFFIX}" for model_id in ids]
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -25,6 +29,10 @@ def get_model(name: str, **kwargs) -> nn.Module:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str such as 'retinanet_spinenet49', got {type(name).__name__}")
     key = name.lower()
+    if key.endswith(CLASSIFIER_SUFFIX) and key.startswith("spinenet"):
+        model_id = key.removeprefix("spinenet").removesuffix(CLASSIFIER_SUFFIX).upper()
+        if model_id in SCALING_MAP:
+            return spinenet_classifier(model_id, **kwargs)
     for prefix in PREFIXES:
         model_id = key.removeprefix(prefix).upper()
         if key.startswith(prefix) and model_id in SCALING_MAP:

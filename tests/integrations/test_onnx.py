@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from spinenet_fast import SpineNet
+from spinenet_fast import SpineNet, SpineNetClassifier
 from spinenet_fast.detection.presets import CUSTOM_SCALINGS, build_detector
-from spinenet_fast.export import RawDetector, to_onnx
+from spinenet_fast.export import RawDetector, eager_connections, to_onnx
 
 from ..conftest import require_optional
 
@@ -47,7 +47,7 @@ def test_backbone_endpoints_match_in_onnxruntime(tmp_path):
     path = to_onnx(model, tmp_path / "spinenet.onnx", (128, 256))
     assert model.merges[0].fused is True  # the export switched the fused path off only while tracing
     images = torch.randn(2, 3, 128, 256)  # batch 2: the exported batch dimension is dynamic
-    with torch.no_grad():
+    with torch.no_grad(), eager_connections(model):  # the fused path here would run in the Triton interpreter
         expected = list(model(images).values())
     outputs = _run_onnx(path, images)
     assert [o.shape for o in outputs] == [e.shape for e in expected]
@@ -71,11 +71,26 @@ def test_detector_raw_outputs_match_in_onnxruntime(tmp_path):
     _assert_close(actual_box, bbox_regression)
 
 
+def test_classifier_logits_match_in_onnxruntime(tmp_path):
+    require_optional("onnxscript")
+    model = SpineNetClassifier(CUSTOM_SCALINGS["49XS-custom"], 7)
+    _randomise_(model)
+    with torch.no_grad():
+        model.fc.weight.normal_(0, 0.5)
+    path = to_onnx(model, tmp_path / "classifier.onnx", 128, batch_size=2)
+    images = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    (actual,) = _run_onnx(path, images)
+    assert actual.shape == (3, 7)
+    _assert_close(actual, expected)
+
+
 def test_bad_export_arguments(tmp_path):
     model = SpineNet(CUSTOM_SCALINGS["49XS-custom"])
     with pytest.raises(ValueError, match="image_size: the height must be a positive multiple of 128, got 100"):
         to_onnx(model, tmp_path / "x.onnx", 100)
     with pytest.raises(ValueError, match="opset must be an int >= 17, got 13"):
         to_onnx(model, tmp_path / "x.onnx", 128, opset=13)
-    with pytest.raises(TypeError, match="model must be a SpineNet or a RetinaNet-SpineNet detector, got Linear"):
+    with pytest.raises(TypeError, match="a SpineNetClassifier or a RetinaNet-SpineNet detector, got Linear"):
         to_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx", 128)

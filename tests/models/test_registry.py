@@ -10,7 +10,8 @@ from spinenet_fast.models import get_model, list_models
 def test_names():
     names = list_models()
     assert names[:6] == ["spinenet49s", "spinenet49", "spinenet96", "spinenet143", "spinenet143l", "spinenet190"]
-    assert names[6:] == [f"retinanet_{name}" for name in names[:6]]
+    assert names[6:12] == [f"retinanet_{name}" for name in names[:6]]
+    assert names[12:] == [f"{name}_cls" for name in names[:6]]
 
 
 def n_params(model) -> int:

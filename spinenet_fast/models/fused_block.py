@@ -49,6 +49,7 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
     x, x_shortcut = x if isinstance(x, tuple) else (x, x)
     dtype = compute_dtype(x)
     x, x_shortcut = x.to(dtype), x_shortcut.to(dtype)
+    factors = row_scale(block.drop_path, x)  # the convs draw no random numbers: the same draws as eager's
     convs = block_convs(block)
     layers = [(layer, i > 0) for i, layer in enumerate(convs)]
     layers += [(block.shortcut, False)] if block.shortcut is not None else []
@@ -57,7 +58,7 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
         size for layer, prologue in layers for size in ConnectionWorkspace.layer_sizes(layer, prologue, stats_dtype)
     ]
     if sizes:  # the merge backward's channel sums
-        sizes.append(sums_rows(2, block.drop_path.training and block.drop_path.p > 0) * convs[-1].conv.out_channels)
+        sizes.append(sums_rows(2, factors is not None) * convs[-1].conv.out_channels)
     workspace = ConnectionWorkspace(sizes, x.device, stats_dtype)
     y, scale, shift = x, None, None
     for layer in convs:
@@ -73,7 +74,6 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
         scales.append(scale_short)
         shifts.append(shift_short)
         extra = None
-    factors = row_scale(block.drop_path, y)
     sums_buffer = workspace.take(parents[0].shape[1], rows=sums_rows(2, factors is not None)) if sizes else None
     return merge_for_readers(parents, scales, shifts, [1] * len(parents), extra, activation, readers=readers,
                              row_scale=factors, sums_buffer=sums_buffer)  # fmt: skip

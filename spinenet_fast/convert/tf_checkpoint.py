@@ -1,4 +1,4 @@
-"""Official TF2 Model Garden RetinaNet-SpineNet checkpoints -> the ``state_dict`` of our detector.
+"""Official TF2 Model Garden RetinaNet- and Mask R-CNN-SpineNet checkpoints -> the ``state_dict`` of our detector.
 
 The checkpoint is read with ``tf.train.load_checkpoint`` (``tf.train.Checkpoint`` format; a directory means its
 latest checkpoint). Model Garden builds the backbone as a functional Keras model, whose checkpoint names layers
@@ -12,6 +12,11 @@ class and box predictors permuted from Model Garden's anchor order (scale-major,
 to torchvision's (aspect-major, height / width) and box coding (ty, tx, th, tw) -> (dx, dy, dw, dh). The result
 loads into :func:`tf_detector` (``padding="tf_same"``, cell-centred ``"tf"`` anchors, the checkpoint's BN
 epsilon: Model Garden's default 1e-3 unless its config said otherwise).
+
+Mask R-CNN (:func:`from_tf_maskrcnn_checkpoint`, loading into :func:`tf_maskrcnn`): the same backbone; the RPN's
+predictors permuted like RetinaNet's (one anchor scale); dense kernels transposed, the first one's inputs reordered
+from Model Garden's flattened (H, W, C) RoI features to torchvision's (C, H, W); per-class box deltas reordered;
+the mask head's transposed-conv kernel (H, W, out, in) -> (in, out, H, W).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 
 from .._optional import require
 from ..detection.anchors import ASPECT_RATIOS
+from ..detection.maskrcnn import SpineNetMaskRCNN, maskrcnn_spinenet
 from ..detection.retinanet import SpineNetRetinaNet, retinanet_spinenet
 
 VARIABLE = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -34,6 +40,7 @@ BN_FIELDS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "
 TF_DETECTOR_KWARGS = {"padding": "tf_same", "anchor_style": "tf"}
 MG_ASPECT_RATIOS = (0.5, 1.0, 2.0)  # Model Garden's default anchor aspect ratios, as width / height
 NUM_SCALES = 3
+BOX_ORDER = [1, 0, 3, 2]  # Model Garden's (ty, tx, th, tw) -> torchvision's (dx, dy, dw, dh)
 # Model Garden's block table has a 16th block (level 2, fed by blocks 1 and 12) off the P3–P7 path: its two
 # same/up-sampling connections add 2 × (squeeze + expand) top-level convs, which we skip.
 EXTRA_L2_BLOCK_CONVS = 4
@@ -43,6 +50,11 @@ LAYER_NAME = re.compile(r"(conv2d|batch_normalization|bottleneck_block|residual_
 def tf_detector(model_id: str, num_classes: int = 91, **kwargs) -> SpineNetRetinaNet:
     """The detector a converted checkpoint loads into: ``retinanet_spinenet`` with TF padding and anchors."""
     return retinanet_spinenet(model_id, num_classes, **TF_DETECTOR_KWARGS, **kwargs)
+
+
+def tf_maskrcnn(model_id: str, num_classes: int = 91, **kwargs) -> SpineNetMaskRCNN:
+    """The Mask R-CNN a converted checkpoint loads into: ``maskrcnn_spinenet`` with TF padding and anchors."""
+    return maskrcnn_spinenet(model_id, num_classes, **TF_DETECTOR_KWARGS, **kwargs)
 
 
 def from_tf_checkpoint(
@@ -56,23 +68,46 @@ def from_tf_checkpoint(
     """
     variables = _read_checkpoint(Path(path))
     model = tf_detector(model_id, num_classes)
-    target = model.state_dict()
     converted: dict[str, Tensor] = {}
     _convert_backbone(variables, model.backbone, converted)
     _convert_head(variables, converted, num_classes)
+    converted = _complete(converted, model.state_dict(), path, model_id, num_classes)
+    if class_ids is not None:
+        _select_classes(converted, model.head.num_anchors, num_classes, class_ids)
+    return converted
+
+
+def from_tf_maskrcnn_checkpoint(path: str | Path, model_id: str, num_classes: int = 91) -> dict[str, Tensor]:
+    """Convert a Model Garden Mask R-CNN-SpineNet checkpoint to a ``state_dict`` for ``tf_maskrcnn(model_id)``.
+
+    ``num_classes``: the checkpoint's class count, background included (91 for COCO: class index = category id).
+    """
+    variables = _read_checkpoint(Path(path))
+    with torch.device("meta"):  # only the names and shapes are needed
+        model = tf_maskrcnn(model_id, num_classes)
+    converted: dict[str, Tensor] = {}
+    _convert_backbone(variables, model.backbone, converted)
+    _convert_rpn_head(_layer_variables(variables, "rpn_head"), converted)
+    _convert_box_head(_layer_variables(variables, "detection_head"), converted, model.roi_heads.box_roi_pool)
+    _convert_mask_head(_layer_variables(variables, "mask_head"), converted)
+    return _complete(converted, model.state_dict(), path, model_id, num_classes)
+
+
+def _complete(converted: dict[str, Tensor], target: dict[str, Tensor], path, model_id: str,
+              num_classes: int) -> dict[str, Tensor]:  # fmt: skip
+    """``converted`` in ``target``'s key order, with zero ``num_batches_tracked``; ``ValueError`` for a missing
+    parameter or a shape that differs from ``target``'s."""
     missing = sorted(k for k in target if k not in converted and not k.endswith("num_batches_tracked"))
     if missing:
         raise ValueError(f"checkpoint {path} has no values for {len(missing)} parameters, e.g. {missing[:3]}")
     for key, value in target.items():
         if key.endswith("num_batches_tracked"):
-            converted[key] = torch.zeros_like(value)
+            converted[key] = torch.zeros(value.shape, dtype=value.dtype)
         elif converted[key].shape != value.shape:
             raise ValueError(
                 f"checkpoint {path}: {key} has shape {tuple(converted[key].shape)} but SpineNet-{model_id} with "
                 f"{num_classes} classes needs {tuple(value.shape)}: is it a SpineNet-{model_id} checkpoint?"
             )
-    if class_ids is not None:
-        _select_classes(converted, model.head.num_anchors, num_classes, class_ids)
     return {key: converted[key] for key in target}
 
 
@@ -195,13 +230,13 @@ def _our_blocks(backbone: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
     return blocks
 
 
-def _anchor_permutation() -> list[int]:
+def _anchor_permutation(num_scales: int = NUM_SCALES) -> list[int]:
     """For each of our anchors (aspect-major, aspect = height / width) its Model Garden index
     (scale-major, aspect = width / height)."""
     return [
         scale * len(MG_ASPECT_RATIOS) + MG_ASPECT_RATIOS.index(1 / ratio)
         for ratio in ASPECT_RATIOS
-        for scale in range(NUM_SCALES)
+        for scale in range(num_scales)
     ]
 
 
@@ -222,7 +257,7 @@ def _convert_head(variables: dict, out: dict[str, Tensor], num_classes: int) -> 
     anchors = _anchor_permutation()
     for tf_name, ours, per_anchor, order in (
         ("_classifier", "class_predictor", num_classes, list(range(num_classes))),
-        ("_box_regressor", "box_predictor", 4, [1, 0, 3, 2]),  # (ty, tx, th, tw) -> (dx, dy, dw, dh)
+        ("_box_regressor", "box_predictor", 4, BOX_ORDER),
     ):
         if f"{tf_name}/kernel" not in head:
             raise ValueError(f"the checkpoint's head has no {tf_name} (shared across levels, as SpineNet's is)")
@@ -244,3 +279,82 @@ def _select_classes(state: dict[str, Tensor], num_anchors: int, num_classes: int
     for key in ("head.class_predictor.weight", "head.class_predictor.bias"):
         value = state[key]
         state[key] = value.view(num_anchors, num_classes, *value.shape[1:])[:, ids].reshape(-1, *value.shape[1:])
+
+
+def _layer_variables(variables: dict, layer: str) -> dict[str, np.ndarray]:
+    """``{path inside the layer: value}`` of Model Garden's Mask R-CNN layer ``layer`` (``rpn_head``,
+    ``detection_head`` — saved under ``_config_dict/`` or as the first of a list — or ``mask_head``)."""
+    pattern = re.compile(rf"(?:^|/){layer}/(?:0/)?(.+)" + re.escape(VARIABLE) + "$")
+    found = {m.group(1): value for key, (_, value) in variables.items() if (m := pattern.search(key))}
+    if not found:
+        raise ValueError(f"the checkpoint has no {layer}/* variables: not a Model Garden Mask R-CNN")
+    return found
+
+
+def _put_indexed(layer: dict[str, np.ndarray], tf_list: str, ours: str, out: dict[str, Tensor]) -> None:
+    """Model Garden's list ``tf_list`` (``_convs/<i>/kernel``, ``_norms/<l>/<i>/gamma``) -> ``ours.<i>...``:
+    ``{}`` in ``ours`` takes the list indices; conv kernels and BN variables are converted."""
+    for name, value in layer.items():
+        match = re.fullmatch(rf"{tf_list}/([\d/]+)/(\w+)", name)
+        if match is None:
+            continue
+        prefix = ours.format(*match.group(1).split("/"))
+        field = match.group(2)
+        if field in ("kernel", "bias"):
+            out[f"{prefix}.{'weight' if field == 'kernel' else 'bias'}"] = _tensor(value)
+        elif field in BN_FIELDS:
+            out[f"{prefix}.{BN_FIELDS[field]}"] = _tensor(value)
+
+
+def _predictor(layer: dict[str, np.ndarray], tf_name: str) -> tuple[Tensor, Tensor]:
+    if f"{tf_name}/kernel" not in layer:
+        raise ValueError(f"the checkpoint has no {tf_name}: not a Model Garden Mask R-CNN head")
+    return _tensor(layer[f"{tf_name}/kernel"]), _tensor(layer[f"{tf_name}/bias"])
+
+
+def _convert_rpn_head(layer: dict[str, np.ndarray], out: dict[str, Tensor]) -> None:
+    _put_indexed(layer, "_convs", "rpn.head.tower.convs.{}", out)
+    _put_indexed(layer, "_norms", "rpn.head.tower.norms.{}.{}", out)
+    anchors = _anchor_permutation(num_scales=1)
+    for tf_name, ours, per_anchor, order in (("_classifier", "cls_logits", 1, [0]),
+                                             ("_box_regressor", "bbox_pred", 4, BOX_ORDER)):  # fmt: skip
+        kernel, bias = _predictor(layer, tf_name)
+        if kernel.shape[0] != len(anchors) * per_anchor:
+            raise ValueError(f"the checkpoint's RPN {tf_name} has {kernel.shape[0]} outputs, "
+                             f"{len(anchors) * per_anchor} expected (3 anchors per location)")  # fmt: skip
+        channels = torch.tensor([a * per_anchor + j for a in anchors for j in order])
+        out[f"rpn.head.{ours}.weight"] = kernel[channels].contiguous()
+        out[f"rpn.head.{ours}.bias"] = bias[channels].contiguous()
+
+
+def _convert_box_head(layer: dict[str, np.ndarray], out: dict[str, Tensor], roi_pool: nn.Module) -> None:
+    _put_indexed(layer, "_convs", "roi_heads.box_head.convs.{}.0", out)
+    _put_indexed(layer, "_conv_norms", "roi_heads.box_head.convs.{}.1", out)
+    _put_indexed(layer, "_fc_norms", "roi_heads.box_head.fc_norms.{}", out)
+    fcs = sorted(int(m.group(1)) for name in layer if (m := re.fullmatch(r"_fcs/(\d+)/kernel", name)))
+    size = roi_pool.output_size[0]
+    for i in fcs:
+        kernel = _tensor(layer[f"_fcs/{i}/kernel"]).t()  # (out, in)
+        if i == 0:  # inputs (H, W, C)-flattened -> (C, H, W)
+            channels = kernel.shape[1] // (size * size)
+            kernel = kernel.reshape(-1, size, size, channels).permute(0, 3, 1, 2).reshape(kernel.shape[0], -1)
+        out[f"roi_heads.box_head.fcs.{i}.weight"] = kernel.contiguous()
+        out[f"roi_heads.box_head.fcs.{i}.bias"] = _tensor(layer[f"_fcs/{i}/bias"])
+    kernel, bias = _predictor(layer, "_classifier")
+    out["roi_heads.box_predictor.cls_score.weight"], out["roi_heads.box_predictor.cls_score.bias"] = kernel.t(), bias
+    kernel, bias = _predictor(layer, "_box_regressor")
+    channels = torch.arange(kernel.shape[1]).view(-1, 4)[:, BOX_ORDER].reshape(-1)
+    out["roi_heads.box_predictor.bbox_pred.weight"] = kernel.t()[channels].contiguous()
+    out["roi_heads.box_predictor.bbox_pred.bias"] = bias[channels].contiguous()
+
+
+def _convert_mask_head(layer: dict[str, np.ndarray], out: dict[str, Tensor]) -> None:
+    _put_indexed(layer, "_convs", "roi_heads.mask_head.{}.0", out)
+    _put_indexed(layer, "_conv_norms", "roi_heads.mask_head.{}.1", out)
+    for tf_name, ours in (("_deconv", "upsample"), ("_mask_regressor", "mask_logits")):
+        kernel, bias = _predictor(layer, tf_name)  # the transposed conv's (H, W, out, in) -> (in, out, H, W)
+        out[f"roi_heads.mask_predictor.{ours}.weight"], out[f"roi_heads.mask_predictor.{ours}.bias"] = kernel, bias
+    for tf_name, ours in BN_FIELDS.items():
+        if f"_deconv_bn/{tf_name}" not in layer:
+            raise ValueError("the checkpoint's mask head has no _deconv_bn: not a Model Garden Mask R-CNN")
+        out[f"roi_heads.mask_predictor.norm.{ours}"] = _tensor(layer[f"_deconv_bn/{tf_name}"])

@@ -1,11 +1,13 @@
-"""RetinaNet-SpineNet builders registered with torchvision's model registry, so that
-``torchvision.models.get_model("retinanet_spinenet49", weights=None, num_classes=...)`` — and torchvision's detection
-reference scripts (``train.py --model retinanet_spinenet49``, after ``import spinenet_fast``) — build them.
+"""RetinaNet- and Mask R-CNN-SpineNet builders registered with torchvision's model registry, so that
+``torchvision.models.get_model("retinanet_spinenet49", weights=None, num_classes=...)`` (``maskrcnn_spinenet49``
+alike) — and torchvision's detection reference scripts (``train.py --model maskrcnn_spinenet49``, after
+``import spinenet_fast``) — build them.
 
 They take torchvision's detection builder keywords: ``weights`` / ``weights_backbone`` (None: no pretrained weights
 ship with this package; a clear error otherwise), ``progress``, ``num_classes`` (default 91),
 ``trainable_backbone_layers`` (None or 5: every layer trains — there is no pretrained backbone to freeze), and the
-rest of :func:`~spinenet_fast.detection.retinanet_spinenet`'s keywords (``_skip_resize`` included).
+rest of the builder's keywords (:func:`~spinenet_fast.detection.retinanet_spinenet`,
+:func:`~spinenet_fast.detection.maskrcnn_spinenet`) (``_skip_resize`` included).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import functools
 from torchvision.models._api import register_model
 
 from ..models.spinenet import SCALING_MAP
-from .retinanet import SpineNetRetinaNet, retinanet_spinenet
+from .maskrcnn import maskrcnn_spinenet
+from .retinanet import retinanet_spinenet
 
 NO_WEIGHTS = (
     "no pretrained {what} ship with spinenet-fast (got {value!r}): convert TF Model Garden's RetinaNet-SpineNet "
@@ -23,9 +26,9 @@ NO_WEIGHTS = (
 )
 
 
-def _build(model_id: str, *, weights=None, progress: bool = True, num_classes: int | None = None,
+def _build(builder, model_id: str, *, weights=None, progress: bool = True, num_classes: int | None = None,
            weights_backbone=None, trainable_backbone_layers: int | None = None,
-           **kwargs) -> SpineNetRetinaNet:  # fmt: skip
+           **kwargs):  # fmt: skip
     del progress  # nothing is downloaded
     if weights is not None:
         raise ValueError(NO_WEIGHTS.format(what="weights", value=weights))
@@ -36,13 +39,14 @@ def _build(model_id: str, *, weights=None, progress: bool = True, num_classes: i
             "trainable_backbone_layers must be None or 5 (every SpineNet layer trains: there is no pretrained "
             f"backbone to freeze), got {trainable_backbone_layers!r}"
         )
-    return retinanet_spinenet(model_id, 91 if num_classes is None else num_classes, **kwargs)
+    return builder(model_id, 91 if num_classes is None else num_classes, **kwargs)
 
 
-def model_name(model_id: str) -> str:
-    """The registered name of a model id: ``"49S"`` -> ``"retinanet_spinenet49s"``."""
-    return f"retinanet_spinenet{model_id.lower()}"
+def model_name(model_id: str, detector: str = "retinanet") -> str:
+    """The registered name of a model id: ``"49S"`` -> ``"retinanet_spinenet49s"`` (``"maskrcnn_spinenet49s"``)."""
+    return f"{detector}_spinenet{model_id.lower()}"
 
 
 for _model_id in SCALING_MAP:
-    register_model(model_name(_model_id))(functools.partial(_build, _model_id))
+    for _detector, _builder in (("retinanet", retinanet_spinenet), ("maskrcnn", maskrcnn_spinenet)):
+        register_model(model_name(_model_id, _detector))(functools.partial(_build, _builder, _model_id))

@@ -1,8 +1,9 @@
 """Builders by name, in the style of ``torchvision.models.get_model``.
 
 ``spinenet<id>`` is the backbone (:class:`~spinenet_fast.models.SpineNet`), ``spinenet<id>_cls`` the classifier
-(:class:`~spinenet_fast.models.SpineNetClassifier`), ``retinanet_spinenet<id>`` the detector
-(:func:`~spinenet_fast.detection.retinanet_spinenet`), for every official id (``49s``, ``49``, ``96``, ``143``,
+(:class:`~spinenet_fast.models.SpineNetClassifier`), ``retinanet_spinenet<id>`` and ``maskrcnn_spinenet<id>`` the
+detectors (:func:`~spinenet_fast.detection.retinanet_spinenet`, :func:`~spinenet_fast.detection.maskrcnn_spinenet`),
+for every official id (``49s``, ``49``, ``96``, ``143``,
 ``143l``, ``190``; any case). Keyword arguments go to the builder.
 """
 
@@ -13,14 +14,14 @@ from torch import nn
 from .classifier import spinenet_classifier
 from .spinenet import SCALING_MAP, SpineNet
 
-PREFIXES = ("retinanet_spinenet", "spinenet")  # longest first: "spinenet" is a prefix of the other
+PREFIXES = ("spinenet", "retinanet_spinenet", "maskrcnn_spinenet")
 CLASSIFIER_SUFFIX = "_cls"
 
 
 def list_models() -> list[str]:
     """Every name :func:`get_model` builds."""
     ids = [model_id.lower() for model_id in SCALING_MAP]
-    names = [f"{prefix}{model_id}" for prefix in reversed(PREFIXES) for model_id in ids]
+    names = [f"{prefix}{model_id}" for prefix in PREFIXES for model_id in ids]
     return names + [f"spinenet{model_id}{CLASSIFIER_SUFFIX}" for model_id in ids]
 
 
@@ -38,7 +39,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
         if key.startswith(prefix) and model_id in SCALING_MAP:
             if prefix == "spinenet":
                 return SpineNet(model_id, **kwargs)
-            from ..detection import retinanet_spinenet
+            from .. import detection
 
-            return retinanet_spinenet(model_id, **kwargs)
+            return getattr(detection, prefix)(model_id, **kwargs)  # the builder of that name
     raise ValueError(f"name must be one of {list_models()}, got {name!r}")

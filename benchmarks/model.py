@@ -1,14 +1,19 @@
-"""Suite ``model``: SpineNet backbones, RetinaNet detectors and classifiers, training steps and inference, images/s.
+"""Suite ``model``: SpineNet backbones, RetinaNet and Mask R-CNN detectors and classifiers, training steps and
+inference, images/s.
 
 Benches: ``backbone <id>``, ``retinanet <id>`` (our detector; its rows also carry torchvision's
-``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``) and ``classifier <id>``
+``retinanet_resnet50_fpn`` at the same size and batch as provider ``torchvision-r50fpn``), ``maskrcnn <id>``
+(:func:`~spinenet_fast.detection.maskrcnn_spinenet`, 91 classes; its rows carry torchvision's
+``maskrcnn_resnet50_fpn`` as ``torchvision-r50fpn``) and ``classifier <id>``
 (:class:`~spinenet_fast.models.SpineNetClassifier`, 1000 classes, at the classification size 256 px). Modes: ``train``
-(forward with loss, backward, SGD step; the detector's loss is torchvision's full training forward) and
-``infer`` (eval mode, no grad, raw head outputs without NMS). Providers: ``eager``, ``compile``, ``compile-max``
-(inference: ``max-autotune`` with freezing and CUDA graphs), ``fused-auto`` (the fused model with each op's auto
-backend, as users run it). bf16 rows run under bf16 autocast with fp32 parameters, as training with ``--amp``
-does. Detection models at 640 px (--smoke: 128, fp32). Rows without ``torch.compile`` come first, so that a time limit
-cuts the slowest rows; :func:`plan` lists the rows without running them.
+(forward with loss, backward, SGD step; the detectors' loss is torchvision's full training forward) and
+``infer`` (eval mode, no grad, raw outputs without box decoding and NMS: RetinaNet's head outputs; Mask R-CNN's RPN
+outputs, then its box head on 1000 and its mask head on 100 fixed RoIs per image, the official test-time counts,
+so that the work does not depend on what random weights detect). Providers: ``eager``,
+``compile``, ``compile-max`` (inference: ``max-autotune`` with freezing and CUDA graphs), ``fused-auto`` (the fused
+model with each op's auto backend, as users run it). bf16 rows run under bf16 autocast with fp32 parameters, as
+training with ``--amp`` does. Detection models at 640 px (--smoke: 128, fp32). Rows without ``torch.compile`` come
+first, so that a time limit cuts the slowest rows; :func:`plan` lists the rows without running them.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ import torch
 from torch import nn
 
 from spinenet_fast import SpineNet, SpineNetClassifier
-from spinenet_fast.detection import retinanet_spinenet
+from spinenet_fast.detection import maskrcnn_spinenet, retinanet_spinenet
 from spinenet_fast.models.classifier import CLASSIFICATION_DEFAULTS
 from spinenet_fast.ops import use_backend
 
 from ._harness import Row, Settings, fused_backend, measure
 
 PROVIDERS = ("eager", "compile", "compile-max", "fused-auto")
-BENCHES = ("backbone", "retinanet", "classifier")
+BENCHES = ("backbone", "retinanet", "maskrcnn", "classifier")
+DETECTORS = ("retinanet", "maskrcnn")
 
 
 def _loss(out) -> torch.Tensor:
@@ -45,13 +51,40 @@ def _raw_outputs(detector: nn.Module) -> Callable[[torch.Tensor], dict]:
     return raw
 
 
-def _targets(batch: int, size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def _raw_maskrcnn_outputs(detector: nn.Module, size: int) -> Callable[[torch.Tensor], dict]:
+    """Mask R-CNN inference with fixed work: backbone, RPN head, box head + predictor on 1000 RoIs per image and mask
+    head + predictor on 100 (random boxes, the same every call), no decoding or NMS."""
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(1000, 2, 2, generator=g) * (size - 16)
+    rois = torch.cat([corners.min(1).values, corners.max(1).values + 16], 1)
+
+    def raw(images: torch.Tensor) -> dict:
+        features = detector.backbone(images)
+        objectness, deltas = detector.rpn.head(list(features.values()))
+        shapes = [(size, size)] * len(images)
+        boxes = [rois.to(images.device)] * len(images)
+        heads = detector.roi_heads
+        scores, box_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, boxes, shapes)))
+        masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, [b[:100] for b in boxes], shapes)))
+        return {"objectness": objectness[0], "deltas": deltas[0], "scores": scores, "boxes": box_deltas, "masks": masks}
+
+    return raw
+
+
+def _targets(batch: int, size: int, device: torch.device, dtype: torch.dtype, masks: bool = False) -> list[dict]:
+    """4 random boxes per image with labels in [1, 91); ``masks``: each box's filled rectangle (uint8)."""
     g = torch.Generator().manual_seed(0)
     targets = []
     for _ in range(batch):
         corners = torch.rand(4, 2, 2, generator=g) * size
         boxes = torch.cat([corners.min(1).values, corners.max(1).values + 8], 1).clamp(max=size)
-        targets.append({"boxes": boxes.to(device, dtype), "labels": torch.randint(1, 91, (4,), generator=g).to(device)})
+        target = {"boxes": boxes.to(device, dtype), "labels": torch.randint(1, 91, (4,), generator=g).to(device)}
+        if masks:
+            filled = torch.zeros(4, size, size, dtype=torch.uint8)
+            for mask, (x1, y1, x2, y2) in zip(filled, boxes.long().tolist()):
+                mask[y1:y2, x1:x2] = 1
+            target["masks"] = filled.to(device)
+        targets.append(target)
     return targets
 
 
@@ -101,9 +134,12 @@ def _build(bench: str, model_id, provider: str, size: int) -> nn.Module:
     if bench == "classifier":
         return SpineNetClassifier(model_id, 1000, stochastic_depth_rate=0.0, fused=fused)
     if provider == "torchvision-r50fpn":
-        from torchvision.models.detection import retinanet_resnet50_fpn
+        from torchvision.models import detection
 
-        return retinanet_resnet50_fpn(weights=None, weights_backbone=None, min_size=size, max_size=size)
+        builder = getattr(detection, f"{bench}_resnet50_fpn")
+        return builder(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    if bench == "maskrcnn":
+        return maskrcnn_spinenet(model_id, image_size=size, fused=fused)
     return retinanet_spinenet(model_id, image_size=size, stochastic_depth_rate=0.0, fused=fused)
 
 
@@ -129,7 +165,7 @@ def plan(
         for bench in benches:
             for model_id in models:
                 for mode, batch in [("train", b) for b in train_batches] + [("infer", b) for b in infer_batches]:
-                    extra_providers = ("torchvision-r50fpn",) if bench == "retinanet" else ()
+                    extra_providers = ("torchvision-r50fpn",) if bench in DETECTORS else ()
                     for provider in (*providers, *extra_providers):
                         if provider != "compile-max" or mode in compile_max_modes:
                             cases.append((bench, model_id, provider, mode, batch, dtype))
@@ -160,7 +196,10 @@ def _measure_case(s, env, bench, model_id, model_spec, provider, mode, batch, si
         if bench in ("backbone", "classifier"):
             forward, inputs = model, (images,)
         elif train:
-            forward, inputs = model, (list(images), _targets(batch, size, s.device, torch.float32))
+            targets = _targets(batch, size, s.device, torch.float32, masks=bench == "maskrcnn")
+            forward, inputs = model, (list(images), targets)
+        elif bench == "maskrcnn":
+            forward, inputs = _raw_maskrcnn_outputs(model, size), (images,)
         else:
             forward, inputs = _raw_outputs(model), (images,)
         if provider.startswith("compile"):

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connection-modes", default=",".join(connections.MODES))
     parser.add_argument("--connection-dtypes", default=None, help="e.g. bfloat16 (default: bf16, and fp32 for L5→L3)")
     parser.add_argument("--models", default="49S,49,96", help="model suite: comma-separated model ids")
-    parser.add_argument("--model-benches", default=",".join(model.BENCHES), help="backbone,retinanet,classifier")
+    parser.add_argument("--model-benches", default=",".join(model.BENCHES), help=",".join(model.BENCHES))
     parser.add_argument("--train-batches", default="8,16")
     parser.add_argument("--infer-batches", default="1,8")
     parser.add_argument("--model-providers", default=",".join(model.PROVIDERS))

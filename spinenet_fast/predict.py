@@ -20,7 +20,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from .data import LabelMap
-from .detection.presets import detector_from_args
+from .detection.presets import detector_from_args, label_offset
 from .train.checkpoint import load_checkpoint
 
 
@@ -61,18 +61,22 @@ def load_detector(path: Path, device: torch.device, score_thresh: float) -> tupl
     label_map = LabelMap.from_dict(checkpoint["label_map"])
     model = detector_from_args(checkpoint["args"], len(label_map))
     model.load_state_dict(checkpoint["model"])
-    model.score_thresh = score_thresh  # the detector's own candidate filter: this threshold decides
+    # The detector's own candidate filter (RetinaNet's, or Mask R-CNN's RoI heads'): this threshold decides.
+    getattr(model, "roi_heads", model).score_thresh = score_thresh
+    model.label_offset = label_offset(checkpoint["args"])  # detect() maps labels back to the label map's
     return model.to(device).eval(), label_map
 
 
 def detect(model: torch.nn.Module, image: torch.Tensor, device: torch.device) -> tuple[dict, float]:
-    """``(detections on the CPU, latency in ms)`` for one (3, H, W) uint8 image."""
+    """``(detections on the CPU, latency in ms)`` for one (3, H, W) uint8 image; labels index the label map."""
     start = time.perf_counter()
     with torch.no_grad():
         (detections,) = model([image.to(device).float() / 255])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {key: value.cpu() for key, value in detections.items()}, 1000 * (time.perf_counter() - start)
+    detections = {key: value.cpu() for key, value in detections.items()}
+    detections["labels"] = detections["labels"] - getattr(model, "label_offset", 0)
+    return detections, 1000 * (time.perf_counter() - start)
 
 
 def save_grid(model, label_map: LabelMap, images: list[torch.Tensor], ground_truth: list[torch.Tensor],

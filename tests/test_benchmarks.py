@@ -33,6 +33,7 @@ def test_every_suite_and_provider_writes_rows(smoke_run):
     assert {("connection", p) for p in ("eager", "compile", "fused-auto", "fused-triton", "fused-cuda")} <= providers
     assert {("backbone", "eager"), ("backbone", "fused-auto"), ("retinanet", "torchvision-r50fpn")} <= providers
     assert {("classifier", "eager"), ("classifier", "fused-auto")} <= providers
+    assert {("maskrcnn", "eager"), ("maskrcnn", "fused-auto"), ("maskrcnn", "torchvision-r50fpn")} <= providers
     assert {row["mode"] for row in rows} == {"fwd", "bwd", "fwd+bwd", "train", "infer"}
     conv3x3 = {(row["shape"], row["provider"]) for row in rows if row["bench"] == "op conv3x3_bn_stats"}
     assert {p for shape, p in conv3x3 if "stride 1" in shape} >= {"eager", "triton", "cuda"}  # the blocks' 3×3

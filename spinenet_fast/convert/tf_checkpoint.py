@@ -77,10 +77,14 @@ def from_tf_checkpoint(
     return converted
 
 
-def from_tf_maskrcnn_checkpoint(path: str | Path, model_id: str, num_classes: int = 91) -> dict[str, Tensor]:
+def from_tf_maskrcnn_checkpoint(
+    path: str | Path, model_id: str, num_classes: int = 91, *, class_ids: Sequence[int] | None = None
+) -> dict[str, Tensor]:
     """Convert a Model Garden Mask R-CNN-SpineNet checkpoint to a ``state_dict`` for ``tf_maskrcnn(model_id)``.
 
     ``num_classes``: the checkpoint's class count, background included (91 for COCO: class index = category id).
+    ``class_ids``: keep the background and these checkpoint classes, in this order (our label i + 1 = checkpoint
+    class ``class_ids[i]``); the state_dict is then for ``tf_maskrcnn(model_id, len(class_ids) + 1)``.
     """
     variables = _read_checkpoint(Path(path))
     with torch.device("meta"):  # only the names and shapes are needed
@@ -90,7 +94,15 @@ def from_tf_maskrcnn_checkpoint(path: str | Path, model_id: str, num_classes: in
     _convert_rpn_head(_layer_variables(variables, "rpn_head"), converted)
     _convert_box_head(_layer_variables(variables, "detection_head"), converted, model.roi_heads.box_roi_pool)
     _convert_mask_head(_layer_variables(variables, "mask_head"), converted)
-    return _complete(converted, model.state_dict(), path, model_id, num_classes)
+    converted = _complete(converted, model.state_dict(), path, model_id, num_classes)
+    if class_ids is not None:
+        ids = [0, *_checked_class_ids(class_ids, num_classes, least=1)]  # the background stays class 0
+        for key, rows in (("roi_heads.box_predictor.cls_score", 1), ("roi_heads.box_predictor.bbox_pred", 4),
+                          ("roi_heads.mask_predictor.mask_logits", 1)):  # fmt: skip
+            for field in ("weight", "bias"):
+                value = converted[f"{key}.{field}"]
+                converted[f"{key}.{field}"] = value.view(num_classes, rows, *value.shape[1:])[ids].flatten(0, 1)
+    return converted
 
 
 def _complete(converted: dict[str, Tensor], target: dict[str, Tensor], path, model_id: str,
@@ -272,10 +284,15 @@ def _convert_head(variables: dict, out: dict[str, Tensor], num_classes: int) -> 
         out[f"head.{ours}.bias"] = _tensor(head[f"{tf_name}/bias"])[channels].contiguous()
 
 
-def _select_classes(state: dict[str, Tensor], num_anchors: int, num_classes: int, class_ids: Sequence[int]) -> None:
+def _checked_class_ids(class_ids: Sequence[int], num_classes: int, least: int = 0) -> list[int]:
     ids = list(class_ids)
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_classes for i in ids):
-        raise ValueError(f"class_ids must be a non-empty list of ints in [0, {num_classes}), got {class_ids!r}")
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not least <= i < num_classes for i in ids):
+        raise ValueError(f"class_ids must be a non-empty list of ints in [{least}, {num_classes}), got {class_ids!r}")
+    return ids
+
+
+def _select_classes(state: dict[str, Tensor], num_anchors: int, num_classes: int, class_ids: Sequence[int]) -> None:
+    ids = _checked_class_ids(class_ids, num_classes)
     for key in ("head.class_predictor.weight", "head.class_predictor.bias"):
         value = state[key]
         state[key] = value.view(num_anchors, num_classes, *value.shape[1:])[:, ids].reshape(-1, *value.shape[1:])

@@ -1,7 +1,9 @@
-"""Any COCO-format detection dataset (image folder + instances JSON) as (image, target) pairs for RetinaNet.
+"""Any COCO-format detection dataset (image folder + instances JSON) as (image, target) pairs for detectors.
 
-Targets: ``boxes`` (K, 4) float XYXY in image pixels, ``labels`` (K,) int64 contiguous in [0, num_classes),
-``image_id`` int. Crowd boxes are dropped; images without annotations give K = 0.
+Targets: ``boxes`` (K, 4) float XYXY in image pixels, ``labels`` (K,) int64 contiguous in [0, num_classes) (plus
+``label_offset``: 1 for detectors whose class 0 is the background, Mask R-CNN), ``image_id`` int, and with
+``masks=True`` ``masks`` (K, H, W) uint8 from the ``segmentation`` polygons or RLE. Crowd annotations are dropped;
+images without annotations give K = 0.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ class CocoDetectionDataset(Dataset):
     torchvision transforms v2 applied to (PIL image, target with XYXY ``BoundingBoxes``).
     """
 
-    def __init__(self, image_root: str | Path, ann_file: str | Path, transforms=None) -> None:
+    def __init__(self, image_root: str | Path, ann_file: str | Path, transforms=None, *, masks: bool = False,
+                 label_offset: int = 0) -> None:  # fmt: skip
+        self.ann_file = Path(ann_file)
         self.instances = read_instances(ann_file)
         self.label_map = LabelMap.from_categories(self.instances["categories"])
         if not Path(image_root).is_dir():
@@ -130,6 +134,7 @@ class CocoDetectionDataset(Dataset):
         for annotation in self.instances["annotations"]:
             self.annotations[annotation["image_id"]].append(annotation)
         self.transforms = transforms
+        self.masks, self.label_offset = masks, label_offset
 
     @functools.cached_property
     def coco(self):
@@ -159,14 +164,50 @@ class CocoDetectionDataset(Dataset):
             box_convert(xywh, "xywh", "xyxy"), format="XYXY", canvas_size=(image.height, image.width)
         )
         category_ids = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
-        target = {"boxes": boxes, "labels": self.label_map.to_labels(category_ids), "image_id": int(info["id"])}
+        labels = self.label_map.to_labels(category_ids) + self.label_offset
+        target = {"boxes": boxes, "labels": labels, "image_id": int(info["id"])}
+        if self.masks:
+            masks = [annotation_mask(a, image.height, image.width, self.ann_file) for a in annotations]
+            stacked = torch.stack(masks) if masks else torch.zeros(0, image.height, image.width, dtype=torch.uint8)
+            target["masks"] = tv_tensors.Mask(stacked)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
 
 
+def annotation_mask(annotation: dict, height: int, width: int, ann_file: Path) -> torch.Tensor:
+    """The (height, width) uint8 mask of a COCO annotation's ``segmentation``: polygons (a list of flat [x, y, ...]
+    lists, merged), an uncompressed RLE (``counts`` a list) or a compressed one (``counts`` a string)."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = annotation.get("segmentation")
+    problem = None
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list)]
+        if not segmentation or len(polygons) < len(segmentation) or any(len(p) < 6 or len(p) % 2 for p in polygons):
+            problem = "polygons must be lists of at least 3 (x, y) points"
+        else:
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (list, str)):
+        if list(segmentation.get("size", [])) != [height, width]:
+            problem = f"an RLE's size must be the image's [height, width] = [{height}, {width}]"
+        elif isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+    else:
+        problem = "a 'segmentation' (polygons or RLE) is needed for masks"
+    if problem is not None:
+        raise ValueError(f"annotation file {ann_file}: annotation {annotation.get('id')} of image "
+                         f"{annotation.get('image_id')}: {problem}, got {json.dumps(segmentation)[:200]}")  # fmt: skip
+    return torch.from_numpy(mask_utils.decode(rle))
+
+
 def collate(batch):
-    """List of (image, target) -> (list of images, list of targets with plain-tensor boxes)."""
+    """List of (image, target) -> (list of images, list of targets with plain-tensor boxes and masks)."""
     images, targets = zip(*batch)
-    targets = [{**t, "boxes": t["boxes"].as_subclass(torch.Tensor).float()} for t in targets]
-    return list(images), targets
+    plain = [{**t, "boxes": t["boxes"].as_subclass(torch.Tensor).float()} for t in targets]
+    for target in plain:
+        if "masks" in target:
+            target["masks"] = target["masks"].as_subclass(torch.Tensor)
+    return list(images), plain

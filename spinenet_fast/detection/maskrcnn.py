@@ -6,7 +6,8 @@ The configuration is TF Model Garden's ``maskrcnn_spinenet_coco`` experiment wit
 of every head; RPN anchors of size 3·2^l, aspect ratios (0.5, 1, 2), one scale; one shared 3×3 RPN conv; RoI align
 7×7 (boxes) and 14×14 (masks) with one sample per bin (Model Garden's ``sample_offset`` 0.5) over P3–P7, the FPN
 level rule; box head 4 convs + 1 dense layer, mask head 4 convs + a 2×2 transposed conv, per-class boxes and masks;
-Model Garden's proposal, sampling and detection settings. Widths and image sizes per model id:
+Model Garden's proposal, sampling and detection settings. The heads' conv width is the backbone's endpoint width and
+the dense layer 4× that, the image size the RetinaNet detector's — which is what the official models use:
 
 ======  ===========  ========================  ==========
 id      image size   head convs / dense width  parameters (91 classes)
@@ -18,8 +19,8 @@ id      image size   head convs / dense width  parameters (91 classes)
 ======  ===========  ========================  ==========
 
 The parameter counts are Model Garden's own models built with these settings (the TPU repo's ``MODEL_ZOO.md``
-rounds them to 40.8 / 55.2 / 79.2 M; it publishes none for 49S). Other ids (143L, 190, custom scalings) take the
-256-wide heads and the RetinaNet detector's image size.
+rounds them to 40.8 / 55.2 / 79.2 M; it publishes none for 49S). SpineNet-190's official Mask R-CNN (7 head convs
+of 384, swish, stochastic depth) is not preset: pass its settings.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from .anchors import spinenet_anchor_generator
 from .maskrcnn_heads import SpineNetBoxHead, SpineNetMaskHead, SpineNetMaskPredictor, SpineNetRPNHead, box_predictor
 from .retinanet import DETECTOR_DEFAULTS, IMAGENET_MEAN, IMAGENET_STD, check_detector_args, checked_targets
 
-# model_id -> (image size, head conv width, box head dense width)
-MASKRCNN_DEFAULTS = {"49S": (640, 128, 512), "49": (640, 256, 1024), "96": (1024, 256, 1024), "143": (1280, 256, 1024)}
+FC_DIMS_PER_FILTER = 4  # the box head's dense width per head conv filter (official: 512 / 128, 1024 / 256)
 ANCHOR_SIZE = 3.0
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
@@ -87,9 +87,7 @@ def maskrcnn_spinenet(
     """
     resolve_scaling(model_id)
     key = model_id.upper() if isinstance(model_id, str) else None
-    default_size = DETECTOR_DEFAULTS.get(key, (3, 4, 640))[2]
-    size, width, dims = MASKRCNN_DEFAULTS.get(key, (default_size, 256, 1024))
-    image_size = size if image_size is None else image_size
+    image_size = DETECTOR_DEFAULTS.get(key, (3, 4, 640))[2] if image_size is None else image_size
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 128 or image_size % 128:
         raise ValueError(f"image_size must be a positive multiple of 128, got {image_size!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -99,14 +97,14 @@ def maskrcnn_spinenet(
                                ("mask_num_convs", mask_num_convs, 0)):  # fmt: skip
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    width = width if head_num_filters is None else head_num_filters
-    dims = dims if fc_dims is None else fc_dims
     backbone = SpineNet(model_id, activation=activation, norm_layer=norm_layer, bn_momentum=bn_momentum,
                         bn_eps=bn_eps, stochastic_depth_rate=stochastic_depth_rate, padding=padding,
                         fused=fused)  # fmt: skip
     norm = make_norm_factory(norm_layer, bn_momentum, bn_eps)
     anchors = spinenet_anchor_generator(ANCHOR_SIZE, num_scales=1, style=anchor_style)
     channels = backbone.out_channels
+    width = channels if head_num_filters is None else head_num_filters
+    dims = FC_DIMS_PER_FILTER * width if fc_dims is None else fc_dims
     settings = {
         "rpn_pre_nms_top_n_train": 2000, "rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_train": 1000,
         "rpn_post_nms_top_n_test": 1000, "rpn_nms_thresh": 0.7, "rpn_fg_iou_thresh": 0.7, "rpn_bg_iou_thresh": 0.3,

@@ -1,8 +1,9 @@
-"""``python -m spinenet_fast.eval``: COCO box AP of a training checkpoint on a COCO-format split.
+"""``python -m spinenet_fast.eval``: COCO box AP (and mask AP, for Mask R-CNN) of a training checkpoint on a
+COCO-format split.
 
-Writes ``coco_results.json`` (xywh boxes, original category ids, original-image coordinates) and
-``coco_stats.json`` (the 12 named ``COCOeval`` stats; -1 where the split has no object of that size) to
-``--output-dir`` and prints the stats.
+Writes ``coco_results.json`` (xywh boxes, original category ids, original-image coordinates; RLE segmentations for
+Mask R-CNN) and ``coco_stats.json`` (the 12 named ``COCOeval`` stats, and ``segm_AP`` … for masks; -1 where the split
+has no object of that size) to ``--output-dir`` and prints the stats.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms
-from ..detection.presets import detector_from_args
+from ..detection.presets import detector_from_args, label_offset
 from ..train.checkpoint import load_checkpoint
 from ..train.engine import evaluate
 from .coco_eval import format_stats
@@ -31,10 +32,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    checkpoint = load_checkpoint(args.checkpoint)
     dataset = CocoDetectionDataset(
-        args.data_path / args.split, args.data_path / "annotations" / f"instances_{args.split}.json", eval_transforms()
-    )
-    checkpoint = load_checkpoint(args.checkpoint, num_classes=len(dataset.label_map))
+        args.data_path / args.split, args.data_path / "annotations" / f"instances_{args.split}.json", eval_transforms(),
+        label_offset=label_offset(checkpoint["args"]),
+    )  # fmt: skip
     label_map = LabelMap.from_dict(checkpoint["label_map"])
     if label_map != dataset.label_map:
         raise ValueError(f"checkpoint {args.checkpoint} was trained on other categories than {args.split}")

@@ -1,4 +1,5 @@
-"""``python -m spinenet_fast.train``: train (and evaluate) a RetinaNet-SpineNet on a COCO-format dataset.
+"""``python -m spinenet_fast.train``: train (and evaluate) a RetinaNet-SpineNet (``--task box``, the default) or a
+Mask R-CNN-SpineNet (``--task mask``: box and mask AP) on a COCO-format dataset.
 
 Single process: ``python -m spinenet_fast.train --data-path DIR --model 49S -b 16 --epochs 10``;
 many GPUs: ``torchrun --nproc_per_node=N -m spinenet_fast.train ... [--sync-bn]`` (elastic: add
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..data import CocoDetectionDataset, LabelMap, collate, eval_transforms, train_transforms
-from ..detection.presets import MODEL_NAMES, detector_from_args
+from ..detection.presets import MODEL_NAMES, TASKS, detector_from_args, label_offset
 from ..eval.coco_eval import format_stats
 from .checkpoint import load_checkpoint, read_jsonl_rows, remove_stale_temporaries, save_atomic, write_jsonl_atomic
 from .cuda_graphs import graph_detector
@@ -37,14 +38,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", type=Path, required=True, help="dataset root (COCO 2017 layout)")
     p.add_argument("--train-split", default="train2017")
     p.add_argument("--val-split", default="val2017")
+    p.add_argument("--task", default="box", choices=list(TASKS),
+                   help="box: RetinaNet; mask: Mask R-CNN (masks from the annotations' segmentation)")  # fmt: skip
     p.add_argument("--model", default="49S", choices=MODEL_NAMES)
     p.add_argument("--image-size", type=int, default=640, help="square training size, a multiple of 128")
     p.add_argument("--scale-range", type=float, nargs=2, default=(0.5, 2.0), help="scale jitter range")
-    p.add_argument("--activation", default="swish", choices=("swish", "relu"))
+    p.add_argument("--activation", default=None, choices=("swish", "relu"),
+                   help="default: the task's official one (box: swish, mask: relu)")  # fmt: skip
     p.add_argument("--bn-momentum", type=float, default=0.01, help="PyTorch BN momentum (official: 0.01)")
     p.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
                    help="fused connections, blocks, head and loss (auto: on a GPU with Triton)")  # fmt: skip
-    p.add_argument("--stochastic-depth-rate", type=float, default=None, help="default: 0.2 (protocol C)")
+    p.add_argument("--stochastic-depth-rate", type=float, default=None,
+                   help="default: the task's official one (box: 0.2, protocol C; mask: 0)")  # fmt: skip
     p.add_argument("-b", "--batch-size", type=int, default=8, help="images per process and batch")
     p.add_argument("--accum-steps", type=int, default=1, help="batches per optimiser step (gradient accumulation)")
     p.add_argument("--sync-bn", action="store_true",
@@ -141,9 +146,10 @@ def describe_run(args: argparse.Namespace, model: nn.Module, train_set, val_set,
     fused = any(m.uses_fused_ops() for m in model.modules() if hasattr(m, "uses_fused_ops"))
     processes = f" x {world_size} processes" if world_size > 1 else ""
     evaluation = f"every {args.eval_every} epoch(s) on {len(val_set)} {args.val_split} images"
+    parts = "connections and loss" if args.task == "box" else "connections"  # Mask R-CNN's heads are eager
     return (
-        f"training RetinaNet-SpineNet-{args.model} ({parameters / 1e6:.2f} M parameters, fused connections "
-        f"and loss {'on' if fused else 'off'}) to detect {len(label_map)} classes ({names})\n"
+        f"training {TASKS[args.task][1]}-SpineNet-{args.model} ({parameters / 1e6:.2f} M parameters, fused {parts} "
+        f"{'on' if fused else 'off'}) to detect {len(label_map)} classes ({names})\n"
         f"  data: {len(train_set)} {args.train_split} images from {args.data_path.resolve()}, {args.image_size} px, "
         f"batch {args.batch_size}{processes}, {args.epochs} epochs on {args.device}; evaluation: "
         f"{evaluation if args.eval_every else 'never'}\n"
@@ -187,14 +193,17 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     torch.manual_seed(args.seed)
 
     root = args.data_path
+    targets = {"masks": args.task == "mask", "label_offset": label_offset(vars(args))}
     train_set = CocoDetectionDataset(
         root / args.train_split,
         root / "annotations" / f"instances_{args.train_split}.json",
         train_transforms(args.image_size, tuple(args.scale_range)),
+        **targets,
     )
     val_set = CocoDetectionDataset(
-        root / args.val_split, root / "annotations" / f"instances_{args.val_split}.json", eval_transforms()
-    )
+        root / args.val_split, root / "annotations" / f"instances_{args.val_split}.json", eval_transforms(),
+        label_offset=targets["label_offset"],
+    )  # fmt: skip
     label_map = train_set.label_map
     if val_set.label_map != label_map:
         raise ValueError(f"the {args.train_split} and {args.val_split} annotation files have different categories")
@@ -218,7 +227,7 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
             print(describe_run(args, model, train_set, val_set, world_size), flush=True)
 
     if args.test_only:
-        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
+        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map), task=args.task)
         model.load_state_dict(checkpoint["model"])
         stats = evaluate(model, val_loader, device, label_map, output_dir, progress=progress)
         if main_process:
@@ -260,7 +269,7 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
     start_epoch, history = 0, []  # history: one metrics row per finished epoch, saved in every checkpoint
     log_file = output_dir / "metrics.jsonl"
     if args.resume is not None:
-        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map))
+        checkpoint = load_checkpoint(args.resume, model=args.model, num_classes=len(label_map), task=args.task)
         if LabelMap.from_dict(checkpoint["label_map"]) != label_map:
             raise ValueError(f"checkpoint {args.resume} was trained on other categories than {args.train_split}")
         model.load_state_dict(checkpoint["model"])
@@ -339,7 +348,7 @@ def _run(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, floa
         )
         write_jsonl_atomic(history, log_file)  # rewritten from the checkpoint's history: a kill loses no row
         plot_metrics(log_file, output_dir / "metrics.png")
-        summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss", "AP", "AP50") if k in row)
+        summary = ", ".join(f"{k} {row[k]:.3f}" for k in ("loss", "AP", "AP50", "segm_AP", "segm_AP50") if k in row)
         memory = f", {row['max_memory_mb']:.0f} MiB" if "max_memory_mb" in row else ""
         print(f"epoch {epoch}: {summary}, {row['images_per_s']:.1f} img/s{memory}, {row['seconds']:.0f} s", flush=True)
         if world_size > 1:

@@ -73,8 +73,9 @@ def _write_atomic(path: str | Path, write: Callable) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, *, model: str | None = None, num_classes: int | None = None) -> dict:
-    """Load a training checkpoint safely; ``ValueError`` if it is for another model id or class count."""
+def load_checkpoint(path: str | Path, *, model: str | None = None, num_classes: int | None = None,
+                    task: str | None = None) -> dict:  # fmt: skip
+    """Load a training checkpoint safely; ``ValueError`` if it is for another model id, class count or task."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -98,6 +99,9 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, num_classes: 
     saved_model = checkpoint["args"].get("model")
     if model is not None and saved_model != model:
         raise ValueError(f"checkpoint {path} is for model {saved_model!r}, but model {model!r} was requested")
+    saved_task = checkpoint["args"].get("task", "box")
+    if task is not None and saved_task != task:
+        raise ValueError(f"checkpoint {path} is for --task {saved_task}, but --task {task} was requested")
     saved_classes = len(checkpoint["label_map"]["category_ids"])
     if num_classes is not None and saved_classes != num_classes:
         raise ValueError(f"checkpoint {path} has {saved_classes} classes, but the dataset has {num_classes}")

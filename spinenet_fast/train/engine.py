@@ -15,7 +15,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from ..data.coco import LabelMap
-from ..eval.coco_eval import coco_stats, predict
+from ..eval.coco_eval import all_stats, predict
 
 
 def distributed_init(device: str) -> tuple[int, int]:
@@ -150,19 +150,21 @@ def train_one_epoch(
 def evaluate(
     model, data_loader, device: torch.device, label_map: LabelMap, output_dir: Path, *, progress: bool = True
 ) -> dict[str, float]:
-    """Predict the loader's images, write ``coco_results.json`` and ``coco_stats.json``; returns the 12 stats.
+    """Predict the loader's images, write ``coco_results.json`` and ``coco_stats.json``; returns the 12 box stats (and
+    the 12 mask stats ``segm_AP`` … of a detector that predicts masks). The dataset's ``label_offset`` is undone.
 
-    In a process group every rank predicts its shard of the loader (a :class:`ShardSampler`), rank 0 gathers
-    the results, evaluates and writes; the other ranks return ``{}``.
+        In a process group every rank predicts its shard of the loader (a :class:`ShardSampler`), rank 0 gathers
+        the results, evaluates and writes; the other ranks return ``{}``.
     """
-    results = predict(model, data_loader, device, label_map, progress=progress)
+    dataset = data_loader.dataset
+    results = predict(model, data_loader, device, label_map, label_offset=dataset.label_offset, progress=progress)
     if is_distributed():
         shards = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(results, shards, dst=0)
         if dist.get_rank() != 0:
             return {}
         results = [row for shard in shards for row in shard]
-    stats = coco_stats(data_loader.dataset.coco, results)
+    stats = all_stats(dataset.coco, results)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "coco_results.json").write_text(json.dumps(results))
     (output_dir / "coco_stats.json").write_text(json.dumps(stats, indent=2))

@@ -127,3 +127,28 @@ def test_wrong_model_or_class_count_is_refused(model_garden, tmp_path):
         from_tf_maskrcnn_checkpoint(prefix, "49S", 81)
     with pytest.raises(FileNotFoundError, match="is not a TF checkpoint"):
         from_tf_maskrcnn_checkpoint(tmp_path / "missing", "49S")
+
+
+def test_cli_with_class_selection_evaluates_boxes_and_masks(model_garden, tmp_path):
+    """``--task mask --annotations``: the background and the file's categories (1–3) kept, in that order; the
+    checkpoint evaluates with our eval command (box and mask stats)."""
+    from spinenet_fast.convert.__main__ import main as convert_main
+    from spinenet_fast.data.synthetic import make_synthetic_coco
+    from spinenet_fast.eval.__main__ import main as eval_main
+
+    data = make_synthetic_coco(tmp_path / "data", num_train=1, num_val=2, image_size=128, seed=0)
+    annotations = str(data / "annotations" / "instances_val2017.json")
+    out = convert_main([model_garden[0], str(tmp_path / "converted.pt"), "--model", "49s", "--task", "mask",
+                        "--image-size", "128", "--annotations", annotations])  # fmt: skip
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["args"]["task"] == "mask" and checkpoint["args"]["activation"] == "relu"
+    full = from_tf_maskrcnn_checkpoint(model_garden[0], "49S", NUM_CLASSES)
+    for key, rows in (("roi_heads.box_predictor.cls_score.weight", 1), ("roi_heads.box_predictor.bbox_pred.bias", 4),
+                      ("roi_heads.mask_predictor.mask_logits.weight", 1)):  # fmt: skip
+        expected = full[key].unflatten(0, (NUM_CLASSES, rows))[[0, 1, 2, 3]].flatten(0, 1)
+        torch.testing.assert_close(checkpoint["model"][key], expected)
+    stats = eval_main(["--checkpoint", str(out), "--data-path", str(data), "--output-dir", str(tmp_path / "eval"),
+                       "--workers", "0", "--device", "cpu"])  # fmt: skip
+    assert len(stats) == 24 and "segm_AP" in stats
+    with pytest.raises(ValueError, match=r"class_ids must be a non-empty list of ints in \[1, 91\), got \[0\]"):
+        from_tf_maskrcnn_checkpoint(model_garden[0], "49S", NUM_CLASSES, class_ids=[0])

@@ -159,3 +159,64 @@ def test_truncated_image_names_its_path(tiny_coco):
     (images / "1.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"image .*1\.png \(image id 1\) cannot be read"):
         CocoDetectionDataset(images, ann_file)[0]
+
+
+def _with_segmentations(tiny_coco) -> tuple:
+    """tiny_coco with a polygon, a compressed RLE and an uncompressed RLE (crowd) segmentation."""
+    mask_utils = require_optional("pycocotools.mask")
+    import numpy as np
+
+    images, ann_file = tiny_coco
+    data = json.loads(ann_file.read_text())
+    square = np.zeros((48, 64), np.uint8, order="F")
+    square[5:15, 30:50] = 1
+    rle = mask_utils.encode(square)
+    data["annotations"][0]["segmentation"] = [[1, 2, 11, 2, 11, 22, 1, 22]]  # the box as a polygon
+    data["annotations"][1]["segmentation"] = {"size": [48, 64], "counts": rle["counts"].decode()}
+    data["annotations"][2]["segmentation"] = {"size": [48, 64], "counts": [0, 48 * 64]}  # crowd: dropped
+    ann_file.write_text(json.dumps(data))
+    return images, ann_file, torch.from_numpy(square)
+
+
+def test_masks_from_polygons_and_rles_with_the_label_offset(tiny_coco):
+    images, ann_file, square = _with_segmentations(tiny_coco)
+    _, target = CocoDetectionDataset(images, ann_file, masks=True, label_offset=1)[0]
+    masks = target["masks"]
+    assert masks.shape == (2, 48, 64) and masks.dtype == torch.uint8
+    assert target["labels"].tolist() == [2, 1]  # Mask R-CNN's labels: class 0 is the background
+    assert torch.equal(masks[1], square)
+    ys, xs = torch.nonzero(masks[0], as_tuple=True)  # pycocotools rasterises the polygon to its pixels
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (1, 10, 2, 21) and masks[0].sum() == 200
+    _, empty = CocoDetectionDataset(images, ann_file, masks=True)[1]
+    assert empty["masks"].shape == (0, 48, 64)
+
+
+def test_masks_follow_the_training_transforms(tiny_coco):
+    images, ann_file, _ = _with_segmentations(tiny_coco)
+    torch.manual_seed(0)
+    dataset = CocoDetectionDataset(images, ann_file, train_transforms(128), masks=True)
+    for _ in range(4):
+        (image,), (target,) = collate([dataset[0]])
+        masks, boxes = target["masks"], target["boxes"]
+        assert type(masks) is torch.Tensor and masks.shape == (len(boxes), *image.shape[1:])
+        for mask, box in zip(masks, boxes):  # each mask lies in its box
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "match"),
+    [
+        (None, r"annotation 1 of image 1: a 'segmentation' \(polygons or RLE\) is needed for masks, got null"),
+        ([[1, 2, 3, 4]], "polygons must be lists of at least 3"),
+        ({"size": [10, 10], "counts": "abc"}, r"an RLE's size must be the image's \[height, width\] = \[48, 64\]"),
+    ],
+)
+def test_bad_segmentations_are_named(tiny_coco, segmentation, match):
+    images, ann_file = tiny_coco
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["segmentation"] = segmentation
+    data["annotations"][1]["segmentation"] = [[30, 5, 50, 5, 50, 15]]
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        CocoDetectionDataset(images, ann_file, masks=True)[0]

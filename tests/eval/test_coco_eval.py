@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from spinenet_fast.data import LabelMap
-from spinenet_fast.eval import STAT_NAMES, coco_stats, predict
-from spinenet_fast.eval.coco_eval import format_stats
+from spinenet_fast.eval import STAT_NAMES, all_stats, coco_stats, predict
+from spinenet_fast.eval.coco_eval import encode_masks, format_stats
 
 from ..conftest import require_optional
 
@@ -60,6 +60,40 @@ def test_predict_writes_xywh_and_original_category_ids(coco_gt):
     assert coco_stats(coco_gt, results)["AP50"] == pytest.approx(0.5)  # one of two classes found perfectly
 
 
+class FixedMaskDetector(torch.nn.Module):
+    """Mask R-CNN-like: label 2 (class 1 after the background) with the ground-truth box of image 2 and a mask
+    probability map covering it (0.9 inside, 0.2 outside)."""
+
+    def forward(self, images):
+        masks = torch.full((1, 1, 80, 100), 0.2)
+        masks[..., 40:70, 50:90] = 0.9
+        box = torch.tensor([[50.0, 40, 90, 70]])
+        return [{"boxes": box, "scores": torch.tensor([0.8]), "labels": torch.tensor([2]), "masks": masks}
+                for _ in images]  # fmt: skip
+
+
+def test_predicted_masks_are_rles_and_score_segm_ap(coco_gt):
+    """Masks -> RLE rows (thresholded at 0.5, JSON-ready) -> ``segm_`` stats; the label offset maps label 2 to the
+    label map's second category."""
+    for annotation in coco_gt.dataset["annotations"]:  # the boxes as polygons
+        x, y, w, h = annotation["bbox"]
+        annotation["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    coco_gt.createIndex()
+    loader = [([torch.zeros(3, 80, 100)], [{"image_id": 2}])]
+    results = predict(FixedMaskDetector(), loader, torch.device("cpu"), LabelMap((5, 9), ("a", "b")), label_offset=1,
+                      progress=False)  # fmt: skip
+    assert (
+        len(results) == 1 and results[0]["category_id"] == 9 and isinstance(results[0]["segmentation"]["counts"], str)
+    )
+    stats = all_stats(coco_gt, results)
+    assert list(stats) == list(STAT_NAMES) + [f"segm_{name}" for name in STAT_NAMES]
+    assert stats["segm_AP50"] == pytest.approx(0.5) and stats["AP50"] == pytest.approx(0.5)
+    assert all_stats(coco_gt, [{k: v for k, v in results[0].items() if k != "segmentation"}]).keys() == set(STAT_NAMES)
+    shifted = dict(results[0], segmentation=encode_masks(FixedMaskDetector()([None])[0]["masks"].roll(20, -1))[0])
+    assert all_stats(coco_gt, [shifted])["segm_AP50"] == pytest.approx(0.0)  # the box is right, the mask is not
+    assert encode_masks(torch.zeros(0, 1, 80, 100)) == []
+
+
 def test_format_stats_reads_minus_one_as_not_applicable():
     stats = dict.fromkeys(STAT_NAMES, 0.5) | {"APl": -1.0, "ARl": -1.0}
     lines = format_stats(stats).splitlines()
@@ -67,3 +101,5 @@ def test_format_stats_reads_minus_one_as_not_applicable():
     assert lines[1] == "AR1 0.500  AR10 0.500  AR100 0.500  ARs 0.500  ARm 0.500  ARl n/a"
     assert "no ground-truth objects of that size" in lines[2]
     assert len(format_stats(dict.fromkeys(STAT_NAMES, 0.0)).splitlines()) == 2
+    segm = format_stats(dict.fromkeys(STAT_NAMES, 0.0) | {f"segm_{name}": 0.25 for name in STAT_NAMES}).splitlines()
+    assert len(segm) == 4 and segm[2].startswith("segm_AP 0.250  segm_AP50 0.250")

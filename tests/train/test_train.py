@@ -149,3 +149,31 @@ def test_fused_amp_channels_last_compile_and_accumulation(tiny_data, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["lr_scheduler"]["last_epoch"] == 2  # 8 images, 2 per batch, 2 batches per step
     assert all(v.dtype != torch.bfloat16 for v in checkpoint["model"].values())  # autocast keeps fp32 weights
+
+
+def test_mask_task_trains_evaluates_and_predicts(tiny_data, two_epoch_run, tmp_path, capsys):
+    """``--task mask``: a Mask R-CNN run whose metrics, plot and stats include the mask AP, whose checkpoint the eval
+    and predict CLIs rebuild (labels mapped back past the background class), and whose task a resume must match."""
+    from spinenet_fast.predict import main as predict_main
+
+    out = tmp_path / "mask"
+    stats = train_main(train_args(tiny_data, out, "--task", "mask", "--epochs", "1"))
+    assert "training Mask R-CNN-SpineNet-49XS-custom" in capsys.readouterr().out
+    assert {"AP", "segm_AP", "segm_AP50"} <= set(stats) and len(stats) == 24
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert {"loss_mask", "loss_objectness", "segm_AP"} <= set(row) and (out / "metrics.png").stat().st_size > 1000
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["args"]["task"] == "mask"
+    assert checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4  # 3 classes + background
+    evaluated = eval_main(["--checkpoint", str(out / "checkpoint.pth"), "--data-path", str(tiny_data),
+                           "--output-dir", str(tmp_path / "e"), "--workers", "0"])  # fmt: skip
+    assert evaluated == stats
+    results = json.loads((tmp_path / "e" / "coco_results.json").read_text())
+    assert all(r["category_id"] in (1, 2, 3) and "counts" in r["segmentation"] for r in results)
+    predicted = predict_main(["--checkpoint", str(out / "checkpoint.pth"), "--out", str(tmp_path / "p"),
+                              "--score-thresh", "0", str(next((tiny_data / "val2017").iterdir()))])  # fmt: skip
+    assert predicted and all(r["category_id"] in (1, 2, 3) for r in predicted)
+
+    refused = train_args(tiny_data, tmp_path / "r", "--resume", str(two_epoch_run / "checkpoint.pth"))
+    with pytest.raises(ValueError, match="is for --task box, but --task mask was requested"):
+        train_main([*refused, "--task", "mask"])

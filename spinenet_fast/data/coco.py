@@ -177,29 +177,30 @@ class CocoDetectionDataset(Dataset):
 
 def annotation_mask(annotation: dict, height: int, width: int, ann_file: Path) -> torch.Tensor:
     """The (height, width) uint8 mask of a COCO annotation's ``segmentation``: polygons (a list of flat [x, y, ...]
-    lists, merged), an uncompressed RLE (``counts`` a list) or a compressed one (``counts`` a string)."""
-    from pycocotools import mask as mask_utils
-
+    lists, merged), an uncompressed RLE (``counts`` a list) or a compressed one (``counts`` a string). The checks run
+    before pycocotools (a core dependency that evaluation-only installs may lack) is imported."""
     segmentation = annotation.get("segmentation")
     problem = None
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list)]
         if not segmentation or len(polygons) < len(segmentation) or any(len(p) < 6 or len(p) % 2 for p in polygons):
             problem = "polygons must be lists of at least 3 (x, y) points"
-        else:
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (list, str)):
         if list(segmentation.get("size", [])) != [height, width]:
             problem = f"an RLE's size must be the image's [height, width] = [{height}, {width}]"
-        elif isinstance(segmentation["counts"], list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = segmentation
     else:
         problem = "a 'segmentation' (polygons or RLE) is needed for masks"
     if problem is not None:
         raise ValueError(f"annotation file {ann_file}: annotation {annotation.get('id')} of image "
                          f"{annotation.get('image_id')}: {problem}, got {json.dumps(segmentation)[:200]}")  # fmt: skip
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
     return torch.from_numpy(mask_utils.decode(rle))
 
 

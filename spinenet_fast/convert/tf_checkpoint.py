@@ -44,7 +44,11 @@ BOX_ORDER = [1, 0, 3, 2]  # Model Garden's (ty, tx, th, tw) -> torchvision's (dx
 # Model Garden's block table has a 16th block (level 2, fed by blocks 1 and 12) off the P3–P7 path: its two
 # same/up-sampling connections add 2 × (squeeze + expand) top-level convs, which we skip.
 EXTRA_L2_BLOCK_CONVS = 4
-LAYER_NAME = re.compile(r"(conv2d|batch_normalization|bottleneck_block|residual_block)(?:_(\d+))?")
+# Keras layer kinds of Model Garden's SpineNet (bottleneck / residual blocks) and SpineNet-Mobile (inverted bottleneck
+# blocks, depthwise resampling convs) backbones.
+LAYER_NAME = re.compile(
+    r"(conv2d|depthwise_conv2d|batch_normalization|bottleneck_block|residual_block|inverted_bottleneck_block)(?:_(\d+))?"
+)
 
 
 def tf_detector(model_id: str, num_classes: int = 91, **kwargs) -> SpineNetRetinaNet:
@@ -106,9 +110,9 @@ def from_tf_maskrcnn_checkpoint(
 
 
 def _complete(converted: dict[str, Tensor], target: dict[str, Tensor], path, model_id: str,
-              num_classes: int) -> dict[str, Tensor]:  # fmt: skip
+              num_classes: int | None) -> dict[str, Tensor]:  # fmt: skip
     """``converted`` in ``target``'s key order, with zero ``num_batches_tracked``; ``ValueError`` for a missing
-    parameter or a shape that differs from ``target``'s."""
+    parameter or a shape that differs from ``target``'s (``num_classes`` None: a backbone's)."""
     missing = sorted(k for k in target if k not in converted and not k.endswith("num_batches_tracked"))
     if missing:
         raise ValueError(f"checkpoint {path} has no values for {len(missing)} parameters, e.g. {missing[:3]}")
@@ -117,8 +121,9 @@ def _complete(converted: dict[str, Tensor], target: dict[str, Tensor], path, mod
             converted[key] = torch.zeros(value.shape, dtype=value.dtype)
         elif converted[key].shape != value.shape:
             raise ValueError(
-                f"checkpoint {path}: {key} has shape {tuple(converted[key].shape)} but SpineNet-{model_id} with "
-                f"{num_classes} classes needs {tuple(value.shape)}: is it a SpineNet-{model_id} checkpoint?"
+                f"checkpoint {path}: {key} has shape {tuple(converted[key].shape)} but SpineNet-{model_id}"
+                f"{'' if num_classes is None else f' with {num_classes} classes'} needs {tuple(value.shape)}: is it a "
+                f"SpineNet-{model_id} checkpoint?"
             )
     return {key: converted[key] for key in target}
 
@@ -252,18 +257,23 @@ def _anchor_permutation(num_scales: int = NUM_SCALES) -> list[int]:
     ]
 
 
-def _convert_head(variables: dict, out: dict[str, Tensor], num_classes: int) -> None:
+# A head conv's Keras variables -> our parameter suffixes: a plain conv, or a separable one (SpineNet-Mobile's).
+CONV_FIELDS = {"kernel": "weight", "bias": "bias"}
+SEPARABLE_FIELDS = {"depthwise_kernel": "0.weight", "pointwise_kernel": "1.weight", "bias": "1.bias"}
+
+
+def _convert_head(variables: dict, out: dict[str, Tensor], num_classes: int, separable: bool = False) -> None:
     pattern = re.compile(r"(?:^|/)_?head/(.+)" + re.escape(VARIABLE) + "$")
     head = {m.group(1): value for key, (_, value) in variables.items() if (m := pattern.search(key))}
     if not head:
         raise ValueError("the checkpoint has no head/* variables: not a Model Garden RetinaNet")
+    fields = SEPARABLE_FIELDS if separable else CONV_FIELDS
     for tf_tower, tower in (("cls", "class_tower"), ("box", "box_tower")):
         for name, value in head.items():
-            conv = re.fullmatch(rf"_{tf_tower}_convs/(\d+)/(kernel|bias)", name)
+            conv = re.fullmatch(rf"_{tf_tower}_convs/(\d+)/(\w+)", name)
             norm = re.fullmatch(rf"_{tf_tower}_norms/(\d+)/(\d+)/(\w+)", name)
-            if conv:
-                field = "weight" if conv.group(2) == "kernel" else "bias"
-                out[f"head.{tower}.convs.{conv.group(1)}.{field}"] = _tensor(value)
+            if conv and conv.group(2) in fields:
+                out[f"head.{tower}.convs.{conv.group(1)}.{fields[conv.group(2)]}"] = _head_tensor(value)
             elif norm and norm.group(3) in BN_FIELDS:
                 out[f"head.{tower}.norms.{norm.group(1)}.{norm.group(2)}.{BN_FIELDS[norm.group(3)]}"] = _tensor(value)
     anchors = _anchor_permutation()
@@ -271,17 +281,29 @@ def _convert_head(variables: dict, out: dict[str, Tensor], num_classes: int) -> 
         ("_classifier", "class_predictor", num_classes, list(range(num_classes))),
         ("_box_regressor", "box_predictor", 4, BOX_ORDER),
     ):
-        if f"{tf_name}/kernel" not in head:
-            raise ValueError(f"the checkpoint's head has no {tf_name} (shared across levels, as SpineNet's is)")
-        kernel = _tensor(head[f"{tf_name}/kernel"])
+        output_kernel = "pointwise_kernel" if separable else "kernel"
+        if f"{tf_name}/{output_kernel}" not in head:
+            raise ValueError(f"the checkpoint's head has no {tf_name}/{output_kernel} (shared across levels, as "
+                             f"SpineNet's is{', separable as SpineNet-Mobile' if separable else ''})")  # fmt: skip
+        kernel = _tensor(head[f"{tf_name}/{output_kernel}"])
         if kernel.shape[0] != len(anchors) * per_anchor:
             raise ValueError(
                 f"the checkpoint's {tf_name} has {kernel.shape[0]} outputs, {len(anchors)} anchors × {per_anchor} "
                 f"expected{' (is num_classes right?)' if per_anchor == num_classes else ''}"
             )
         channels = torch.tensor([a * per_anchor + j for a in anchors for j in order])
-        out[f"head.{ours}.weight"] = kernel[channels].contiguous()
-        out[f"head.{ours}.bias"] = _tensor(head[f"{tf_name}/bias"])[channels].contiguous()
+        output = f"head.{ours}.1" if separable else f"head.{ours}"
+        out[f"{output}.weight"] = kernel[channels].contiguous()
+        out[f"{output}.bias"] = _tensor(head[f"{tf_name}/bias"])[channels].contiguous()
+        if separable:
+            out[f"head.{ours}.0.weight"] = _head_tensor(head[f"{tf_name}/depthwise_kernel"])
+
+
+def _head_tensor(value: np.ndarray) -> Tensor:
+    """A head conv variable as ours: depthwise kernels (H, W, C, 1) -> (C, 1, H, W), the rest as :func:`_tensor`."""
+    if value.ndim == 4 and value.shape[3] == 1 and value.shape[2] > 1:
+        return torch.from_numpy(np.asarray(value, dtype=np.float32).copy()).permute(2, 3, 0, 1).contiguous()
+    return _tensor(value)
 
 
 def _checked_class_ids(class_ids: Sequence[int], num_classes: int, least: int = 0) -> list[int]:
@@ -291,9 +313,10 @@ def _checked_class_ids(class_ids: Sequence[int], num_classes: int, least: int = 
     return ids
 
 
-def _select_classes(state: dict[str, Tensor], num_anchors: int, num_classes: int, class_ids: Sequence[int]) -> None:
+def _select_classes(state: dict[str, Tensor], num_anchors: int, num_classes: int, class_ids: Sequence[int],
+                    predictor: str = "head.class_predictor") -> None:  # fmt: skip
     ids = _checked_class_ids(class_ids, num_classes)
-    for key in ("head.class_predictor.weight", "head.class_predictor.bias"):
+    for key in (f"{predictor}.weight", f"{predictor}.bias"):
         value = state[key]
         state[key] = value.view(num_anchors, num_classes, *value.shape[1:])[:, ids].reshape(-1, *value.shape[1:])
 

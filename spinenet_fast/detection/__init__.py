@@ -4,6 +4,7 @@
 from .anchors import spinenet_anchor_generator
 from .head import SpineNetRetinaNetHead
 from .maskrcnn import SpineNetMaskRCNN, maskrcnn_spinenet
+from .mobile import retinanet_spinenet_mobile
 from .retinanet import SpineNetRetinaNet, retinanet_spinenet
 from .torchvision_models import model_name as torchvision_model_name
 
@@ -13,6 +14,7 @@ __all__ = [
     "SpineNetRetinaNetHead",
     "maskrcnn_spinenet",
     "retinanet_spinenet",
+    "retinanet_spinenet_mobile",
     "spinenet_anchor_generator",
     "torchvision_model_name",
 ]

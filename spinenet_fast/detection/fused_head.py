@@ -80,9 +80,11 @@ def _holds_bias_grad(bias: Tensor) -> bool:
 
 
 def fusable_head(head) -> bool:
-    """Whether every norm of the head's towers is a BN the fused ops implement (``nn.BatchNorm2d`` and subclasses)."""
+    """Whether the head's convs are plain 3×3 convs (not separable) and every norm of its towers a BN the fused ops
+    implement (``nn.BatchNorm2d`` and subclasses)."""
     towers = (head.class_tower, head.box_tower)
-    return all(isinstance(norm, nn.modules.batchnorm._BatchNorm) for t in towers for n in t.norms for norm in n)
+    norms = [norm for tower in towers for level in tower.norms for norm in level]
+    return not getattr(head, "separable", False) and all(isinstance(n, nn.modules.batchnorm._BatchNorm) for n in norms)
 
 
 def _workspace_elements(tower, num_levels: int, channels: int, dtype: torch.dtype) -> int:

@@ -24,20 +24,46 @@ from .fused_head import fusable_head, fused_head_forward
 from .matching import pad_targets
 
 
+class SeparableConv2d(nn.Sequential):
+    """Keras ``SeparableConv2D`` (depth multiplier 1): a 3×3 depthwise conv without bias, then a 1×1 conv with bias.
+
+    x: (N, in_channels, H, W) -> (N, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+            nn.Conv2d(in_channels, out_channels, 1),
+        )
+
+
+def head_conv(in_channels: int, out_channels: int, separable: bool) -> nn.Module:
+    """A 3×3 conv with bias, or its separable form."""
+    if separable:
+        return SeparableConv2d(in_channels, out_channels)
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
 class SharedTower(nn.Module):
-    """``num_convs`` × (3×3 conv with bias, shared across levels -> BN of this level -> act).
+    """``num_convs`` × (3×3 conv with bias — or separable —, shared across levels -> BN of this level -> act).
 
     x: (N, C, H, W) of level index ``level`` -> (N, C, H, W).
     """
 
-    def __init__(self, channels: int, num_convs: int, num_levels: int, norm: NormFactory, activation: str) -> None:
+    def __init__(self, channels: int, num_convs: int, num_levels: int, norm: NormFactory, activation: str,
+                 separable: bool = False) -> None:  # fmt: skip
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_convs))
+        self.convs = nn.ModuleList(head_conv(channels, channels, separable) for _ in range(num_convs))
         self.norms = nn.ModuleList(nn.ModuleList(norm(channels) for _ in range(num_convs)) for _ in range(num_levels))
         self.act = make_activation(activation)
         for conv in self.convs:
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if separable:  # Keras' default initializers: Glorot-uniform kernels
+                for layer in conv:
+                    nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(conv[1].bias)
+            else:
+                nn.init.normal_(conv.weight, std=0.01)
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor, level: int) -> Tensor:
         for conv, norm in zip(self.convs, self.norms[level]):
@@ -53,6 +79,8 @@ class SpineNetRetinaNetHead(nn.Module):
     official code), summed, × ``box_loss_weight``; both divided by (positive anchors in the batch + 1).
     ``fused``: True computes them with the fused ``retinanet_loss`` op (one forward and one backward kernel for the
     batch), False with torchvision's ops image by image, ``"auto"`` fused on a GPU with Triton. Same values.
+    ``separable``: Keras-style separable convs (depthwise 3×3, then 1×1 with bias) in the towers and predictors, as
+    SpineNet-Mobile's head has (Model Garden's init; the towers run eagerly).
     """
 
     def __init__(
@@ -71,6 +99,7 @@ class SpineNetRetinaNetHead(nn.Module):
         huber_delta: float = 0.1,
         box_loss_weight: float = 50.0,
         fused: bool | str = "auto",
+        separable: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -80,14 +109,17 @@ class SpineNetRetinaNetHead(nn.Module):
         self.fused, self.activation = fused, activation
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.class_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
-        self.box_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation)
-        self.class_predictor = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
-        self.box_predictor = nn.Conv2d(in_channels, num_anchors * 4, 3, padding=1)
+        self.separable = separable
+        self.class_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation, separable)
+        self.box_tower = SharedTower(in_channels, num_convs, num_levels, norm, activation, separable)
+        self.class_predictor = head_conv(in_channels, num_anchors * num_classes, separable)
+        self.box_predictor = head_conv(in_channels, num_anchors * 4, separable)
         for predictor in (self.class_predictor, self.box_predictor):
-            nn.init.normal_(predictor.weight, std=1e-5)
-            nn.init.zeros_(predictor.bias)
-        nn.init.constant_(self.class_predictor.bias, -math.log((1 - prior_probability) / prior_probability))
+            for layer in predictor if separable else [predictor]:  # separable: N(0, 0.03²) as Model Garden's
+                nn.init.normal_(layer.weight, std=0.03 if separable else 1e-5)
+            nn.init.zeros_(predictor[1].bias if separable else predictor.bias)
+        prior = -math.log((1 - prior_probability) / prior_probability)
+        nn.init.constant_(self.class_predictor[1].bias if separable else self.class_predictor.bias, prior)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.huber_delta, self.box_loss_weight = huber_delta, box_loss_weight

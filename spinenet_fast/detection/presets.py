@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..models.spinenet import SCALING_MAP, SpineNetScaling
+from ..models.spinenet_mobile import MOBILE_SCALING_MAP
 from .maskrcnn import maskrcnn_spinenet
+from .mobile import retinanet_spinenet_mobile
 from .retinanet import retinanet_spinenet
 
 # Not an official SpineNet: a narrower 49 for CPU demos (about a quarter of 49S's width).
@@ -17,7 +19,9 @@ CUSTOM_SCALINGS = {
 # The custom scalings' Mask R-CNN settings that differ from the official ones: CPU-sized RoI samples (official: 512
 # RoIs per image; the box head's convs over them were 2/3 of a CPU training step).
 CUSTOM_MASKRCNN_SETTINGS = {"49XS-custom": {"box_batch_size_per_image": 128}}
-MODEL_NAMES = (*SCALING_MAP, *CUSTOM_SCALINGS)
+# SpineNet-Mobile (RetinaNet only): "mobile-49", "mobile-49S", "mobile-49XS".
+MOBILE_NAMES = {f"mobile-{model_id}": model_id for model_id in MOBILE_SCALING_MAP}
+MODEL_NAMES = (*SCALING_MAP, *CUSTOM_SCALINGS, *MOBILE_NAMES)
 # task -> (builder, its name, label offset: 1 where class 0 is the background)
 TASKS = {"box": (retinanet_spinenet, "RetinaNet", 0), "mask": (maskrcnn_spinenet, "Mask R-CNN", 1)}
 # The training CLI's defaults that differ per task (None: the task's): the official recipes' activation and
@@ -34,6 +38,12 @@ def build_detector(name: str, num_classes: int, *, task: str = "box", **kwargs) 
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     builder, _, offset = TASKS[task]
+    if name in MOBILE_NAMES:
+        if task != "box":
+            raise ValueError(f"the SpineNet-Mobile models are RetinaNets: --task box, got --task {task}")
+        if kwargs.get("stochastic_depth_rate") is None:
+            kwargs.pop("stochastic_depth_rate", None)  # the Mobile recipe's 0.2
+        return retinanet_spinenet_mobile(MOBILE_NAMES[name], num_classes, **kwargs)
     if task == "mask":
         kwargs = {**CUSTOM_MASKRCNN_SETTINGS.get(name, {}), **kwargs}
     return builder(CUSTOM_SCALINGS.get(name, name), num_classes + offset, **kwargs)

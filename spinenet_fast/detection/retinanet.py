@@ -192,6 +192,16 @@ def retinanet_spinenet(
         fused=fused,
         **head_kwargs,
     )
+    settings = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img,
+                "fg_iou_thresh": fg_iou_thresh, "bg_iou_thresh": bg_iou_thresh, "topk_candidates": topk_candidates,
+                "_skip_resize": _skip_resize}  # fmt: skip
+    return assemble_retinanet(backbone, head, anchor_generator, num_classes, image_size, settings)
+
+
+def assemble_retinanet(backbone, head, anchor_generator, num_classes: int, image_size: int,
+                       settings: dict) -> SpineNetRetinaNet:  # fmt: skip
+    """The torchvision RetinaNet of these parts: square ``image_size`` images (long side resized to it, padded to a
+    multiple of 128), ImageNet normalisation; ``settings``: RetinaNet's inference and matching keywords."""
     return SpineNetRetinaNet(
         backbone,
         num_classes,
@@ -201,12 +211,6 @@ def retinanet_spinenet(
         image_std=list(IMAGENET_STD),
         anchor_generator=anchor_generator,
         head=head,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        fg_iou_thresh=fg_iou_thresh,
-        bg_iou_thresh=bg_iou_thresh,
-        topk_candidates=topk_candidates,
         size_divisible=SpineNet.size_divisibility,
-        _skip_resize=_skip_resize,
+        **settings,
     )

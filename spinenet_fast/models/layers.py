@@ -74,7 +74,8 @@ def init_conv_(conv: nn.Conv2d) -> None:
 
 
 class ConvNorm(nn.Module):
-    """``conv (no bias) -> norm -> [act]`` with static ``"torch"`` or ``"tf_same"`` padding.
+    """``conv (no bias) -> norm -> [act]`` with static ``"torch"`` or ``"tf_same"`` padding; ``groups``: the conv's
+    (``groups == in_channels == out_channels``: a depthwise conv).
 
     x: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
     """
@@ -89,13 +90,13 @@ class ConvNorm(nn.Module):
         stride: int = 1,
         activation: str | None = None,
         padding: str = "torch",
+        groups: int = 1,
     ) -> None:
         super().__init__()
         before, after = spatial_padding(kernel_size, stride, padding)
         self.pad = None if before == after else (before, after, before, after)
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding=before if self.pad is None else 0, bias=False
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=before if self.pad is None else 0,
+                              groups=groups, bias=False)  # fmt: skip
         self.bn = norm(out_channels)
         self.act = make_activation(activation) if activation is not None else nn.Identity()
         init_conv_(self.conv)

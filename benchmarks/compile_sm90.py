@@ -208,6 +208,11 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
                                  **bn))  # fmt: skip
         backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=1,
                              bias=leaf(64, stats=True), **bn))  # fmt: skip
+        for stride in (1, 2):  # depthwise (SpineNet-Mobile's resampling), with and without its BN
+            backward(*conv3x3_bn_stats(leaf(2, 64, 32, 32), leaf(64, 1, 3, 3), scale, shift, act, padding,
+                                       stride=stride, bias=leaf(64, stats=True)))  # fmt: skip
+            backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 1, 3, 3), scale, shift, act, padding, stride=stride,
+                                 **bn))  # fmt: skip
         for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
             backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
                                         **bn))  # fmt: skip

@@ -22,6 +22,7 @@ from .conv3x3_bn_stats import (
     _conv_backward_triton_reasons,
     check_conv3x3_args,
     conv3x3_bn_stats_backward_reference,
+    triton_conv3x3_forward,
 )
 from .conv_bn import (
     checked_bn_args,
@@ -75,10 +76,8 @@ def _conv3x3_bn_backward_op(
 
 
 def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, bias, stats, finalize) -> Tensor:
-    from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
-
     pad_before = spatial_padding(3, stride, padding)[0]
-    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats, finalize)[0]
+    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats, finalize)[0]
 
 
 @op_spec.custom_op(

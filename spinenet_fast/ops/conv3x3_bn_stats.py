@@ -3,7 +3,9 @@ to::
 
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, bias, stride=stride)
 
-``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` and the optional
+``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` is dense
+(C_out, C_in, 3, 3), or depthwise (C_in, 1, 3, 3) for C_in > 1 (``groups=C_in``: SpineNet-Mobile's resampling; a
+Triton direct conv, ``kernels/depthwise3x3.py``, on the same op, autograd and BN machinery). ``weight`` and the optional
 (C_out,) ``bias`` are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are used,
 as autocast rounds them). ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0
 before, 1 after, for inputs whose H and W are even). Tensors are (N, C, H, W), any memory format; outputs are
@@ -41,8 +43,11 @@ def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bia
     check_window_input("x", x, scale, shift, activation, padding, stride)
     allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
     expected = " or ".join(map(str, allowed))
-    if not isinstance(weight, Tensor) or weight.shape[1:] != (x.shape[1], 3, 3) or weight.dtype not in allowed:
-        raise ValueError(f"weight must be a {expected} (C_out, {x.shape[1]}, 3, 3) tensor, got {describe(weight)}")
+    c_in = x.shape[1]
+    shapes = (weight.shape[1:] == (c_in, 3, 3) or weight.shape == (c_in, 1, 3, 3)) if isinstance(weight, Tensor) else 0
+    if not shapes or weight.dtype not in allowed:
+        raise ValueError(f"weight must be a {expected} (C_out, {c_in}, 3, 3) tensor (dense) or ({c_in}, 1, 3, 3) "
+                         f"(depthwise), got {describe(weight)}")  # fmt: skip
     if weight.device != x.device:
         raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
     if bias is not None and (
@@ -53,6 +58,15 @@ def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bia
                          f"got {describe(bias)}")  # fmt: skip
 
 
+def conv_groups(x: Tensor, weight: Tensor) -> int:
+    """The conv's groups: C_in for a depthwise (C_in, 1, 3, 3) weight of a C_in > 1 input, else 1 (dense)."""
+    return x.shape[1] if weight.shape[1] == 1 and x.shape[1] > 1 else 1
+
+
+def is_depthwise(x: Tensor, weight: Tensor) -> bool:
+    return conv_groups(x, weight) > 1
+
+
 def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor | None:
     """A weight or bias rounded to x's dtype (as autocast uses an fp32 master parameter), in ``dtype``."""
     return None if parameter is None else parameter.to(x.dtype).to(dtype)
@@ -61,7 +75,8 @@ def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor |
 def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
     """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
-    y = F.conv2d(pad_window(a, padding, 0.0, stride), rounded(weight, x, a.dtype), rounded(bias, x, a.dtype), stride)
+    y = F.conv2d(pad_window(a, padding, 0.0, stride), rounded(weight, x, a.dtype), rounded(bias, x, a.dtype), stride,
+                 groups=conv_groups(x, weight))  # fmt: skip
     return conv_outputs(y, x)
 
 
@@ -75,7 +90,9 @@ def _conv_input(a: Tensor, padding: str, stride: int) -> tuple[Tensor, list[int]
 def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
     """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads), x)
+    y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads,
+                 groups=conv_groups(x, weight))  # fmt: skip
+    return conv_outputs(y, x)
 
 
 def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, bias=None) -> list[str]:
@@ -89,11 +106,18 @@ def _library_reasons(x, *args) -> list[str]:
     return backends.library_reasons(x)
 
 
-def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
-    from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward
+def triton_conv3x3_forward(x, weight, *args, **kwargs) -> list[Tensor]:
+    """``kernels.conv3x3.conv3x3_bn_stats_forward`` (dense) or ``kernels.depthwise3x3``'s launcher (depthwise)."""
+    if is_depthwise(x, weight):
+        from spinenet_fast.kernels.depthwise3x3 import depthwise3x3_bn_stats_forward as forward
+    else:
+        from spinenet_fast.kernels.conv3x3 import conv3x3_bn_stats_forward as forward
+    return forward(x, weight, *args, **kwargs)
 
+
+def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
     pad_before = spatial_padding(3, stride, padding)[0]
-    return conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats)
+    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats)
 
 
 def _fake(x, weight, scale, shift, activation, padding, stride, *_):
@@ -118,13 +142,14 @@ def _conv3x3_into_op(
     """As ``conv1x1_bn_stats_into``, for ``conv3x3_bn``: y, the statistics added into ``stats``."""
 
 
-def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int) -> tuple[Tensor, Tensor]:
+def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int,
+                           groups: int) -> tuple[Tensor, Tensor]:  # fmt: skip
     """ATen's (cuDNN's) 3×3 conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype;
     d_weight laid out as ``weight`` (ATen follows a channels_last a; the parameter's gradient takes the weight's
     strides in any case, so the copy is the one autograd would make)."""
     a, pads = _conv_input(a, padding, stride)
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], 1, [True, True, False]
+        grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], groups, [True, True, False]
     )
     if d_w.stride() != weight.stride():
         d_w = torch.empty_like(weight, dtype=d_w.dtype).copy_(d_w)
@@ -141,7 +166,8 @@ def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
     if d_bias_out is not None:
         d_bias_out.add_(grad.sum((0, 2, 3)))
-    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride)  # the weight rounded as forward
+    # the weight rounded as forward
+    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride, conv_groups(x, weight))
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
@@ -151,10 +177,13 @@ def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, act
     """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3_backward.py``); ``bn``
     (``conv3x3_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended;
     ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned)."""
-    from spinenet_fast.kernels.conv3x3_backward import conv3x3_bn_stats_backward
+    if is_depthwise(x, weight):
+        from spinenet_fast.kernels.depthwise3x3 import depthwise3x3_bn_stats_backward as backward
+    else:
+        from spinenet_fast.kernels.conv3x3_backward import conv3x3_bn_stats_backward as backward
 
     pad_before = spatial_padding(3, stride, padding)[0]
-    return conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
+    return backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
                                      d_bias_out, bn, d_affine, d_weight)  # fmt: skip
 
 

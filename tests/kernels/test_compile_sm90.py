@@ -48,6 +48,8 @@ def check_compile_report(tmp_path, extra: list[str]) -> None:
         "_bn_finalize_kernel",
         "_bn_finalize_bwd_kernel",
         "_conv3x3_backward_kernel",
+        "_depthwise3x3_fwd_kernel",
+        "_depthwise3x3_backward_kernel",
         "_retinanet_loss_kernel",
         "_best_per_gt_kernel",
         "_match_kernel",

@@ -201,7 +201,7 @@ def _depthwise3x3_backward_kernel(
 
 
 def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
-                                   d_bias=None, bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
+                                   d_bias=None, bn=None, d_affine=None, d_weight=None) -> list:  # fmt: skip
     """As ``conv3x3_backward.conv3x3_bn_stats_backward`` for a depthwise (C, 1, 3, 3) ``weight``."""
     n, c, h, w = x.shape
     h_out, w_out = h // stride, w // stride

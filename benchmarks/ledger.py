@@ -159,11 +159,13 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def part_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts of a SpineNet: stem, init_groups.i, merges.k, merges.k.resamples.i, groups.k, endpoints.pL."""
+    """The parts of a SpineNet: stem, init_groups.i, merges.k, merges.k.resamples.i, groups.k, endpoints.pL (a
+    SpineNet-Mobile's blocks: init_blocks.i, blocks.k)."""
     parts = {}
     for name, module in model.named_modules():
         path = name.split(".")
-        container = len(path) == 2 and path[0] in ("init_groups", "merges", "groups", "endpoints")
+        containers = ("init_groups", "init_blocks", "merges", "groups", "blocks", "endpoints")
+        container = len(path) == 2 and path[0] in containers
         parent = len(path) == 4 and path[0] == "merges" and path[2] == "resamples"
         if name == "stem" or container or parent:
             parts[name] = module
@@ -191,22 +193,28 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
 
     handles = [m.register_forward_pre_hook(enter) for m in parts.values()]
     handles += [m.register_forward_hook(leave) for m in parts.values()]
-    fused_resample = fused_merge.fused_resample
+    resample_functions = ("fused_resample", "fused_mobile_resample")  # the fused paths' per-parent functions
+    originals = {name: getattr(fused_merge, name) for name in resample_functions}
 
-    def tracked_resample(resample, *args, **kwargs):
-        counter.parts.append(names[id(resample)])
-        try:
-            return fused_resample(resample, *args, **kwargs)
-        finally:
-            counter.parts.pop()
+    def tracked(function):
+        def run(resample, *args, **kwargs):
+            counter.parts.append(names[id(resample)])
+            try:
+                return function(resample, *args, **kwargs)
+            finally:
+                counter.parts.pop()
 
-    fused_merge.fused_resample = tracked_resample
+        return run
+
+    for name, function in originals.items():
+        setattr(fused_merge, name, tracked(function))
     torch._C._autograd._push_node_creation_hook(tag)
     try:
         yield
     finally:
         torch._C._autograd._pop_node_creation_hook()
-        fused_merge.fused_resample = fused_resample
+        for name, function in originals.items():
+            setattr(fused_merge, name, function)
         for handle in handles:
             handle.remove()
 
@@ -339,10 +347,10 @@ class PartGroup:
 def _groups(model, ledgers: dict[str, Ledger]) -> list[PartGroup]:
     """The summary's rows: the backbone's parts, then a detector's (where the ledgers hold a head) and the loss."""
     groups = [
-        PartGroup("stem and initial blocks", ("stem", "init_groups.")),
+        PartGroup("stem and initial blocks", ("stem", "init_groups.", "init_blocks.")),
         PartGroup("cross-scale parents", tuple(f"merges.{k}.resamples." for k in range(len(model.merges)))),
         PartGroup("merges (sum, activation, extras)", tuple(f"merges.{k}" for k in range(len(model.merges)))),
-        PartGroup("blocks", ("groups.",)),
+        PartGroup("blocks", ("groups.", "blocks.")),
         PartGroup("endpoints", ("endpoints.",)),
     ]
     if any("head" in ledger.counts for ledger in ledgers.values()):
@@ -521,7 +529,7 @@ def detector_inputs(batch: int, size: int, num_classes: int) -> tuple[list[torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ledger", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="49", help="SpineNet id, or 49XS-custom")
+    parser.add_argument("--model", default="49", help="SpineNet id, 49XS-custom, or mobile-49 / 49S / 49XS")
     parser.add_argument(
         "--head",
         action="store_true",
@@ -536,8 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "draws add launches, never full-size maps)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from spinenet_fast.detection.presets import CUSTOM_SCALINGS, build_detector
-    from spinenet_fast.models import SpineNet
+    from spinenet_fast.detection.presets import CUSTOM_SCALINGS, MOBILE_NAMES, build_detector
+    from spinenet_fast.models import SpineNet, SpineNetMobile
 
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     torch.manual_seed(0)
@@ -556,8 +564,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         subject = f"RetinaNet-SpineNet-{args.model} training step (91 classes)"
     else:
-        model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model), stochastic_depth_rate=args.stochastic_depth_rate,
-                         fused=False)  # fmt: skip
+        if args.model in MOBILE_NAMES:
+            model = SpineNetMobile(MOBILE_NAMES[args.model], stochastic_depth_rate=args.stochastic_depth_rate,
+                                   fused=False)  # fmt: skip
+        else:
+            model = SpineNet(CUSTOM_SCALINGS.get(args.model, args.model),
+                             stochastic_depth_rate=args.stochastic_depth_rate, fused=False)  # fmt: skip
         model = model.to(memory_format=torch.channels_last)
         batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
 

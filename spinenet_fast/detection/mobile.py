@@ -32,6 +32,7 @@ def retinanet_spinenet_mobile(
     bn_eps: float = MOBILE_BN["bn_eps"],
     stochastic_depth_rate: float = 0.2,
     padding: str = "tf_same",
+    fused: bool | str = "auto",
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
@@ -42,7 +43,8 @@ def retinanet_spinenet_mobile(
     **head_kwargs,
 ) -> SpineNetRetinaNet:
     """RetinaNet-SpineNet-Mobile ``model_id`` (module docstring); every default can be overridden. ``head_kwargs``
-    go to :class:`SpineNetRetinaNetHead` (``num_convs``, loss weights, ``fused`` for the loss)."""
+    go to :class:`SpineNetRetinaNetHead` (``num_convs``, loss weights). ``fused``: the backbone's cross-scale
+    connections and the loss (the separable-conv head runs eagerly)."""
     key = model_id.upper() if isinstance(model_id, str) else model_id
     if key not in MOBILE_SCALING_MAP:
         raise ValueError(f"model_id must be one of {list(MOBILE_SCALING_MAP)}, got {model_id!r}")
@@ -53,7 +55,8 @@ def retinanet_spinenet_mobile(
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 128 or image_size % 128:
         raise ValueError(f"image_size must be a positive multiple of 128, got {image_size!r}")
     backbone = SpineNetMobile(key, activation=activation, norm_layer=norm_layer, bn_momentum=bn_momentum,
-                              bn_eps=bn_eps, stochastic_depth_rate=stochastic_depth_rate, padding=padding)  # fmt: skip
+                              bn_eps=bn_eps, stochastic_depth_rate=stochastic_depth_rate, padding=padding,
+                              fused=fused)  # fmt: skip
     anchor_generator = spinenet_anchor_generator(ANCHOR_SIZE, style=anchor_style)
     head = SpineNetRetinaNetHead(
         backbone.out_channels,
@@ -63,6 +66,7 @@ def retinanet_spinenet_mobile(
         activation=activation,
         norm=make_norm_factory(norm_layer, bn_momentum, bn_eps),
         separable=True,
+        fused=fused,
     )
     settings = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": detections_per_img,
                 "fg_iou_thresh": fg_iou_thresh, "bg_iou_thresh": bg_iou_thresh, "topk_candidates": topk_candidates,

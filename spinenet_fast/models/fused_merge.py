@@ -61,6 +61,19 @@ class ConnectionWorkspace:
         return cls(sizes, device, dtype)
 
     @classmethod
+    def for_mobile_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
+        """The workspace of a SpineNet-Mobile ``MobileMerge``'s fused forward (``fused_mobile_merge_forward``)."""
+        sizes = [
+            size
+            for resample in module.resamples
+            for layer, has_prologue in mobile_layers(resample)
+            for size in cls.layer_sizes(layer, has_prologue, dtype)
+        ]
+        if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
+            sizes.append(3 * module.resamples[0].conv.conv.out_channels)
+        return cls(sizes, device, dtype)
+
+    @classmethod
     def layer_sizes(cls, layer, has_prologue: bool, dtype: torch.dtype) -> list[int]:
         """The slices one conv + BN layer (``.conv``, ``.bn``) takes through ``conv_then_bn``: in training mode its
         statistics, the finalize's counter, its prologue's gradients and an fp32 weight's gradient; none otherwise."""
@@ -194,6 +207,50 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace
     y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,
                                    upsample_factor=ratio)  # fmt: skip
     return y, scale, shift, ratio
+
+
+def mobile_layers(resample) -> list[tuple[nn.Module, bool]]:
+    """A SpineNet-Mobile connection's conv + BN layers in order, each with whether the previous BN + act is its
+    prologue: the depthwise stride-2 convs (the first reads the raw parent), then the 1×1 conv."""
+    layers = [*resample.down, resample.conv]
+    return [(layer, k > 0) for k, layer in enumerate(layers)]
+
+
+def fused_mobile_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace
+                          ) -> tuple:  # fmt: skip
+    """One SpineNet-Mobile parent's 1×1 conv output y (before its BN; at the parent's resolution when upsampling),
+    that BN's scale and shift, and its ratio ρ."""
+    scale = shift = None
+    for layer in resample.down:
+        x, scale, shift = conv_then_bn(x, layer.conv, layer.bn, scale, shift, activation, workspace, padding=padding)
+    y, scale, shift = conv_then_bn(x, resample.conv.conv, resample.conv.bn, scale, shift, activation, workspace,
+                                   upsample_factor=resample.upsample)  # fmt: skip
+    return y, scale, shift, resample.upsample
+
+
+def fused_mobile_merge_forward(module, feats: list[Tensor], activation: str, padding: str) -> Tensor:
+    """A SpineNet-Mobile ``MobileMerge``'s output from the fused ops: per parent, each depthwise 3×3/s2 conv + BN
+    (``conv3x3_bn`` with a depthwise weight; from the second on with the previous BN + act as its prologue), then the
+    1×1 conv + BN (``conv1x1_bn``; for an upsampling parent at the parent's resolution), then one ``merge`` that
+    applies each parent's BN, gathers the upsampled parents, adds the raw extra inputs and the activation. Same
+    parameters, buffers and result as its eager forward."""
+    dtype = compute_dtype(feats[module.parent_ids[0]])
+    workspace = ConnectionWorkspace.for_mobile_merge(
+        module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32)
+    )
+    parents, scales, shifts, ratios = [], [], [], []
+    for resample, i in zip(module.resamples, module.parent_ids):
+        y, scale, shift, ratio = fused_mobile_resample(resample, feats[i].to(dtype), activation, padding, workspace)
+        parents.append(y)
+        scales.append(scale)
+        shifts.append(shift)
+        ratios.append(ratio)
+    extra = None
+    for j in module.extra_ids:
+        extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
+    sums_buffer = workspace.take(parents[0].shape[1], rows=3) if len(parents) <= 2 else None
+    return merge_for_readers(parents, scales, shifts, ratios, extra, activation, readers=1,
+                             sums_buffer=sums_buffer)[0]  # fmt: skip
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

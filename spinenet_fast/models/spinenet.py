@@ -200,7 +200,7 @@ class SpineNet(nn.Module):
         _check_levels(min_level, max_level)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("padding", padding, PADDING_MODES)
-        _check_fused(fused)
+        check_fused(fused)
         drop_rate = DEFAULT_STOCHASTIC_DEPTH_RATE if stochastic_depth_rate is None else stochastic_depth_rate
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
             raise ValueError(f"stochastic_depth_rate must be None or a number in [0, 1), got {stochastic_depth_rate!r}")
@@ -369,6 +369,6 @@ def _check_levels(min_level: int, max_level: int) -> None:
         )
 
 
-def _check_fused(fused: bool | str) -> None:
+def check_fused(fused: bool | str) -> None:
     if not isinstance(fused, bool) and fused != "auto":
         raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")

@@ -24,8 +24,9 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from ..ops.padding import PADDING_MODES
-from .layers import ACTIVATIONS, ConvNorm, check_choice, make_activation, make_norm_factory
-from .spinenet import SIZE_DIVISIBILITY, check_image_batch
+from .fused_merge import fused_mobile_merge_forward
+from .layers import ACTIVATIONS, ConvNorm, check_choice, make_activation, make_norm_factory, uses_fused_setting
+from .spinenet import SIZE_DIVISIBILITY, check_fused, check_image_batch
 
 FILTER_SIZE_MAP = {0: 8, 1: 16, 2: 24, 3: 40, 4: 80, 5: 112, 6: 112, 7: 112}
 # (level, (parent 0, parent 1), is_output): Model Garden's SPINENET_BLOCK_SPECS of the Mobile models.
@@ -80,14 +81,17 @@ class MBConv(nn.Module):
 
 
 class MobileResample(nn.Module):
-    """A parent to a block's level and width: ``down`` × (depthwise 3×3 stride 2 + BN + act) or nearest upsampling
-    by 2^-``down``, then 1×1 conv + BN (no activation).
+    """A parent at ``parent_level`` to a block at ``target_level`` and its width: d = target − parent ×
+    (depthwise 3×3 stride 2 + BN + act), or nearest upsampling by 2^-d, then 1×1 conv + BN (no activation).
 
-    x: (N, in_channels, H, W) -> (N, out_channels, H / 2^down, W / 2^down).
+    x: (N, in_channels, H, W) -> (N, out_channels, H / 2^d, W / 2^d).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, down: int, norm, activation: str, padding: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, parent_level: int, target_level: int, norm,
+                 activation: str, padding: str) -> None:  # fmt: skip
         super().__init__()
+        self.parent_level, self.target_level = parent_level, target_level
+        down = target_level - parent_level
         self.down = nn.Sequential(*(
             ConvNorm(in_channels, in_channels, 3, norm, stride=2, activation=activation, padding=padding,
                      groups=in_channels)
@@ -104,16 +108,26 @@ class MobileResample(nn.Module):
 
 
 class MobileMerge(nn.Module):
-    """act(Σ resampled parents + Σ unread same-level extras): the input of one scale-permuted block."""
+    """act(Σ resampled parents + Σ unread same-level extras): the input of one scale-permuted block. With ``fused``
+    (True, or ``"auto"`` on a GPU with Triton) the same parameters run through the fused ops
+    (``fused_merge.fused_mobile_merge_forward``)."""
 
     def __init__(self, resamples: list[MobileResample], parent_ids: list[int], extra_ids: list[int],
-                 activation: str) -> None:  # fmt: skip
+                 activation: str, padding: str = "tf_same", fused: bool | str = False) -> None:  # fmt: skip
         super().__init__()
         self.resamples = nn.ModuleList(resamples)
         self.parent_ids, self.extra_ids = parent_ids, extra_ids
         self.act = make_activation(activation)
+        self.activation, self.padding, self.fused = activation, padding, fused
+
+    def uses_fused_ops(self) -> bool:
+        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
+        return uses_fused_setting(self, self.fused)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
+        if self.uses_fused_ops() and feats[self.parent_ids[0]].shape[0] > 0:
+            return fused_mobile_merge_forward(self, feats, self.activation, self.padding)
         x = sum(resample(feats[i]) for resample, i in zip(self.resamples, self.parent_ids))
         for i in self.extra_ids:
             x = x + feats[i]
@@ -125,20 +139,25 @@ class SpineNetMobile(nn.Module):
 
     Defaults are the official RetinaNet recipe's (``retinanet_mobile_coco``): swish, stochastic depth 0.2 (rising
     linearly over the 16 blocks), BN momentum 0.01 (PyTorch's convention) and ε 1e-3, ``padding="tf_same"``
-    (Model Garden's ``SAME``; ``"torch"``: symmetric).
+    (Model Garden's ``SAME``; ``"torch"``: symmetric). ``fused``: True runs the cross-scale connections (depthwise
+    resampling chains, 1×1 convs, BNs, the merges) through the fused ops (any device; the backend follows
+    ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton; the MBConv
+    blocks, stem and endpoints run eagerly either way. Same ``state_dict``.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
 
     def __init__(self, model_id: str = "49", *, activation: str = "swish", norm_layer=None,
                  bn_momentum: float = MOBILE_BN["bn_momentum"], bn_eps: float = MOBILE_BN["bn_eps"],
-                 stochastic_depth_rate: float = 0.2, padding: str = "tf_same") -> None:  # fmt: skip
+                 stochastic_depth_rate: float = 0.2, padding: str = "tf_same",
+                 fused: bool | str = "auto") -> None:  # fmt: skip
         super().__init__()
         key = model_id.upper() if isinstance(model_id, str) else model_id
         if key not in MOBILE_SCALING_MAP:
             raise ValueError(f"model_id must be one of {list(MOBILE_SCALING_MAP)}, got {model_id!r}")
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("padding", padding, PADDING_MODES)
+        check_fused(fused)
         if isinstance(stochastic_depth_rate, bool) or not (
             isinstance(stochastic_depth_rate, (int, float)) and 0 <= stochastic_depth_rate < 1
         ):
@@ -158,7 +177,7 @@ class SpineNetMobile(nn.Module):
         levels, widths, reads = [1, 2], [width(1), width(2)], [0, 0]
         merges, blocks = [], []
         for k, (level, parents, is_output) in enumerate(BLOCK_SPECS):
-            resamples = [MobileResample(widths[i], width(level), level - levels[i], norm, activation, padding)
+            resamples = [MobileResample(widths[i], width(level), levels[i], level, norm, activation, padding)
                          for i in parents]  # fmt: skip
             for i in parents:
                 reads[i] += 1
@@ -169,7 +188,7 @@ class SpineNetMobile(nn.Module):
                 ]
                 for j in extras:
                     reads[j] += 1
-            merges.append(MobileMerge(resamples, list(parents), extras, activation))
+            merges.append(MobileMerge(resamples, list(parents), extras, activation, padding, fused))
             drop = stochastic_depth_rate * (k + 1) / len(BLOCK_SPECS)
             blocks.append(MBConv(width(level), width(level), 1, norm, activation, padding, drop))
             levels.append(level)
@@ -184,6 +203,11 @@ class SpineNetMobile(nn.Module):
         })  # fmt: skip
         self.out_channels = endpoints_filters
         self.stochastic_depth_rate = float(stochastic_depth_rate)
+        self.fused = fused
+
+    def fusable_modules(self) -> list[nn.Module]:
+        """The modules with a ``fused`` setting of their own: the merges."""
+        return list(self.merges)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(check_image_batch(x, self.stem.conv.weight))

@@ -61,7 +61,9 @@ def task_setting(args: dict, name: str):
 
 
 def detector_from_args(args: dict, num_classes: int) -> nn.Module:
-    """Rebuild the detector a training run used, from its saved ``args`` dict (``num_classes`` object classes)."""
+    """Rebuild the detector a training run used, from its saved ``args`` dict (``num_classes`` object classes); a
+    ``padding`` the args do not name is the builder's (``"torch"``; SpineNet-Mobile's ``"tf_same"``)."""
+    padding = {"padding": args["padding"]} if args.get("padding") is not None else {}
     return build_detector(
         args["model"],
         num_classes,
@@ -71,7 +73,7 @@ def detector_from_args(args: dict, num_classes: int) -> nn.Module:
         bn_momentum=args["bn_momentum"],
         stochastic_depth_rate=task_setting(args, "stochastic_depth_rate"),
         fused={"true": True, "false": False}.get(args.get("fused", "auto"), "auto"),
-        padding=args.get("padding", "torch"),
+        **padding,
         bn_eps=args.get("bn_eps", 1e-3),
         anchor_style=args.get("anchor_style", "torchvision"),
     )

@@ -1,7 +1,7 @@
 """RetinaNet- and Mask R-CNN-SpineNet builders registered with torchvision's model registry, so that
 ``torchvision.models.get_model("retinanet_spinenet49", weights=None, num_classes=...)`` (``maskrcnn_spinenet49``
-alike) — and torchvision's detection reference scripts (``train.py --model maskrcnn_spinenet49``, after
-``import spinenet_fast``) — build them.
+and the SpineNet-Mobile ``retinanet_spinenet_mobile49`` / ``49s`` / ``49xs`` alike) — and torchvision's detection
+reference scripts (``train.py --model maskrcnn_spinenet49``, after ``import spinenet_fast``) — build them.
 
 They take torchvision's detection builder keywords: ``weights`` / ``weights_backbone`` (None: no pretrained weights
 ship with this package; a clear error otherwise), ``progress``, ``num_classes`` (default 91),
@@ -17,7 +17,9 @@ import functools
 from torchvision.models._api import register_model
 
 from ..models.spinenet import SCALING_MAP
+from ..models.spinenet_mobile import MOBILE_SCALING_MAP
 from .maskrcnn import maskrcnn_spinenet
+from .mobile import retinanet_spinenet_mobile
 from .retinanet import retinanet_spinenet
 
 NO_WEIGHTS = (
@@ -50,3 +52,7 @@ def model_name(model_id: str, detector: str = "retinanet") -> str:
 for _model_id in SCALING_MAP:
     for _detector, _builder in (("retinanet", retinanet_spinenet), ("maskrcnn", maskrcnn_spinenet)):
         register_model(model_name(_model_id, _detector))(functools.partial(_build, _builder, _model_id))
+for _model_id in MOBILE_SCALING_MAP:
+    register_model(model_name(_model_id, "retinanet").replace("spinenet", "spinenet_mobile"))(
+        functools.partial(_build, retinanet_spinenet_mobile, _model_id)
+    )

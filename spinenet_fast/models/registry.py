@@ -4,7 +4,10 @@
 (:class:`~spinenet_fast.models.SpineNetClassifier`), ``retinanet_spinenet<id>`` and ``maskrcnn_spinenet<id>`` the
 detectors (:func:`~spinenet_fast.detection.retinanet_spinenet`, :func:`~spinenet_fast.detection.maskrcnn_spinenet`),
 for every official id (``49s``, ``49``, ``96``, ``143``,
-``143l``, ``190``; any case). Keyword arguments go to the builder.
+``143l``, ``190``; any case); ``spinenet_mobile<id>`` and ``retinanet_spinenet_mobile<id>`` the SpineNet-Mobile
+backbone and RetinaNet (:class:`~spinenet_fast.models.SpineNetMobile`,
+:func:`~spinenet_fast.detection.retinanet_spinenet_mobile`) for ``49``, ``49s``, ``49xs``. Keyword arguments go to
+the builder.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from torch import nn
 
 from .classifier import spinenet_classifier
 from .spinenet import SCALING_MAP, SpineNet
+from .spinenet_mobile import MOBILE_SCALING_MAP, SpineNetMobile
 
 PREFIXES = ("spinenet", "retinanet_spinenet", "maskrcnn_spinenet")
+MOBILE_PREFIXES = ("spinenet_mobile", "retinanet_spinenet_mobile")
 CLASSIFIER_SUFFIX = "_cls"
 
 
@@ -22,7 +27,8 @@ def list_models() -> list[str]:
     """Every name :func:`get_model` builds."""
     ids = [model_id.lower() for model_id in SCALING_MAP]
     names = [f"{prefix}{model_id}" for prefix in PREFIXES for model_id in ids]
-    return names + [f"spinenet{model_id}{CLASSIFIER_SUFFIX}" for model_id in ids]
+    names += [f"spinenet{model_id}{CLASSIFIER_SUFFIX}" for model_id in ids]
+    return names + [f"{prefix}{model_id.lower()}" for prefix in MOBILE_PREFIXES for model_id in MOBILE_SCALING_MAP]
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -34,6 +40,14 @@ def get_model(name: str, **kwargs) -> nn.Module:
         model_id = key.removeprefix("spinenet").removesuffix(CLASSIFIER_SUFFIX).upper()
         if model_id in SCALING_MAP:
             return spinenet_classifier(model_id, **kwargs)
+    for prefix in MOBILE_PREFIXES:
+        model_id = key.removeprefix(prefix).upper()
+        if key.startswith(prefix) and model_id in MOBILE_SCALING_MAP:
+            if prefix == "spinenet_mobile":
+                return SpineNetMobile(model_id, **kwargs)
+            from ..detection import retinanet_spinenet_mobile
+
+            return retinanet_spinenet_mobile(model_id, **kwargs)
     for prefix in PREFIXES:
         model_id = key.removeprefix(prefix).upper()
         if key.startswith(prefix) and model_id in SCALING_MAP:

@@ -425,6 +425,102 @@ SF_UNROLL
   store<VEC>(a.d_y + pixel * a.C + c, d);
 }
 
+// ------------------------------------------------------------------------------------------- depthwise 3×3
+// y[n, i, j, c] = b[c] + Σ_{kh, kw} W[c, 3·kh + kw]·a[n, s·i + kh − pad, s·j + kw − pad, c] with a = act(scale·x +
+// shift) rounded to the storage dtype (a = x without a prologue) and 0 outside the input (padding after the
+// prologue). x (N, H, W, C), y (N, OH, OW, C) = (N, H/s, W/s, C); the weight (C, 9) and bias rounded to the storage
+// dtype by the caller, held in the maths dtype. Backward: g = dy + dΣ + 2·y·dΣ² (the statistics' gradients folded).
+template <typename scalar_t, typename acc_t>
+struct DepthwiseArgs {
+  const scalar_t* x;
+  const acc_t* weight;   // (C, 9)
+  const acc_t* bias;     // (C,) or nullptr
+  const acc_t* scale;    // nullptr: no prologue
+  const acc_t* shift;
+  scalar_t* y;           // forward output, backward input (as stored)
+  const scalar_t* dy;    // backward
+  const acc_t* d_sum;    // backward: dΣ, dΣ² (C,)
+  const acc_t* d_sumsq;
+  scalar_t* dx;          // backward output
+  int64_t N, H, W, C, OH, OW;
+  int stride, pad, act;
+};
+
+// Sums of the depthwise ops: the forward's statistics [Σy; Σy²] (kNumPrologueSums rows alike), the wgrad's nine
+// taps' Σ g·a and the bias' Σ g.
+enum DepthwiseSum : int { kNumStatSums = 2, kDepthwiseBias = 9, kNumDepthwiseWeightSums = 10 };
+
+// a at input pixel (h, w) of image n, channel c: 0 outside the input.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE acc_t depthwise_operand(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t n, int64_t h, int64_t w,
+                                       int64_t c) {
+  if (h < 0 || h >= a.H || w < 0 || w >= a.W) return acc_t(0);
+  const acc_t x = static_cast<acc_t>(a.x[((n * a.H + h) * a.W + w) * a.C + c]);
+  if (a.scale == nullptr) return x;
+  return static_cast<acc_t>(static_cast<scalar_t>(activate(a.scale[c] * x + a.shift[c], a.act)));
+}
+
+// g at output pixel `pixel` (flat over N·OH·OW), channel c.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE acc_t depthwise_output_grad(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
+  const int64_t at = pixel * a.C + c;
+  return static_cast<acc_t>(a.dy[at]) + a.d_sum[c] + acc_t(2) * static_cast<acc_t>(a.y[at]) * a.d_sumsq[c];
+}
+
+// Forward work item: output pixel `pixel`, channel c: y stored, its Σ and Σ² (of the stored value) added to `sums`.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void depthwise_forward_item(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
+                                           acc_t (&sums)[kNumStatSums][1]) {
+  const int64_t j = pixel % a.OW, i = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
+  acc_t acc = 0;
+  for (int tap = 0; tap < 9; ++tap) {
+    const int64_t h = a.stride * i + tap / 3 - a.pad, w = a.stride * j + tap % 3 - a.pad;
+    acc += a.weight[c * 9 + tap] * depthwise_operand(a, n, h, w, c);
+  }
+  if (a.bias != nullptr) acc += a.bias[c];
+  const scalar_t stored = static_cast<scalar_t>(acc);
+  a.y[pixel * a.C + c] = stored;
+  const acc_t v = static_cast<acc_t>(stored);
+  sums[0][0] += v;
+  sums[1][0] += v * v;
+}
+
+// dgrad work item: input pixel `pixel` (flat over N·H·W), channel c: d_a = Σ over the taps that reach it of g·W,
+// then the prologue's backward (dx = scale·act'·d_a; Σ d_pre·x, Σ d_pre added to `sums`).
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void depthwise_dgrad_item(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
+                                         acc_t (&sums)[kNumPrologueSums][1]) {
+  const int64_t w = pixel % a.W, h = (pixel / a.W) % a.H, n = pixel / (a.W * a.H);
+  acc_t d_a = 0;
+  for (int tap = 0; tap < 9; ++tap) {
+    const int64_t rh = h + a.pad - tap / 3, rw = w + a.pad - tap % 3;  // s·i and s·j of the output that reads it
+    if (rh < 0 || rw < 0 || rh % a.stride != 0 || rw % a.stride != 0) continue;
+    const int64_t i = rh / a.stride, j = rw / a.stride;
+    if (i >= a.OH || j >= a.OW) continue;
+    d_a += a.weight[c * 9 + tap] * depthwise_output_grad(a, (n * a.OH + i) * a.OW + j, c);
+  }
+  if (a.scale != nullptr) {
+    const acc_t x = static_cast<acc_t>(a.x[pixel * a.C + c]);
+    const acc_t d_pre = d_a * activation_grad(a.scale[c] * x + a.shift[c], a.act);
+    sums[kPrologueScale][0] += d_pre * x;
+    sums[kPrologueShift][0] += d_pre;
+    d_a = d_pre * a.scale[c];
+  }
+  a.dx[pixel * a.C + c] = static_cast<scalar_t>(d_a);
+}
+
+// wgrad work item: output pixel `pixel`, channel c: g·a of each tap and g (the bias) added to `sums`.
+template <typename scalar_t, typename acc_t>
+SF_HOST_DEVICE void depthwise_wgrad_item(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
+                                         acc_t (&sums)[kNumDepthwiseWeightSums][1]) {
+  const int64_t j = pixel % a.OW, i = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
+  const acc_t g = depthwise_output_grad(a, pixel, c);
+  for (int tap = 0; tap < 9; ++tap) {
+    sums[tap][0] += g * depthwise_operand(a, n, a.stride * i + tap / 3 - a.pad, a.stride * j + tap % 3 - a.pad, c);
+  }
+  sums[kDepthwiseBias][0] += g;
+}
+
 // ------------------------------------------------------------------------------------------------ RetinaNet loss
 // Row r = n·A + a of contiguous cls_logits (N, A, K) and box_regression (N, A, 4); matched (N, A): a ground-truth
 // index, −1 background, −2 ignored; gt_labels (N, G); gt_boxes (N, G, 4) and anchors (N, A, 4) in acc_t.

@@ -55,6 +55,38 @@ void for_each_item(int64_t pixels, int64_t channels, Item item) {
 
 }  // namespace
 
+void depthwise_forward(const DepthwiseTensors& t) {
+  SF_KERNEL_SCOPE("depthwise3x3_forward");
+  SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = depthwise_args<scalar_t, acc_t>(t);
+    add_sums<acc_t, 1, kNumStatSums>(t.sums, a.N * a.OH * a.OW, a.C,
+                                     [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumStatSums][1]) {
+                                       depthwise_forward_item(a, pixel, c, sums);
+                                     });
+  });
+}
+
+void depthwise_backward(const DepthwiseTensors& t) {
+  SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = depthwise_args<scalar_t, acc_t>(t);
+    {
+      SF_KERNEL_SCOPE("depthwise3x3_dgrad");
+      add_sums<acc_t, 1, kNumPrologueSums>(t.sums, a.N * a.H * a.W, a.C,
+                                           [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumPrologueSums][1]) {
+                                             depthwise_dgrad_item(a, pixel, c, sums);
+                                           });
+    }
+    SF_KERNEL_SCOPE("depthwise3x3_wgrad");
+    add_sums<acc_t, 1, kNumDepthwiseWeightSums>(
+        t.weight_sums, a.N * a.OH * a.OW, a.C,
+        [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumDepthwiseWeightSums][1]) {
+          depthwise_wgrad_item(a, pixel, c, sums);
+        });
+  });
+}
+
 void retinanet_loss(const LossTensors& t) {
   SF_KERNEL_SCOPE("retinanet_loss");
   SF_DISPATCH(t.logits.scalar_type(), "spinenet_fast::ext_retinanet_loss", [&] {

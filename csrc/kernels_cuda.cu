@@ -121,6 +121,33 @@ struct PoolBackward {
 };
 
 template <typename scalar_t, typename acc_t>
+struct DepthwiseForward {
+  DepthwiseArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumStatSums][VEC]) const {
+    depthwise_forward_item(a, pixel, c, sums);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct DepthwiseDgrad {
+  DepthwiseArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumPrologueSums][VEC]) const {
+    depthwise_dgrad_item(a, pixel, c, sums);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct DepthwiseWgrad {
+  DepthwiseArgs<scalar_t, acc_t> a;
+  template <int VEC>
+  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumDepthwiseWeightSums][VEC]) const {
+    depthwise_wgrad_item(a, pixel, c, sums);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
 struct LossForward {
   LossArgs<scalar_t, acc_t> a;
   template <int VEC>
@@ -155,6 +182,29 @@ __global__ void bn_finalize_backward_kernel(const T* d_scale, const T* d_shift, 
 
 
 }  // namespace
+
+void depthwise_forward(const DepthwiseTensors& t) {
+  SF_KERNEL_SCOPE("depthwise3x3_forward");
+  SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DepthwiseForward<scalar_t, acc_t> item{depthwise_args<scalar_t, acc_t>(t)};
+    add_sums<1, kNumStatSums, acc_t>(item, t.sums, item.a.N * item.a.OH * item.a.OW, item.a.C);
+  });
+}
+
+void depthwise_backward(const DepthwiseTensors& t) {
+  SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = depthwise_args<scalar_t, acc_t>(t);
+    {
+      SF_KERNEL_SCOPE("depthwise3x3_dgrad");
+      add_sums<1, kNumPrologueSums, acc_t>(DepthwiseDgrad<scalar_t, acc_t>{a}, t.sums, a.N * a.H * a.W, a.C);
+    }
+    SF_KERNEL_SCOPE("depthwise3x3_wgrad");
+    add_sums<1, kNumDepthwiseWeightSums, acc_t>(DepthwiseWgrad<scalar_t, acc_t>{a}, t.weight_sums,
+                                                a.N * a.OH * a.OW, a.C);
+  });
+}
 
 void retinanet_loss(const LossTensors& t) {
   SF_KERNEL_SCOPE("retinanet_loss");

@@ -174,9 +174,40 @@ LossArgs<scalar_t, acc_t> loss_args(const LossTensors& t) {
   return a;
 }
 
+// Depthwise 3×3 conv: x (N, C, H, W) and y, dy, dx NHWC-contiguous in one storage dtype; weight (C, 9), bias,
+// scale, shift, d_sum, d_sumsq contiguous in the maths dtype (undefined where absent).
+struct DepthwiseTensors {
+  at::Tensor x, weight, bias, scale, shift;
+  at::Tensor y;              // forward output, backward input
+  at::Tensor dy, d_sum, d_sumsq, dx;  // backward
+  at::Tensor sums;           // forward: (2, C) statistics; dgrad: (2, C) prologue sums; zeroed, maths dtype
+  at::Tensor weight_sums;    // wgrad: (kNumDepthwiseWeightSums, C) zeroed, maths dtype
+  int stride, pad, act;
+};
+
+template <typename scalar_t, typename acc_t>
+DepthwiseArgs<scalar_t, acc_t> depthwise_args(const DepthwiseTensors& t) {
+  auto vector = [](const at::Tensor& v) { return v.defined() ? v.const_data_ptr<acc_t>() : nullptr; };
+  DepthwiseArgs<scalar_t, acc_t> a{};
+  a.x = t.x.const_data_ptr<scalar_t>();
+  a.weight = t.weight.const_data_ptr<acc_t>();
+  a.bias = vector(t.bias), a.scale = vector(t.scale), a.shift = vector(t.shift);
+  a.y = t.y.mutable_data_ptr<scalar_t>();
+  a.dy = t.dy.defined() ? t.dy.const_data_ptr<scalar_t>() : nullptr;
+  a.d_sum = vector(t.d_sum), a.d_sumsq = vector(t.d_sumsq);
+  a.dx = t.dx.defined() ? t.dx.mutable_data_ptr<scalar_t>() : nullptr;
+  a.N = t.x.size(0), a.C = t.x.size(1), a.H = t.x.size(2), a.W = t.x.size(3);
+  a.OH = a.H / t.stride, a.OW = a.W / t.stride;
+  a.stride = t.stride, a.pad = t.pad, a.act = t.act;
+  return a;
+}
+
 // Where an op reduces over pixels, its launcher adds the per-channel sums into the tensors' zeroed `sums` (atomics
 // on CUDA; per-chunk rows added up in the same call on the CPU): no separate reduction.
 namespace cpu {
+void depthwise_forward(const DepthwiseTensors& t);
+// Two launches: the dgrad (dx, the prologue's sums) and the wgrad (weight_sums).
+void depthwise_backward(const DepthwiseTensors& t);
 void retinanet_loss(const LossTensors& t);
 void retinanet_loss_backward(const LossTensors& t);
 void merge_forward(const MergeTensors& t);
@@ -190,6 +221,9 @@ void bn_finalize_backward(const std::vector<at::Tensor>& in, const std::vector<a
 }  // namespace cpu
 
 namespace cuda {
+void depthwise_forward(const DepthwiseTensors& t);
+// Two launches: the dgrad (dx, the prologue's sums) and the wgrad (weight_sums).
+void depthwise_backward(const DepthwiseTensors& t);
 void retinanet_loss(const LossTensors& t);
 void retinanet_loss_backward(const LossTensors& t);
 void merge_forward(const MergeTensors& t);

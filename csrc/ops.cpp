@@ -256,6 +256,75 @@ std::vector<at::Tensor> ext_bn_act_maxpool_backward(const at::Tensor& grad, cons
   return {t.d_y, t.sums};  // rows kPrologueScale, kPrologueShift: the op's d_affine = [d_scale; d_shift]
 }
 
+// Checks the depthwise conv's arguments and fills `t` (x NHWC-contiguous, vectors contiguous).
+DepthwiseTensors prepare_depthwise(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                   c10::string_view activation, int64_t stride, int64_t pad) {
+  check_storage("x", x);
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2, got ", stride);
+  TORCH_CHECK_VALUE(pad == 0 || pad == 1, "pad must be 0 or 1 (the top/left padding), got ", pad);
+  TORCH_CHECK_VALUE(x.size(2) % stride == 0 && x.size(3) % stride == 0, "x: H and W must be multiples of the stride ",
+                    stride, ", got shape ", x.sizes());
+  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(),
+                    "scale and shift must be given together (the BN affine) or both be None");
+  TORCH_CHECK_TYPE(weight.scalar_type() == stats_dtype(x), "weight must be ", stats_dtype(x), ", got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({x.size(1), 9}) && weight.device() == x.device(),
+                    "weight must be a (", x.size(1), ", 9) tensor on ", x.device(), ", got shape ", weight.sizes(),
+                    " on ", weight.device());
+  DepthwiseTensors t;
+  t.x = contiguous_logged(x, kNHWC);
+  t.weight = contiguous_logged(weight);
+  if (bias) t.bias = channel_vector("bias", *bias, x);
+  if (scale) {
+    t.scale = channel_vector("scale", *scale, x);
+    t.shift = channel_vector("shift", *shift, x);
+  }
+  t.stride = static_cast<int>(stride);
+  t.pad = static_cast<int>(pad);
+  t.act = parse_activation(activation);
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> ext_depthwise3x3(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& scale,
+                                                    const std::optional<at::Tensor>& shift,
+                                                    c10::string_view activation, int64_t stride, int64_t pad,
+                                                    const std::optional<at::Tensor>& stats_out) {
+  DepthwiseTensors t = prepare_depthwise(x, weight, bias, scale, shift, activation, stride, pad);
+  t.y = at::empty({x.size(0), x.size(1), x.size(2) / stride, x.size(3) / stride}, x.options().memory_format(kNHWC));
+  t.sums = sums_accumulator(stats_out, kNumStatSums, x.size(1), x.options().dtype(stats_dtype(x)));
+  const c10::DeviceGuard guard(x.device());
+  if (t.y.numel() > 0) x.is_cuda() ? cuda::depthwise_forward(t) : cpu::depthwise_forward(t);
+  return {t.y, t.sums};
+}
+
+std::vector<at::Tensor> ext_depthwise3x3_backward(const at::Tensor& dy, const at::Tensor& d_sum,
+                                                  const at::Tensor& d_sumsq, const at::Tensor& y, const at::Tensor& x,
+                                                  const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                                                  const std::optional<at::Tensor>& shift, c10::string_view activation,
+                                                  int64_t stride, int64_t pad,
+                                                  const std::optional<at::Tensor>& prologue_sums_out) {
+  DepthwiseTensors t = prepare_depthwise(x, weight, std::nullopt, scale, shift, activation, stride, pad);
+  const std::vector<int64_t> shape{x.size(0), x.size(1), x.size(2) / stride, x.size(3) / stride};
+  check_like("dy", dy, x, shape);
+  check_like("y", y, x, shape);
+  t.dy = contiguous_logged(dy, kNHWC);
+  t.y = contiguous_logged(y, kNHWC);
+  t.d_sum = channel_vector("d_sum", d_sum, x);
+  t.d_sumsq = channel_vector("d_sumsq", d_sumsq, x);
+  t.dx = at::empty_like(t.x, kNHWC);
+  const auto options = x.options().dtype(stats_dtype(x));
+  t.sums = sums_accumulator(prologue_sums_out, kNumPrologueSums, x.size(1), options);
+  t.weight_sums = zeros_logged({kNumDepthwiseWeightSums, x.size(1)}, options);
+  const c10::DeviceGuard guard(x.device());
+  if (x.numel() > 0) x.is_cuda() ? cuda::depthwise_backward(t) : cpu::depthwise_backward(t);
+  // [dx, weight sums (9 taps' rows, then the bias' row), (prologue sums = [d_scale; d_shift])]
+  if (!t.scale.defined()) return {t.dx, t.weight_sums};
+  return {t.dx, t.weight_sums, t.sums};
+}
+
 // The per-channel vectors of the bn_finalize ops: `anchor` (float32/float64, 1-D, CPU or CUDA) and `others` (null:
 // an absent optional, returned undefined), each checked against it and returned contiguous in its dtype.
 std::vector<at::Tensor> statistics_vectors(const char* anchor_name, const at::Tensor& anchor,
@@ -413,6 +482,8 @@ std::tuple<at::Tensor, at::Tensor> ext_retinanet_loss_backward(
 void register_impls(torch::Library& m) {
   m.impl("ext_retinanet_loss", &ext_retinanet_loss);
   m.impl("ext_retinanet_loss_backward", &ext_retinanet_loss_backward);
+  m.impl("ext_depthwise3x3", &ext_depthwise3x3);
+  m.impl("ext_depthwise3x3_backward", &ext_depthwise3x3_backward);
   m.impl("ext_merge", &ext_merge);
   m.impl("ext_merge_backward", &ext_merge_backward);
   m.impl("ext_bn_act_maxpool", &ext_bn_act_maxpool);

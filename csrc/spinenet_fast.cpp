@@ -55,6 +55,20 @@ TORCH_LIBRARY(spinenet_fast, m) {
   m.def(
       "ext_merge_backward(Tensor[] grads, Tensor[] parents, Tensor[] scales, Tensor[] shifts, int[] ratios,"
       " Tensor? extra, Tensor? row_scale, str activation, Tensor(a!)? sums_out=None) -> Tensor[]");
+  // Depthwise 3×3 conv of stride 1 or 2 (top/left padding `pad`, bottom/right up to the window) of act(scale·x +
+  // shift) (of x without them): (y (N, C, H/s, W/s) channels_last, [Σy; Σy²] (2, C)); weight (C, 9) and bias (C,) in
+  // the maths dtype (rounded to x's dtype by the caller); with `stats_out` (zeroed, (2, C)) the statistics are added
+  // into it and returned.
+  m.def(
+      "ext_depthwise3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, str activation,"
+      " int stride, int pad, Tensor(a!)? stats_out=None) -> (Tensor, Tensor)");
+  // [dx, (10, C) sums: Σ g·a per tap (rows 0-8) and Σ g (row 9, the bias), ([d_scale; d_shift])] for g = dy + d_sum
+  // + 2·y·d_sumsq; two launches (dgrad, wgrad); with `prologue_sums_out` (zeroed (2, C)) the prologue's sums are
+  // added into it and returned.
+  m.def(
+      "ext_depthwise3x3_backward(Tensor dy, Tensor d_sum, Tensor d_sumsq, Tensor y, Tensor x, Tensor weight,"
+      " Tensor? scale, Tensor? shift, str activation, int stride, int pad, Tensor(a!)? prologue_sums_out=None)"
+      " -> Tensor[]");
   // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift), and with `with_route`
   // the int32 (N, C, OH, OW) channels_last route: the level-0 pixel h·W + w each output's gradient goes to (else an
   // empty tensor).

@@ -118,3 +118,31 @@ def test_extension_handles_empty_batches():
     assert grads[2].abs().sum() == 0
     pooled, route = ops.ext_bn_act_maxpool(torch.zeros(0, 4, 8, 8), None, None, "relu", 2, "torch", True)
     assert pooled.shape == route.shape == (0, 4, 2, 2)
+
+
+def test_extension_depthwise_rejects_bad_input_and_handles_empty_batches():
+    require_backend("cuda")
+    ops = torch.ops.spinenet_fast
+    x, weight = torch.zeros(1, 4, 4, 4), torch.zeros(4, 9)
+    with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
+        ops.ext_depthwise3x3(x, weight, None, None, None, "relu", 3, 1)
+    with pytest.raises(ValueError, match="pad must be 0 or 1"):
+        ops.ext_depthwise3x3(x, weight, None, None, None, "relu", 2, 2)
+    with pytest.raises(ValueError, match=r"weight must be a \(4, 9\) tensor on cpu, got shape \[4, 1, 3, 3\]"):
+        ops.ext_depthwise3x3(x, weight.view(4, 1, 3, 3), None, None, None, "relu", 2, 1)
+    with pytest.raises(TypeError, match="weight must be Float, got Half"):
+        ops.ext_depthwise3x3(x, weight.half(), None, None, None, "relu", 2, 1)
+    with pytest.raises(ValueError, match="H and W must be multiples of the stride 2"):
+        ops.ext_depthwise3x3(torch.zeros(1, 4, 5, 4), weight, None, None, None, "relu", 2, 1)
+    with pytest.raises(ValueError, match="scale and shift must be given together"):
+        ops.ext_depthwise3x3(x, weight, None, torch.ones(4), None, "relu", 2, 1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.ext_depthwise3x3(x, weight, None, None, None, "gelu", 2, 1)
+    y, stats = ops.ext_depthwise3x3(x, weight, None, None, None, "relu", 2, 1)
+    with pytest.raises(ValueError, match=r"dy must have shape \[1, 4, 2, 2\], got \[1, 4, 4, 4\]"):
+        ops.ext_depthwise3x3_backward(x, stats[0], stats[1], y, x, weight, None, None, "relu", 2, 1)
+    empty = torch.zeros(0, 4, 4, 4)
+    y, stats = ops.ext_depthwise3x3(empty, weight, None, None, None, "relu", 2, 1)
+    assert y.shape == (0, 4, 2, 2) and stats.shape == (2, 4) and stats.abs().sum() == 0
+    dx, sums = ops.ext_depthwise3x3_backward(y, stats[0], stats[1], y, empty, weight, None, None, "relu", 2, 1)
+    assert dx.shape == empty.shape and sums.shape == (10, 4) and sums.abs().sum() == 0

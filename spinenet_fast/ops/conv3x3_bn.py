@@ -20,7 +20,9 @@ from .conv3x3_bn_stats import (
     _conv3x3_backward_triton,
     _conv3x3_into_op,
     _conv_backward_triton_reasons,
+    _library_backward_reasons,
     check_conv3x3_args,
+    conv3x3_bn_stats_backward_library,
     conv3x3_bn_stats_backward_reference,
     triton_conv3x3_forward,
 )
@@ -38,6 +40,7 @@ from .op_spec import FUSED_FIRST, Backend
 from .padding import spatial_padding
 
 conv3x3_bn_backward_reference = with_bn_backward(conv3x3_bn_stats_backward_reference)
+_conv3x3_bn_backward_library = with_bn_backward(conv3x3_bn_stats_backward_library)
 
 
 def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
@@ -61,7 +64,7 @@ def _backward_triton(
     fake=fake_conv_bn_backward,
     implementations={
         "reference": Backend(conv3x3_bn_backward_reference),
-        "cuda": Backend(conv3x3_bn_backward_reference, lambda dy, *args: backends.library_reasons(dy)),
+        "cuda": Backend(_conv3x3_bn_backward_library, _library_backward_reasons),
         "triton": Backend(_backward_triton, _triton_reasons),
     },
     auto_order=FUSED_FIRST,

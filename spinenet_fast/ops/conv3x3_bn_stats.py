@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, op_spec
+from .activation import stats_dtype
 from .checks import describe
 from .conv_common import (
     accumulating,
@@ -87,8 +88,21 @@ def _conv_input(a: Tensor, padding: str, stride: int) -> tuple[Tensor, list[int]
     return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride), [0, 0])
 
 
-def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
-    """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y."""
+def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
+    """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y (added into
+    ``stats`` where given). Depthwise: the extension's kernel, prologue and statistics inside it."""
+    if is_depthwise(x, weight):
+        dtype = stats_dtype(x)
+        pad_before = spatial_padding(3, stride, padding)[0]
+        y, stats = torch.ops.spinenet_fast.ext_depthwise3x3(
+            x, rounded(weight, x, dtype).reshape(-1, 9), rounded(bias, x, dtype), scale, shift, activation, stride,
+            pad_before, stats,
+        )  # fmt: skip
+        return [y, stats]
+    if stats is not None:
+        y, new_stats = conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias)
+        stats.add_(new_stats)
+        return [y, stats]
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
     y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads,
                  groups=conv_groups(x, weight))  # fmt: skip
@@ -102,8 +116,9 @@ def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, b
     return reasons
 
 
-def _library_reasons(x, *args) -> list[str]:
-    return backends.library_reasons(x)
+def _library_reasons(x, weight, *args) -> list[str]:
+    """The ``cuda`` backend's: ATen's library conv, or for a depthwise weight the compiled extension's kernels."""
+    return backends.extension_reasons(x) if is_depthwise(x, weight) else backends.library_reasons(x)
 
 
 def triton_conv3x3_forward(x, weight, *args, **kwargs) -> list[Tensor]:
@@ -129,7 +144,7 @@ def _fake(x, weight, scale, shift, activation, padding, stride, *_):
     fake=lambda *args: _fake(*args)[0],
     implementations={
         "reference": Backend(accumulating(conv3x3_bn_stats_reference)),
-        "cuda": Backend(accumulating(conv3x3_bn_stats_library), _library_reasons),
+        "cuda": Backend(lambda *args: conv3x3_bn_stats_library(*args)[0], _library_reasons),
         "triton": Backend(lambda *args: _triton_forward(*args)[0], lambda *args: _conv_triton_reasons(*args[:-1])),
     },
     auto_order=FUSED_FIRST,
@@ -172,6 +187,24 @@ def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
 
+def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
+                                      d_bias_out):  # fmt: skip
+    """The ``cuda`` backward: the reference's (ATen's conv backward), or for a depthwise weight the extension's two
+    kernels (dgrad with the prologue's backward; the nine taps' and the bias' wgrad sums)."""
+    if not is_depthwise(x, weight):
+        return conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding,
+                                                   stride, d_bias_out)  # fmt: skip
+    dtype = stats_dtype(x)
+    dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
+        dy, d_sum.to(dtype), d_sumsq.to(dtype), y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
+        activation, stride, spatial_padding(3, stride, padding)[0],
+    )  # fmt: skip
+    if d_bias_out is not None:
+        d_bias_out.add_(sums[9])
+    d_weight = torch.empty_like(weight).copy_(sums[:9].t().reshape(weight.shape))  # the weight's layout and dtype
+    return [dx, d_weight, *d_affine]
+
+
 def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
                              bn=None, d_affine=None, d_weight=None):  # fmt: skip
     """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3_backward.py``); ``bn``
@@ -185,6 +218,10 @@ def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, act
     pad_before = spatial_padding(3, stride, padding)[0]
     return backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
                                      d_bias_out, bn, d_affine, d_weight)  # fmt: skip
+
+
+def _library_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, *args) -> list[str]:
+    return _library_reasons(x, weight)
 
 
 def _conv_backward_triton_reasons(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
@@ -234,7 +271,7 @@ def _conv3x3_op(
     fake=_fake_backward,
     implementations={
         "reference": Backend(_bias_grad_output(conv3x3_bn_stats_backward_reference)),
-        "cuda": Backend(_bias_grad_output(conv3x3_bn_stats_backward_reference), _library_reasons),
+        "cuda": Backend(_bias_grad_output(conv3x3_bn_stats_backward_library), _library_backward_reasons),
         "triton": Backend(_bias_grad_output(_conv3x3_backward_triton), _conv_backward_triton_reasons),
     },
     auto_order=FUSED_FIRST,

@@ -14,6 +14,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
 
 
 def pytest_collection_modifyitems(config, items):
+    # The heaviest tests first (a stable sort: each module's order kept), so that pytest-xdist's workers do not end
+    # on one of them while the other cores idle.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is visible on this machine")

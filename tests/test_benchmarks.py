@@ -23,6 +23,9 @@ def smoke_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+# The smoke run (~1-3 minutes) once: both of its tests on one worker, started first.
+@pytest.mark.heavy
+@pytest.mark.xdist_group("benchmark_smoke")
 def test_every_suite_and_provider_writes_rows(smoke_run):
     _, results = smoke_run
     rows = results["rows"]
@@ -56,6 +59,8 @@ def test_full_plan_has_every_mask_rcnn_provider():
     assert {"eager", "compile", "fused-auto", "torchvision-r50fpn"} <= providers
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("benchmark_smoke")
 def test_reports_charts_and_compare(smoke_run):
     out, results = smoke_run
     table = (out / "results.md").read_text()

@@ -61,6 +61,7 @@ def test_float64_training_equals_eager(monkeypatch, backend, model_id, kwargs, s
         assert_close_scaled(fused_state[name], eager_state[name], name)
 
 
+@pytest.mark.heavy
 def test_triton_kernels_train_the_whole_model_as_accurately_as_eager(monkeypatch):
     """fp32 under the interpreter, each op on the backend ``auto`` takes on a GPU (depthwise and 1×1 Triton kernels,
     the extension's or Triton's merge): endpoints and gradients judged against float64, no worse than eager fp32."""

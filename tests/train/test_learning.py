@@ -3,6 +3,7 @@ and for Mask R-CNN (``--task mask``) its mask AP50 too."""
 
 import json
 
+import pytest
 import torch
 
 from spinenet_fast.data.synthetic import make_synthetic_coco
@@ -16,6 +17,8 @@ EPOCHS = 10  # the demo's SpineNet-Mobile-49XS: AP50 0.46 in ~90 s on this proje
 # on one machine, 0.085 on another; at 1 thread 0.11). Ten epochs clear the floor with margin; the test runs at 2
 # threads (the demo's and CI's machines) whatever pytest-xdist gave its worker.
 THREADS = 2
+
+pytestmark = pytest.mark.heavy  # ~90 s and ~140 s
 
 
 # Mask R-CNN (the demo's backbone, 128 RoIs per image) on this project's 2-core machines (2026-12-04): 5 epochs reach

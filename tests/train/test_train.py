@@ -132,6 +132,7 @@ def test_fused_spinenet49_trains_in_the_training_loop(tiny_data, tmp_path):
     assert rows[0]["loss"] > 0 and torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["fused"] == "true"
 
 
+@pytest.mark.heavy
 def test_fused_amp_channels_last_compile_and_accumulation(tiny_data, tmp_path):
     """The throughput options together: fused ops (the extension's CPU kernels) under bf16 autocast, NHWC,
     torch.compile (aot_eager: no C++ compiler run) and 2-batch gradient accumulation."""

@@ -18,7 +18,9 @@ EPOCHS = 10  # the demo's SpineNet-Mobile-49XS: AP50 0.46 in ~90 s on this proje
 # threads (the demo's and CI's machines) whatever pytest-xdist gave its worker.
 THREADS = 2
 
-pytestmark = pytest.mark.heavy  # ~90 s and ~140 s
+# ~90 s and ~140 s, started first; one after the other on one worker: two 2-thread trainings at once on 2 cores
+# oversubscribe them (each ran ~8× slower)
+pytestmark = [pytest.mark.heavy, pytest.mark.xdist_group("learning")]
 
 
 # Mask R-CNN (the demo's backbone, 128 RoIs per image) on this project's 2-core machines (2026-12-04): 5 epochs reach

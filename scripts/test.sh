@@ -6,10 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/install.sh test
 ruff check .
 rc=0
-# The suite on every core (pytest-xdist, at most 4 workers; tests of one xdist_group on one worker, so that their
-# module-scoped fixture runs once), release checks (-m slow) deselected; arguments given
+# The suite on every core (pytest-xdist, at most 4 workers), release checks (-m slow) deselected; arguments given
 # later win: `bash scripts/test.sh -m slow` runs only those, `-m ""` everything, `-n 0` in one process.
-python -m pytest -n auto --maxprocesses 4 --dist loadgroup -m "not slow" "$@" || rc=$?
+python -m pytest -n auto --maxprocesses 4 -m "not slow" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests (exit 5) for this selection" >&2
     rc=0

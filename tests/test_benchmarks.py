@@ -16,18 +16,17 @@ ROW_FIELDS = {"bench", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms",
               "device", "torch", "triton", "git_sha", "date"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    main(["--suite", "all", "--out", str(out), "--smoke"])
-    return out, json.loads((out / "results.json").read_text())
-
-
-# The smoke run (~1-3 minutes) once: both of its tests on one worker, started first.
+# One test for the smoke run (~1-3 minutes on 2 cores), started first: under pytest-xdist a module fixture shared by
+# two tests runs once per worker that gets one of them.
 @pytest.mark.heavy
-@pytest.mark.xdist_group("benchmark_smoke")
-def test_every_suite_and_provider_writes_rows(smoke_run):
-    _, results = smoke_run
+def test_smoke_run_writes_every_suites_rows_reports_and_charts(tmp_path):
+    main(["--suite", "all", "--out", str(tmp_path), "--smoke"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    check_rows(results)
+    check_reports_charts_and_compare(tmp_path, results)
+
+
+def check_rows(results: dict) -> None:
     rows = results["rows"]
     assert results["copy_gbps"] > 0
     assert all(row.keys() >= ROW_FIELDS for row in rows)
@@ -59,10 +58,7 @@ def test_full_plan_has_every_mask_rcnn_provider():
     assert {"eager", "compile", "fused-auto", "torchvision-r50fpn"} <= providers
 
 
-@pytest.mark.heavy
-@pytest.mark.xdist_group("benchmark_smoke")
-def test_reports_charts_and_compare(smoke_run):
-    out, results = smoke_run
+def check_reports_charts_and_compare(out, results: dict) -> None:
     table = (out / "results.md").read_text()
     assert "## op" in table and "## connection" in table and "## retinanet" in table
     assert "fused vs eager" in table

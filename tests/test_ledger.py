@@ -13,7 +13,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("ledger")  # the module-scoped ledger runs once: every test on one worker
 PASSES = ("forward", "backward")
 
 

@@ -53,6 +53,6 @@ for _model_id in SCALING_MAP:
     for _detector, _builder in (("retinanet", retinanet_spinenet), ("maskrcnn", maskrcnn_spinenet)):
         register_model(model_name(_model_id, _detector))(functools.partial(_build, _builder, _model_id))
 for _model_id in MOBILE_SCALING_MAP:
-    register_model(model_name(_model_id, "retinanet").replace("spinenet", "spinenet_mobile"))(
+    register_model(f"retinanet_spinenet_mobile{_model_id.lower()}")(
         functools.partial(_build, retinanet_spinenet_mobile, _model_id)
     )

@@ -234,23 +234,8 @@ def fused_mobile_merge_forward(module, feats: list[Tensor], activation: str, pad
     1×1 conv + BN (``conv1x1_bn``; for an upsampling parent at the parent's resolution), then one ``merge`` that
     applies each parent's BN, gathers the upsampled parents, adds the raw extra inputs and the activation. Same
     parameters, buffers and result as its eager forward."""
-    dtype = compute_dtype(feats[module.parent_ids[0]])
-    workspace = ConnectionWorkspace.for_mobile_merge(
-        module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32)
-    )
-    parents, scales, shifts, ratios = [], [], [], []
-    for resample, i in zip(module.resamples, module.parent_ids):
-        y, scale, shift, ratio = fused_mobile_resample(resample, feats[i].to(dtype), activation, padding, workspace)
-        parents.append(y)
-        scales.append(scale)
-        shifts.append(shift)
-        ratios.append(ratio)
-    extra = None
-    for j in module.extra_ids:
-        extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
-    sums_buffer = workspace.take(parents[0].shape[1], rows=3) if len(parents) <= 2 else None
-    return merge_for_readers(parents, scales, shifts, ratios, extra, activation, readers=1,
-                             sums_buffer=sums_buffer)[0]  # fmt: skip
+    return merge_resampled_parents(module, feats, activation, padding, 1, ConnectionWorkspace.for_mobile_merge,
+                                   fused_mobile_resample)[0]  # fmt: skip
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -263,13 +248,21 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
                         ) -> tuple[Tensor, ...]:  # fmt: skip
     """``module``'s output from the fused ops, once per reader (``merge_for_readers``); same parameters, buffers
     and result as its eager forward."""
+    return merge_resampled_parents(module, feats, activation, padding, readers, ConnectionWorkspace.for_merge,
+                                   fused_resample)  # fmt: skip
+
+
+def merge_resampled_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int, workspace_for,
+                            resample_parent) -> tuple[Tensor, ...]:  # fmt: skip
+    """The fused forward of a merge module (SpineNet's or SpineNet-Mobile's): its workspace
+    (``workspace_for(module, device, statistics dtype)``), each parent through ``resample_parent(resample, x,
+    activation, padding, workspace) -> (y, scale, shift, ratio)``, the raw extras summed, then one
+    ``merge_for_readers``."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
+    workspace = workspace_for(module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
     parents, scales, shifts, ratios = [], [], [], []
-    workspace = ConnectionWorkspace.for_merge(
-        module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32)
-    )
     for resample, i in zip(module.resamples, module.parent_ids):
-        y, scale, shift, ratio = fused_resample(resample, feats[i].to(dtype), activation, padding, workspace)
+        y, scale, shift, ratio = resample_parent(resample, feats[i].to(dtype), activation, padding, workspace)
         parents.append(y)
         scales.append(scale)
         shifts.append(shift)

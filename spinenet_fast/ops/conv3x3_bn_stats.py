@@ -99,14 +99,10 @@ def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, strid
             pad_before, stats,
         )  # fmt: skip
         return [y, stats]
-    if stats is not None:
-        y, new_stats = conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias)
-        stats.add_(new_stats)
-        return [y, stats]
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
-    y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads,
-                 groups=conv_groups(x, weight))  # fmt: skip
-    return conv_outputs(y, x)
+    y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads)
+    y, new_stats = conv_outputs(y, x)
+    return [y, new_stats if stats is None else stats.add_(new_stats)]
 
 
 def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, bias=None) -> list[str]:
@@ -196,7 +192,7 @@ def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, s
                                                    stride, d_bias_out)  # fmt: skip
     dtype = stats_dtype(x)
     dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
-        dy, d_sum.to(dtype), d_sumsq.to(dtype), y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
+        dy, d_sum, d_sumsq, y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
         activation, stride, spatial_padding(3, stride, padding)[0],
     )  # fmt: skip
     if d_bias_out is not None:

@@ -170,7 +170,9 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         conv1x1_bn,
         conv1x1_bn_stats,
         conv3x3_bn,
+        conv3x3_bn_levels,
         conv3x3_bn_stats,
+        conv3x3_levels,
         match_anchors,
         merge,
         pooled_conv1x1_bn,
@@ -213,6 +215,19 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
                                        stride=stride, bias=leaf(64, stats=True)))  # fmt: skip
             backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 1, 3, 3), scale, shift, act, padding, stride=stride,
                                  **bn))  # fmt: skip
+        # the head's tower layers and predictors on five levels at once (packed P3…P7 of a 256 px image, fp32 master
+        # weight and bias under autocast)
+        sizes = [(32 >> k, 32 >> k) for k in range(5)]
+        rows = sum(h * w for h, w in sizes)
+        levels_affine = (None, None) if scale is None else (leaf(5, 64, stats=True), leaf(5, 64, stats=True))
+        master = torch.float32 if dtype != torch.float32 else dtype
+        level_bn = dict(bn_weights=[leaf(64, stats=True) for _ in sizes],
+                        bn_biases=[leaf(64, stats=True) for _ in sizes], eps=1e-3,
+                        running_means=[torch.zeros(64) for _ in sizes], running_vars=[torch.ones(64) for _ in sizes],
+                        num_batches_tracked=[torch.zeros((), dtype=torch.long) for _ in sizes])  # fmt: skip
+        conv_args = (leaf(2, rows, 64), sizes, leaf(64, 64, 3, 3).to(master), leaf(64, stats=True), *levels_affine)
+        backward(*conv3x3_bn_levels(*conv_args, act, **level_bn))
+        backward(conv3x3_levels(*conv_args, act))
         for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
             backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
                                         **bn))  # fmt: skip

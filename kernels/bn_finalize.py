@@ -43,9 +43,20 @@ def finalize_when_last(stats_ptr, counter_ptr, weight_ptr, bias_ptr, scale_ptr, 
     ticket from the zeroed int32 ``counter``; the program holding the last ticket (every other program's statistics
     are complete) finalizes all C channels (``finalize_channels``) and adds 1 to the batch counter. No finalize
     launch: the last-block reduction, with an acquire-release ticket after a barrier of the program's threads."""
+    finalize_when_last_of(tl.num_programs(0) * tl.num_programs(1), stats_ptr, counter_ptr, weight_ptr, bias_ptr,
+                          scale_ptr, shift_ptr, mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C,
+                          count, eps, momentum, unbias, HAS_RUNNING, HAS_COUNTER, BLOCK_C)  # fmt: skip
+
+
+@triton.jit
+def finalize_when_last_of(programs, stats_ptr, counter_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr,
+                          var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum, unbias,
+                          HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """``finalize_when_last`` where ``programs`` programs of the launch add to these statistics (one segment of a
+    launch that finalizes several BNs: a level of ``conv3x3_levels``)."""
     tl.debug_barrier()  # every thread's statistics atomics precede this program's ticket
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+    if ticket == programs - 1:
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             finalize_channels(c, c < C, stats_ptr, stats_ptr + C, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr,

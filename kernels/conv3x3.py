@@ -18,18 +18,16 @@ from .gemm_config import gemm_launch_config
 
 
 @triton.jit
-def _conv3x3_fwd_kernel(
-    y_ptr, stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
-    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, bias_ptr, scale_ptr,
-    shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
-    sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
+def conv3x3_tile(
+    pid_m, pid_n, y_ptr, stats_ptr, x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT,
+    W_OUT, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
     STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
-    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, with ``STATS`` adding its channel sums to
+    the (2, N_OUT) stats."""
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, i, j = p // HW_OUT, (p % HW_OUT) // W_OUT, p % W_OUT
     y_rows = n * sy_n + i * sy_h + j * sy_w
     h0, w0 = STRIDE * i - PAD, STRIDE * j - PAD  # the window's top-left input pixel
@@ -59,7 +57,28 @@ def _conv3x3_fwd_kernel(
     if HAS_BIAS:  # rounded to the storage dtype as autocast rounds it; added before the one rounding of y
         bias = tl.load(bias_ptr + o, mask=o < N_OUT, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += bias[None, :]
-    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT)
+    if STATS:
+        store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT)
+    else:
+        mask = (p < P)[:, None] & (o < N_OUT)[None, :]
+        tl.store(y_ptr + y_rows[:, None] + o[None, :] * sy_c, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv3x3_fwd_kernel(
+    y_ptr, stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
+    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, bias_ptr, scale_ptr,
+    shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
+    sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One tile of y (``conv3x3_tile``), adding its channel sums to the stats."""
+    conv3x3_tile(tl.program_id(0), tl.program_id(1), y_ptr, stats_ptr, x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, P,
+                 C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c,
+                 sw_h, sw_w, STRIDE, PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, True, BLOCK_M, BLOCK_N,
+                 BLOCK_K)  # fmt: skip
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
                            bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, N_OUT, count, eps, momentum,

@@ -20,8 +20,9 @@ from .eval.__main__ import main as evaluate_checkpoint
 from .predict import load_detector, save_grid
 from .train.__main__ import main as train
 
+DEMO_MODEL = "mobile-49XS"
 DEMO_TRAIN_ARGS = [
-    "--model", "mobile-49XS", "--image-size", "128", "-b", "8", "--lr", "0.05", "--bn-momentum", "0.1",
+    "--image-size", "128", "-b", "8", "--lr", "0.05", "--bn-momentum", "0.1",
     "--stochastic-depth-rate", "0", "--scale-range", "0.75", "1.33", "--workers", "0", "--seed", "0",
 ]  # fmt: skip
 
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-val", type=int, default=100)
+    parser.add_argument("--model", default=DEMO_MODEL,
+                        help="the backbone (as the training CLI's --model; e.g. 49XS-custom: SpineNet's topology and "
+                        "BN head)")  # fmt: skip
+    parser.add_argument("--fused", default="auto", choices=("auto", "true", "false"),
+                        help="fused ops (as the training CLI's --fused; on the CPU, their CPU backends)")  # fmt: skip
     args = parser.parse_args(argv)
 
     data = args.output_dir / "data"
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()
     start = time.perf_counter()
-    train(["--data-path", str(data), "--output-dir", str(run), "--epochs", str(args.epochs), *DEMO_TRAIN_ARGS])
+    train(["--data-path", str(data), "--output-dir", str(run), "--epochs", str(args.epochs), "--model", args.model,
+           "--fused", args.fused, *DEMO_TRAIN_ARGS])  # fmt: skip
     stats = evaluate_checkpoint(
         ["--checkpoint", str(run / "checkpoint.pth"), "--data-path", str(data), "--output-dir", str(run / "eval"),
          "--workers", "0"]

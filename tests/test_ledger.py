@@ -244,15 +244,13 @@ def test_detector_step_parts_and_the_fused_loss(detector_step, tmp_path):
     assert fused["loss"]["forward"]["triton _retinanet_loss_kernel"] == 1
     assert fused["loss"]["backward"]["triton _retinanet_loss_kernel"] == 1
     assert not any("retinanet_loss" in op for passes in eager.values() for ops in passes.values() for op in ops)
-    # The fused head: one implicit GEMM per (tower layer or predictor, level) and pass (the five levels' shared weight
-    # and bias gradients into one buffer: no per-level gradient of a tower conv added up), one concatenation per
-    # output; the predictors' per-level weight and bias gradients (zeroed, added) and the features' two tower
-    # gradients are what the backward adds.
-    gemms = 2 * (4 + 1) * 5  # (class, box) × (4 tower convs, predictor) × levels
+    # The fused head: one implicit GEMM for all five levels per tower layer or predictor and pass; the features packed
+    # once (one cat), one zeroed statistics buffer per tower; per backward launch its one zeroed buffer of dW, d_bias
+    # and the prologue's gradients; the features' two tower gradients added once (packed).
+    gemms = 2 * (4 + 1)  # (class, box) × (4 tower convs, predictor)
     assert fused["head"] == {
-        "forward": {"aten zeros": 12, "triton _conv3x3_fwd_kernel": gemms, "aten cat": 2},
-        "backward": {"aten zeros": 20, "aten new_zeros": 10, "aten zeros_like": 10,
-                     "triton _conv3x3_backward_kernel": gemms, "aten add": 21},
+        "forward": {"aten cat": 1, "aten zeros": 2, "triton _conv3x3_levels_fwd_kernel": gemms},
+        "backward": {"aten zeros": gemms, "triton _conv3x3_levels_backward_kernel": gemms, "aten add": 1},
     }  # fmt: skip
     assert not any("convolution" in op or "batch_norm" in op for ops in fused["head"].values() for op in ops)
     launches = rows_by_part(result["summary"]["groups"])["loss (matching, focal and box losses)"]

@@ -1,15 +1,19 @@
 """The fused forward of :class:`~spinenet_fast.detection.head.SpineNetRetinaNetHead`'s towers and predictors.
 
 A tower layer is one 3×3 conv with a bias, shared by the five levels, then that level's BN and the activation. Fused,
-each (layer, level) is one ``conv3x3_bn`` (stride 1, the bias added in its epilogue, the BN finalised in its last
-program, its backward one dgrad + wgrad launch that folds the BN's) whose prologue is the same level's previous BN +
-act, so no normalised or activated tensor is written; a predictor is one ``conv3x3_bn_stats`` with a bias per level,
-whose prologue is the last tower BN + act. In training mode the five levels' backward launches of a tower layer add
-their weight and bias gradients into one zeroed fp32 buffer, handed to autograd once by :class:`SharedParameter`:
-no per-level gradient is allocated or added up. A predictor's channels_last (N, A·V, H, W) output viewed as
-(N, H·W·A, V) is torchvision's anchor order without a copy; one concatenation per output joins the levels. BN with
-running statistics (eval mode) becomes the next conv's prologue affine. Activations are NCHW of any memory format;
-under autocast they run in the autocast dtype with the fp32 parameters rounded as the kernels load them.
+the levels are packed as one ragged batch (N, S, C) (one copy of the features) and each tower layer is one
+``conv3x3_bn_levels`` for all levels — one launch per pass on Triton: the bias in its epilogue, each level's
+statistics in its own segment and its BN finalised by that level's last program; the backward one dgrad + wgrad
+launch that folds each level's BN and adds every level's weight and bias gradients into one — whose prologue is each
+level's previous BN + act, so no normalised or activated tensor is written. A predictor is one ``conv3x3_levels``
+whose prologue is the last tower BN + act, and whose packed (N, S, A·V) output viewed as (N, S·A, V) is torchvision's
+anchor order: no concatenation. BN with running statistics (eval mode) becomes the next conv's prologue affine.
+
+Towers whose BNs that path does not take (a process group, a cumulative moving average, training and eval modes mixed,
+more than five levels) run level by level: each (layer, level) one ``conv3x3_bn``, the five levels' backward launches
+adding the weight and bias gradients into one zeroed fp32 buffer handed to autograd once by :class:`SharedParameter`,
+a predictor one ``conv3x3_bn_stats`` per level and one concatenation per output. Activations are NCHW of any memory
+format; under autocast they run in the autocast dtype with the fp32 parameters rounded as the kernels load them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..models.fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn, gemm_weight, uses_batch_statistics
-from ..ops import conv3x3_bn_stats
+from ..models.fused_merge import (
+    ConnectionWorkspace,
+    batch_bn_kwargs,
+    compute_dtype,
+    conv_then_bn,
+    gemm_weight,
+    running_affine,
+    sync_group,
+    uses_batch_statistics,
+)
+from ..ops import conv3x3_bn_levels, conv3x3_bn_stats, conv3x3_levels, pack_levels
+from ..ops.conv3x3_levels import MAX_LEVELS
 from .anchors import flatten_per_anchor
 
 
@@ -128,16 +142,72 @@ def predictor_forward(predictor: nn.Conv2d, y: Tensor, scale, shift, activation:
 
 
 def fused_head_forward(head, features: list[Tensor]) -> dict[str, Tensor]:
-    """``head(features)`` from the fused ops: same parameters, buffers and result as the eager forward."""
+    """``head(features)`` from the fused ops: same parameters, buffers and result as the eager forward. Each tower
+    layer and predictor runs on all levels at once (``levels_forward``) where every BN of a tower is alike (batch
+    statistics, no process group, a momentum; or running statistics); otherwise level by level."""
     dtype = compute_dtype(features[0])
     features = [x.to(dtype) for x in features]
+    towers = (("cls_logits", head.class_tower, head.class_predictor, head.num_classes),
+              ("bbox_regression", head.box_tower, head.box_predictor, 4))  # fmt: skip
+    if len(features) <= MAX_LEVELS and all(levels_mode(tower, len(features)) for _, tower, _, _ in towers):
+        return levels_forward(head, features, towers)
     outputs = {}
-    for name, tower, predictor, values in (
-        ("cls_logits", head.class_tower, head.class_predictor, head.num_classes),
-        ("bbox_regression", head.box_tower, head.box_predictor, 4),
-    ):
+    for name, tower, predictor, values in towers:
         levels = tower_forward(tower, features, head.activation)
         outputs[name] = torch.cat(
             [predictor_forward(predictor, y, scale, shift, head.activation, values) for y, scale, shift in levels], 1
         )
+    return outputs
+
+
+def levels_mode(tower, num_levels: int) -> str | None:
+    """``"batch"`` where every BN of the tower normalises with batch statistics outside a process group and has a
+    momentum and the same eps and momentum as the other levels' BN of its layer, ``"running"`` where every BN uses
+    its running statistics, else None (the towers then run level by level)."""
+    norms = [tower.norms[level][k] for k in range(len(tower.convs)) for level in range(num_levels)]
+    if all(not uses_batch_statistics(n) for n in norms):
+        return "running"
+    if not all(uses_batch_statistics(n) and sync_group(n) is None and n.momentum is not None for n in norms):
+        return None
+    layers = [[tower.norms[level][k] for level in range(num_levels)] for k in range(len(tower.convs))]
+    alike = all(len({(n.eps, n.momentum, n.track_running_stats) for n in layer}) == 1 for layer in layers)
+    return "batch" if alike else None
+
+
+def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
+    """The towers and predictors with every level in one launch per layer (``conv3x3_bn_levels`` /
+    ``conv3x3_levels`` on the levels packed as one (N, S, C) tensor: one copy of the features); each predictor's
+    packed (N, S, A·V) output viewed as (N, S·A, V) is torchvision's anchor order."""
+    sizes = [(x.shape[2], x.shape[3]) for x in features]
+    packed = pack_levels(features)
+    stats_dtype = torch.promote_types(packed.dtype, torch.float32)
+    outputs = {}
+    for name, tower, predictor, values in towers:
+        y, scale, shift = packed, None, None
+        batch = levels_mode(tower, len(sizes)) == "batch"
+        per_layer = len(sizes) * (2 * predictor.in_channels + 1)
+        elements = per_layer * len(tower.convs) if batch else 0  # each layer's statistics and counters: one fill
+        workspace = torch.zeros(elements, dtype=stats_dtype, device=packed.device) if batch else None
+        for k, conv in enumerate(tower.convs):
+            norms = [tower.norms[level][k] for level in range(len(sizes))]
+            weight = gemm_weight(conv.weight, y.dtype)
+            act = head.activation if scale is not None else "identity"
+            if batch:
+                bn = [batch_bn_kwargs(norm) for norm in norms]
+                running = bn[0]["running_mean"] is not None
+                y, scale, shift = conv3x3_bn_levels(
+                    y, sizes, weight, conv.bias, scale, shift, act, bn_weights=[n.weight for n in norms],
+                    bn_biases=[n.bias for n in norms], eps=bn[0]["eps"], momentum=bn[0]["momentum"],
+                    running_means=[b["running_mean"] for b in bn] if running else None,
+                    running_vars=[b["running_var"] for b in bn] if running else None,
+                    num_batches_tracked=[b["num_batches_tracked"] for b in bn] if bn[0]["num_batches_tracked"]
+                    is not None else None, stats_buffer=workspace[k * per_layer : (k + 1) * per_layer],
+                )  # fmt: skip
+            else:
+                y = conv3x3_levels(y, sizes, weight, conv.bias, scale, shift, act)
+                affines = [running_affine(norm, stats_dtype) for norm in norms]
+                scale, shift = torch.stack([a[0] for a in affines]), torch.stack([a[1] for a in affines])
+        out = conv3x3_levels(y, sizes, gemm_weight(predictor.weight, y.dtype), predictor.bias, scale, shift,
+                             head.activation)  # fmt: skip
+        outputs[name] = out.view(out.shape[0], -1, values)
     return outputs

@@ -8,6 +8,7 @@ from .conv1x1_bn import conv1x1_bn, conv1x1_bn_backward_reference
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
 from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
+from .conv3x3_levels import conv3x3_bn_levels, conv3x3_levels, level_views, pack_levels
 from .match_anchors import match_anchors, match_anchors_reference
 from .merge import merge, merge_backward_reference, merge_for_readers, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
@@ -24,14 +25,18 @@ __all__ = [
     "conv1x1_bn_stats_reference",
     "conv3x3_bn",
     "conv3x3_bn_backward_reference",
+    "conv3x3_bn_levels",
     "conv3x3_bn_stats",
     "conv3x3_bn_stats_reference",
+    "conv3x3_levels",
+    "level_views",
     "match_anchors",
     "match_anchors_reference",
     "merge",
     "merge_backward_reference",
     "merge_for_readers",
     "merge_reference",
+    "pack_levels",
     "pooled_conv1x1_bn",
     "retinanet_loss",
     "retinanet_loss_reference",

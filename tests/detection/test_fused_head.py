@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from spinenet_fast.detection import SpineNetRetinaNetHead
-from spinenet_fast.detection.fused_head import SharedParameter
+from spinenet_fast.detection.fused_head import SharedParameter, levels_mode
 from spinenet_fast.ops import use_backend
 
 from ..conftest import require_backend
@@ -69,11 +69,17 @@ def test_fused_head_equals_eager_in_float64(mode):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_tower_gradients_share_one_buffer_per_layer_and_a_second_backward():
-    """fp32 parameters in training mode: each tower layer's five levels add the shared weight's and bias' gradients
-    into one buffer (autograd receives it once, no per-level gradient); a second backward through the same graph
-    (``retain_graph``) returns the same gradients."""
+def test_level_by_level_towers_share_one_gradient_buffer_per_layer_and_a_second_backward():
+    """BNs the one-launch-per-layer path does not take (a cumulative moving average: momentum None) run the towers
+    level by level: fp32 parameters in training mode, each tower layer's five levels add the shared weight's and
+    bias' gradients into one buffer (autograd receives it once, no per-level gradient); a second backward through the
+    same graph (``retain_graph``) returns the same gradients; the running statistics follow eager's."""
     eager, fused = make_heads(torch.float32, channels=16)
+    for head in (eager, fused):
+        for module in head.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = None
+    assert levels_mode(fused.class_tower, 5) is None
     feats = features(torch.float32, channels=16, sizes=[(8, 8), (6, 6), (4, 4), (3, 3), (2, 2)])
     _, want = loss_and_grads(eager, feats)
     with use_backend("reference"):
@@ -86,6 +92,22 @@ def test_tower_gradients_share_one_buffer_per_layer_and_a_second_backward():
     for got in (first, second):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def testlevels_mode_of_each_kind_of_tower():
+    """All batch statistics alike: one launch per layer; running statistics (eval): likewise; a tower mixing the two
+    or BNs of one layer with different momenta: level by level."""
+    _, fused = make_heads(torch.float32)
+    assert levels_mode(fused.class_tower, 5) == "batch"
+    fused.eval()
+    assert levels_mode(fused.class_tower, 5) == "running"
+    fused.class_tower.norms[2][0].train()
+    assert levels_mode(fused.class_tower, 5) is None
+    fused.train()
+    fused.class_tower.norms[2][0].momentum = 0.5
+    assert levels_mode(fused.class_tower, 5) is None
 
 
 def test_shared_parameter_passes_its_buffer_once():
@@ -120,18 +142,19 @@ def test_fused_backends_match_the_reference_backend(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_tolerance_rule(dtype):
-    """Under autocast (fp32 parameters, the extension's kernels): outputs and parameter gradients against fp32 no
-    worse than eager autocast's, by the tolerance rule."""
-    require_backend("cuda")
+def test_autocast_tolerance_rule(dtype, backend):
+    """Under autocast (fp32 parameters; the extension's kernels or Triton's): outputs and parameter gradients against
+    fp32 no worse than eager autocast's, by the tolerance rule."""
+    require_backend(backend)
     eager, fused = make_heads(torch.float32, num_convs=1, channels=16)
     sizes = [(8, 8), (6, 6), (4, 4), (4, 3), (3, 3)]  # BN over ≥ 9 values per level: no chance-conditioned variance
     feats = features(torch.float32, channels=16, sizes=sizes)
     reference = loss_and_grads(copy.deepcopy(eager), feats)
     with torch.autocast("cpu", dtype=dtype):
         low = loss_and_grads(eager, feats)
-        with use_backend("cuda"):
+        with use_backend(backend):
             got = loss_and_grads(fused, feats)
     for name in reference[0]:
         assert got[0][name].dtype == dtype
@@ -149,3 +172,23 @@ def test_heads_that_cannot_fuse_run_eagerly():
     _, fused = make_heads(torch.float32)
     empty = fused([torch.randn(0, 8, h, w) for h, w in SIZES])
     assert empty["cls_logits"].shape == (0, sum(h * w for h, w in SIZES) * 3, 5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compile_fullgraph_traces_the_levels_ops(mode):
+    """``torch.compile(fullgraph=True)`` traces the one-launch-per-layer head (the ops' fakes, the running statistics
+    the forward op mutates): the same outputs, gradients and buffers as eager, reference backend, float64."""
+    eager, fused = make_heads()
+    getattr(eager, mode)()
+    getattr(fused, mode)()
+    feats = features()
+    want_out, want = loss_and_grads(eager, feats)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with use_backend("reference"):
+        got_out, got = loss_and_grads(compiled, feats)
+    for name in want_out:
+        torch.testing.assert_close(got_out[name], want_out[name], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

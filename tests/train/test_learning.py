@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spinenet_fast.data.synthetic import make_synthetic_coco
-from spinenet_fast.demo import DEMO_TRAIN_ARGS
+from spinenet_fast.demo import DEMO_MODEL, DEMO_TRAIN_ARGS
 from spinenet_fast.train.__main__ import main as train_main
 
 AP50_FLOOR = 0.15  # an untrained model scores ~0; the full demo ~0.85
@@ -34,7 +34,7 @@ def _train(tmp_path, epochs: int, *extra: str) -> tuple[dict, list[float]]:
     try:
         stats = train_main(
             ["--data-path", str(data), "--output-dir", str(out), "--epochs", str(epochs), "--eval-every", str(epochs),
-             "--no-progress", *DEMO_TRAIN_ARGS, *extra]
+             "--no-progress", "--model", DEMO_MODEL, *DEMO_TRAIN_ARGS, *extra]
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)

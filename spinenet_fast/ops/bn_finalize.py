@@ -42,7 +42,7 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
         raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not 0 < eps < math.inf:  # (NaN fails too; comparisons, unlike math.isfinite, trace with a symbolic float)
         raise ValueError(f"eps must be positive and finite, got {eps!r}")
     if running_mean is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
         raise TypeError(f"momentum must be a real number in [0, 1], got {type(momentum).__name__}")

@@ -192,3 +192,21 @@ def test_compile_fullgraph_traces_the_levels_ops(mode):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     for a, b in zip(fused.buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_again_with_another_bn_eps():
+    """A second compile of the head's forward with other BN epsilons (``torch.compile``'s automatic dynamic makes a
+    changed float symbolic): the argument checks trace with a symbolic eps (found when another test's compile of the
+    same code ran first)."""
+    for eps in (1e-3, 1e-5):
+        eager, fused = make_heads()
+        for head in (eager, fused):
+            for module in head.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eps = eps
+        feats = features()
+        want_out, _ = loss_and_grads(eager, feats)
+        with use_backend("reference"):
+            got_out, _ = loss_and_grads(torch.compile(fused, fullgraph=True, backend="aot_eager"), feats)
+        for name in want_out:
+            torch.testing.assert_close(got_out[name], want_out[name], rtol=1e-10, atol=1e-10)

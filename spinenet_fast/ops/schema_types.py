@@ -8,3 +8,4 @@ from torch import Tensor
 
 TensorList = List[Tensor]  # noqa: UP006
 IntList = List[int]  # noqa: UP006
+FloatList = List[float]  # noqa: UP006

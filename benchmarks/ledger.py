@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -112,16 +113,29 @@ class LaunchCounter(TorchDispatchMode):
         self.ledger = ledger
         self.parts = ["other"]
         self.pass_ = "forward"
+        self.ranges: list[str] = []  # the part suffix of each open profiler range ("" for other ranges)
 
     def part(self) -> str:
+        suffix = self.ranges[-1] if self.ranges else ""
         if self.pass_ == "backward":
             node = torch._C._current_autograd_node()
             if node is None:  # the backward's seed gradient
                 return "loss"
             if "AccumulateGrad" in node.name():
                 return "gradient accumulation"
-            return node.metadata.get(PART_KEY, "other")
-        return self.parts[-1]
+            return node.metadata.get(PART_KEY, "other") + suffix
+        return self.parts[-1] + suffix
+
+    def profiler_range(self, name: str, args: tuple) -> object:
+        """Open (``_record_function_enter_new``) or close a profiler range: a fused op's range around one parent's
+        work (``ops.expand_merge.parent_scope``: ``expand_merge.parent<i>``) makes its launches that parent's."""
+        if name == "profiler::_record_function_enter_new":
+            handle = torch.ops.profiler._record_function_enter_new(*args)
+            parent = re.fullmatch(r"expand_merge\.parent(\d+)", args[0])
+            self.ranges.append(f".resamples.{parent[1]}" if parent else "")
+            return handle
+        self.ranges.pop()  # ranges nest: the innermost closes
+        return torch.ops.profiler._record_function_exit._RecordFunction(*args)
 
     def count(self, kind: str, name: str, nbytes: int = 0, flops: int = 0) -> None:
         self.ledger.counts[self.part()][self.pass_][f"{kind} {name}"] += 1
@@ -142,6 +156,8 @@ class LaunchCounter(TorchDispatchMode):
             with self:  # below autograd (inside a fused op) a composite op arrives whole: count what it runs
                 return func.decompose(*args, **kwargs)
         name = func._schema.name  # namespace::op, without the overload
+        if name.startswith("profiler::_record_function"):  # launches nothing
+            return self.profiler_range(name, args)
         if name.startswith("spinenet_fast::ext_"):  # the extension: the kernels its C++ logged
             torch.ops.spinenet_fast.ext_launch_log(True)
             out = func(*args, **kwargs)
@@ -193,7 +209,7 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
 
     handles = [m.register_forward_pre_hook(enter) for m in parts.values()]
     handles += [m.register_forward_hook(leave) for m in parts.values()]
-    resample_functions = ("fused_resample", "fused_mobile_resample")  # the fused paths' per-parent functions
+    resample_functions = ("fused_resample", "fused_mobile_resample", "fused_squeeze")  # the per-parent functions
     originals = {name: getattr(fused_merge, name) for name in resample_functions}
 
     def tracked(function):

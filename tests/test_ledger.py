@@ -49,9 +49,15 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
 
     assert kinds(eager) == {"aten"}
     assert {"aten", "triton", "extension"} <= kinds(fused)
-    parent = fused["merges.0.resamples.0"]["forward"]
-    assert parent.get("triton _conv1x1_fwd_kernel", 0) >= 2  # squeeze and expand GEMMs
-    assert "aten conv2d" not in parent
+    # A same-level connection (expand_merge): per parent the squeeze GEMM and the expand's statistics GEMM forward,
+    # the squeeze's backward and K2 backward; the merge its zeroed workspace and the GEMM that recomputes the expand
+    # outputs forward, K1 backward.
+    assert fused["merges.0.resamples.0"] == {
+        "forward": {"triton _conv1x1_fwd_kernel": 1, "triton _expand_stats_kernel": 1},
+        "backward": {"triton _conv1x1_backward_kernel": 1, "triton _expand_k2_kernel": 1},
+    }
+    assert fused["merges.0"] == {"forward": {"aten zeros": 1, "triton _expand_merge_fwd_kernel": 1},
+                                 "backward": {"triton _expand_merge_k1_kernel": 1}}  # fmt: skip
     # A bottleneck block: two 1×1 GEMMs, the 3×3 implicit GEMM and the merge of its output, each pass.
     block = fused["groups.3"]
     assert block["forward"] == {"aten zeros": 1, "triton _conv1x1_fwd_kernel": 2, "triton _conv3x3_fwd_kernel": 1,
@@ -103,7 +109,7 @@ def fused_launches(ledger: dict, part: str, pass_: str) -> int:
 def test_fused_launch_budgets(small):
     """fused_ops.md §7: per parent ≤ 3 launches forward and ≤ 5 backward, per merge ≤ 2 per pass (BN finalisation
     of all its parents included), none of the forbidden reductions, copies, casts or fills in either pass; and a
-    ratchet below the budgets: upsampling and same-level parents ≤ 2 forward and ≤ 3 backward, each merge's backward
+    ratchet below the budgets: upsampling and same-level parents ≤ 2 forward and ≤ 2 backward, each merge's backward
     1 launch, the fused backbone fewer launches than eager in both passes (lower these as kernels land)."""
     from benchmarks.ledger import FORBIDDEN
 
@@ -115,7 +121,7 @@ def test_fused_launch_budgets(small):
     for part in parents:
         forward, backward = (fused_launches(fused, part, pass_) for pass_ in ("forward", "backward"))
         downsampling = any("conv3x3" in op for op in fused[part]["forward"])
-        assert forward <= (3 if downsampling else 2) and backward <= (5 if downsampling else 3), part
+        assert forward <= (3 if downsampling else 2) and backward <= (5 if downsampling else 2), part
     for part in merges:
         assert fused_launches(fused, part, "forward") <= 2 and fused_launches(fused, part, "backward") <= 1, part
     for part in parents + merges:

@@ -9,6 +9,10 @@ in training mode finalises the statistics (running variance with the upsampled c
 the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2, C) [Σ; Σ²] (and, in the backward,
 the gradients they feed). Under autocast the activations run in the autocast dtype and the conv ops take the fp32
 weights, rounding them as they load them; statistics, scales and shifts stay fp32.
+
+A connection whose parents are all same-level or upsampling ones, with its expand BNs in training mode (outside
+SyncBN), runs its expand convs, their BNs and the merge as one ``expand_merge`` after the squeezes: the expand
+outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from ..ops import (
     conv1x1_bn_stats,
     conv3x3_bn,
     conv3x3_bn_stats,
+    expand_merge,
     merge_for_readers,
     pooled_conv1x1_bn,
 )
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
+from ..ops.expand_merge import workspace_size
 
 
 def uses_batch_statistics(bn: nn.Module) -> bool:
@@ -49,6 +55,9 @@ class ConnectionWorkspace:
     @classmethod
     def for_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
         """The workspace of a ``CrossScaleMerge``'s fused forward (``fused_merge_forward``)."""
+        if expanding_layers(module) is not None:
+            squeezes = [size for r in module.resamples for size in cls.layer_sizes(r.squeeze, False, dtype)]
+            return cls([*squeezes, expand_merge_size(module)], device, dtype)
         sizes = []  # elements
         for resample in module.resamples:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
@@ -106,6 +115,26 @@ class ConnectionWorkspace:
         view = self.buffer[self.offset : self.offset + rows * channels].view(rows, channels)
         self.offset += rows * channels
         return view
+
+
+def expanding_layers(module) -> list[nn.Module] | None:
+    """The expand conv + BN layer (``.conv``, ``.bn``) of each parent of a ``CrossScaleMerge`` that runs as one
+    ``expand_merge``: one or two parents, all same-level or upsampling, every expand BN normalising with batch
+    statistics outside a SyncBN group and updating its running statistics and counter alike; else None."""
+    if len(module.resamples) > 2 or any(resample.down is not None for resample in module.resamples):
+        return None
+    layers = [resample.expand for resample in module.resamples]
+    bns = [layer.bn for layer in layers]
+    if not all(uses_batch_statistics(bn) and sync_group(bn) is None for bn in bns):
+        return None
+    updates = {(bn.training and bn.track_running_stats, bn.momentum is None, bn.running_mean is None) for bn in bns}
+    return layers if len(updates) == 1 else None
+
+
+def expand_merge_size(module) -> int:
+    """The elements of a merge module's ``expand_merge`` workspace."""
+    layers = expanding_layers(module)
+    return workspace_size(layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers])
 
 
 def batch_bn_kwargs(bn: nn.Module) -> dict | None:
@@ -188,6 +217,12 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight if low_precision and weight.dtype == torch.float32 else weight.to(dtype)
 
 
+def fused_squeeze(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
+    """One parent's squeeze output h (before its BN) and that BN's scale and shift: the prologue of its expand conv
+    inside ``expand_merge``."""
+    return conv_then_bn(x, resample.squeeze.conv, resample.squeeze.bn, None, None, activation, workspace)
+
+
 def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
@@ -260,6 +295,9 @@ def merge_resampled_parents(module, feats: list[Tensor], activation: str, paddin
     ``merge_for_readers``."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     workspace = workspace_for(module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
+    layers = expanding_layers(module) if workspace_for == ConnectionWorkspace.for_merge else None
+    if layers is not None:
+        return expanded_parents(module, feats, activation, padding, readers, workspace, layers, dtype)
     parents, scales, shifts, ratios = [], [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         y, scale, shift, ratio = resample_parent(resample, feats[i].to(dtype), activation, padding, workspace)
@@ -267,9 +305,39 @@ def merge_resampled_parents(module, feats: list[Tensor], activation: str, paddin
         scales.append(scale)
         shifts.append(shift)
         ratios.append(ratio)
-    extra = None
-    for j in module.extra_ids:
-        extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
+    extra = summed_extras(module, feats, dtype)
     sums_buffer = workspace.take(parents[0].shape[1], rows=3) if len(parents) <= 2 else None
     return merge_for_readers(parents, scales, shifts, ratios, extra, activation, readers=readers,
                              sums_buffer=sums_buffer)  # fmt: skip
+
+
+def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """The sum of a merge module's raw extra inputs in ``dtype`` (None without any)."""
+    extra = None
+    for j in module.extra_ids:
+        extra = feats[j].to(dtype) if extra is None else extra + feats[j].to(dtype)
+    return extra
+
+
+def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
+                     workspace: ConnectionWorkspace, layers: list[nn.Module], dtype: torch.dtype
+                     ) -> tuple[Tensor, ...]:  # fmt: skip
+    """A ``CrossScaleMerge`` whose parents are all same-level or upsampling ones (``expanding_layers``): each
+    parent's squeeze, then one ``expand_merge``."""
+    parents, scales, shifts = [], [], []
+    for resample, i in zip(module.resamples, module.parent_ids):
+        h, scale, shift = fused_squeeze(resample, feats[i].to(dtype), activation, padding, workspace)
+        parents.append(h)
+        scales.append(scale)
+        shifts.append(shift)
+    bn_kwargs = [batch_bn_kwargs(layer.bn) for layer in layers]
+    ratios = [resample.upsample_factor for resample in module.resamples]
+    optional = lambda key: [kw[key] for kw in bn_kwargs] if bn_kwargs[0][key] is not None else None  # noqa: E731
+    return expand_merge(
+        parents, scales, shifts, [gemm_weight(layer.conv.weight, dtype) for layer in layers], ratios,
+        summed_extras(module, feats, dtype), activation, bn_weights=[layer.bn.weight for layer in layers],
+        bn_biases=[layer.bn.bias for layer in layers], eps=[kw["eps"] for kw in bn_kwargs],
+        running_means=optional("running_mean"), running_vars=optional("running_var"),
+        num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
+        readers=readers, workspace=workspace.take(expand_merge_size(module), rows=1).view(-1),
+    )  # fmt: skip

@@ -9,7 +9,7 @@ from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
 from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
 from .conv3x3_levels import conv3x3_bn_levels, conv3x3_levels, level_views, pack_levels
-from .expand_merge import expand_merge, expand_merge_reference, workspace_size
+from .expand_merge import expand_merge, expand_merge_reference
 from .match_anchors import match_anchors, match_anchors_reference
 from .merge import merge, merge_backward_reference, merge_for_readers, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
@@ -30,9 +30,9 @@ __all__ = [
     "conv3x3_bn_stats",
     "conv3x3_bn_stats_reference",
     "conv3x3_levels",
-    "level_views",
     "expand_merge",
     "expand_merge_reference",
+    "level_views",
     "match_anchors",
     "match_anchors_reference",
     "merge",
@@ -45,5 +45,4 @@ __all__ = [
     "retinanet_loss_reference",
     "set_backend",
     "use_backend",
-    "workspace_size",
 ]

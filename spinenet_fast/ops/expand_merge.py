@@ -14,13 +14,12 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
 - forward: one statistics-only GEMM per parent (Σe, Σe² of the fp32 accumulators; its last program finalizes the
   BN and updates the running statistics), then one GEMM over every parent's a (K = Σ C_h,p) that recomputes each
   e_p, applies its BN, gathers the upsampled parents' rows, adds ``extra`` and the activation;
-- backward (BN's backward in closed form, no e or de stored): K1 recomputes z, stores dz = Σ grads·act'(z) once
-  (also ``extra``'s gradient) and accumulates t = Σdz, k_p = Σ dz·ê_p, R_p = dzᵀa_p, Q_p = ê_pᵀa_p, s_p = Σa_p
-  over the output's rows (an upsampled parent's rows gathered); then per parent a finalize: dγ_p = k_p, dβ_p = t,
-  dW_p = (γ/σ)·(R_p − t s_pᵀ/M − (k_p/M)·Q_p) with M the output's rows, and the (C_h, C_h) matrix and row of
-  da_p = Σ_ρ×ρ(dz)·diag(γ/σ)W_p + a_p·D_p + c_p, D_p = −W_pᵀ diag(γk/(σ²n)) W_p,
-  c_p = (γ(kμ/σ − t)/(σn))ᵀ W_p (n: the BN's count, the parent's rows); then K2, that GEMM, with the squeeze's
-  BN + act backward in its epilogue (d_scale, d_shift accumulated there).
+- backward: K1 recomputes z, stores dz = Σ grads·act'(z) once (also ``extra``'s gradient) and accumulates each
+  parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then per parent K2, at the parent's
+  resolution, recomputes ê_p, forms BN's backward de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
+  the BN's count, the parent's pixels; the cancellation happens where eager's BN backward has it) and runs both of
+  its GEMMs: da_p = de_p·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
+  there), and dW_p += de_pᵀa_p. No e or de is ever stored.
 
 The accumulators live in one zeroed fp32 workspace per call (:func:`workspace_size`, one fill per connection).
 """
@@ -39,19 +38,25 @@ from .op_spec import FUSED_FIRST, Backend
 from .schema_types import FloatList, IntList, TensorList
 
 
+def parent_scope(index: int):
+    """A profiler range around one parent's share of the op's work (``expand_merge.parent<i>``): the profiler's
+    trace and ``benchmarks.ledger`` attribute what runs inside to that parent."""
+    return torch.profiler.record_function(f"expand_merge.parent{index}")
+
+
 class Workspace:
-    """The slices of an ``expand_merge`` call's zeroed workspace (statistics dtype), in order: the shared
-    [t; k_0; …] (1 + P, C); per parent its statistics [Σe; Σe²] (2, C), the finalize's counter (one element),
-    [Σa; d_scale; d_shift] (3, C_h), R_p and Q_p (C, C_h) each."""
+    """The slices of an ``expand_merge`` call's zeroed workspace (statistics dtype), in order: [k_p; t_p] (P, 2, C);
+    then per parent its statistics [Σe; Σe²] (2, C), the finalize's counter (one element), the prologue's
+    [d_scale; d_shift] (2, C_h) and dW (C, C_h)."""
 
     def __init__(self, buffer: Tensor, channels: int, squeezed: list[int]) -> None:
         parents = len(squeezed)
-        self.buffer, offset = buffer, (1 + parents) * channels
-        self.sums = buffer[:offset].view(1 + parents, channels)
-        self.stats, self.counters, self.vectors, self.r, self.q = [], [], [], [], []
+        offset = 2 * parents * channels
+        self.sums = buffer[:offset].view(parents, 2, channels)
+        self.stats, self.counters, self.affine_grads, self.weight_grads = [], [], [], []
         for c_h in squeezed:
-            for target, shape in ((self.stats, (2, channels)), (self.counters, (1,)), (self.vectors, (3, c_h)),
-                                  (self.r, (channels, c_h)), (self.q, (channels, c_h))):  # fmt: skip
+            for target, shape in ((self.stats, (2, channels)), (self.counters, (1,)), (self.affine_grads, (2, c_h)),
+                                  (self.weight_grads, (channels, c_h))):  # fmt: skip
                 size = shape[0] * (shape[1] if len(shape) > 1 else 1)
                 target.append(buffer[offset : offset + size].view(shape))
                 offset += size
@@ -61,7 +66,7 @@ class Workspace:
 def workspace_size(channels: int, squeezed: list[int]) -> int:
     """Elements of the zeroed workspace of an ``expand_merge`` of ``channels`` output channels whose parents have
     ``squeezed`` channels (:class:`Workspace`)."""
-    return (1 + len(squeezed)) * channels + sum(2 * channels + 1 + 3 * c + 2 * channels * c for c in squeezed)
+    return sum(4 * channels + 1 + 2 * c + channels * c for c in squeezed)
 
 
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
@@ -70,6 +75,8 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
     if not isinstance(parents, (list, tuple)) or not parents or not all(isinstance(p, Tensor) for p in parents):
         raise TypeError(f"parents must be a non-empty list of tensors, got {describe(parents)}")
     count = len(parents)
+    if count > 2:
+        raise ValueError(f"parents must hold one or two tensors (a connection's), got {count}")
     optional_lists = (("scales", scales), ("shifts", shifts), ("running_means", running_means),
                       ("running_vars", running_vars), ("batches", batches))  # fmt: skip
     for name, values in (("weights", weights), ("ratios", ratios), ("bn_weights", bn_weights),
@@ -133,24 +140,40 @@ def _vec(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
-def expand_merge_reference(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
-                           running_means, running_vars, batches, momentums, workspace) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Plain PyTorch (fp32 maths, float64 stays): ``(out, [mean; var] (P, 2, C))``; the statistics added into the
-    workspace, the running statistics and batch counters updated."""
+def expand_merge_reference(
+    parents,
+    scales,
+    shifts,
+    weights,
+    ratios,
+    extra,
+    activation,
+    bn_weights,
+    bn_biases,
+    eps,
+    running_means,
+    running_vars,
+    batches,
+    momentums,
+    workspace,
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch (fp32 maths, float64 stays): ``(out, bn)``, bn = each parent's BN [scale; shift; mean; var]
+    (P, 4, C); the statistics added into the workspace, the running statistics and batch counters updated."""
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
     pre, bn = 0, []
     for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
-        a = prologue_forward(h, scales[i] if scales else None, shifts[i] if shifts else None, activation)
-        e = _expand(a, weight, h)
-        ws.stats[i].add_(torch.stack([e.sum((0, 2, 3)), (e * e).sum((0, 2, 3))]))
-        scale, shift, mean, var = _bn_of(e, bn_weights[i], bn_biases[i], eps[i])
-        if running_means:
-            n = e.numel() // e.shape[1] * ratio**2
-            running_update_reference(running_means[i], running_vars[i], mean, var, momentums[i], n / (n - 1))
-        if batches:
-            batches[i].add_(1)
+        with parent_scope(i):
+            a = prologue_forward(h, scales[i] if scales else None, shifts[i] if shifts else None, activation)
+            e = _expand(a, weight, h)
+            ws.stats[i].add_(torch.stack([e.sum((0, 2, 3)), (e * e).sum((0, 2, 3))]))
+            scale, shift, mean, var = _bn_of(e, bn_weights[i], bn_biases[i], eps[i])
+            if running_means:
+                n = e.numel() // e.shape[1] * ratio**2
+                running_update_reference(running_means[i], running_vars[i], mean, var, momentums[i], n / (n - 1))
+            if batches:
+                batches[i].add_(1)
         pre = pre + _upsample(e * _vec(scale) + _vec(shift), ratio)
-        bn.append(torch.stack([mean, var]))
+        bn.append(torch.stack([scale, shift, mean, var]))
     if extra is not None:
         pre = pre + extra.to(pre.dtype)
     out = activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
@@ -159,8 +182,9 @@ def expand_merge_reference(parents, scales, shifts, weights, ratios, extra, acti
 
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,
                                     bn_biases, bn, eps, workspace) -> list[Tensor]:  # fmt: skip
-    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, by the closed form the kernels compute (module
-    docstring); each prologue's [d_scale; d_shift] added into the workspace (rows 1, 2 of its vectors)."""
+    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring);
+    each prologue's [d_scale; d_shift] added into the workspace, and dW_p too where the weight has the workspace's
+    dtype (an empty stand-in returned)."""
     x0 = parents[0]
     dtype = stats_dtype(x0)
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
@@ -168,49 +192,51 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
     activations = [prologue_forward(h, *prologue, activation) for h, prologue in zip(parents, prologues)]
     pre, normalised = 0, []
     for i, (a, h, weight, ratio) in enumerate(zip(activations, parents, weights, ratios)):
-        mean, var = bn[i].to(dtype)
-        inv_std = torch.rsqrt(var + eps[i])
-        e_hat = _upsample((_expand(a, weight, h) - _vec(mean)) * _vec(inv_std), ratio)
-        gamma = bn_weights[i].to(dtype)
-        pre = pre + e_hat * _vec(gamma) + _vec(bn_biases[i].to(dtype))
+        mean, var = bn[i, 2:].to(dtype)
+        e_hat = (_expand(a, weight, h) - _vec(mean)) * _vec(torch.rsqrt(var + eps[i]))  # the parent's resolution
+        pre = pre + _upsample(e_hat * _vec(bn_weights[i].to(dtype)) + _vec(bn_biases[i].to(dtype)), ratio)
         normalised.append(e_hat)
     if extra is not None:
         pre = pre + extra.to(dtype)
     dz = sum(g.to(dtype) for g in grads) * activation_grad(pre, activation)
     dz = dz.to(x0.dtype).to(dtype)  # stored once in the storage dtype: K2 reads it back
-    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
     t = dz.sum((0, 2, 3))
     d_parents, d_weights, d_bns = [], [], []
     for i, (a, h, weight, ratio, e_hat) in enumerate(zip(activations, parents, weights, ratios, normalised)):
-        a_up = rows(_upsample(a, ratio))
-        k = (dz * e_hat).sum((0, 2, 3))
-        r, q, s = rows(dz).t() @ a_up, rows(e_hat).t() @ a_up, a_up.sum(0)
-        mean, var = bn[i].to(dtype)
-        inv_std = torch.rsqrt(var + eps[i])
-        gamma, w2d = bn_weights[i].to(dtype), weight.to(x0.dtype).to(dtype).view(weight.shape[:2])
-        rows_out, count = a_up.shape[0], h.shape[0] * h.shape[2] * h.shape[3]
-        d_w = (gamma * inv_std)[:, None] * (r - t[:, None] * s[None, :] / rows_out - (k / rows_out)[:, None] * q)
-        d_matrix = -w2d.t() @ (w2d * (gamma * k * inv_std**2 / count)[:, None])
-        c = (gamma * inv_std * (k * mean * inv_std - t) / count) @ w2d
-        dzp = rows(_block_sum(dz, ratio))
-        d_a = dzp @ ((gamma * inv_std)[:, None] * w2d) + rows(a) @ d_matrix + c
-        d_a = d_a.view(h.shape[0], h.shape[2], h.shape[3], -1).permute(0, 3, 1, 2)
-        dh, *d_affine = prologue_backward(d_a, h, *prologues[i], activation)
-        if d_affine:
-            ws.vectors[i][1:].add_(torch.stack(d_affine))
+        dh, d_w, d_bn = _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologues[i], activation, bn_weights[i],
+                                         bn[i], eps[i], ws)  # fmt: skip
         d_parents.append(dh)
-        d_weights.append(d_w.view(weight.shape).to(weight.dtype))
-        d_bns.append(torch.stack([k, t]).to(bn_weights[i].dtype))
+        if weight.dtype == workspace.dtype:  # left in the workspace, as the kernels leave it
+            ws.weight_grads[i].add_(d_w)
+            d_weights.append(d_w.new_empty(0))
+        else:
+            d_weights.append(d_w.reshape(weight.shape).to(weight.dtype))
+        d_bns.append(d_bn)
     d_extra = [dz.to(x0.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
     return [*d_parents, *d_weights, *d_bns, *d_extra]
+
+
+def _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologue, activation, bn_weight, bn, eps, ws):
+    """One parent's ``(dh, dW (C, C_h), [dγ; dβ])`` (K2's work, inside its profiler range); the prologue's gradients
+    added into the workspace."""
+    with parent_scope(i):
+        dtype = dz.dtype
+        dz_parent = _block_sum(dz, ratio)
+        k = (dz_parent * e_hat).sum((0, 2, 3))
+        count = h.shape[0] * h.shape[2] * h.shape[3]
+        gain = bn_weight.to(dtype) * torch.rsqrt(bn[3].to(dtype) + eps)
+        d_e = _vec(gain) * (dz_parent - _vec(t / count) - e_hat * _vec(k / count))
+        w2d = weight.to(h.dtype).to(dtype).view(weight.shape[:2])
+        dh, *d_affine = prologue_backward(F.conv2d(d_e, w2d.t()[:, :, None, None]), h, *prologue, activation)
+        if d_affine:
+            ws.affine_grads[i].add_(torch.stack(d_affine))
+        return dh, torch.einsum("nohw,nkhw->ok", d_e, a), torch.stack([k, t]).to(bn_weight.dtype)
 
 
 def _triton_reasons(parents, scales, shifts, weights, *args) -> list[str]:
     reasons = backends.triton_reasons(*parents, *weights)
     if parents[0].dtype not in backends.FLOAT_DTYPES:
         reasons.append(f"dtype {parents[0].dtype} is not one of {backends.FLOAT_DTYPES}")
-    if len(parents) > 2:
-        reasons.append(f"{len(parents)} parents: the kernels take one or two")
     return reasons
 
 
@@ -222,14 +248,29 @@ def _fake_forward(parents, scales, shifts, weights, ratios, extra, *args) -> tup
     h = parents[0]
     shape = (h.shape[0], weights[0].shape[0], h.shape[2] * ratios[0], h.shape[3] * ratios[0])
     out = torch.empty(shape, dtype=h.dtype, device=h.device, memory_format=CHANNELS_LAST)
-    return out, h.new_empty((len(parents), 2, shape[1]), dtype=stats_dtype(h))
+    return out, h.new_empty((len(parents), 4, shape[1]), dtype=stats_dtype(h))
 
 
-def _fake_backward(grads, parents, scales, shifts, weights, ratios, extra, *args) -> list[Tensor]:
+def _fake_backward(grads, parents, scales, shifts, weights, ratios, extra, *args) -> tuple[Tensor, ...]:
     dh = [torch.empty_like(h, memory_format=CHANNELS_LAST) for h in parents]
     d_bn = [w.new_empty((2, w.shape[0]), dtype=b.dtype) for w, b in zip(weights, args[1])]
-    return [*dh, *(torch.empty_like(w) for w in weights), *d_bn, *([torch.empty_like(grads[0])] if extra is not None
-                                                                    else [])]  # fmt: skip
+    workspace = args[-1]
+    d_weights = [w.new_empty(0) if w.dtype == workspace.dtype else torch.empty_like(w) for w in weights]
+    d_extra = [torch.empty_like(grads[0], memory_format=CHANNELS_LAST)] if extra is not None else []
+    return _padded([*dh, *d_weights, *d_bn, *d_extra], len(parents))
+
+
+def _padded(outputs: list[Tensor], num_parents: int) -> tuple[Tensor, ...]:
+    """A backward's ``[*dh_p, *dW_p, *d_bn_p, (d_extra)]`` as the op's fixed (dh_0, dh_1, dW_0, dW_1, d_bn_0, d_bn_1,
+    d_extra), empty stand-ins where a second parent or the extra input is absent."""
+    empty = outputs[0].new_empty  # a fresh stand-in per slot: a custom op's outputs may not alias each other
+    groups = [outputs[k * num_parents : (k + 1) * num_parents] for k in range(3)]
+    padded = [t for group in groups for t in (*group, *[empty(0) for _ in range(2 - num_parents)])]
+    return (*padded, outputs[3 * num_parents] if len(outputs) > 3 * num_parents else empty(0))
+
+
+def _backward_reference_op(*args) -> tuple[Tensor, ...]:
+    return _padded(expand_merge_backward_reference(*args), len(args[1]))
 
 
 def _triton_forward(*args):
@@ -241,7 +282,7 @@ def _triton_forward(*args):
 def _triton_backward(*args):
     from spinenet_fast.kernels.expand_merge import expand_merge_backward
 
-    return expand_merge_backward(*args)
+    return _padded(expand_merge_backward(*args), len(args[1]))
 
 
 @op_spec.custom_op(
@@ -261,15 +302,16 @@ def _forward_op(
     extra: Tensor | None, activation: str, bn_weights: TensorList, bn_biases: TensorList, eps: FloatList,
     running_means: TensorList, running_vars: TensorList, batches: TensorList, momentums: FloatList, workspace: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(out, [mean; var] (P, 2, C))``: the statistics added into ``workspace``, running statistics updated."""
+    """``(out, [scale; shift; mean; var] (P, 4, C))``: the statistics added into ``workspace``, the running
+    statistics updated."""
 
 
 @op_spec.custom_op(
     "expand_merge_backward",
     fake=_fake_backward,
     implementations={
-        "reference": Backend(expand_merge_backward_reference),
-        "cuda": Backend(expand_merge_backward_reference, lambda grads, *_: backends.library_reasons(grads[0])),
+        "reference": Backend(_backward_reference_op),
+        "cuda": Backend(_backward_reference_op, lambda grads, *_: backends.library_reasons(grads[0])),
         "triton": Backend(_triton_backward, _triton_backward_reasons),
     },
     auto_order=FUSED_FIRST,
@@ -279,9 +321,11 @@ def _backward_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, weights: TensorList,
     ratios: IntList, extra: Tensor | None, activation: str, bn_weights: TensorList, bn_biases: TensorList,
     bn: Tensor, eps: FloatList, workspace: Tensor,
-) -> TensorList:  # fmt: skip
-    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` for the output gradient Σ ``grads`` (one per reader); each
-    prologue's [d_scale; d_shift] added into the workspace (the forward's, used once)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(dh_0, dh_1, dW_0, dW_1, [dγ_0; dβ_0], [dγ_1; dβ_1], d_extra)`` (empty where absent: ``_padded``) for the
+    output gradient Σ ``grads`` (one per reader); each
+    prologue's [d_scale; d_shift] added into the workspace (the forward's, used once), and each dW_p of a weight of
+    the workspace's dtype (an empty stand-in returned)."""
 
 
 class _ExpandMerge(torch.autograd.Function):
@@ -309,7 +353,7 @@ class _ExpandMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        readers, ratios, activation, eps, _, num_parents, has_prologue, has_extra = ctx.config
+        _, ratios, activation, eps, _, num_parents, has_prologue, has_extra = ctx.config
         *tensors, bn = ctx.saved_tensors
         defined = [g for g in grads if g is not None]
         if not defined:
@@ -320,18 +364,20 @@ class _ExpandMerge(torch.autograd.Function):
             rest = rest[size:]
         parents, scales, shifts, weights, bn_weights, bn_biases = parts
         extra = rest[0] if has_extra else None
+        squeezed = [h.shape[1] for h in parents]
         workspace, ctx.workspace = ctx.workspace, None
-        if workspace is None:  # a second backward (retain_graph): a fresh workspace
-            workspace = torch.zeros(workspace_size(weights[0].shape[0], [h.shape[1] for h in parents]),
-                                    dtype=bn.dtype, device=bn.device)  # fmt: skip
+        if workspace is None:  # a second backward (retain_graph): fresh accumulators
+            workspace = torch.zeros(workspace_size(weights[0].shape[0], squeezed), dtype=bn.dtype, device=bn.device)
         outputs = _backward_op(defined, parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
                                bn_biases, bn, list(eps), workspace)  # fmt: skip
         k = num_parents
-        d_parents, d_weights, d_bns = outputs[:k], outputs[k : 2 * k], outputs[2 * k : 3 * k]
-        vectors = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents]).vectors
-        d_scales = [v[1] for v in vectors] if has_prologue else []
-        d_shifts = [v[2] for v in vectors] if has_prologue else []
-        d_extra = [outputs[3 * k]] if has_extra else []
+        d_parents, d_weights, d_bns = outputs[0:k], outputs[2 : 2 + k], outputs[4 : 4 + k]
+        ws = Workspace(workspace, weights[0].shape[0], squeezed)
+        d_weights = [g.view(w.shape) if d.numel() == 0 else d for g, w, d in zip(ws.weight_grads, weights, d_weights)]
+        affine_grads = ws.affine_grads
+        d_scales = [g[0] for g in affine_grads] if has_prologue else []
+        d_shifts = [g[1] for g in affine_grads] if has_prologue else []
+        d_extra = [outputs[6]] if has_extra else []
         return (None, None, *d_parents, *d_scales, *d_shifts, *d_weights, *(d[0] for d in d_bns),
                 *(d[1] for d in d_bns), *d_extra)  # fmt: skip
 

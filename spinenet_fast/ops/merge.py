@@ -91,6 +91,8 @@ def _block_sum(x: Tensor, ratio: int) -> Tensor:
     if ratio == 1:
         return x
     n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=CHANNELS_LAST):  # summed in NHWC: the result stays channels_last, no copy
+        return x.permute(0, 2, 3, 1).reshape(n, h // ratio, ratio, w // ratio, ratio, c).sum((2, 4)).permute(0, 3, 1, 2)
     return x.reshape(n, c, h // ratio, ratio, w // ratio, ratio).sum((3, 5))
 
 

@@ -51,7 +51,9 @@ class Connection:
         affine = [copy(s, torch.float64 if dtype == torch.float64 else torch.float32)
                   for s in (self.scales + self.shifts)] if self.prologue else []  # fmt: skip
         params = [copy(c.weight, torch.float64 if dtype == torch.float64 else torch.float32) for c in self.convs]
-        params += [copy(b.weight, params[0].dtype) for b in self.bns] + [copy(b.bias, params[0].dtype) for b in self.bns]
+        params += [copy(b.weight, params[0].dtype) for b in self.bns] + [
+            copy(b.bias, params[0].dtype) for b in self.bns
+        ]
         extra = [copy(self.extra, dtype)] if self.extra is not None else []
         return parents, affine, params, extra
 
@@ -179,11 +181,22 @@ def test_bad_arguments_raise_clear_errors(name, change, message):
         expand_merge(**args)
 
 
-@pytest.mark.parametrize("ratios,prologue,extra", CASES[:3])
-def test_triton_matches_reference_fp32(ratios, prologue, extra):
-    """Triton (interpreter) against the reference in fp32: output, every gradient, running statistics."""
+TRITON_CASES = [
+    ((1, 1), True, True, {}),
+    ((1, 2), True, False, {}),
+    ((4, 1), False, True, {}),
+    ((2,), True, True, {"squeezed": (6,)}),
+    # several tiles along every axis (rows, output channels, both squeezed widths): masks and cross-tile atomics
+    ((1, 2), True, True, {"squeezed": (20, 35), "channels": 40, "size": (8, 10)}),
+]
+
+
+@pytest.mark.parametrize("ratios,prologue,extra,shape", TRITON_CASES)
+def test_triton_matches_reference_fp32(ratios, prologue, extra, shape):
+    """Triton (interpreter) against the reference in fp32, strided parents, two readers: output, every gradient,
+    running statistics."""
     require_backend("triton")
-    case = Connection(ratios, prologue=prologue, extra=extra, dtype=torch.float32, layout="strided")
+    case = Connection(ratios, prologue=prologue, extra=extra, dtype=torch.float32, layout="strided", **shape)
     out, grads, running = case.fused(torch.float32, "reference", readers=2)
     t_out, t_grads, t_running = case.fused(torch.float32, "triton", readers=2)
     torch.testing.assert_close(t_out, out, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,371 @@
+"""Triton kernels of ``expand_merge`` (``spinenet_fast/ops/expand_merge.py`` states the maths): a connection's expand
+1×1 GEMMs recomputed wherever their outputs are needed, never stored.
+
+Every activation tensor is (N, C, H, W) addressed through its strides (channels_last is the fast layout). A tile of
+an expand output, ``e[rows, o] = Σ_k act(scale[k]·h[n, k, h/ρ, w/ρ] + shift[k])·W[o, k]`` at output pixels
+(n, h, w), is recomputed by ``_expand_tile`` from the parent's raw squeeze output (an upsampled parent's rows
+gathered); dots as the conv kernels take them (``gemm_config``). One or two parents (constexpr ``NUM_PARENTS``);
+the second parent's arguments repeat the first's where it is absent (never read).
+
+Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
+``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then per parent ``_expand_k2_kernel``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACTIVATION_CODES, activation_grad, apply_activation
+from .bn_finalize import Finalize, finalize_when_last
+from .gemm_config import gemm_launch_config
+
+from spinenet_fast.ops.expand_merge import Workspace, parent_scope  # isort: skip (the op's layout and ranges)
+
+
+@triton.jit
+def _prologue_tile(h_ptr, scale_ptr, shift_ptr, rows, k, mask, s_c, K, HAS_PROLOGUE: tl.constexpr,
+                   ACT: tl.constexpr):  # fmt: skip
+    """a = act(scale·h + shift) (or h) at row offsets ``rows`` × channels k, fp32, 0 outside ``mask``."""
+    a = tl.load(h_ptr + rows[:, None] + k[None, :] * s_c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PROLOGUE:
+        scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
+        shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
+        a = tl.where(mask, apply_activation(a * scale[None, :] + shift[None, :], ACT), 0.0)
+    return a
+
+
+@triton.jit
+def _dot(acc, a, b, DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc + a·b with both operands rounded to the storage ``DTYPE`` (as the conv kernels take them)."""
+    a, b = a.to(DTYPE), b.to(DTYPE)
+    if FP32_DOT:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, row_mask, o, K, C, s_c, sw_o, sw_k,
+                 HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """e[rows, o] (BLOCK_M, BLOCK_N) fp32: the expand GEMM of the parent's a at row offsets ``rows``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = _prologue_tile(h_ptr, scale_ptr, shift_ptr, rows, k, row_mask[:, None] & (k < K)[None, :], s_c, K,
+                           HAS_PROLOGUE, ACT)  # fmt: skip
+        b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < C)[None, :],
+                    other=0.0)  # fmt: skip
+        acc = _dot(acc, a, b, h_ptr.dtype.element_ty, FP32_DOT)
+    return acc
+
+
+@triton.jit
+def _parent_rows(p, HW, W_OUT, R: tl.constexpr, s_n, s_h, s_w):
+    """Offsets of the parent's pixel (n, h/R, w/R) for output pixels p of an (H, W_OUT) map (HW = H·W_OUT)."""
+    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+    return n * s_n + (h // R) * s_h + (w // R) * s_w
+
+
+@triton.jit
+def _expand_stats_kernel(
+    stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
+    running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, h_ptr, w_ptr, scale_ptr, shift_ptr,
+    P, K, C, HW, W_IMG, s_n, s_c, s_h, s_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Σe and Σe² of one (BLOCK_M parent pixels) × (BLOCK_N channels) tile of e (fp32, not stored), added to the
+    zeroed (2, C) stats; the last program finalizes the BN."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = _parent_rows(p, HW, W_IMG, 1, s_n, s_h, s_w)
+    e = _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, p < P, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
+                     FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    tl.atomic_add(stats_ptr + o, tl.sum(e, axis=0), mask=o < C)  # rows past P are zero
+    tl.atomic_add(stats_ptr + C + o, tl.sum(e * e, axis=0), mask=o < C)
+    if FINALIZE:
+        finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
+                           bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum,
+                           unbias, HAS_RUNNING, HAS_COUNTER, 128)  # fmt: skip
+
+
+@triton.jit
+def _pre_activation(
+    h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW, W_OUT,
+    K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
+    R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``(z, e0, e1)`` at output pixels p × channels o: z = Σ_p scale_p·e_p + shift_p (+ extra), the BNs at
+    ``affine_ptr`` (P, 4, C) fp32 [scale; shift; mean; var]; e1 is e0 for one parent."""
+    p_mask, o_mask = p < P, o < C
+    rows0 = _parent_rows(p, HW, W_OUT, R0, s0_n, s0_h, s0_w)
+    e0 = _expand_tile(h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, rows0, p_mask, o, K0, C, s0_c, sw0_o, sw0_k, HAS_PROLOGUE,
+                      ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    z = e0 * tl.load(affine_ptr + o, mask=o_mask, other=0.0)[None, :]
+    z += tl.load(affine_ptr + C + o, mask=o_mask, other=0.0)[None, :]
+    e1 = e0
+    if NUM_PARENTS == 2:
+        rows1 = _parent_rows(p, HW, W_OUT, R1, s1_n, s1_h, s1_w)
+        e1 = _expand_tile(h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, rows1, p_mask, o, K1, C, s1_c, sw1_o, sw1_k,
+                          HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        z += e1 * tl.load(affine_ptr + 4 * C + o, mask=o_mask, other=0.0)[None, :]
+        z += tl.load(affine_ptr + 5 * C + o, mask=o_mask, other=0.0)[None, :]
+    if HAS_EXTRA:
+        n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+        offsets = (n * se_n + h * se_h + w * se_w)[:, None] + o[None, :] * se_c
+        z += tl.load(extra_ptr + offsets, mask=p_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
+    return z, e0, e1
+
+
+@triton.jit
+def _expand_merge_fwd_kernel(
+    out_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW,
+    W_OUT, K0, K1, so_n, so_c, so_h, so_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o,
+    sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output pixels) × (BLOCK_N channels) tile of out = act(z)."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    z, _, _ = _pre_activation(
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
+        W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
+        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+    offsets = (n * so_n + h * so_h + w * so_w)[:, None] + o[None, :] * so_c
+    mask = (p < P)[:, None] & (o < C)[None, :]
+    tl.store(out_ptr + offsets, apply_activation(z, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _parent_sums(ws_ptr, dz, e, affine_ptr, eps, o, mask, C):
+    """Add this tile's t = Σdz and k = Σ dz·ê of one parent to its [k; t] rows (``ws_ptr``), ê from its e tile and
+    its BN [scale; shift; mean; var] at ``affine_ptr``; ``dz`` is 0 outside ``mask``."""
+    mean = tl.load(affine_ptr + 2 * C + o, mask=o < C, other=0.0)
+    inv_std = 1.0 / tl.sqrt(tl.load(affine_ptr + 3 * C + o, mask=o < C, other=1.0) + eps)
+    e_hat = tl.where(mask, (e - mean[None, :]) * inv_std[None, :], 0.0)
+    tl.atomic_add(ws_ptr + o, tl.sum(dz * e_hat, axis=0), mask=o < C)
+    tl.atomic_add(ws_ptr + C + o, tl.sum(dz, axis=0), mask=o < C)
+
+
+@triton.jit
+def _expand_merge_k1_kernel(
+    dz_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr,
+    w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h,
+    sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
+    R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M output pixels) × (BLOCK_N channels) tile: z recomputed, dz = Σ grads·act'(z) stored (the
+    gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), and its
+    share of each parent's [k; t] added into the workspace's (P, 2, C) rows."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (p < P)[:, None] & (o < C)[None, :]
+    z, e0, e1 = _pre_activation(
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
+        W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
+        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+    offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 1:
+        grad += tl.load(grad_ptr + g1_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 2:
+        grad += tl.load(grad_ptr + g2_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 3:
+        grad += tl.load(grad_ptr + g3_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    dz = (grad * activation_grad(z, ACT)).to(dz_ptr.dtype.element_ty)  # the sums are of dz as stored
+    tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
+    dz = tl.where(mask, dz.to(tl.float32), 0.0)
+    _parent_sums(ws_ptr, dz, e0, affine_ptr, eps0, o, mask, C)
+    if NUM_PARENTS == 2:
+        _parent_sums(ws_ptr + 2 * C, dz, e1, affine_ptr + 4 * C, eps1, o, mask, C)
+
+
+@triton.jit
+def _expand_k2_kernel(
+    dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, gamma_ptr, sums_ptr, affine_grad_ptr,
+    eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o, sw_k,
+    R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile of one parent's backward. Per block of
+    BLOCK_K output channels o: ê recomputed (``_expand_tile``), de = (γ/σ)(Σ_ρ×ρ dz − t/P − ê·k/P) (P: the BN's
+    count), da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j] (fp32 atomics into the zeroed ``dw_ptr``). Then the
+    prologue's backward: dh = da·act'(scale·h + shift)·scale stored, Σ da·act'·h and Σ da·act' added to the (2, K)
+    ``affine_grad_ptr`` (without a prologue dh = da). Program (0, 0) stores dγ = k, dβ = t (``dbn_ptr``, (2, C))."""
+    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask, j_mask = p < P, j < K
+    n, hp, wp = p // HW, (p % HW) // W_IMG, p % W_IMG
+    rows = n * s_n + hp * s_h + wp * s_w
+    a_mask = p_mask[:, None] & j_mask[None, :]
+    a_j = _prologue_tile(h_ptr, sc_ptr, sh_ptr, rows, j, a_mask, s_c, K, HAS_PROLOGUE, ACT)
+    dtype = h_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for o0 in range(0, C, BLOCK_K):
+        o = o0 + tl.arange(0, BLOCK_K)
+        o_mask = o < C
+        mask = p_mask[:, None] & o_mask[None, :]
+        e = _expand_tile(h_ptr, w_ptr, sc_ptr, sh_ptr, rows, p_mask, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
+                         FP32_DOT, BLOCK_M, BLOCK_K, BLOCK_N)  # fmt: skip
+        dz = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for child in range(R * R):
+            child_rows = n * sz_n + (hp * R + child // R) * sz_h + (wp * R + child % R) * sz_w
+            dz += tl.load(dz_ptr + child_rows[:, None] + o[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(affine_ptr + 2 * C + o, mask=o_mask, other=0.0)
+        inv_std = 1.0 / tl.sqrt(tl.load(affine_ptr + 3 * C + o, mask=o_mask, other=1.0) + eps)
+        gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32) * inv_std
+        k = tl.load(sums_ptr + o, mask=o_mask, other=0.0)
+        t = tl.load(sums_ptr + C + o, mask=o_mask, other=0.0)
+        e_hat = (e - mean[None, :]) * inv_std[None, :]
+        de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
+        b = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = _dot(acc, de, b, dtype, FP32_DOT)
+        d_w = _dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, dtype, FP32_DOT)
+        tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(dbn_ptr + o, k.to(dbn_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(dbn_ptr + C + o, t.to(dbn_ptr.dtype.element_ty), mask=o_mask)
+    if HAS_PROLOGUE:
+        x = tl.load(h_ptr + rows[:, None] + j[None, :] * s_c, mask=a_mask, other=0.0).to(tl.float32)
+        scale = tl.load(sc_ptr + j, mask=j_mask, other=0.0)
+        shift = tl.load(sh_ptr + j, mask=j_mask, other=0.0)
+        d_pre = tl.where(a_mask, acc * activation_grad(x * scale[None, :] + shift[None, :], ACT), 0.0)
+        tl.atomic_add(affine_grad_ptr + j, tl.sum(d_pre * x, axis=0), mask=j_mask)
+        tl.atomic_add(affine_grad_ptr + K + j, tl.sum(d_pre, axis=0), mask=j_mask)
+        acc = d_pre * scale[None, :]
+    offsets = (n * sd_n + hp * sd_h + wp * sd_w)[:, None] + j[None, :] * sd_c
+    tl.store(dh_ptr + offsets, acc.to(dh_ptr.dtype.element_ty), mask=a_mask)
+
+
+def _workspace(workspace, weights, parents):
+
+    return Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
+
+
+def _parent_args(parents, scales, shifts, weights) -> tuple[list, list, list]:
+    """(pointers h0, w0, sc0, sh0, h1, w1, sc1, sh1), (their strides), (K0, K1): the second repeats the first."""
+    pair = [0, min(1, len(parents) - 1)]
+    pointers, strides = [], []
+    for i in pair:
+        w2d = weights[i].view(weights[i].shape[:2])
+        affine = (scales[i].contiguous(), shifts[i].contiguous()) if scales else (w2d, w2d)
+        pointers += [parents[i], w2d, *affine]
+        strides.append((*parents[i].stride(), *w2d.stride()))
+    return pointers, [s[:4] for s in strides] + [s[4:] for s in strides], [parents[i].shape[1] for i in pair]
+
+
+def _constexprs(parents, ratios, scales, activation) -> dict:
+    return dict(R0=ratios[0], R1=ratios[-1], NUM_PARENTS=len(parents), HAS_PROLOGUE=bool(scales),
+                ACT=ACTIVATION_CODES[activation])  # fmt: skip
+
+
+def _statistics_launcher(h, weight, scale, shift, activation, counter, bn, config):
+    """``bn_finalize``'s signature for one parent's ``_expand_stats_kernel`` launch (``with_running_update``): its
+    finalize writes ``bn`` (4, C) [scale; shift; mean; var]."""
+    _, c_h, height, width = h.shape
+    w2d = weight.view(weight.shape[:2])
+    prologue = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+
+    def launch(stats, count, gamma, beta, eps, running_mean, running_var, batches, momentum, unbias):
+        finalize = Finalize(counter, gamma.contiguous(), beta.contiguous(), tuple(bn.unbind()), running_mean,
+                            running_var, batches, count, eps, momentum, unbias)  # fmt: skip
+        bn_args, bn_constexprs = finalize.launch_args()
+        grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(w2d.shape[0], config["BLOCK_N"]))
+        _expand_stats_kernel[grid](
+            stats, *bn_args, h, w2d, *prologue, count, c_h, w2d.shape[0], height * width, width, *h.stride(),
+            *w2d.stride(), HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], **bn_constexprs, **config,
+        )  # fmt: skip
+        return finalize.outputs
+
+    return launch
+
+
+def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
+                         running_means, running_vars, batches, momentums, workspace):  # fmt: skip
+    """The op's forward on Triton: ``(out, [scale; shift; mean; var] (P, 4, C) fp32)`` (see ``ops/expand_merge.py``)."""
+    from spinenet_fast.ops.bn_finalize import with_running_update
+
+    ws = _workspace(workspace, weights, parents)
+    h0, channels = parents[0], weights[0].shape[0]
+    config = gemm_launch_config(h0.dtype, _expand_stats_kernel)
+    bn = workspace.new_empty((len(parents), 4, channels))  # per parent [scale; shift; mean; var]
+    for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
+        total = h.shape[0] * h.shape[2] * h.shape[3] * ratio**2
+        running = (running_means[i], running_vars[i]) if running_means else (None, None)
+        statistics = _statistics_launcher(h, weight, scales[i] if scales else None, shifts[i] if shifts else None,
+                                          activation, ws.counters[i], bn[i], config)  # fmt: skip
+        with parent_scope(i):
+            with_running_update(statistics, ws.stats[i], h.shape[0] * h.shape[2] * h.shape[3], bn_weights[i],
+                                bn_biases[i], eps[i], *running, batches[i] if batches else None, momentums[i],
+                                total / (total - 1))  # fmt: skip
+    n, height, width = h0.shape[0], h0.shape[2] * ratios[0], h0.shape[3] * ratios[0]
+    out = torch.empty((n, channels, height, width), dtype=h0.dtype, device=h0.device, memory_format=torch.channels_last)
+    pointers, strides, ks = _parent_args(parents, scales, shifts, weights)
+    extra_ = extra if extra is not None else out
+    config = gemm_launch_config(h0.dtype, _expand_merge_fwd_kernel)
+    grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
+    _expand_merge_fwd_kernel[grid](
+        out, *pointers, bn, extra_, n * height * width, channels, height * width, width, *ks, *out.stride(),
+        *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None,
+        **_constexprs(parents, ratios, scales, activation), **config,
+    )  # fmt: skip
+    return out, bn
+
+
+def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases,
+                          bn, eps, workspace) -> list[torch.Tensor]:  # fmt: skip
+    """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
+    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned)."""
+    grad = grads[0]
+    if any(g.stride() != grad.stride() or g.dtype != grad.dtype for g in grads):
+        raise ValueError(f"grads must share one layout and dtype, got {[(g.stride(), g.dtype) for g in grads]}")
+    deltas = [(g.data_ptr() - grad.data_ptr()) // grad.element_size() for g in grads[1:]]
+    deltas += [0] * (3 - len(deltas))
+    ws = _workspace(workspace, weights, parents)
+    h0, channels = parents[0], weights[0].shape[0]
+    n, _, height, width = grad.shape
+    dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype)
+    pointers, strides, ks = _parent_args(parents, scales, shifts, weights)
+    extra_ = extra if extra is not None else dz
+    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
+    grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
+    _expand_merge_k1_kernel[grid](
+        dz, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
+        height * width, width, *ks, *grad.stride(), *dz.stride(), *strides[0], *strides[1], *strides[2], *strides[3],
+        *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
+        **_constexprs(parents, ratios, scales, activation), **config,
+    )  # fmt: skip
+    d_parents, d_weights, d_bns = [], [], []
+    config = gemm_launch_config(h0.dtype, _expand_k2_kernel)
+    for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
+        c_h = h.shape[1]
+        count = h.shape[0] * h.shape[2] * h.shape[3]
+        w2d = weight.view(weight.shape[:2])
+        d_bn = torch.empty((2, channels), dtype=bn_weights[i].dtype, device=h.device)
+        dh = torch.empty_like(h, memory_format=torch.channels_last)
+        prologue = (scales[i].contiguous(), shifts[i].contiguous()) if scales else (w2d, w2d)
+        grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(c_h, config["BLOCK_N"]))
+        with parent_scope(i):
+            _expand_k2_kernel[grid](
+                dh, ws.weight_grads[i], d_bn, dz, h, w2d, *prologue, bn[i], bn_weights[i], ws.sums[i],
+                ws.affine_grads[i], eps[i], count, channels, c_h, h.shape[2] * h.shape[3], h.shape[3], *dz.stride(),
+                *h.stride(), *dh.stride(), *w2d.stride(), R=ratio, HAS_PROLOGUE=bool(scales),
+                ACT=ACTIVATION_CODES[activation], **config,
+            )  # fmt: skip
+        d_weight = ws.weight_grads[i]
+        d_parents.append(dh)
+        d_weights.append(d_weight.new_empty(0) if weight.dtype == d_weight.dtype else
+                         d_weight.view(weight.shape).to(weight.dtype))  # fmt: skip
+        d_bns.append(d_bn)
+    return [*d_parents, *d_weights, *d_bns, *([dz] if extra is not None else [])]

@@ -145,12 +145,13 @@ def test_fused_backbone_launches_at_most_half_of_eager(small):
 
 def test_modelled_traffic(small):
     """Bytes and FLOPs are modelled for every variant; our GEMM kernels' FLOPs are counted (the fused forward does the
-    eager forward's GEMM work less the expand convs run at the parents' lower resolution); each block connection has
+    eager forward's GEMM work less the expand convs run at the parents' lower resolution, plus the expand GEMMs that
+    ``expand_merge`` recomputes instead of storing their outputs: within 10% of eager's); each block connection has
     its byte floor, which no variant beats; the markdown shows the tables."""
     out, result = small
     traffic = result["summary"]["traffic"]
     flops = traffic["flops"]
-    assert 0.8 * flops["eager forward"] < flops["fused-auto forward"] <= flops["eager forward"]
+    assert 0.8 * flops["eager forward"] < flops["fused-auto forward"] <= 1.1 * flops["eager forward"]
     assert flops["fused-auto backward"] >= flops["eager backward"] * 0.8
     totals = {row["part"]: row for row in traffic["bytes"]}["total"]
     assert all(totals[f"{v} {p}"] > 0 for v in ("eager", "fused-auto") for p in ("forward", "backward"))

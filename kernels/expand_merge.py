@@ -347,7 +347,12 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
         **_constexprs(parents, ratios, scales, activation), **config,
     )  # fmt: skip
     d_parents, d_weights, d_bns = [], [], []
+    # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
+    # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32).
     config = gemm_launch_config(h0.dtype, _expand_k2_kernel)
+    config["BLOCK_N"] //= 2
+    if config["FP32_DOT"]:
+        config["num_warps"] = 8
     for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
         c_h = h.shape[1]
         count = h.shape[0] * h.shape[2] * h.shape[3]

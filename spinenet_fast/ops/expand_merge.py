@@ -72,7 +72,7 @@ def workspace_size(channels: int, squeezed: list[int]) -> int:
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
                             running_means, running_vars, batches, momentums, workspace) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one ``expand_merge``."""
-    if not isinstance(parents, (list, tuple)) or not parents or not all(isinstance(p, Tensor) for p in parents):
+    if not isinstance(parents, (list, tuple)) or len(parents) == 0 or not all(isinstance(p, Tensor) for p in parents):
         raise TypeError(f"parents must be a non-empty list of tensors, got {describe(parents)}")
     count = len(parents)
     if count > 2:
@@ -105,15 +105,15 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
                 and weight.dtype in allowed and weight.device == first.device):  # fmt: skip
             raise ValueError(f"weights[{i}] must be a ({channels}, {h.shape[1]}, 1, 1) tensor of {allowed} on "
                              f"{first.device}, got {describe(weight)}")  # fmt: skip
-        if scales:
+        if len(scales) > 0:
             check_affine_prologue(h, scales[i], shifts[i])
         shape = (h.shape[0], h.shape[2] * ratio, h.shape[3] * ratio)
         if target is not None and shape != target:
             raise ValueError(f"parents[{i}] upsampled ×{ratio} is (N, H, W) = {shape}, parents[0]'s is {target}")
         target = shape
-        running = (running_means[i], running_vars[i]) if running_means else (None, None)
+        running = (running_means[i], running_vars[i]) if len(running_means) > 0 else (None, None)
         check_bn_args(channels, first.device, h.shape[0] * h.shape[2] * h.shape[3], bn_weights[i], bn_biases[i],
-                      eps[i], *running, batches[i] if batches else None, momentums[i], ratio,
+                      eps[i], *running, batches[i] if len(batches) > 0 else None, momentums[i], ratio,
                       channels_of=f"weights[{i}]")  # fmt: skip
     if extra is not None and not (isinstance(extra, Tensor) and extra.shape == (target[0], channels, *target[1:])
                                   and extra.dtype == first.dtype and extra.device == first.device):  # fmt: skip
@@ -410,9 +410,11 @@ def expand_merge(
     if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= MAX_READERS:
         raise ValueError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
     count = len(parents) if isinstance(parents, (list, tuple)) else 0
-    scales, shifts = list(scales or []), list(shifts or [])
-    running_means, running_vars = list(running_means or []), list(running_vars or [])
-    batches = list(num_batches_tracked or [])
+    # (explicit None tests, not truthiness: torch.compile < 2.7 cannot take bool() of a list)
+    scales, shifts = [] if scales is None else list(scales), [] if shifts is None else list(shifts)
+    running_means = [] if running_means is None else list(running_means)
+    running_vars = [] if running_vars is None else list(running_vars)
+    batches = [] if num_batches_tracked is None else list(num_batches_tracked)
     momentums = [0.1] * count if momentums is None else list(momentums)
     args = (list(parents), scales, shifts, list(weights), list(ratios), extra, activation, list(bn_weights),
             list(bn_biases), list(eps), running_means, running_vars, batches, momentums)  # fmt: skip
@@ -421,7 +423,7 @@ def expand_merge(
                                 dtype=stats_dtype(parents[0]), device=parents[0].device)  # fmt: skip
     check_expand_merge_args(*args, workspace)
     ratios, eps, momentums = [int(r) for r in ratios], [float(e) for e in eps], [float(m) for m in momentums]
-    config = (readers, tuple(ratios), activation, tuple(eps), tuple(momentums), count, bool(scales),
+    config = (readers, tuple(ratios), activation, tuple(eps), tuple(momentums), count, len(scales) > 0,
               extra is not None)  # fmt: skip
     tensors = [*parents, *scales, *shifts, *weights, *bn_weights, *bn_biases, *([extra] if extra is not None else [])]
     return _ExpandMerge.apply(config, (running_means, running_vars, batches, workspace), *tensors)

@@ -17,32 +17,11 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_grad, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
+from .gemm_backward import operand_dot, prologue_tile, store_input_grad
 from .gemm_config import gemm_launch_config
+from .merge import reader_deltas, readers_grad
 
 from spinenet_fast.ops.expand_merge import Workspace, parent_scope  # isort: skip (the op's layout and ranges)
-
-
-@triton.jit
-def _prologue_tile(h_ptr, scale_ptr, shift_ptr, rows, k, mask, s_c, K, HAS_PROLOGUE: tl.constexpr,
-                   ACT: tl.constexpr):  # fmt: skip
-    """a = act(scale·h + shift) (or h) at row offsets ``rows`` × channels k, fp32, 0 outside ``mask``."""
-    a = tl.load(h_ptr + rows[:, None] + k[None, :] * s_c, mask=mask, other=0.0).to(tl.float32)
-    if HAS_PROLOGUE:
-        scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
-        shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
-        a = tl.where(mask, apply_activation(a * scale[None, :] + shift[None, :], ACT), 0.0)
-    return a
-
-
-@triton.jit
-def _dot(acc, a, b, DTYPE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """acc + a·b with both operands rounded to the storage ``DTYPE`` (as the conv kernels take them)."""
-    a, b = a.to(DTYPE), b.to(DTYPE)
-    if FP32_DOT:
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        acc += tl.dot(a, b)
-    return acc
 
 
 @triton.jit
@@ -53,11 +32,11 @@ def _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, row_mask, o, K, C, s_
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = _prologue_tile(h_ptr, scale_ptr, shift_ptr, rows, k, row_mask[:, None] & (k < K)[None, :], s_c, K,
+        a = prologue_tile(h_ptr, rows, k, s_c, row_mask[:, None] & (k < K)[None, :], scale_ptr, shift_ptr, K,
                            HAS_PROLOGUE, ACT)  # fmt: skip
         b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < C)[None, :],
                     other=0.0)  # fmt: skip
-        acc = _dot(acc, a, b, h_ptr.dtype.element_ty, FP32_DOT)
+        acc = operand_dot(acc, a, b.to(a.dtype), FP32_DOT)
     return acc
 
 
@@ -176,13 +155,7 @@ def _expand_merge_k1_kernel(
     )  # fmt: skip
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
-    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if NUM_GRADS > 1:
-        grad += tl.load(grad_ptr + g1_delta + offsets, mask=mask, other=0.0).to(tl.float32)
-    if NUM_GRADS > 2:
-        grad += tl.load(grad_ptr + g2_delta + offsets, mask=mask, other=0.0).to(tl.float32)
-    if NUM_GRADS > 3:
-        grad += tl.load(grad_ptr + g3_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad = readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS)
     dz = (grad * activation_grad(z, ACT)).to(dz_ptr.dtype.element_ty)  # the sums are of dz as stored
     tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
@@ -209,7 +182,7 @@ def _expand_k2_kernel(
     n, hp, wp = p // HW, (p % HW) // W_IMG, p % W_IMG
     rows = n * s_n + hp * s_h + wp * s_w
     a_mask = p_mask[:, None] & j_mask[None, :]
-    a_j = _prologue_tile(h_ptr, sc_ptr, sh_ptr, rows, j, a_mask, s_c, K, HAS_PROLOGUE, ACT)
+    a_j = prologue_tile(h_ptr, rows, j, s_c, a_mask, sc_ptr, sh_ptr, K, HAS_PROLOGUE, ACT)
     dtype = h_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for o0 in range(0, C, BLOCK_K):
@@ -230,22 +203,15 @@ def _expand_k2_kernel(
         e_hat = (e - mean[None, :]) * inv_std[None, :]
         de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
         b = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & j_mask[None, :], other=0.0)
-        acc = _dot(acc, de, b, dtype, FP32_DOT)
-        d_w = _dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, dtype, FP32_DOT)
+        de = de.to(dtype)
+        acc = operand_dot(acc, de, b.to(dtype), FP32_DOT)
+        d_w = operand_dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, FP32_DOT)
         tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(dbn_ptr + o, k.to(dbn_ptr.dtype.element_ty), mask=o_mask)
             tl.store(dbn_ptr + C + o, t.to(dbn_ptr.dtype.element_ty), mask=o_mask)
-    if HAS_PROLOGUE:
-        x = tl.load(h_ptr + rows[:, None] + j[None, :] * s_c, mask=a_mask, other=0.0).to(tl.float32)
-        scale = tl.load(sc_ptr + j, mask=j_mask, other=0.0)
-        shift = tl.load(sh_ptr + j, mask=j_mask, other=0.0)
-        d_pre = tl.where(a_mask, acc * activation_grad(x * scale[None, :] + shift[None, :], ACT), 0.0)
-        tl.atomic_add(affine_grad_ptr + j, tl.sum(d_pre * x, axis=0), mask=j_mask)
-        tl.atomic_add(affine_grad_ptr + K + j, tl.sum(d_pre, axis=0), mask=j_mask)
-        acc = d_pre * scale[None, :]
-    offsets = (n * sd_n + hp * sd_h + wp * sd_w)[:, None] + j[None, :] * sd_c
-    tl.store(dh_ptr + offsets, acc.to(dh_ptr.dtype.element_ty), mask=a_mask)
+    store_input_grad(acc, dh_ptr, n * sd_n + hp * sd_h + wp * sd_w, sd_c, h_ptr, rows, s_c, sc_ptr, sh_ptr,
+                     affine_grad_ptr, affine_grad_ptr + K, j, a_mask, K, HAS_PROLOGUE, ACT)  # fmt: skip
 
 
 def _workspace(workspace, weights, parents):
@@ -328,10 +294,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
     fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned)."""
     grad = grads[0]
-    if any(g.stride() != grad.stride() or g.dtype != grad.dtype for g in grads):
-        raise ValueError(f"grads must share one layout and dtype, got {[(g.stride(), g.dtype) for g in grads]}")
-    deltas = [(g.data_ptr() - grad.data_ptr()) // grad.element_size() for g in grads[1:]]
-    deltas += [0] * (3 - len(deltas))
+    deltas = reader_deltas(grads)
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     n, _, height, width = grad.shape

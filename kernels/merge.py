@@ -45,6 +45,30 @@ def _pre_activation(
 
 
 @triton.jit
+def readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS: tl.constexpr):
+    """The output gradient at ``offsets`` as the fp32 sum of its ``NUM_GRADS`` readers' tensors (one layout and
+    dtype): the first at ``grad_ptr``, the others ``g*_delta`` elements after it (:func:`reader_deltas`)."""
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 1:
+        grad += tl.load(grad_ptr + g1_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 2:
+        grad += tl.load(grad_ptr + g2_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    if NUM_GRADS > 3:
+        grad += tl.load(grad_ptr + g3_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+    return grad
+
+
+def reader_deltas(grads: list[torch.Tensor]) -> list[int]:
+    """The readers' gradients (1 to 4 tensors of one layout and dtype) after the first, as element offsets from it
+    (allocations are element-aligned: scalars, not pointers), padded with 0 to three."""
+    grad = grads[0]
+    if any(g.stride() != grad.stride() or g.dtype != grad.dtype for g in grads):
+        raise ValueError(f"grads must share one layout and dtype, got {[(g.stride(), g.dtype) for g in grads]}")
+    deltas = [(g.data_ptr() - grad.data_ptr()) // grad.element_size() for g in grads[1:]]
+    return deltas + [0] * (3 - len(deltas))
+
+
+@triton.jit
 def _row_scale_at(row_scale_ptr, n, p_mask, ROW_SCALED: tl.constexpr):
     """The per-sample factors of pixel rows ``n`` (BLOCK_P,) fp32 where ``ROW_SCALED``, else ones (never read)."""
     if ROW_SCALED:
@@ -115,13 +139,7 @@ def _merge_bwd_kernel(
             ROW_SCALED,
         )  # fmt: skip
         offsets = n[:, None] * sg_n + c[None, :] * sg_c + h[:, None] * sg_h + w[:, None] * sg_w
-        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if NUM_GRADS > 1:
-            grad += tl.load(grad_ptr + g1_delta + offsets, mask=mask, other=0.0).to(tl.float32)
-        if NUM_GRADS > 2:
-            grad += tl.load(grad_ptr + g2_delta + offsets, mask=mask, other=0.0).to(tl.float32)
-        if NUM_GRADS > 3:
-            grad += tl.load(grad_ptr + g3_delta + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad = readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS)
         dpre = grad * activation_grad(pre, ACT)
         dpre = tl.where(mask, dpre, 0.0)
         block_sum += dpre
@@ -186,11 +204,7 @@ def merge_backward(grads, parents, scales, shifts, ratios, extra, row_scale, act
     [Σ row_scale·d_pre (the first parent's), Σ d_pre]."""
     grad = grads[0]
     n, c, h, w = grad.shape
-    if any(g.stride() != grad.stride() or g.dtype != grad.dtype for g in grads):
-        raise ValueError(f"grads must share one layout and dtype, got {[(g.stride(), g.dtype) for g in grads]}")
-    # The other gradients as element offsets from the first (allocations are element-aligned): scalars, not pointers.
-    deltas = [(g.data_ptr() - grad.data_ptr()) // grad.element_size() for g in grads[1:]]
-    deltas += [0] * (3 - len(deltas))
+    deltas = reader_deltas(grads)
     scale = torch.stack([s.float() for s in scales]).contiguous()
     shift = torch.stack([s.float() for s in shifts]).contiguous()
     y0_, y1_, *parent_strides = _parent_args(parents)

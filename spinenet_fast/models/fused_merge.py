@@ -57,10 +57,7 @@ class ConnectionWorkspace:
 
     @classmethod
     def for_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
-        """The workspace of a ``CrossScaleMerge``'s fused forward (``fused_merge_forward``)."""
-        if expanding_layers(module) is not None:
-            squeezes = [size for r in module.resamples for size in cls.layer_sizes(r.squeeze, False, dtype)]
-            return cls([*squeezes, expand_merge_size(module)], device, dtype)
+        """The workspace of a ``CrossScaleMerge``'s fused forward through ``merge`` (``fused_merge_forward``)."""
         sizes = []  # elements
         for resample in module.resamples:
             layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
@@ -134,9 +131,8 @@ def expanding_layers(module) -> list[nn.Module] | None:
     return layers if len(updates) == 1 else None
 
 
-def expand_merge_size(module) -> int:
-    """The elements of a merge module's ``expand_merge`` workspace."""
-    layers = expanding_layers(module)
+def expand_merge_size(layers: list[nn.Module]) -> int:
+    """The elements of the ``expand_merge`` workspace of these expand layers (``expanding_layers``)."""
     return workspace_size(layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers])
 
 
@@ -286,6 +282,9 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
                         ) -> tuple[Tensor, ...]:  # fmt: skip
     """``module``'s output from the fused ops, once per reader (``merge_for_readers``); same parameters, buffers
     and result as its eager forward."""
+    layers = expanding_layers(module)
+    if layers is not None:
+        return expanded_parents(module, feats, activation, padding, readers, layers)
     return merge_resampled_parents(module, feats, activation, padding, readers, ConnectionWorkspace.for_merge,
                                    fused_resample)  # fmt: skip
 
@@ -298,9 +297,6 @@ def merge_resampled_parents(module, feats: list[Tensor], activation: str, paddin
     ``merge_for_readers``."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     workspace = workspace_for(module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
-    layers = expanding_layers(module) if workspace_for == ConnectionWorkspace.for_merge else None
-    if layers is not None:
-        return expanded_parents(module, feats, activation, padding, readers, workspace, layers, dtype)
     parents, scales, shifts, ratios = [], [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         y, scale, shift, ratio = resample_parent(resample, feats[i].to(dtype), activation, padding, workspace)
@@ -323,10 +319,15 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
 
 
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
-                     workspace: ConnectionWorkspace, layers: list[nn.Module], dtype: torch.dtype
-                     ) -> tuple[Tensor, ...]:  # fmt: skip
+                     layers: list[nn.Module]) -> tuple[Tensor, ...]:  # fmt: skip
     """A ``CrossScaleMerge`` whose parents are all same-level or upsampling ones (``expanding_layers``): each
-    parent's squeeze, then one ``expand_merge``."""
+    parent's squeeze, then one ``expand_merge`` — one zeroed workspace for all of them."""
+    dtype = compute_dtype(feats[module.parent_ids[0]])
+    stats_dtype = torch.promote_types(dtype, torch.float32)
+    sizes = ConnectionWorkspace.layer_sizes
+    squeezes = [size for r in module.resamples for size in sizes(r.squeeze, False, stats_dtype)]
+    size = expand_merge_size(layers)
+    workspace = ConnectionWorkspace([*squeezes, size], feats[module.parent_ids[0]].device, stats_dtype)
     parents, scales, shifts = [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         h, scale, shift = fused_squeeze(resample, feats[i].to(dtype), activation, padding, workspace)
@@ -342,5 +343,5 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
         bn_biases=[layer.bn.bias for layer in layers], eps=[kw["eps"] for kw in bn_kwargs],
         running_means=optional("running_mean"), running_vars=optional("running_var"),
         num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
-        readers=readers, workspace=workspace.take(expand_merge_size(module), rows=1).view(-1),
+        readers=readers, workspace=workspace.take(size, rows=1).view(-1),
     )  # fmt: skip

@@ -10,12 +10,13 @@ the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2
 the gradients they feed). Under autocast the activations run in the autocast dtype and the conv ops take the fp32
 weights, rounding them as they load them; statistics, scales and shifts stay fp32.
 
-A connection whose parents are all same-level or upsampling ones, with its expand BNs in training mode (outside
-SyncBN), runs its expand convs, their BNs and the merge as one ``expand_merge`` after the squeezes: the expand
-outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``). SpineNet-Mobile's
-connections keep ``conv1x1_bn`` + ``merge`` for now: their whole-model fp32 accuracy test (128 px, batch 2, so every
-L7 BN normalises two values per channel) sees gradient errors that change several-fold with the rounding order alone,
-eager's own included, and cannot judge the change.
+A connection whose parents need no max-pools (same-level, upsampling, or downsampling by the stride-2 conv alone),
+with its expand BNs in training mode (outside SyncBN), runs its expand convs, their BNs and the merge as one
+``expand_merge`` after the squeezes (and stride-2 convs): the expand outputs are recomputed where they are needed
+instead of stored (``ops/expand_merge.py``). SpineNet-Mobile's connections keep ``conv1x1_bn`` + ``merge`` for now:
+their whole-model fp32 accuracy test (128 px, batch 2, so every L7 BN normalises two values per channel) sees
+gradient errors that change several-fold with the rounding order alone, eager's own included, and cannot judge the
+change.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ class ConnectionWorkspace:
 
 def expanding_layers(module) -> list[nn.Module] | None:
     """The expand conv + BN layer (``.conv``, ``.bn``) of each parent of a ``CrossScaleMerge`` that runs as one
-    ``expand_merge``: one or two parents, all same-level or upsampling, every expand BN normalising with batch
-    statistics outside a SyncBN group and updating its running statistics and counter alike; else None."""
-    if len(module.resamples) > 2 or any(resample.down is not None for resample in module.resamples):
+    ``expand_merge``: one or two parents, none with max-pools (same-level, upsampling, or downsampling by its
+    stride-2 conv alone), every expand BN normalising with batch statistics outside a SyncBN group and updating its
+    running statistics and counter alike; else None."""
+    if len(module.resamples) > 2 or any(r.down is not None and len(r.pools) for r in module.resamples):
         return None
     layers = [resample.expand for resample in module.resamples]
     bns = [layer.bn for layer in layers]
@@ -216,10 +218,16 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return weight if low_precision and weight.dtype == torch.float32 else weight.to(dtype)
 
 
-def fused_squeeze(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
-    """One parent's squeeze output h (before its BN) and that BN's scale and shift: the prologue of its expand conv
-    inside ``expand_merge``."""
-    return conv_then_bn(x, resample.squeeze.conv, resample.squeeze.bn, None, None, activation, workspace)
+def fused_expand_input(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace
+                       ) -> tuple:  # fmt: skip
+    """One parent's input to its expand conv inside ``expand_merge``: the squeeze's output h (before its BN), or for
+    a downsampling parent the stride-2 3×3 conv's of act(BN(h)), and that last BN's scale and shift (the expand's
+    prologue)."""
+    h, scale, shift = conv_then_bn(x, resample.squeeze.conv, resample.squeeze.bn, None, None, activation, workspace)
+    if resample.down is None:
+        return h, scale, shift
+    return conv_then_bn(h, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
+                        padding=padding)  # fmt: skip
 
 
 def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
@@ -320,17 +328,18 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
 
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
                      layers: list[nn.Module]) -> tuple[Tensor, ...]:  # fmt: skip
-    """A ``CrossScaleMerge`` whose parents are all same-level or upsampling ones (``expanding_layers``): each
-    parent's squeeze, then one ``expand_merge`` — one zeroed workspace for all of them."""
+    """A ``CrossScaleMerge`` whose parents need no max-pools (``expanding_layers``): each parent's squeeze (and
+    stride-2 conv), then one ``expand_merge`` — one zeroed workspace for all of them."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
     sizes = ConnectionWorkspace.layer_sizes
-    squeezes = [size for r in module.resamples for size in sizes(r.squeeze, False, stats_dtype)]
+    inputs = [size for r in module.resamples for layer, has_prologue in ((r.squeeze, False), (r.down, True))
+              if layer is not None for size in sizes(layer, has_prologue, stats_dtype)]  # fmt: skip
     size = expand_merge_size(layers)
-    workspace = ConnectionWorkspace([*squeezes, size], feats[module.parent_ids[0]].device, stats_dtype)
+    workspace = ConnectionWorkspace([*inputs, size], feats[module.parent_ids[0]].device, stats_dtype)
     parents, scales, shifts = [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
-        h, scale, shift = fused_squeeze(resample, feats[i].to(dtype), activation, padding, workspace)
+        h, scale, shift = fused_expand_input(resample, feats[i].to(dtype), activation, padding, workspace)
         parents.append(h)
         scales.append(scale)
         shifts.append(shift)

@@ -83,7 +83,14 @@ def check_merge_args(
 
 
 def _upsample(x: Tensor, ratio: int) -> Tensor:
-    return x if ratio == 1 else x.repeat_interleave(ratio, 2).repeat_interleave(ratio, 3)
+    """Nearest ×ρ upsampling of (N, C, H, W); a channels_last x gives a channels_last result."""
+    if ratio == 1:
+        return x
+    n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=CHANNELS_LAST):  # copied in NHWC: the result stays channels_last
+        rows = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, ratio, w, ratio, c)
+        return rows.reshape(n, h * ratio, w * ratio, c).permute(0, 3, 1, 2)
+    return x.repeat_interleave(ratio, 2).repeat_interleave(ratio, 3)
 
 
 def _block_sum(x: Tensor, ratio: int) -> Tensor:

@@ -5,7 +5,8 @@ Every activation tensor is (N, C, H, W) addressed through its strides (channels_
 an expand output, ``e[rows, o] = Σ_k act(scale[k]·h[n, k, h/ρ, w/ρ] + shift[k])·W[o, k]`` at output pixels
 (n, h, w), is recomputed by ``_expand_tile`` from the parent's raw squeeze output (an upsampled parent's rows
 gathered); dots as the conv kernels take them (``gemm_config``). One or two parents (constexpr ``NUM_PARENTS``);
-the second parent's arguments repeat the first's where it is absent (never read).
+the second parent's arguments repeat the first's where it is absent (never read). A pooled parent (max-pools after
+its prologue) is the pooled tensor its statistics pass stored, without a prologue, from then on.
 
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
 ``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then per parent ``_expand_k2_kernel``.
@@ -19,9 +20,11 @@ from .activation import ACTIVATION_CODES, activation_grad, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
 from .gemm_backward import operand_dot, prologue_tile, store_input_grad
 from .gemm_config import gemm_launch_config
+from .maxpool_prologue import pooled_tile
 from .merge import reader_deltas, readers_grad
 
-from spinenet_fast.ops.expand_merge import Workspace, parent_scope  # isort: skip (the op's layout and ranges)
+from spinenet_fast.ops.expand_merge import Workspace, expand_inputs, pair, parent_scope  # isort: skip (the op's)
+from spinenet_fast.ops.padding import spatial_padding  # isort: skip
 
 
 @triton.jit
@@ -41,6 +44,33 @@ def _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, row_mask, o, K, C, s_
 
 
 @triton.jit
+def _pooled_expand_tile(y_ptr, w_ptr, scale_ptr, shift_ptr, pooled_ptr, route_ptr, p, o, P, K, C, HW, W_IMG, H0, W0,
+                        sy_n, sy_c, sy_h, sy_w, sw_o, sw_k, ACT: tl.constexpr, POOLS: tl.constexpr,
+                        POOL_PAD: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
+    """e[p, o] (BLOCK_M, BLOCK_N) fp32 of a pooled parent: a = ``POOLS`` max-pools of act(scale·y + shift) loaded
+    by ``maxpool_prologue.pooled_tile`` at pooled pixels p (an (HW / W_IMG, W_IMG) map); the programs of the first
+    output-channel tile store a (y's dtype) and its route into the (P, K) NHWC ``pooled_ptr`` / ``route_ptr``."""
+    n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (p < P)[:, None] & (k < K)[None, :]
+        scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
+        shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
+        a, route = pooled_tile(y_ptr, n, h, w, k, mask, sy_n, sy_c, sy_h, sy_w, H0, W0, scale, shift, ACT, POOLS,
+                               POOL_PAD)  # fmt: skip
+        a = tl.where(mask, a, 0.0).to(y_ptr.dtype.element_ty)
+        if tl.program_id(1) == 0:  # once per pixel and channel
+            tl.store(pooled_ptr + p[:, None] * K + k[None, :], a, mask=mask)
+            tl.store(route_ptr + p[:, None] * K + k[None, :], route, mask=mask)
+        b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < C)[None, :],
+                    other=0.0)  # fmt: skip
+        acc = operand_dot(acc, a, b.to(a.dtype), FP32_DOT)
+    return acc
+
+
+@triton.jit
 def _parent_rows(p, HW, W_OUT, R: tl.constexpr, s_n, s_h, s_w):
     """Offsets of the parent's pixel (n, h/R, w/R) for output pixels p of an (H, W_OUT) map (HW = H·W_OUT)."""
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
@@ -51,17 +81,24 @@ def _parent_rows(p, HW, W_OUT, R: tl.constexpr, s_n, s_h, s_w):
 def _expand_stats_kernel(
     stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr, bn_var_ptr,
     running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, h_ptr, w_ptr, scale_ptr, shift_ptr,
-    P, K, C, HW, W_IMG, s_n, s_c, s_h, s_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    pooled_ptr, route_ptr, P, K, C, HW, W_IMG, H0, W0, s_n, s_c, s_h, s_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr,
+    ACT: tl.constexpr, POOLS: tl.constexpr, POOL_PAD: tl.constexpr, FINALIZE: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Σe and Σe² of one (BLOCK_M parent pixels) × (BLOCK_N channels) tile of e (fp32, not stored), added to the
-    zeroed (2, C) stats; the last program finalizes the BN."""
+    zeroed (2, C) stats; the last program finalizes the BN. With ``POOLS`` the parent's pixels are its max-pools'
+    ((H0, W0) the raw map's size), stored with their route (``_pooled_expand_tile``)."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = _parent_rows(p, HW, W_IMG, 1, s_n, s_h, s_w)
-    e = _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, p < P, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
-                     FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    if POOLS > 0:
+        e = _pooled_expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, pooled_ptr, route_ptr, p, o, P, K, C, HW, W_IMG,
+                                H0, W0, s_n, s_c, s_h, s_w, sw_o, sw_k, ACT, POOLS, POOL_PAD, FP32_DOT, BLOCK_M,
+                                BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        rows = _parent_rows(p, HW, W_IMG, 1, s_n, s_h, s_w)
+        e = _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, p < P, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE,
+                         ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     tl.atomic_add(stats_ptr + o, tl.sum(e, axis=0), mask=o < C)  # rows past P are zero
     tl.atomic_add(stats_ptr + C + o, tl.sum(e * e, axis=0), mask=o < C)
     if FINALIZE:
@@ -75,14 +112,14 @@ def _pre_activation(
     h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW, W_OUT,
     K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``(z, e0, e1)`` at output pixels p × channels o: z = Σ_p scale_p·e_p + shift_p (+ extra), the BNs at
     ``affine_ptr`` (P, 4, C) fp32 [scale; shift; mean; var]; e1 is e0 for one parent."""
     p_mask, o_mask = p < P, o < C
     rows0 = _parent_rows(p, HW, W_OUT, R0, s0_n, s0_h, s0_w)
-    e0 = _expand_tile(h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, rows0, p_mask, o, K0, C, s0_c, sw0_o, sw0_k, HAS_PROLOGUE,
+    e0 = _expand_tile(h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, rows0, p_mask, o, K0, C, s0_c, sw0_o, sw0_k, HAS_PROLOGUE0,
                       ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     z = e0 * tl.load(affine_ptr + o, mask=o_mask, other=0.0)[None, :]
     z += tl.load(affine_ptr + C + o, mask=o_mask, other=0.0)[None, :]
@@ -90,7 +127,7 @@ def _pre_activation(
     if NUM_PARENTS == 2:
         rows1 = _parent_rows(p, HW, W_OUT, R1, s1_n, s1_h, s1_w)
         e1 = _expand_tile(h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, rows1, p_mask, o, K1, C, s1_c, sw1_o, sw1_k,
-                          HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                          HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
         z += e1 * tl.load(affine_ptr + 4 * C + o, mask=o_mask, other=0.0)[None, :]
         z += tl.load(affine_ptr + 5 * C + o, mask=o_mask, other=0.0)[None, :]
     if HAS_EXTRA:
@@ -105,7 +142,8 @@ def _expand_merge_fwd_kernel(
     out_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW,
     W_OUT, K0, K1, so_n, so_c, so_h, so_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o,
     sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) × (BLOCK_N channels) tile of out = act(z)."""
@@ -114,7 +152,7 @@ def _expand_merge_fwd_kernel(
     z, _, _ = _pre_activation(
         h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
         W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
-        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * so_n + h * so_h + w * so_w)[:, None] + o[None, :] * so_c
@@ -139,8 +177,8 @@ def _expand_merge_k1_kernel(
     w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h,
     sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) × (BLOCK_N channels) tile: z recomputed, dz = Σ grads·act'(z) stored (the
     gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), and its
@@ -151,7 +189,7 @@ def _expand_merge_k1_kernel(
     z, e0, e1 = _pre_activation(
         h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
         W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
-        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
@@ -215,33 +253,41 @@ def _expand_k2_kernel(
 
 
 def _workspace(workspace, weights, parents):
-
     return Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
 
 
-def _parent_args(parents, scales, shifts, weights) -> tuple[list, list, list]:
-    """(pointers h0, w0, sc0, sh0, h1, w1, sc1, sh1), (their strides), (K0, K1): the second repeats the first."""
-    pair = [0, min(1, len(parents) - 1)]
+def _parent_args(inputs, prologues, weights) -> tuple[list, list, list]:
+    """(pointers h0, w0, sc0, sh0, h1, w1, sc1, sh1), (their strides), (K0, K1) of the parents' expand inputs: the
+    second repeats the first."""
+    chosen = [0, min(1, len(inputs) - 1)]
     pointers, strides = [], []
-    for i in pair:
+    for i in chosen:
         w2d = weights[i].view(weights[i].shape[:2])
-        affine = (scales[i].contiguous(), shifts[i].contiguous()) if scales else (w2d, w2d)
-        pointers += [parents[i], w2d, *affine]
-        strides.append((*parents[i].stride(), *w2d.stride()))
-    return pointers, [s[:4] for s in strides] + [s[4:] for s in strides], [parents[i].shape[1] for i in pair]
+        scale, shift = prologues[i]
+        affine = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+        pointers += [inputs[i], w2d, *affine]
+        strides.append((*inputs[i].stride(), *w2d.stride()))
+    return pointers, [s[:4] for s in strides] + [s[4:] for s in strides], [inputs[i].shape[1] for i in chosen]
 
 
-def _constexprs(parents, ratios, scales, activation) -> dict:
-    return dict(R0=ratios[0], R1=ratios[-1], NUM_PARENTS=len(parents), HAS_PROLOGUE=bool(scales),
-                ACT=ACTIVATION_CODES[activation])  # fmt: skip
+def _constexprs(inputs, prologues, ratios, activation) -> dict:
+    flags = [scale is not None for scale, _ in prologues]
+    return dict(R0=ratios[0], R1=ratios[-1], NUM_PARENTS=len(inputs), HAS_PROLOGUE0=flags[0],
+                HAS_PROLOGUE1=flags[-1], ACT=ACTIVATION_CODES[activation])  # fmt: skip
 
 
-def _statistics_launcher(h, weight, scale, shift, activation, counter, bn, config):
+def _statistics_launcher(h, weight, scale, shift, activation, num_pools, padding, counter, bn, config):
     """``bn_finalize``'s signature for one parent's ``_expand_stats_kernel`` launch (``with_running_update``): its
-    finalize writes ``bn`` (4, C) [scale; shift; mean; var]."""
-    _, c_h, height, width = h.shape
+    finalize writes ``bn`` (4, C) [scale; shift; mean; var]. Returns ``(launch, pooled, route)``: a pooled parent's
+    max-pools and route ((N, C_h, H0 >> pools, W0 >> pools) channels_last, stored by the launch; empty without
+    pools)."""
+    n, c_h, height0, width0 = h.shape
+    height, width = height0 >> num_pools, width0 >> num_pools
     w2d = weight.view(weight.shape[:2])
     prologue = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+    size, layout = ((n, c_h, height, width), torch.channels_last) if num_pools else ((0,), torch.contiguous_format)
+    pooled = torch.empty(size, dtype=h.dtype, device=h.device, memory_format=layout)
+    route = torch.empty(size, dtype=torch.int32, device=h.device, memory_format=layout)
 
     def launch(stats, count, gamma, beta, eps, running_mean, running_var, batches, momentum, unbias):
         finalize = Finalize(counter, gamma.contiguous(), beta.contiguous(), tuple(bn.unbind()), running_mean,
@@ -249,57 +295,72 @@ def _statistics_launcher(h, weight, scale, shift, activation, counter, bn, confi
         bn_args, bn_constexprs = finalize.launch_args()
         grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(w2d.shape[0], config["BLOCK_N"]))
         _expand_stats_kernel[grid](
-            stats, *bn_args, h, w2d, *prologue, count, c_h, w2d.shape[0], height * width, width, *h.stride(),
-            *w2d.stride(), HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], **bn_constexprs, **config,
+            stats, *bn_args, h, w2d, *prologue, pooled if num_pools else h, route if num_pools else stats, count,
+            c_h, w2d.shape[0], height * width, width, height0, width0, *h.stride(), *w2d.stride(),
+            HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], POOLS=num_pools,
+            POOL_PAD=spatial_padding(3, 2, padding)[0], **bn_constexprs, **config,
         )  # fmt: skip
         return finalize.outputs
 
-    return launch
+    return launch, pooled, route
 
 
 def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
-                         running_means, running_vars, batches, momentums, workspace):  # fmt: skip
-    """The op's forward on Triton: ``(out, [scale; shift; mean; var] (P, 4, C) fp32)`` (see ``ops/expand_merge.py``)."""
+                         running_means, running_vars, batches, momentums, pools, padding, workspace):  # fmt: skip
+    """The op's forward on Triton: ``(out, [scale; shift; mean; var] (P, 4, C) fp32, pooled_0, pooled_1, route_0,
+    route_1)`` (see ``ops/expand_merge.py``)."""
     from spinenet_fast.ops.bn_finalize import with_running_update
 
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     config = gemm_launch_config(h0.dtype, _expand_stats_kernel)
     bn = workspace.new_empty((len(parents), 4, channels))  # per parent [scale; shift; mean; var]
+    pooled, routes = [], []
     for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
-        total = h.shape[0] * h.shape[2] * h.shape[3] * ratio**2
+        pixels = h.shape[0] * (h.shape[2] >> pools[i]) * (h.shape[3] >> pools[i])
+        total = pixels * ratio**2
         running = (running_means[i], running_vars[i]) if running_means else (None, None)
-        statistics = _statistics_launcher(h, weight, scales[i] if scales else None, shifts[i] if shifts else None,
-                                          activation, ws.counters[i], bn[i], config)  # fmt: skip
+        statistics, pooled_i, route_i = _statistics_launcher(
+            h, weight, scales[i] if scales else None, shifts[i] if shifts else None, activation, pools[i], padding,
+            ws.counters[i], bn[i], config,
+        )  # fmt: skip
         with parent_scope(i):
-            with_running_update(statistics, ws.stats[i], h.shape[0] * h.shape[2] * h.shape[3], bn_weights[i],
-                                bn_biases[i], eps[i], *running, batches[i] if batches else None, momentums[i],
-                                total / (total - 1))  # fmt: skip
-    n, height, width = h0.shape[0], h0.shape[2] * ratios[0], h0.shape[3] * ratios[0]
+            with_running_update(statistics, ws.stats[i], pixels, bn_weights[i], bn_biases[i], eps[i], *running,
+                                batches[i] if batches else None, momentums[i], total / (total - 1))  # fmt: skip
+        pooled.append(pooled_i)
+        routes.append(route_i)
+    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
+    n, height, width = h0.shape[0], inputs[0].shape[2] * ratios[0], inputs[0].shape[3] * ratios[0]
     out = torch.empty((n, channels, height, width), dtype=h0.dtype, device=h0.device, memory_format=torch.channels_last)
-    pointers, strides, ks = _parent_args(parents, scales, shifts, weights)
+    pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else out
     config = gemm_launch_config(h0.dtype, _expand_merge_fwd_kernel)
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_fwd_kernel[grid](
         out, *pointers, bn, extra_, n * height * width, channels, height * width, width, *ks, *out.stride(),
         *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None,
-        **_constexprs(parents, ratios, scales, activation), **config,
+        **_constexprs(inputs, prologues, ratios, activation), **config,
     )  # fmt: skip
-    return out, bn
+    return out, bn, *pair(pooled, out), *pair(routes, routes[0])
 
 
 def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases,
-                          bn, eps, workspace) -> list[torch.Tensor]:  # fmt: skip
+                          bn, eps, pools, padding, pooled, routes, workspace) -> list[torch.Tensor]:  # fmt: skip
     """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
-    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned)."""
+    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned). A pooled parent's gradient
+    goes through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on the backend ``auto``
+    takes."""
+    from spinenet_fast.ops import backends
+    from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op
+
     grad = grads[0]
     deltas = reader_deltas(grads)
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     n, _, height, width = grad.shape
     dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype)
-    pointers, strides, ks = _parent_args(parents, scales, shifts, weights)
+    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
+    pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else dz
     config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
@@ -307,7 +368,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
         dz, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
         height * width, width, *ks, *grad.stride(), *dz.stride(), *strides[0], *strides[1], *strides[2], *strides[3],
         *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
-        **_constexprs(parents, ratios, scales, activation), **config,
+        **_constexprs(inputs, prologues, ratios, activation), **config,
     )  # fmt: skip
     d_parents, d_weights, d_bns = [], [], []
     # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
@@ -316,21 +377,25 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     config["BLOCK_N"] //= 2
     if config["FP32_DOT"]:
         config["num_warps"] = 8
-    for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
+    for i, (h, (scale, shift), weight, ratio) in enumerate(zip(inputs, prologues, weights, ratios)):
         c_h = h.shape[1]
         count = h.shape[0] * h.shape[2] * h.shape[3]
         w2d = weight.view(weight.shape[:2])
         d_bn = torch.empty((2, channels), dtype=bn_weights[i].dtype, device=h.device)
         dh = torch.empty_like(h, memory_format=torch.channels_last)
-        prologue = (scales[i].contiguous(), shifts[i].contiguous()) if scales else (w2d, w2d)
+        prologue = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
         grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(c_h, config["BLOCK_N"]))
         with parent_scope(i):
             _expand_k2_kernel[grid](
                 dh, ws.weight_grads[i], d_bn, dz, h, w2d, *prologue, bn[i], bn_weights[i], ws.sums[i],
                 ws.affine_grads[i], eps[i], count, channels, c_h, h.shape[2] * h.shape[3], h.shape[3], *dz.stride(),
-                *h.stride(), *dh.stride(), *w2d.stride(), R=ratio, HAS_PROLOGUE=bool(scales),
+                *h.stride(), *dh.stride(), *w2d.stride(), R=ratio, HAS_PROLOGUE=scale is not None,
                 ACT=ACTIVATION_CODES[activation], **config,
             )  # fmt: skip
+            if pools[i]:
+                with backends.use_backend(None):
+                    dh = _maxpool_backward_into_op(dh, parents[i], routes[i], scales[i], shifts[i], activation,
+                                                   pools[i], padding, ws.affine_grads[i])  # fmt: skip
         d_weight = ws.weight_grads[i]
         d_parents.append(dh)
         d_weights.append(d_weight.new_empty(0) if weight.dtype == d_weight.dtype else

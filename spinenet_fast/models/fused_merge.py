@@ -10,13 +10,12 @@ the affine. ``nn.SyncBatchNorm`` inside a process group all-reduces each BN's (2
 the gradients they feed). Under autocast the activations run in the autocast dtype and the conv ops take the fp32
 weights, rounding them as they load them; statistics, scales and shifts stay fp32.
 
-A connection whose parents need no max-pools (same-level, upsampling, or downsampling by the stride-2 conv alone),
-with its expand BNs in training mode (outside SyncBN), runs its expand convs, their BNs and the merge as one
-``expand_merge`` after the squeezes (and stride-2 convs): the expand outputs are recomputed where they are needed
-instead of stored (``ops/expand_merge.py``). SpineNet-Mobile's connections keep ``conv1x1_bn`` + ``merge`` for now:
-their whole-model fp32 accuracy test (128 px, batch 2, so every L7 BN normalises two values per channel) sees
-gradient errors that change several-fold with the rounding order alone, eager's own included, and cannot judge the
-change.
+A connection of one or two parents with its expand BNs in training mode (outside SyncBN) runs its expand convs,
+their BNs (the max-pools before them) and the merge as one ``expand_merge`` after the squeezes (and stride-2 convs):
+the expand outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``).
+SpineNet-Mobile's connections keep ``conv1x1_bn`` + ``merge`` for now: their whole-model fp32 accuracy test (128 px,
+batch 2, so every L7 BN normalises two values per channel) sees gradient errors that change several-fold with the
+rounding order alone, eager's own included, and cannot judge the change.
 """
 
 from __future__ import annotations
@@ -120,10 +119,9 @@ class ConnectionWorkspace:
 
 def expanding_layers(module) -> list[nn.Module] | None:
     """The expand conv + BN layer (``.conv``, ``.bn``) of each parent of a ``CrossScaleMerge`` that runs as one
-    ``expand_merge``: one or two parents, none with max-pools (same-level, upsampling, or downsampling by its
-    stride-2 conv alone), every expand BN normalising with batch statistics outside a SyncBN group and updating its
-    running statistics and counter alike; else None."""
-    if len(module.resamples) > 2 or any(r.down is not None and len(r.pools) for r in module.resamples):
+    ``expand_merge``: one or two parents, every expand BN normalising with batch statistics outside a SyncBN group
+    and updating its running statistics and counter alike; else None."""
+    if len(module.resamples) > 2:
         return None
     layers = [resample.expand for resample in module.resamples]
     bns = [layer.bn for layer in layers]
@@ -328,8 +326,8 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
 
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
                      layers: list[nn.Module]) -> tuple[Tensor, ...]:  # fmt: skip
-    """A ``CrossScaleMerge`` whose parents need no max-pools (``expanding_layers``): each parent's squeeze (and
-    stride-2 conv), then one ``expand_merge`` — one zeroed workspace for all of them."""
+    """A ``CrossScaleMerge`` that runs as one ``expand_merge`` (``expanding_layers``): each parent's squeeze (and
+    stride-2 conv), then the op (with the parents' max-pools) — one zeroed workspace for all of them."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
     sizes = ConnectionWorkspace.layer_sizes
@@ -352,5 +350,6 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
         bn_biases=[layer.bn.bias for layer in layers], eps=[kw["eps"] for kw in bn_kwargs],
         running_means=optional("running_mean"), running_vars=optional("running_var"),
         num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
+        pools=[len(r.pools) if r.down is not None else 0 for r in module.resamples], padding=padding,
         readers=readers, workspace=workspace.take(size, rows=1).view(-1),
     )  # fmt: skip

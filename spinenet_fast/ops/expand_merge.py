@@ -4,22 +4,28 @@ outputs are never stored.
 Equivalent to (per parent p; ``nn.BatchNorm2d`` in training mode, its running statistics updated)::
 
     a_p = act(scale_p·h_p + shift_p)            # the squeeze's BN + act (or a_p = h_p without a prologue)
+    a_p = maxpool3x3s2^L_p(a_p)                  # a downsampling parent's L_p = pools[p] max-pools (0: none)
     e_p = conv1x1(a_p, W_p)                      # at the parent's resolution
     out = act(Σ_p upsample(BN_p(e_p), ρ_p) + extra)
 
-h_p: (N, C_h,p, H/ρ_p, W/ρ_p) in any memory format; W_p: (C, C_h,p, 1, 1); out: (N, C, H, W) channels_last. An
+h_p: (N, C_h,p, 2^L_p·H/ρ_p, 2^L_p·W/ρ_p) in any memory format (a pooled parent: the raw output of its stride-2
+conv, ρ_p = 1, ``padding`` the pools'); W_p: (C, C_h,p, 1, 1); out: (N, C, H, W) channels_last. An
 expand output e_p is C channels at its parent's resolution: storing it, reading it back in the merge and twice more
 in the backward is what kept a connection at 2–3× its byte floor. Here:
 
 - forward: one statistics-only GEMM per parent (Σe, Σe² of the fp32 accumulators; its last program finalizes the
-  BN and updates the running statistics), then one GEMM over every parent's a (K = Σ C_h,p) that recomputes each
+  BN and updates the running statistics; a pooled parent's prologue max-pools as it loads, its first output-channel
+  tile storing the pooled a_p (C_h,p channels at the target's resolution) and its route for the backward, as
+  ``pooled_conv1x1_bn``'s), then one GEMM over every parent's a (K = Σ C_h,p) that recomputes each
   e_p, applies its BN, gathers the upsampled parents' rows, adds ``extra`` and the activation;
 - backward: K1 recomputes z, stores dz = Σ grads·act'(z) once (also ``extra``'s gradient) and accumulates each
   parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then per parent K2, at the parent's
   resolution, recomputes ê_p, forms BN's backward de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
   the BN's count, the parent's pixels; the cancellation happens where eager's BN backward has it) and runs both of
   its GEMMs: da_p = de_p·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
-  there), and dW_p += de_pᵀa_p. No e or de is ever stored.
+  there), and dW_p += de_pᵀa_p; a pooled parent's da_p (at the target's resolution) then goes through the max-pools'
+  one-pass backward (``bn_act_maxpool_backward``: gathered through the route, the BN + act backward applied). No e
+  or de is ever stored.
 
 The accumulators live in one zeroed fp32 workspace per call (:func:`workspace_size`, one fill per connection).
 """
@@ -30,6 +36,7 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
+from .bn_act_maxpool import check_pool_input
 from .bn_finalize import check_bn_args, running_update_reference
 from .checks import check_accumulator, describe
 from .conv_common import CHANNELS_LAST, check_affine_prologue, prologue_backward, prologue_forward
@@ -70,7 +77,8 @@ def workspace_size(channels: int, squeezed: list[int]) -> int:
 
 
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
-                            running_means, running_vars, batches, momentums, workspace) -> None:  # fmt: skip
+                            running_means, running_vars, batches, momentums, pools, padding,
+                            workspace) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one ``expand_merge``."""
     if not isinstance(parents, (list, tuple)) or len(parents) == 0 or not all(isinstance(p, Tensor) for p in parents):
         raise TypeError(f"parents must be a non-empty list of tensors, got {describe(parents)}")
@@ -80,7 +88,8 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
     optional_lists = (("scales", scales), ("shifts", shifts), ("running_means", running_means),
                       ("running_vars", running_vars), ("batches", batches))  # fmt: skip
     for name, values in (("weights", weights), ("ratios", ratios), ("bn_weights", bn_weights),
-                         ("bn_biases", bn_biases), ("eps", eps), ("momentums", momentums)):  # fmt: skip
+                         ("bn_biases", bn_biases), ("eps", eps), ("momentums", momentums),
+                         ("pools", pools)):  # fmt: skip
         if not isinstance(values, (list, tuple)) or len(values) != count:
             raise ValueError(f"{name} must be a list with one entry per parent ({count}), got {values!r}")
     for name, values in optional_lists:
@@ -105,14 +114,24 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
                 and weight.dtype in allowed and weight.device == first.device):  # fmt: skip
             raise ValueError(f"weights[{i}] must be a ({channels}, {h.shape[1]}, 1, 1) tensor of {allowed} on "
                              f"{first.device}, got {describe(weight)}")  # fmt: skip
-        if len(scales) > 0:
+        num_pools = pools[i]
+        if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 0:
+            raise ValueError(f"pools[{i}] must be an int ≥ 0 (the parent's max-pools), got {num_pools!r}")
+        if num_pools:
+            if len(scales) == 0 or ratio != 1:
+                raise ValueError(f"parents[{i}] has pools[{i}] = {num_pools} max-pools: it needs a prologue "
+                                 f"(scales, shifts) and ratios[{i}] = 1, got scales={describe(scales)}, "
+                                 f"ratio {ratio}")  # fmt: skip
+            check_pool_input(f"parents[{i}]", h, scales[i], shifts[i], activation, num_pools, padding)
+        elif len(scales) > 0:
             check_affine_prologue(h, scales[i], shifts[i])
-        shape = (h.shape[0], h.shape[2] * ratio, h.shape[3] * ratio)
+        size = (h.shape[2] >> num_pools, h.shape[3] >> num_pools)
+        shape = (h.shape[0], size[0] * ratio, size[1] * ratio)
         if target is not None and shape != target:
             raise ValueError(f"parents[{i}] upsampled ×{ratio} is (N, H, W) = {shape}, parents[0]'s is {target}")
         target = shape
         running = (running_means[i], running_vars[i]) if len(running_means) > 0 else (None, None)
-        check_bn_args(channels, first.device, h.shape[0] * h.shape[2] * h.shape[3], bn_weights[i], bn_biases[i],
+        check_bn_args(channels, first.device, h.shape[0] * size[0] * size[1], bn_weights[i], bn_biases[i],
                       eps[i], *running, batches[i] if len(batches) > 0 else None, momentums[i], ratio,
                       channels_of=f"weights[{i}]")  # fmt: skip
     if extra is not None and not (isinstance(extra, Tensor) and extra.shape == (target[0], channels, *target[1:])
@@ -140,6 +159,22 @@ def _vec(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def expand_inputs(parents, scales, shifts, pools, pooled) -> tuple[list[Tensor], list[tuple]]:
+    """Each parent's expand input and its prologue ``(scale, shift)`` (``(None, None)``: none): a pooled parent's
+    stored max-pools (its BN + act inside them), any other the parent with its scale and shift."""
+    inputs, prologues = [], []
+    for i, h in enumerate(parents):
+        inputs.append(pooled[i] if pools[i] else h)
+        prologues.append((scales[i], shifts[i]) if scales and not pools[i] else (None, None))
+    return inputs, prologues
+
+
+def pair(tensors: list[Tensor], like: Tensor) -> list[Tensor]:
+    """A per-parent list as the ops' fixed two slots, fresh empty stand-ins after the parents (a custom op's outputs
+    may not alias each other)."""
+    return [*tensors, *[like.new_empty(0) for _ in range(2 - len(tensors))]]
+
+
 def expand_merge_reference(
     parents,
     scales,
@@ -155,15 +190,26 @@ def expand_merge_reference(
     running_vars,
     batches,
     momentums,
+    pools,
+    padding,
     workspace,
-) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch (fp32 maths, float64 stays): ``(out, bn)``, bn = each parent's BN [scale; shift; mean; var]
-    (P, 4, C); the statistics added into the workspace, the running statistics and batch counters updated."""
+    *,
+    pool_backend: str = "reference",
+) -> tuple[Tensor, ...]:
+    """Plain PyTorch (fp32 maths, float64 stays): ``(out, bn, pooled_0, pooled_1, route_0, route_1)``, bn = each
+    parent's BN [scale; shift; mean; var] (P, 4, C), a pooled parent's max-pools (its dtype) and their route (int32),
+    empty where a parent has none, pooled by ``pool_backend``'s ``bn_act_maxpool``; the statistics added into the
+    workspace, the running statistics and batch counters updated."""
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
+    pool = backends.implementation("bn_act_maxpool", pool_backend)
+    empty = lambda: (parents[0].new_empty(0), parents[0].new_empty(0, dtype=torch.int32))  # noqa: E731
+    pooled, routes = zip(*[pool(h, scales[i], shifts[i], activation, pools[i], padding, True) if pools[i] else empty()
+                           for i, h in enumerate(parents)])  # fmt: skip
+    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
     pre, bn = 0, []
-    for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
+    for i, (h, prologue, weight, ratio) in enumerate(zip(inputs, prologues, weights, ratios)):
         with parent_scope(i):
-            a = prologue_forward(h, scales[i] if scales else None, shifts[i] if shifts else None, activation)
+            a = prologue_forward(h, *prologue, activation)
             e = _expand(a, weight, h)
             ws.stats[i].add_(torch.stack([e.sum((0, 2, 3)), (e * e).sum((0, 2, 3))]))
             scale, shift, mean, var = _bn_of(e, bn_weights[i], bn_biases[i], eps[i])
@@ -177,21 +223,23 @@ def expand_merge_reference(
     if extra is not None:
         pre = pre + extra.to(pre.dtype)
     out = activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
-    return out, torch.stack(bn)
+    return out, torch.stack(bn), *pair(list(pooled), out), *pair(list(routes), routes[0])
 
 
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,
-                                    bn_biases, bn, eps, workspace) -> list[Tensor]:  # fmt: skip
+                                    bn_biases, bn, eps, pools, padding, pooled, routes, workspace, *,
+                                    pool_backend: str = "reference") -> list[Tensor]:  # fmt: skip
     """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring);
     each prologue's [d_scale; d_shift] added into the workspace, and dW_p too where the weight has the workspace's
-    dtype (an empty stand-in returned)."""
+    dtype (an empty stand-in returned). ``pooled``, ``routes``: the forward's; the max-pools' backward is
+    ``pool_backend``'s ``bn_act_maxpool_backward``."""
     x0 = parents[0]
     dtype = stats_dtype(x0)
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
-    prologues = [(scales[i], shifts[i]) if scales else (None, None) for i in range(len(parents))]
-    activations = [prologue_forward(h, *prologue, activation) for h, prologue in zip(parents, prologues)]
+    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
+    activations = [prologue_forward(h, *prologue, activation) for h, prologue in zip(inputs, prologues)]
     pre, normalised = 0, []
-    for i, (a, h, weight, ratio) in enumerate(zip(activations, parents, weights, ratios)):
+    for i, (a, h, weight, ratio) in enumerate(zip(activations, inputs, weights, ratios)):
         mean, var = bn[i, 2:].to(dtype)
         e_hat = (_expand(a, weight, h) - _vec(mean)) * _vec(torch.rsqrt(var + eps[i]))  # the parent's resolution
         pre = pre + _upsample(e_hat * _vec(bn_weights[i].to(dtype)) + _vec(bn_biases[i].to(dtype)), ratio)
@@ -202,9 +250,15 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
     dz = dz.to(x0.dtype).to(dtype)  # stored once in the storage dtype: K2 reads it back
     t = dz.sum((0, 2, 3))
     d_parents, d_weights, d_bns = [], [], []
-    for i, (a, h, weight, ratio, e_hat) in enumerate(zip(activations, parents, weights, ratios, normalised)):
+    for i, (a, h, weight, ratio, e_hat) in enumerate(zip(activations, inputs, weights, ratios, normalised)):
         dh, d_w, d_bn = _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologues[i], activation, bn_weights[i],
                                          bn[i], eps[i], ws)  # fmt: skip
+        if pools[i]:
+            with parent_scope(i):
+                pool_backward = backends.implementation("bn_act_maxpool_backward", pool_backend)
+                dh, d_affine = pool_backward(dh, parents[i], routes[i], scales[i], shifts[i], activation, pools[i],
+                                             padding)  # fmt: skip
+                ws.affine_grads[i].add_(d_affine)
         d_parents.append(dh)
         if weight.dtype == workspace.dtype:  # left in the workspace, as the kernels leave it
             ws.weight_grads[i].add_(d_w)
@@ -244,11 +298,20 @@ def _triton_backward_reasons(grads, parents, scales, shifts, weights, *args) -> 
     return _triton_reasons(parents, scales, shifts, weights) + backends.triton_reasons(*grads)
 
 
-def _fake_forward(parents, scales, shifts, weights, ratios, extra, *args) -> tuple[Tensor, Tensor]:
+def _fake_forward(parents, scales, shifts, weights, ratios, extra, *args) -> tuple[Tensor, ...]:
+    pools = args[-3]
     h = parents[0]
-    shape = (h.shape[0], weights[0].shape[0], h.shape[2] * ratios[0], h.shape[3] * ratios[0])
+    height, width = (h.shape[2] >> pools[0]) * ratios[0], (h.shape[3] >> pools[0]) * ratios[0]
+    shape = (h.shape[0], weights[0].shape[0], height, width)
     out = torch.empty(shape, dtype=h.dtype, device=h.device, memory_format=CHANNELS_LAST)
-    return out, h.new_empty((len(parents), 4, shape[1]), dtype=stats_dtype(h))
+    pooled, routes = [], []
+    for h, num_pools in zip(parents, pools):
+        size = (h.shape[0], h.shape[1], h.shape[2] >> num_pools, h.shape[3] >> num_pools) if num_pools else (0,)
+        layout = CHANNELS_LAST if num_pools else torch.contiguous_format
+        pooled.append(torch.empty(size, dtype=h.dtype, device=h.device, memory_format=layout))
+        routes.append(torch.empty(size, dtype=torch.int32, device=h.device, memory_format=layout))
+    bn = h.new_empty((len(parents), 4, shape[1]), dtype=stats_dtype(h))
+    return out, bn, *pair(pooled, out), *pair(routes, routes[0])
 
 
 def _fake_backward(grads, parents, scales, shifts, weights, ratios, extra, *args) -> tuple[Tensor, ...]:
@@ -269,8 +332,30 @@ def _padded(outputs: list[Tensor], num_parents: int) -> tuple[Tensor, ...]:
     return (*padded, outputs[3 * num_parents] if len(outputs) > 3 * num_parents else empty(0))
 
 
-def _backward_reference_op(*args) -> tuple[Tensor, ...]:
-    return _padded(expand_merge_backward_reference(*args), len(args[1]))
+def _aten_reasons(parents, scales, shifts, activation, pools, padding) -> list[str]:
+    """The ``cuda`` backend: ATen's GEMMs, and the extension's max-pools for a pooled parent."""
+    reasons = backends.library_reasons(parents[0])
+    for i, h in enumerate(parents):
+        if pools[i]:
+            reasons += backends.reasons_by_backend("bn_act_maxpool", h, scales[i], shifts[i], activation, pools[i],
+                                                   padding, True)["cuda"]  # fmt: skip
+    return reasons
+
+
+def _aten_forward_reasons(parents, scales, shifts, weights, ratios, extra, activation, *args) -> list[str]:
+    return _aten_reasons(parents, scales, shifts, activation, *args[-3:-1])  # (..., pools, padding, workspace)
+
+
+def _aten_backward_reasons(grads, parents, scales, shifts, weights, ratios, extra, activation, *args) -> list[str]:
+    return _aten_reasons(parents, scales, shifts, activation, *args[-5:-3])  # (..., pools, padding, pooled, ...)
+
+
+def _forward_on(backend: str):
+    return lambda *args: expand_merge_reference(*args, pool_backend=backend)
+
+
+def _backward_on(backend: str):
+    return lambda *args: _padded(expand_merge_backward_reference(*args, pool_backend=backend), len(args[1]))
 
 
 def _triton_forward(*args):
@@ -290,8 +375,9 @@ def _triton_backward(*args):
     fake=_fake_forward,
     implementations={
         "reference": Backend(expand_merge_reference),
-        # ATen's GEMMs (cuBLAS on a GPU) around the elementwise steps, as fused_ops.md §3 allows.
-        "cuda": Backend(expand_merge_reference, lambda parents, *_: backends.library_reasons(parents[0])),
+        # ATen's GEMMs (cuBLAS on a GPU) around the elementwise steps, as fused_ops.md §3 allows; the extension's
+        # one-pass max-pools.
+        "cuda": Backend(_forward_on("cuda"), _aten_forward_reasons),
         "triton": Backend(_triton_forward, _triton_reasons),
     },
     auto_order=FUSED_FIRST,
@@ -300,9 +386,11 @@ def _triton_backward(*args):
 def _forward_op(
     parents: TensorList, scales: TensorList, shifts: TensorList, weights: TensorList, ratios: IntList,
     extra: Tensor | None, activation: str, bn_weights: TensorList, bn_biases: TensorList, eps: FloatList,
-    running_means: TensorList, running_vars: TensorList, batches: TensorList, momentums: FloatList, workspace: Tensor,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(out, [scale; shift; mean; var] (P, 4, C))``: the statistics added into ``workspace``, the running
+    running_means: TensorList, running_vars: TensorList, batches: TensorList, momentums: FloatList, pools: IntList,
+    padding: str, workspace: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(out, [scale; shift; mean; var] (P, 4, C), pooled_0, pooled_1, route_0, route_1)`` (a pooled parent's
+    max-pools and route, the backward's; empty for the others): the statistics added into ``workspace``, the running
     statistics updated."""
 
 
@@ -310,8 +398,8 @@ def _forward_op(
     "expand_merge_backward",
     fake=_fake_backward,
     implementations={
-        "reference": Backend(_backward_reference_op),
-        "cuda": Backend(_backward_reference_op, lambda grads, *_: backends.library_reasons(grads[0])),
+        "reference": Backend(_backward_on("reference")),
+        "cuda": Backend(_backward_on("cuda"), _aten_backward_reasons),
         "triton": Backend(_triton_backward, _triton_backward_reasons),
     },
     auto_order=FUSED_FIRST,
@@ -320,7 +408,8 @@ def _forward_op(
 def _backward_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, weights: TensorList,
     ratios: IntList, extra: Tensor | None, activation: str, bn_weights: TensorList, bn_biases: TensorList,
-    bn: Tensor, eps: FloatList, workspace: Tensor,
+    bn: Tensor, eps: FloatList, pools: IntList, padding: str, pooled: TensorList, routes: TensorList,
+    workspace: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dh_0, dh_1, dW_0, dW_1, [dγ_0; dβ_0], [dγ_1; dβ_1], d_extra)`` (empty where absent: ``_padded``) for the
     output gradient Σ ``grads`` (one per reader); each
@@ -334,7 +423,7 @@ class _ExpandMerge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, config, buffers, *tensors):
-        readers, ratios, activation, eps, momentums, num_parents, has_prologue, has_extra = config
+        readers, ratios, activation, eps, momentums, num_parents, has_prologue, has_extra, pools, padding = config
         running_means, running_vars, batches, workspace = buffers
         parts, rest = [], list(tensors)
         for size in (num_parents, num_parents * has_prologue, num_parents * has_prologue, num_parents, num_parents,
@@ -343,18 +432,18 @@ class _ExpandMerge(torch.autograd.Function):
             rest = rest[size:]
         parents, scales, shifts, weights, bn_weights, bn_biases = parts
         extra = rest[0] if has_extra else None
-        out, bn = _forward_op(parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
-                              bn_biases, list(eps), running_means, running_vars, batches, list(momentums),
-                              workspace)  # fmt: skip
+        out, bn, *pooled = _forward_op(parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
+                                       bn_biases, list(eps), running_means, running_vars, batches, list(momentums),
+                                       list(pools), padding, workspace)  # fmt: skip
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, bn)
+        ctx.save_for_backward(*tensors, bn, *pooled)
         ctx.config, ctx.parts, ctx.workspace = config, [len(p) for p in parts], workspace
         return (out, *(out.view_as(out) for _ in range(readers - 1)))
 
     @staticmethod
     def backward(ctx, *grads):
-        _, ratios, activation, eps, _, num_parents, has_prologue, has_extra = ctx.config
-        *tensors, bn = ctx.saved_tensors
+        _, ratios, activation, eps, _, num_parents, has_prologue, has_extra, pools, padding = ctx.config
+        *tensors, bn, pooled_0, pooled_1, route_0, route_1 = ctx.saved_tensors
         defined = [g for g in grads if g is not None]
         if not defined:
             return (None, None, *(None,) * len(tensors))
@@ -369,7 +458,8 @@ class _ExpandMerge(torch.autograd.Function):
         if workspace is None:  # a second backward (retain_graph): fresh accumulators
             workspace = torch.zeros(workspace_size(weights[0].shape[0], squeezed), dtype=bn.dtype, device=bn.device)
         outputs = _backward_op(defined, parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
-                               bn_biases, bn, list(eps), workspace)  # fmt: skip
+                               bn_biases, bn, list(eps), list(pools), padding, [pooled_0, pooled_1][:num_parents],
+                               [route_0, route_1][:num_parents], workspace)  # fmt: skip
         k = num_parents
         d_parents, d_weights, d_bns = outputs[0:k], outputs[2 : 2 + k], outputs[4 : 4 + k]
         ws = Workspace(workspace, weights[0].shape[0], squeezed)
@@ -398,6 +488,8 @@ def expand_merge(
     running_vars: list[Tensor] | None = None,
     num_batches_tracked: list[Tensor] | None = None,
     momentums: list[float] | None = None,
+    pools: list[int] | None = None,
+    padding: str = "torch",
     readers: int = 1,
     workspace: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
@@ -405,6 +497,8 @@ def expand_merge(
     first. ``scales``/``shifts``: the prologue of every parent (the squeezes' BN affines, fp32 (C_h,p,)), or None for
     none. ``running_means``/``running_vars`` (both or neither) and ``num_batches_tracked``: per parent, updated as
     ``nn.BatchNorm2d`` does with ``momentums`` (the running variance unbiased with the upsampled count).
+    ``pools``: per parent its 3×3/s2 max-pools after the prologue (None: none), padded as ``padding`` says
+    (``"torch"`` or ``"tf_same"``).
     ``workspace``: a zeroed contiguous (:func:`workspace_size`,) tensor of the statistics' dtype (a slice of a buffer
     several ops share); None: allocated here."""
     if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= MAX_READERS:
@@ -416,14 +510,15 @@ def expand_merge(
     running_vars = [] if running_vars is None else list(running_vars)
     batches = [] if num_batches_tracked is None else list(num_batches_tracked)
     momentums = [0.1] * count if momentums is None else list(momentums)
+    pools = [0] * count if pools is None else list(pools)
     args = (list(parents), scales, shifts, list(weights), list(ratios), extra, activation, list(bn_weights),
-            list(bn_biases), list(eps), running_means, running_vars, batches, momentums)  # fmt: skip
+            list(bn_biases), list(eps), running_means, running_vars, batches, momentums, pools, padding)  # fmt: skip
     if workspace is None and count and isinstance(parents[0], Tensor) and isinstance(weights[0], Tensor):
         workspace = torch.zeros(workspace_size(weights[0].shape[0], [h.shape[1] for h in parents]),
                                 dtype=stats_dtype(parents[0]), device=parents[0].device)  # fmt: skip
     check_expand_merge_args(*args, workspace)
     ratios, eps, momentums = [int(r) for r in ratios], [float(e) for e in eps], [float(m) for m in momentums]
     config = (readers, tuple(ratios), activation, tuple(eps), tuple(momentums), count, len(scales) > 0,
-              extra is not None)  # fmt: skip
+              extra is not None, tuple(pools), padding)  # fmt: skip
     tensors = [*parents, *scales, *shifts, *weights, *bn_weights, *bn_biases, *([extra] if extra is not None else [])]
     return _ExpandMerge.apply(config, (running_means, running_vars, batches, workspace), *tensors)

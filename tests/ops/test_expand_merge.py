@@ -1,11 +1,13 @@
 """``expand_merge`` (reference, Triton under the CPU interpreter) against eager PyTorch: the expand 1×1 convs, their
-training-mode ``nn.BatchNorm2d`` (running statistics included), nearest upsampling, the sum, extra and activation."""
+training-mode ``nn.BatchNorm2d`` (running statistics included), a downsampling parent's max-pools, nearest
+upsampling, the sum, extra and activation."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spinenet_fast.models.layers import MaxPool3x3s2
 from spinenet_fast.ops import expand_merge, use_backend
 from spinenet_fast.ops.activation import activation_forward
 from spinenet_fast.ops.expand_merge import _backward_op, _forward_op, workspace_size
@@ -15,18 +17,20 @@ from .tolerance import assert_low_precision_rule
 
 
 class Connection:
-    """Random inputs of one connection and its eager modules: per parent a raw squeeze output h, the squeeze BN's
-    affine (or none), an expand conv and its BN."""
+    """Random inputs of one connection and its eager modules: per parent a raw squeeze output h (or, with
+    ``pools``, a stride-2 conv's raw output 2^pools times the target's size), the BN affine before the expand conv
+    (or none), an expand conv and its BN."""
 
     def __init__(self, ratios, *, squeezed=(6, 3), channels=5, batch=2, size=(4, 8), prologue=True, extra=True,
-                 dtype=torch.float64, layout="channels_last", seed=0):  # fmt: skip
+                 dtype=torch.float64, layout="channels_last", seed=0, pools=None, padding="torch"):  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
         h, w = size
         self.ratios, self.dtype = list(ratios), dtype
+        self.pools, self.padding = list(pools or [0] * len(ratios)), padding
         self.parents, self.scales, self.shifts, self.convs, self.bns = [], [], [], [], []
-        for ratio, c_h in zip(ratios, squeezed):
-            x = rand(batch, c_h, h // ratio, w // ratio)
+        for ratio, c_h, num_pools in zip(ratios, squeezed, self.pools):
+            x = rand(batch, c_h, (h // ratio) << num_pools, (w // ratio) << num_pools)
             if layout == "strided":
                 x = torch.cat([x, x], 3)[..., ::2]
             elif layout == "channels_last":
@@ -73,6 +77,8 @@ class Connection:
                 stat = affine[i].dtype
                 a = activation_forward(h.to(stat) * affine[i].view(1, -1, 1, 1) + affine[k + i].view(1, -1, 1, 1),
                                        activation).to(dtype)  # fmt: skip
+            for _ in range(self.pools[i]):  # as the model's eager connection: the pools after the BN + act
+                a = MaxPool3x3s2(self.padding)(a)
             if ratio > 1:  # as the model's eager connection: upsample, then the expand conv and its BN
                 a = F.interpolate(a, scale_factor=ratio, mode="nearest")
             e = F.conv2d(a, params[i].to(dtype))
@@ -94,7 +100,8 @@ class Connection:
                 parents, affine[:k] or None, affine[k:] or None, params[:k], self.ratios, extra[0] if extra else None,
                 activation, bn_weights=params[k : 2 * k], bn_biases=params[2 * k :], eps=[1e-3] * k,
                 running_means=[r[0] for r in running], running_vars=[r[1] for r in running],
-                num_batches_tracked=batches, momentums=[0.01] * k, readers=readers,
+                num_batches_tracked=batches, momentums=[0.01] * k, pools=self.pools, padding=self.padding,
+                readers=readers,
             )  # fmt: skip
             grad = self.grads[0].to(dtype)
             parts = [grad / readers] * readers
@@ -105,17 +112,29 @@ class Connection:
 
 
 ACTIVATIONS = ["swish", "relu"]
-CASES = [((1, 1), True, True), ((1, 2), True, False), ((4, 1), False, True), ((2,), True, True)]
+CASES = [
+    ((1, 1), True, True, {}),
+    ((1, 2), True, False, {}),
+    ((4, 1), False, True, {}),
+    ((2,), True, True, {}),
+    # downsampling parents with max-pools (one, two; either padding) beside a plain or an upsampled parent
+    ((1, 2), True, True, {"pools": [1, 0]}),
+    ((1, 1), True, False, {"pools": [0, 2], "padding": "tf_same"}),
+    ((1,), True, True, {"pools": [1], "padding": "tf_same"}),
+]
 
 
-@pytest.mark.parametrize("ratios,prologue,extra", CASES)
+@pytest.mark.parametrize("ratios,prologue,extra,kwargs", CASES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_reference_equals_eager_in_float64(ratios, prologue, extra, activation):
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_reference_equals_eager_in_float64(ratios, prologue, extra, kwargs, activation, backend):
     """The closed-form backward (the kernels' spec) is BN's backward: every gradient and the running statistics
-    agree with eager autograd to float64 rounding, with the output given to two readers."""
-    case = Connection(ratios, prologue=prologue, extra=extra, squeezed=(6, 3)[: len(ratios)])
+    agree with eager autograd to float64 rounding, with the output given to two readers (``cuda``: the same maths
+    with the extension's max-pools)."""
+    require_backend(backend)
+    case = Connection(ratios, prologue=prologue, extra=extra, squeezed=(6, 3)[: len(ratios)], **kwargs)
     out, grads, running = case.eager(torch.float64, activation)
-    f_out, f_grads, f_running = case.fused(torch.float64, "reference", activation, readers=2)
+    f_out, f_grads, f_running = case.fused(torch.float64, backend, activation, readers=2)
     torch.testing.assert_close(f_out, out, rtol=1e-10, atol=1e-10)
     for a, b in zip(f_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -125,36 +144,40 @@ def test_reference_equals_eager_in_float64(ratios, prologue, extra, activation):
     assert f_out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_gradcheck_float64():
-    """float64 ``gradcheck`` of the op (reference) in every differentiable input, running statistics off."""
-    case = Connection((1, 2), squeezed=(3, 2), channels=3, size=(2, 4))
+@pytest.mark.parametrize("pools", [[0, 0], [1, 0]])
+def test_gradcheck_float64(pools):
+    """float64 ``gradcheck`` of the op (reference) in every differentiable input, running statistics off (random
+    values: no max-pool window holds two maxima within the finite differences' step)."""
+    case = Connection((1, 2), squeezed=(3, 2), channels=3, size=(2, 4), pools=pools)
     parents, affine, params, extra = case.leaves(torch.float64)
 
     def fn(p0, p1, s0, s1, b0, b1, w0, w1, g0, g1, beta0, beta1, x):
         return expand_merge([p0, p1], [s0, s1], [b0, b1], [w0, w1], [1, 2], x, "swish", bn_weights=[g0, g1],
-                            bn_biases=[beta0, beta1], eps=[1e-3, 1e-3])[0]  # fmt: skip
+                            bn_biases=[beta0, beta1], eps=[1e-3, 1e-3], pools=pools)[0]  # fmt: skip
 
     with use_backend("reference"):
         assert torch.autograd.gradcheck(fn, (*parents, *affine, *params, *extra), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("pools", [[0, 0], [1, 0]])
+def test_opcheck(backend, pools):
     require_backend(backend)
-    case = Connection((1, 2), dtype=torch.float32)
+    case = Connection((1, 2), dtype=torch.float32, pools=pools)
     parents, affine, params, extra = case.leaves(torch.float32)
     k = 2
     args = (parents, affine[:k], affine[k:], params[:k], [1, 2], extra[0], "swish", params[k : 2 * k],
-            params[2 * k :], [1e-3] * k, [], [], [], [0.1] * k)  # fmt: skip
+            params[2 * k :], [1e-3] * k, [], [], [], [0.1] * k, pools, "torch")  # fmt: skip
 
     def workspace():
         return torch.zeros(workspace_size(5, [6, 3]))
 
     with use_backend(backend):
         torch.library.opcheck(_forward_op, (*args, workspace()), test_utils=("test_schema", "test_faketensor"))
-        out, bn = _forward_op(*args, workspace())
+        out, bn, *pooled = _forward_op(*args, workspace())
+        assert pooled[0].shape == ((2, 6, 4, 8) if pools[0] else (0,))
         grads = [torch.randn_like(out)]
-        backward_args = (grads, *args[:9], bn, args[9], workspace())
+        backward_args = (grads, *args[:9], bn, args[9], pools, "torch", pooled[:2], pooled[2:], workspace())
         torch.library.opcheck(_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -169,6 +192,11 @@ def test_opcheck(backend):
         ("scales", lambda a: a.update(scales=[a["scales"][0].double(), a["scales"][1]]), "scale must be"),
         ("bn_weights", lambda a: a.update(bn_weights=[a["bn_weights"][0][:2], a["bn_weights"][1]]), "weight must"),
         ("workspace", lambda a: a.update(workspace=torch.zeros(3)), "workspace must"),
+        ("pools", lambda a: a.update(pools=[1]), "pools must be a list"),
+        ("pools", lambda a: a.update(pools=[-1, 0]), "pools\\[0\\] must be an int"),
+        ("pools", lambda a: a.update(pools=[0, 1]), "ratios\\[1\\] = 1"),
+        ("pools", lambda a: a.update(pools=[3, 0]), "multiples of 2\\^num_pools"),
+        ("padding", lambda a: a.update(pools=[1, 0], padding="same"), "padding must be one of"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(name, change, message):
@@ -188,6 +216,9 @@ TRITON_CASES = [
     ((2,), True, True, {"squeezed": (6,)}),
     # several tiles along every axis (rows, output channels, both squeezed widths): masks and cross-tile atomics
     ((1, 2), True, True, {"squeezed": (20, 35), "channels": 40, "size": (8, 10)}),
+    # a pooled parent: several tiles of pooled pixels and channels (the first output-channel tile stores them)
+    ((1, 1), True, True, {"squeezed": (20, 7), "channels": 40, "size": (6, 10), "pools": [1, 0]}),
+    ((1, 4), True, False, {"squeezed": (5, 6), "size": (4, 8), "pools": [2, 0], "padding": "tf_same"}),
 ]
 
 
@@ -208,11 +239,12 @@ def test_triton_matches_reference_fp32(ratios, prologue, extra, shape):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_bf16_within_the_tolerance_rule(backend):
+@pytest.mark.parametrize("pools", [[0, 0], [1, 0]])
+def test_bf16_within_the_tolerance_rule(backend, pools):
     """bf16 activations (fp32 master weights, as under autocast): each output and gradient's error against fp32 is
     ≤ 2× eager bf16's + 1e-2 (odd sizes, batch 1)."""
     require_backend(backend)
-    case = Connection((1, 2), squeezed=(7, 5), channels=9, batch=1, size=(6, 10), dtype=torch.bfloat16)
+    case = Connection((1, 2), squeezed=(7, 5), channels=9, batch=1, size=(6, 10), dtype=torch.bfloat16, pools=pools)
     reference, reference_grads, _ = case.eager(torch.float32)
     eager, eager_grads, _ = case.eager(torch.bfloat16)
     fused, fused_grads, _ = case.fused(torch.bfloat16, backend)

@@ -16,7 +16,7 @@ from .activation import ACTIVATION_CODES, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
 from .epilogue import store_tile_and_channel_stats
 from .gemm_config import gemm_launch_config
-from .maxpool_prologue import pooled_tile
+from .maxpool_prologue import pooled_operand
 
 
 @triton.jit
@@ -40,16 +40,8 @@ def _conv1x1_fwd_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (p < P)[:, None] & (k < K)[None, :]
         if POOLS > 0:  # always with an affine
-            scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
-            shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
-            a, route = pooled_tile(x_ptr, n, h, w, k, x_mask, sx_n, sx_c, sx_h, sx_w, H0, W0, scale, shift, ACT,
-                                   POOLS, POOL_PAD)  # fmt: skip
-            a = tl.where(x_mask, a, 0.0)
-            if STORE_POOLED:  # once per pixel and channel: by the first output-channel tile
-                nhwc = p[:, None] * K + k[None, :]
-                first = x_mask & (tl.program_id(1) == 0)
-                tl.store(pooled_ptr + nhwc, a.to(pooled_ptr.dtype.element_ty), mask=first)
-                tl.store(route_ptr + nhwc, route, mask=first)
+            a = pooled_operand(x_ptr, pooled_ptr, route_ptr, p, n, h, w, k, x_mask, K, sx_n, sx_c, sx_h, sx_w, H0, W0,
+                               scale_ptr, shift_ptr, ACT, POOLS, POOL_PAD, STORE_POOLED)  # fmt: skip
         else:
             a = tl.load(x_ptr + x_row[:, None] + k[None, :] * sx_c, mask=x_mask, other=0.0)
             if HAS_PROLOGUE:

@@ -20,7 +20,7 @@ from .activation import ACTIVATION_CODES, activation_grad, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
 from .gemm_backward import operand_dot, prologue_tile, store_input_grad
 from .gemm_config import gemm_launch_config
-from .maxpool_prologue import pooled_tile
+from .maxpool_prologue import pooled_operand
 from .merge import reader_deltas, readers_grad
 
 from spinenet_fast.ops.expand_merge import Workspace, expand_inputs, pair, parent_scope  # isort: skip (the op's)
@@ -49,21 +49,14 @@ def _pooled_expand_tile(y_ptr, w_ptr, scale_ptr, shift_ptr, pooled_ptr, route_pt
                         POOL_PAD: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):  # fmt: skip
     """e[p, o] (BLOCK_M, BLOCK_N) fp32 of a pooled parent: a = ``POOLS`` max-pools of act(scale·y + shift) loaded
-    by ``maxpool_prologue.pooled_tile`` at pooled pixels p (an (HW / W_IMG, W_IMG) map); the programs of the first
-    output-channel tile store a (y's dtype) and its route into the (P, K) NHWC ``pooled_ptr`` / ``route_ptr``."""
+    by ``maxpool_prologue.pooled_operand`` at pooled pixels p (an (HW / W_IMG, W_IMG) map), which the programs of
+    the first output-channel tile store with its route."""
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        mask = (p < P)[:, None] & (k < K)[None, :]
-        scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
-        shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
-        a, route = pooled_tile(y_ptr, n, h, w, k, mask, sy_n, sy_c, sy_h, sy_w, H0, W0, scale, shift, ACT, POOLS,
-                               POOL_PAD)  # fmt: skip
-        a = tl.where(mask, a, 0.0).to(y_ptr.dtype.element_ty)
-        if tl.program_id(1) == 0:  # once per pixel and channel
-            tl.store(pooled_ptr + p[:, None] * K + k[None, :], a, mask=mask)
-            tl.store(route_ptr + p[:, None] * K + k[None, :], route, mask=mask)
+        a = pooled_operand(y_ptr, pooled_ptr, route_ptr, p, n, h, w, k, (p < P)[:, None] & (k < K)[None, :], K, sy_n,
+                           sy_c, sy_h, sy_w, H0, W0, scale_ptr, shift_ptr, ACT, POOLS, POOL_PAD, True)  # fmt: skip
         b = tl.load(w_ptr + o[None, :] * sw_o + k[:, None] * sw_k, mask=(k < K)[:, None] & (o < C)[None, :],
                     other=0.0)  # fmt: skip
         acc = operand_dot(acc, a, b.to(a.dtype), FP32_DOT)

@@ -42,3 +42,23 @@ def pooled_tile(y_ptr, n, h, w, k, mask, sy_n, sy_c, sy_h, sy_w, H0, W0, scale, 
         best = tl.where(replaces, v, best)
         route = tl.where(replaces, (rows * W0 + cols)[:, None], route)
     return best, route
+
+
+@triton.jit
+def pooled_operand(y_ptr, pooled_ptr, route_ptr, p, n, h, w, k, mask, K, sy_n, sy_c, sy_h, sy_w, H0, W0, scale_ptr,
+                   shift_ptr, ACT: tl.constexpr, POOLS: tl.constexpr, PAD: tl.constexpr,
+                   STORE: tl.constexpr):  # fmt: skip
+    """A GEMM's (pooled pixels p = (n, h, w) × channels k) operand: :func:`pooled_tile` with the BN affine at
+    ``scale_ptr``/``shift_ptr`` (K,), 0 outside ``mask``, in y's dtype; with ``STORE`` the programs of the first
+    output-channel tile (grid axis 1) also write it, with its route, to the (P, K) NHWC ``pooled_ptr`` /
+    ``route_ptr`` — once per pixel and channel."""
+    scale = tl.load(scale_ptr + k, mask=k < K, other=0.0)
+    shift = tl.load(shift_ptr + k, mask=k < K, other=0.0)
+    a, route = pooled_tile(y_ptr, n, h, w, k, mask, sy_n, sy_c, sy_h, sy_w, H0, W0, scale, shift, ACT, POOLS, PAD)
+    a = tl.where(mask, a, 0.0).to(y_ptr.dtype.element_ty)
+    if STORE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if tl.program_id(1) == 0:
+            nhwc = p[:, None] * K + k[None, :]
+            tl.store(pooled_ptr + nhwc, a, mask=mask)
+            tl.store(route_ptr + nhwc, route, mask=mask)
+    return a

@@ -191,9 +191,9 @@ def _project_grad(gdz, u_ptr, v_ptr, p, o, P, C, HW, W_OUT, R: tl.constexpr, h_p
 @triton.jit
 def _expand_merge_k1_kernel(
     dz_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, u0_ptr, v0_ptr, u1_ptr, v1_ptr, eps0, eps1, h0_ptr, w0_ptr,
-    sc0_ptr, sh0_ptr, h1_ptr,
-    w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h,
-    sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
+    sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c,
+    sg_h, sg_w, sd_n, sd_c, sd_h, sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k,
+    se_n, se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
     HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -171,17 +171,16 @@ def _project_grad(gdz, u_ptr, v_ptr, p, o, P, C, HW, W_OUT, R: tl.constexpr, h_p
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """dz's share of one parent's two backward GEMMs on this tile, gdz = g·dz (BLOCK_M output pixels × BLOCK_N
     channels, the storage dtype, 0 outside the tile): U[q, :] += gdz·W at the parent's pixel q under each output
-    pixel ((n, H/R·W/R) rows of K) and dW += gdzᵀ·a ((C, K)), fp32 atomics."""
+    pixel ((n·H/R·W/R, K)) and dW += gdzᵀ·a ((C, K)), fp32 atomics."""
     p_mask, o_mask = p < P, o < C
-    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
-    q = n * (HW // (R * R)) + (h // R) * (W_OUT // R) + w // R
-    rows = n * s_n + (h // R) * s_h + (w // R) * s_w
+    u_rows = _parent_rows(p, HW, W_OUT, R, HW // (R * R) * K, W_OUT // R * K, K)  # U is (n, H/R, W/R, K) dense
+    rows = _parent_rows(p, HW, W_OUT, R, s_n, s_h, s_w)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=o_mask[:, None] & k_mask[None, :], other=0.0)
         u = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), gdz, b.to(gdz.dtype), FP32_DOT)
-        tl.atomic_add(u_ptr + q[:, None] * K + k[None, :], u, mask=p_mask[:, None] & k_mask[None, :])
+        tl.atomic_add(u_ptr + u_rows[:, None] + k[None, :], u, mask=p_mask[:, None] & k_mask[None, :])
         a = prologue_tile(h_ptr, rows, k, s_c, p_mask[:, None] & k_mask[None, :], sc_ptr, sh_ptr, K, HAS_PROLOGUE,
                           ACT)  # fmt: skip
         d_w = operand_dot(tl.zeros((BLOCK_N, BLOCK_K), tl.float32), tl.trans(gdz), a, FP32_DOT)
@@ -373,7 +372,7 @@ def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activa
 def _narrow(config: dict) -> dict:
     """The backward kernels' tiles: half-width (BLOCK_N). With several GEMM tiles live together (K1: z, dz and dz's
     two GEMMs; K2: a·Wᵀ, de·W and deᵀa) the shared configuration spilled on sm_90 (255 registers bf16, 168 fp32;
-    8 warps for the fp32 FMA dots still spilled in K1); at half width no variant spills (K1 ≤ 232, K2 ≤ 212)."""
+    8 warps for the fp32 FMA dots still spilled in K1); at half width no variant spills (K1 ≤ 234, K2 ≤ 212)."""
     return config | {"BLOCK_N": config["BLOCK_N"] // 2}
 
 

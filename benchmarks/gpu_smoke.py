@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from spinenet_fast.ops import backends, use_backend
+from spinenet_fast.ops import use_backend
 
 from . import ops as op_suite
 from ._harness import Settings
@@ -77,7 +77,7 @@ def op_rows(device: torch.device, tiny: bool, rows: list[dict]) -> None:
             ref_out, ref_grads, weights = _outputs_and_grads(case.eager, _as(inputs, torch.float64), None)
             eager_out, eager_grads, _ = _outputs_and_grads(case.eager, _as(inputs, None), weights)
             eager_error = max(relative_error(eager_out, ref_out), relative_error(eager_grads, ref_grads))
-            for backend in backends.implemented(case.name):
+            for backend in case.backends():
                 fused_error = functools.partial(_fused_error, case.fused, inputs, backend, ref_out, ref_grads, weights)
                 rows.append(_judge(f"op {case.name}", backend, dtype, eager_error, fused_error))
 

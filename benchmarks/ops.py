@@ -1,5 +1,8 @@
 """Suite ``ops``: every fused op on the shapes of SpineNet-49's L5 → L3 and L3 → L5 connections (640 px, batch 8),
-and the RetinaNet loss over every anchor of that batch (76 725 anchors per image, 91 classes).
+and the RetinaNet loss over every anchor of that batch (76 725 anchors per image, 91 classes). The training-mode
+conv + BN ops return ``(y, out_scale, out_shift)``, their eager twins the same from the batch statistics (so the
+gradients cover the BN's statistics); ``expand_merge`` is the L5 → L3 connection's expand side (an upsampled and a
+same-level parent) after the squeezes.
 
 Providers: ``eager`` (the same maths as plain PyTorch in the storage dtype: materialised activation, upsampled
 copies; for the loss, the head's eager loss: torchvision's ops image by image), ``compile`` (``torch.compile`` of
@@ -21,9 +24,13 @@ from spinenet_fast.ops import (
     backends,
     bn_act_maxpool,
     bn_finalize,
+    conv1x1_bn,
     conv1x1_bn_stats,
+    conv3x3_bn,
     conv3x3_bn_stats,
+    expand_merge,
     merge,
+    pooled_conv1x1_bn,
     use_backend,
 )
 
@@ -34,7 +41,9 @@ BACKENDS = ("reference", "triton", "cuda")
 
 @dataclass(frozen=True)
 class OpCase:
-    """One op on one shape: inputs, the op call and the eager equivalent (both return the tensor to backprop)."""
+    """One op on one shape: inputs, the op call and the eager equivalent (both return the tensor to backprop).
+    ``registered``: the custom op whose backends the call is forced to (an op with a forward and a backward op
+    registered apart: its forward's), where not ``name``."""
 
     name: str
     shape: str
@@ -42,6 +51,11 @@ class OpCase:
     fused: Callable[..., object]
     eager: Callable[..., object]
     bytes_per_set: int
+    registered: str | None = None
+
+    def backends(self) -> tuple[str, ...]:
+        """The backends the call can be forced to."""
+        return backends.implemented(self.registered or self.name)
 
 
 def _affine_act(x, scale, shift):
@@ -51,6 +65,20 @@ def _affine_act(x, scale, shift):
 def _stats(y):
     y32 = y.float()
     return y, torch.stack([y32.sum((0, 2, 3)), (y32 * y32).sum((0, 2, 3))])
+
+
+EPS = 1e-3
+
+
+def _batch_bn(y, gamma, beta):
+    """``(y, scale, shift)``: a training-mode BN of NCHW ``y`` as the affine of its batch statistics (fp32)."""
+    var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+    scale = gamma * torch.rsqrt(var + EPS)
+    return y, scale, beta - mean * scale
+
+
+def _bn_apply(y, scale, shift):
+    return y * scale.to(y.dtype).view(1, -1, 1, 1) + shift.to(y.dtype).view(1, -1, 1, 1)
 
 
 def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
@@ -81,19 +109,40 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
         return (tensor(n, c_target, lo, lo), tensor(n, c_target, hi, hi), tensor(c_target), tensor(c_target),
                 tensor(c_target), tensor(c_target))  # fmt: skip
 
+    def conv_bn_inputs(make):
+        """A conv's inputs (``make``) and its BN's γ, β."""
+        x, w, a, b = make()
+        return x, w, a, b, tensor(w.shape[0]), tensor(w.shape[0])
+
+    def pooled_inputs():
+        y, a, b = pool_inputs()
+        return y, tensor(c_target, c_mid // 2, 1, 1), a, b, tensor(c_target), tensor(c_target)
+
+    def expand_merge_inputs():
+        """The squeezed L5 and L3 parents (raw, with their squeezes' BN affines), the expand weights, their BNs."""
+        return (tensor(n, c_mid, lo, lo), tensor(n, c_mid, hi, hi), tensor(c_mid), tensor(c_mid), tensor(c_mid),
+                tensor(c_mid), tensor(c_target, c_mid, 1, 1), tensor(c_target, c_mid, 1, 1), tensor(c_target),
+                tensor(c_target), tensor(c_target), tensor(c_target))  # fmt: skip
+
+    def expand_merge_fused(low, high, s0, s1, b0, b1, w0, w1, g0, g1, beta0, beta1):
+        return expand_merge([low, high], [s0, s1], [b0, b1], [w0, w1], [4, 1], None, "swish", bn_weights=[g0, g1],
+                            bn_biases=[beta0, beta1], eps=[EPS, EPS])  # fmt: skip
+
+    def expand_merge_eager(low, high, s0, s1, b0, b1, w0, w1, g0, g1, beta0, beta1):
+        z0 = _bn_apply(*_batch_bn(F.conv2d(_affine_act(low, s0, b0), w0), g0, beta0))
+        z1 = _bn_apply(*_batch_bn(F.conv2d(_affine_act(high, s1, b1), w1), g1, beta1))
+        return F.silu(F.interpolate(z0, scale_factor=4) + z1)
+
     def finalize_inputs():
         y = torch.randn(n * lo * lo, c_target, device=device)
         return torch.stack([y.sum(0), (y * y).sum(0)]).requires_grad_(), tensor(c_target), tensor(c_target)
 
     def merge_eager(low, high, s0, s1, b0, b1):
-        def affine(y, scale, shift):
-            return y * scale.to(y.dtype).view(1, -1, 1, 1) + shift.to(y.dtype).view(1, -1, 1, 1)
-
-        return F.silu(F.interpolate(affine(low, s0, b0), scale_factor=4) + affine(high, s1, b1))
+        return F.silu(F.interpolate(_bn_apply(low, s0, b0), scale_factor=4) + _bn_apply(high, s1, b1))
 
     def finalize_eager(stats, weight, bias):
         mean = stats[0] / (n * lo * lo)
-        scale = weight * torch.rsqrt((stats[1] / (n * lo * lo) - mean * mean).clamp_min(0) + 1e-3)
+        scale = weight * torch.rsqrt((stats[1] / (n * lo * lo) - mean * mean).clamp_min(0) + EPS)
         return scale, bias - mean * scale
 
     def pool_eager(y, scale, shift):
@@ -136,13 +185,32 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
                lambda x, w, a, b: conv3x3_bn_stats(x, w, a, b, "swish", stride=1),
                lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, padding=1)),
                n * c_mid * hi * hi * item),  # a block's 3×3: the implicit GEMM against cuDNN decides `auto`'s order
+        OpCase("conv1x1_bn", f"x {n}x{c_mid}x{lo}x{lo} -> {c_target}, prologue, BN",
+               functools.partial(conv_bn_inputs, conv1x1_inputs),
+               lambda x, w, a, b, g, beta: conv1x1_bn(x, w, a, b, "swish", bn_weight=g, bn_bias=beta, eps=EPS),
+               lambda x, w, a, b, g, beta: _batch_bn(F.conv2d(_affine_act(x, a, b), w), g, beta),
+               n * (c_mid + c_target) * lo * lo * item, "conv1x1_bn_forward"),
+        OpCase("conv3x3_bn", f"x {n}x{c_mid // 2}x{hi}x{hi}, prologue, BN",
+               functools.partial(conv_bn_inputs, conv3x3_inputs),
+               lambda x, w, a, b, g, beta: conv3x3_bn(x, w, a, b, "swish", stride=2, bn_weight=g, bn_bias=beta,
+                                                      eps=EPS),
+               lambda x, w, a, b, g, beta: _batch_bn(F.conv2d(_affine_act(x, a, b), w, stride=2, padding=1), g, beta),
+               n * c_mid * hi * hi * item, "conv3x3_bn_forward"),
+        OpCase("pooled_conv1x1_bn", f"y {n}x{c_mid // 2}x{hi // 2}x{hi // 2}, 1 pool -> {c_target}, BN", pooled_inputs,
+               lambda y, w, a, b, g, beta: pooled_conv1x1_bn(y, w, a, b, "swish", 1, bn_weight=g, bn_bias=beta,
+                                                             eps=EPS),
+               lambda y, w, a, b, g, beta: _batch_bn(F.conv2d(pool_eager(y, a, b), w), g, beta),
+               n * (c_mid * hi * hi // 8 + c_target * hi * hi // 16) * item, "pooled_conv1x1_bn_forward"),
+        OpCase("expand_merge", f"{n}x{c_mid} -> {c_target}: {lo}x{lo} x4 + {hi}x{hi}, BN", expand_merge_inputs,
+               expand_merge_fused, expand_merge_eager, n * (c_mid * (lo * lo + hi * hi) + c_target * hi * hi) * item,
+               "expand_merge_forward"),
         OpCase("bn_act_maxpool", f"y {n}x{c_mid // 2}x{hi // 2}x{hi // 2}, 1 pool", pool_inputs,
                lambda y, a, b: bn_act_maxpool(y, a, b, "swish", 1), pool_eager, n * c_mid * hi * hi // 4 * item),
         OpCase("merge", f"{n}x{c_target}: {lo}x{lo} x4 + {hi}x{hi}", merge_inputs,
                lambda low, high, s0, s1, b0, b1: merge([low, high], [s0, s1], [b0, b1], [4, 1], None, "swish"),
                merge_eager, 2 * n * c_target * hi * hi * item),
         OpCase("bn_finalize", f"C {c_target}", finalize_inputs,
-               lambda stats, w, b: bn_finalize(stats, n * lo * lo, w, b, eps=1e-3),
+               lambda stats, w, b: bn_finalize(stats, n * lo * lo, w, b, eps=EPS),
                finalize_eager, 4 * c_target * 4),
         OpCase("retinanet_loss", f"{n}x{anchors} anchors x {classes} classes", loss_inputs,
                functools.partial(head_loss, True), functools.partial(head_loss, False),
@@ -157,7 +225,7 @@ def run(s: Settings, env: dict) -> Iterator[Row]:
             providers: list[tuple[str, Callable, str | None]] = [("eager", case.eager, None)]
             compiled = torch.compile(case.eager, backend="aot_eager" if s.smoke else "inductor")
             providers.append(("compile", compiled, None))
-            providers += [(b, case.fused, b) for b in BACKENDS if b in backends.implemented(case.name)]
+            providers += [(b, case.fused, b) for b in BACKENDS if b in case.backends()]
             for provider, fn, backend in providers:
                 with use_backend(backend):
                     modes = autograd_modes(fn, case.make_input, case.bytes_per_set, s)

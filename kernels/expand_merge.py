@@ -380,7 +380,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
                           bn, eps, pools, padding, pooled, routes, workspace) -> list[torch.Tensor]:  # fmt: skip
     """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``). A
     pooled parent's gradient goes through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on
-    the backend ``auto`` takes."""
+    the backend ``auto`` takes (it has no Triton kernel)."""
     from spinenet_fast.ops import backends
     from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op
 
@@ -427,7 +427,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
                 HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], **config,
             )  # fmt: skip
             if pools[i]:
-                with backends.use_backend(None):
+                with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
                     dh = _maxpool_backward_into_op(dh, parents[i], routes[i], scales[i], shifts[i], activation,
                                                    pools[i], padding, ws.affine_grads[i])  # fmt: skip
         d_parents.append(dh)

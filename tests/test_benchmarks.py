@@ -39,6 +39,8 @@ def check_rows(results: dict) -> None:
     assert {row["mode"] for row in rows} == {"fwd", "bwd", "fwd+bwd", "train", "infer"}
     conv3x3 = {(row["shape"], row["provider"]) for row in rows if row["bench"] == "op conv3x3_bn_stats"}
     assert {p for shape, p in conv3x3 if "stride 1" in shape} >= {"eager", "triton", "cuda"}  # the blocks' 3×3
+    ops = {row["bench"].removeprefix("op ") for row in rows if row["provider"] == "triton"}
+    assert {"conv1x1_bn", "conv3x3_bn", "pooled_conv1x1_bn", "expand_merge"} <= ops
     needs_extension = {"cuda", "fused-cuda"}
     for row in rows:
         if _extension.extension is None and row["provider"] in needs_extension:
@@ -125,5 +127,6 @@ def test_gpu_smoke_runs_every_op_backend_and_the_model(tmp_path):
     checks = {(r["check"].split(" ")[1], r["backend"], r["dtype"]) for r in rows if r["check"].startswith("op ")}
     assert ("conv3x3_bn_stats", "triton", "bfloat16") in checks and ("merge", "cuda", "float16") in checks
     assert ("retinanet_loss", "triton", "bfloat16") in checks
+    assert {("expand_merge", "triton", "bfloat16"), ("pooled_conv1x1_bn", "triton", "float16")} <= checks
     assert len({r["dtype"] for r in rows if r["check"].startswith("model ")}) == 3
     assert "| yes |" in (tmp_path / "smoke.md").read_text()

@@ -146,6 +146,15 @@ def use_backend(backend: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
+@contextlib.contextmanager
+def auto_where_unimplemented(op: str) -> Iterator[None]:
+    """The requested backend for ``op`` where it has an implementation of it, else ``auto``: for an op run inside
+    another whose backend was forced, with kernels on fewer backends (the max-pools' backward has no Triton one)."""
+    requested = requested_backend()
+    with use_backend(None if requested == "auto" or requested not in implemented(op) else requested):
+        yield
+
+
 def implemented(op: str) -> tuple[str, ...]:
     """The backends that have an implementation of ``op`` (able to run it or not)."""
     return tuple(b for b in BACKENDS if b in _registry.get(op, {}))

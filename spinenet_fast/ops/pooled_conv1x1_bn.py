@@ -124,7 +124,8 @@ class _PooledConv1x1BN(torch.autograd.Function):
         )
         if affine_grad is None:
             affine_grad = torch.zeros((2, x.shape[1]), dtype=scale.dtype, device=x.device)
-        dx = _maxpool_backward_into_op(d_pooled, x, route, scale, shift, *ctx.pools, affine_grad)
+        with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
+            dx = _maxpool_backward_into_op(d_pooled, x, route, scale, shift, *ctx.pools, affine_grad)
         return dx, d_weight, *affine_grad.unbind(), d_gamma, d_beta, *(None,) * 15
 
 

@@ -147,6 +147,24 @@ def test_low_precision_gradients_tolerance_rule(backend, dtype):
         assert_low_precision_rule(got_, want_, base)
 
 
+def test_forced_triton_runs_the_max_pools_backward_on_the_auto_backend():
+    """``use_backend("triton")`` forces the op's Triton kernels; the max-pools' backward, which has none, takes the
+    backend ``auto`` chooses instead of failing (as inside ``expand_merge``'s Triton backward)."""
+    require_backend("triton")
+    x, weight, scale, shift, bn = make_case(h=8, w=8)
+    bn_eager = copy_of(bn)
+    expected = eager(x, weight, scale, shift, bn_eager, "swish", 1, "torch")
+    grad = torch.randn_like(expected)
+    with use_backend("triton"):
+        y, out_scale, out_shift = pooled_conv1x1_bn(x, weight, scale, shift, "swish", 1, bn_weight=bn.weight,
+                                                    bn_bias=bn.bias, eps=bn.eps)  # fmt: skip
+        out = y * out_scale.view(1, -1, 1, 1) + out_shift.view(1, -1, 1, 1)
+        got = torch.autograd.grad(out, leaves(x, weight, scale, shift, bn), grad)
+    want = torch.autograd.grad(expected, leaves(x, weight, scale, shift, bn_eager), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-4)
+
+
 def test_gradcheck_float64():
     x, weight, scale, shift, _ = make_case(torch.float64, c_in=3, c_out=4, h=4, w=8)
     scale, shift = (t.detach().double().requires_grad_() for t in (scale, shift))

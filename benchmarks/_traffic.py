@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -121,3 +122,36 @@ def connection_floor(inputs: Iterable[torch.Tensor], output: torch.Tensor, param
         "forward": parents + extra + weights + out,
         "backward": out + parents + weights + parents + extra + weights,
     }
+
+
+@dataclass(frozen=True)
+class ParentMaps:
+    """Bytes of one parent's maps in a SpineNet connection (storage dtype): its feature map ``x``, the squeeze's
+    output ``y1``, the stride-2 conv's ``y2`` and the max-pools' ``pooled`` (0 where the parent has none), and the
+    expand's output ``e`` (at its input's resolution, before any upsampling)."""
+
+    x: int
+    y1: int
+    y2: int
+    pooled: int
+    e: int
+
+
+def barrier_bound(floor: dict[str, int], parents: Iterable[ParentMaps], output: int) -> dict[str, int]:
+    """A lower bound on a connection's traffic that respects training-mode BN (``floor``: ``connection_floor``'s;
+    ``output``: the block input's bytes). Each BN needs all of its input's statistics before its consumer may read a
+    normalised value, so each BN's map is stored (written and read once) or recomputed (its producer's input read
+    again), whichever moves less: forward, the squeeze's y1 (or x again), the stride-2 conv's y2 (or y1 again), the
+    expand's e (or its input again; a pooled parent's: y2 again, or the pooled map stored). Backward, each saved map
+    is read once (or recomputed from its producer's input) and the gradient at every BN is a barrier too: stored
+    once at y1 and y2, and at e (or e's input, its share projected through the expand's weights; or the block
+    input's gradient read again). Everything else — weights once, no fills, no second reads — as the floor. No
+    kernel design moves less under those rules; one above ``limit × floor`` makes that budget unreachable."""
+    forward = backward = 0
+    for p in parents:
+        expand_input = p.pooled or p.y2 or p.y1
+        recompute_e = [p.y2, 2 * p.pooled] if p.pooled else [expand_input]
+        forward += min(2 * p.y1, p.x) + (min(2 * p.y2, p.y1) if p.y2 else 0) + min(2 * p.e, *recompute_e)
+        saved = min(p.y1, p.x) + (min(p.y2, p.y1) if p.y2 else 0) + (min(p.pooled, p.y2) if p.pooled else 0)
+        backward += saved + 2 * p.y1 + 2 * p.y2 + min(2 * p.e, 2 * expand_input, output)
+    return {"forward": floor["forward"] + forward, "backward": floor["backward"] + backward}

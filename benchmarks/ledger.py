@@ -24,7 +24,9 @@ saved for backward (a saved-tensors hook: every storage once, parameters exclude
 
 Bytes and FLOPs are modelled per launch (``benchmarks/_traffic.py``: every tensor a launch takes or returns moved
 once) and depend on the size: run ``--size 640 --batch 8`` for the budgets' setting. Each block's connection (its
-merge and all its parents) is set against its byte floor (read every input once, write every output once).
+merge and all its parents) is set against its byte floor (read every input once, write every output once) and its
+BN-barrier bound (``_traffic.barrier_bound``: the least any kernels can move once every training-mode BN's map, and
+the gradient at it, is stored or recomputed).
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._traffic import aten_kernels, connection_floor, tensors_bytes, triton_traffic
+from ._traffic import (
+    ParentMaps,
+    aten_kernels,
+    barrier_bound,
+    connection_floor,
+    tensor_bytes,
+    tensors_bytes,
+    triton_traffic,
+)
 from ._triton_launches import intercepted_launches, route_to_triton
 
 PASSES = ("forward", "backward")
@@ -235,18 +245,43 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
             handle.remove()
 
 
+def parent_maps(resample: nn.Module, x: torch.Tensor) -> ParentMaps | None:
+    """The bytes of a SpineNet ``Resample``'s maps on parent ``x`` (in ``x``'s dtype, as the fused path stores
+    them); None for another kind of connection (SpineNet-Mobile's)."""
+    from spinenet_fast.models.resample import Resample
+
+    if not isinstance(resample, Resample):
+        return None
+    n, _, h, w = x.shape
+    mid, item = resample.squeeze.conv.out_channels, x.element_size()
+    y1 = n * mid * h * w * item
+    y2 = pooled = 0
+    if resample.down is not None:
+        h, w = -(-h // 2), -(-w // 2)
+        y2 = n * mid * h * w * item
+        if len(resample.pools):
+            h, w = h >> len(resample.pools), w >> len(resample.pools)
+            pooled = n * mid * h * w * item
+    return ParentMaps(tensor_bytes(x), y1, y2, pooled, n * resample.expand.conv.out_channels * h * w * item)
+
+
 @contextlib.contextmanager
-def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, int]]]:
-    """While a forward runs: ``{"merges.k": {"forward": bytes, "backward": bytes}}``, each block connection's byte
-    floor from the tensors its merge actually receives and returns (``_traffic.connection_floor``)."""
-    floors: dict[str, dict[str, int]] = {}
+def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, int] | None]]]:
+    """While a forward runs: ``{"merges.k": {"floor": {"forward": bytes, "backward": bytes}, "bound": ...}}``, each
+    block connection's byte floor from the tensors its merge actually receives and returns
+    (``_traffic.connection_floor``) and its BN-barrier bound (``_traffic.barrier_bound``; None where its parents are
+    not ``Resample``s)."""
+    floors: dict[str, dict[str, dict[str, int] | None]] = {}
 
     def hook(name):
         def record(module, args, output):
             feats = args[0]
             parents, extras = [feats[i] for i in module.parent_ids], [feats[j] for j in module.extra_ids]
             output = output if isinstance(output, torch.Tensor) else output[0]  # one of its readers' copies
-            floors[name] = connection_floor(parents, output, list(module.parameters()), extras)
+            floor = connection_floor(parents, output, list(module.parameters()), extras)
+            maps = [parent_maps(r, x) for r, x in zip(module.resamples, parents)]
+            bound = None if None in maps else barrier_bound(floor, maps, tensor_bytes(output))
+            floors[name] = {"floor": floor, "bound": bound}
 
         return record
 
@@ -442,7 +477,8 @@ def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[
             continue
         row = {"part": part}
         for p in PASSES:
-            row[f"floor {p}"] = floors[part][p]
+            row[f"floor {p}"] = floors[part]["floor"][p]
+            row[f"bound {p}"] = floors[part]["bound"][p] if floors[part]["bound"] else None
             for v, ledger in ledgers.items():
                 row[f"{v} {p}"] = ledger.traffic("bytes", part + ".", p) + ledger.bytes[part][p]
         connections.append(row)
@@ -459,15 +495,17 @@ def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
              "", "| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
     lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[c]) for c in columns) + " |" for r in traffic["bytes"]]
     lines += ["", "GEMM/conv GFLOPs: " + ", ".join(f"{c} {n / 1e9:.2f}" for c, n in traffic["flops"].items())]
-    lines += ["", "Each block's connection (its merge and all its parents) against its byte floor (MB; × floor):", "",
-              "| connection | floor fwd | " + " | ".join(f"{v} fwd" for v in ledgers) + " | floor bwd | "
-              + " | ".join(f"{v} bwd" for v in ledgers) + " |",
-              "|---|" + "---:|" * (2 + 2 * len(ledgers))]  # fmt: skip
+    lines += ["", "Each block's connection (its merge and all its parents) against its byte floor (MB; × floor).",
+              "Bound: the least any kernels can move once each training-mode BN's map (or the gradient at it) is",
+              "stored or recomputed (`_traffic.barrier_bound`): a budget under it is out of reach.", "",
+              "| connection | floor fwd | bound fwd | " + " | ".join(f"{v} fwd" for v in ledgers) + " | floor bwd | "
+              + "bound bwd | " + " | ".join(f"{v} bwd" for v in ledgers) + " |",
+              "|---|" + "---:|" * (4 + 2 * len(ledgers))]  # fmt: skip
     for row in traffic["connections"]:
         cells = []
         for p in PASSES:
-            floor = row[f"floor {p}"]
-            cells.append(_mb(floor))
+            floor, bound = row[f"floor {p}"], row[f"bound {p}"]
+            cells += [_mb(floor), f"{_mb(bound)} ({bound / floor:.2f}×)" if bound is not None else "—"]
             cells += [f"{_mb(row[f'{v} {p}'])} ({row[f'{v} {p}'] / floor:.2f}×)" for v in ledgers]
         lines.append(f"| {row['part']} | " + " | ".join(cells) + " |")
     return lines

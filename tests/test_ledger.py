@@ -237,8 +237,8 @@ def test_fused_connection_byte_budgets(budget_setting):
 def test_the_barrier_bound_puts_one_budget_out_of_reach(budget_setting):
     """``_traffic.barrier_bound``: under training-mode BN no kernels can move less. At the budgets' setting it is
     above the budget for merges.7's forward alone (an L7 output of an L6 and an L5 parent: storing or recomputing
-    their squeeze and stride-2 conv outputs costs 0.7× the floor, whose fp32 weights are nearly half of it), and no fused
-    connection moves less than its bound."""
+    their squeeze and stride-2 conv outputs costs 0.7× the floor, whose fp32 weights are nearly half of it), and no
+    fused connection moves less than its bound."""
     out_of_reach = {
         (row["part"], p)
         for row in budget_setting["connections"]

@@ -121,6 +121,7 @@ CASES = [
     ((1, 2), True, True, {"pools": [1, 0]}),
     ((1, 1), True, False, {"pools": [0, 2], "padding": "tf_same"}),
     ((1,), True, True, {"pools": [1], "padding": "tf_same"}),
+    ((1, 1), True, True, {"batch": 1, "size": (5, 7)}),  # batch 1, odd sizes
 ]
 
 
@@ -219,6 +220,9 @@ TRITON_CASES = [
     # a pooled parent: several tiles of pooled pixels and channels (the first output-channel tile stores them)
     ((1, 1), True, True, {"squeezed": (20, 7), "channels": 40, "size": (6, 10), "pools": [1, 0]}),
     ((1, 4), True, False, {"squeezed": (5, 6), "size": (4, 8), "pools": [2, 0], "padding": "tf_same"}),
+    # batch 1 and odd sizes: a 3×5 parent upsampled ×2, a 5×7 map
+    ((1, 2), True, True, {"batch": 1, "squeezed": (7, 5), "size": (6, 10)}),
+    ((1, 1), False, False, {"batch": 1, "size": (5, 7)}),
 ]
 
 

@@ -28,6 +28,10 @@ from .epilogue import store_tile_and_channel_stats
 from .gemm_backward import backward_buffers, prologue_tile, store_input_grad, wgrad_split
 
 BLOCK_M, BLOCK_C, NUM_WARPS = 64, 32, 4  # pixels × channels per program
+# The backward's register cap (PTX .maxnreg), stated: left to its own heuristic ptxas (12.9, 13.0) caps some of its
+# variants at 128 registers and spills 4–20 bytes; with the cap stated none spills (at most ~200 registers where it
+# had spilled, 255 where it had not). A cap below what the stride-1 variants need (168) spills hundreds of bytes.
+BACKWARD_MAX_REGISTERS = 255
 
 
 @triton.jit
@@ -218,6 +222,6 @@ def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shif
         t.d_weight.stride(3), *dy.stride(), *y.stride(), *x.stride(), weight.stride(0), weight.stride(2),
         weight.stride(3), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None,
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=d_bias is not None, FROM_AFFINE=bn is not None, BLOCK_M=BLOCK_M,
-        BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, maxnreg=BACKWARD_MAX_REGISTERS,
     )  # fmt: skip
     return t.grads(weight)

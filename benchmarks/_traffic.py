@@ -90,21 +90,36 @@ TRITON_FLOPS = {
     "_expand_merge_k1_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0), 3),
     "_expand_k2_kernel": lambda a: _gemm(a["P"], a["C"], a["K"], -(-a["K"] // a["BLOCK_N"]) + 2),
 }
+# Atomic adds into L2 (bytes of fp32 elements added; not HBM traffic, not in the byte model) of our kernels' tile
+# reductions, per launch: each program adds its whole tile. The per-channel sums (statistics, d_scale, d_shift, d_bias:
+# one row per program) are left out, being a tile's row.
+TRITON_ATOMICS = {
+    # the wgrads, split over WGRAD_CHUNKS pixel chunks: each chunk adds a whole dW
+    "_conv1x1_backward_kernel": lambda a: 4 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
+    "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
+    "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
+    # expand_merge's K1: every output pixel's row of U_p once per tile of output channels; dW_p once per tile of
+    # output pixels. K2: dW once per tile of parent pixels.
+    "_expand_merge_k1_kernel": lambda a: 4 * (a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)) * (
+        a["P"] * -(-a["C"] // a["BLOCK_N"]) + a["C"] * -(-a["P"] // a["BLOCK_M"])),
+    "_expand_k2_kernel": lambda a: 4 * a["C"] * a["K"] * -(-a["P"] // a["BLOCK_M"]),
+}
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
 # twice — dy always, y where they read it (not where they recompute it, ``RECOMPUTE_Y``: its argument is then a
 # stand-in, dy), x where the dgrad reads it too (its prologue's backward, or the recomputation of y).
 READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3_backward_kernel"}
 
 
-def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
-    """``(bytes, flops)`` of one intercepted Triton launch."""
+def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """``(bytes, flops, atomic bytes)`` of one intercepted Triton launch."""
     named = dict(zip(kernel.arg_names, args)) | kwargs
-    formula = TRITON_FLOPS.get(kernel.fn.__name__)
+    name = kernel.fn.__name__
     nbytes = tensors_bytes(args)
-    if kernel.fn.__name__ in READ_BY_BOTH:
+    if name in READ_BY_BOTH:
         x_by_both = named["HAS_PROLOGUE"] or named.get("RECOMPUTE_Y", False)
         nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if x_by_both else None)
-    return nbytes, (formula(named) if formula is not None else 0)
+    flops, atomics = TRITON_FLOPS.get(name), TRITON_ATOMICS.get(name)
+    return nbytes, flops(named) if flops is not None else 0, atomics(named) if atomics is not None else 0
 
 
 def connection_floor(inputs: Iterable[torch.Tensor], output: torch.Tensor, parameters: Iterable[torch.Tensor],

@@ -75,17 +75,20 @@ NO_KERNEL = frozenset(
 
 @dataclass
 class Ledger:
-    """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``; modelled ``bytes`` and
-    ``flops`` per (part, pass) likewise; ``saved``: per part, the bytes of the tensors saved for backward (each
-    storage once; parameters excluded)."""
+    """Launches per (part, pass): ``counts[part][pass]`` is a Counter of ``"kind name"``; modelled ``bytes``,
+    ``flops`` and ``atomics`` (bytes our kernels add atomically into L2: ``_traffic.TRITON_ATOMICS``) per (part,
+    pass) likewise; ``saved``: per part, the bytes of the tensors saved for backward (each storage once; parameters
+    excluded)."""
 
     counts: dict[str, dict[str, Counter]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Counter)))
     bytes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     flops: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    atomics: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    atomic_kernels: Counter = field(default_factory=Counter)  # kernel name -> its atomics over the step
     saved: Counter = field(default_factory=Counter)  # part -> bytes of the activations autograd saves for backward
 
     def traffic(self, measure: str, part_prefix: str = "", pass_: str | None = None) -> int:
-        """Modelled ``"bytes"`` or ``"flops"`` of the parts whose name starts with ``part_prefix``."""
+        """Modelled ``"bytes"``, ``"flops"`` or ``"atomics"`` of the parts whose name starts with ``part_prefix``."""
         by_part = getattr(self, measure)
         return sum(n for part, passes in by_part.items() if part.startswith(part_prefix)
                    for p, n in passes.items() if pass_ in (None, p))  # fmt: skip
@@ -147,14 +150,17 @@ class LaunchCounter(TorchDispatchMode):
         self.ranges.pop()  # ranges nest: the innermost closes
         return torch.ops.profiler._record_function_exit._RecordFunction(*args)
 
-    def count(self, kind: str, name: str, nbytes: int = 0, flops: int = 0) -> None:
+    def count(self, kind: str, name: str, nbytes: int = 0, flops: int = 0, atomics: int = 0) -> None:
         self.ledger.counts[self.part()][self.pass_][f"{kind} {name}"] += 1
-        self.add_traffic(nbytes, flops)
+        self.add_traffic(nbytes, flops, atomics)
+        if atomics:
+            self.ledger.atomic_kernels[name] += atomics
 
-    def add_traffic(self, nbytes: int, flops: int) -> None:
+    def add_traffic(self, nbytes: int, flops: int, atomics: int = 0) -> None:
         part = self.part()
         self.ledger.bytes[part][self.pass_] += nbytes
         self.ledger.flops[part][self.pass_] += flops
+        self.ledger.atomics[part][self.pass_] += atomics
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -470,6 +476,8 @@ def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[
     totals = {f"{v} {p}": ledgers[v].traffic("bytes", pass_=p) for v in ledgers for p in PASSES}
     rows.append({"part": "total", **totals})
     flops = {f"{v} {p}": ledgers[v].traffic("flops", pass_=p) for v in ledgers for p in PASSES}
+    atomics = {f"{v} {p}": ledgers[v].traffic("atomics", pass_=p) for v in ledgers for p in PASSES}
+    atomic_kernels = {v: dict(ledger.atomic_kernels.most_common()) for v, ledger in ledgers.items()}
     connections = []
     for k in range(len(model.merges)):
         part = f"merges.{k}"
@@ -481,8 +489,10 @@ def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[
             row[f"bound {p}"] = floors[part]["bound"][p] if floors[part]["bound"] else None
             for v, ledger in ledgers.items():
                 row[f"{v} {p}"] = ledger.traffic("bytes", part + ".", p) + ledger.bytes[part][p]
+                row[f"{v} {p} atomics"] = ledger.traffic("atomics", part + ".", p) + ledger.atomics[part][p]
         connections.append(row)
-    return {"bytes": rows, "flops": flops, "connections": connections}
+    return {"bytes": rows, "flops": flops, "atomics": atomics, "atomic_kernels": atomic_kernels,
+            "connections": connections}  # fmt: skip
 
 
 def _mb(n: int) -> str:
@@ -495,6 +505,12 @@ def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
              "", "| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
     lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[c]) for c in columns) + " |" for r in traffic["bytes"]]
     lines += ["", "GEMM/conv GFLOPs: " + ", ".join(f"{c} {n / 1e9:.2f}" for c, n in traffic["flops"].items())]
+    lines += ["", "Atomic adds into L2 (MB of fp32 elements; our kernels' tile reductions, `_traffic.TRITON_ATOMICS`: "
+              "not HBM traffic and not in the bytes above, but L2 work a GPU profile shows): "
+              + ", ".join(f"{c} {_mb(n)}" for c, n in traffic["atomics"].items() if n)]  # fmt: skip
+    for v, kernels in traffic["atomic_kernels"].items():
+        if kernels:
+            lines.append(f"- {v}: " + ", ".join(f"{k} {_mb(n)}" for k, n in kernels.items()))
     lines += ["", "Each block's connection (its merge and all its parents) against its byte floor (MB; × floor).",
               "Bound: the least any kernels can move once each training-mode BN's map (or the gradient at it) is",
               "stored or recomputed (`_traffic.barrier_bound`): a budget under it is out of reach.", "",

@@ -156,6 +156,9 @@ def test_modelled_traffic(small):
     assert flops["fused-auto backward"] >= flops["eager backward"] * 0.8
     totals = {row["part"]: row for row in traffic["bytes"]}["total"]
     assert all(totals[f"{v} {p}"] > 0 for v in ("eager", "fused-auto") for p in ("forward", "backward"))
+    atomics = traffic["atomics"]  # our backward kernels' tile reductions into L2; eager launches none of ours
+    assert atomics["fused-auto backward"] > 0 == atomics["eager backward"] == atomics["eager forward"]
+    assert "_expand_k2_kernel" in traffic["atomic_kernels"]["fused-auto"]
     connections = traffic["connections"]
     merges = [part for part in result["ledgers"]["eager"] if part.startswith("merges.") and part.count(".") == 1]
     assert len(connections) == len(merges) > 0

@@ -82,12 +82,11 @@ TRITON_FLOPS = {
     "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv1x1_backward_kernel": _backward_gemms(1),
     "_conv3x3_backward_kernel": _backward_gemms(9),
-    # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge and K1 over every parent (K1 then
-    # dz's share of both backward GEMMs, U and dW, per parent), and K2 (per tile of BLOCK_N squeezed channels e
-    # again, then de·W and deᵀa)
+    # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge (and K1) over every parent, and K2
+    # (per tile of BLOCK_N squeezed channels e again, then de·W and deᵀa)
     "_expand_stats_kernel": lambda a: _gemm(a["P"], a["C"], a["K"]),
     "_expand_merge_fwd_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
-    "_expand_merge_k1_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0), 3),
+    "_expand_merge_k1_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
     "_expand_k2_kernel": lambda a: _gemm(a["P"], a["C"], a["K"], -(-a["K"] // a["BLOCK_N"]) + 2),
 }
 # Atomic adds into L2 (bytes of fp32 elements added; not HBM traffic, not in the byte model) of our kernels' tile
@@ -98,10 +97,7 @@ TRITON_ATOMICS = {
     "_conv1x1_backward_kernel": lambda a: 4 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
-    # expand_merge's K1: every output pixel's row of U_p once per tile of output channels; dW_p once per tile of
-    # output pixels. K2: dW once per tile of parent pixels.
-    "_expand_merge_k1_kernel": lambda a: 4 * (a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)) * (
-        a["P"] * -(-a["C"] // a["BLOCK_N"]) + a["C"] * -(-a["P"] // a["BLOCK_M"])),
+    # expand_merge's K2: dW once per tile of parent pixels
     "_expand_k2_kernel": lambda a: 4 * a["C"] * a["K"] * -(-a["P"] // a["BLOCK_M"]),
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted

@@ -9,8 +9,7 @@ the second parent's arguments repeat the first's where it is absent (never read)
 its prologue) is the pooled tensor its statistics pass stored, without a prologue, from then on.
 
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
-``_expand_merge_fwd_kernel``; backward, the fill of the parents' U and of each dW, one ``_expand_merge_k1_kernel``,
-then per parent ``_expand_k2_kernel``.
+``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then per parent ``_expand_k2_kernel``.
 """
 
 import torch
@@ -166,41 +165,17 @@ def _parent_sums(ws_ptr, dz, e, affine_ptr, eps, o, mask, C):
 
 
 @triton.jit
-def _project_grad(gdz, u_ptr, v_ptr, p, o, P, C, HW, W_OUT, R: tl.constexpr, h_ptr, w_ptr, sc_ptr, sh_ptr, K, s_n, s_c,
-                  s_h, s_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """dz's share of one parent's two backward GEMMs on this tile, gdz = g·dz (BLOCK_M output pixels × BLOCK_N
-    channels, the storage dtype, 0 outside the tile): U[q, :] += gdz·W at the parent's pixel q under each output
-    pixel ((n·H/R·W/R, K)) and dW += gdzᵀ·a ((C, K)), fp32 atomics."""
-    p_mask, o_mask = p < P, o < C
-    u_rows = _parent_rows(p, HW, W_OUT, R, HW // (R * R) * K, W_OUT // R * K, K)  # U is (n, H/R, W/R, K) dense
-    rows = _parent_rows(p, HW, W_OUT, R, s_n, s_h, s_w)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=o_mask[:, None] & k_mask[None, :], other=0.0)
-        u = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), gdz, b.to(gdz.dtype), FP32_DOT)
-        tl.atomic_add(u_ptr + u_rows[:, None] + k[None, :], u, mask=p_mask[:, None] & k_mask[None, :])
-        a = prologue_tile(h_ptr, rows, k, s_c, p_mask[:, None] & k_mask[None, :], sc_ptr, sh_ptr, K, HAS_PROLOGUE,
-                          ACT)  # fmt: skip
-        d_w = operand_dot(tl.zeros((BLOCK_N, BLOCK_K), tl.float32), tl.trans(gdz), a, FP32_DOT)
-        tl.atomic_add(v_ptr + o[:, None] * K + k[None, :], d_w, mask=o_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
 def _expand_merge_k1_kernel(
-    dz_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, u0_ptr, v0_ptr, u1_ptr, v1_ptr, eps0, eps1, h0_ptr, w0_ptr,
-    sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c,
-    sg_h, sg_w, sd_n, sd_c, sd_h, sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k,
-    se_n, se_c, se_h, se_w,
+    dz_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr,
+    w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h,
+    sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
     HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output pixels) × (BLOCK_N channels) tile: z recomputed, dz = Σ grads·act'(z) (the gradient is
-    the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first; stored with
-    ``HAS_EXTRA``, as the extra input's gradient), its share of each parent's [k; t] added into the workspace's
-    (P, 2, C) rows and of each parent's U and dW into theirs (``_project_grad``)."""
+    """One (BLOCK_M output pixels) × (BLOCK_N channels) tile: z recomputed, dz = Σ grads·act'(z) stored (the
+    gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), and its
+    share of each parent's [k; t] added into the workspace's (P, 2, C) rows."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (p < P)[:, None] & (o < C)[None, :]
@@ -212,37 +187,26 @@ def _expand_merge_k1_kernel(
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
     grad = readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS)
-    dtype = h0_ptr.dtype.element_ty
-    dz = (grad * activation_grad(z, ACT)).to(dtype)  # in the storage dtype, as the GEMMs take it
-    if HAS_EXTRA:
-        tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
+    dz = (grad * activation_grad(z, ACT)).to(dz_ptr.dtype.element_ty)  # the sums are of dz as stored
+    tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
     _parent_sums(ws_ptr, dz, e0, affine_ptr, eps0, o, mask, C)
-    if NUM_PARENTS == 2:  # before the GEMMs below: e0 and e1 are dead by then
-        _parent_sums(ws_ptr + 2 * C, dz, e1, affine_ptr + 4 * C, eps1, o, mask, C)
-    gain = tl.load(affine_ptr + o, mask=o < C, other=0.0)  # the BN's scale γ/σ
-    _project_grad((dz * gain[None, :]).to(dtype), u0_ptr, v0_ptr, p, o, P, C, HW, W_OUT, R0, h0_ptr, w0_ptr, sc0_ptr,
-                  sh0_ptr, K0, s0_n, s0_c, s0_h, s0_w, sw0_o, sw0_k, HAS_PROLOGUE0, ACT, FP32_DOT, BLOCK_M, BLOCK_N,
-                  BLOCK_K)  # fmt: skip
     if NUM_PARENTS == 2:
-        gain = tl.load(affine_ptr + 4 * C + o, mask=o < C, other=0.0)
-        _project_grad((dz * gain[None, :]).to(dtype), u1_ptr, v1_ptr, p, o, P, C, HW, W_OUT, R1, h1_ptr, w1_ptr,
-                      sc1_ptr, sh1_ptr, K1, s1_n, s1_c, s1_h, s1_w, sw1_o, sw1_k, HAS_PROLOGUE1, ACT, FP32_DOT,
-                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _parent_sums(ws_ptr + 2 * C, dz, e1, affine_ptr + 4 * C, eps1, o, mask, C)
 
 
 @triton.jit
 def _expand_k2_kernel(
-    dh_ptr, dw_ptr, dbn_ptr, u_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, sums_ptr, affine_grad_ptr, eps, P, C, K,
-    HW, W_IMG, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o, sw_k, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, gamma_ptr, sums_ptr, affine_grad_ptr,
+    eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o, sw_k,
+    R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile of one parent's backward, after K1 left dz's
-    share in U ((P, K) fp32) and dW. Per block of BLOCK_K output channels o: ê recomputed (``_expand_tile``),
-    de = −g·(t/P + ê·k/P) (g = γ/σ, the BN's scale; P: its count), da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j]
-    (fp32 atomics). Then da += U and the prologue's backward: dh = da·act'(scale·h + shift)·scale stored,
-    Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad_ptr`` (without a prologue dh = da). Program (0, 0)
-    stores dγ = k, dβ = t (``dbn_ptr``, (2, C))."""
+    """One (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile of one parent's backward. Per block of
+    BLOCK_K output channels o: ê recomputed (``_expand_tile``), de = (γ/σ)(Σ_ρ×ρ dz − t/P − ê·k/P) (P: the BN's
+    count), da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j] (fp32 atomics into the zeroed ``dw_ptr``). Then the
+    prologue's backward: dh = da·act'(scale·h + shift)·scale stored, Σ da·act'·h and Σ da·act' added to the (2, K)
+    ``affine_grad_ptr`` (without a prologue dh = da). Program (0, 0) stores dγ = k, dβ = t (``dbn_ptr``, (2, C))."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask, j_mask = p < P, j < K
@@ -258,21 +222,25 @@ def _expand_k2_kernel(
         mask = p_mask[:, None] & o_mask[None, :]
         e = _expand_tile(h_ptr, w_ptr, sc_ptr, sh_ptr, rows, p_mask, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
                          FP32_DOT, BLOCK_M, BLOCK_K, BLOCK_N)  # fmt: skip
+        dz = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for child in range(R * R):
+            child_rows = n * sz_n + (hp * R + child // R) * sz_h + (wp * R + child % R) * sz_w
+            dz += tl.load(dz_ptr + child_rows[:, None] + o[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(affine_ptr + 2 * C + o, mask=o_mask, other=0.0)
         inv_std = 1.0 / tl.sqrt(tl.load(affine_ptr + 3 * C + o, mask=o_mask, other=1.0) + eps)
-        gain = tl.load(affine_ptr + o, mask=o_mask, other=0.0)
+        gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32) * inv_std
         k = tl.load(sums_ptr + o, mask=o_mask, other=0.0)
         t = tl.load(sums_ptr + C + o, mask=o_mask, other=0.0)
         e_hat = (e - mean[None, :]) * inv_std[None, :]
-        de = tl.where(mask, -gain[None, :] * (t[None, :] / P + e_hat * (k / P)[None, :]), 0.0).to(dtype)
+        de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
         b = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & j_mask[None, :], other=0.0)
+        de = de.to(dtype)
         acc = operand_dot(acc, de, b.to(dtype), FP32_DOT)
         d_w = operand_dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, FP32_DOT)
         tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(dbn_ptr + o, k.to(dbn_ptr.dtype.element_ty), mask=o_mask)
             tl.store(dbn_ptr + C + o, t.to(dbn_ptr.dtype.element_ty), mask=o_mask)
-    acc += tl.load(u_ptr + p[:, None] * K + j[None, :], mask=a_mask, other=0.0)
     store_input_grad(acc, dh_ptr, n * sd_n + hp * sd_h + wp * sd_w, sd_c, h_ptr, rows, s_c, sc_ptr, sh_ptr,
                      affine_grad_ptr, affine_grad_ptr + K, j, a_mask, K, HAS_PROLOGUE, ACT)  # fmt: skip
 
@@ -369,18 +337,12 @@ def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activa
     return out, bn, *pair(pooled, out), *pair(routes, routes[0])
 
 
-def _narrow(config: dict) -> dict:
-    """The backward kernels' tiles: half-width (BLOCK_N). With several GEMM tiles live together (K1: z, dz and dz's
-    two GEMMs; K2: a·Wᵀ, de·W and deᵀa) the shared configuration spilled on sm_90 (255 registers bf16, 168 fp32;
-    8 warps for the fp32 FMA dots still spilled in K1); at half width no variant spills (K1 ≤ 234, K2 ≤ 212)."""
-    return config | {"BLOCK_N": config["BLOCK_N"] // 2}
-
-
 def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases,
                           bn, eps, pools, padding, pooled, routes, workspace) -> list[torch.Tensor]:  # fmt: skip
-    """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``). A
-    pooled parent's gradient goes through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on
-    the backend ``auto`` takes (it has no Triton kernel)."""
+    """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
+    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned). A pooled parent's gradient
+    goes through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on the backend ``auto``
+    takes (it has no Triton kernel)."""
     from spinenet_fast.ops import backends
     from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op
 
@@ -389,30 +351,26 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     n, _, height, width = grad.shape
+    dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype)
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
-    # Per parent U (its pixels, C_h) and dW (C, C_h), fp32 and zeroed: the parents' U in one buffer, each dW on its
-    # own (an output: a parameter's gradient should not keep U alive).
-    sizes = [h.shape[0] * h.shape[2] * h.shape[3] * h.shape[1] for h in inputs]
-    u_buffer = torch.zeros(sum(sizes), dtype=workspace.dtype, device=h0.device)
-    projections = []
-    for i, (h, u) in enumerate(zip(inputs, u_buffer.split(sizes))):
-        with parent_scope(i):
-            d_weight = torch.zeros((channels, h.shape[1]), dtype=workspace.dtype, device=h.device)
-        projections.append((u.view(-1, h.shape[1]), d_weight))
-    dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype) if extra is not None else grad
     pointers, strides, ks = _parent_args(inputs, prologues, weights)
-    extra_ = extra if extra is not None else grad
-    config = _narrow(gemm_launch_config(h0.dtype, _expand_merge_k1_kernel))
+    extra_ = extra if extra is not None else dz
+    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_k1_kernel[grid](
-        dz, grad, *deltas, ws.sums, *projections[0], *projections[-1], eps[0], eps[-1], *pointers, bn, extra_,
-        n * height * width, channels, height * width, width, *ks, *grad.stride(), *dz.stride(), *strides[0],
-        *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
+        dz, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
+        height * width, width, *ks, *grad.stride(), *dz.stride(), *strides[0], *strides[1], *strides[2], *strides[3],
+        *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
         **_constexprs(inputs, prologues, ratios, activation), **config,
     )  # fmt: skip
     d_parents, d_weights, d_bns = [], [], []
-    config = _narrow(gemm_launch_config(h0.dtype, _expand_k2_kernel))
-    for i, (h, (scale, shift), weight, (u, d_weight)) in enumerate(zip(inputs, prologues, weights, projections)):
+    # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
+    # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32).
+    config = gemm_launch_config(h0.dtype, _expand_k2_kernel)
+    config["BLOCK_N"] //= 2
+    if config["FP32_DOT"]:
+        config["num_warps"] = 8
+    for i, (h, (scale, shift), weight, ratio) in enumerate(zip(inputs, prologues, weights, ratios)):
         c_h = h.shape[1]
         count = h.shape[0] * h.shape[2] * h.shape[3]
         w2d = weight.view(weight.shape[:2])
@@ -422,15 +380,18 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
         grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(c_h, config["BLOCK_N"]))
         with parent_scope(i):
             _expand_k2_kernel[grid](
-                dh, d_weight, d_bn, u, h, w2d, *prologue, bn[i], ws.sums[i], ws.affine_grads[i], eps[i], count,
-                channels, c_h, h.shape[2] * h.shape[3], h.shape[3], *h.stride(), *dh.stride(), *w2d.stride(),
-                HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], **config,
+                dh, ws.weight_grads[i], d_bn, dz, h, w2d, *prologue, bn[i], bn_weights[i], ws.sums[i],
+                ws.affine_grads[i], eps[i], count, channels, c_h, h.shape[2] * h.shape[3], h.shape[3], *dz.stride(),
+                *h.stride(), *dh.stride(), *w2d.stride(), R=ratio, HAS_PROLOGUE=scale is not None,
+                ACT=ACTIVATION_CODES[activation], **config,
             )  # fmt: skip
             if pools[i]:
                 with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
                     dh = _maxpool_backward_into_op(dh, parents[i], routes[i], scales[i], shifts[i], activation,
                                                    pools[i], padding, ws.affine_grads[i])  # fmt: skip
+        d_weight = ws.weight_grads[i]
         d_parents.append(dh)
-        d_weights.append(d_weight.view(weight.shape).to(weight.dtype))
+        d_weights.append(d_weight.new_empty(0) if weight.dtype == d_weight.dtype else
+                         d_weight.view(weight.shape).to(weight.dtype))  # fmt: skip
         d_bns.append(d_bn)
     return [*d_parents, *d_weights, *d_bns, *([dz] if extra is not None else [])]

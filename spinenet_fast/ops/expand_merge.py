@@ -18,21 +18,16 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
   tile storing the pooled a_p (C_h,p channels at the target's resolution) and its route for the backward, as
   ``pooled_conv1x1_bn``'s), then one GEMM over every parent's a (K = Σ C_h,p) that recomputes each
   e_p, applies its BN, gathers the upsampled parents' rows, adds ``extra`` and the activation;
-- backward: BN's backward de_p = g_p·(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) (g_p = γ_p/σ_p; n: the BN's count, the parent's
-  pixels) is linear in dz, so its GEMMs split in two. K1 recomputes z, forms dz = Σ grads·act'(z) (stored only as
-  ``extra``'s gradient), accumulates each parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's
-  rows, and runs dz's share of both of each parent's GEMMs on its tile: U_p = (g_p·dz)·W_p, summed into the parent's
-  pixel under each output pixel, and dW_p = (g_p·dz)ᵀa_p (fp32 atomics into zeroed (n, C_h,p) and (C, C_h,p)
-  buffers). Then per parent K2, at the parent's resolution, recomputes ê_p and adds the rest: da_p = U_p −
-  g_p·(t_p/n + ê_p·k_p/n)·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
-  there), and dW_p −= (g_p·(t_p/n + ê_p·k_p/n))ᵀa_p; a pooled parent's da_p (at the target's resolution) then goes
-  through the max-pools' one-pass backward (``bn_act_maxpool_backward``: gathered through the route, the BN + act
-  backward applied). No e, de or dz is ever stored: the second pass reads U_p (C_h,p channels at the parent's
-  resolution) instead of dz (C channels at the output's). The cancellation of BN's backward happens in da_p's fp32
-  sum of its two parts (each GEMM's operand rounded to the storage dtype, as a GEMM takes it).
+- backward: K1 recomputes z, stores dz = Σ grads·act'(z) once (also ``extra``'s gradient) and accumulates each
+  parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then per parent K2, at the parent's
+  resolution, recomputes ê_p, forms BN's backward de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
+  the BN's count, the parent's pixels; the cancellation happens where eager's BN backward has it) and runs both of
+  its GEMMs: da_p = de_p·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
+  there), and dW_p += de_pᵀa_p; a pooled parent's da_p (at the target's resolution) then goes through the max-pools'
+  one-pass backward (``bn_act_maxpool_backward``: gathered through the route, the BN + act backward applied). No e
+  or de is ever stored.
 
-The forward's accumulators and the BN sums live in one zeroed fp32 workspace per call (:func:`workspace_size`, one
-fill per connection); the backward zeroes the parents' U_p (one fill) and each dW_p (one fill per parent).
+The accumulators live in one zeroed fp32 workspace per call (:func:`workspace_size`, one fill per connection).
 """
 
 import torch
@@ -58,16 +53,17 @@ def parent_scope(index: int):
 
 class Workspace:
     """The slices of an ``expand_merge`` call's zeroed workspace (statistics dtype), in order: [k_p; t_p] (P, 2, C);
-    then per parent its statistics [Σe; Σe²] (2, C), the finalize's counter (one element) and the prologue's
-    [d_scale; d_shift] (2, C_h)."""
+    then per parent its statistics [Σe; Σe²] (2, C), the finalize's counter (one element), the prologue's
+    [d_scale; d_shift] (2, C_h) and dW (C, C_h)."""
 
     def __init__(self, buffer: Tensor, channels: int, squeezed: list[int]) -> None:
         parents = len(squeezed)
         offset = 2 * parents * channels
         self.sums = buffer[:offset].view(parents, 2, channels)
-        self.stats, self.counters, self.affine_grads = [], [], []
+        self.stats, self.counters, self.affine_grads, self.weight_grads = [], [], [], []
         for c_h in squeezed:
-            for target, shape in ((self.stats, (2, channels)), (self.counters, (1,)), (self.affine_grads, (2, c_h))):
+            for target, shape in ((self.stats, (2, channels)), (self.counters, (1,)), (self.affine_grads, (2, c_h)),
+                                  (self.weight_grads, (channels, c_h))):  # fmt: skip
                 size = shape[0] * (shape[1] if len(shape) > 1 else 1)
                 target.append(buffer[offset : offset + size].view(shape))
                 offset += size
@@ -77,7 +73,7 @@ class Workspace:
 def workspace_size(channels: int, squeezed: list[int]) -> int:
     """Elements of the zeroed workspace of an ``expand_merge`` of ``channels`` output channels whose parents have
     ``squeezed`` channels (:class:`Workspace`)."""
-    return sum(4 * channels + 1 + 2 * c for c in squeezed)
+    return sum(4 * channels + 1 + 2 * c + channels * c for c in squeezed)
 
 
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
@@ -233,9 +229,10 @@ def expand_merge_reference(
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,
                                     bn_biases, bn, eps, pools, padding, pooled, routes, workspace, *,
                                     pool_backend: str = "reference") -> list[Tensor]:  # fmt: skip
-    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch (the module docstring's maths, in one GEMM
-    each); each prologue's [d_scale; d_shift] added into the workspace. ``pooled``, ``routes``: the forward's; the
-    max-pools' backward is ``pool_backend``'s ``bn_act_maxpool_backward``."""
+    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring);
+    each prologue's [d_scale; d_shift] added into the workspace, and dW_p too where the weight has the workspace's
+    dtype (an empty stand-in returned). ``pooled``, ``routes``: the forward's; the max-pools' backward is
+    ``pool_backend``'s ``bn_act_maxpool_backward``."""
     x0 = parents[0]
     dtype = stats_dtype(x0)
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
@@ -250,7 +247,7 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
     if extra is not None:
         pre = pre + extra.to(dtype)
     dz = sum(g.to(dtype) for g in grads) * activation_grad(pre, activation)
-    dz = dz.to(x0.dtype).to(dtype)  # in the storage dtype, as K1's GEMMs take it
+    dz = dz.to(x0.dtype).to(dtype)  # stored once in the storage dtype: K2 reads it back
     t = dz.sum((0, 2, 3))
     d_parents, d_weights, d_bns = [], [], []
     for i, (a, h, weight, ratio, e_hat) in enumerate(zip(activations, inputs, weights, ratios, normalised)):
@@ -263,7 +260,11 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
                                              padding)  # fmt: skip
                 ws.affine_grads[i].add_(d_affine)
         d_parents.append(dh)
-        d_weights.append(d_w.reshape(weight.shape).to(weight.dtype))
+        if weight.dtype == workspace.dtype:  # left in the workspace, as the kernels leave it
+            ws.weight_grads[i].add_(d_w)
+            d_weights.append(d_w.new_empty(0))
+        else:
+            d_weights.append(d_w.reshape(weight.shape).to(weight.dtype))
         d_bns.append(d_bn)
     d_extra = [dz.to(x0.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
     return [*d_parents, *d_weights, *d_bns, *d_extra]
@@ -316,7 +317,8 @@ def _fake_forward(parents, scales, shifts, weights, ratios, extra, *args) -> tup
 def _fake_backward(grads, parents, scales, shifts, weights, ratios, extra, *args) -> tuple[Tensor, ...]:
     dh = [torch.empty_like(h, memory_format=CHANNELS_LAST) for h in parents]
     d_bn = [w.new_empty((2, w.shape[0]), dtype=b.dtype) for w, b in zip(weights, args[1])]
-    d_weights = [torch.empty_like(w) for w in weights]
+    workspace = args[-1]
+    d_weights = [w.new_empty(0) if w.dtype == workspace.dtype else torch.empty_like(w) for w in weights]
     d_extra = [torch.empty_like(grads[0], memory_format=CHANNELS_LAST)] if extra is not None else []
     return _padded([*dh, *d_weights, *d_bn, *d_extra], len(parents))
 
@@ -410,8 +412,9 @@ def _backward_op(
     workspace: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dh_0, dh_1, dW_0, dW_1, [dγ_0; dβ_0], [dγ_1; dβ_1], d_extra)`` (empty where absent: ``_padded``) for the
-    output gradient Σ ``grads`` (one per reader), each dW_p like its weight; each prologue's [d_scale; d_shift] added
-    into the workspace (the forward's, used once)."""
+    output gradient Σ ``grads`` (one per reader); each
+    prologue's [d_scale; d_shift] added into the workspace (the forward's, used once), and each dW_p of a weight of
+    the workspace's dtype (an empty stand-in returned)."""
 
 
 class _ExpandMerge(torch.autograd.Function):
@@ -459,7 +462,9 @@ class _ExpandMerge(torch.autograd.Function):
                                [route_0, route_1][:num_parents], workspace)  # fmt: skip
         k = num_parents
         d_parents, d_weights, d_bns = outputs[0:k], outputs[2 : 2 + k], outputs[4 : 4 + k]
-        affine_grads = Workspace(workspace, weights[0].shape[0], squeezed).affine_grads
+        ws = Workspace(workspace, weights[0].shape[0], squeezed)
+        d_weights = [g.view(w.shape) if d.numel() == 0 else d for g, w, d in zip(ws.weight_grads, weights, d_weights)]
+        affine_grads = ws.affine_grads
         d_scales = [g[0] for g in affine_grads] if has_prologue else []
         d_shifts = [g[1] for g in affine_grads] if has_prologue else []
         d_extra = [outputs[6]] if has_extra else []

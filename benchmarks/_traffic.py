@@ -82,6 +82,9 @@ TRITON_FLOPS = {
     "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv1x1_backward_kernel": _backward_gemms(1),
     "_conv3x3_backward_kernel": _backward_gemms(9),
+    # the head's tower and predictor convs, every level in one launch (N·S pixels)
+    "_conv3x3_levels_fwd_kernel": lambda a: _gemm(a["N"] * a["S"], a["N_OUT"], 9 * a["C_IN"]),
+    "_conv3x3_levels_backward_kernel": lambda a: _backward_gemms(9)(a | {"P": a["N"] * a["S"]}),
     # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge (and K1) over every parent, and K2
     # (per tile of BLOCK_N squeezed channels e again, then de·W and deᵀa)
     "_expand_stats_kernel": lambda a: _gemm(a["P"], a["C"], a["K"]),
@@ -97,6 +100,7 @@ TRITON_ATOMICS = {
     "_conv1x1_backward_kernel": lambda a: 4 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
+    "_conv3x3_levels_backward_kernel": lambda a: 4 * a["BLOCK_M"] * a["BLOCK_N"] * a["G_END"],  # a tile per program
     # expand_merge's K2: dW once per tile of parent pixels
     "_expand_k2_kernel": lambda a: 4 * a["C"] * a["K"] * -(-a["P"] // a["BLOCK_M"]),
 }

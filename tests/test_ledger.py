@@ -299,6 +299,8 @@ def test_detector_step_parts_and_the_fused_loss(detector_step, tmp_path):
         "backward": {"aten zeros": gemms, "triton _conv3x3_levels_backward_kernel": gemms, "aten add": 1},
     }  # fmt: skip
     assert not any("convolution" in op or "batch_norm" in op for ops in fused["head"].values() for op in ops)
+    flops = result["summary"]["traffic"]["flops"]  # the head's GEMMs counted too: the fused step does eager's work
+    assert 0.9 * flops["eager forward"] <= flops["fused-auto forward"] <= 1.1 * flops["eager forward"]
     launches = rows_by_part(result["summary"]["groups"])["loss (matching, focal and box losses)"]
     traffic = rows_by_part(result["summary"]["traffic"]["bytes"])["loss (matching, focal and box losses)"]
     for p in ("forward", "backward"):

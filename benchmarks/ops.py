@@ -58,8 +58,12 @@ class OpCase:
         return backends.implemented(self.registered or self.name)
 
 
+def _bn_apply(y, scale, shift):
+    return y * scale.to(y.dtype).view(1, -1, 1, 1) + shift.to(y.dtype).view(1, -1, 1, 1)
+
+
 def _affine_act(x, scale, shift):
-    return F.silu(x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1))
+    return F.silu(_bn_apply(x, scale, shift))
 
 
 def _stats(y):
@@ -75,10 +79,6 @@ def _batch_bn(y, gamma, beta):
     var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
     scale = gamma * torch.rsqrt(var + EPS)
     return y, scale, beta - mean * scale
-
-
-def _bn_apply(y, scale, shift):
-    return y * scale.to(y.dtype).view(1, -1, 1, 1) + shift.to(y.dtype).view(1, -1, 1, 1)
 
 
 def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:

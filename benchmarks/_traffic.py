@@ -115,6 +115,8 @@ def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int, int]:
     named = dict(zip(kernel.arg_names, args)) | kwargs
     name = kernel.fn.__name__
     nbytes = tensors_bytes(args)
+    if "NUM_GRADS" in named:  # the readers' gradients after the first are addressed by offsets, not arguments
+        nbytes += (named["NUM_GRADS"] - 1) * tensor_bytes(named["grad_ptr"])
     if name in READ_BY_BOTH:
         x_by_both = named["HAS_PROLOGUE"] or named.get("RECOMPUTE_Y", False)
         nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if x_by_both else None)

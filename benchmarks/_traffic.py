@@ -62,6 +62,11 @@ def aten_kernels(op: str, func, args, kwargs, out) -> list[tuple[str, int, int]]
     return [kernel for kernel, wanted in zip(kernels, mask) if wanted]
 
 
+def _k2_widths(a: dict) -> list[int]:
+    """The squeezed widths of the parents one ``_expand_k2_kernel`` launch covers."""
+    return [a["K0"], a["K1"]][: a["NUM_PARENTS"]]
+
+
 def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
     return 2 * m * n * k * passes
 
@@ -86,11 +91,11 @@ TRITON_FLOPS = {
     "_conv3x3_levels_fwd_kernel": lambda a: _gemm(a["N"] * a["S"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv3x3_levels_backward_kernel": lambda a: _backward_gemms(9)(a | {"P": a["N"] * a["S"]}),
     # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge (and K1) over every parent, and K2
-    # (per tile of BLOCK_N squeezed channels e again, then de·W and deᵀa)
+    # (per parent it covers, per tile of BLOCK_N squeezed channels e again, then de·W and deᵀa)
     "_expand_stats_kernel": lambda a: _gemm(a["P"], a["C"], a["K"]),
     "_expand_merge_fwd_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
     "_expand_merge_k1_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
-    "_expand_k2_kernel": lambda a: _gemm(a["P"], a["C"], a["K"], -(-a["K"] // a["BLOCK_N"]) + 2),
+    "_expand_k2_kernel": lambda a: sum(_gemm(a["P"], a["C"], k, -(-k // a["BLOCK_N"]) + 2) for k in _k2_widths(a)),
 }
 # Atomic adds into L2 (bytes of fp32 elements added; not HBM traffic, not in the byte model) of our kernels' tile
 # reductions, per launch: each program adds its whole tile. The per-channel sums (statistics, d_scale, d_shift, d_bias:
@@ -101,8 +106,8 @@ TRITON_ATOMICS = {
     "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
     "_conv3x3_levels_backward_kernel": lambda a: 4 * a["BLOCK_M"] * a["BLOCK_N"] * a["G_END"],  # a tile per program
-    # expand_merge's K2: dW once per tile of parent pixels
-    "_expand_k2_kernel": lambda a: 4 * a["C"] * a["K"] * -(-a["P"] // a["BLOCK_M"]),
+    # expand_merge's K2: each parent's dW once per tile of parent pixels
+    "_expand_k2_kernel": lambda a: 4 * a["C"] * sum(_k2_widths(a)) * -(-a["P"] // a["BLOCK_M"]),
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
 # twice — dy always, y where they read it (not where they recompute it, ``RECOMPUTE_Y``: its argument is then a

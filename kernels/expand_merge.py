@@ -9,7 +9,8 @@ the second parent's arguments repeat the first's where it is absent (never read)
 its prologue) is the pooled tensor its statistics pass stored, without a prologue, from then on.
 
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
-``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then per parent ``_expand_k2_kernel``.
+``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then ``_expand_k2_kernel`` once for the
+parents at the output's level and once per upsampled parent.
 """
 
 import torch
@@ -64,10 +65,41 @@ def _pooled_expand_tile(y_ptr, w_ptr, scale_ptr, shift_ptr, pooled_ptr, route_pt
 
 
 @triton.jit
-def _parent_rows(p, HW, W_OUT, R: tl.constexpr, s_n, s_h, s_w):
-    """Offsets of the parent's pixel (n, h/R, w/R) for output pixels p of an (H, W_OUT) map (HW = H·W_OUT)."""
-    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+def _parent_rows(n, h, w, R: tl.constexpr, s_n, s_h, s_w):
+    """Offsets of the parent's pixel (n, h/R, w/R) for output pixels (n, h, w)."""
     return n * s_n + (h // R) * s_h + (w // R) * s_w
+
+
+@triton.jit
+def _pixels(p, HW, W_OUT, GROUP: tl.constexpr, LOG_GROUP: tl.constexpr):
+    """(n, h, w) of the p-th pixel of an (N, HW / W_OUT, W_OUT) map in the order of ``GROUP``×``GROUP`` groups: the
+    groups row-major, the pixels of a group in Morton order, so that every aligned R×R block (R | GROUP, powers of 2)
+    is R² consecutive pixels (row-major for GROUP = 1)."""
+    if GROUP == 1:
+        n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
+    else:
+        group, i = p // (GROUP * GROUP), p % (GROUP * GROUP)
+        groups_w = W_OUT // GROUP
+        groups_hw = HW // (GROUP * GROUP)
+        n, h, w = group // groups_hw, (group % groups_hw) // groups_w * GROUP, group % groups_w * GROUP
+        for b in tl.static_range(LOG_GROUP):
+            w += ((i >> (2 * b)) & 1) << b
+            h += ((i >> (2 * b + 1)) & 1) << b
+    return n, h, w
+
+
+@triton.jit
+def _store_block_sum(
+    s_ptr, dz, first, P, HW, W_OUT, o, C, ss_n, ss_c, ss_h, ss_w, R: tl.constexpr, GROUP: tl.constexpr,
+    LOG_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Store an upsampled parent's gradient Σ_R×R dz at its resolution from the (BLOCK_M pixels from ``first``, in
+    :func:`_pixels`' order) × channels o tile ``dz`` (fp32, 0 outside the map)."""
+    sums = tl.sum(tl.reshape(dz, (BLOCK_M // (R * R), R * R, BLOCK_N)), axis=1)
+    q = first + tl.arange(0, BLOCK_M // (R * R)) * (R * R)  # each block's first pixel
+    n, h, w = _pixels(q, HW, W_OUT, GROUP, LOG_GROUP)
+    offsets = _parent_rows(n, h, w, R, ss_n, ss_h, ss_w)[:, None] + o[None, :] * ss_c
+    tl.store(s_ptr + offsets, sums.to(s_ptr.dtype.element_ty), mask=(q < P)[:, None] & (o < C)[None, :])
 
 
 @triton.jit
@@ -89,7 +121,7 @@ def _expand_stats_kernel(
                                 H0, W0, s_n, s_c, s_h, s_w, sw_o, sw_k, ACT, POOLS, POOL_PAD, FP32_DOT, BLOCK_M,
                                 BLOCK_N, BLOCK_K)  # fmt: skip
     else:
-        rows = _parent_rows(p, HW, W_IMG, 1, s_n, s_h, s_w)
+        rows = _parent_rows(p // HW, (p % HW) // W_IMG, p % W_IMG, 1, s_n, s_h, s_w)
         e = _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, p < P, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE,
                          ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     tl.atomic_add(stats_ptr + o, tl.sum(e, axis=0), mask=o < C)  # rows past P are zero
@@ -102,29 +134,28 @@ def _expand_stats_kernel(
 
 @triton.jit
 def _pre_activation(
-    h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW, W_OUT,
+    h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p_mask, o, C,
     K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
     HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``(z, e0, e1)`` at output pixels p × channels o: z = Σ_p scale_p·e_p + shift_p (+ extra), the BNs at
-    ``affine_ptr`` (P, 4, C) fp32 [scale; shift; mean; var]; e1 is e0 for one parent."""
-    p_mask, o_mask = p < P, o < C
-    rows0 = _parent_rows(p, HW, W_OUT, R0, s0_n, s0_h, s0_w)
+    """``(z, e0, e1)`` at output pixels (n, h, w) (``p_mask``) × channels o: z = Σ_p scale_p·e_p + shift_p (+ extra),
+    the BNs at ``affine_ptr`` (P, 4, C) fp32 [scale; shift; mean; var]; e1 is e0 for one parent."""
+    o_mask = o < C
+    rows0 = _parent_rows(n, h, w, R0, s0_n, s0_h, s0_w)
     e0 = _expand_tile(h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, rows0, p_mask, o, K0, C, s0_c, sw0_o, sw0_k, HAS_PROLOGUE0,
                       ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     z = e0 * tl.load(affine_ptr + o, mask=o_mask, other=0.0)[None, :]
     z += tl.load(affine_ptr + C + o, mask=o_mask, other=0.0)[None, :]
     e1 = e0
     if NUM_PARENTS == 2:
-        rows1 = _parent_rows(p, HW, W_OUT, R1, s1_n, s1_h, s1_w)
+        rows1 = _parent_rows(n, h, w, R1, s1_n, s1_h, s1_w)
         e1 = _expand_tile(h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, rows1, p_mask, o, K1, C, s1_c, sw1_o, sw1_k,
                           HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
         z += e1 * tl.load(affine_ptr + 4 * C + o, mask=o_mask, other=0.0)[None, :]
         z += tl.load(affine_ptr + 5 * C + o, mask=o_mask, other=0.0)[None, :]
     if HAS_EXTRA:
-        n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
         offsets = (n * se_n + h * se_h + w * se_w)[:, None] + o[None, :] * se_c
         z += tl.load(extra_ptr + offsets, mask=p_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
     return z, e0, e1
@@ -142,12 +173,12 @@ def _expand_merge_fwd_kernel(
     """One (BLOCK_M output pixels) × (BLOCK_N channels) tile of out = act(z)."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     z, _, _ = _pre_activation(
-        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
-        W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p < P, o,
+        C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
         se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * so_n + h * so_h + w * so_w)[:, None] + o[None, :] * so_c
     mask = (p < P)[:, None] & (o < C)[None, :]
     tl.store(out_ptr + offsets, apply_activation(z, ACT).to(out_ptr.dtype.element_ty), mask=mask)
@@ -166,49 +197,57 @@ def _parent_sums(ws_ptr, dz, e, affine_ptr, eps, o, mask, C):
 
 @triton.jit
 def _expand_merge_k1_kernel(
-    dz_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr,
-    w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w, sd_n, sd_c, sd_h,
-    sd_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
-    R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
-    HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, NUM_GRADS: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    dz_ptr, sum0_ptr, sum1_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr,
+    sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w,
+    sd_n, sd_c, sd_h, sd_w, ss0_n, ss0_c, ss0_h, ss0_w, ss1_n, ss1_c, ss1_h, ss1_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c,
+    s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr,
+    NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr,
+    ACT: tl.constexpr, NUM_GRADS: tl.constexpr, STORE_DZ: tl.constexpr, SUM0: tl.constexpr, SUM1: tl.constexpr,
+    GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output pixels) × (BLOCK_N channels) tile: z recomputed, dz = Σ grads·act'(z) stored (the
-    gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), and its
-    share of each parent's [k; t] added into the workspace's (P, 2, C) rows."""
-    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One (BLOCK_M output pixels, in :func:`_pixels`' order of ``GROUP``×``GROUP`` groups) × (BLOCK_N channels)
+    tile: z recomputed, dz = Σ grads·act'(z) (the gradient is the sum of ``NUM_GRADS`` tensors of one layout,
+    ``g*_delta`` elements after the first), stored where ``STORE_DZ``; parent i's block sums Σ_Ri×Ri dz stored at its
+    resolution where ``SUM<i>`` (an upsampled parent whose R² blocks the tile holds whole); and its share of each
+    parent's [k; t] added into the workspace's (P, 2, C) rows."""
+    first = tl.program_id(0) * BLOCK_M
+    p = first + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (p < P)[:, None] & (o < C)[None, :]
+    n, h, w = _pixels(p, HW, W_OUT, GROUP, LOG_GROUP)
     z, e0, e1 = _pre_activation(
-        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, p, o, P, C, HW,
-        W_OUT, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p < P, o,
+        C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
         se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
     grad = readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS)
-    dz = (grad * activation_grad(z, ACT)).to(dz_ptr.dtype.element_ty)  # the sums are of dz as stored
-    tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
+    dz = (grad * activation_grad(z, ACT)).to(h0_ptr.dtype.element_ty)  # the sums are of dz as stored
+    if STORE_DZ:
+        tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
     _parent_sums(ws_ptr, dz, e0, affine_ptr, eps0, o, mask, C)
+    if SUM0:
+        _store_block_sum(sum0_ptr, dz, first, P, HW, W_OUT, o, C, ss0_n, ss0_c, ss0_h, ss0_w, R0, GROUP, LOG_GROUP,
+                         BLOCK_M, BLOCK_N)  # fmt: skip
     if NUM_PARENTS == 2:
         _parent_sums(ws_ptr + 2 * C, dz, e1, affine_ptr + 4 * C, eps1, o, mask, C)
+        if SUM1:
+            _store_block_sum(sum1_ptr, dz, first, P, HW, W_OUT, o, C, ss1_n, ss1_c, ss1_h, ss1_w, R1, GROUP,
+                             LOG_GROUP, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
-def _expand_k2_kernel(
-    dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, gamma_ptr, sums_ptr, affine_grad_ptr,
-    eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o, sw_k,
-    R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _k2_tile(
+    pid_m, pid_j, dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, gamma_ptr, sums_ptr,
+    affine_grad_ptr, eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o,
+    sw_k, R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile of one parent's backward. Per block of
-    BLOCK_K output channels o: ê recomputed (``_expand_tile``), de = (γ/σ)(Σ_ρ×ρ dz − t/P − ê·k/P) (P: the BN's
-    count), da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j] (fp32 atomics into the zeroed ``dw_ptr``). Then the
-    prologue's backward: dh = da·act'(scale·h + shift)·scale stored, Σ da·act'·h and Σ da·act' added to the (2, K)
-    ``affine_grad_ptr`` (without a prologue dh = da). Program (0, 0) stores dγ = k, dβ = t (``dbn_ptr``, (2, C))."""
-    p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Tile (pid_m, pid_j) of one parent's backward (see :func:`_expand_k2_kernel`)."""
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
     p_mask, j_mask = p < P, j < K
     n, hp, wp = p // HW, (p % HW) // W_IMG, p % W_IMG
     rows = n * s_n + hp * s_h + wp * s_w
@@ -238,11 +277,46 @@ def _expand_k2_kernel(
         acc = operand_dot(acc, de, b.to(dtype), FP32_DOT)
         d_w = operand_dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, FP32_DOT)
         tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        if (pid_m == 0) & (pid_j == 0):
             tl.store(dbn_ptr + o, k.to(dbn_ptr.dtype.element_ty), mask=o_mask)
             tl.store(dbn_ptr + C + o, t.to(dbn_ptr.dtype.element_ty), mask=o_mask)
     store_input_grad(acc, dh_ptr, n * sd_n + hp * sd_h + wp * sd_w, sd_c, h_ptr, rows, s_c, sc_ptr, sh_ptr,
                      affine_grad_ptr, affine_grad_ptr + K, j, a_mask, K, HAS_PROLOGUE, ACT)  # fmt: skip
+
+
+@triton.jit
+def _expand_k2_kernel(
+    dz_ptr, P, C, HW, W_IMG, J0, J, sz_n, sz_c, sz_h, sz_w,
+    dh0_ptr, dw0_ptr, dbn0_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, affine0_ptr, gamma0_ptr, sums0_ptr, affine_grad0_ptr,
+    eps0, K0, s0_n, s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k,
+    dh1_ptr, dw1_ptr, dbn1_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine1_ptr, gamma1_ptr, sums1_ptr, affine_grad1_ptr,
+    eps1, K1, s1_n, s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k,
+    R: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr,
+    ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The backward of one or two parents that read one gradient map dz at R× their resolution (dz at theirs, R = 1,
+    for a connection's same-level and pooled parents together, or one upsampled parent's block sums; the output's dz
+    for R > 1), one (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile per program: program i is pixel tile
+    i // J and j-tile i % J of the J = J0 + J1 tiles of the parents' channels (parent 0's first), so the programs
+    reading a dz tile run together (J: every parent's tiles). Per block of BLOCK_K output channels o: ê recomputed
+    (``_expand_tile``), de = (γ/σ)(Σ_R×R dz − t/P − ê·k/P) (P: the BN's count), da[:, j] += de·W[o, j] and
+    dW[o, j] += deᵀa[:, j] (fp32 atomics into the zeroed ``dw*_ptr``). Then the prologue's backward: dh =
+    da·act'(scale·h + shift)·scale stored, Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad*_ptr``
+    (without a prologue dh = da). Each parent's tile (0, 0) stores its dγ = k, dβ = t (``dbn*_ptr``, (2, C))."""
+    pid_m, pid_j = tl.program_id(0) // J, tl.program_id(0) % J
+    if pid_j < J0:
+        _k2_tile(pid_m, pid_j, dh0_ptr, dw0_ptr, dbn0_ptr, dz_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, affine0_ptr,
+                 gamma0_ptr, sums0_ptr, affine_grad0_ptr, eps0, P, C, K0, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s0_n,
+                 s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k, R, HAS_PROLOGUE0, ACT, FP32_DOT, BLOCK_M,
+                 BLOCK_N, BLOCK_K)  # fmt: skip
+    elif NUM_PARENTS == 2:
+        _k2_tile(pid_m, pid_j - J0, dh1_ptr, dw1_ptr, dbn1_ptr, dz_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine1_ptr,
+                 gamma1_ptr, sums1_ptr, affine_grad1_ptr, eps1, P, C, K1, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s1_n,
+                 s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k, R, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M,
+                 BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+K2_MAX_REGISTERS = 255  # PTX .maxnreg of ``_expand_k2_kernel`` (at most 8 warps: one program fits an SM's registers)
 
 
 def _workspace(workspace, weights, parents):
@@ -337,12 +411,45 @@ def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activa
     return out, bn, *pair(pooled, out), *pair(routes, routes[0])
 
 
+def _block_summed(ratios, block_m) -> list[bool]:
+    """Which parents' gradients K1 sums over their R×R blocks as it goes: those upsampled by a power of 2 whose
+    blocks fit a tile of K1's pixels."""
+    return [ratio > 1 and ratio & (ratio - 1) == 0 and ratio**2 <= block_m for ratio in ratios]
+
+
+def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, bn, gamma, sums, affine_grads, eps):
+    """One parent's share of ``_expand_k2_kernel``'s arguments."""
+    w2d = weight.view(weight.shape[:2])
+    scale, shift = prologue
+    affine = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+    return [dh, d_weight, d_bn, h, w2d, *affine, bn, gamma, sums, affine_grads, eps, h.shape[1], *h.stride(),
+            *dh.stride(), *w2d.stride()]  # fmt: skip
+
+
+def _launch_k2(dz, ratio, parents: list[int], args: list[list], inputs, prologues, activation, config):
+    """One ``_expand_k2_kernel`` launch for ``parents`` (one or two indices, their ``_k2_parent_args`` in ``args``)
+    reading ``dz`` at ``ratio``× their resolution."""
+    h = inputs[parents[0]]
+    count = h.shape[0] * h.shape[2] * h.shape[3]
+    tiles = [triton.cdiv(inputs[i].shape[1], config["BLOCK_N"]) for i in parents]
+    second = args[1] if len(parents) == 2 else args[0]
+    flags = [prologues[i][0] is not None for i in parents]
+    _expand_k2_kernel[(triton.cdiv(count, config["BLOCK_M"]) * sum(tiles),)](
+        dz, count, dz.shape[1], h.shape[2] * h.shape[3], h.shape[3], tiles[0], sum(tiles), *dz.stride(), *args[0],
+        *second, R=ratio, NUM_PARENTS=len(parents), HAS_PROLOGUE0=flags[0], HAS_PROLOGUE1=flags[-1],
+        ACT=ACTIVATION_CODES[activation], **config,
+    )  # fmt: skip
+
+
 def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases,
                           bn, eps, pools, padding, pooled, routes, workspace) -> list[torch.Tensor]:  # fmt: skip
     """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
-    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned). A pooled parent's gradient
-    goes through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on the backend ``auto``
-    takes (it has no Triton kernel)."""
+    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned). K1 stores dz where a
+    same-level or pooled parent, an unsummed upsampled parent or ``extra`` needs it, and each summed upsampled
+    parent's block sums (``_block_summed``); then one K2 launch covers the same-level and pooled parents (reading dz
+    once: the merge's launch) and one each upsampled parent (its block sums, or dz). A pooled parent's gradient goes
+    through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on the backend ``auto`` takes (it
+    has no Triton kernel)."""
     from spinenet_fast.ops import backends
     from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op
 
@@ -351,47 +458,57 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     n, _, height, width = grad.shape
-    dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype)
+    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
+    summed = _block_summed(ratios, config["BLOCK_M"])
+    group = max([r for r, s in zip(ratios, summed) if s], default=1)
+    store_dz = extra is not None or not all(summed)
+    dz = torch.empty_like(grad, memory_format=torch.channels_last, dtype=h0.dtype) if store_dz else grad
+    block_sums = [
+        torch.empty((n, channels, height // r, width // r), dtype=h0.dtype, device=grad.device,
+                    memory_format=torch.channels_last) if s else dz
+        for r, s in zip(ratios, summed)
+    ]  # fmt: skip
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
     pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else dz
-    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
+    sums_, sums_strides = pair(block_sums, dz), [*block_sums[0].stride(), *block_sums[-1].stride()]
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_k1_kernel[grid](
-        dz, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
-        height * width, width, *ks, *grad.stride(), *dz.stride(), *strides[0], *strides[1], *strides[2], *strides[3],
-        *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
+        dz, *sums_, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
+        height * width, width, *ks, *grad.stride(), *dz.stride(), *sums_strides, *strides[0], *strides[1],
+        *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
+        STORE_DZ=store_dz, SUM0=summed[0], SUM1=summed[-1], GROUP=group, LOG_GROUP=group.bit_length() - 1,
         **_constexprs(inputs, prologues, ratios, activation), **config,
     )  # fmt: skip
-    d_parents, d_weights, d_bns = [], [], []
     # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
-    # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32).
-    config = gemm_launch_config(h0.dtype, _expand_k2_kernel)
+    # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32). The register cap
+    # stated: left to its heuristic, ptxas capped the two-parent fp32 variants at 128 registers and spilled 16 bytes.
+    config = gemm_launch_config(h0.dtype, _expand_k2_kernel) | {"maxnreg": K2_MAX_REGISTERS}
     config["BLOCK_N"] //= 2
     if config["FP32_DOT"]:
         config["num_warps"] = 8
-    for i, (h, (scale, shift), weight, ratio) in enumerate(zip(inputs, prologues, weights, ratios)):
-        c_h = h.shape[1]
-        count = h.shape[0] * h.shape[2] * h.shape[3]
-        w2d = weight.view(weight.shape[:2])
-        d_bn = torch.empty((2, channels), dtype=bn_weights[i].dtype, device=h.device)
-        dh = torch.empty_like(h, memory_format=torch.channels_last)
-        prologue = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
-        grid = (triton.cdiv(count, config["BLOCK_M"]), triton.cdiv(c_h, config["BLOCK_N"]))
+    d_parents = [torch.empty_like(h, memory_format=torch.channels_last) for h in inputs]
+    d_bns = [torch.empty((2, channels), dtype=bn_weights[i].dtype, device=h0.device) for i in range(len(inputs))]
+    args = [
+        _k2_parent_args(d_parents[i], ws.weight_grads[i], d_bns[i], inputs[i], prologues[i], weights[i], bn[i],
+                        bn_weights[i], ws.sums[i], ws.affine_grads[i], eps[i])
+        for i in range(len(inputs))
+    ]  # fmt: skip
+    level = [i for i, ratio in enumerate(ratios) if ratio == 1]
+    if len(level) == 2:
+        _launch_k2(dz, 1, level, args, inputs, prologues, activation, config)
+    for i, ratio in enumerate(ratios):
         with parent_scope(i):
-            _expand_k2_kernel[grid](
-                dh, ws.weight_grads[i], d_bn, dz, h, w2d, *prologue, bn[i], bn_weights[i], ws.sums[i],
-                ws.affine_grads[i], eps[i], count, channels, c_h, h.shape[2] * h.shape[3], h.shape[3], *dz.stride(),
-                *h.stride(), *dh.stride(), *w2d.stride(), R=ratio, HAS_PROLOGUE=scale is not None,
-                ACT=ACTIVATION_CODES[activation], **config,
-            )  # fmt: skip
+            if len(level) == 1 and ratio == 1:
+                _launch_k2(dz, 1, [i], [args[i]], inputs, prologues, activation, config)
+            elif ratio > 1:
+                source = block_sums[i] if summed[i] else dz
+                _launch_k2(source, 1 if summed[i] else ratio, [i], [args[i]], inputs, prologues, activation, config)
             if pools[i]:
                 with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
-                    dh = _maxpool_backward_into_op(dh, parents[i], routes[i], scales[i], shifts[i], activation,
-                                                   pools[i], padding, ws.affine_grads[i])  # fmt: skip
-        d_weight = ws.weight_grads[i]
-        d_parents.append(dh)
-        d_weights.append(d_weight.new_empty(0) if weight.dtype == d_weight.dtype else
-                         d_weight.view(weight.shape).to(weight.dtype))  # fmt: skip
-        d_bns.append(d_bn)
+                    d_parents[i] = _maxpool_backward_into_op(d_parents[i], parents[i], routes[i], scales[i],
+                                                             shifts[i], activation, pools[i], padding,
+                                                             ws.affine_grads[i])  # fmt: skip
+    d_weights = [d_w.new_empty(0) if weight.dtype == d_w.dtype else d_w.view(weight.shape).to(weight.dtype)
+                 for d_w, weight in zip(ws.weight_grads, weights)]  # fmt: skip
     return [*d_parents, *d_weights, *d_bns, *([dz] if extra is not None else [])]

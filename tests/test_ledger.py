@@ -50,14 +50,23 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
     assert kinds(eager) == {"aten"}
     assert {"aten", "triton", "extension"} <= kinds(fused)
     # A same-level connection (expand_merge): per parent the squeeze GEMM and the expand's statistics GEMM forward,
-    # the squeeze's backward and K2 backward; the merge its zeroed workspace and the GEMM that recomputes the expand
-    # outputs forward, K1 backward.
+    # the squeeze's backward; the merge its zeroed workspace and the GEMM that recomputes the expand outputs forward,
+    # K1 and one K2 for both parents backward (they read dz at their resolution: once).
     assert fused["merges.0.resamples.0"] == {
         "forward": {"triton _conv1x1_fwd_kernel": 1, "triton _expand_stats_kernel": 1},
-        "backward": {"triton _conv1x1_backward_kernel": 1, "triton _expand_k2_kernel": 1},
+        "backward": {"triton _conv1x1_backward_kernel": 1},
     }
-    assert fused["merges.0"] == {"forward": {"aten zeros": 1, "triton _expand_merge_fwd_kernel": 1},
-                                 "backward": {"triton _expand_merge_k1_kernel": 1}}  # fmt: skip
+    assert fused["merges.0"] == {
+        "forward": {"aten zeros": 1, "triton _expand_merge_fwd_kernel": 1},
+        "backward": {"triton _expand_merge_k1_kernel": 1, "triton _expand_k2_kernel": 1},
+    }
+    # An upsampled parent beside a same-level one: each its own K2 (the upsampled one's of the block sums K1 stored).
+    for parent in (0, 1):
+        assert fused[f"merges.11.resamples.{parent}"]["backward"] == {
+            "triton _conv1x1_backward_kernel": 1,
+            "triton _expand_k2_kernel": 1,
+        }
+    assert fused["merges.11"]["backward"] == {"triton _expand_merge_k1_kernel": 1}
     # A bottleneck block: two 1×1 GEMMs, the 3×3 implicit GEMM and the merge of its output, each pass.
     block = fused["groups.3"]
     assert block["forward"] == {"aten zeros": 1, "triton _conv1x1_fwd_kernel": 2, "triton _conv3x3_fwd_kernel": 1,
@@ -109,8 +118,8 @@ def fused_launches(ledger: dict, part: str, pass_: str) -> int:
 def test_fused_launch_budgets(small):
     """fused_ops.md §7: per parent ≤ 3 launches forward and ≤ 5 backward, per merge ≤ 2 per pass (BN finalisation
     of all its parents included), none of the forbidden reductions, copies, casts or fills in either pass; and a
-    ratchet below the budgets: upsampling and same-level parents ≤ 2 forward and ≤ 2 backward, each merge's backward
-    1 launch, the fused backbone fewer launches than eager in both passes (lower these as kernels land)."""
+    ratchet below the budgets: upsampling and same-level parents ≤ 2 forward and ≤ 2 backward, the fused backbone
+    fewer launches than eager in both passes (lower these as kernels land)."""
     from benchmarks.ledger import FORBIDDEN
 
     _, result = small
@@ -123,7 +132,7 @@ def test_fused_launch_budgets(small):
         downsampling = any("conv3x3" in op for op in fused[part]["forward"])
         assert forward <= (3 if downsampling else 2) and backward <= (5 if downsampling else 2), part
     for part in merges:
-        assert fused_launches(fused, part, "forward") <= 2 and fused_launches(fused, part, "backward") <= 1, part
+        assert fused_launches(fused, part, "forward") <= 2 and fused_launches(fused, part, "backward") <= 2, part
     for part in parents + merges:
         for ops in fused[part].values():
             assert not [op for op in ops if op.startswith(FORBIDDEN)], part
@@ -240,10 +249,10 @@ def test_fused_backbone_step_byte_budget(budget_setting):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15: merges.4, 7 and 8 forward, eight connections backward (below)")
+@pytest.mark.xfail(strict=True, reason="issue 15: merges.4, 7 and 8 forward, seven connections backward (below)")
 def test_fused_connection_byte_budgets(budget_setting):
     """fused_ops.md §7 at its stated setting: every block connection ≤ 1.5× its byte floor forward and ≤ 2×
-    backward (1.21–2.25× and 1.53–3.64× today). merges.7's forward cannot get there: its BN-barrier bound is 1.70×
+    backward (1.21–2.25× and 1.52–3.18× today). merges.7's forward cannot get there: its BN-barrier bound is 1.70×
     (``test_the_barrier_bound_puts_one_budget_out_of_reach``)."""
     for row in budget_setting["connections"]:
         assert row["fused-auto forward"] <= 1.5 * row["floor forward"], row["part"]
@@ -272,16 +281,16 @@ def test_the_barrier_bound_puts_one_budget_out_of_reach(budget_setting):
 def test_connections_over_their_byte_budgets(budget_setting):
     """A ratchet below those budgets: only these connections are over them — forward merges.4 and 7 (L6, L7 outputs:
     their parents' squeeze and stride-2 conv outputs must be written and read again, as those BNs need all of them
-    first) and merges.8 (1.53×: its forward zeroes its expand weights' fp32 gradients); backward the eight whose K1
-    reads both readers' gradients and whose K2 reads dz, the expand output's gradient, C channels wide at the output's
-    resolution, once per parent (1.53–3.64×;
+    first) and merges.8 (1.53×: its forward zeroes its expand weights' fp32 gradients); backward the seven where the
+    gradient at the output, C channels wide at its resolution, is read by K1 (both readers' tensors), stored (dz) and
+    read again by K2 (1.52–3.18×;
     K1 projecting dz onto each parent's squeezed channels instead moved 0.57 GB less but added 4.5 GB of atomic adds
     into L2: ``_traffic.TRITON_ATOMICS``)."""
     over = {
         p: {row["part"] for row in budget_setting["connections"] if row[f"fused-auto {p}"] > limit * row[f"floor {p}"]}
         for p, limit in (("forward", 1.5), ("backward", 2))
     }
-    backward = {f"merges.{k}" for k in (0, 2, 5, 7, 8, 9, 10, 11)}
+    backward = {f"merges.{k}" for k in (2, 5, 7, 8, 9, 10, 11)}
     assert over["forward"] <= {"merges.4", "merges.7", "merges.8"} and over["backward"] <= backward, over
 
 

@@ -18,9 +18,12 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
   tile storing the pooled a_p (C_h,p channels at the target's resolution) and its route for the backward, as
   ``pooled_conv1x1_bn``'s), then one GEMM over every parent's a (K = Σ C_h,p) that recomputes each
   e_p, applies its BN, gathers the upsampled parents' rows, adds ``extra`` and the activation;
-- backward: K1 recomputes z, stores dz = Σ grads·act'(z) once (also ``extra``'s gradient) and accumulates each
-  parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then per parent K2, at the parent's
-  resolution, recomputes ê_p, forms BN's backward de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
+- backward: K1 recomputes z, stores dz = Σ grads·act'(z) once (also ``extra``'s gradient; not at all where every
+  parent is upsampled and nothing else needs it) and each upsampled parent's block sums Σ_ρ×ρ dz at its resolution,
+  and accumulates each parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then K2 — one
+  launch for the parents at the output's level (same-level and pooled: dz read once), one per upsampled parent (its
+  block sums) —, at the parent's resolution, recomputes ê_p, forms BN's backward
+  de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
   the BN's count, the parent's pixels; the cancellation happens where eager's BN backward has it) and runs both of
   its GEMMs: da_p = de_p·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
   there), and dW_p += de_pᵀa_p; a pooled parent's da_p (at the target's resolution) then goes through the max-pools'
@@ -277,6 +280,8 @@ def _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologue, activation,
         dtype = dz.dtype
         dz_parent = _block_sum(dz, ratio)
         k = (dz_parent * e_hat).sum((0, 2, 3))
+        if ratio > 1:  # K1 stores the block sums in the storage dtype (as eager's upsampling backward rounds them)
+            dz_parent = dz_parent.to(h.dtype).to(dtype)
         count = h.shape[0] * h.shape[2] * h.shape[3]
         gain = bn_weight.to(dtype) * torch.rsqrt(bn[3].to(dtype) + eps)
         d_e = _vec(gain) * (dz_parent - _vec(t / count) - e_hat * _vec(k / count))

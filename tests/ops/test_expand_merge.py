@@ -220,6 +220,10 @@ TRITON_CASES = [
     # a pooled parent: several tiles of pooled pixels and channels (the first output-channel tile stores them)
     ((1, 1), True, True, {"squeezed": (20, 7), "channels": 40, "size": (6, 10), "pools": [1, 0]}),
     ((1, 4), True, False, {"squeezed": (5, 6), "size": (4, 8), "pools": [2, 0], "padding": "tf_same"}),
+    # two upsampled parents, ×2 and ×4 (K1's 4×4 Morton groups hold the blocks of both whole), and a ×8 parent whose
+    # blocks outgrow K1's fp32 tile of pixels (its K2 sums the output's dz instead)
+    ((2, 4), True, False, {"size": (8, 8), "squeezed": (6, 5)}),
+    ((1, 8), True, True, {"size": (8, 16)}),
     # batch 1 and odd sizes: a 3×5 parent upsampled ×2, a 5×7 map
     ((1, 2), True, True, {"batch": 1, "squeezed": (7, 5), "size": (6, 10)}),
     ((1, 1), False, False, {"batch": 1, "size": (5, 7)}),

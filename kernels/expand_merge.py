@@ -496,7 +496,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     ]  # fmt: skip
     level = [i for i, ratio in enumerate(ratios) if ratio == 1]
     if len(level) == 2:
-        _launch_k2(dz, 1, level, args, inputs, prologues, activation, config)
+        _launch_k2(dz, 1, level, [args[i] for i in level], inputs, prologues, activation, config)
     for i, ratio in enumerate(ratios):
         with parent_scope(i):
             if len(level) == 1 and ratio == 1:

@@ -319,6 +319,11 @@ def _expand_k2_kernel(
 K2_MAX_REGISTERS = 255  # PTX .maxnreg of ``_expand_k2_kernel`` (at most 8 warps: one program fits an SM's registers)
 
 
+def _prologue_pointers(scale, shift, w2d) -> tuple:
+    """A parent's prologue (scale, shift) as kernel arguments: the weight stands in for an absent one (never read)."""
+    return (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+
+
 def _workspace(workspace, weights, parents):
     return Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
 
@@ -331,8 +336,7 @@ def _parent_args(inputs, prologues, weights) -> tuple[list, list, list]:
     for i in chosen:
         w2d = weights[i].view(weights[i].shape[:2])
         scale, shift = prologues[i]
-        affine = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
-        pointers += [inputs[i], w2d, *affine]
+        pointers += [inputs[i], w2d, *_prologue_pointers(scale, shift, w2d)]
         strides.append((*inputs[i].stride(), *w2d.stride()))
     return pointers, [s[:4] for s in strides] + [s[4:] for s in strides], [inputs[i].shape[1] for i in chosen]
 
@@ -351,7 +355,7 @@ def _statistics_launcher(h, weight, scale, shift, activation, num_pools, padding
     n, c_h, height0, width0 = h.shape
     height, width = height0 >> num_pools, width0 >> num_pools
     w2d = weight.view(weight.shape[:2])
-    prologue = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
+    prologue = _prologue_pointers(scale, shift, w2d)
     size, layout = ((n, c_h, height, width), torch.channels_last) if num_pools else ((0,), torch.contiguous_format)
     pooled = torch.empty(size, dtype=h.dtype, device=h.device, memory_format=layout)
     route = torch.empty(size, dtype=torch.int32, device=h.device, memory_format=layout)
@@ -420,10 +424,8 @@ def _block_summed(ratios, block_m) -> list[bool]:
 def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, bn, gamma, sums, affine_grads, eps):
     """One parent's share of ``_expand_k2_kernel``'s arguments."""
     w2d = weight.view(weight.shape[:2])
-    scale, shift = prologue
-    affine = (scale.contiguous(), shift.contiguous()) if scale is not None else (w2d, w2d)
-    return [dh, d_weight, d_bn, h, w2d, *affine, bn, gamma, sums, affine_grads, eps, h.shape[1], *h.stride(),
-            *dh.stride(), *w2d.stride()]  # fmt: skip
+    return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), bn, gamma, sums, affine_grads, eps,
+            h.shape[1], *h.stride(), *dh.stride(), *w2d.stride()]  # fmt: skip
 
 
 def _launch_k2(dz, ratio, parents: list[int], args: list[list], inputs, prologues, activation, config):
@@ -499,11 +501,11 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
         _launch_k2(dz, 1, level, [args[i] for i in level], inputs, prologues, activation, config)
     for i, ratio in enumerate(ratios):
         with parent_scope(i):
-            if len(level) == 1 and ratio == 1:
-                _launch_k2(dz, 1, [i], [args[i]], inputs, prologues, activation, config)
-            elif ratio > 1:
+            if ratio > 1:
                 source = block_sums[i] if summed[i] else dz
                 _launch_k2(source, 1 if summed[i] else ratio, [i], [args[i]], inputs, prologues, activation, config)
+            elif len(level) == 1:
+                _launch_k2(dz, 1, [i], [args[i]], inputs, prologues, activation, config)
             if pools[i]:
                 with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
                     d_parents[i] = _maxpool_backward_into_op(d_parents[i], parents[i], routes[i], scales[i],

@@ -24,7 +24,7 @@ from .gemm_config import gemm_launch_config
 from .maxpool_prologue import pooled_operand
 from .merge import reader_deltas, readers_grad
 
-from spinenet_fast.ops.expand_merge import Workspace, expand_inputs, pair, parent_scope  # isort: skip (the op's)
+from spinenet_fast.ops.expand_merge import Workspace, expand_inputs, pair, parent_scope, prologue_of  # isort: skip (the op's)
 from spinenet_fast.ops.padding import spatial_padding  # isort: skip
 
 
@@ -392,7 +392,7 @@ def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activa
         total = pixels * ratio**2
         running = (running_means[i], running_vars[i]) if running_means else (None, None)
         statistics, pooled_i, route_i = _statistics_launcher(
-            h, weight, scales[i] if scales else None, shifts[i] if shifts else None, activation, pools[i], padding,
+            h, weight, *prologue_of(scales, shifts, i), activation, pools[i], padding,
             ws.counters[i], bn[i], config,
         )  # fmt: skip
         with parent_scope(i):

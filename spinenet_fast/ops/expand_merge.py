@@ -120,14 +120,21 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
         num_pools = pools[i]
         if isinstance(num_pools, bool) or not isinstance(num_pools, int) or num_pools < 0:
             raise ValueError(f"pools[{i}] must be an int ≥ 0 (the parent's max-pools), got {num_pools!r}")
+        if len(scales) > 0 and not (isinstance(scales[i], Tensor) and isinstance(shifts[i], Tensor)):
+            raise TypeError(f"scales[{i}] and shifts[{i}] must be tensors (None in the call: no prologue), got "
+                            f"{describe(scales[i])} and {describe(shifts[i])}")  # fmt: skip
+        scale, shift = prologue_of(scales, shifts, i)
+        if len(scales) > 0 and (scales[i].numel() == 0) != (shifts[i].numel() == 0):
+            raise ValueError(f"scales[{i}] and shifts[{i}] must both be given or both be absent, got "
+                             f"{describe(scales[i])} and {describe(shifts[i])}")  # fmt: skip
         if num_pools:
-            if len(scales) == 0 or ratio != 1:
+            if scale is None or ratio != 1:
                 raise ValueError(f"parents[{i}] has pools[{i}] = {num_pools} max-pools: it needs a prologue "
                                  f"(scales, shifts) and ratios[{i}] = 1, got scales={describe(scales)}, "
                                  f"ratio {ratio}")  # fmt: skip
-            check_pool_input(f"parents[{i}]", h, scales[i], shifts[i], activation, num_pools, padding)
-        elif len(scales) > 0:
-            check_affine_prologue(h, scales[i], shifts[i])
+            check_pool_input(f"parents[{i}]", h, scale, shift, activation, num_pools, padding)
+        elif scale is not None:
+            check_affine_prologue(h, scale, shift)
         size = (h.shape[2] >> num_pools, h.shape[3] >> num_pools)
         shape = (h.shape[0], size[0] * ratio, size[1] * ratio)
         if target is not None and shape != target:
@@ -162,13 +169,21 @@ def _vec(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def prologue_of(scales: list[Tensor], shifts: list[Tensor], i: int) -> tuple[Tensor | None, Tensor | None]:
+    """Parent i's prologue ``(scale, shift)``, or ``(None, None)`` where it has none: no scales at all, or empty
+    stand-ins in its place (a connection whose other parent has one)."""
+    if not scales or scales[i].numel() == 0:
+        return None, None
+    return scales[i], shifts[i]
+
+
 def expand_inputs(parents, scales, shifts, pools, pooled) -> tuple[list[Tensor], list[tuple]]:
     """Each parent's expand input and its prologue ``(scale, shift)`` (``(None, None)``: none): a pooled parent's
     stored max-pools (its BN + act inside them), any other the parent with its scale and shift."""
     inputs, prologues = [], []
     for i, h in enumerate(parents):
         inputs.append(pooled[i] if pools[i] else h)
-        prologues.append((scales[i], shifts[i]) if scales and not pools[i] else (None, None))
+        prologues.append((None, None) if pools[i] else prologue_of(scales, shifts, i))
     return inputs, prologues
 
 
@@ -447,7 +462,7 @@ class _ExpandMerge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        _, ratios, activation, eps, _, num_parents, has_prologue, has_extra, pools, padding = ctx.config
+        _, ratios, activation, eps, _, num_parents, _, has_extra, pools, padding = ctx.config
         *tensors, bn, pooled_0, pooled_1, route_0, route_1 = ctx.saved_tensors
         defined = [g for g in grads if g is not None]
         if not defined:
@@ -470,11 +485,21 @@ class _ExpandMerge(torch.autograd.Function):
         ws = Workspace(workspace, weights[0].shape[0], squeezed)
         d_weights = [g.view(w.shape) if d.numel() == 0 else d for g, w, d in zip(ws.weight_grads, weights, d_weights)]
         affine_grads = ws.affine_grads
-        d_scales = [g[0] for g in affine_grads] if has_prologue else []
-        d_shifts = [g[1] for g in affine_grads] if has_prologue else []
+        present = [scale.numel() > 0 for scale in scales]  # a parent without a prologue: empty stand-ins
+        d_scales = [g[0] if p else None for g, p in zip(affine_grads, present)]
+        d_shifts = [g[1] if p else None for g, p in zip(affine_grads, present)]
         d_extra = [outputs[6]] if has_extra else []
         return (None, None, *d_parents, *d_scales, *d_shifts, *d_weights, *(d[0] for d in d_bns),
                 *(d[1] for d in d_bns), *d_extra)  # fmt: skip
+
+
+def prologue_lists(vectors: list[Tensor | None] | None, parents) -> list:
+    """The op's per-parent ``scales`` (or ``shifts``) list: [] where no parent has a prologue, else one entry per
+    parent, an empty stand-in in place of a None (that parent has none: ``prologue_of``)."""
+    if vectors is None or all(v is None for v in vectors):
+        return []
+    like = next((v for v in vectors if isinstance(v, Tensor)), None)
+    return [like.new_empty(0) if v is None and like is not None else v for v in vectors]
 
 
 def expand_merge(
@@ -499,8 +524,9 @@ def expand_merge(
     workspace: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """The connection's output once per reader (1 to ``MAX_READERS``; see the module docstring); checks arguments
-    first. ``scales``/``shifts``: the prologue of every parent (the squeezes' BN affines, fp32 (C_h,p,)), or None for
-    none. ``running_means``/``running_vars`` (both or neither) and ``num_batches_tracked``: per parent, updated as
+    first. ``scales``/``shifts``: each parent's prologue (the squeezes' BN affines, fp32 (C_h,p,)), None in a
+    parent's place for none (SpineNet-Mobile's same-level and upsampled parents), or None for no parent.
+    ``running_means``/``running_vars`` (both or neither) and ``num_batches_tracked``: per parent, updated as
     ``nn.BatchNorm2d`` does with ``momentums`` (the running variance unbiased with the upsampled count).
     ``pools``: per parent its 3×3/s2 max-pools after the prologue (None: none), padded as ``padding`` says
     (``"torch"`` or ``"tf_same"``).
@@ -510,7 +536,7 @@ def expand_merge(
         raise ValueError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
     count = len(parents) if isinstance(parents, (list, tuple)) else 0
     # (explicit None tests, not truthiness: torch.compile < 2.7 cannot take bool() of a list)
-    scales, shifts = [] if scales is None else list(scales), [] if shifts is None else list(shifts)
+    scales, shifts = prologue_lists(scales, parents), prologue_lists(shifts, parents)
     running_means = [] if running_means is None else list(running_means)
     running_vars = [] if running_vars is None else list(running_vars)
     batches = [] if num_batches_tracked is None else list(num_batches_tracked)

@@ -19,7 +19,7 @@ from .tolerance import assert_low_precision_rule
 class Connection:
     """Random inputs of one connection and its eager modules: per parent a raw squeeze output h (or, with
     ``pools``, a stride-2 conv's raw output 2^pools times the target's size), the BN affine before the expand conv
-    (or none), an expand conv and its BN."""
+    (or none: ``prologue`` for every parent, or one bool per parent), an expand conv and its BN."""
 
     def __init__(self, ratios, *, squeezed=(6, 3), channels=5, batch=2, size=(4, 8), prologue=True, extra=True,
                  dtype=torch.float64, layout="channels_last", seed=0, pools=None, padding="torch"):  # fmt: skip
@@ -44,22 +44,30 @@ class Connection:
             bn.weight.data, bn.bias.data = rand(channels), rand(channels)
             self.convs.append(conv)
             self.bns.append(bn)
-        self.prologue = prologue
+        self.prologues = list(prologue) if isinstance(prologue, tuple) else [prologue] * len(self.ratios)
         self.extra = rand(batch, channels, h, w).to(dtype) if extra else None
         self.grads = [rand(batch, channels, h, w).to(dtype)]
 
     def leaves(self, dtype):
-        """Fresh leaf copies of every differentiable input (the activations in ``dtype``)."""
+        """Fresh leaf copies of every differentiable input (the activations in ``dtype``); ``affine``: the scales,
+        then the shifts, of the parents with a prologue."""
         copy = lambda t, d: t.detach().to(d).requires_grad_()  # noqa: E731
         parents = [copy(p, dtype) for p in self.parents]
-        affine = [copy(s, torch.float64 if dtype == torch.float64 else torch.float32)
-                  for s in (self.scales + self.shifts)] if self.prologue else []  # fmt: skip
+        with_prologue = [v for vectors in (self.scales, self.shifts) for v, p in zip(vectors, self.prologues) if p]
+        affine = [copy(v, torch.float64 if dtype == torch.float64 else torch.float32) for v in with_prologue]
         params = [copy(c.weight, torch.float64 if dtype == torch.float64 else torch.float32) for c in self.convs]
         params += [copy(b.weight, params[0].dtype) for b in self.bns] + [
             copy(b.bias, params[0].dtype) for b in self.bns
         ]
         extra = [copy(self.extra, dtype)] if self.extra is not None else []
         return parents, affine, params, extra
+
+    def prologue_lists(self, affine):
+        """``(scales, shifts)`` per parent, None where a parent has no prologue (None for none at all)."""
+        if not affine:
+            return None, None
+        scales, shifts = iter(affine[: len(affine) // 2]), iter(affine[len(affine) // 2 :])
+        return ([next(vectors) if p else None for p in self.prologues] for vectors in (scales, shifts))
 
     def bn_state(self, dtype):
         return [(b.running_mean.clone().to(dtype), b.running_var.clone().to(dtype)) for b in self.bns]
@@ -71,12 +79,12 @@ class Connection:
         k = len(parents)
         running = self.bn_state(torch.float32 if dtype != torch.float64 else dtype)
         x = extra[0] if extra else None
+        scales, shifts = self.prologue_lists(affine)
         for i, (h, ratio) in enumerate(zip(parents, self.ratios)):
             a = h
-            if affine:
-                stat = affine[i].dtype
-                a = activation_forward(h.to(stat) * affine[i].view(1, -1, 1, 1) + affine[k + i].view(1, -1, 1, 1),
-                                       activation).to(dtype)  # fmt: skip
+            if scales is not None and scales[i] is not None:
+                scale, shift = scales[i].view(1, -1, 1, 1), shifts[i].view(1, -1, 1, 1)
+                a = activation_forward(h.to(scale.dtype) * scale + shift, activation).to(dtype)
             for _ in range(self.pools[i]):  # as the model's eager connection: the pools after the BN + act
                 a = MaxPool3x3s2(self.padding)(a)
             if ratio > 1:  # as the model's eager connection: upsample, then the expand conv and its BN
@@ -97,7 +105,7 @@ class Connection:
         batches = [torch.zeros((), dtype=torch.long).view(1) for _ in range(k)]
         with use_backend(backend):
             outs = expand_merge(
-                parents, affine[:k] or None, affine[k:] or None, params[:k], self.ratios, extra[0] if extra else None,
+                parents, *self.prologue_lists(affine), params[:k], self.ratios, extra[0] if extra else None,
                 activation, bn_weights=params[k : 2 * k], bn_biases=params[2 * k :], eps=[1e-3] * k,
                 running_means=[r[0] for r in running], running_vars=[r[1] for r in running],
                 num_batches_tracked=batches, momentums=[0.01] * k, pools=self.pools, padding=self.padding,
@@ -122,6 +130,9 @@ CASES = [
     ((1, 1), True, False, {"pools": [0, 2], "padding": "tf_same"}),
     ((1,), True, True, {"pools": [1], "padding": "tf_same"}),
     ((1, 1), True, True, {"batch": 1, "size": (5, 7)}),  # batch 1, odd sizes
+    # SpineNet-Mobile: a prologue on one parent only (its depthwise stride-2 conv's BN + act)
+    ((1, 2), (True, False), True, {}),
+    ((2, 1), (False, True), False, {}),
 ]
 
 
@@ -145,15 +156,17 @@ def test_reference_equals_eager_in_float64(ratios, prologue, extra, kwargs, acti
     assert f_out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("pools", [[0, 0], [1, 0]])
-def test_gradcheck_float64(pools):
+@pytest.mark.parametrize("pools,prologue", [([0, 0], True), ([1, 0], True), ([0, 0], (False, True))])
+def test_gradcheck_float64(pools, prologue):
     """float64 ``gradcheck`` of the op (reference) in every differentiable input, running statistics off (random
     values: no max-pool window holds two maxima within the finite differences' step)."""
-    case = Connection((1, 2), squeezed=(3, 2), channels=3, size=(2, 4), pools=pools)
+    case = Connection((1, 2), squeezed=(3, 2), channels=3, size=(2, 4), pools=pools, prologue=prologue)
     parents, affine, params, extra = case.leaves(torch.float64)
 
-    def fn(p0, p1, s0, s1, b0, b1, w0, w1, g0, g1, beta0, beta1, x):
-        return expand_merge([p0, p1], [s0, s1], [b0, b1], [w0, w1], [1, 2], x, "swish", bn_weights=[g0, g1],
+    def fn(p0, p1, *rest):
+        scales, shifts = case.prologue_lists(list(rest[: len(affine)]))
+        w0, w1, g0, g1, beta0, beta1, x = rest[len(affine) :]
+        return expand_merge([p0, p1], scales, shifts, [w0, w1], [1, 2], x, "swish", bn_weights=[g0, g1],
                             bn_biases=[beta0, beta1], eps=[1e-3, 1e-3], pools=pools)[0]  # fmt: skip
 
     with use_backend("reference"):
@@ -196,6 +209,13 @@ def test_opcheck(backend, pools):
         ("pools", lambda a: a.update(pools=[1]), "pools must be a list"),
         ("pools", lambda a: a.update(pools=[-1, 0]), "pools\\[0\\] must be an int"),
         ("pools", lambda a: a.update(pools=[0, 1]), "ratios\\[1\\] = 1"),
+        (
+            "pools",
+            lambda a: a.update(pools=[1, 0], scales=[None, a["scales"][1]], shifts=[None, a["shifts"][1]]),
+            "needs a prologue",
+        ),
+        ("shifts", lambda a: a.update(shifts=[None, a["shifts"][1]]), "both be given or both be absent"),
+        ("scales", lambda a: a.update(scales=[1.0, a["scales"][1]]), "scales\\[0\\] and shifts\\[0\\] must be tensors"),
         ("pools", lambda a: a.update(pools=[3, 0]), "multiples of 2\\^num_pools"),
         ("padding", lambda a: a.update(pools=[1, 0], padding="same"), "padding must be one of"),
     ],
@@ -227,6 +247,9 @@ TRITON_CASES = [
     # batch 1 and odd sizes: a 3×5 parent upsampled ×2, a 5×7 map
     ((1, 2), True, True, {"batch": 1, "squeezed": (7, 5), "size": (6, 10)}),
     ((1, 1), False, False, {"batch": 1, "size": (5, 7)}),
+    # a prologue on one parent only: the other parent's K2 (alone, or sharing the launch) and statistics without one
+    ((4, 1), (False, True), True, {}),
+    ((1, 1), (True, False), False, {"squeezed": (20, 7), "channels": 40, "size": (6, 10)}),
 ]
 
 

@@ -390,11 +390,14 @@ def mobile(tmp_path_factory) -> dict:
 
 
 def test_mobile_connection_launch_budgets(mobile):
-    """Issue 19, fused_ops.md §7's budgets for SpineNet-Mobile's connections: per parent one launch per conv + BN
-    layer in each pass (each depthwise 3×3/s2 conv with its BN statistics, finalize and the previous BN + act as its
-    prologue; the 1×1 conv likewise) — plus, in the backward, the add autograd makes of a parent's gradients from its
-    readers (an eager MBConv block's output, as in eager); per merge ≤ 2 launches forward and 1 backward; none of the
-    forbidden launches; the connections fused ≤ 0.35× eager's launches in each pass."""
+    """Issue 19, fused_ops.md §7's budgets for SpineNet-Mobile's connections (each one ``expand_merge`` after its
+    depthwise convs): per parent one launch per depthwise 3×3/s2 conv + BN layer in each pass (its BN statistics,
+    finalize and the previous BN + act as its prologue), and its share of ``expand_merge``: the 1×1 conv's statistics
+    GEMM forward, at most one K2 backward (an upsampled parent's, or the one parent at the block's level); per merge
+    ≤ 2 launches in each pass (the workspace's fill and the merge GEMM; K1 and the K2 that two parents at the block's
+    level share) — plus, in the backward, the adds autograd makes of a raw parent's gradients from its readers (an
+    MBConv block's output read by several blocks, as in eager); none of the forbidden launches; the connections fused
+    ≤ 0.35× eager's launches in each pass."""
     from benchmarks.ledger import FORBIDDEN
 
     eager, fused = mobile["ledgers"]["eager"], mobile["ledgers"]["fused-auto"]
@@ -403,15 +406,17 @@ def test_mobile_connection_launch_budgets(mobile):
     assert len(parents) == 32 and len(merges) == 16
     for part in parents:
         forward = fused[part]["forward"]
-        layers = forward.get("triton _depthwise3x3_fwd_kernel", 0) + 1
-        assert forward == {"triton _depthwise3x3_fwd_kernel": layers - 1, "triton _conv1x1_fwd_kernel": 1} or (
-            layers == 1 and forward == {"triton _conv1x1_fwd_kernel": 1}
-        ), part
+        depthwise = forward.get("triton _depthwise3x3_fwd_kernel", 0)
+        assert forward == {"triton _expand_stats_kernel": 1, **({"triton _depthwise3x3_fwd_kernel": depthwise}
+                                                                  if depthwise else {})}, part  # fmt: skip
         backward = Counter(fused[part]["backward"])
         backward.pop("aten add", None)
-        assert sum(backward.values()) == layers and fused_launches(fused, part, "backward") <= layers + 1, part
+        assert backward.pop("triton _depthwise3x3_backward_kernel", 0) == depthwise, part
+        assert set(backward) <= {"triton _expand_k2_kernel"} and sum(backward.values()) <= 1, part
     for part in merges:
-        assert fused_launches(fused, part, "forward") <= 2 and fused_launches(fused, part, "backward") <= 1, part
+        backward = Counter(fused[part]["backward"])
+        backward.pop("aten add", None)
+        assert fused_launches(fused, part, "forward") <= 2 and sum(backward.values()) <= 2, part
     for part in parents + merges:
         for ops in fused[part].values():
             assert not [op for op in ops if op.startswith(FORBIDDEN)], part
@@ -423,23 +428,23 @@ def test_mobile_connection_launch_budgets(mobile):
 
 def test_mobile_connections_move_fewer_bytes_than_eager(mobile):
     """Modelled bytes at the official setting: every Mobile block connection (merge and parents) fused moves fewer
-    bytes than eager in each pass, and all of them together ≤ 0.4× eager's forward and ≤ 0.7× its backward (0.35×
-    and 0.64× today; a ratchet)."""
+    bytes than eager in each pass, and all of them together ≤ 0.3× eager's forward and ≤ 0.55× its backward (0.28×
+    and 0.50× today; a ratchet)."""
     traffic = mobile["summary"]["traffic"]
     totals = Counter()
     for row in traffic["connections"]:
         for p in PASSES:
             assert row[f"fused-auto {p}"] < row[f"eager {p}"], (row["part"], p)
             totals.update({f"{v} {p}": row[f"{v} {p}"] for v in ("eager", "fused-auto")})
-    assert totals["fused-auto forward"] <= 0.4 * totals["eager forward"]
-    assert totals["fused-auto backward"] <= 0.7 * totals["eager backward"]
+    assert totals["fused-auto forward"] <= 0.3 * totals["eager forward"]
+    assert totals["fused-auto backward"] <= 0.55 * totals["eager backward"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: connection-level kernels (a 1×1 conv's BN needs all of its output "
-                   "before the merge can normalise it: the raw output is written and read once more)")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="issue 15: each depthwise BN's map stored and the 1×1 convs' inputs read "
+                   "twice (statistics, merge) forward; dz or its block sums stored, read again backward")  # fmt: skip
 def test_mobile_connection_byte_budgets(mobile):
-    """fused_ops.md §7's byte budgets for the Mobile connections: ≤ 1.5× the floor forward, ≤ 2× backward (1.8–2.3×
-    and 2.0–4.2× today)."""
+    """fused_ops.md §7's byte budgets for the Mobile connections: ≤ 1.5× the floor forward, ≤ 2× backward (1.55–2.04×
+    and 1.72–3.16× today, each one ``expand_merge``; 1.8–2.3× and 2.0–4.2× with ``conv1x1_bn`` + ``merge``)."""
     for row in mobile["summary"]["traffic"]["connections"]:
         assert row["fused-auto forward"] <= 1.5 * row["floor forward"], row["part"]
         assert row["fused-auto backward"] <= 2 * row["floor backward"], row["part"]

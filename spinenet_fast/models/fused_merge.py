@@ -13,9 +13,9 @@ weights, rounding them as they load them; statistics, scales and shifts stay fp3
 A connection of one or two parents with its expand BNs in training mode (outside SyncBN) runs its expand convs,
 their BNs (the max-pools before them) and the merge as one ``expand_merge`` after the squeezes (and stride-2 convs):
 the expand outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``).
-SpineNet-Mobile's connections keep ``conv1x1_bn`` + ``merge`` for now: their whole-model fp32 accuracy test (128 px,
-batch 2, so every L7 BN normalises two values per channel) sees gradient errors that change several-fold with the
-rounding order alone, eager's own included, and cannot judge the change.
+SpineNet-Mobile's connections likewise, their 1×1 convs as the expand convs: a same-level or upsampled parent
+enters the op raw (no prologue), a downsampling one as its last depthwise stride-2 conv's raw output with that BN +
+act as its prologue.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class ConnectionWorkspace:
         """The workspace of a ``CrossScaleMerge``'s fused forward through ``merge`` (``fused_merge_forward``)."""
         sizes = []  # elements
         for resample in module.resamples:
-            layers = [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
-            layers.append((resample.expand, True))  # the max-pools' affine gradients are the pooled conv's prologue's
+            # the max-pools' affine gradients are the pooled conv's prologue's
+            layers = [*expand_input_layers(resample), (resample.expand, True)]
             sizes += [size for layer, has_prologue in layers for size in cls.layer_sizes(layer, has_prologue, dtype)]
             if pools_apart(resample) and uses_batch_statistics(resample.down.bn):
                 sizes.append(2 * resample.down.conv.out_channels)  # the separate max-pool op's affine gradients
@@ -117,13 +117,27 @@ class ConnectionWorkspace:
         return view
 
 
+def expand_layer(resample) -> nn.Module:
+    """The 1×1 conv + BN layer that gives a parent the block's width: SpineNet's expand, SpineNet-Mobile's conv."""
+    return resample.expand if hasattr(resample, "squeeze") else resample.conv
+
+
+def expand_input_layers(resample) -> list[tuple[nn.Module, bool]]:
+    """The conv + BN layers before a parent's expand conv, each with whether the previous BN + act is its prologue:
+    SpineNet's squeeze (and stride-2 conv), SpineNet-Mobile's depthwise stride-2 convs (none for a same-level or
+    upsampled parent)."""
+    if hasattr(resample, "squeeze"):
+        return [(resample.squeeze, False)] + ([(resample.down, True)] if resample.down is not None else [])
+    return mobile_layers(resample)[:-1]
+
+
 def expanding_layers(module) -> list[nn.Module] | None:
-    """The expand conv + BN layer (``.conv``, ``.bn``) of each parent of a ``CrossScaleMerge`` that runs as one
-    ``expand_merge``: one or two parents, every expand BN normalising with batch statistics outside a SyncBN group
-    and updating its running statistics and counter alike; else None."""
+    """The expand conv + BN layer (``.conv``, ``.bn``: ``expand_layer``) of each parent of a ``CrossScaleMerge`` or
+    ``MobileMerge`` that runs as one ``expand_merge``: one or two parents, every expand BN normalising with batch
+    statistics outside a SyncBN group and updating its running statistics and counter alike; else None."""
     if len(module.resamples) > 2:
         return None
-    layers = [resample.expand for resample in module.resamples]
+    layers = [expand_layer(resample) for resample in module.resamples]
     bns = [layer.bn for layer in layers]
     if not all(uses_batch_statistics(bn) and sync_group(bn) is None for bn in bns):
         return None
@@ -218,14 +232,16 @@ def gemm_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 def fused_expand_input(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace
                        ) -> tuple:  # fmt: skip
-    """One parent's input to its expand conv inside ``expand_merge``: the squeeze's output h (before its BN), or for
-    a downsampling parent the stride-2 3×3 conv's of act(BN(h)), and that last BN's scale and shift (the expand's
-    prologue)."""
-    h, scale, shift = conv_then_bn(x, resample.squeeze.conv, resample.squeeze.bn, None, None, activation, workspace)
-    if resample.down is None:
-        return h, scale, shift
-    return conv_then_bn(h, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
-                        padding=padding)  # fmt: skip
+    """One parent's input to its expand conv inside ``expand_merge`` (``expand_input_layers`` run in turn, each with
+    the previous BN + act as its prologue) and the last BN's scale and shift (the expand's prologue): SpineNet's
+    squeeze output h (before its BN), or for a downsampling parent the stride-2 3×3 conv's of act(BN(h));
+    SpineNet-Mobile's last depthwise stride-2 conv's, or the raw parent (no prologue: None, None)."""
+    scale = shift = None
+    for layer, _ in expand_input_layers(resample):
+        three_by_three = layer.conv.kernel_size[0] == 3
+        x, scale, shift = conv_then_bn(x, layer.conv, layer.bn, scale, shift, activation, workspace,
+                                       padding=padding if three_by_three else None)  # fmt: skip
+    return x, scale, shift
 
 
 def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
@@ -264,16 +280,20 @@ def fused_mobile_resample(resample, x: Tensor, activation: str, padding: str, wo
     for layer in resample.down:
         x, scale, shift = conv_then_bn(x, layer.conv, layer.bn, scale, shift, activation, workspace, padding=padding)
     y, scale, shift = conv_then_bn(x, resample.conv.conv, resample.conv.bn, scale, shift, activation, workspace,
-                                   upsample_factor=resample.upsample)  # fmt: skip
-    return y, scale, shift, resample.upsample
+                                   upsample_factor=resample.upsample_factor)  # fmt: skip
+    return y, scale, shift, resample.upsample_factor
 
 
 def fused_mobile_merge_forward(module, feats: list[Tensor], activation: str, padding: str) -> Tensor:
     """A SpineNet-Mobile ``MobileMerge``'s output from the fused ops: per parent, each depthwise 3×3/s2 conv + BN
     (``conv3x3_bn`` with a depthwise weight; from the second on with the previous BN + act as its prologue), then the
     1×1 conv + BN (``conv1x1_bn``; for an upsampling parent at the parent's resolution), then one ``merge`` that
-    applies each parent's BN, gathers the upsampled parents, adds the raw extra inputs and the activation. Same
+    applies each parent's BN, gathers the upsampled parents, adds the raw extra inputs and the activation — or,
+    where ``expanding_layers`` allows, the 1×1 convs, their BNs and the merge as one ``expand_merge``. Same
     parameters, buffers and result as its eager forward."""
+    layers = expanding_layers(module)
+    if layers is not None:
+        return expanded_parents(module, feats, activation, padding, 1, layers)[0]
     return merge_resampled_parents(module, feats, activation, padding, 1, ConnectionWorkspace.for_mobile_merge,
                                    fused_mobile_resample)[0]  # fmt: skip
 
@@ -326,13 +346,13 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
 
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
                      layers: list[nn.Module]) -> tuple[Tensor, ...]:  # fmt: skip
-    """A ``CrossScaleMerge`` that runs as one ``expand_merge`` (``expanding_layers``): each parent's squeeze (and
-    stride-2 conv), then the op (with the parents' max-pools) — one zeroed workspace for all of them."""
+    """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge`` (``expanding_layers``): each
+    parent's layers before its expand conv (``fused_expand_input``), then the op (with the parents' max-pools) — one
+    zeroed workspace for all of them."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
-    sizes = ConnectionWorkspace.layer_sizes
-    inputs = [size for r in module.resamples for layer, has_prologue in ((r.squeeze, False), (r.down, True))
-              if layer is not None for size in sizes(layer, has_prologue, stats_dtype)]  # fmt: skip
+    inputs = [size for r in module.resamples for layer, has_prologue in expand_input_layers(r)
+              for size in ConnectionWorkspace.layer_sizes(layer, has_prologue, stats_dtype)]  # fmt: skip
     size = expand_merge_size(layers)
     workspace = ConnectionWorkspace([*inputs, size], feats[module.parent_ids[0]].device, stats_dtype)
     parents, scales, shifts = [], [], []
@@ -350,6 +370,6 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
         bn_biases=[layer.bn.bias for layer in layers], eps=[kw["eps"] for kw in bn_kwargs],
         running_means=optional("running_mean"), running_vars=optional("running_var"),
         num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
-        pools=[len(r.pools) if r.down is not None else 0 for r in module.resamples], padding=padding,
+        pools=[len(getattr(r, "pools", None) or ()) for r in module.resamples], padding=padding,
         readers=readers, workspace=workspace.take(size, rows=1).view(-1),
     )  # fmt: skip

@@ -97,13 +97,13 @@ class MobileResample(nn.Module):
                      groups=in_channels)
             for _ in range(max(down, 0))
         ))  # fmt: skip
-        self.upsample = 2 ** max(-down, 0)
+        self.upsample_factor = 2 ** max(-down, 0)
         self.conv = ConvNorm(in_channels, out_channels, 1, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
-        if self.upsample > 1:
-            x = F.interpolate(x, scale_factor=self.upsample, mode="nearest")
+        if self.upsample_factor > 1:
+            x = F.interpolate(x, scale_factor=self.upsample_factor, mode="nearest")
         return self.conv(x)
 
 

@@ -32,7 +32,7 @@ def test_block_widths_resampling_and_the_output_block_rule():
     resample = model.merges[8].resamples[1]  # block 8 (level 7) reads block 7 (level 5): two depthwise stride-2 steps
     assert len(resample.down) == 2 and all(step.conv.stride == (2, 2) for step in resample.down)
     assert len(model.merges[0].resamples[0].down) == 1  # block 0 (level 2) reads the level-1 initial block
-    assert model.merges[3].resamples[1].upsample == 2 and not model.merges[3].resamples[1].down  # L4 -> L3
+    assert model.merges[3].resamples[1].upsample_factor == 2 and not model.merges[3].resamples[1].down  # L4 -> L3
     # Output blocks also sum the earlier blocks of their level and width that nothing read: only block 13 (level 5)
     # has one, block 10 (feats index 12).
     assert [merge.extra_ids for merge in model.merges] == [[]] * 13 + [[12]] + [[]] * 2

@@ -148,13 +148,14 @@ def connection_floor(inputs: Iterable[torch.Tensor], output: torch.Tensor, param
 
 @dataclass(frozen=True)
 class ParentMaps:
-    """Bytes of one parent's maps in a SpineNet connection (storage dtype): its feature map ``x``, the squeeze's
-    output ``y1``, the stride-2 conv's ``y2`` and the max-pools' ``pooled`` (0 where the parent has none), and the
-    expand's output ``e`` (at its input's resolution, before any upsampling)."""
+    """Bytes of one parent's maps in a cross-scale connection (storage dtype): its feature map ``x``; ``chain``, the
+    raw outputs of the conv + BN layers before its expand conv, in order (SpineNet's squeeze y1 and stride-2 conv y2,
+    SpineNet-Mobile's depthwise stride-2 convs; none for a Mobile parent that enters the expand raw); the max-pools'
+    ``pooled`` (0 where the parent has none); and the expand's output ``e`` (at its input's resolution, before any
+    upsampling)."""
 
     x: int
-    y1: int
-    y2: int
+    chain: tuple[int, ...]
     pooled: int
     e: int
 
@@ -163,17 +164,21 @@ def barrier_bound(floor: dict[str, int], parents: Iterable[ParentMaps], output: 
     """A lower bound on a connection's traffic that respects training-mode BN (``floor``: ``connection_floor``'s;
     ``output``: the block input's bytes). Each BN needs all of its input's statistics before its consumer may read a
     normalised value, so each BN's map is stored (written and read once) or recomputed (its producer's input read
-    again), whichever moves less: forward, the squeeze's y1 (or x again), the stride-2 conv's y2 (or y1 again), the
-    expand's e (or its input again; a pooled parent's: y2 again, or the pooled map stored). Backward, each saved map
-    is read once (or recomputed from its producer's input) and the gradient at every BN is a barrier too: stored
-    once at y1 and y2, and at e (or e's input, its share projected through the expand's weights; or the block
-    input's gradient read again). Everything else — weights once, no fills, no second reads — as the floor. No
-    kernel design moves less under those rules; one above ``limit × floor`` makes that budget unreachable."""
+    again), whichever moves less: forward, each map of the chain (or its producer's input again), the expand's e
+    (or its input again; a pooled parent's: the last map of the chain again, or the pooled map stored). Backward,
+    each saved map is read once (or recomputed from its producer's input) and the gradient at every BN is a barrier
+    too: stored once at each map of the chain, and at e (or e's input, its share projected through the expand's
+    weights; or the block input's gradient read again). Everything else — weights once, no fills, no second reads —
+    as the floor. No kernel design moves less under those rules; one above ``limit × floor`` makes that budget
+    unreachable."""
     forward = backward = 0
     for p in parents:
-        expand_input = p.pooled or p.y2 or p.y1
-        recompute_e = [p.y2, 2 * p.pooled] if p.pooled else [expand_input]
-        forward += min(2 * p.y1, p.x) + (min(2 * p.y2, p.y1) if p.y2 else 0) + min(2 * p.e, *recompute_e)
-        saved = min(p.y1, p.x) + (min(p.y2, p.y1) if p.y2 else 0) + (min(p.pooled, p.y2) if p.pooled else 0)
-        backward += saved + 2 * p.y1 + 2 * p.y2 + min(2 * p.e, 2 * expand_input, output)
+        sources = (p.x, *p.chain)  # each map's producer's input
+        last = sources[-1]
+        expand_input = p.pooled or last
+        recompute_e = [last, 2 * p.pooled] if p.pooled else [expand_input]
+        maps = list(zip(p.chain, sources))
+        forward += sum(min(2 * y, source) for y, source in maps) + min(2 * p.e, *recompute_e)
+        saved = sum(min(y, source) for y, source in maps) + (min(p.pooled, last) if p.pooled else 0)
+        backward += saved + 2 * sum(p.chain) + min(2 * p.e, 2 * expand_input, output)
     return {"forward": floor["forward"] + forward, "backward": floor["backward"] + backward}

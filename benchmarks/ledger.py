@@ -252,31 +252,40 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
 
 
 def parent_maps(resample: nn.Module, x: torch.Tensor) -> ParentMaps | None:
-    """The bytes of a SpineNet ``Resample``'s maps on parent ``x`` (in ``x``'s dtype, as the fused path stores
-    them); None for another kind of connection (SpineNet-Mobile's)."""
+    """The bytes of a SpineNet ``Resample``'s or a SpineNet-Mobile ``MobileResample``'s maps on parent ``x`` (in
+    ``x``'s dtype, as the fused path stores them); None for another kind of connection."""
     from spinenet_fast.models.resample import Resample
+    from spinenet_fast.models.spinenet_mobile import MobileResample
 
-    if not isinstance(resample, Resample):
+    n, channels, h, w = x.shape
+    item = n * x.element_size()  # bytes per channel and pixel
+    chain, pooled = [], 0
+    if isinstance(resample, Resample):
+        channels = resample.squeeze.conv.out_channels
+        chain.append(channels * h * w * item)
+        if resample.down is not None:
+            h, w = -(-h // 2), -(-w // 2)
+            chain.append(channels * h * w * item)
+            if len(resample.pools):
+                h, w = h >> len(resample.pools), w >> len(resample.pools)
+                pooled = channels * h * w * item
+        expand = resample.expand
+    elif isinstance(resample, MobileResample):
+        for _ in resample.down:  # depthwise: the parent's width
+            h, w = -(-h // 2), -(-w // 2)
+            chain.append(channels * h * w * item)
+        expand = resample.conv
+    else:
         return None
-    n, _, h, w = x.shape
-    mid, item = resample.squeeze.conv.out_channels, x.element_size()
-    y1 = n * mid * h * w * item
-    y2 = pooled = 0
-    if resample.down is not None:
-        h, w = -(-h // 2), -(-w // 2)
-        y2 = n * mid * h * w * item
-        if len(resample.pools):
-            h, w = h >> len(resample.pools), w >> len(resample.pools)
-            pooled = n * mid * h * w * item
-    return ParentMaps(tensor_bytes(x), y1, y2, pooled, n * resample.expand.conv.out_channels * h * w * item)
+    return ParentMaps(tensor_bytes(x), tuple(chain), pooled, expand.conv.out_channels * h * w * item)
 
 
 @contextlib.contextmanager
 def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, int] | None]]]:
     """While a forward runs: ``{"merges.k": {"floor": {"forward": bytes, "backward": bytes}, "bound": ...}}``, each
     block connection's byte floor from the tensors its merge actually receives and returns
-    (``_traffic.connection_floor``) and its BN-barrier bound (``_traffic.barrier_bound``; None where its parents are
-    not ``Resample``s)."""
+    (``_traffic.connection_floor``) and its BN-barrier bound (``_traffic.barrier_bound``; None where a parent is
+    neither a ``Resample`` nor a ``MobileResample``)."""
     floors: dict[str, dict[str, dict[str, int] | None]] = {}
 
     def hook(name):

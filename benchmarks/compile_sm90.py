@@ -1,11 +1,12 @@
 """``python -m benchmarks.compile_sm90 --out DIR``: every Triton kernel variant our launchers launch, compiled ahead
 of time for Hopper (sm_90, ``GPUTarget("cuda", 90, 32)``) on any machine, GPU or not.
 
-Variants are found, not listed. The drivers run the fused SpineNet (every activation, padding and float dtype;
-training forward + backward, then inference) and every op over its declared argument space (prologue or not,
-activations, paddings, dtypes, parents, extra input) on CPU tensors, with ``JITFunction.run`` replaced by a
-recorder: nothing runs, and Triton's own binder turns each launch's arguments into the signature, constexprs and
-specialisation (16-byte divisibility, ints equal to 1) that the same launch on a GPU would compile. Each distinct
+Variants are found, not listed. The drivers run the fused SpineNet and SpineNet-Mobile (every activation, padding
+and float dtype; training forward + backward, then inference) and every op over its declared argument space
+(prologue or not, activations, paddings, dtypes, parents, extra input) on CPU tensors, with ``JITFunction.run``
+replaced by a recorder: nothing runs, and Triton's own binder turns each launch's arguments into the signature,
+constexprs and specialisation (16-byte divisibility, ints equal to 1) that the same launch on a GPU would compile.
+Each distinct
 variant is compiled with ``triton.compile`` in a worker process; ptxas's own report gives registers, spills and
 the stack frame, the metadata the shared memory, the PTX whether ``wgmma`` (Hopper's tensor-core MMA) is used.
 
@@ -150,11 +151,13 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def drive_model(dtype: torch.dtype, activation: str, padding: str) -> None:
-    """The fused backbone: a training step (forward + backward), then inference."""
-    from spinenet_fast.models import SpineNet
+def drive_model(dtype: torch.dtype, activation: str, padding: str, mobile: bool = False) -> None:
+    """The fused backbone (SpineNet's, or with ``mobile`` SpineNet-Mobile's: its connections' ``expand_merge`` with
+    a prologue on one parent only): a training step (forward + backward), then inference."""
+    from spinenet_fast.models import SpineNet, SpineNetMobile
 
-    model = SpineNet(DRIVER_MODEL, activation=activation, padding=padding, stochastic_depth_rate=0.0, fused=True)
+    build = SpineNetMobile if mobile else SpineNet
+    model = build(DRIVER_MODEL, activation=activation, padding=padding, stochastic_depth_rate=0.0, fused=True)
     model = model.to(dtype=dtype, memory_format=torch.channels_last).train()
     x = _channels_last(torch.randn(2, 3, DRIVER_IMAGE_SIZE, DRIVER_IMAGE_SIZE, dtype=dtype))
     outputs = model(x)
@@ -277,6 +280,7 @@ def default_drivers() -> Iterator[tuple[str, Callable[[], None]]]:
                 config = f"{str(dtype).removeprefix('torch.')} {activation} {padding}"
                 if activation in MODEL_ACTIVATIONS:
                     yield f"model {config}", lambda d=dtype, a=activation, p=padding: drive_model(d, a, p)
+                    yield f"mobile {config}", lambda d=dtype, a=activation, p=padding: drive_model(d, a, p, True)
                 yield f"ops {config}", lambda d=dtype, a=activation, p=padding: drive_ops(d, a, p)
 
 

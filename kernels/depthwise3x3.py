@@ -28,10 +28,12 @@ from .epilogue import store_tile_and_channel_stats
 from .gemm_backward import backward_buffers, prologue_tile, store_input_grad, wgrad_split
 
 BLOCK_M, BLOCK_C, NUM_WARPS = 64, 32, 4  # pixels × channels per program
-# The backward's register cap (PTX .maxnreg), stated: left to its own heuristic ptxas (12.9, 13.0) caps some of its
-# variants at 128 registers and spills 4–20 bytes; with the cap stated none spills (at most ~200 registers where it
-# had spilled, 255 where it had not). A cap below what the stride-1 variants need (168) spills hundreds of bytes.
-BACKWARD_MAX_REGISTERS = 255
+# The register cap (PTX .maxnreg), stated: left to its own heuristic ptxas (12.9, 13.0) caps some backward variants
+# at 128 registers and spills 4–20 bytes, and a bf16 stride-2 forward (SpineNet-Mobile's shapes) at 168; with the cap
+# stated none spills. A cap below what the stride-1 backward variants need (168) spills hundreds of bytes. The fp32
+# backward runs 8 warps: at 4, a stride-2 variant outgrew 255 registers and spilled 12 bytes.
+MAX_REGISTERS = 255
+FP32_BACKWARD_WARPS = 8
 
 
 @triton.jit
@@ -97,6 +99,7 @@ def depthwise3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_befor
         y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(), weight.stride(0), weight.stride(2),
         weight.stride(3), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
         HAS_BIAS=bias is not None, **bn_constexprs, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
     )  # fmt: skip
     return [y, stats]
 
@@ -222,6 +225,7 @@ def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shif
         t.d_weight.stride(3), *dy.stride(), *y.stride(), *x.stride(), weight.stride(0), weight.stride(2),
         weight.stride(3), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None,
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=d_bias is not None, FROM_AFFINE=bn is not None, BLOCK_M=BLOCK_M,
-        BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, maxnreg=BACKWARD_MAX_REGISTERS,
+        BLOCK_C=BLOCK_C, num_warps=FP32_BACKWARD_WARPS if x.dtype == torch.float32 else NUM_WARPS,
+        maxnreg=MAX_REGISTERS,
     )  # fmt: skip
     return t.grads(weight)

@@ -316,7 +316,9 @@ def _expand_k2_kernel(
                  BLOCK_N, BLOCK_K)  # fmt: skip
 
 
-K2_MAX_REGISTERS = 255  # PTX .maxnreg of ``_expand_k2_kernel`` (at most 8 warps: one program fits an SM's registers)
+# PTX .maxnreg of K1 and K2, stated (at most 8 warps: one program fits an SM's registers): left to its heuristic,
+# ptxas capped K1's fp32 variant for a parent without a prologue beside one with it at 80 registers and spilled.
+MAX_REGISTERS = 255
 
 
 def _prologue_pointers(scale, shift, w2d) -> tuple:
@@ -460,7 +462,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     ws = _workspace(workspace, weights, parents)
     h0, channels = parents[0], weights[0].shape[0]
     n, _, height, width = grad.shape
-    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel)
+    config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel) | {"maxnreg": MAX_REGISTERS}
     summed = _block_summed(ratios, config["BLOCK_M"])
     group = max([r for r, s in zip(ratios, summed) if s], default=1)
     store_dz = extra is not None or not all(summed)
@@ -485,7 +487,7 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
     # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32). The register cap
     # stated: left to its heuristic, ptxas capped the two-parent fp32 variants at 128 registers and spilled 16 bytes.
-    config = gemm_launch_config(h0.dtype, _expand_k2_kernel) | {"maxnreg": K2_MAX_REGISTERS}
+    config = gemm_launch_config(h0.dtype, _expand_k2_kernel) | {"maxnreg": MAX_REGISTERS}
     config["BLOCK_N"] //= 2
     if config["FP32_DOT"]:
         config["num_warps"] = 8

@@ -172,7 +172,7 @@ def _vec(v: Tensor) -> Tensor:
 def prologue_of(scales: list[Tensor], shifts: list[Tensor], i: int) -> tuple[Tensor | None, Tensor | None]:
     """Parent i's prologue ``(scale, shift)``, or ``(None, None)`` where it has none: no scales at all, or empty
     stand-ins in its place (a connection whose other parent has one)."""
-    if not scales or scales[i].numel() == 0:
+    if len(scales) == 0 or scales[i].numel() == 0:
         return None, None
     return scales[i], shifts[i]
 
@@ -493,7 +493,7 @@ class _ExpandMerge(torch.autograd.Function):
                 *(d[1] for d in d_bns), *d_extra)  # fmt: skip
 
 
-def prologue_lists(vectors: list[Tensor | None] | None, parents) -> list:
+def prologue_lists(vectors: list[Tensor | None] | None) -> list:
     """The op's per-parent ``scales`` (or ``shifts``) list: [] where no parent has a prologue, else one entry per
     parent, an empty stand-in in place of a None (that parent has none: ``prologue_of``)."""
     if vectors is None or all(v is None for v in vectors):
@@ -536,7 +536,7 @@ def expand_merge(
         raise ValueError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
     count = len(parents) if isinstance(parents, (list, tuple)) else 0
     # (explicit None tests, not truthiness: torch.compile < 2.7 cannot take bool() of a list)
-    scales, shifts = prologue_lists(scales, parents), prologue_lists(shifts, parents)
+    scales, shifts = prologue_lists(scales), prologue_lists(shifts)
     running_means = [] if running_means is None else list(running_means)
     running_vars = [] if running_vars is None else list(running_vars)
     batches = [] if num_batches_tracked is None else list(num_batches_tracked)

@@ -496,10 +496,11 @@ class _ExpandMerge(torch.autograd.Function):
 def prologue_lists(vectors: list[Tensor | None] | None) -> list:
     """The op's per-parent ``scales`` (or ``shifts``) list: [] where no parent has a prologue, else one entry per
     parent, an empty stand-in in place of a None (that parent has none: ``prologue_of``)."""
-    if vectors is None or all(v is None for v in vectors):
-        return []
-    like = next((v for v in vectors if isinstance(v, Tensor)), None)
-    return [like.new_empty(0) if v is None and like is not None else v for v in vectors]
+    vectors = [] if vectors is None else list(vectors)
+    tensors = [v for v in vectors if isinstance(v, Tensor)]  # (no next(..., default): torch.compile < 2.7 lacks it)
+    if len(tensors) == 0:
+        return vectors if len([v for v in vectors if v is not None]) > 0 else []  # (bad entries: for the checks)
+    return [tensors[0].new_empty(0) if v is None else v for v in vectors]
 
 
 def expand_merge(

@@ -276,9 +276,7 @@ def fused_mobile_resample(resample, x: Tensor, activation: str, padding: str, wo
                           ) -> tuple:  # fmt: skip
     """One SpineNet-Mobile parent's 1×1 conv output y (before its BN; at the parent's resolution when upsampling),
     that BN's scale and shift, and its ratio ρ."""
-    scale = shift = None
-    for layer in resample.down:
-        x, scale, shift = conv_then_bn(x, layer.conv, layer.bn, scale, shift, activation, workspace, padding=padding)
+    x, scale, shift = fused_expand_input(resample, x, activation, padding, workspace)
     y, scale, shift = conv_then_bn(x, resample.conv.conv, resample.conv.bn, scale, shift, activation, workspace,
                                    upsample_factor=resample.upsample_factor)  # fmt: skip
     return y, scale, shift, resample.upsample_factor

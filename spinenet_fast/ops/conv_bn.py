@@ -177,36 +177,58 @@ def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple |
     """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β (and the
     bias, for an op that takes one). ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not
     the op's (a max-pool in between)."""
-    y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *_ = ctx.saved_tensors
-    x, scale, shift = (x, scale, shift) if conv_input is None else conv_input
-    dy = torch.zeros_like(y) if dy is None else dy
-    d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
-    local = (d_scale, d_shift)
-    if ctx.group is not None:
-        d_affine = torch.stack(local)
-        dist.all_reduce(d_affine, group=ctx.group)
-        d_scale, d_shift = d_affine
-    prologue_grad, ctx.prologue_grad = ctx.prologue_grad, None
-    weight_grad, ctx.weight_grad = ctx.weight_grad, None
-    if scale is not None and prologue_grad is None:
-        prologue_grad = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
-    bias_grad, ctx.bias_grad = ctx.bias_grad, None
-    if ctx.bias_dtype is not None and bias_grad is None:
-        bias_grad = torch.zeros(weight.shape[0], dtype=mean.dtype, device=x.device)
-    conv_args = (*ctx.conv_args, bias_grad) if ctx.takes_bias else ctx.conv_args
-    args = (y, x, weight, scale, shift, *conv_args, bn_weight, mean, var, ctx.count, ctx.eps, prologue_grad)
-    dx, d_weight, d_bn = backward_op(dy, d_scale, d_shift, *args, weight_grad)
-    d_weight = d_weight if weight_grad is None else weight_grad
-    if ctx.shares_grads and weight_grad is not None:  # left in the shared buffers (a second backward returns its own)
-        d_weight = bias_grad = None
-    d_gamma, d_beta = d_bn
-    if ctx.group is not None:  # this rank's own dγ, dβ
-        _, d_gamma, d_beta = _bn_finalize_backward_op(*local, None, None, bn_weight, bn_bias, mean, var, ctx.count,
-                                                      ctx.eps)  # fmt: skip
-    d_affine = prologue_grad.unbind() if scale is not None else (None, None)
-    if not ctx.takes_bias:
-        return dx, d_weight, *d_affine, d_gamma, d_beta
-    return dx, d_weight, *d_affine, d_gamma, d_beta, None if bias_grad is None else bias_grad.to(ctx.bias_dtype)
+    step = ConvBNBackward(ctx, ctx.saved_tensors, dy, d_scale, d_shift, conv_input)
+    return step.grads(*backward_op(*step.op_args))
+
+
+class ConvBNBackward:
+    """One conv + BN backward around its op: ``op_args`` (the backward op's arguments: gradients autograd passed none
+    for as zeros, the affine gradients all-reduced under SyncBN, the buffers the forward left on ``ctx`` taken) and
+    :meth:`grads` (the Function's gradients from the op's ``(dx, dW, [dγ; dβ])``). ``saved``: the tensors
+    ``conv_bn_forward`` saved on ``ctx``; ``buffers``: the (prologue, weight, bias) gradient buffers it left there,
+    where the caller has taken them off ``ctx`` itself (None: taken off ``ctx`` here — they are used once, a second
+    backward allocating its own)."""
+
+    def __init__(self, ctx, saved, dy, d_scale, d_shift, conv_input: tuple | None = None,
+                 buffers: tuple | None = None) -> None:  # fmt: skip
+        y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *_ = saved
+        x, scale, shift = (x, scale, shift) if conv_input is None else conv_input
+        dy = torch.zeros_like(y) if dy is None else dy
+        d_scale, d_shift = (torch.zeros_like(mean) if g is None else g for g in (d_scale, d_shift))
+        self.local = (d_scale, d_shift)
+        if ctx.group is not None:
+            d_affine = torch.stack(self.local)
+            dist.all_reduce(d_affine, group=ctx.group)
+            d_scale, d_shift = d_affine
+        if buffers is None:
+            buffers = (ctx.prologue_grad, ctx.weight_grad, ctx.bias_grad)
+            ctx.prologue_grad = ctx.weight_grad = ctx.bias_grad = None
+        prologue_grad, weight_grad, bias_grad = buffers
+        if scale is not None and prologue_grad is None:
+            prologue_grad = torch.zeros((2, x.shape[1]), dtype=mean.dtype, device=x.device)
+        if ctx.bias_dtype is not None and bias_grad is None:
+            bias_grad = torch.zeros(weight.shape[0], dtype=mean.dtype, device=x.device)
+        conv_args = (*ctx.conv_args, bias_grad) if ctx.takes_bias else ctx.conv_args
+        self.op_args = (dy, d_scale, d_shift, y, x, weight, scale, shift, *conv_args, bn_weight, mean, var, ctx.count,
+                        ctx.eps, prologue_grad, weight_grad)  # fmt: skip
+        self.ctx, self.bn = ctx, (bn_weight, bn_bias, mean, var)
+        self.prologue_grad = prologue_grad if scale is not None else None
+        self.weight_grad, self.bias_grad = weight_grad, bias_grad
+
+    def grads(self, dx, d_weight, d_bn) -> tuple:
+        ctx, bias_grad = self.ctx, self.bias_grad
+        d_weight = d_weight if self.weight_grad is None else self.weight_grad
+        if ctx.shares_grads and self.weight_grad is not None:  # left in the shared buffers (a second backward: own)
+            d_weight = bias_grad = None
+        d_gamma, d_beta = d_bn
+        if ctx.group is not None:  # this rank's own dγ, dβ
+            bn_weight, bn_bias, mean, var = self.bn
+            _, d_gamma, d_beta = _bn_finalize_backward_op(*self.local, None, None, bn_weight, bn_bias, mean, var,
+                                                          ctx.count, ctx.eps)  # fmt: skip
+        d_affine = self.prologue_grad.unbind() if self.prologue_grad is not None else (None, None)
+        if not ctx.takes_bias:
+            return dx, d_weight, *d_affine, d_gamma, d_beta
+        return dx, d_weight, *d_affine, d_gamma, d_beta, None if bias_grad is None else bias_grad.to(ctx.bias_dtype)
 
 
 def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running_mean, running_var,

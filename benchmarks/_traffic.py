@@ -87,6 +87,8 @@ TRITON_FLOPS = {
     "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv1x1_backward_kernel": _backward_gemms(1),
     "_conv3x3_backward_kernel": _backward_gemms(9),
+    # two 1×1 convs of one x: both dgrads into one accumulator, both wgrads
+    "_conv1x1_pair_backward_kernel": lambda a: sum(_backward_gemms(1)(a | {"C_OUT": a[c]}) for c in ("C_A", "C_B")),
     # the head's tower and predictor convs, every level in one launch (N·S pixels)
     "_conv3x3_levels_fwd_kernel": lambda a: _gemm(a["N"] * a["S"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv3x3_levels_backward_kernel": lambda a: _backward_gemms(9)(a | {"P": a["N"] * a["S"]}),
@@ -104,6 +106,7 @@ TRITON_ATOMICS = {
     # the wgrads, split over WGRAD_CHUNKS pixel chunks: each chunk adds a whole dW
     "_conv1x1_backward_kernel": lambda a: 4 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
+    "_conv1x1_pair_backward_kernel": lambda a: 4 * a["C_IN"] * (a["C_A"] * a["CHUNKS_A"] + a["C_B"] * a["CHUNKS_B"]),
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
     "_conv3x3_levels_backward_kernel": lambda a: 4 * a["BLOCK_M"] * a["BLOCK_N"] * a["G_END"],  # a tile per program
     # expand_merge's K2: each parent's dW once per tile of parent pixels
@@ -111,8 +114,14 @@ TRITON_ATOMICS = {
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
 # twice — dy always, y where they read it (not where they recompute it, ``RECOMPUTE_Y``: its argument is then a
-# stand-in, dy), x where the dgrad reads it too (its prologue's backward, or the recomputation of y).
-READ_BY_BOTH = {"_conv1x1_backward_kernel", "_conv3x3_backward_kernel"}
+# stand-in, dy), x where the dgrad reads it too (its prologue's backward, or the recomputation of y). The pair's
+# launch likewise: each conv's dy, and y where it is read; x where the dgrad recomputes y (the wgrads of both convs
+# read it as one wgrad's output-channel tiles do: once).
+READ_BY_BOTH = {
+    "_conv1x1_backward_kernel": ("dy_ptr", "y_ptr"),
+    "_conv3x3_backward_kernel": ("dy_ptr", "y_ptr"),
+    "_conv1x1_pair_backward_kernel": ("dy_a_ptr", "y_a_ptr", "dy_b_ptr", "y_b_ptr"),
+}
 
 
 def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int, int]:
@@ -123,8 +132,9 @@ def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int, int]:
     if "NUM_GRADS" in named:  # the readers' gradients after the first are addressed by offsets, not arguments
         nbytes += (named["NUM_GRADS"] - 1) * tensor_bytes(named["grad_ptr"])
     if name in READ_BY_BOTH:
-        x_by_both = named["HAS_PROLOGUE"] or named.get("RECOMPUTE_Y", False)
-        nbytes += tensors_bytes(named["dy_ptr"], named["y_ptr"], named["x_ptr"] if x_by_both else None)
+        x_by_both = named.get("HAS_PROLOGUE", False) or named.get("RECOMPUTE_Y", False)
+        operands = [named[arg] for arg in READ_BY_BOTH[name]]  # y: dy as a stand-in where recomputed (counted once)
+        nbytes += tensors_bytes(*operands, named["x_ptr"] if x_by_both else None)
     flops, atomics = TRITON_FLOPS.get(name), TRITON_ATOMICS.get(name)
     return nbytes, flops(named) if flops is not None else 0, atomics(named) if atomics is not None else 0
 

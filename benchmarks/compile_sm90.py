@@ -171,6 +171,7 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
     from spinenet_fast.ops import (
         bn_finalize,
         conv1x1_bn,
+        conv1x1_bn_pair,
         conv1x1_bn_stats,
         conv3x3_bn,
         conv3x3_bn_levels,
@@ -208,6 +209,11 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
                                    bias=leaf(64, stats=True)))  # fmt: skip
         bn = dict(bn_weight=leaf(64, stats=True), bn_bias=leaf(64, stats=True), eps=1e-3)  # with its BN's backward
         backward(*conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, **bn))
+        if scale is None:  # a projected bottleneck's input convs (no prologue); 128 input channels: y read, not
+            for c_in in (32, 128):  # recomputed
+                backward(*conv1x1_bn_pair(leaf(2, c_in, 32, 32), leaf(64, c_in, 1, 1), leaf(96, c_in, 1, 1),
+                                          bn_a=bn, bn_b=dict(bn, bn_weight=leaf(96, stats=True),
+                                                             bn_bias=leaf(96, stats=True))))  # fmt: skip
         for stride in (1, 2):
             backward(*conv3x3_bn(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding, stride=stride,
                                  **bn))  # fmt: skip

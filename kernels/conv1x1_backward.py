@@ -16,6 +16,10 @@ IEEE fp32 dots for fp32); accumulation and the channel reductions are fp32. The 
 atomic adds into zeroed fp32 buffers, the caller's (slices of one buffer for a whole connection) or filled here. With
 the BN that y's statistics were finalised into (``conv1x1_bn``), dΣ, dΣ² are computed in both GEMMs from the gradients
 of its scale and shift, and the dgrad also stores dγ, dβ.
+
+``conv1x1_bn_pair``'s backward (two such convs of one x, no prologue) is one launch of the same tiles: each dgrad tile
+runs both convs' K loops into one accumulator (dx = g_a·W_a + g_b·W_b, stored once), the wgrad tiles of both weights
+follow.
 """
 
 import torch
@@ -37,6 +41,32 @@ from .gemm_config import gemm_launch_config
 
 
 @triton.jit
+def _dgrad_steps(
+    acc, first_tile, n, h, w, p_mask, k, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, y_ptr, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
+    storage: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``acc`` + g·W over every output channel of one conv for the pixels (n, h, w) (``p_mask``) × input channels
+    ``k``; with ``FROM_AFFINE``, the ``first_tile`` stores the output BN's dγ, dβ as it passes over every channel."""
+    dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
+    for o0 in range(0, C_OUT, BLOCK_K):
+        o = o0 + tl.arange(0, BLOCK_K)
+        g_mask = p_mask[:, None] & (o < C_OUT)[None, :]
+        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
+                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
+        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if first_tile:
+                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                     eps, o, o < C_OUT)  # fmt: skip
+        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                    other=0.0)  # fmt: skip
+        # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
+        acc = grad_dot(acc, g, b, storage, FP32_DOT, SPLIT_GRAD)
+    return acc
+
+
+@triton.jit
 def _dgrad_tile(
     pid_m, pid_n, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
     mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
@@ -50,21 +80,10 @@ def _dgrad_tile(
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
-    dy_rows, y_rows = n * sdy_n + h * sdy_h + w * sdy_w, n * sy_n + h * sy_h + w * sy_w
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for o0 in range(0, C_OUT, BLOCK_K):
-        o = o0 + tl.arange(0, BLOCK_K)
-        g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, dy_rows,
-                             y_rows, o, o < C_OUT, g_mask, sdy_c, sy_c, True, FROM_AFFINE)  # fmt: skip
-        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-            if (pid_m == 0) & (pid_n == 0):
-                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
-                                     eps, o, o < C_OUT)  # fmt: skip
-        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
-                    other=0.0)  # fmt: skip
-        # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
-        acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+    acc = _dgrad_steps(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), (pid_m == 0) & (pid_n == 0), n, h, w, p < P, k,
+                       dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                       y_ptr, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
+                       dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_K)  # fmt: skip
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
                      scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (p < P)[:, None] & (k < C_IN)[None, :], C_IN,
                      HAS_PROLOGUE, ACT)  # fmt: skip
@@ -97,6 +116,33 @@ def _wgrad_tile(
 
 
 @triton.jit
+def _dgrad_steps_recomputing(
+    acc, first_tile, a, n, h, w, p_mask, k, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
+    var_ptr, count, eps, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sw_o, sw_k, storage: tl.constexpr,
+    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """:func:`_dgrad_steps` where the tile holds every input channel: y = a·Wᵀ recomputed from the tile's operand
+    ``a`` (pixels × all input channels) per output-channel step, not read."""
+    for o0 in range(0, C_OUT, BLOCK_K):
+        o = o0 + tl.arange(0, BLOCK_K)
+        g_mask = p_mask[:, None] & (o < C_OUT)[None, :]
+        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
+                    other=0.0).to(a.dtype)  # fmt: skip
+        y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), a, tl.trans(b), FP32_DOT)
+        d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
+                                          FROM_AFFINE)  # fmt: skip
+        dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[:, None] + o[None, :] * sdy_c, mask=g_mask, other=0.0)
+        g = tl.where(g_mask, dy.to(tl.float32) + d_sum[None, :] + 2.0 * y * d_sumsq[None, :], 0.0)
+        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if first_tile:
+                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                     eps, o, o < C_OUT)  # fmt: skip
+        acc = grad_dot(acc, g, b, storage, FP32_DOT, SPLIT_GRAD)
+    return acc
+
+
+@triton.jit
 def _dgrad_tile_recomputing(
     pid_m, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
     var_ptr, count, eps, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w,
@@ -111,22 +157,11 @@ def _dgrad_tile_recomputing(
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
     x_rows, x_mask = n * sx_n + h * sx_h + w * sx_w, (p < P)[:, None] & (k < C_IN)[None, :]
     a = prologue_tile(x_ptr, x_rows, k, sx_c, x_mask, scale_ptr, shift_ptr, C_IN, HAS_PROLOGUE, ACT)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for o0 in range(0, C_OUT, BLOCK_K):
-        o = o0 + tl.arange(0, BLOCK_K)
-        g_mask = (p < P)[:, None] & (o < C_OUT)[None, :]
-        b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
-                    other=0.0).to(a.dtype)  # fmt: skip
-        y = operand_dot(tl.zeros((BLOCK_M, BLOCK_K), tl.float32), a, tl.trans(b), FP32_DOT)
-        d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o < C_OUT,
-                                          FROM_AFFINE)  # fmt: skip
-        dy = tl.load(dy_ptr + (n * sdy_n + h * sdy_h + w * sdy_w)[:, None] + o[None, :] * sdy_c, mask=g_mask, other=0.0)
-        g = tl.where(g_mask, dy.to(tl.float32) + d_sum[None, :] + 2.0 * y * d_sumsq[None, :], 0.0)
-        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-            if pid_m == 0:
-                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
-                                     eps, o, o < C_OUT)  # fmt: skip
-        acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+    acc = _dgrad_steps_recomputing(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), pid_m == 0, a, n, h, w, p < P, k,
+                                   dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr,
+                                   count, eps, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sw_o, sw_k,
+                                   dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
+                                   BLOCK_K)  # fmt: skip
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, x_rows, sx_c, scale_ptr, shift_ptr,
                      dscale_ptr, dshift_ptr, k, x_mask, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
 
@@ -202,6 +237,13 @@ def _conv1x1_backward_kernel(
                     HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
+def recomputes_y(c_in: int, config: dict) -> bool:
+    """Whether a backward launch of ``config``'s tiles recomputes y: a = act(scale·x + shift) fits one tile, so y = a·Wᵀ
+    costs a tensor-core dot, not a read (not with fp32's IEEE dots, whose variants with the recomputation spilled
+    registers on sm_90)."""
+    return c_in <= config["BLOCK_N"] and not config["FP32_DOT"]
+
+
 def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, bn=None, d_affine=None,
                               d_weight=None):  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype), (d_affine = [d_scale; d_shift] (2, C_in) fp32)]``.
@@ -223,9 +265,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     wgrad_columns = triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
-    # a = act(scale·x + shift) fits one tile: y = a·Wᵀ costs a tensor-core dot, not a read (not with fp32's IEEE
-    # dots, whose variants with the recomputation spilled registers on sm_90)
-    recompute_y = c_in <= block_n and not config["FP32_DOT"]
+    recompute_y = recomputes_y(c_in, config)
     y = dy if recompute_y else y  # never read: a stand-in
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
@@ -235,3 +275,122 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         FROM_AFFINE=bn is not None, RECOMPUTE_Y=recompute_y, **config,
     )  # fmt: skip
     return t.grads(weight)
+
+
+@triton.jit
+def _pair_wgrad_tile(
+    tile, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, w_ptr, x_ptr, P,
+    C_IN, C_OUT, HW, W_IMG, WGRAD_COLUMNS, PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
+    sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, FP32_DOT: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One of the pair's wgrad programs: weight tile ``tile`` of one conv over pixel chunk ``chunk``."""
+    if RECOMPUTE_Y:
+        _wgrad_tile_recomputing(tile, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
+                                eps, x_ptr, w_ptr, x_ptr, x_ptr, P, C_IN, C_OUT, HW, W_IMG, PIXELS_PER_PROGRAM, sdy_n,
+                                sdy_c, sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, False, 0, FP32_DOT, True,
+                                BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
+                    mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, x_ptr, x_ptr, P, C_IN, C_OUT, HW, W_IMG,
+                    PIXELS_PER_PROGRAM, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
+                    False, 0, FP32_DOT, True, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _conv1x1_pair_backward_kernel(
+    dx_ptr, x_ptr, P, C_IN, HW, W_IMG, count, DGRAD_PROGRAMS, DGRAD_COLUMNS, WGRAD_COLUMNS,
+    sdx_n, sdx_c, sdx_h, sdx_w, sx_n, sx_c, sx_h, sx_w,
+    dw_a_ptr, dgamma_a_ptr, dbeta_a_ptr, dy_a_ptr, dsum_a_ptr, dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, eps_a,
+    y_a_ptr, w_a_ptr, C_A, WGRAD_A, CHUNKS_A, PIXELS_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w, sy_a_n, sy_a_c, sy_a_h,
+    sy_a_w, sw_a_o, sw_a_k,
+    dw_b_ptr, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr, dsum_b_ptr, dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, eps_b,
+    y_b_ptr, w_b_ptr, C_B, CHUNKS_B, PIXELS_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sy_b_n, sy_b_c, sy_b_h, sy_b_w,
+    sw_b_o, sw_b_k,
+    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Two 1×1 conv + BN backwards of one input x (a and b, no prologue) in one launch: the first ``DGRAD_PROGRAMS``
+    programs are dx's tiles, g_a·W_a + g_b·W_b summed in one accumulator (one K loop over both convs' output
+    channels); the next ``WGRAD_A`` a's wgrad tiles (``CHUNKS_A`` pixel chunks each), the rest b's.
+    ``RECOMPUTE_Y``: one column of tiles holds every input channel, and every program recomputes y_a, y_b from its x
+    tile instead of reading them (the dgrad's one x tile serves both convs)."""
+    pid = tl.program_id(0)
+    if pid < DGRAD_PROGRAMS:
+        pid_m, pid_n = pid // DGRAD_COLUMNS, pid % DGRAD_COLUMNS
+        p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
+        first = (pid_m == 0) & (pid_n == 0)
+        x_rows, x_mask = n * sx_n + h * sx_h + w * sx_w, (p < P)[:, None] & (k < C_IN)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if RECOMPUTE_Y:
+            a = prologue_tile(x_ptr, x_rows, k, sx_c, x_mask, x_ptr, x_ptr, C_IN, False, 0)
+            acc = _dgrad_steps_recomputing(acc, first, a, n, h, w, p < P, k, dgamma_a_ptr, dbeta_a_ptr, dy_a_ptr,
+                                           dsum_a_ptr, dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, count, eps_a,
+                                           w_a_ptr, C_IN, C_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w, sw_a_o, sw_a_k,
+                                           dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_M,
+                                           BLOCK_K)  # fmt: skip
+            acc = _dgrad_steps_recomputing(acc, first, a, n, h, w, p < P, k, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr,
+                                           dsum_b_ptr, dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, count, eps_b,
+                                           w_b_ptr, C_IN, C_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sw_b_o, sw_b_k,
+                                           dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_M,
+                                           BLOCK_K)  # fmt: skip
+        else:
+            acc = _dgrad_steps(acc, first, n, h, w, p < P, k, dgamma_a_ptr, dbeta_a_ptr, dy_a_ptr, dsum_a_ptr,
+                               dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, count, eps_a, y_a_ptr, w_a_ptr, C_IN,
+                               C_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w, sy_a_n, sy_a_c, sy_a_h, sy_a_w, sw_a_o, sw_a_k,
+                               dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_K)  # fmt: skip
+            acc = _dgrad_steps(acc, first, n, h, w, p < P, k, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr, dsum_b_ptr,
+                               dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, count, eps_b, y_b_ptr, w_b_ptr, C_IN,
+                               C_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sy_b_n, sy_b_c, sy_b_h, sy_b_w, sw_b_o, sw_b_k,
+                               dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_K)  # fmt: skip
+        store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, x_rows, sx_c, x_ptr, x_ptr,
+                         dx_ptr, dx_ptr, k, x_mask, C_IN, False, 0)  # fmt: skip
+    elif pid < DGRAD_PROGRAMS + WGRAD_A:
+        _pair_wgrad_tile((pid - DGRAD_PROGRAMS) // CHUNKS_A, (pid - DGRAD_PROGRAMS) % CHUNKS_A, dw_a_ptr, dy_a_ptr,
+                         dsum_a_ptr, dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, count, eps_a, y_a_ptr, w_a_ptr,
+                         x_ptr, P, C_IN, C_A, HW, W_IMG, WGRAD_COLUMNS, PIXELS_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w,
+                         sy_a_n, sy_a_c, sy_a_h, sy_a_w, sx_n, sx_c, sx_h, sx_w, sw_a_o, sw_a_k, FP32_DOT, RECOMPUTE_Y,
+                         BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        program = pid - DGRAD_PROGRAMS - WGRAD_A
+        _pair_wgrad_tile(program // CHUNKS_B, program % CHUNKS_B, dw_b_ptr, dy_b_ptr, dsum_b_ptr, dsumsq_b_ptr,
+                         gamma_b_ptr, mean_b_ptr, var_b_ptr, count, eps_b, y_b_ptr, w_b_ptr, x_ptr, P, C_IN, C_B, HW,
+                         W_IMG, WGRAD_COLUMNS, PIXELS_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sy_b_n, sy_b_c, sy_b_h,
+                         sy_b_w, sx_n, sx_c, sx_h, sx_w, sw_b_o, sw_b_k, FP32_DOT, RECOMPUTE_Y, BLOCK_M, BLOCK_N,
+                         BLOCK_K)  # fmt: skip
+
+
+def conv1x1_bn_pair_backward(x, convs) -> list:
+    """The backward of two ``conv1x1_bn`` of one x without a prologue, in one launch: ``[dx (channels_last, x's
+    dtype), dW_a, [dγ_a; dβ_a], dW_b, [dγ_b; dβ_b]]``, dx = dx_a + dx_b summed in the GEMM's accumulator. ``convs``:
+    per conv ``(dy, d_scale, d_shift, y, weight, bn, d_weight)`` as :func:`conv1x1_bn_stats_backward` takes them
+    (``bn`` = (γ, mean, var, count, eps), required: the statistics' gradients come from the BN's affine map)."""
+    n, c_in, h, w = x.shape
+    pixels = n * h * w
+    config = gemm_launch_config(x.dtype, _conv1x1_pair_backward_kernel)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    columns = triton.cdiv(c_in, block_n)
+    dgrad_programs = triton.cdiv(pixels, block_m) * columns
+    recompute_y = recomputes_y(c_in, config)
+    launch_args, buffers, wgrad_programs = [], [], []
+    for dy, d_sum, d_sumsq, y, weight, bn, d_weight in convs:
+        c_out = weight.shape[0]
+        t = backward_buffers(d_sum, d_sumsq, x, weight, None, None, bn, None, d_weight)
+        tiles = triton.cdiv(c_out, block_m) * columns
+        chunks, per_program = wgrad_split(pixels, tiles, block_k)
+        w2d = weight.reshape(c_out, c_in)
+        gamma, mean, var, _, eps = t.bn_args
+        programs = () if buffers else (tiles * chunks,)  # b's: the rest of the grid
+        y = dy if recompute_y else y  # never read: a stand-in
+        launch_args += [t.d_weight, *t.d_bn, dy, t.d_sum, t.d_sumsq, gamma, mean, var, eps, y, w2d, c_out, *programs,
+                        chunks, per_program, *dy.stride(), *y.stride(), *w2d.stride()]  # fmt: skip
+        buffers.append(t)
+        wgrad_programs.append(tiles * chunks)
+    dx = buffers[0].dx
+    _conv1x1_pair_backward_kernel[(dgrad_programs + sum(wgrad_programs),)](
+        dx, x, pixels, c_in, h * w, w, buffers[0].bn_args[3], dgrad_programs, columns, columns, *dx.stride(),
+        *x.stride(), *launch_args, SPLIT_GRAD=x.dtype != torch.float32, RECOMPUTE_Y=recompute_y, **config,
+    )  # fmt: skip
+    return [dx, *(g for (_, _, _, _, weight, _, _), t in zip(convs, buffers) for g in t.grads(weight)[1:])]

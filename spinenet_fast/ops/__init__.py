@@ -5,6 +5,7 @@ from .backends import set_backend, use_backend
 from .bn_act_maxpool import bn_act_maxpool, bn_act_maxpool_reference
 from .bn_finalize import bn_finalize, bn_finalize_reference
 from .conv1x1_bn import conv1x1_bn, conv1x1_bn_backward_reference
+from .conv1x1_bn_pair import conv1x1_bn_pair
 from .conv1x1_bn_stats import conv1x1_bn_stats, conv1x1_bn_stats_reference
 from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
 from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
@@ -22,6 +23,7 @@ __all__ = [
     "bn_finalize_reference",
     "conv1x1_bn",
     "conv1x1_bn_backward_reference",
+    "conv1x1_bn_pair",
     "conv1x1_bn_stats",
     "conv1x1_bn_stats_reference",
     "conv3x3_bn",

@@ -43,6 +43,7 @@ def check_compile_report(tmp_path, extra: list[str]) -> None:
     assert {
         "_conv1x1_fwd_kernel",
         "_conv1x1_backward_kernel",
+        "_conv1x1_pair_backward_kernel",
         "_conv3x3_fwd_kernel",
         "_merge_fwd_kernel",
         "_merge_bwd_kernel",

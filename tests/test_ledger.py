@@ -92,6 +92,20 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
     assert (out / "ledger.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_projected_bottleneck_pairs_its_input_convs(tmp_path):
+    """SpineNet-49's first block (64 -> 256 channels: a projection shortcut) runs its first conv and its shortcut as one
+    ``conv1x1_bn_pair``: one backward launch for both convs, whose dgrad stores the stem output's gradient once (no
+    autograd add of two), beside the other 1×1, the 3×3 and the block merge."""
+    result = ledger(tmp_path, "--size", "128", "--batch", "2", model="49")
+    assert result["ledgers"]["fused-auto"]["init_groups.0"]["backward"] == {
+        "triton _conv1x1_pair_backward_kernel": 1,
+        "triton _conv1x1_backward_kernel": 1,
+        "triton _conv3x3_backward_kernel": 1,
+        "extension merge_backward": 1,
+    }
+    assert "aten add" in result["ledgers"]["eager"]["init_groups.0"]["backward"]
+
+
 def test_stochastic_depth_is_the_block_merges_row_scale(small, tmp_path):
     """Stochastic depth at the models' training default (0.2) in the fused blocks: per block (49XS-custom's groups
     hold one each) its two per-sample launches — the Bernoulli draw, the 1/(1 - p) scaling — and nothing else in

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .fused_block import fused_block_forward
+from .fused_block import fused_block_forward, input_readers
 from .layers import ConvNorm, NormFactory, make_activation, uses_fused_setting
 
 BLOCK_TYPES = ("bottleneck", "residual")
@@ -117,7 +117,7 @@ class BlockGroup(nn.Sequential):
     def forward(
         self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], readers: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """x: the input, or one copy per reader of it (main path, shortcut: a fused merge's ``readers=2``); with
+        """x: the input, or one copy per reader of it (``input_readers``: a fused merge's ``readers``); with
         ``readers``, the output that many times, one per reader (see ``CrossScaleMerge.forward``)."""
         main = x[0] if isinstance(x, tuple) else x
         # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
@@ -126,5 +126,11 @@ class BlockGroup(nn.Sequential):
             return out if readers is None else (out,) * readers
         for i, block in enumerate(self):
             last = i == len(self) - 1
-            x = fused_block_forward(block, x, self.activation, self.padding, (readers or 1) if last else 2)
+            x = fused_block_forward(block, x, self.activation, self.padding,
+                                    (readers or 1) if last else input_readers(self[i + 1]))  # fmt: skip
         return x[0] if readers is None else x
+
+    def input_readers(self) -> int:
+        """How many copies of its input ``forward`` takes from a fused merge (``fused_block.input_readers``; two,
+        main path and shortcut, for the eager modules, which read the first)."""
+        return input_readers(self[0]) if self.uses_fused_ops() else 2

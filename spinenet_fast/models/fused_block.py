@@ -10,7 +10,8 @@ same-resolution parents; stochastic depth (training mode, drop rate > 0) is its 
 drawn as torchvision's ``StochasticDepth(mode="row")`` draws it (same random numbers as the eager block).
 Activations are NCHW tensors of any memory format; the fused convs return channels_last. The block's input comes
 as one tensor or as one per reader (main path, shortcut: ``merge_for_readers``), and its output goes out as one per
-reader of it.
+reader of it. A bottleneck's first conv and projection shortcut (training mode) are one ``conv1x1_bn_pair``: its
+input then has one reader (``input_readers``), the pair's backward storing both convs' input gradient summed.
 """
 
 from __future__ import annotations
@@ -21,12 +22,30 @@ from torch import Tensor
 from ..ops import merge_for_readers
 from ..ops.activation import stats_dtype
 from ..ops.merge import sums_rows
-from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
+from .fused_merge import ConnectionWorkspace, compute_dtype, conv_pair_then_bn, conv_then_bn, uses_batch_statistics
 
 
 def block_convs(block) -> list:
     """The block's conv + BN layers along its main path, in order (``ConvNorm``)."""
     return [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+
+
+def pairs_input_convs(block) -> bool:
+    """Whether the fused block runs its first conv and its projection shortcut, both 1×1 of its input with
+    batch-statistics BNs, as one ``conv1x1_bn_pair`` (whose backward stores the input's gradient once)."""
+    shortcut = block.shortcut
+    return (
+        shortcut is not None
+        and block.conv1.conv.kernel_size == (1, 1)
+        and uses_batch_statistics(block.conv1.bn)
+        and uses_batch_statistics(shortcut.bn)
+    )
+
+
+def input_readers(block) -> int:
+    """How many copies of its input the fused block takes (``merge_for_readers``): one where its input convs are a
+    pair, else two (main path, shortcut)."""
+    return 1 if pairs_input_convs(block) else 2
 
 
 def row_scale(drop_path, like: Tensor) -> Tensor | None:
@@ -44,9 +63,9 @@ def row_scale(drop_path, like: Tensor) -> Tensor | None:
 def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: str, padding: str,
                         readers: int = 1) -> tuple[Tensor, ...]:  # fmt: skip
     """``block(x)`` from the fused ops, once per reader (``merge_for_readers``): same parameters, buffers and result
-    as the block's eager forward. x: (N, C_in, H, W), or its (main path, shortcut) readers' copies -> ``readers``
-    × (N, C_out, H, W) channels_last."""
-    x, x_shortcut = x if isinstance(x, tuple) else (x, x)
+    as the block's eager forward. x: (N, C_in, H, W), or its ``input_readers(block)`` copies (main path, shortcut;
+    or one) -> ``readers`` × (N, C_out, H, W) channels_last."""
+    x, x_shortcut = (x[0], x[-1]) if isinstance(x, tuple) else (x, x)
     dtype = compute_dtype(x)
     x, x_shortcut = x.to(dtype), x_shortcut.to(dtype)
     factors = row_scale(block.drop_path, x)  # the convs draw no random numbers: the same draws as eager's
@@ -60,16 +79,20 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
     if sizes:  # the merge backward's channel sums
         sizes.append(sums_rows(2, factors is not None) * convs[-1].conv.out_channels)
     workspace = ConnectionWorkspace(sizes, x.device, stats_dtype)
+    paired = pairs_input_convs(block)
     y, scale, shift = x, None, None
-    for layer in convs:
+    if paired:
+        y, scale, shift, *short = conv_pair_then_bn(x, block.conv1, block.shortcut, workspace)
+    for layer in convs[1:] if paired else convs:
         three_by_three = layer.conv.kernel_size[0] == 3
         y, scale, shift = conv_then_bn(y, layer.conv, layer.bn, scale, shift, activation, workspace,
                                        padding=padding if three_by_three else None, stride=1)  # fmt: skip
     parents, scales, shifts, extra = [y], [scale], [shift], x_shortcut
     if block.shortcut is not None:
         shortcut = block.shortcut
-        y_short, scale_short, shift_short = conv_then_bn(x_shortcut, shortcut.conv, shortcut.bn, None, None, activation,
-                                                         workspace)  # fmt: skip
+        y_short, scale_short, shift_short = (
+            short if paired else conv_then_bn(x_shortcut, shortcut.conv, shortcut.bn, None, None, activation, workspace)
+        )
         parents.append(y_short)
         scales.append(scale_short)
         shifts.append(shift_short)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..ops import (
     bn_act_maxpool,
     conv1x1_bn,
+    conv1x1_bn_pair,
     conv1x1_bn_stats,
     conv3x3_bn,
     conv3x3_bn_stats,
@@ -201,10 +202,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
         y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias)
         return (y, *running_affine(bn, torch.promote_types(x.dtype, torch.float32)))
     weight_grad = workspace.take_weight_grad(conv.weight) if shared is None else shared.weight_grad
-    bn_args = dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
-                   stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
-                   prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
-                   weight_grad_buffer=weight_grad)  # fmt: skip
+    bn_args = training_bn_args(conv, bn, kwargs, workspace, weight_grad)
+    bn_args["prologue_grad_buffer"] = workspace.take(x.shape[1]) if scale is not None else None
     if num_pools:
         return pooled_conv1x1_bn(x, weight, scale, shift, activation, num_pools, padding, **bn_args)
     if padding is not None:
@@ -212,6 +211,28 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
             bias.update(bias_grad_buffer=shared.bias_grad, shared_grad_buffers=True)
         return conv3x3_bn(x, weight, scale, shift, *conv_args, stride=stride, **bn_args, **bias)
     return conv1x1_bn(x, weight, scale, shift, *conv_args, **bn_args, upsample_factor=upsample_factor)
+
+
+def training_bn_args(conv: nn.Module, bn: nn.Module, kwargs: dict, workspace: ConnectionWorkspace,
+                     weight_grad: Tensor | None) -> dict:  # fmt: skip
+    """A training-mode conv + BN op's BN keyword arguments (``batch_bn_kwargs``'s ``kwargs``), its statistics and
+    counter taken from the workspace; ``weight_grad``: the buffer dW is added into, or None."""
+    return dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
+                stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
+                weight_grad_buffer=weight_grad)  # fmt: skip
+
+
+def conv_pair_then_bn(x: Tensor, layer_a: nn.Module, layer_b: nn.Module,
+                      workspace: ConnectionWorkspace) -> tuple[Tensor, ...]:  # fmt: skip
+    """``(y_a, scale_a, shift_a, y_b, scale_b, shift_b)``: two training-mode 1×1 conv + BN layers (``.conv``, ``.bn``)
+    of x as one ``conv1x1_bn_pair`` (its backward one launch that stores x's gradient once)."""
+    layers = (layer_a, layer_b)
+    bns = [
+        training_bn_args(layer.conv, layer.bn, batch_bn_kwargs(layer.bn), workspace, grad)
+        for layer, grad in zip(layers, [workspace.take_weight_grad(layer.conv.weight) for layer in layers])
+    ]
+    weights = [gemm_weight(layer.conv.weight, x.dtype) for layer in layers]
+    return conv1x1_bn_pair(x, *weights, bn_a=bns[0], bn_b=bns[1])
 
 
 def sync_group(bn: nn.Module):

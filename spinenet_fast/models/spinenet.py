@@ -340,9 +340,10 @@ class SpineNet(nn.Module):
         reads = self.feature_reads()
         feats: list[list[torch.Tensor] | None] = []  # per block: its output's copies not yet read
         for k, group in enumerate(self.init_groups):
-            chained = k + 1 < len(self.init_groups)  # the next initial group reads it too (main path, shortcut)
-            copies = list(group(x, readers=max(1, reads[k]) + 2 * chained))
-            x = (copies.pop(), copies.pop()) if chained else None
+            chained = k + 1 < len(self.init_groups)  # the next initial group reads it too
+            next_readers = self.init_groups[k + 1].input_readers() if chained else 0
+            copies = list(group(x, readers=max(1, reads[k]) + next_readers))
+            x = tuple(copies.pop() for _ in range(next_readers)) if chained else None
             feats.append(copies)
         for merge, group in zip(self.merges, self.groups):
             if isinstance(group, PrunedBlock):
@@ -350,7 +351,7 @@ class SpineNet(nn.Module):
                 continue
             ids = set(merge.parent_ids + merge.extra_ids)
             inputs = [feats[i].pop() if i in ids else None for i in range(len(feats))]
-            feats.append(list(group(merge(inputs, readers=2), readers=max(1, reads[len(feats)]))))
+            feats.append(list(group(merge(inputs, readers=group.input_readers()), readers=max(1, reads[len(feats)]))))
         return OrderedDict((name, self.endpoints[name](feats[i].pop())) for name, i in self._endpoint_ids.items())
 
 

@@ -1,8 +1,9 @@
 """SyncBN inside the fused ops: 2 gloo processes with DDP equal 1 process over the same global batch.
 
 Eager ``nn.SyncBatchNorm`` needs a GPU inside a process group, so the CPU oracle is what SyncBN computes: BN
-over the global batch in one process. The module is one cross-scale merge (a ↓4 and a ↑2 parent), every BN
-of which runs in the fused path. DDP also refuses SyncBN modules on a CPU, so the workers average their
+over the global batch in one process. The module is one cross-scale merge (a ↓4 and a ↑2 parent) and the bottleneck
+block it feeds (its first conv and projection shortcut one ``conv1x1_bn_pair``), every BN of which runs in the fused
+path. DDP also refuses SyncBN modules on a CPU, so the workers average their
 gradients with an all-reduce, as DDP does.
 """
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from spinenet_fast.models.blocks import BlockGroup
 from spinenet_fast.models.layers import make_norm_factory
 from spinenet_fast.models.resample import CrossScaleMerge, Resample
 from spinenet_fast.ops import use_backend
@@ -23,17 +25,26 @@ from ..conftest import require_backend
 GLOBAL_BATCH, STEPS = 4, 2
 
 
-def make_merge(norm_layer) -> CrossScaleMerge:
+class MergeThenBlock(nn.Module):
+    def __init__(self, norm) -> None:
+        super().__init__()
+        down = Resample(32, "bottleneck", 3, 16, 5, 0.5, norm, "swish", "torch")  # ↓4: conv3x3/s2 + one max-pool
+        up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")  # ↑2
+        self.merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
+        self.group = BlockGroup("bottleneck", 16, 8, 1, norm, "swish", "torch", 0.0, fused=True)  # 16 -> 32: projected
+
+    def forward(self, feats):
+        return self.group(self.merge(feats, readers=self.group.input_readers()))
+
+
+def make_merge(norm_layer) -> MergeThenBlock:
     torch.manual_seed(0)
-    norm = make_norm_factory(norm_layer, 0.1, 1e-3)
-    down = Resample(32, "bottleneck", 3, 16, 5, 0.5, norm, "swish", "torch")  # ↓4: conv3x3/s2 + one max-pool
-    up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")  # ↑2
-    merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
-    for bn in merge.modules():
+    module = MergeThenBlock(make_norm_factory(norm_layer, 0.1, 1e-3))
+    for bn in module.modules():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             nn.init.uniform_(bn.weight, 0.5, 1.5)
             nn.init.uniform_(bn.bias, -0.2, 0.2)
-    return merge.train()
+    return module.train()
 
 
 def global_batch():
@@ -45,7 +56,7 @@ def train(module, feats, steps=STEPS, world_size=1):
     """SGD on the mean over this process's images of a fixed random projection of the output."""
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(2)
-    weight = torch.randn(GLOBAL_BATCH, 16, 4, 4, generator=g)
+    weight = torch.randn(GLOBAL_BATCH, 32, 4, 4, generator=g)
     for _ in range(steps):
         out = module(feats)
         first = dist.get_rank() * out.shape[0] if world_size > 1 else 0
@@ -90,8 +101,9 @@ def test_two_process_sync_bn_equals_one_process_over_the_global_batch(tmp_path, 
     for name, value in expected.items():
         torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-5, msg=name)
     initial = make_merge(nn.BatchNorm2d).state_dict()
-    assert not torch.equal(initial["resamples.0.squeeze.conv.weight"], expected["resamples.0.squeeze.conv.weight"])
-    assert not torch.equal(initial["resamples.1.expand.bn.running_var"], expected["resamples.1.expand.bn.running_var"])
+    for name in ("merge.resamples.0.squeeze.conv.weight", "merge.resamples.1.expand.bn.running_var",
+                 "group.0.shortcut.conv.weight", "group.0.conv1.bn.running_var"):  # fmt: skip
+        assert not torch.equal(initial[name], expected[name]), name
 
 
 def test_sync_bn_outside_a_process_group_is_bn():

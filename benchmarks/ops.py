@@ -2,7 +2,8 @@
 and the RetinaNet loss over every anchor of that batch (76 725 anchors per image, 91 classes). The training-mode
 conv + BN ops return ``(y, out_scale, out_shift)``, their eager twins the same from the batch statistics (so the
 gradients cover the BN's statistics); ``expand_merge`` is the L5 → L3 connection's expand side (an upsampled and a
-same-level parent) after the squeezes.
+same-level parent) after the squeezes; ``conv1x1_bn_pair`` the first block's first conv and projection shortcut on the
+stem's output (L2).
 
 Providers: ``eager`` (the same maths as plain PyTorch in the storage dtype: materialised activation, upsampled
 copies; for the loss, the head's eager loss: torchvision's ops image by image), ``compile`` (``torch.compile`` of
@@ -25,6 +26,7 @@ from spinenet_fast.ops import (
     bn_act_maxpool,
     bn_finalize,
     conv1x1_bn,
+    conv1x1_bn_pair,
     conv1x1_bn_stats,
     conv3x3_bn,
     conv3x3_bn_stats,
@@ -85,6 +87,7 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
     """The cases at full size, or tiny ones under ``--smoke``."""
     n, hi, lo = (1, 16, 4) if s.smoke else (8, 80, 20)  # L3 and L5 sides at 640 px
     c_mid, c_target = (8, 16) if s.smoke else (128, 512)  # squeezed and target widths
+    c_in, l2 = (8, 8) if s.smoke else (64, 160)  # the first block's input: the stem's output at L2
     device = s.device
 
     def tensor(*shape, grad=True, nhwc=True):
@@ -132,6 +135,19 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
         z0 = _bn_apply(*_batch_bn(F.conv2d(_affine_act(low, s0, b0), w0), g0, beta0))
         z1 = _bn_apply(*_batch_bn(F.conv2d(_affine_act(high, s1, b1), w1), g1, beta1))
         return F.silu(F.interpolate(z0, scale_factor=4) + z1)
+
+    def pair_inputs():
+        """SpineNet-49's first block's input (the stem's output, L2) with its first conv's and projection shortcut's
+        weights and BN affines."""
+        return (tensor(n, c_in, l2, l2), tensor(c_in, c_in, 1, 1), tensor(4 * c_in, c_in, 1, 1), tensor(c_in),
+                tensor(c_in), tensor(4 * c_in), tensor(4 * c_in))  # fmt: skip
+
+    def pair_fused(x, w_a, w_b, g_a, beta_a, g_b, beta_b):
+        return conv1x1_bn_pair(x, w_a, w_b, bn_a=dict(bn_weight=g_a, bn_bias=beta_a, eps=EPS),
+                               bn_b=dict(bn_weight=g_b, bn_bias=beta_b, eps=EPS))  # fmt: skip
+
+    def pair_eager(x, w_a, w_b, g_a, beta_a, g_b, beta_b):
+        return (*_batch_bn(F.conv2d(x, w_a), g_a, beta_a), *_batch_bn(F.conv2d(x, w_b), g_b, beta_b))
 
     def finalize_inputs():
         y = torch.randn(n * lo * lo, c_target, device=device)
@@ -190,6 +206,8 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
                lambda x, w, a, b, g, beta: conv1x1_bn(x, w, a, b, "swish", bn_weight=g, bn_bias=beta, eps=EPS),
                lambda x, w, a, b, g, beta: _batch_bn(F.conv2d(_affine_act(x, a, b), w), g, beta),
                n * (c_mid + c_target) * lo * lo * item, "conv1x1_bn_forward"),
+        OpCase("conv1x1_bn_pair", f"x {n}x{c_in}x{l2}x{l2} -> {c_in} + {4 * c_in}, BN", pair_inputs, pair_fused,
+               pair_eager, n * 6 * c_in * l2 * l2 * item, "conv1x1_bn_pair_backward"),
         OpCase("conv3x3_bn", f"x {n}x{c_mid // 2}x{hi}x{hi}, prologue, BN",
                functools.partial(conv_bn_inputs, conv3x3_inputs),
                lambda x, w, a, b, g, beta: conv3x3_bn(x, w, a, b, "swish", stride=2, bn_weight=g, bn_bias=beta,

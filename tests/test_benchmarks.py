@@ -40,7 +40,7 @@ def check_rows(results: dict) -> None:
     conv3x3 = {(row["shape"], row["provider"]) for row in rows if row["bench"] == "op conv3x3_bn_stats"}
     assert {p for shape, p in conv3x3 if "stride 1" in shape} >= {"eager", "triton", "cuda"}  # the blocks' 3×3
     ops = {row["bench"].removeprefix("op ") for row in rows if row["provider"] == "triton"}
-    assert {"conv1x1_bn", "conv3x3_bn", "pooled_conv1x1_bn", "expand_merge"} <= ops
+    assert {"conv1x1_bn", "conv1x1_bn_pair", "conv3x3_bn", "pooled_conv1x1_bn", "expand_merge"} <= ops
     needs_extension = {"cuda", "fused-cuda"}
     for row in rows:
         if _extension.extension is None and row["provider"] in needs_extension:

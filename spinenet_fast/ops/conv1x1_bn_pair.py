@@ -160,7 +160,9 @@ def conv1x1_bn_pair(x: Tensor, weight_a: Tensor, weight_b: Tensor, *, bn_a: dict
             got = sorted(bn) if isinstance(bn, dict) else type(bn).__name__
             raise TypeError(f"{name} must be a dict of bn_weight, bn_bias, eps and optionally {sorted(BN_DEFAULTS)}, "
                             f"got {got}")  # fmt: skip
+        kwargs = dict(BN_DEFAULTS)  # (no dict union: torch 2.6's dynamo cannot trace it)
+        kwargs.update(bn)
         bns.append((bn["bn_weight"], bn["bn_bias"], checked_bn_args(x, weight, pixels, prologue_grad_buffer=None,
-                                                                    **(BN_DEFAULTS | bn))))  # fmt: skip
+                                                                    **kwargs)))  # fmt: skip
     (gamma_a, beta_a, args_a), (gamma_b, beta_b, args_b) = bns
     return _Conv1x1BNPair.apply(x, weight_a, gamma_a, beta_a, weight_b, gamma_b, beta_b, args_a, args_b)

@@ -25,6 +25,7 @@ from ._optional import require
 from .detection.head import SpineNetRetinaNetHead
 from .models.blocks import BlockGroup
 from .models.classifier import SpineNetClassifier
+from .models.endpoint import Endpoint
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
 
@@ -52,9 +53,10 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections, blocks and RetinaNet head through the eager modules inside the
-    block."""
-    merges = [m for m in model.modules() if isinstance(m, (CrossScaleMerge, BlockGroup, SpineNetRetinaNetHead))]
+    """Run ``model``'s cross-scale connections, blocks, endpoints and RetinaNet head through the eager modules inside
+    the block."""
+    fusable = (CrossScaleMerge, BlockGroup, Endpoint, SpineNetRetinaNetHead)
+    merges = [m for m in model.modules() if isinstance(m, fusable)]
     saved = [m.fused for m in merges]
     try:
         for merge in merges:

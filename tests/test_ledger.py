@@ -77,6 +77,12 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
         "extension merge_backward": 1,
     }  # the input's two gradients (main path, shortcut) are summed by the producing merge's backward: no add
     assert "aten convolution" in eager["groups.3"]["forward"]
+    # An endpoint: the 1×1 conv + BN (statistics in its epilogue) and BN + activation as a single-parent merge.
+    for name in ("p3", "p7"):
+        assert fused[f"endpoints.{name}"] == {
+            "forward": {"aten zeros": 1, "triton _conv1x1_fwd_kernel": 1, "extension merge_forward": 1},
+            "backward": {"extension merge_backward": 1, "triton _conv1x1_backward_kernel": 1},
+        }
 
     # Autograd adds the gradients of a map several modules read: eager, one add per extra reader (37); fused, only
     # the eager stem's output (read by the first block's main path and shortcut) — every block output and block
@@ -176,8 +182,11 @@ def test_modelled_traffic(small):
     flops = traffic["flops"]
     assert 0.8 * flops["eager forward"] < flops["fused-auto forward"] <= 1.1 * flops["eager forward"]
     assert flops["fused-auto backward"] >= flops["eager backward"] * 0.8
-    totals = {row["part"]: row for row in traffic["bytes"]}["total"]
+    groups = {row["part"]: row for row in traffic["bytes"]}
+    totals = groups["total"]
     assert all(totals[f"{v} {p}"] > 0 for v in ("eager", "fused-auto") for p in ("forward", "backward"))
+    for p in ("forward", "backward"):  # the fused endpoints: no normalised map written and read again
+        assert groups["endpoints"][f"fused-auto {p}"] < groups["endpoints"][f"eager {p}"], p
     atomics = traffic["atomics"]  # our backward kernels' tile reductions into L2; eager launches none of ours
     assert atomics["fused-auto backward"] > 0 == atomics["eager backward"] == atomics["eager forward"]
     assert "_expand_k2_kernel" in traffic["atomic_kernels"]["fused-auto"]

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
+from .endpoint import Endpoint
 from .layers import ACTIVATIONS, ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 
@@ -173,8 +174,9 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
-    ``fused``: True runs the cross-scale connections and the blocks through the fused ops (any device; the backend
-    follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton.
+    ``fused``: True runs the cross-scale connections, the blocks and the endpoints through the fused ops (any
+    device; the backend follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a
+    GPU with Triton.
     Both paths share parameters and ``state_dict`` keys; :meth:`fusable_modules` are the modules that hold the
     setting.
     """
@@ -284,7 +286,7 @@ class SpineNet(nn.Module):
         self.endpoints = nn.ModuleDict(
             (
                 f"p{level}",
-                ConvNorm(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, 1, **common),
+                Endpoint(nodes[output_ids[level]].channels, scaling.endpoints_num_filters, fused=fused, **common),
             )
             for level in levels
         )
@@ -319,8 +321,9 @@ class SpineNet(nn.Module):
             del self.endpoints[name], self._endpoint_ids[name]
 
     def fusable_modules(self) -> list[nn.Module]:
-        """The modules with a ``fused`` setting of their own (merges, block groups), pruned ones left out."""
-        modules = [*self.init_groups, *self.merges, *self.groups]
+        """The modules with a ``fused`` setting of their own (block groups, merges, endpoints), pruned ones left
+        out."""
+        modules = [*self.init_groups, *self.merges, *self.groups, *self.endpoints.values()]
         return [m for m in modules if not isinstance(m, PrunedBlock)]
 
     def feature_reads(self) -> list[int]:

@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from ..ops.padding import PADDING_MODES
+from .endpoint import Endpoint
 from .fused_merge import fused_mobile_merge_forward
 from .layers import ACTIVATIONS, ConvNorm, check_choice, make_activation, make_norm_factory, uses_fused_setting
 from .spinenet import SIZE_DIVISIBILITY, check_fused, check_image_batch
@@ -141,8 +142,9 @@ class SpineNetMobile(nn.Module):
     linearly over the 16 blocks), BN momentum 0.01 (PyTorch's convention) and ε 1e-3, ``padding="tf_same"``
     (Model Garden's ``SAME``; ``"torch"``: symmetric). ``fused``: True runs the cross-scale connections (depthwise
     resampling chains, 1×1 convs, BNs, the merges) through the fused ops (any device; the backend follows
-    ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton; the MBConv
-    blocks, stem and endpoints run eagerly either way. Same ``state_dict``.
+    ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a GPU with Triton; so do the
+    endpoints (1×1 conv + BN + act: ``models.endpoint``); the MBConv blocks and the stem run eagerly either way. Same
+    ``state_dict``.
     """
 
     size_divisibility = SIZE_DIVISIBILITY
@@ -198,7 +200,7 @@ class SpineNetMobile(nn.Module):
         outputs = {level: 2 + k for k, (level, _, is_output) in enumerate(BLOCK_SPECS) if is_output}
         self._endpoint_ids = {f"p{level}": outputs[level] for level in range(3, 8)}
         self.endpoints = nn.ModuleDict({
-            name: ConvNorm(widths[i], endpoints_filters, 1, norm, activation=activation)
+            name: Endpoint(widths[i], endpoints_filters, norm, activation, fused)
             for name, i in self._endpoint_ids.items()
         })  # fmt: skip
         self.out_channels = endpoints_filters
@@ -206,8 +208,8 @@ class SpineNetMobile(nn.Module):
         self.fused = fused
 
     def fusable_modules(self) -> list[nn.Module]:
-        """The modules with a ``fused`` setting of their own: the merges."""
-        return list(self.merges)
+        """The modules with a ``fused`` setting of their own: the merges and the endpoints."""
+        return [*self.merges, *self.endpoints.values()]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(check_image_batch(x, self.stem.conv.weight))

@@ -44,7 +44,9 @@ def test_fused_training_step_copies_no_activation(device, backend, padding):
         model(images)  # warm-up: kernel compilation, autotuning
         with profile(activities=activities, record_shapes=True) as prof:
             out = model(images)
-            sum(feature.float().sum() for feature in out.values()).backward()
+            # A loss whose gradient comes in the features' layout, as a conv head's does: the fused endpoints' backward
+            # reads NHWC gradients (one of another layout, e.g. the expanded one of a plain sum, it copies once).
+            sum(feature.float().square().sum() for feature in out.values()).backward()
     # On a CPU, ATen's own CPU convolutions copy for their kernels; on a GPU nothing may copy an activation.
     copies = activation_copies(prof.events(), only_inside_ops=device.type == "cpu")
     if padding == "tf_same":  # the asymmetric pad of the 3×3/s2 backward is materialised (conv pads symmetrically)

@@ -143,6 +143,7 @@ struct MergeArgs {
   const acc_t* row_scale;  // nullptr: none; else (N,), the per-sample factor of parent `scaled_parent`'s term
   int scaled_parent;
   const scalar_t* grad[kMaxMergeGrads];  // backward only: (N, H, W, C) each, their sum the output gradient
+  int64_t grad_sample_stride;  // backward only: elements between the grads' samples (H·W·C where NHWC-contiguous)
   int num_grads;
   scalar_t* out;          // forward: the merged output; backward: unused
   scalar_t* d_parent[2];  // backward outputs, at the parents' resolutions
@@ -232,9 +233,10 @@ SF_UNROLL
 SF_UNROLL
             for (int k = 0; k < VEC; ++k) pre[k] += term[k];
           }
-          load<VEC>(a.grad[0] + pixel * a.C + c, grad);
+          const int64_t at = n * a.grad_sample_stride + (pixel - n * a.H * a.W) * a.C + c;
+          load<VEC>(a.grad[0] + at, grad);
           for (int g = 1; g < a.num_grads; ++g) {
-            load<VEC>(a.grad[g] + pixel * a.C + c, term);
+            load<VEC>(a.grad[g] + at, term);
 SF_UNROLL
             for (int k = 0; k < VEC; ++k) grad[k] += term[k];
           }

@@ -59,7 +59,8 @@ struct MergeTensors {
   std::optional<at::Tensor> extra;
   std::optional<at::Tensor> row_scale;  // (N,) maths dtype: the per-sample factor of parent `scaled_parent`
   int scaled_parent = 0;
-  std::vector<at::Tensor> grads;   // backward: the output gradient's terms (one per reader), summed
+  std::vector<at::Tensor> grads;   // backward: the output gradient's terms (one per reader), summed; NHWC within a
+                                   // sample, one sample stride (a multiple of C) for all
   at::Tensor out;                  // forward
   std::vector<at::Tensor> d_parents;  // backward
   std::optional<at::Tensor> d_extra;  // backward
@@ -83,6 +84,7 @@ MergeArgs<scalar_t, acc_t> merge_args(const MergeTensors& t) {
   a.scaled_parent = t.scaled_parent;
   a.num_grads = static_cast<int>(t.grads.size());
   for (int g = 0; g < a.num_grads; ++g) a.grad[g] = t.grads[g].const_data_ptr<scalar_t>();
+  a.grad_sample_stride = a.num_grads > 0 ? t.grads[0].stride(0) : 0;
   a.out = t.out.defined() ? t.out.mutable_data_ptr<scalar_t>() : nullptr;
   a.d_extra = t.d_extra ? t.d_extra->mutable_data_ptr<scalar_t>() : nullptr;
   const at::Tensor& like = t.out.defined() ? t.out : t.grads[0];

@@ -77,6 +77,14 @@ void check_like(const std::string& name, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK_VALUE(x.sizes() == shape, name, " must have shape ", shape, ", got ", x.sizes());
 }
 
+// Whether x (N, C, H, W) is NHWC-contiguous within each sample, its samples a multiple of C elements apart and not
+// overlapping (a dimension of size 1 may have any stride).
+bool nhwc_samples(const at::Tensor& x) {
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3);
+  const bool inner = (c == 1 || x.stride(1) == 1) && (w == 1 || x.stride(3) == c) && (h == 1 || x.stride(2) == w * c);
+  return inner && (x.size(0) == 1 || (x.stride(0) % c == 0 && x.stride(0) >= h * w * c));
+}
+
 // A per-channel (C,) vector in the maths dtype of `like`, on its device; returned contiguous.
 at::Tensor channel_vector(const std::string& name, const at::Tensor& v, const at::Tensor& like) {
   TORCH_CHECK_TYPE(v.defined(), name, " must be a tensor, got None");
@@ -178,10 +186,13 @@ std::vector<at::Tensor> ext_merge_backward(at::TensorList grads, at::TensorList 
                     "ratios: the extension's merge backward needs one ratio to divide the other, got ", ratios);
   TORCH_CHECK_VALUE(!grads.empty() && grads.size() <= kMaxMergeGrads, "grads: the extension's merge backward sums 1 to ",
                     kMaxMergeGrads, " output gradients, got ", grads.size());
-  for (size_t g = 0; g < grads.size(); ++g) {
-    check_like("grads[" + std::to_string(g) + "]", grads[g], parents[0], shape);
-    t.grads.push_back(contiguous_logged(grads[g], kNHWC));
-  }
+  for (size_t g = 0; g < grads.size(); ++g) check_like("grads[" + std::to_string(g) + "]", grads[g], parents[0], shape);
+  // Read in place where every term is NHWC within a sample at one sample stride (a slice of a level-packed gradient,
+  // as a RetinaNet head's backward returns it); else each copied NHWC-contiguous.
+  const bool in_place = std::all_of(grads.begin(), grads.end(), [&](const at::Tensor& g) {
+    return nhwc_samples(g) && g.stride(0) == grads[0].stride(0);
+  });
+  for (const auto& g : grads) t.grads.push_back(in_place ? g : contiguous_logged(g, kNHWC));
   const at::Tensor& grad = t.grads[0];
   for (const auto& p : t.parents) t.d_parents.push_back(at::empty_like(p, kNHWC));
   if (t.extra) t.d_extra = at::empty_like(*t.extra, kNHWC);

@@ -246,7 +246,20 @@ def _fake_backward_into(grads, parents, scales, shifts, ratios, extra, row_scale
     return d_parents[0], d_parents[1] if len(parents) == 2 else empty, d_extra
 
 
-def _channels_last_grads(grads, *args) -> tuple:
+def nhwc_samples(x: Tensor) -> bool:
+    """Whether x (N, C, H, W) is NHWC-contiguous within each sample, its samples a multiple of C elements apart and
+    not overlapping (a dimension of size 1 may have any stride): e.g. one level's slice of a level-packed (N, Σ H·W,
+    C) gradient."""
+    n, c, h, w = x.shape
+    inner = (c == 1 or x.stride(1) == 1) and (w == 1 or x.stride(3) == c) and (h == 1 or x.stride(2) == w * c)
+    return inner and (n == 1 or (x.stride(0) % c == 0 and x.stride(0) >= h * w * c))
+
+
+def _nhwc_grads(grads, *args) -> tuple:
+    """The output gradient's terms as the backward kernels read them: in place where all are NHWC within a sample, of
+    one layout (:func:`nhwc_samples`), else each copied channels_last."""
+    if all(nhwc_samples(g) and g.stride() == grads[0].stride() for g in grads):
+        return grads, *args
     return [g.contiguous(memory_format=CHANNELS_LAST) for g in grads], *args
 
 
@@ -275,7 +288,7 @@ def _merge_op(
         "triton": Backend(_merge_backward_triton, _triton_backward_reasons),
         "cuda": Backend(op_spec.extension("ext_merge_backward"), _extension_backward_reasons),
     },
-    prepare=_channels_last_grads,
+    prepare=_nhwc_grads,
 )
 def _merge_backward_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,
@@ -294,7 +307,7 @@ def _merge_backward_op(
         "cuda": Backend(_merge_backward_into_extension, lambda *args: _extension_backward_reasons(*args[:-1])),
     },
     mutates_args=("sums_out",),
-    prepare=_channels_last_grads,
+    prepare=_nhwc_grads,
 )
 def _merge_backward_into_op(
     grads: TensorList, parents: TensorList, scales: TensorList, shifts: TensorList, ratios: IntList,

@@ -9,8 +9,10 @@ from spinenet_fast.ops.merge import (
     _merge_backward_into_op,
     _merge_backward_op,
     _merge_op,
+    _nhwc_grads,
     coarse_first,
     merge_for_readers,
+    nhwc_samples,
 )
 
 from ..conftest import require_backend
@@ -472,3 +474,48 @@ def test_row_scale_opcheck(backend):
         args = (grads, [p.detach() for p in parents], *vectors, ratios, extra.detach(), factors, "swish")
         torch.library.opcheck(_merge_backward_into_op, (*args, torch.zeros(4, 4)))
         torch.library.opcheck(_merge_backward_op, args)
+
+
+def level_packed_grad(device, batch, channels, size):
+    """One level's slice of a level-packed (N, Σ H·W, C) gradient (a RetinaNet head's, another level before it) as
+    an (N, C, H, W) view: NHWC within each sample, its samples Σ H·W·C elements apart."""
+    h, w = size
+    packed = torch.randn(batch, 3 + h * w, channels, device=device)
+    return packed[:, 3:].view(batch, h, w, channels).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_a_level_packed_gradient_is_read_in_place(device, fused_backend, extra):
+    """A gradient NHWC within each sample at a wider sample stride (``nhwc_samples``) reaches the backward kernels
+    as it is — no copy, none in the extension either — with the gradients of a channels_last copy of it."""
+    parents, scales, shifts, ratios, extra_t = make_inputs(device, torch.float32, (1,), channels=8, size=(4, 6),
+                                                           extra=extra)  # fmt: skip
+    if extra:  # channels_last, as the parents: the extension copies no input either
+        extra_t = extra_t.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    inputs = parents, scales, shifts, ratios, extra_t
+    grad = level_packed_grad(device, 2, 8, (4, 6))
+    assert nhwc_samples(grad) and not grad.is_contiguous(memory_format=torch.channels_last)
+    assert _nhwc_grads([grad])[0][0] is grad
+    dense = grad.contiguous(memory_format=torch.channels_last)
+    want = run("reference", inputs, "swish", dense)[1]
+    logging = fused_backend == "cuda"
+    if logging:
+        torch.ops.spinenet_fast.ext_launch_log(True)
+    got = run(fused_backend, inputs, "swish", grad)[1]
+    if logging:
+        assert not [k for k in torch.ops.spinenet_fast.ext_launch_log(False) if "copy" in k]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_of_other_layouts_are_copied_channels_last():
+    """NCHW, a broadcast gradient (a plain sum's) and readers' terms of different layouts are copied channels_last."""
+    nchw = torch.randn(2, 8, 4, 6)
+    expanded = torch.ones(()).expand(2, 8, 4, 6)
+    cl = nchw.contiguous(memory_format=torch.channels_last)
+    assert not nhwc_samples(nchw) and not nhwc_samples(expanded)
+    for grads in ([nchw], [expanded], [cl, level_packed_grad("cpu", 2, 8, (4, 6))]):
+        out = _nhwc_grads(grads)[0]
+        assert all(g.is_contiguous(memory_format=torch.channels_last) for g in out)
+        for a, b in zip(out, grads):
+            torch.testing.assert_close(a, b)

@@ -393,6 +393,8 @@ def environment() -> dict:
 
 
 def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
+    since = [f"Only the variants `{env['since']}` does not hold: {len(variants)} of {env['recorded']}.", ""]
+    since = since if env.get("since") else []
     lines = [
         f"# Triton kernels compiled for sm_{TARGET_ARCH} (ahead of time, no GPU)",
         "",
@@ -400,6 +402,7 @@ def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
         "and the ops' argument spaces under a launch recorder. Registers and spills from ptxas; shared memory "
         "from Triton's metadata; wgmma: the PTX uses Hopper's warp-group MMA.",
         "",
+        *since,
         "| kernel | variant | specialisation | warps | registers | spill st/ld (B) | stack (B) | shared (KiB) | wgmma "
         "| compile (s) |",
         "|---|---|---|---:|---:|---:|---:|---:|:---:|---:|",
@@ -418,19 +421,38 @@ def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant_key(variant: dict) -> tuple:
+    """What makes a variant (``asdict`` of a :class:`Variant`) a distinct compilation: kernel, constexprs, pointer
+    dtypes, specialisations, warps and stages."""
+    return (variant["kernel"], json.dumps(variant["constexprs"], sort_keys=True), tuple(variant["pointer_dtypes"]),
+            tuple(sorted(variant["divisible_by_16"])), tuple(sorted(variant["equal_to_1"])), variant["num_warps"],
+            variant["num_stages"])  # fmt: skip
+
+
+def drop_compiled(recorder: LaunchRecorder, table: Path) -> None:
+    """Leave in ``recorder`` only the variants that ``table`` (an earlier ``compile_sm90.json``) does not hold."""
+    compiled = {variant_key(v) for v in json.loads(table.read_text())["variants"]}
+    recorder.variants = {k: v for k, v in recorder.variants.items() if variant_key(asdict(v)) not in compiled}
+
+
 def check_kernels(
-    modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int, sample: bool = False
-) -> list[str]:
+    modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int, sample: bool = False,
+    since: Path | None = None,
+) -> list[str]:  # fmt: skip
     """Record, compile and report every kernel variant of ``modules`` that ``drivers`` launch (with ``sample``: the
-    largest per kernel and dtypes): writes ``out/compile_sm90.{json,md}`` and returns the problems (empty: every
-    compiled variant compiles without spills)."""
+    largest per kernel and dtypes; with ``since``: those an earlier table does not hold): writes
+    ``out/compile_sm90.{json,md}`` and returns the problems (empty: every compiled variant compiles without
+    spills)."""
     started = time.perf_counter()
     functions = jit_functions(modules)  # imported as real JITFunctions: the interpreter flag is not set yet
     recorder, unlaunched = record_variants(functions, drivers)
-    recorded_s = time.perf_counter() - started
+    recorded, recorded_s = len(recorder.variants), time.perf_counter() - started
+    if since is not None:
+        drop_compiled(recorder, since)
     variants = compile_all(recorder, jobs, sample)
     problems = failures(variants, unlaunched)
-    env = {**environment(), "record_s": round(recorded_s, 1), "total_s": round(time.perf_counter() - started, 1)}
+    env = {**environment(), "record_s": round(recorded_s, 1), "total_s": round(time.perf_counter() - started, 1),
+           "recorded": recorded, "since": str(since) if since is not None else None}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "unlaunched": unlaunched, "problems": problems, "variants": [asdict(v) for v in variants]}
     (out / "compile_sm90.json").write_text(json.dumps(payload, indent=1))
@@ -448,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     sample_help = "one variant per kernel and dtypes, the largest tiles (CI's check); default: all"
     parser.add_argument("--sample", action="store_true", help=sample_help)
+    since_help = "an earlier run's compile_sm90.json: compile only the variants it does not hold (after a change)"
+    parser.add_argument("--since", type=Path, help=since_help)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the kernels must be real JITFunctions to compile")
@@ -455,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not hasattr(triton, "knobs"):
         parser.error(f"needs Triton >= 3.4 (its knobs print ptxas's report); this is Triton {triton.__version__}")
-    return 1 if check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs, args.sample) else 0
+    problems = check_kernels(kernel_modules(), default_drivers(), args.out, args.jobs, args.sample, args.since)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ import json, sys
 from pathlib import Path
 import planted
 from benchmarks.compile_sm90 import check_kernels
-problems = check_kernels(["planted"], [("planted", planted.drive)], Path(sys.argv[1]), jobs=2)
+since = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+problems = check_kernels(["planted"], [("planted", planted.drive)], Path(sys.argv[1]), jobs=2, since=since)
 print("PROBLEMS=" + json.dumps(problems))
 """
 
@@ -124,3 +125,11 @@ def test_check_fails_on_a_compile_error_a_spill_and_an_unlaunched_kernel(tmp_pat
     assert any(p.startswith("planted:forgotten_kernel") and "no driver launches" in p for p in problems)
     markdown = (tmp_path / "out" / "compile_sm90.md").read_text()
     assert "## Problems" in markdown and "_square" not in markdown  # a device helper is neither launched nor a miss
+    # --since: against that table nothing is new; the unlaunched kernel is still reported.
+    table = tmp_path / "out" / "compile_sm90.json"
+    result = run_without_interpreter(["-c", CHECK, str(tmp_path / "again"), str(table)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    problems = json.loads(result.stdout.split("PROBLEMS=")[1])
+    assert len(problems) == 1 and "no driver launches" in problems[0], problems
+    report = json.loads((tmp_path / "again" / "compile_sm90.json").read_text())
+    assert report["variants"] == [] and report["env"]["recorded"] == 2

@@ -1,9 +1,9 @@
 """SyncBN inside the fused ops: 2 gloo processes with DDP equal 1 process over the same global batch.
 
 Eager ``nn.SyncBatchNorm`` needs a GPU inside a process group, so the CPU oracle is what SyncBN computes: BN
-over the global batch in one process. The module is one cross-scale merge (a ↓4 and a ↑2 parent) and the bottleneck
-block it feeds (its first conv and projection shortcut one ``conv1x1_bn_pair``), every BN of which runs in the fused
-path. DDP also refuses SyncBN modules on a CPU, so the workers average their
+over the global batch in one process. The module is one cross-scale merge (a ↓4 and a ↑2 parent), the bottleneck
+block it feeds (its first conv and projection shortcut one ``conv1x1_bn_pair``) and an endpoint on the block's output,
+every BN of which runs in the fused path. DDP also refuses SyncBN modules on a CPU, so the workers average their
 gradients with an all-reduce, as DDP does.
 """
 
@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from spinenet_fast.models.blocks import BlockGroup
+from spinenet_fast.models.endpoint import Endpoint
 from spinenet_fast.models.layers import make_norm_factory
 from spinenet_fast.models.resample import CrossScaleMerge, Resample
 from spinenet_fast.ops import use_backend
@@ -32,9 +33,10 @@ class MergeThenBlock(nn.Module):
         up = Resample(24, "residual", 6, 16, 5, 0.5, norm, "swish", "torch")  # ↑2
         self.merge = CrossScaleMerge([down, up], (0, 1), (), "swish", fused=True)
         self.group = BlockGroup("bottleneck", 16, 8, 1, norm, "swish", "torch", 0.0, fused=True)  # 16 -> 32: projected
+        self.endpoint = Endpoint(32, 8, norm, "swish", fused=True)
 
     def forward(self, feats):
-        return self.group(self.merge(feats, readers=self.group.input_readers()))
+        return self.endpoint(self.group(self.merge(feats, readers=self.group.input_readers())))
 
 
 def make_merge(norm_layer) -> MergeThenBlock:
@@ -56,7 +58,7 @@ def train(module, feats, steps=STEPS, world_size=1):
     """SGD on the mean over this process's images of a fixed random projection of the output."""
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(2)
-    weight = torch.randn(GLOBAL_BATCH, 32, 4, 4, generator=g)
+    weight = torch.randn(GLOBAL_BATCH, 8, 4, 4, generator=g)
     for _ in range(steps):
         out = module(feats)
         first = dist.get_rank() * out.shape[0] if world_size > 1 else 0
@@ -102,7 +104,8 @@ def test_two_process_sync_bn_equals_one_process_over_the_global_batch(tmp_path, 
         torch.testing.assert_close(distributed[name], value, rtol=1e-5, atol=1e-5, msg=name)
     initial = make_merge(nn.BatchNorm2d).state_dict()
     for name in ("merge.resamples.0.squeeze.conv.weight", "merge.resamples.1.expand.bn.running_var",
-                 "group.0.shortcut.conv.weight", "group.0.conv1.bn.running_var"):  # fmt: skip
+                 "group.0.shortcut.conv.weight", "group.0.conv1.bn.running_var", "endpoint.conv.weight",
+                 "endpoint.bn.running_var"):  # fmt: skip
         assert not torch.equal(initial[name], expected[name]), name
 
 

@@ -13,6 +13,7 @@ from spinenet_fast.models.endpoint import Endpoint
 from spinenet_fast.ops import use_backend
 
 from ..ops.tolerance import assert_low_precision_rule
+from .twin_checks import assert_float64_twin_matches, assert_twin_matches
 
 
 def twins(in_channels=12, out_channels=8, activation="swish", dtype=torch.float32, norm=nn.BatchNorm2d):
@@ -38,16 +39,7 @@ def test_float64_fused_endpoint_equals_eager(activation):
     eager, fused = twins(activation=activation, dtype=torch.float64)
     x = torch.randn(2, 12, 5, 7, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 8, 5, 7, dtype=torch.float64)
-    want, want_grads = run(eager, x, grad)
-    with use_backend("reference"):
-        got, got_grads = run(fused, x, grad)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
-    for a, b in zip(fused.buffers(), eager.buffers()):  # running statistics and the counter
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with torch.no_grad(), use_backend("reference"):
-        torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-10, atol=1e-10)
+    assert_float64_twin_matches(fused, eager, run, x, grad)
 
 
 def test_fused_backends_equal_eager(fused_backend):
@@ -55,14 +47,10 @@ def test_fused_backends_equal_eager(fused_backend):
     eager, fused = twins()
     x = torch.randn(1, 24, 6, 6)[:, ::2].requires_grad_()
     grad = torch.randn(1, 8, 6, 6)
-    want, want_grads = run(eager, x, grad)
+    want = run(eager, x, grad)
     with use_backend(fused_backend):
-        got, got_grads = run(fused, x, grad)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    for a, b in zip(fused.buffers(), eager.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        got = run(fused, x, grad)
+    assert_twin_matches(fused, eager, got, want, (1e-5, 1e-5), (1e-4, 1e-4), (1e-5, 1e-5))
 
 
 def test_fused_endpoint_under_autocast_keeps_the_tolerance_rule(fused_backend):

@@ -25,19 +25,20 @@ from .op_spec import FUSED_FIRST, Backend
 CONV_ARGS = 10  # per conv: dy, d_scale, d_shift, y, weight, γ, mean, var, eps, d_weight_out
 
 
+def _conv_args(args) -> list[tuple]:
+    """The two convs' arguments of ``(x, *args)``, each ``CONV_ARGS`` long."""
+    return [args[1 : 1 + CONV_ARGS], args[1 + CONV_ARGS : 1 + 2 * CONV_ARGS]]
+
+
 def conv1x1_bn_pair_backward_reference(x, *args) -> list[Tensor]:
     """``[dx, dW_a, [dγ_a; dβ_a], dW_b, [dγ_b; dβ_b]]``: each conv's reference backward, dx their sum."""
-    *convs, count = args
+    count = args[-1]
     grads = []
-    for dy, d_scale, d_shift, y, weight, gamma, mean, var, eps, d_weight_out in (convs[:CONV_ARGS], convs[CONV_ARGS:]):
+    for dy, d_scale, d_shift, y, weight, gamma, mean, var, eps, d_weight_out in _conv_args((x, *args)):
         grads.append(conv1x1_bn_backward_reference(dy, d_scale, d_shift, y, x, weight, None, None, "identity", gamma,
                                                    mean, var, count, eps, None, d_weight_out))  # fmt: skip
     (dx_a, *rest_a), (dx_b, *rest_b) = grads
     return [dx_a + dx_b, *rest_a, *rest_b]
-
-
-def _conv_args(args) -> list[tuple]:
-    return [args[1 : 1 + CONV_ARGS], args[1 + CONV_ARGS : 1 + 2 * CONV_ARGS]]
 
 
 def _triton_pair_reasons(x, *args) -> list[str]:

@@ -84,9 +84,9 @@ def _backward_gemms(taps: int):
 # Our GEMM kernels' FLOPs from their named launch arguments.
 TRITON_FLOPS = {
     "_conv1x1_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], a["K"]),
-    "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], 9 * a["C_IN"]),
+    "_conv3x3_fwd_kernel": lambda a: _gemm(a["P"], a["N_OUT"], a["KSIZE"] ** 2 * a["C_IN"]),  # 3×3, or the stem's 7×7
     "_conv1x1_backward_kernel": _backward_gemms(1),
-    "_conv3x3_backward_kernel": _backward_gemms(9),
+    "_conv3x3_backward_kernel": lambda a: _backward_gemms(a["KSIZE"] ** 2)(a),
     # two 1×1 convs of one x: both dgrads into one accumulator, both wgrads
     "_conv1x1_pair_backward_kernel": lambda a: sum(_backward_gemms(1)(a | {"C_OUT": a[c]}) for c in ("C_A", "C_B")),
     # the head's tower and predictor convs, every level in one launch (N·S pixels)
@@ -105,7 +105,7 @@ TRITON_FLOPS = {
 TRITON_ATOMICS = {
     # the wgrads, split over WGRAD_CHUNKS pixel chunks: each chunk adds a whole dW
     "_conv1x1_backward_kernel": lambda a: 4 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
-    "_conv3x3_backward_kernel": lambda a: 4 * 9 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
+    "_conv3x3_backward_kernel": lambda a: 4 * a["KSIZE"] ** 2 * a["C_OUT"] * a["C_IN"] * a["WGRAD_CHUNKS"],
     "_conv1x1_pair_backward_kernel": lambda a: 4 * a["C_IN"] * (a["C_A"] * a["CHUNKS_A"] + a["C_B"] * a["CHUNKS_B"]),
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
     "_conv3x3_levels_backward_kernel": lambda a: 4 * a["BLOCK_M"] * a["BLOCK_N"] * a["G_END"],  # a tile per program

@@ -1,10 +1,11 @@
-"""Triton implicit GEMM for 3×3 convolutions of stride 1 or 2 with a BN-affine + activation prologue and Σy, Σy².
+"""Triton implicit GEMM for K×K convolutions (``KSIZE`` 3, or 7: SpineNet's stem) of stride 1 or 2 with a BN-affine
++ activation prologue and Σy, Σy².
 
 ``y[n, o, i, j] = b[o] + Σ_{c, kh, kw} act(scale[c]·x[n, c, s·i + kh − pad, s·j + kw − pad] + shift[c])·W[o, c, kh,
 kw]`` (s = ``STRIDE``; b the optional bias) where taps outside the input contribute 0 (zero padding *after* the
-prologue, as the eager conv pads its activated input). ``PAD`` is the top/left padding: 1, or 0 for stride 2 in
-``"tf_same"`` (whose extra bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W) through their
-strides.
+prologue, as the eager conv pads its activated input). ``PAD`` is the top/left padding: K // 2, or for stride 2 in
+``"tf_same"`` (K − 2) // 2 (whose extra bottom/right row is the same out-of-range zero). Tensors are (N, C, H, W)
+through their strides.
 """
 
 import torch
@@ -14,15 +15,16 @@ import triton.language as tl
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
 from .epilogue import store_tile_and_channel_stats
-from .gemm_config import gemm_launch_config
+from .gemm_config import gemm_launch_config, narrow_block
 
 
 @triton.jit
 def conv3x3_tile(
     pid_m, pid_n, y_ptr, stats_ptr, x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT,
     W_OUT, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels) × (BLOCK_N output channels) tile of y, with ``STATS`` adding its channel sums to
     the (2, N_OUT) stats."""
@@ -33,10 +35,11 @@ def conv3x3_tile(
     h0, w0 = STRIDE * i - PAD, STRIDE * j - PAD  # the window's top-left input pixel
     x_corner = n * sx_n + h0 * sx_h + w0 * sx_w
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for tap in range(9):
-        h, w = h0 + tap // 3, w0 + tap % 3
+    for tap in range(KSIZE * KSIZE):
+        kh, kw = tap // KSIZE, tap % KSIZE
+        h, w = h0 + kh, w0 + kw
         inside = (p < P) & (h >= 0) & (h < H_IN) & (w >= 0) & (w < W_IN)
-        x_row = x_corner + (tap // 3) * sx_h + (tap % 3) * sx_w
+        x_row = x_corner + kh * sx_h + kw * sx_w
         for c0 in range(0, C_IN, BLOCK_K):
             c = c0 + tl.arange(0, BLOCK_K)
             x_mask = inside[:, None] & (c < C_IN)[None, :]
@@ -46,7 +49,7 @@ def conv3x3_tile(
                 shift = tl.load(shift_ptr + c, mask=c < C_IN, other=0.0)
                 a = apply_activation(a.to(tl.float32) * scale[None, :] + shift[None, :], ACT)
                 a = tl.where(x_mask, a, 0.0)  # padding and channel tail are zeros of the activated input
-            b = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
+            b = tl.load(w_ptr + o[None, :] * sw_o + c[:, None] * sw_c + kh * sw_h + kw * sw_w,
                         mask=(c < C_IN)[:, None] & (o < N_OUT)[None, :], other=0.0)  # fmt: skip
             # Both operands in the storage dtype (an fp32 master weight is rounded as autocast would), whichever dot.
             a, b = a.to(x_ptr.dtype.element_ty), b.to(x_ptr.dtype.element_ty)
@@ -70,14 +73,14 @@ def _conv3x3_fwd_kernel(
     running_mean_ptr, running_var_ptr, batches_ptr, count, eps, momentum, unbias, x_ptr, w_ptr, bias_ptr, scale_ptr,
     shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One tile of y (``conv3x3_tile``), adding its channel sums to the stats."""
     conv3x3_tile(tl.program_id(0), tl.program_id(1), y_ptr, stats_ptr, x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, P,
                  C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c,
-                 sw_h, sw_w, STRIDE, PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, True, BLOCK_M, BLOCK_N,
+                 sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, True, BLOCK_M, BLOCK_N,
                  BLOCK_K)  # fmt: skip
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
@@ -99,6 +102,7 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
     config = gemm_launch_config(x.dtype, _conv3x3_fwd_kernel)
     if config["FP32_DOT"] and stride == 1:  # no software pipelining: at 2-4 stages fp32 stride-1 variants spill (sm_90)
         config["num_stages"] = 1
+    config["BLOCK_K"] = narrow_block(c_in, config["BLOCK_K"])
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
     stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
@@ -109,7 +113,7 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
         y, stats, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
         scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(),
-        *weight.stride(), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
-        HAS_BIAS=bias is not None, **bn_constexprs, **config,
+        *weight.stride(), KSIZE=weight.shape[-1], STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue,
+        ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, **bn_constexprs, **config,
     )  # fmt: skip
     return [y, stats]

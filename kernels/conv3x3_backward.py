@@ -1,14 +1,14 @@
-"""Triton backward of ``conv3x3_bn_stats`` (stride s = 1 or 2): a dgrad and a wgrad implicit GEMM, every elementwise
-step inside them.
+"""Triton backward of ``conv3x3_bn_stats`` (K×K windows, ``KSIZE`` 3 or 7; stride s = 1 or 2): a dgrad and a wgrad
+implicit GEMM, every elementwise step inside them.
 
 With g = dy + dΣ + 2·y·dΣ² (folded as each GEMM loads its dy and y tiles, from the statistics' gradients or from
 those of the BN affine map they were finalised into) and a = act(scale·x + shift) (recomputed from the saved raw x):
 
 - dgrad: ``d_a[n, c, h, w] = Σ_{o, kh, kw} g[n, o, i, j]·W[o, c, kh, kw]`` over the taps with h = s·i + kh − PAD,
   w = s·j + kw − PAD. The input pixels fall into s² parity classes (h mod s, w mod s), each fed by its own taps
-  (stride 2: 1, 2, 2 or 4 of the 9; stride 1: one class, all 9) from a dense output window: each program belongs to
-  one class, so none multiplies by a tap that does not reach it. Its epilogue is the prologue's backward
-  (``gemm_backward.store_input_grad``).
+  (3×3, stride 2: 1, 2, 2 or 4 of the 9; 7×7: 9, 12, 12 or 16 of the 49; stride 1: one class, every tap) from a
+  dense output window: each program belongs to one class, so none multiplies by a tap that does not reach it. Its
+  epilogue is the prologue's backward (``gemm_backward.store_input_grad``).
 - wgrad: ``dW[o, c, kh, kw] = Σ_{n, i, j} g[n, o, i, j]·a[n, c, s·i + kh − PAD, s·j + kw − PAD]``, one GEMM per tap,
   split over pixel chunks, added atomically into a zeroed fp32 dW.
 
@@ -26,7 +26,7 @@ import triton.language as tl
 from .activation import ACTIVATION_CODES
 from .bn_grad import output_grad_tile, store_bn_param_grads
 from .gemm_backward import backward_buffers, grad_dot, store_input_grad, wgrad_dot, wgrad_split
-from .gemm_config import gemm_launch_config
+from .gemm_config import gemm_launch_config, narrow_block
 
 
 @triton.jit
@@ -36,9 +36,9 @@ def _dgrad_tile(
     W_OUT, H_OUT,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M input pixels of parity class ``parity``) × (BLOCK_N input channels) tile of dx, and its share of
     d_scale, d_shift; with ``FROM_AFFINE`` tile (0, 0, 0) stores the output BN's dγ, dβ."""
@@ -53,10 +53,11 @@ def _dgrad_tile(
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n, u, v = q // HW_OUT, (q % HW_OUT) // W_OUT, q % W_OUT
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for tap in range(9):
+    for tap in range(KSIZE * KSIZE):
+        kh, kw = tap // KSIZE, tap % KSIZE
         # h = s·u + parity_h is reached from output row i = u + (parity_h + PAD − kh)/s where that is an integer.
-        reach_h = parity_h + PAD - tap // 3
-        reach_w = parity_w + PAD - tap % 3
+        reach_h = parity_h + PAD - kh
+        reach_w = parity_w + PAD - kw
         if (reach_h % STRIDE == 0) & (reach_w % STRIDE == 0):
             i = u + reach_h // STRIDE
             j = v + reach_w // STRIDE
@@ -67,7 +68,7 @@ def _dgrad_tile(
                 g = output_grad_tile(dy_ptr, y_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                                      dy_rows, y_rows, o, o < C_OUT, valid[:, None] & (o < C_OUT)[None, :], sdy_c, sy_c,
                                      True, FROM_AFFINE)  # fmt: skip
-                b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_c + (tap // 3) * sw_h + (tap % 3) * sw_w,
+                b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_c + kh * sw_h + kw * sw_w,
                             mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
                 acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
     h, w = STRIDE * u + parity_h, STRIDE * v + parity_w
@@ -81,15 +82,15 @@ def _wgrad_tile(
     pid_o, pid_k, tap, chunk, dw_ptr, dbias_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
     eps, y_ptr, x_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM,
     sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output channels) × (BLOCK_N input channels) tile of dW at ``tap`` over one chunk of output
     pixels, added to dW; with ``HAS_BIAS`` the tiles of tap 0 and the first input channels add Σ_p g to d_bias."""
     o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    kh, kw = tap // 3, tap % 3
+    kh, kw = tap // KSIZE, tap % KSIZE
     first = chunk * PIXELS_PER_PROGRAM
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(first, first + PIXELS_PER_PROGRAM, BLOCK_K):
@@ -117,12 +118,12 @@ def _conv3x3_backward_kernel(
     H_OUT, DGRAD_TILES, DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
-    DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its 9 taps ×
+    DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its K² taps ×
     WGRAD_CHUNKS pixel chunks)."""
     pid = tl.program_id(0)
     if pid < STRIDE * STRIDE * DGRAD_TILES:
@@ -131,42 +132,45 @@ def _conv3x3_backward_kernel(
                     dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                     y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, sdx_n, sdx_c,
                     sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o,
-                    sw_c, sw_h, sw_w, STRIDE, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
+                    sw_c, sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
                     BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
-        tile, step = wgrad_pid // (9 * WGRAD_CHUNKS), wgrad_pid % (9 * WGRAD_CHUNKS)
-        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % 9, step // 9, dw_ptr, dbias_ptr,
+        taps = KSIZE * KSIZE
+        tile, step = wgrad_pid // (taps * WGRAD_CHUNKS), wgrad_pid % (taps * WGRAD_CHUNKS)
+        _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % taps, step // taps, dw_ptr, dbias_ptr,
                     dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, scale_ptr,
                     shift_ptr, P, C_IN, C_OUT, H_IN, W_IN, HW_OUT, W_OUT, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h,
-                    sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, STRIDE, PAD,
-                    HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, KSIZE, STRIDE,
+                    PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
                               d_bias=None, bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
     ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
-    ``pad_before``: the top/left padding (1, or 0 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2; ``d_bias``: a
-    zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None."""
+    ``pad_before``: the top/left padding (K // 2, or (K − 2) // 2 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2;
+    ``d_bias``: a zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
     t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
     config = gemm_launch_config(x.dtype, _conv3x3_backward_kernel)
+    config["BLOCK_N"] = narrow_block(c_in, config["BLOCK_N"])  # the input channels' dimension of both GEMMs
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    taps = weight.shape[-1] ** 2
     dgrad_columns = triton.cdiv(c_in, block_n)
     dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns
     wgrad_tiles = triton.cdiv(c_out, block_m) * triton.cdiv(c_in, block_n)
-    chunks, per_program = wgrad_split(pixels, 9 * wgrad_tiles, block_k)
-    grid = (stride * stride * dgrad_tiles + 9 * wgrad_tiles * chunks,)
+    chunks, per_program = wgrad_split(pixels, taps * wgrad_tiles, block_k)
+    grid = (stride * stride * dgrad_tiles + taps * wgrad_tiles * chunks,)
     _conv3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,
         t.d_sum, t.d_sumsq, *t.bn_args, y, x, weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out, w_out,
         h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
-        *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), STRIDE=stride, PAD=pad_before,
-        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], HAS_BIAS=d_bias is not None,
-        SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
+        *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), KSIZE=weight.shape[-1],
+        STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
+        HAS_BIAS=d_bias is not None, SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return t.grads(weight)

@@ -61,7 +61,7 @@ def _conv3x3_levels_fwd_kernel(
     stats = stats_ptr + level * 2 * N_OUT
     conv3x3_tile(pid - first, tl.program_id(1), y_ptr + off * N_OUT, stats, x_ptr + off * C_IN, w_ptr, bias_ptr,
                  scale_ptr + level * C_IN, shift_ptr + level * C_IN, N * h * w, C_IN, N_OUT, h, w, h * w, w,
-                 S * C_IN, 1, w * C_IN, C_IN, S * N_OUT, 1, w * N_OUT, N_OUT, sw_o, sw_c, sw_h, sw_w, 1, 1,
+                 S * C_IN, 1, w * C_IN, C_IN, S * N_OUT, 1, w * N_OUT, N_OUT, sw_o, sw_c, sw_h, sw_w, 3, 1, 1,
                  HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, FINALIZE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     if FINALIZE:
         count = (N * h * w).to(tl.float32)
@@ -108,7 +108,7 @@ def _conv3x3_levels_backward_kernel(
                     dy, dsum_ptr + out_channels, dsumsq_ptr + out_channels, gamma, mean_ptr + out_channels,
                     var_ptr + out_channels, count, eps, y, x, w_ptr, scale_ptr + in_channels, shift_ptr + in_channels,
                     pixels, C_IN, C_OUT, h * w, w, h, S * C_IN, 1, w * C_IN, C_IN, S * C_OUT, 1, w * C_OUT, C_OUT,
-                    S * C_OUT, 1, w * C_OUT, C_OUT, S * C_IN, 1, w * C_IN, C_IN, sw_o, sw_c, sw_h, sw_w, 1, 1,
+                    S * C_OUT, 1, w * C_OUT, C_OUT, S * C_IN, 1, w * C_IN, C_IN, sw_o, sw_c, sw_h, sw_w, 3, 1, 1,
                     HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         steps = 9 * tl.cdiv(pixels, PIXELS_PER_PROGRAM)
@@ -117,8 +117,8 @@ def _conv3x3_levels_backward_kernel(
                     dsum_ptr + out_channels, dsumsq_ptr + out_channels, gamma, mean_ptr + out_channels,
                     var_ptr + out_channels, count, eps, y, x, scale_ptr + in_channels, shift_ptr + in_channels, pixels,
                     C_IN, C_OUT, h, w, h * w, w, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h, sdw_w, S * C_OUT, 1,
-                    w * C_OUT, C_OUT, S * C_OUT, 1, w * C_OUT, C_OUT, S * C_IN, 1, w * C_IN, C_IN, 1, 1, HAS_PROLOGUE,
-                    ACT, HAS_BIAS, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    w * C_OUT, C_OUT, S * C_OUT, 1, w * C_OUT, C_OUT, S * C_IN, 1, w * C_IN, C_IN, 3, 1, 1,
+                    HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 def level_geometry(sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:

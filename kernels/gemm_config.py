@@ -7,6 +7,7 @@ takes 32×32×16 tiles on four warps (64×64 tiles spill at any K ≥ 16, the sm
 """
 
 import torch
+import triton
 from triton.runtime.jit import JITFunction
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by FP32_DOT
@@ -26,3 +27,9 @@ def gemm_launch_config(dtype: torch.dtype, kernel) -> dict:
     fp32_dot = use_fp32_dot(dtype, kernel)
     block_m, block_n, block_k, num_warps = TILES[fp32_dot]
     return {"FP32_DOT": fp32_dot, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
+
+
+def narrow_block(channels: int, block: int) -> int:
+    """A channel block for a GEMM dimension of ``channels``: ``block``, or for narrower channels (the stem conv's 3
+    input channels) the smallest power of two that holds them, at least ``tl.dot``'s 16."""
+    return min(block, max(16, triton.next_power_of_2(channels)))

@@ -28,6 +28,7 @@ from .models.classifier import SpineNetClassifier
 from .models.endpoint import Endpoint
 from .models.resample import CrossScaleMerge
 from .models.spinenet import SIZE_DIVISIBILITY, SpineNet
+from .models.stem import Stem
 
 MIN_OPSET = 17
 
@@ -53,9 +54,9 @@ class RawDetector(nn.Module):
 
 @contextlib.contextmanager
 def eager_connections(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s cross-scale connections, blocks, endpoints and RetinaNet head through the eager modules inside
-    the block."""
-    fusable = (CrossScaleMerge, BlockGroup, Endpoint, SpineNetRetinaNetHead)
+    """Run ``model``'s stem, cross-scale connections, blocks, endpoints and RetinaNet head through the eager modules
+    inside the block."""
+    fusable = (Stem, CrossScaleMerge, BlockGroup, Endpoint, SpineNetRetinaNetHead)
     merges = [m for m in model.modules() if isinstance(m, fusable)]
     saved = [m.fused for m in merges]
     try:

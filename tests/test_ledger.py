@@ -84,6 +84,15 @@ def test_every_part_is_attributed_and_the_variants_launch_what_they_should(small
             "backward": {"extension merge_backward": 1, "triton _conv1x1_backward_kernel": 1},
         }
 
+    # The stem: the image's cast, the 7×7 implicit GEMM (statistics in its epilogue, BN finalised by its last
+    # program) and BN + activation + max-pool in one pass; eager also launches the weight's cast, BN, act and pool.
+    assert fused["stem"] == {
+        "forward": {"aten _to_copy": 1, "aten zeros": 1, "triton _conv3x3_fwd_kernel": 1,
+                    "extension maxpool_forward": 1},
+        "backward": {"extension maxpool_backward": 1, "triton _conv3x3_backward_kernel": 1},
+    }  # fmt: skip
+    assert sum(eager["stem"]["forward"].values()) == 7 and sum(eager["stem"]["backward"].values()) == 5
+
     # Autograd adds the gradients of a map several modules read: eager, one add per extra reader (37); fused, only
     # the eager stem's output (read by the first block's main path and shortcut) — every block output and block
     # input is a merge's, returned once per reader (ops.merge_for_readers).

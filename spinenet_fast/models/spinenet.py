@@ -17,8 +17,9 @@ from torch import nn
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
 from .endpoint import Endpoint
-from .layers import ACTIVATIONS, ConvNorm, MaxPool3x3s2, NormFactory, check_choice, make_norm_factory
+from .layers import ACTIVATIONS, NormFactory, check_choice, make_norm_factory
 from .resample import CrossScaleMerge, Resample
+from .stem import Stem
 
 FILTER_SIZE_MAP = {2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
 STEM_FILTERS = 64
@@ -174,7 +175,7 @@ class SpineNet(nn.Module):
 
     ``model_id`` is an official id or a custom scaling dict with the keys of :class:`SpineNetScaling`.
     ``stochastic_depth_rate=None`` uses the published protocol-C rate 0.2; pass 0.0 to switch it off.
-    ``fused``: True runs the cross-scale connections, the blocks and the endpoints through the fused ops (any
+    ``fused``: True runs the stem, the cross-scale connections, the blocks and the endpoints through the fused ops (any
     device; the backend follows ``spinenet_fast.ops.backends``), False through eager modules, ``"auto"`` fused on a
     GPU with Triton.
     Both paths share parameters and ``state_dict`` keys; :meth:`fusable_modules` are the modules that hold the
@@ -220,12 +221,7 @@ class SpineNet(nn.Module):
             return int(FILTER_SIZE_MAP[level] * scaling.filter_size_scale)
 
         common = dict(norm=norm, activation=activation, padding=padding)
-        self.stem = nn.Sequential(
-            OrderedDict(
-                conv=ConvNorm(3, STEM_FILTERS, 7, stride=2, **common),
-                pool=MaxPool3x3s2(padding),
-            )
-        )
+        self.stem = Stem(STEM_FILTERS, norm, activation, padding, fused=fused)
         init_filters = filters_at(2)
         init_channels = block_output_channels("bottleneck", init_filters)
         self.init_groups = nn.ModuleList(
@@ -321,9 +317,9 @@ class SpineNet(nn.Module):
             del self.endpoints[name], self._endpoint_ids[name]
 
     def fusable_modules(self) -> list[nn.Module]:
-        """The modules with a ``fused`` setting of their own (block groups, merges, endpoints), pruned ones left
-        out."""
-        modules = [*self.init_groups, *self.merges, *self.groups, *self.endpoints.values()]
+        """The modules with a ``fused`` setting of their own (stem, block groups, merges, endpoints), pruned ones
+        left out."""
+        modules = [self.stem, *self.init_groups, *self.merges, *self.groups, *self.endpoints.values()]
         return [m for m in modules if not isinstance(m, PrunedBlock)]
 
     def feature_reads(self) -> list[int]:

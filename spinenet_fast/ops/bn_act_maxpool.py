@@ -155,9 +155,13 @@ def _pool_backward(ctx, grad, _):
     grad = torch.zeros(route.shape, dtype=y.dtype, device=y.device) if grad is None else grad
     args = (grad, y, route, scale, shift, ctx.activation, ctx.num_pools, ctx.padding)
     buffer, ctx.affine_grad = ctx.affine_grad, None
+    # A forward run inside another op or module whose backend was forced (``auto_where_unimplemented``) has its
+    # backward's op run the same way.
     if buffer is not None:
-        return _maxpool_backward_into_op(*args, buffer), *buffer.unbind(), None, None, None, None, None
-    grads = _maxpool_backward_op(*args)
+        with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
+            return _maxpool_backward_into_op(*args, buffer), *buffer.unbind(), None, None, None, None, None
+    with backends.auto_where_unimplemented("bn_act_maxpool_backward"):
+        grads = _maxpool_backward_op(*args)
     return grads[0], *(grads[1].unbind() if ctx.has_affine else (None, None)), None, None, None, None, None
 
 

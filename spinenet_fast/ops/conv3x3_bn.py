@@ -24,6 +24,7 @@ from .conv3x3_bn_stats import (
     check_conv3x3_args,
     conv3x3_bn_stats_backward_library,
     conv3x3_bn_stats_backward_reference,
+    pad_before,
     triton_conv3x3_forward,
 )
 from .conv_bn import (
@@ -37,7 +38,6 @@ from .conv_bn import (
 )
 from .conv_common import fake_conv_outputs
 from .op_spec import FUSED_FIRST, Backend
-from .padding import spatial_padding
 
 conv3x3_bn_backward_reference = with_bn_backward(conv3x3_bn_stats_backward_reference)
 _conv3x3_bn_backward_library = with_bn_backward(conv3x3_bn_stats_backward_library)
@@ -79,8 +79,8 @@ def _conv3x3_bn_backward_op(
 
 
 def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, bias, stats, finalize) -> Tensor:
-    pad_before = spatial_padding(3, stride, padding)[0]
-    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats, finalize)[0]
+    pad = pad_before(weight, stride, padding)
+    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad, stride, bias, stats, finalize)[0]
 
 
 @op_spec.custom_op(

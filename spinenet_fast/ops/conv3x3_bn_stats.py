@@ -4,16 +4,18 @@ to::
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, bias, stride=stride)
 
 ``stride`` is 1 (the blocks' and the head's convs) or 2 (the cross-scale downsampling). ``weight`` is dense
-(C_out, C_in, 3, 3), or depthwise (C_in, 1, 3, 3) for C_in > 1 (``groups=C_in``: SpineNet-Mobile's resampling; a
-Triton direct conv, ``kernels/depthwise3x3.py``, on the same op, autograd and BN machinery). ``weight`` and the optional
-(C_out,) ``bias`` are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are used,
-as autocast rounds them). ``padding`` is ``"torch"`` (1 each side) or ``"tf_same"`` (stride 1: 1 each side; stride 2: 0
-before, 1 after, for inputs whose H and W are even). Tensors are (N, C, H, W), any memory format; outputs are
-channels_last. The reference materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test
-oracle. The op runs as a Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the
-materialised input in the storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the
-activation (not the conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside them,
-or (``cuda``) ATen's conv backward between the elementwise steps.
+(C_out, C_in, 3, 3) — or (C_out, C_in, 7, 7), SpineNet's stem conv, the one other window the op takes — or depthwise
+(C_in, 1, 3, 3) for C_in > 1 (``groups=C_in``: SpineNet-Mobile's resampling; a Triton direct conv,
+``kernels/depthwise3x3.py``, on the same op, autograd and BN machinery). ``weight`` and the optional (C_out,) ``bias``
+are in x's dtype, or fp32 master parameters of a bf16/fp16 x (rounded to x's dtype as they are used, as autocast rounds
+them). ``padding`` is ``"torch"`` (K // 2 each side) or ``"tf_same"`` (TF ``SAME``: a 3×3 window of stride 1 pads 1
+each side, of stride 2 0 before and 1 after; a 7×7 window of stride 2 2 before and 3 after), for inputs whose H and W
+are multiples of the stride. Tensors are (N, C, H, W), any memory format; outputs are channels_last. The reference
+materialises the activation and runs ATen's conv in fp32 maths: the CPU path and the test oracle. The op runs as a
+Triton implicit GEMM with the prologue and statistics fused, or (``cuda``) as cuDNN on the materialised input in the
+storage dtype (fused_ops.md §3: benchmark both, keep the faster). Its backward recomputes the activation (not the
+conv): two Triton implicit GEMMs (dgrad, wgrad) with BN's and the prologue's backward inside them, or (``cuda``)
+ATen's conv backward between the elementwise steps.
 """
 
 import torch
@@ -45,10 +47,11 @@ def check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bia
     allowed = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
     expected = " or ".join(map(str, allowed))
     c_in = x.shape[1]
-    shapes = (weight.shape[1:] == (c_in, 3, 3) or weight.shape == (c_in, 1, 3, 3)) if isinstance(weight, Tensor) else 0
-    if not shapes or weight.dtype not in allowed:
-        raise ValueError(f"weight must be a {expected} (C_out, {c_in}, 3, 3) tensor (dense) or ({c_in}, 1, 3, 3) "
-                         f"(depthwise), got {describe(weight)}")  # fmt: skip
+    dense = isinstance(weight, Tensor) and weight.shape[1:] in ((c_in, 3, 3), (c_in, 7, 7))
+    depthwise = isinstance(weight, Tensor) and weight.shape == (c_in, 1, 3, 3)
+    if not (dense or depthwise) or weight.dtype not in allowed:
+        raise ValueError(f"weight must be a {expected} (C_out, {c_in}, 3, 3) or (C_out, {c_in}, 7, 7) tensor (dense) "
+                         f"or ({c_in}, 1, 3, 3) (depthwise), got {describe(weight)}")  # fmt: skip
     if weight.device != x.device:
         raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
     if bias is not None and (
@@ -68,6 +71,16 @@ def is_depthwise(x: Tensor, weight: Tensor) -> bool:
     return conv_groups(x, weight) > 1
 
 
+def window(weight: Tensor) -> int:
+    """The conv's window: 3 (3×3), or 7 (the stem's 7×7)."""
+    return weight.shape[-1]
+
+
+def pad_before(weight: Tensor, stride: int, padding: str) -> int:
+    """The top/left padding of the conv's window (the kernels' ``PAD``)."""
+    return spatial_padding(window(weight), stride, padding)[0]
+
+
 def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor | None:
     """A weight or bias rounded to x's dtype (as autocast uses an fp32 master parameter), in ``dtype``."""
     return None if parameter is None else parameter.to(x.dtype).to(dtype)
@@ -76,16 +89,16 @@ def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor |
 def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
     """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
-    y = F.conv2d(pad_window(a, padding, 0.0, stride), rounded(weight, x, a.dtype), rounded(bias, x, a.dtype), stride,
-                 groups=conv_groups(x, weight))  # fmt: skip
+    y = F.conv2d(pad_window(a, padding, 0.0, stride, window(weight)), rounded(weight, x, a.dtype),
+                 rounded(bias, x, a.dtype), stride, groups=conv_groups(x, weight))  # fmt: skip
     return conv_outputs(y, x)
 
 
-def _conv_input(a: Tensor, padding: str, stride: int) -> tuple[Tensor, list[int]]:
+def _conv_input(a: Tensor, padding: str, stride: int, kernel_size: int) -> tuple[Tensor, list[int]]:
     """The conv's input and its ``padding`` argument: symmetric padding is the conv's own (no padded copy);
     TF ``SAME``'s asymmetric padding (stride 2) is materialised."""
-    before, after = spatial_padding(3, stride, padding)
-    return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride), [0, 0])
+    before, after = spatial_padding(kernel_size, stride, padding)
+    return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride, kernel_size), [0, 0])
 
 
 def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
@@ -93,13 +106,12 @@ def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, strid
     ``stats`` where given). Depthwise: the extension's kernel, prologue and statistics inside it."""
     if is_depthwise(x, weight):
         dtype = stats_dtype(x)
-        pad_before = spatial_padding(3, stride, padding)[0]
         y, stats = torch.ops.spinenet_fast.ext_depthwise3x3(
             x, rounded(weight, x, dtype).reshape(-1, 9), rounded(bias, x, dtype), scale, shift, activation, stride,
-            pad_before, stats,
+            pad_before(weight, stride, padding), stats,
         )  # fmt: skip
         return [y, stats]
-    a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride)
+    a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride, window(weight))
     y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads)
     y, new_stats = conv_outputs(y, x)
     return [y, new_stats if stats is None else stats.add_(new_stats)]
@@ -127,8 +139,8 @@ def triton_conv3x3_forward(x, weight, *args, **kwargs) -> list[Tensor]:
 
 
 def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
-    pad_before = spatial_padding(3, stride, padding)[0]
-    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before, stride, bias, stats)
+    return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before(weight, stride, padding), stride,
+                                  bias, stats)  # fmt: skip
 
 
 def _fake(x, weight, scale, shift, activation, padding, stride, *_):
@@ -155,16 +167,16 @@ def _conv3x3_into_op(
 
 def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int,
                            groups: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """ATen's (cuDNN's) 3×3 conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype;
+    """ATen's (cuDNN's) conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype;
     d_weight laid out as ``weight`` (ATen follows a channels_last a; the parameter's gradient takes the weight's
     strides in any case, so the copy is the one autograd would make)."""
-    a, pads = _conv_input(a, padding, stride)
+    a, pads = _conv_input(a, padding, stride, window(weight))
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
         grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], groups, [True, True, False]
     )
     if d_w.stride() != weight.stride():
         d_w = torch.empty_like(weight, dtype=d_w.dtype).copy_(d_w)
-    return (d_a if pads[0] else crop_window(d_a, padding, stride)), d_w
+    return (d_a if pads[0] else crop_window(d_a, padding, stride, window(weight))), d_w
 
 
 def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
@@ -193,7 +205,7 @@ def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, s
     dtype = stats_dtype(x)
     dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
         dy, d_sum, d_sumsq, y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
-        activation, stride, spatial_padding(3, stride, padding)[0],
+        activation, stride, pad_before(weight, stride, padding),
     )  # fmt: skip
     if d_bias_out is not None:
         d_bias_out.add_(sums[9])
@@ -211,9 +223,8 @@ def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, act
     else:
         from spinenet_fast.kernels.conv3x3_backward import conv3x3_bn_stats_backward as backward
 
-    pad_before = spatial_padding(3, stride, padding)[0]
-    return backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
-                                     d_bias_out, bn, d_affine, d_weight)  # fmt: skip
+    return backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before(weight, stride, padding),
+                    stride, d_bias_out, bn, d_affine, d_weight)  # fmt: skip
 
 
 def _library_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, *args) -> list[str]:

@@ -28,13 +28,14 @@ def spatial_padding(kernel_size: int, stride: int, padding: str) -> tuple[int, i
     return kernel_size // 2, kernel_size // 2
 
 
-def pad_window(x: Tensor, padding: str, value: float, stride: int = 2) -> Tensor:
-    """x (N, C, H, W) padded for a 3×3 window of ``stride`` in ``padding`` mode, with ``value``."""
-    before, after = spatial_padding(3, stride, padding)
+def pad_window(x: Tensor, padding: str, value: float, stride: int = 2, kernel_size: int = 3) -> Tensor:
+    """x (N, C, H, W) padded for a ``kernel_size`` (3×3, or 7×7) window of ``stride`` in ``padding`` mode, with
+    ``value``."""
+    before, after = spatial_padding(kernel_size, stride, padding)
     return F.pad(x, (before, after, before, after), value=value)
 
 
-def crop_window(x: Tensor, padding: str, stride: int = 2) -> Tensor:
+def crop_window(x: Tensor, padding: str, stride: int = 2, kernel_size: int = 3) -> Tensor:
     """The adjoint of :func:`pad_window`: drop the padded border."""
-    before, after = spatial_padding(3, stride, padding)
+    before, after = spatial_padding(kernel_size, stride, padding)
     return x[..., before : x.shape[2] - after, before : x.shape[3] - after]

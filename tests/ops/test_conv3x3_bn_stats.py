@@ -244,8 +244,10 @@ def test_bad_input():
     x = torch.randn(1, 2, 4, 4)
     with pytest.raises(ValueError, match=r"x must have even H and W"):
         conv3x3_bn_stats(torch.randn(1, 2, 5, 4), torch.randn(3, 2, 3, 3), stride=2)
-    with pytest.raises(ValueError, match=r"weight must be a torch.float32 \(C_out, 2, 3, 3\) tensor"):
-        conv3x3_bn_stats(x, torch.randn(3, 2, 1, 1), stride=1)
+    message = r"weight must be a torch.float32 \(C_out, 2, 3, 3\) or \(C_out, 2, 7, 7\) tensor \(dense\) or \(2, 1, 3"
+    for shape in ((3, 2, 1, 1), (3, 2, 5, 5), (2, 1, 7, 7)):  # a 1×1, a 5×5, a depthwise 7×7
+        with pytest.raises(ValueError, match=message):
+            conv3x3_bn_stats(x, torch.randn(shape), stride=1)
     with pytest.raises(ValueError, match="padding must be one of"):
         conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), padding="same", stride=1)
     with pytest.raises(ValueError, match=r"bias must be None or a torch.float32 \(3,\) tensor on cpu, got"):
@@ -256,3 +258,98 @@ def test_bad_input():
         with pytest.raises(ValueError, match=f"stride must be 1 or 2, got {stride!r}"):
             conv3x3_bn_stats(x, torch.randn(3, 2, 3, 3), stride=stride)
     assert conv3x3_bn_stats(torch.randn(1, 2, 5, 3), torch.randn(3, 2, 3, 3), stride=1)[0].shape == (1, 3, 5, 3)
+
+
+# SpineNet's stem: a 7×7 stride-2 conv of the 3-channel image (no prologue), the op's one window other than 3×3.
+
+
+def stem_inputs(device, dtype, layout="channels_last", batch=2, size=(10, 14), channels=40):
+    x = torch.randn(batch, 3, *size, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(batch, 3, size[0], 2 * size[1], device=device)[..., ::2]
+    weight = torch.randn(channels, 3, 7, 7, device=device) / 10  # 40 outputs: two N tiles of the fp32 dot's 32
+    return x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+
+
+def eager_stem(weight, padding):
+    """The eager model's stem conv layer (``ConvNorm``'s: TF ``SAME`` pads 2 before, 3 after) with a copy of
+    ``weight``."""
+    layer = ConvNorm(3, weight.shape[0], 7, nn.Identity, stride=2, padding=padding).to(weight.device, weight.dtype)
+    layer.conv.weight.data.copy_(weight.detach())
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize(
+    ("padding", "layout", "batch"),
+    [
+        ("torch", "channels_last", 2),
+        ("tf_same", "channels_last", 2),
+        ("torch", "contiguous", 1),
+        ("tf_same", "strided", 2),
+    ],
+)
+def test_conv7x7_matches_the_eager_stem(backend, padding, layout, batch):
+    """y, its statistics and every gradient (x's too) as the eager stem conv's, fp32."""
+    require_backend(backend)
+    x, weight = stem_inputs("cpu", torch.float32, layout, batch)
+    eager_x, layer = x.detach().clone().requires_grad_(), eager_stem(weight, padding)
+    expected = layer(eager_x)
+    grad = torch.randn_like(expected)
+    with use_backend(backend):
+        y, (sums, sumsq) = conv3x3_bn_stats(x, weight, None, None, "identity", padding, stride=2)
+        got = torch.autograd.grad((y * grad).sum() + sums.sum() + sumsq.sum() / 10, (x, weight))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    want = torch.autograd.grad((expected * grad).sum() + expected.sum() + expected.pow(2).sum() / 10,
+                               (eager_x, layer.conv.weight))  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv7x7_fused_low_precision_tolerance_rule(device, fused_backend, dtype):
+    """y and dx, dW through the statistics, against fp32, no worse than eager's maths allows."""
+    x, weight = stem_inputs(device, dtype)
+    grad_y = torch.randn(2, 40, 5, 7, device=device)
+    d_sums, d_sumsqs = torch.randn(40, device=device), torch.randn(40, device=device) / 10
+
+    def loss(y, stats):
+        return (y.float() * grad_y).sum() + (stats[0] * d_sums).sum() + (stats[1] * d_sumsqs).sum()
+
+    with use_backend(fused_backend):
+        y, stats = conv3x3_bn_stats(x, weight, None, None, "identity", "tf_same", stride=2)
+        fused = torch.autograd.grad(loss(y, stats), (x, weight))
+    leaves32 = [x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()]
+    with use_backend("reference"):
+        y32, stats32 = conv3x3_bn_stats(*leaves32, None, None, "identity", "tf_same", stride=2)
+        reference = torch.autograd.grad(loss(y32, stats32), leaves32)
+    eager_y = eager_stem(weight, "tf_same")(x)
+    eager_stats = torch.stack([eager_y.float().sum((0, 2, 3)), eager_y.float().pow(2).sum((0, 2, 3))])
+    assert_close_by_dtype(y, y32, eager_y)
+    eager = torch.autograd.grad(loss(eager_y, eager_stats), (x,))
+    assert_low_precision_rule(fused[0], reference[0], eager[0])
+    assert fused[1].dtype == dtype
+    torch.testing.assert_close(fused[1].float(), reference[1], rtol=2e-2, atol=2e-2 * reference[1].abs().max().item())
+
+
+def test_conv7x7_gradcheck_float64():
+    x = torch.randn(1, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, weight):
+        return _conv3x3_op(x, weight, None, None, "identity", "tf_same", 2, None)
+
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(conv, (x, weight))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_conv7x7_opcheck(backend):
+    require_backend(backend)
+    x, weight = (t.detach() for t in stem_inputs("cpu", torch.float32, size=(6, 8), channels=5))
+    with use_backend(backend):
+        torch.library.opcheck(_conv3x3_op, (x, weight, None, None, "identity", "tf_same", 2, None))

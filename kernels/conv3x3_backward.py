@@ -30,6 +30,16 @@ from .gemm_config import gemm_launch_config, narrow_block
 
 
 @triton.jit
+def _store_bn_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, C_OUT,
+                    BLOCK: tl.constexpr):  # fmt: skip
+    """The output BN's dγ, dβ (one program stores them)."""
+    for o0 in range(0, C_OUT, BLOCK):
+        o = o0 + tl.arange(0, BLOCK)
+        store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o,
+                             o < C_OUT)  # fmt: skip
+
+
+@triton.jit
 def _dgrad_tile(
     parity, pid_m, pid_n, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr,
     gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT,
@@ -44,10 +54,8 @@ def _dgrad_tile(
     d_scale, d_shift; with ``FROM_AFFINE`` tile (0, 0, 0) stores the output BN's dγ, dβ."""
     if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
         if (parity == 0) & (pid_m == 0) & (pid_n == 0):
-            for o0 in range(0, C_OUT, BLOCK_K):
-                o = o0 + tl.arange(0, BLOCK_K)
-                store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
-                                     eps, o, o < C_OUT)  # fmt: skip
+            _store_bn_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                            C_OUT, BLOCK_K)  # fmt: skip
     parity_h, parity_w = parity // STRIDE, parity % STRIDE
     q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,8 +131,8 @@ def _conv3x3_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
-    DGRAD_COLUMNS input-channel blocks), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its K² taps ×
-    WGRAD_CHUNKS pixel chunks)."""
+    DGRAD_COLUMNS input-channel blocks; none where x needs no gradient, the first wgrad program then storing dγ, dβ),
+    the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its K² taps × WGRAD_CHUNKS pixel chunks)."""
     pid = tl.program_id(0)
     if pid < STRIDE * STRIDE * DGRAD_TILES:
         tile = pid % DGRAD_TILES
@@ -136,6 +144,10 @@ def _conv3x3_backward_kernel(
                     BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
+        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if (DGRAD_TILES == 0) & (wgrad_pid == 0):
+                _store_bn_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
+                                C_OUT, BLOCK_K)  # fmt: skip
         taps = KSIZE * KSIZE
         tile, step = wgrad_pid // (taps * WGRAD_CHUNKS), wgrad_pid % (taps * WGRAD_CHUNKS)
         _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, step % taps, step // taps, dw_ptr, dbias_ptr,
@@ -146,22 +158,26 @@ def _conv3x3_backward_kernel(
 
 
 def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before, stride,
-                              d_bias=None, bn=None, d_affine=None, d_weight=None) -> list[torch.Tensor]:  # fmt: skip
+                              d_bias=None, bn=None, d_affine=None, d_weight=None,
+                              input_grad: bool = True) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
     ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
     ``pad_before``: the top/left padding (K // 2, or (K − 2) // 2 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2;
-    ``d_bias``: a zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None."""
+    ``d_bias``: a zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None.
+    ``input_grad`` False (no prologue): no dgrad programs, dx an empty stand-in."""
+    if not input_grad and scale is not None:
+        raise ValueError("input_grad=False needs a conv without a prologue (its gradients come from the dgrad)")
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
+    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight, input_grad)
     config = gemm_launch_config(x.dtype, _conv3x3_backward_kernel)
     config["BLOCK_N"] = narrow_block(c_in, config["BLOCK_N"])  # the input channels' dimension of both GEMMs
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     taps = weight.shape[-1] ** 2
     dgrad_columns = triton.cdiv(c_in, block_n)
-    dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns
+    dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns if input_grad else 0
     wgrad_tiles = triton.cdiv(c_out, block_m) * triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, taps * wgrad_tiles, block_k)
     grid = (stride * stride * dgrad_tiles + taps * wgrad_tiles * chunks,)

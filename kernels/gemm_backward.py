@@ -122,12 +122,14 @@ def wgrad_split(pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
     return triton.cdiv(pixels, per_program), per_program
 
 
-def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight) -> BackwardBuffers:
+def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight,
+                     input_grad: bool = True) -> BackwardBuffers:  # fmt: skip
     """Allocate and prepare the buffers of a conv op's backward (no launch but the fills of d_affine and dW where the
     caller gives none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and
     ``d_sum``/``d_sumsq`` are the gradients of its scale and shift; ``d_affine``: a zeroed fp32 (2, C_in) buffer for
     the prologue's gradients (then not returned), or None; ``d_weight``: a zeroed fp32 buffer of the weight's shape,
-    dense, or None (then dense with the weight's layout)."""
+    dense, or None (then dense with the weight's layout); ``input_grad`` False: dx is an empty (0, 0, 0, 0) stand-in
+    (no dgrad programs)."""
     c_in = x.shape[1]
     has_prologue = scale is not None
     # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
@@ -137,7 +139,7 @@ def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_we
         dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
         d_weight = torch.zeros_like(weight, dtype=torch.float32, memory_format=torch.preserve_format if dense
                                     else torch.contiguous_format)  # fmt: skip
-    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else x.new_empty((0, 0, 0, 0))
     returns_d_affine = has_prologue and d_affine is None
     if has_prologue:
         d_affine = torch.zeros((2, c_in), dtype=torch.float32, device=x.device) if d_affine is None else d_affine

@@ -44,24 +44,24 @@ _conv3x3_bn_backward_library = with_bn_backward(conv3x3_bn_stats_backward_librar
 
 
 def _triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
-                    bn_weight, mean, var, *_):  # fmt: skip
+                    input_grad, bn_weight, mean, var, *_):  # fmt: skip
     reasons = _conv_backward_triton_reasons(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding,
                                             stride)  # fmt: skip
     return reasons + backends.triton_reasons(bn_weight, mean, var)
 
 
 def _backward_triton(
-    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out, bn_weight, mean, var,
-    count, eps, d_affine_out, d_weight_out,
+    dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride, d_bias_out, input_grad, bn_weight,
+    mean, var, count, eps, d_affine_out, d_weight_out,
 ) -> list[Tensor]:  # fmt: skip
     bn = (bn_weight, mean, var, count, eps)
     return _conv3x3_backward_triton(dy, d_scale, d_shift, y, x, weight, scale, shift, activation, padding, stride,
-                                    d_bias_out, bn, d_affine_out, d_weight_out)  # fmt: skip
+                                    d_bias_out, bn, d_affine_out, d_weight_out, input_grad)  # fmt: skip
 
 
 @op_spec.custom_op(
     "conv3x3_bn_backward",
-    fake=fake_conv_bn_backward,
+    fake=lambda *args: fake_conv_bn_backward(*args, input_grad=args[12]),
     implementations={
         "reference": Backend(conv3x3_bn_backward_reference),
         "cuda": Backend(_conv3x3_bn_backward_library, _library_backward_reasons),
@@ -72,10 +72,13 @@ def _backward_triton(
 )
 def _conv3x3_bn_backward_op(
     dy: Tensor, d_scale: Tensor, d_shift: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str, padding: str, stride: int, d_bias_out: Tensor | None, bn_weight: Tensor,
-    mean: Tensor, var: Tensor, count: int, eps: float, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
+    shift: Tensor | None, activation: str, padding: str, stride: int, d_bias_out: Tensor | None, input_grad: bool,
+    bn_weight: Tensor, mean: Tensor, var: Tensor, count: int, eps: float, d_affine_out: Tensor | None,
+    d_weight_out: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """As ``conv1x1_bn``'s backward op; the bias gradient added into ``d_bias_out`` where it is given."""
+    """As ``conv1x1_bn``'s backward op; the bias gradient added into ``d_bias_out`` where it is given; without
+    ``input_grad`` (a conv without a prologue whose input needs no gradient: the stem's image) dx is not computed
+    (an empty (0, 0, 0, 0) stand-in)."""
 
 
 def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, bias, stats, finalize) -> Tensor:
@@ -112,7 +115,9 @@ class _Conv3x3BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        *grads, d_bias = conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift)
+        # x's gradient is computed where x needs one, or for the prologue's gradients
+        input_grad = ctx.needs_input_grad[0] or ctx.saved_tensors[3] is not None
+        *grads, d_bias = conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift, input_grad=input_grad)
         return *grads, None, None, None, d_bias, *(None,) * 14
 
 

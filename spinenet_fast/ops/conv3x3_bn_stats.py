@@ -165,43 +165,50 @@ def _conv3x3_into_op(
     """As ``conv1x1_bn_stats_into``, for ``conv3x3_bn``: y, the statistics added into ``stats``."""
 
 
-def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int,
-                           groups: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """ATen's (cuDNN's) conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype;
-    d_weight laid out as ``weight`` (ATen follows a channels_last a; the parameter's gradient takes the weight's
-    strides in any case, so the copy is the one autograd would make)."""
+def _library_conv_backward(grad: Tensor, a: Tensor, weight: Tensor, padding: str, stride: int, groups: int,
+                           input_grad: bool = True) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """ATen's (cuDNN's) conv backward: ``(d_a, d_weight)`` for the unpadded activation a, in a's dtype (d_a None
+    without ``input_grad``); d_weight laid out as ``weight`` (ATen follows a channels_last a; the parameter's
+    gradient takes the weight's strides in any case, so the copy is the one autograd would make)."""
     a, pads = _conv_input(a, padding, stride, window(weight))
     d_a, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], groups, [True, True, False]
-    )
+        grad, a, weight.to(a.dtype), None, [stride, stride], pads, [1, 1], False, [0, 0], groups,
+        [input_grad, True, False],
+    )  # fmt: skip
     if d_w.stride() != weight.stride():
         d_w = torch.empty_like(weight, dtype=d_w.dtype).copy_(d_w)
-    return (d_a if pads[0] else crop_window(d_a, padding, stride, window(weight))), d_w
+    if d_a is None or pads[0]:
+        return d_a, d_w
+    return crop_window(d_a, padding, stride, window(weight)), d_w
 
 
 def conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
-                                        d_bias_out):  # fmt: skip
+                                        d_bias_out, input_grad: bool = True):  # fmt: skip
     """``[dx, d_weight, (d_affine)]``, d_affine = [d_scale; d_shift] (2, C_in): statistics' gradients folded into dy
     (with the saved y, the tensor the statistics were taken of), then ATen's conv backward, in fp32 maths; the bias
-    gradient Σ_p g added into ``d_bias_out`` where it is given."""
+    gradient Σ_p g added into ``d_bias_out`` where it is given. Without ``input_grad`` (no prologue: nothing else
+    needs it) dx is not computed: an empty (0, 0, 0, 0) stand-in."""
     a = prologue_forward(x, scale, shift, activation)
     dtype = a.dtype
     grad = folded_output_grad(dy, d_sum, d_sumsq, y, dtype)
     if d_bias_out is not None:
         d_bias_out.add_(grad.sum((0, 2, 3)))
     # the weight rounded as forward
-    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride, conv_groups(x, weight))
+    d_a, d_w = _library_conv_backward(grad, a, weight.to(x.dtype), padding, stride, conv_groups(x, weight),
+                                      input_grad)  # fmt: skip
+    if d_a is None:
+        return [x.new_empty((0, 0, 0, 0)), d_w.to(weight.dtype)]
     dx, *d_affine = prologue_backward(d_a, x, scale, shift, activation)
     return [dx, d_w.to(weight.dtype), torch.stack(d_affine)] if d_affine else [dx, d_w.to(weight.dtype)]
 
 
 def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride,
-                                      d_bias_out):  # fmt: skip
+                                      d_bias_out, input_grad: bool = True):  # fmt: skip
     """The ``cuda`` backward: the reference's (ATen's conv backward), or for a depthwise weight the extension's two
-    kernels (dgrad with the prologue's backward; the nine taps' and the bias' wgrad sums)."""
+    kernels (dgrad with the prologue's backward; the nine taps' and the bias' wgrad sums; dx always computed)."""
     if not is_depthwise(x, weight):
         return conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding,
-                                                   stride, d_bias_out)  # fmt: skip
+                                                   stride, d_bias_out, input_grad)  # fmt: skip
     dtype = stats_dtype(x)
     dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
         dy, d_sum, d_sumsq, y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
@@ -214,17 +221,21 @@ def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, s
 
 
 def _conv3x3_backward_triton(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, d_bias_out,
-                             bn=None, d_affine=None, d_weight=None):  # fmt: skip
+                             bn=None, d_affine=None, d_weight=None, input_grad: bool = True):  # fmt: skip
     """The Triton dgrad and wgrad implicit GEMMs in one launch (``kernels/conv3x3_backward.py``); ``bn``
     (``conv3x3_bn``): d_sum, d_sumsq are the gradients of the BN's scale and shift, [dγ; dβ] appended;
-    ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned)."""
+    ``d_affine``/``d_weight``: zeroed buffers the prologue's gradients / dW are added into (then not returned);
+    without ``input_grad`` (dense, no prologue) only the wgrad's programs run and dx is empty."""
     if is_depthwise(x, weight):
         from spinenet_fast.kernels.depthwise3x3 import depthwise3x3_bn_stats_backward as backward
+
+        extra = {}
     else:
         from spinenet_fast.kernels.conv3x3_backward import conv3x3_bn_stats_backward as backward
 
+        extra = {"input_grad": input_grad}
     return backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, pad_before(weight, stride, padding),
-                    stride, d_bias_out, bn, d_affine, d_weight)  # fmt: skip
+                    stride, d_bias_out, bn, d_affine, d_weight, **extra)  # fmt: skip
 
 
 def _library_backward_reasons(dy, d_sum, d_sumsq, y, x, weight, *args) -> list[str]:

@@ -160,11 +160,13 @@ def train_forward_implementations(conv_into: str, conv_arity: int, triton_forwar
     return implementations | {"triton": Backend(run_triton, triton_reasons)}
 
 
-def fake_conv_bn_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
+def fake_conv_bn_backward(*args, input_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Meta outputs of a conv + BN backward op (arguments: dy, d_scale, d_shift, y, x, weight, ..., γ, mean, var,
-    count, eps, d_affine_out, d_weight_out): dx, dW (an empty stand-in where ``d_weight_out`` holds it), [dγ; dβ]."""
+    count, eps, d_affine_out, d_weight_out): dx (an empty (0, 0, 0, 0) stand-in without ``input_grad``), dW (an empty
+    stand-in where ``d_weight_out`` holds it), [dγ; dβ]."""
     x, weight, bn_weight, d_weight_out = args[4], args[5], args[-7], args[-1]
     dx, d_weight = fake_conv_grads(x, weight, None)
+    dx = dx if input_grad else dx.new_empty((0, 0, 0, 0))
     return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
@@ -173,11 +175,13 @@ def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
     return (y, *(stats.new_empty(stats.shape[1]) for _ in range(4)))
 
 
-def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None) -> tuple:
+def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None,
+                     input_grad: bool | None = None) -> tuple:  # fmt: skip
     """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β (and the
     bias, for an op that takes one). ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not
-    the op's (a max-pool in between)."""
-    step = ConvBNBackward(ctx, ctx.saved_tensors, dy, d_scale, d_shift, conv_input)
+    the op's (a max-pool in between). ``input_grad``: for an op that takes one, whether it computes x's gradient
+    (appended to its conv arguments; None for x then)."""
+    step = ConvBNBackward(ctx, ctx.saved_tensors, dy, d_scale, d_shift, conv_input, input_grad=input_grad)
     return step.grads(*backward_op(*step.op_args))
 
 
@@ -187,10 +191,10 @@ class ConvBNBackward:
     :meth:`grads` (the Function's gradients from the op's ``(dx, dW, [dγ; dβ])``). ``saved``: the tensors
     ``conv_bn_forward`` saved on ``ctx``; ``buffers``: the (prologue, weight, bias) gradient buffers it left there,
     where the caller has taken them off ``ctx`` itself (None: taken off ``ctx`` here — they are used once, a second
-    backward allocating its own)."""
+    backward allocating its own); ``input_grad``: as ``conv_bn_backward``'s."""
 
     def __init__(self, ctx, saved, dy, d_scale, d_shift, conv_input: tuple | None = None,
-                 buffers: tuple | None = None) -> None:  # fmt: skip
+                 buffers: tuple | None = None, input_grad: bool | None = None) -> None:  # fmt: skip
         y, x, weight, scale, shift, bn_weight, bn_bias, mean, var, *_ = saved
         x, scale, shift = (x, scale, shift) if conv_input is None else conv_input
         dy = torch.zeros_like(y) if dy is None else dy
@@ -209,6 +213,8 @@ class ConvBNBackward:
         if ctx.bias_dtype is not None and bias_grad is None:
             bias_grad = torch.zeros(weight.shape[0], dtype=mean.dtype, device=x.device)
         conv_args = (*ctx.conv_args, bias_grad) if ctx.takes_bias else ctx.conv_args
+        conv_args += () if input_grad is None else (input_grad,)
+        self.input_grad = input_grad is not False
         self.op_args = (dy, d_scale, d_shift, y, x, weight, scale, shift, *conv_args, bn_weight, mean, var, ctx.count,
                         ctx.eps, prologue_grad, weight_grad)  # fmt: skip
         self.ctx, self.bn = ctx, (bn_weight, bn_bias, mean, var)
@@ -217,6 +223,7 @@ class ConvBNBackward:
 
     def grads(self, dx, d_weight, d_bn) -> tuple:
         ctx, bias_grad = self.ctx, self.bias_grad
+        dx = dx if self.input_grad else None
         d_weight = d_weight if self.weight_grad is None else self.weight_grad
         if ctx.shares_grads and self.weight_grad is not None:  # left in the shared buffers (a second backward: own)
             d_weight = bias_grad = None

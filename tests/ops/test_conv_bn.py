@@ -154,7 +154,7 @@ def test_backward_op_matches_the_reference_and_opcheck(kind, backend, prologue):
     y = y.contiguous(memory_format=torch.channels_last)
     vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
     op, conv_args = (_conv1x1_bn_backward_op, ("relu",)) if kind == "1x1" else (
-        _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind), None))  # fmt: skip
+        _conv3x3_bn_backward_op, ("relu", "torch", conv3x3_stride(kind), None, True))  # fmt: skip
     args = (torch.randn_like(y), *vectors[:2], y, x, weight, scale, shift, *conv_args, *vectors[2:], 12, 1e-3)
     buffers = [torch.zeros(2, 5) if prologue else None for _ in range(4)]  # [d_scale; d_shift] added into these
     with use_backend("reference"):
@@ -364,3 +364,35 @@ def test_conv3x3_bn_bias_buffers_are_checked():
         fused("3x3s1", "reference", x, weight, scale, shift, bn, shared_grad_buffers=True)
     with pytest.raises(ValueError, match=r"bias must be None or a torch.float32 \(70,\) tensor"):
         fused("3x3s1", "reference", x, weight, scale, shift, bn, bias=torch.randn(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [3, 7])
+def test_conv3x3_bn_backward_without_input_grad(backend, window):
+    """``input_grad`` False (a conv without a prologue whose input needs no gradient: the stem's image): dx is an
+    empty stand-in, dW and [dγ; dβ] as with it (Triton: the wgrad's programs alone, its first storing dγ, dβ); through
+    autograd, x's gradient is None exactly where x needs none."""
+    require_backend(backend)
+    x = torch.randn(2, 5, 6, 8).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 5, window, window) / (5 * window * window) ** 0.5
+    y = F.conv2d(x, weight, stride=2, padding=window // 2).contiguous(memory_format=torch.channels_last)
+    vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.1]
+    head = (torch.randn_like(y), *vectors[:2], y, x, weight, None, None, "identity", "torch", 2, None)
+    tail = (*vectors[2:], 24, 1e-3, None, None)
+    with use_backend("reference"):
+        want = _conv3x3_bn_backward_op(*head, True, *tail)
+    with use_backend(backend):
+        got = _conv3x3_bn_backward_op(*head, False, *tail)
+        torch.testing.assert_close(_conv3x3_bn_backward_op(*head, True, *tail)[0], want[0], rtol=1e-5, atol=1e-4)
+        torch.library.opcheck(_conv3x3_bn_backward_op, (*head, False, *tail))
+    assert got[0].numel() == 0
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    bn = nn.BatchNorm2d(6, eps=1e-3)
+    for needs_grad in (False, True):
+        leaf = x.clone().requires_grad_(needs_grad)
+        w = weight.clone().requires_grad_()
+        with use_backend(backend):
+            y, scale, _ = conv3x3_bn(leaf, w, stride=2, bn_weight=bn.weight, bn_bias=bn.bias, eps=1e-3)
+            grads = torch.autograd.grad((y * scale.view(1, -1, 1, 1)).square().sum(), [w, leaf][: 1 + needs_grad])
+        assert len(grads) == 1 + needs_grad and grads[0].abs().sum() > 0

@@ -213,7 +213,7 @@ def test_conv3x3_bn_ops_opcheck(backend):
         torch.library.opcheck(_conv3x3_bn_forward_op, forward_args, test_utils=("test_schema", "test_faketensor"))
         y, _, _, mean, var = _conv3x3_bn_forward_op(*forward_args)
         backward_args = (torch.randn_like(y), torch.randn(CHANNELS), torch.randn(CHANNELS), y, x, weight, scale,
-                         shift, "swish", "tf_same", 2, None, gamma, mean, var, 12, 1e-3, torch.zeros(2, CHANNELS),
+                         shift, "swish", "tf_same", 2, None, True, gamma, mean, var, 12, 1e-3, torch.zeros(2, CHANNELS),
                          None)  # fmt: skip
         torch.library.opcheck(_conv3x3_bn_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
 

@@ -72,10 +72,11 @@ def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
 
 
 def _backward_gemms(taps: int):
-    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient) and its wgrad, each
-    recomputing the forward's GEMM where the launch recomputes y (``RECOMPUTE_Y``)."""
+    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient; none where the launch
+    has no dgrad tiles, an input without a gradient) and its wgrad, each recomputing the forward's GEMM where the
+    launch recomputes y (``RECOMPUTE_Y``)."""
     return lambda a: (
-        _gemm(a["P"], a["C_IN"], taps * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1)
+        (_gemm(a["P"], a["C_IN"], taps * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1) if a.get("DGRAD_TILES", 1) else 0)
         + _gemm(taps * a["C_OUT"], a["C_IN"], a["P"])
         + (2 * _gemm(a["P"], a["C_OUT"], a["C_IN"]) if a.get("RECOMPUTE_Y") else 0)
     )
@@ -131,7 +132,7 @@ def triton_traffic(kernel, args: tuple, kwargs: dict) -> tuple[int, int, int]:
     nbytes = tensors_bytes(args)
     if "NUM_GRADS" in named:  # the readers' gradients after the first are addressed by offsets, not arguments
         nbytes += (named["NUM_GRADS"] - 1) * tensor_bytes(named["grad_ptr"])
-    if name in READ_BY_BOTH:
+    if name in READ_BY_BOTH and named.get("DGRAD_TILES", 1):  # (a launch without dgrad tiles: the wgrad's alone)
         x_by_both = named.get("HAS_PROLOGUE", False) or named.get("RECOMPUTE_Y", False)
         operands = [named[arg] for arg in READ_BY_BOTH[name]]  # y: dy as a stand-in where recomputed (counted once)
         nbytes += tensors_bytes(*operands, named["x_ptr"] if x_by_both else None)

@@ -413,7 +413,8 @@ class PartGroup:
 def _groups(model, ledgers: dict[str, Ledger]) -> list[PartGroup]:
     """The summary's rows: the backbone's parts, then a detector's (where the ledgers hold a head) and the loss."""
     groups = [
-        PartGroup("stem and initial blocks", ("stem", "init_groups.", "init_blocks.")),
+        PartGroup("stem", ("stem",)),
+        PartGroup("initial blocks", ("init_groups.", "init_blocks.")),
         PartGroup("cross-scale parents", tuple(f"merges.{k}.resamples." for k in range(len(model.merges)))),
         PartGroup("merges (sum, activation, extras)", tuple(f"merges.{k}" for k in range(len(model.merges)))),
         PartGroup("blocks", ("groups.", "blocks.")),
@@ -441,10 +442,15 @@ def _group_launches(ledger: Ledger, group: PartGroup, pass_: str, exclude: tuple
     )
 
 
+def _parents(groups: list[PartGroup]) -> tuple[str, ...]:
+    """The cross-scale parents' prefixes (the merges' rows leave those parts out)."""
+    return next(group for group in groups if group.label == "cross-scale parents").prefixes
+
+
 def summarise(model, ledgers: dict[str, Ledger]) -> dict:
     """Per group and per connection type: launches per pass and variant; bytes saved for backward per group."""
     groups = _groups(model, ledgers)
-    parents = groups[1].prefixes
+    parents = _parents(groups)
     rows = []
     for group in groups:
         exclude = parents if group.label.startswith("merges") else ()
@@ -470,7 +476,7 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
 def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[str, int]]) -> dict:
     """Modelled bytes and FLOPs per group and in total, and per block connection against its byte floor."""
     groups = _groups(model, ledgers)
-    parents = groups[1].prefixes
+    parents = _parents(groups)
     rows = []
     for group in groups:
         exclude = parents if group.label.startswith("merges") else ()

@@ -128,11 +128,12 @@ def _conv3x3_backward_kernel(
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DGRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
-    DGRAD_COLUMNS input-channel blocks; none where x needs no gradient, the first wgrad program then storing dγ, dβ),
-    the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its K² taps × WGRAD_CHUNKS pixel chunks)."""
+    DGRAD_COLUMNS input-channel blocks; none without ``DGRAD``, where x needs no gradient, the first wgrad program
+    then storing dγ, dβ), the rest the wgrad's (per weight tile, WGRAD_COLUMNS per row, its K² taps × WGRAD_CHUNKS
+    pixel chunks)."""
     pid = tl.program_id(0)
     if pid < STRIDE * STRIDE * DGRAD_TILES:
         tile = pid % DGRAD_TILES
@@ -144,8 +145,8 @@ def _conv3x3_backward_kernel(
                     BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
-        if FROM_AFFINE:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-            if (DGRAD_TILES == 0) & (wgrad_pid == 0):
+        if FROM_AFFINE and not DGRAD:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+            if wgrad_pid == 0:
                 _store_bn_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                                 C_OUT, BLOCK_K)  # fmt: skip
         taps = KSIZE * KSIZE
@@ -187,6 +188,7 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
         *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), KSIZE=weight.shape[-1],
         STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
-        HAS_BIAS=d_bias is not None, SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
+        HAS_BIAS=d_bias is not None, SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, DGRAD=input_grad,
+        **config,
     )  # fmt: skip
     return t.grads(weight)

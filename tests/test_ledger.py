@@ -194,8 +194,9 @@ def test_modelled_traffic(small):
     groups = {row["part"]: row for row in traffic["bytes"]}
     totals = groups["total"]
     assert all(totals[f"{v} {p}"] > 0 for v in ("eager", "fused-auto") for p in ("forward", "backward"))
-    for p in ("forward", "backward"):  # the fused endpoints: no normalised map written and read again
+    for p in ("forward", "backward"):  # the fused endpoints and stem: no normalised map written and read again
         assert groups["endpoints"][f"fused-auto {p}"] < groups["endpoints"][f"eager {p}"], p
+        assert groups["stem"][f"fused-auto {p}"] < groups["stem"][f"eager {p}"], p
     atomics = traffic["atomics"]  # our backward kernels' tile reductions into L2; eager launches none of ours
     assert atomics["fused-auto backward"] > 0 == atomics["eager backward"] == atomics["eager forward"]
     assert "_expand_k2_kernel" in traffic["atomic_kernels"]["fused-auto"]
@@ -377,6 +378,7 @@ def test_saved_activation_memory(detector_step):
     assert 0 < loss["fused-auto"] <= 0.1 * loss["eager"]
     assert saved["cross-scale parents"]["fused-auto"] < saved["cross-scale parents"]["eager"]
     assert 0 < saved["blocks"]["fused-auto"] < saved["blocks"]["eager"]
+    assert 0 < saved["stem"]["fused-auto"] < saved["stem"]["eager"]  # no normalised or activated map kept
     head = saved["head (class and box towers, predictors)"]
     assert 0 < head["fused-auto"] < head["eager"]
     assert saved["total"]["fused-auto"] < saved["total"]["eager"]

@@ -6,14 +6,17 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from spinenet_fast.models import SpineNet
 from spinenet_fast.models.stem import Stem
 from spinenet_fast.ops import use_backend
 
-from ..ops.tolerance import assert_low_precision_rule
-from .twin_checks import assert_float64_twin_matches, assert_twin_matches
+from .twin_checks import (
+    assert_autocast_twin_keeps_the_rule,
+    assert_eager_paths,
+    assert_float64_twin_matches,
+    assert_twin_matches,
+)
 
 
 def twins(channels=8, activation="swish", padding="tf_same", dtype=torch.float32, norm=nn.BatchNorm2d):
@@ -58,35 +61,14 @@ def test_fused_stem_under_autocast_keeps_the_tolerance_rule(fused_backend):
     """bf16 autocast (fp32 parameters, an fp32 image): output and gradients against fp32 no worse than twice the
     eager stem's in bf16, plus 1e-2; the parameters' gradients stay fp32."""
     eager, fused = twins(16)
-    reference = copy.deepcopy(eager)
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    grad = torch.randn(2, 16, 4, 4)
-    want, want_grads = run(reference, x, grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        base, base_grads = run(eager, x, grad.bfloat16())
-        with use_backend(fused_backend):
-            got, got_grads = run(fused, x, grad.bfloat16())
-    assert got.dtype == base.dtype == torch.bfloat16
-    assert all(g.dtype == torch.float32 for g in got_grads[1:])
-    for a, b, c in zip([got, *got_grads], [want, *want_grads], [base, *base_grads]):
-        assert_low_precision_rule(a, b, c)
+    assert_autocast_twin_keeps_the_rule(fused, eager, run, x, torch.randn(2, 16, 4, 4), fused_backend)
 
 
 def test_frozen_bn_and_eager_paths():
     """A frozen BN (torchvision's) normalises with its statistics on the fused path too; ``"auto"`` on a CPU and an
     empty batch take the eager modules (the BN counter advances as eager's)."""
-    eager, fused = twins(norm=FrozenBatchNorm2d)
-    x = torch.randn(2, 3, 8, 8)
-    with use_backend("reference"):
-        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
-    eager, fused = twins()
-    fused.fused = "auto"
-    assert not fused.uses_fused_ops()
-    fused.fused = True
-    assert fused(torch.randn(0, 3, 8, 8)).shape == (0, 8, 2, 2)
-    eager(torch.randn(0, 3, 8, 8))
-    for a, b in zip(fused.buffers(), eager.buffers()):
-        torch.testing.assert_close(a, b)
+    assert_eager_paths(lambda norm: twins(norm=norm), torch.randn(2, 3, 8, 8))
 
 
 def test_spinenet_stem_holds_the_fused_setting():

@@ -1,8 +1,14 @@
 """Checks shared by the tests of a fused module against its eager twin (same parameters and buffers)."""
 
+import copy
+
 import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from spinenet_fast.ops import use_backend
+
+from ..ops.tolerance import assert_low_precision_rule
 
 
 def assert_twin_matches(fused, eager, got, want, out_tol, grad_tol, buffer_tol) -> None:
@@ -25,3 +31,35 @@ def assert_float64_twin_matches(fused, eager, run, x, grad) -> None:
     assert_twin_matches(fused, eager, got, want, (1e-10, 1e-10), (1e-9, 1e-9), (1e-12, 1e-12))
     with torch.no_grad(), use_backend("reference"):
         torch.testing.assert_close(fused.eval()(x), eager.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+def assert_autocast_twin_keeps_the_rule(fused, eager, run, x, grad, backend: str) -> None:
+    """bf16 autocast (fp32 parameters) on ``backend``: the fused module's output and gradients against the eager
+    twin's in fp32 no worse than twice the eager module's under autocast, plus 1e-2; the parameters' gradients stay
+    fp32. ``run(module, x, grad)``: ``(out, [x's gradient, *the parameters'])``."""
+    want, want_grads = run(copy.deepcopy(eager), x, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base, base_grads = run(eager, x, grad.bfloat16())
+        with use_backend(backend):
+            got, got_grads = run(fused, x, grad.bfloat16())
+    assert got.dtype == base.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in got_grads[1:])
+    for a, b, c in zip([got, *got_grads], [want, *want_grads], [base, *base_grads]):
+        assert_low_precision_rule(a, b, c)
+
+
+def assert_eager_paths(make_twins, x) -> None:
+    """A frozen BN (torchvision's) normalises with its statistics on the fused path too; ``"auto"`` on a CPU and an
+    empty batch take the eager modules (the BN counter advances as eager's). ``make_twins(norm)``: ``(eager, fused)``
+    modules with that norm."""
+    eager, fused = make_twins(FrozenBatchNorm2d)
+    with use_backend("reference"):
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    eager, fused = make_twins(nn.BatchNorm2d)
+    fused.fused = "auto"
+    assert not fused.uses_fused_ops()
+    fused.fused = True
+    got, want = fused(x[:0]), eager(x[:0])
+    assert got.shape == want.shape and got.shape[0] == 0
+    for a, b in zip(fused.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(a, b)

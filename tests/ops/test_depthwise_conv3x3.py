@@ -220,7 +220,8 @@ def test_conv3x3_bn_ops_opcheck(backend):
 
 def test_bad_depthwise_weights_are_rejected():
     x = torch.randn(1, 4, 4, 4)
-    with pytest.raises(ValueError, match=r"\(C_out, 4, 3, 3\) tensor \(dense\) or \(4, 1, 3, 3\) \(depthwise\), got"):
+    dense_or_depthwise = r"\(C_out, 4, 3, 3\) or \(C_out, 4, 7, 7\) tensor \(dense\) or \(4, 1, 3, 3\) \(depthwise\)"
+    with pytest.raises(ValueError, match=dense_or_depthwise):
         conv3x3_bn_stats(x, torch.randn(5, 1, 3, 3), stride=2)  # a channel multiplier is not supported
     with pytest.raises(ValueError, match=r"or \(4, 1, 3, 3\) \(depthwise\), got"):
         conv3x3_bn_stats(x, torch.randn(4, 2, 3, 3), stride=2)

@@ -56,13 +56,5 @@ def fused_stem_forward(stem: Stem, x: Tensor) -> Tensor:
     y, scale, shift = conv_then_bn(x, layer.conv, layer.bn, None, None, stem.activation, workspace,
                                    padding=stem.padding)  # fmt: skip
     buffer = workspace.take(layer.conv.out_channels) if training else None
-
-    def pool() -> Tensor:
+    with backends.auto_where_unimplemented("bn_act_maxpool"):  # it has no Triton kernel: Triton forced, ``auto``'s
         return bn_act_maxpool(y, scale, shift, stem.activation, 1, stem.padding, affine_grad_buffer=buffer)
-
-    # The max-pools have no Triton kernel: with Triton forced, ``auto``'s (a plain call otherwise, as torch.compile
-    # before 2.7 cannot trace a generator context manager).
-    if backends.requested_backend() in ("auto", *backends.implemented("bn_act_maxpool")):
-        return pool()
-    with backends.use_backend(None):
-        return pool()

@@ -146,13 +146,14 @@ def use_backend(backend: str | None) -> Iterator[None]:
         set_backend(previous)
 
 
-@contextlib.contextmanager
-def auto_where_unimplemented(op: str) -> Iterator[None]:
+def auto_where_unimplemented(op: str) -> contextlib.AbstractContextManager:
     """The requested backend for ``op`` where it has an implementation of it, else ``auto``: for an op run inside
-    another whose backend was forced, with kernels on fewer backends (the max-pools' backward has no Triton one)."""
+    another whose backend was forced, with kernels on fewer backends (the max-pools' backward has no Triton one). A
+    ``nullcontext`` where nothing changes (torch.compile before 2.7 cannot trace a generator context manager)."""
     requested = requested_backend()
-    with use_backend(None if requested == "auto" or requested not in implemented(op) else requested):
-        yield
+    if requested == "auto" or requested in implemented(op):
+        return contextlib.nullcontext()
+    return use_backend(None)
 
 
 def implemented(op: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
-from ..models.layers import NormFactory, make_activation, uses_fused_setting
+from ..models.layers import FusedSetting, NormFactory, make_activation
 from ..ops.backends import fused_kernels_available
 from ..ops.retinanet_loss import retinanet_loss
 from .anchors import flatten_per_anchor
@@ -71,7 +71,7 @@ class SharedTower(nn.Module):
         return x
 
 
-class SpineNetRetinaNetHead(nn.Module):
+class SpineNetRetinaNetHead(FusedSetting, nn.Module):
     """Class and box towers over P3…P7 with the official init, prior bias and protocol-C losses.
 
     Losses (architecture.md §7): sigmoid focal loss (α, γ) summed over non-ignored anchors; Huber (δ) of the
@@ -128,7 +128,7 @@ class SpineNetRetinaNetHead(nn.Module):
         """features: P3…P7, each (N, C, H_l, W_l) -> ``cls_logits`` (N, ΣHWA, K), ``bbox_regression`` (N, ΣHWA, 4)."""
         if len(features) != len(self.class_tower.norms):
             raise ValueError(f"features must hold {len(self.class_tower.norms)} levels, got {len(features)}")
-        if self.uses_fused_ops() and features[0].shape[0] > 0:
+        if self.runs_fused(features[0]):
             return fused_head_forward(self, features)
         cls_logits, bbox_regression = [], []
         for level, x in enumerate(features):
@@ -139,7 +139,7 @@ class SpineNetRetinaNetHead(nn.Module):
     def uses_fused_ops(self) -> bool:
         """Whether the towers and predictors run on the fused ops: ``fused`` (True, or ``"auto"`` with the parameters on
         a GPU with Triton) and every tower norm a BN (others, e.g. ``FrozenBatchNorm2d``, run eagerly)."""
-        return uses_fused_setting(self, self.fused) and fusable_head(self)
+        return super().uses_fused_ops() and fusable_head(self)
 
     def uses_fused_loss(self, device: torch.device) -> bool:
         """Whether the losses of outputs on ``device`` go through the fused op (see ``fused``)."""

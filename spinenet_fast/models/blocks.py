@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from .fused_block import fused_block_forward, input_readers
-from .layers import ConvNorm, NormFactory, make_activation, uses_fused_setting
+from .layers import ConvNorm, FusedSetting, NormFactory, make_activation
 
 BLOCK_TYPES = ("bottleneck", "residual")
 
@@ -79,7 +79,7 @@ class Residual(nn.Module):
         return self.act(self.drop_path(self.conv2(self.conv1(x))) + shortcut)
 
 
-class BlockGroup(nn.Sequential):
+class BlockGroup(FusedSetting, nn.Sequential):
     """``block_repeats`` blocks of one type sharing one stochastic-depth rate.
 
     Only the first block may project its shortcut (when ``in_channels`` differs from the output width).
@@ -110,18 +110,13 @@ class BlockGroup(nn.Sequential):
         self.out_channels = out_channels
         self.activation, self.padding, self.fused = activation, padding, fused
 
-    def uses_fused_ops(self) -> bool:
-        """See ``fused``."""
-        return uses_fused_setting(self, self.fused)
-
     def forward(
         self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], readers: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """x: the input, or one copy per reader of it (``input_readers``: a fused merge's ``readers``); with
         ``readers``, the output that many times, one per reader (see ``CrossScaleMerge.forward``)."""
         main = x[0] if isinstance(x, tuple) else x
-        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
-        if not self.uses_fused_ops() or main.shape[0] == 0:
+        if not self.runs_fused(main):
             out = super().forward(main)
             return out if readers is None else (out,) * readers
         for i, block in enumerate(self):

@@ -15,10 +15,10 @@ from torch import Tensor
 from ..ops import merge_for_readers
 from ..ops.merge import sums_rows
 from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
-from .layers import ConvNorm, NormFactory, uses_fused_setting
+from .layers import ConvNorm, FusedSetting, NormFactory
 
 
-class Endpoint(ConvNorm):
+class Endpoint(FusedSetting, ConvNorm):
     """``act(BN(conv1x1(x)))``: (N, in_channels, H, W) -> (N, out_channels, H, W) (channels_last where fused). Same
     parameters and ``state_dict`` keys as a ``ConvNorm``; ``fused`` as a ``BlockGroup``'s (True, False or
     ``"auto"``: fused on a GPU with Triton)."""
@@ -28,15 +28,8 @@ class Endpoint(ConvNorm):
         super().__init__(in_channels, out_channels, 1, norm, activation=activation, **kwargs)
         self.activation, self.fused = activation, fused
 
-    def uses_fused_ops(self) -> bool:
-        """See ``fused``."""
-        return uses_fused_setting(self, self.fused)
-
     def forward(self, x: Tensor) -> Tensor:
-        # An empty batch takes the eager modules, as the blocks do (the BN counter advanced as nn.BatchNorm2d does).
-        if not self.uses_fused_ops() or x.shape[0] == 0:
-            return super().forward(x)
-        return fused_endpoint_forward(self, x)
+        return fused_endpoint_forward(self, x) if self.runs_fused(x) else super().forward(x)
 
 
 def fused_endpoint_forward(endpoint: Endpoint, x: Tensor) -> Tensor:

@@ -57,13 +57,24 @@ def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: floa
     return functools.partial(norm_layer, **extra)
 
 
-def uses_fused_setting(module: nn.Module, fused: bool | str) -> bool:
-    """Whether a module whose ``fused`` setting is ``fused`` runs the fused ops: True, or ``"auto"`` with the module's
-    parameters on a GPU where Triton is available."""
-    if fused == "auto":
-        # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
-        return fused_kernels_available(next(module.parameters()).device)
-    return bool(fused)
+class FusedSetting:
+    """Mixin of a module with a ``fused`` setting: True, False or ``"auto"`` (fused where its parameters are on a GPU
+    with Triton). Its forward takes the fused ops where ``runs_fused`` says so, else its eager modules."""
+
+    fused: bool | str
+
+    def uses_fused_ops(self) -> bool:
+        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
+        if self.fused == "auto":
+            # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
+            return fused_kernels_available(next(self.parameters()).device)
+        return bool(self.fused)
+
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether a call whose (first) input is ``x`` (N, C, H, W) takes the fused ops: ``uses_fused_ops()`` and a
+        non-empty batch (an empty one takes the eager modules: empty maps out, the BN counters advanced as
+        ``nn.BatchNorm2d`` does)."""
+        return self.uses_fused_ops() and x.shape[0] > 0
 
 
 def init_conv_(conv: nn.Conv2d) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_merge import fused_merge_forward
-from .layers import ConvNorm, MaxPool3x3s2, NormFactory, make_activation, uses_fused_setting
+from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory, make_activation
 
 
 def squeeze_channels(parent_channels: int, parent_type: str, resample_alpha: float) -> int:
@@ -64,7 +64,7 @@ class Resample(nn.Module):
         return self.expand(x)
 
 
-class CrossScaleMerge(nn.Module):
+class CrossScaleMerge(FusedSetting, nn.Module):
     """The input of one scale-permuted block: ``act(Σ resample_i(feats[parent_i]) + Σ feats[extra_j])``.
 
     ``parent_ids`` and ``extra_ids`` index the network's growing list of block outputs (all NCHW).
@@ -88,15 +88,10 @@ class CrossScaleMerge(nn.Module):
         self.activation, self.padding = activation, padding
         self.fused = fused
 
-    def uses_fused_ops(self) -> bool:
-        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
-        return uses_fused_setting(self, self.fused)
-
     def forward(self, feats: list[torch.Tensor], readers: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The merged map; with ``readers``, that many tensors of it, one per reader (fused: views whose gradients
         the merge backward sums as it loads them, ``ops.merge_for_readers``; eager: the same tensor)."""
-        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
-        if self.uses_fused_ops() and feats[self.parent_ids[0]].shape[0] > 0:
+        if self.runs_fused(feats[self.parent_ids[0]]):
             outputs = fused_merge_forward(self, feats, self.activation, self.padding, readers or 1)
             return outputs[0] if readers is None else outputs
         x = self.resamples[0](feats[self.parent_ids[0]])

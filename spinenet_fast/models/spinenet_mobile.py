@@ -26,7 +26,7 @@ from torchvision.ops import StochasticDepth
 from ..ops.padding import PADDING_MODES
 from .endpoint import Endpoint
 from .fused_merge import fused_mobile_merge_forward
-from .layers import ACTIVATIONS, ConvNorm, check_choice, make_activation, make_norm_factory, uses_fused_setting
+from .layers import ACTIVATIONS, ConvNorm, FusedSetting, check_choice, make_activation, make_norm_factory
 from .spinenet import SIZE_DIVISIBILITY, check_fused, check_image_batch
 
 FILTER_SIZE_MAP = {0: 8, 1: 16, 2: 24, 3: 40, 4: 80, 5: 112, 6: 112, 7: 112}
@@ -108,7 +108,7 @@ class MobileResample(nn.Module):
         return self.conv(x)
 
 
-class MobileMerge(nn.Module):
+class MobileMerge(FusedSetting, nn.Module):
     """act(Σ resampled parents + Σ unread same-level extras): the input of one scale-permuted block. With ``fused``
     (True, or ``"auto"`` on a GPU with Triton) the same parameters run through the fused ops
     (``fused_merge.fused_mobile_merge_forward``)."""
@@ -121,13 +121,8 @@ class MobileMerge(nn.Module):
         self.act = make_activation(activation)
         self.activation, self.padding, self.fused = activation, padding, fused
 
-    def uses_fused_ops(self) -> bool:
-        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
-        return uses_fused_setting(self, self.fused)
-
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        # An empty batch takes the eager modules: empty maps out, the BN counters advanced as nn.BatchNorm2d does.
-        if self.uses_fused_ops() and feats[self.parent_ids[0]].shape[0] > 0:
+        if self.runs_fused(feats[self.parent_ids[0]]):
             return fused_mobile_merge_forward(self, feats, self.activation, self.padding)
         x = sum(resample(feats[i]) for resample, i in zip(self.resamples, self.parent_ids))
         for i in self.extra_ids:

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from ..ops import backends, bn_act_maxpool
 from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn, uses_batch_statistics
-from .layers import ConvNorm, MaxPool3x3s2, NormFactory, uses_fused_setting
+from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory
 
 
-class Stem(nn.Sequential):
+class Stem(FusedSetting, nn.Sequential):
     """``pool(act(BN(conv7x7/s2(x))))``: (N, 3, H, W) -> (N, out_channels, H/4, W/4) (channels_last where fused).
     The ``conv`` (a ``ConvNorm``) and ``pool`` children and ``state_dict`` keys of the eager stem; ``fused`` as a
     ``BlockGroup``'s (True, False or ``"auto"``: fused on a GPU with Triton)."""
@@ -31,15 +31,8 @@ class Stem(nn.Sequential):
         super().__init__(OrderedDict(conv=conv, pool=MaxPool3x3s2(padding)))
         self.activation, self.padding, self.fused = activation, padding, fused
 
-    def uses_fused_ops(self) -> bool:
-        """See ``fused``."""
-        return uses_fused_setting(self, self.fused)
-
     def forward(self, x: Tensor) -> Tensor:
-        # An empty batch takes the eager modules, as the blocks do (the BN counter advanced as nn.BatchNorm2d does).
-        if not self.uses_fused_ops() or x.shape[0] == 0:
-            return super().forward(x)
-        return fused_stem_forward(self, x)
+        return fused_stem_forward(self, x) if self.runs_fused(x) else super().forward(x)
 
 
 def fused_stem_forward(stem: Stem, x: Tensor) -> Tensor:

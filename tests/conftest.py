@@ -13,6 +13,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+def child_env(without: tuple[str, ...] = (), **overrides: str) -> dict[str, str]:
+    """This process's environment for a child process (less the variables ``without``, plus ``overrides``), its
+    OpenMP threads this test worker's share of the cores (``torch.get_num_threads()``): under ``pytest -n N`` a child
+    on every core oversubscribes them, and OpenMP's spin-waiting then slows it several-fold."""
+    env = {k: v for k, v in os.environ.items() if k not in without}
+    return env | {"OMP_NUM_THREADS": str(torch.get_num_threads())} | overrides
+
+
 def pytest_collection_modifyitems(config, items):
     # The heaviest tests first (a stable sort: each module's order kept), so that pytest-xdist's workers do not end
     # on one of them while the other cores idle.

@@ -12,6 +12,8 @@ from benchmarks import gpu_smoke, report
 from benchmarks.run import main
 from spinenet_fast import _extension
 
+from .conftest import child_env
+
 ROW_FIELDS = {"bench", "provider", "mode", "dtype", "shape", "p50_ms", "p20_ms", "p80_ms", "peak_mb", "kernels",
               "device", "torch", "triton", "git_sha", "date"}  # fmt: skip
 
@@ -98,7 +100,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_run_dry_run_walks_both_calls_within_the_lease():
     """The GPU run's plan, printed without a GPU: both calls' stages with hard caps, 11 minutes together, and the
     headline benchmark rows (no row with torch.compile before the last row without it)."""
-    env = {**os.environ, "SPINENET_FAST_DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = child_env(SPINENET_FAST_DRY_RUN="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     result = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=True)  # fmt: skip
     out = result.stdout

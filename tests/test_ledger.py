@@ -3,7 +3,6 @@ eager launching no fused kernel and fused launching them. It runs in subprocesse
 kernels under the CPU interpreter, and the ledger intercepts real ``JITFunction`` launches."""
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -12,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 PASSES = ("forward", "backward")
 
 
 def ledger(out: Path, *args: str, model: str = "49XS-custom") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(without=("TRITON_INTERPRET",))
     command = [sys.executable, "-m", "benchmarks.ledger", "--model", model, "--out", str(out), *args]
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     return json.loads((out / "ledger.json").read_text())
@@ -257,7 +258,7 @@ def test_every_readers_gradient_is_read():
 def budget_setting(tmp_path_factory) -> dict:
     """The ledger's traffic at fused_ops.md §7's setting: SpineNet-49, 640 px, batch 8, bf16."""
     out = tmp_path_factory.mktemp("ledger640")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(without=("TRITON_INTERPRET",))
     command = [sys.executable, "-m", "benchmarks.ledger", "--model", "49", "--size", "640", "--batch", "8",
                "--out", str(out)]  # fmt: skip
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=900)
@@ -395,7 +396,7 @@ def test_fused_detector_step_launch_budget(detector_step):
 def detector_budget_setting(tmp_path_factory) -> dict:
     """The RetinaNet-49 training step at issue 16's setting: 640 px, batch 8, bf16."""
     out = tmp_path_factory.mktemp("ledger_head640")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(without=("TRITON_INTERPRET",))
     command = [sys.executable, "-m", "benchmarks.ledger", "--model", "49", "--head", "--size", "640", "--batch", "8",
                "--out", str(out)]  # fmt: skip
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=900)

@@ -12,6 +12,8 @@ from spinenet_fast import SpineNet
 from spinenet_fast.detection import spinenet_anchor_generator
 from spinenet_fast.detection.presets import CUSTOM_SCALINGS
 
+from ..conftest import child_env
+
 TARGETS = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])}] * 2
 
 
@@ -48,7 +50,7 @@ def test_import_spinenet_fast_registers_the_detectors():
     """The references do ``import spinenet_fast`` (or any submodule) and then ``get_model``: a fresh interpreter."""
     code = "import spinenet_fast, torchvision\n"
     code += "print(torchvision.models.get_model('retinanet_spinenet49s').head.num_classes)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "91"
 
 

@@ -11,12 +11,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from ..conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_without_interpreter(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(without=("TRITON_INTERPRET",))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(cwd), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -34,7 +37,8 @@ def test_the_largest_variant_of_each_kernel_and_dtype_compiles_for_sm90_without_
 
 
 def check_compile_report(tmp_path, extra: list[str]) -> None:
-    result = run_without_interpreter(["-m", "benchmarks.compile_sm90", "--out", str(tmp_path), *extra], ROOT)
+    jobs = ["--jobs", str(torch.get_num_threads())]  # this worker's share of the cores
+    result = run_without_interpreter(["-m", "benchmarks.compile_sm90", "--out", str(tmp_path), *jobs, *extra], ROOT)
     report = json.loads((tmp_path / "compile_sm90.json").read_text())
     assert result.returncode == 0, result.stdout + result.stderr
     assert report["problems"] == [] and report["unlaunched"] == []

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from ..conftest import child_env
 from .conftest import train_args
 
 # Runs the training CLI in a child that SIGKILLs itself at one point: ("step", n) at the n-th optimiser step;
@@ -88,7 +89,8 @@ KILL_POINTS = [
 def run_cli(args, point=None):
     code = KILLING_CHILD if point else "import sys; from spinenet_fast.train.__main__ import main; main(sys.argv[1:])"
     extra = [json.dumps(point)] if point else []
-    return subprocess.run([sys.executable, "-c", code, *extra, *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code, *extra, *args], env=child_env(), capture_output=True,
+                          text=True)  # fmt: skip
 
 
 def losses(out):

@@ -12,6 +12,7 @@ from spinenet_fast.eval.__main__ import main as eval_main
 from spinenet_fast.train import engine
 from spinenet_fast.train.__main__ import main as train_main
 
+from ..conftest import child_env
 from .conftest import train_args
 
 
@@ -105,7 +106,7 @@ assert "pycocotools.coco" not in sys.modules
 def test_training_without_evaluation_needs_no_pycocotools(tiny_data, tmp_path):
     """--eval-every 0 trains and checkpoints where pycocotools cannot be imported (the GPU machine's image)."""
     args = train_args(tiny_data, tmp_path, "--epochs", "1", "--eval-every", "0")
-    subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_PYCOCOTOOLS, *args], check=True)
+    subprocess.run([sys.executable, "-c", TRAIN_WITHOUT_PYCOCOTOOLS, *args], env=child_env(), check=True)
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["loss"] > 0 and "AP" not in row and not (tmp_path / "coco_stats.json").exists()
 

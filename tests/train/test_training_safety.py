@@ -18,6 +18,7 @@ from spinenet_fast.train import engine
 from spinenet_fast.train.__main__ import main as train_main
 from spinenet_fast.train.checkpoint import save_atomic
 
+from ..conftest import child_env
 from .conftest import train_args
 
 
@@ -86,7 +87,8 @@ def test_a_diverging_run_exits_non_zero_with_a_message(tiny_data, tmp_path):
     """``--lr 1e6`` from the command line: a message naming the step, exit status 1, no checkpoint of bad weights."""
     args = train_args(tiny_data, tmp_path, "--epochs", "3", "--eval-every", "0")
     args[args.index("--lr") + 1] = "1e6"
-    result = subprocess.run([sys.executable, "-m", "spinenet_fast.train", *args], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "spinenet_fast.train", *args], env=child_env(), capture_output=True,
+                            text=True)  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error: training diverged") and "Traceback" not in result.stderr
     if (tmp_path / "checkpoint.pth").exists():  # the epochs before the divergence, if any, with finite weights

@@ -88,6 +88,7 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
     n, hi, lo = (1, 16, 4) if s.smoke else (8, 80, 20)  # L3 and L5 sides at 640 px
     c_mid, c_target = (8, 16) if s.smoke else (128, 512)  # squeezed and target widths
     c_in, l2 = (8, 8) if s.smoke else (64, 160)  # the first block's input: the stem's output at L2
+    side3x3 = 8 if s.smoke else hi  # the 3×3 convs' input side (the Triton interpreter's slowest kernels)
     device = s.device
 
     def tensor(*shape, grad=True, nhwc=True):
@@ -103,7 +104,7 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
 
     def conv3x3_inputs():
         c = c_mid // 2
-        return tensor(n, c, hi, hi), tensor(c, c, 3, 3), tensor(c), tensor(c)
+        return tensor(n, c, side3x3, side3x3), tensor(c, c, 3, 3), tensor(c), tensor(c)
 
     def pool_inputs():
         return tensor(n, c_mid // 2, hi // 2, hi // 2), tensor(c_mid // 2), tensor(c_mid // 2)
@@ -193,14 +194,14 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
         OpCase("conv1x1_bn_stats", f"x {n}x{c_mid}x{lo}x{lo} -> {c_target}, prologue", conv1x1_inputs,
                lambda x, w, a, b: conv1x1_bn_stats(x, w, a, b, "swish"),
                lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w)), n * (c_mid + c_target) * lo * lo * item),
-        OpCase("conv3x3_bn_stats", f"x {n}x{c_mid // 2}x{hi}x{hi}, prologue", conv3x3_inputs,
+        OpCase("conv3x3_bn_stats", f"x {n}x{c_mid // 2}x{side3x3}x{side3x3}, prologue", conv3x3_inputs,
                lambda x, w, a, b: conv3x3_bn_stats(x, w, a, b, "swish", stride=2),
                lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, stride=2, padding=1)),
-               n * c_mid * hi * hi * item),
-        OpCase("conv3x3_bn_stats", f"x {n}x{c_mid // 2}x{hi}x{hi}, stride 1, prologue", conv3x3_inputs,
+               n * c_mid * side3x3 * side3x3 * item),
+        OpCase("conv3x3_bn_stats", f"x {n}x{c_mid // 2}x{side3x3}x{side3x3}, stride 1, prologue", conv3x3_inputs,
                lambda x, w, a, b: conv3x3_bn_stats(x, w, a, b, "swish", stride=1),
                lambda x, w, a, b: _stats(F.conv2d(_affine_act(x, a, b), w, padding=1)),
-               n * c_mid * hi * hi * item),  # a block's 3×3: the implicit GEMM against cuDNN decides `auto`'s order
+               n * c_mid * side3x3 * side3x3 * item),  # a block's 3×3: the GEMM against cuDNN decides `auto`'s order
         OpCase("conv1x1_bn", f"x {n}x{c_mid}x{lo}x{lo} -> {c_target}, prologue, BN",
                functools.partial(conv_bn_inputs, conv1x1_inputs),
                lambda x, w, a, b, g, beta: conv1x1_bn(x, w, a, b, "swish", bn_weight=g, bn_bias=beta, eps=EPS),
@@ -208,12 +209,12 @@ def cases(s: Settings, dtype: torch.dtype) -> list[OpCase]:
                n * (c_mid + c_target) * lo * lo * item, "conv1x1_bn_forward"),
         OpCase("conv1x1_bn_pair", f"x {n}x{c_in}x{l2}x{l2} -> {c_in} + {4 * c_in}, BN", pair_inputs, pair_fused,
                pair_eager, n * 6 * c_in * l2 * l2 * item, "conv1x1_bn_pair_backward"),
-        OpCase("conv3x3_bn", f"x {n}x{c_mid // 2}x{hi}x{hi}, prologue, BN",
+        OpCase("conv3x3_bn", f"x {n}x{c_mid // 2}x{side3x3}x{side3x3}, prologue, BN",
                functools.partial(conv_bn_inputs, conv3x3_inputs),
                lambda x, w, a, b, g, beta: conv3x3_bn(x, w, a, b, "swish", stride=2, bn_weight=g, bn_bias=beta,
                                                       eps=EPS),
                lambda x, w, a, b, g, beta: _batch_bn(F.conv2d(_affine_act(x, a, b), w, stride=2, padding=1), g, beta),
-               n * c_mid * hi * hi * item, "conv3x3_bn_forward"),
+               n * c_mid * side3x3 * side3x3 * item, "conv3x3_bn_forward"),
         OpCase("pooled_conv1x1_bn", f"y {n}x{c_mid // 2}x{hi // 2}x{hi // 2}, 1 pool -> {c_target}, BN", pooled_inputs,
                lambda y, w, a, b, g, beta: pooled_conv1x1_bn(y, w, a, b, "swish", 1, bn_weight=g, bn_bias=beta,
                                                              eps=EPS),

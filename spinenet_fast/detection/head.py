@@ -17,7 +17,6 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
 from ..models.layers import FusedSetting, NormFactory, make_activation
-from ..ops.backends import fused_kernels_available
 from ..ops.retinanet_loss import retinanet_loss
 from .anchors import flatten_per_anchor
 from .fused_head import fusable_head, fused_head_forward
@@ -143,7 +142,7 @@ class SpineNetRetinaNetHead(FusedSetting, nn.Module):
 
     def uses_fused_loss(self, device: torch.device) -> bool:
         """Whether the losses of outputs on ``device`` go through the fused op (see ``fused``)."""
-        return fused_kernels_available(device) if self.fused == "auto" else self.fused
+        return self.fused_on(device)
 
     def compute_loss(
         self,

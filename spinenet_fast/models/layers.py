@@ -63,12 +63,14 @@ class FusedSetting:
 
     fused: bool | str
 
+    def fused_on(self, device: torch.device) -> bool:
+        """Whether the setting fuses work on ``device``: ``fused=True``, or ``"auto"`` on a GPU with Triton."""
+        return fused_kernels_available(device) if self.fused == "auto" else bool(self.fused)
+
     def uses_fused_ops(self) -> bool:
-        """``fused=True``, or ``"auto"`` with this module's parameters on a GPU where Triton is available."""
-        if self.fused == "auto":
-            # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
-            return fused_kernels_available(next(self.parameters()).device)
-        return bool(self.fused)
+        """Whether this module's ops are fused: ``fused_on`` its parameters' device."""
+        # parameters() yields real tensors even under torch.fx tracing (attribute access yields proxies).
+        return self.fused_on(next(self.parameters()).device)
 
     def runs_fused(self, x: torch.Tensor) -> bool:
         """Whether a call whose (first) input is ``x`` (N, C, H, W) takes the fused ops: ``uses_fused_ops()`` and a

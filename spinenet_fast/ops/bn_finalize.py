@@ -23,10 +23,12 @@ StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
 
 
 def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
-                  momentum=0.1, upsample_factor=1, channels_of="stats") -> None:  # fmt: skip
+                  momentum=0.1, upsample_factor=1, channels_of="stats", count_of="", group_size=1) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
     on ``device`` normalising ``count`` values per channel (running statistics: both or neither; ``momentum`` is
-    checked where they are given). ``channels_of`` says where the channel count comes from."""
+    checked where they are given). ``channels_of`` says where the channel count comes from, ``count_of`` where the
+    count does (for the message). ``group_size``: the ranks a SyncBN normalises over together (``count`` is this
+    rank's): like ``nn.SyncBatchNorm``, more than one value per channel in all, one per rank will do."""
     if (running_mean is None) != (running_var is None):
         given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
         raise ValueError(f"{given} was given without {missing}: pass both running statistics or neither")
@@ -38,8 +40,12 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
                 f"{name} must be a float tensor of shape ({channels},) (the channels of {channels_of}) on {device}, "
                 f"got {describe(t)}"
             )
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-        raise ValueError(f"count must be an int >= 2 (values per channel), got {count!r}")
+    least = 2 if group_size < 2 else 1
+    if isinstance(count, bool) or not isinstance(count, int) or count < least:
+        where = f" ({count_of})" if count_of else ""
+        together = f" across its {group_size} ranks" if group_size > 1 else ""
+        raise ValueError(f"count must be an int >= {least}: a training-mode BatchNorm needs more than 1 value per "
+                         f"channel{together}, as nn.BatchNorm2d does; got {count!r}{where}")  # fmt: skip
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not 0 < eps < math.inf:  # (NaN fails too; comparisons, unlike math.isfinite, trace with a symbolic float)

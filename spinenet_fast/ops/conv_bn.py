@@ -245,7 +245,10 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
     checked, as its ``autograd.Function`` takes them after the conv's own: ``(count, eps, running_mean, running_var,
     batches, momentum, upsample_factor, group, stats, counter, prologue_grad, weight_grad)``."""
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, upsample_factor)
-    check_bn_args(weight.shape[0], x.device, pixels_out, *bn, channels_of="the conv's output")
+    group_size = dist.get_world_size(process_group) if process_group is not None else 1
+    check_bn_args(weight.shape[0], x.device, pixels_out, *bn, channels_of="the conv's output",
+                  count_of=f"N·H·W of the conv's output, for x of shape {tuple(x.shape)}",
+                  group_size=group_size)  # fmt: skip
     dtype = stats_dtype(x)
     check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)
     check_accumulator("counter_buffer", counter_buffer, (1,), torch.int32 if dtype == torch.float32 else torch.int64,

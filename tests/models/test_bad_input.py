@@ -67,3 +67,14 @@ def test_bad_image_types(model):
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         SpineNet(**kwargs)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_on_one_value_per_channel_says_so(fused):
+    """One 128 px image leaves 1×1 at level 7: a training-mode BN there has one value per channel. Eager's
+    nn.BatchNorm2d and the fused ops both refuse it, saying so (the fused ops: which map, which shape)."""
+    model = SpineNet("49S", fused=fused).train()
+    match = "more than 1 value per channel" + (r".*got 1 \(N·H·W of the conv's output, for x of shape" if fused else "")
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(1, 3, 128, 128))
+    model(torch.randn(1, 3, 128, 256))  # two values per channel at level 7

@@ -12,7 +12,7 @@ from spinenet_fast.ops.conv1x1_bn import _conv1x1_bn_backward_op, _conv1x1_bn_fo
 from spinenet_fast.ops.conv3x3_bn import _conv3x3_bn_backward_op, _conv3x3_bn_forward_op
 
 from ..conftest import require_backend
-from .tolerance import assert_low_precision_rule
+from .tolerance import assert_low_precision_rule, max_abs_error
 
 BACKENDS = ["reference", "triton", "cuda"]
 KINDS = ["1x1", "3x3s2", "3x3s1"]
@@ -396,3 +396,24 @@ def test_conv3x3_bn_backward_without_input_grad(backend, window):
             y, scale, _ = conv3x3_bn(leaf, w, stride=2, bn_weight=bn.weight, bn_bias=bn.bias, eps=1e-3)
             grads = torch.autograd.grad((y * scale.view(1, -1, 1, 1)).square().sum(), [w, leaf][: 1 + needs_grad])
         assert len(grads) == 1 + needs_grad and grads[0].abs().sum() > 0
+
+
+@pytest.mark.xfail(strict=True, reason="one-pass statistics: the fp32 Σy, Σy² cancel as (mean/std)² (see docstring)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_statistics_of_a_map_whose_mean_dwarfs_its_spread(backend):
+    """The fp32 BN output as accurate as eager's (error against float64 at most twice eager's) where a channel's mean
+    is ~20× its standard deviation (a 1×1 conv with weights of one sign of inputs of mean 0.25 and spread 0.1; the
+    statistics code is every conv's) — not yet: every backend forms the variance as Σy²/n − (Σy/n)² from fp32 sums
+    (as cuDNN's fused statistics do), whose error grows as (mean/std)², ~10× eager's here and ~100× at 80. A fix
+    needs the sums in float64, or about a shift near the mean (the running mean), not another finalize."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    x = (0.25 + 0.1 * torch.randn(4, 64, 16, 16, generator=g)).contiguous(memory_format=torch.channels_last)
+    weight = (1.0 + 0.1 * torch.randn(32, 64, 1, 1, generator=g)) / 64
+    bn = nn.BatchNorm2d(32, eps=1e-5)
+    reference = eager("1x1", x.double(), weight.double(), None, None, copy_of(bn, torch.float64))
+    with torch.no_grad():
+        eager_error = max_abs_error(eager("1x1", x, weight, None, None, copy_of(bn)).double(), reference)
+        fused_error = max_abs_error(fused("1x1", backend, x, weight, None, None, bn).double(), reference)
+    assert eager_error < 2e-5
+    assert fused_error <= 2 * eager_error, (fused_error, eager_error)

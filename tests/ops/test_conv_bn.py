@@ -417,3 +417,13 @@ def test_fp32_statistics_of_a_map_whose_mean_dwarfs_its_spread(backend):
         fused_error = max_abs_error(fused("1x1", backend, x, weight, None, None, bn).double(), reference)
     assert eager_error < 2e-5
     assert fused_error <= 2 * eager_error, (fused_error, eager_error)
+
+
+def test_a_second_derivative_through_the_fused_backward_raises():
+    """The README's "first derivatives only": create_graph=True builds the first backward, and differentiating it
+    again raises PyTorch's error naming the backward op instead of returning a wrong second derivative."""
+    x, weight, scale, shift, bn = make_case("1x1")
+    out = fused("1x1", "reference", x, weight, scale, shift, bn)
+    (d_weight,) = torch.autograd.grad((out * out).sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"conv1x1_bn_backward.*no autograd formula"):
+        d_weight.sum().backward()

@@ -116,8 +116,10 @@ class _Conv3x3BN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
         # x's gradient is computed where x needs one, or for the prologue's gradients
-        input_grad = ctx.needs_input_grad[0] or ctx.saved_tensors[3] is not None
-        *grads, d_bias = conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift, input_grad=input_grad)
+        saved = ctx.saved_tensors
+        input_grad = ctx.needs_input_grad[0] or saved[3] is not None
+        *grads, d_bias = conv_bn_backward(ctx, _conv3x3_bn_backward_op, dy, d_scale, d_shift, input_grad=input_grad,
+                                          saved=saved)  # fmt: skip
         return *grads, None, None, None, d_bias, *(None,) * 14
 
 

@@ -176,12 +176,14 @@ def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
 
 
 def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None,
-                     input_grad: bool | None = None) -> tuple:  # fmt: skip
+                     input_grad: bool | None = None, saved: tuple | None = None) -> tuple:  # fmt: skip
     """The body of the matching backward: gradients of x, weight, the prologue's scale and shift, γ and β (and the
     bias, for an op that takes one). ``conv_input``: the (x, scale, shift) the conv's GEMM read, where they are not
     the op's (a max-pool in between). ``input_grad``: for an op that takes one, whether it computes x's gradient
-    (appended to its conv arguments; None for x then)."""
-    step = ConvBNBackward(ctx, ctx.saved_tensors, dy, d_scale, d_shift, conv_input, input_grad=input_grad)
+    (appended to its conv arguments; None for x then). ``saved``: ``ctx.saved_tensors`` where the caller has read
+    them (read once per backward: non-reentrant activation checkpointing unpacks each saved tensor once)."""
+    saved = ctx.saved_tensors if saved is None else saved
+    step = ConvBNBackward(ctx, saved, dy, d_scale, d_shift, conv_input, input_grad=input_grad)
     return step.grads(*backward_op(*step.op_args))
 
 

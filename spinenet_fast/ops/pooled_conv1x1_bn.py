@@ -117,10 +117,11 @@ class _PooledConv1x1BN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, d_scale, d_shift):
-        _, x, _, scale, shift, *_, pooled, route = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        _, x, _, scale, shift, *_, pooled, route = saved
         affine_grad, ctx.prologue_grad = ctx.prologue_grad, None
         d_pooled, d_weight, _, _, d_gamma, d_beta = conv_bn_backward(
-            ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift, conv_input=(pooled, None, None)
+            ctx, _conv1x1_bn_backward_op, dy, d_scale, d_shift, conv_input=(pooled, None, None), saved=saved
         )
         if affine_grad is None:
             affine_grad = torch.zeros((2, x.shape[1]), dtype=scale.dtype, device=x.device)

@@ -8,6 +8,7 @@ from spinenet_fast import SpineNet
 from spinenet_fast.ops import backends, use_backend
 
 from ..conftest import require_backend
+from .twin_checks import assert_checkpointed_twin_matches
 
 
 def twins(model_id="49S", dtype=torch.float32, **kwargs):
@@ -70,6 +71,13 @@ def test_float64_training_equals_eager(model_id, kwargs, steps):
     eager_state, fused_state = eager.state_dict(), fused.state_dict()
     for name in eager_state:  # parameters and running statistics after the steps
         assert_close_scaled(fused_state[name], eager_state[name], name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_activation_checkpointing_gives_eager_gradients(backend):
+    require_backend(backend)
+    eager, fused = twins("49S", torch.float64)
+    assert_checkpointed_twin_matches(fused, eager, torch.randn(2, 3, 256, 256, dtype=torch.float64), backend)
 
 
 def test_empty_training_batch_gives_what_eager_gives():

@@ -13,6 +13,7 @@ from spinenet_fast.ops import backends, use_backend
 
 from ..conftest import require_backend
 from .test_fused_spinenet import assert_close_scaled, train_steps
+from .twin_checks import assert_checkpointed_twin_matches
 
 
 def twins(model_id="49XS", dtype=torch.float32, **kwargs):
@@ -59,6 +60,13 @@ def test_float64_training_equals_eager(monkeypatch, backend, model_id, kwargs, s
     eager_state, fused_state = eager.state_dict(), fused.state_dict()
     for name in eager_state:
         assert_close_scaled(fused_state[name], eager_state[name], name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_activation_checkpointing_gives_eager_gradients(backend):
+    require_backend(backend)
+    eager, fused = twins("49XS", torch.float64)
+    assert_checkpointed_twin_matches(fused, eager, torch.randn(2, 3, 256, 256, dtype=torch.float64), backend)
 
 
 @pytest.mark.heavy

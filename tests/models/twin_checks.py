@@ -63,3 +63,20 @@ def assert_eager_paths(make_twins, x) -> None:
     assert got.shape == want.shape and got.shape[0] == 0
     for a, b in zip(fused.buffers(), eager.buffers(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def assert_checkpointed_twin_matches(fused, eager, x, backend: str) -> None:
+    """Non-reentrant activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``) around the whole
+    model, float64, one training step: the fused model's forward recomputed in its backward — each saved tensor
+    unpacked once, as the checkpoint requires — gives eager's gradients, and both update their running statistics
+    twice alike. Judged against the largest gradient: a BN's β feeding only other BNs has a gradient of 0 up to
+    rounding."""
+    for model, use in ((eager, "reference"), (fused, backend)):
+        with use_backend(use):
+            out = torch.utils.checkpoint.checkpoint(model.train(), x, use_reentrant=False)
+            sum((feat * feat).mean() for feat in out.values()).backward()
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max().item() <= 1e-9 * scale, name
+    for a, b in zip(fused.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from ..ops.backends import fused_kernels_available
 from ..ops.padding import spatial_padding
@@ -55,6 +56,22 @@ def make_norm_factory(norm_layer: NormFactory | None, momentum: float, eps: floa
         accepted = {}
     extra = {k: v for k, v in (("momentum", momentum), ("eps", eps)) if k in accepted and k not in bound}
     return functools.partial(norm_layer, **extra)
+
+
+def fused_for_norm(fused: bool | str, norm: NormFactory) -> bool | str:
+    """The ``fused`` setting a model whose norm layers ``norm`` makes runs: as given where the fused ops can run them
+    (BatchNorms — ``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` — and torchvision's ``FrozenBatchNorm2d``: affine maps
+    of batch or running statistics); else False for ``"auto"`` (eager), and a ``ValueError`` for True."""
+    layer = norm(8)
+    if fused is False or isinstance(layer, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
+        return fused
+    if fused is True:
+        raise ValueError(
+            "fused=True needs BatchNorm-type norm layers (nn.BatchNorm2d, nn.SyncBatchNorm or torchvision's "
+            f"FrozenBatchNorm2d), but norm_layer makes {type(layer).__name__}: pass fused=False, or 'auto' (eager "
+            "with such norm layers)"
+        )
+    return False
 
 
 class FusedSetting:

@@ -17,7 +17,7 @@ from torch import nn
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
 from .endpoint import Endpoint
-from .layers import ACTIVATIONS, NormFactory, check_choice, make_norm_factory
+from .layers import ACTIVATIONS, NormFactory, check_choice, fused_for_norm, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 from .stem import Stem
 
@@ -208,6 +208,7 @@ class SpineNet(nn.Module):
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
             raise ValueError(f"stochastic_depth_rate must be None or a number in [0, 1), got {stochastic_depth_rate!r}")
         norm = make_norm_factory(norm_layer, bn_momentum, bn_eps)
+        fused = fused_for_norm(fused, norm)
 
         self.model_id = model_id.upper() if isinstance(model_id, str) else "custom"
         self.scaling = scaling

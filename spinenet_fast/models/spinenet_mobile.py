@@ -26,7 +26,15 @@ from torchvision.ops import StochasticDepth
 from ..ops.padding import PADDING_MODES
 from .endpoint import Endpoint
 from .fused_merge import fused_mobile_merge_forward
-from .layers import ACTIVATIONS, ConvNorm, FusedSetting, check_choice, make_activation, make_norm_factory
+from .layers import (
+    ACTIVATIONS,
+    ConvNorm,
+    FusedSetting,
+    check_choice,
+    fused_for_norm,
+    make_activation,
+    make_norm_factory,
+)
 from .spinenet import SIZE_DIVISIBILITY, check_fused, check_image_batch
 
 FILTER_SIZE_MAP = {0: 8, 1: 16, 2: 24, 3: 40, 4: 80, 5: 112, 6: 112, 7: 112}
@@ -162,6 +170,7 @@ class SpineNetMobile(nn.Module):
         self.model_id = key
         endpoints_filters, scale = MOBILE_SCALING_MAP[key]
         norm = make_norm_factory(norm_layer, bn_momentum, bn_eps)
+        fused = fused_for_norm(fused, norm)
 
         def width(level: int) -> int:
             return int(FILTER_SIZE_MAP[level] * scale)

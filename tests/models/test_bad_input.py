@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from spinenet_fast import SpineNet
+from spinenet_fast.models import SpineNetMobile
+from spinenet_fast.ops import use_backend
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,26 @@ def test_training_on_one_value_per_channel_says_so(fused):
     nn.BatchNorm2d and the fused ops both refuse it, saying so (the fused ops: which map, which shape)."""
     model = SpineNet("49S", fused=fused).train()
     match = "more than 1 value per channel" + (r".*got 1 \(N·H·W of the conv's output, for x of shape" if fused else "")
-    with pytest.raises(ValueError, match=match):
+    with use_backend("reference"), pytest.raises(ValueError, match=match):
         model(torch.randn(1, 3, 128, 128))
-    model(torch.randn(1, 3, 128, 256))  # two values per channel at level 7
+    with use_backend("reference"):
+        model(torch.randn(1, 3, 128, 256))  # two values per channel at level 7
+
+
+@pytest.mark.parametrize("cls", [SpineNet, SpineNetMobile])
+def test_norm_layers_the_fused_ops_cannot_run(cls):
+    """A norm layer that is no BatchNorm (GroupNorm here): fused=True says so, "auto" runs eagerly (the eager
+    model's numbers), False is untouched; FrozenBatchNorm2d is an affine map the fused ops run."""
+    group_norm = lambda channels: nn.GroupNorm(1, channels)  # noqa: E731
+    with pytest.raises(ValueError, match=r"fused=True needs BatchNorm-type norm layers .* makes GroupNorm"):
+        cls("49S", norm_layer=group_norm, fused=True)
+    torch.manual_seed(0)
+    auto = cls("49S", norm_layer=group_norm, fused="auto", stochastic_depth_rate=0.0).train()
+    assert auto.fused is False and not any(m.uses_fused_ops() for m in auto.fusable_modules())
+    eager = cls("49S", norm_layer=group_norm, fused=False, stochastic_depth_rate=0.0).train()
+    eager.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 3, 128, 128)
+    with use_backend("reference"):  # (eager: no fused op runs)
+        for name, value in auto(x).items():
+            torch.testing.assert_close(value, eager(x)[name])
+    assert cls("49S", norm_layer=FrozenBatchNorm2d, fused=True).fused is True

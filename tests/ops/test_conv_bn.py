@@ -405,7 +405,7 @@ def test_fp32_statistics_of_a_map_whose_mean_dwarfs_its_spread(backend):
     is ~20× its standard deviation (a 1×1 conv with weights of one sign of inputs of mean 0.25 and spread 0.1; the
     statistics code is every conv's) — not yet: every backend forms the variance as Σy²/n − (Σy/n)² from fp32 sums
     (as cuDNN's fused statistics do), whose error grows as (mean/std)², ~10× eager's here and ~100× at 80. A fix
-    needs the sums in float64, or about a shift near the mean (the running mean), not another finalize."""
+    needs the sums in float64, or taken about a shift near the mean (the running mean), not another finalize."""
     require_backend(backend)
     g = torch.Generator().manual_seed(0)
     x = (0.25 + 0.1 * torch.randn(4, 64, 16, 16, generator=g)).contiguous(memory_format=torch.channels_last)

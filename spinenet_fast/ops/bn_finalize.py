@@ -23,12 +23,14 @@ StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
 
 
 def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
-                  momentum=0.1, upsample_factor=1, channels_of="stats", count_of="", group_size=1) -> None:  # fmt: skip
+                  momentum=0.1, upsample_factor=1, channels_of="stats", count_of=None,
+                  group_size=1) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one BN of ``channels`` channels
     on ``device`` normalising ``count`` values per channel (running statistics: both or neither; ``momentum`` is
-    checked where they are given). ``channels_of`` says where the channel count comes from, ``count_of`` where the
-    count does (for the message). ``group_size``: the ranks a SyncBN normalises over together (``count`` is this
-    rank's): like ``nn.SyncBatchNorm``, more than one value per channel in all, one per rank will do."""
+    checked where they are given). ``channels_of`` says where the channel count comes from; ``count_of``, a callable
+    returning where the count does, is called for the message only (the checks run on every call of an op).
+    ``group_size``: the ranks a SyncBN normalises over together (``count`` is this rank's): like
+    ``nn.SyncBatchNorm``, more than one value per channel in all, one per rank will do."""
     if (running_mean is None) != (running_var is None):
         given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
         raise ValueError(f"{given} was given without {missing}: pass both running statistics or neither")
@@ -42,7 +44,7 @@ def check_bn_args(channels, device, count, weight, bias, eps, running_mean, runn
             )
     least = 2 if group_size < 2 else 1
     if isinstance(count, bool) or not isinstance(count, int) or count < least:
-        where = f" ({count_of})" if count_of else ""
+        where = f" ({count_of()})" if count_of is not None else ""
         together = f" across its {group_size} ranks" if group_size > 1 else ""
         raise ValueError(f"count must be an int >= {least}: a training-mode BatchNorm needs more than 1 value per "
                          f"channel{together}, as nn.BatchNorm2d does; got {count!r}{where}")  # fmt: skip

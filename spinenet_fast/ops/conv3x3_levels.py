@@ -12,6 +12,8 @@ levels (``kernels/conv3x3_levels.py``); the reference and ``cuda`` backends run 
 A predictor's packed (N, S, A·V) output viewed as (N, S·A, V) is torchvision's anchor order.
 """
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -397,7 +399,8 @@ def conv3x3_bn_levels(
         pick = {name: None if values is None else values[level] for name, values in lists.items()}
         check_bn_args(c_out, x.device, x.shape[0] * h * w, pick["bn_weights"], pick["bn_biases"], eps,
                       pick["running_means"], pick["running_vars"], pick["num_batches_tracked"], momentum,
-                      channels_of="the conv's output", count_of=f"N·H·W of level {level}, {h}×{w}")  # fmt: skip
+                      channels_of="the conv's output",
+                      count_of=partial("N·H·W of level {}, {}×{}".format, level, h, w))  # fmt: skip
     dtype = torch.promote_types(x.dtype, torch.float32)
     if stats_buffer is None:
         stats_buffer = torch.zeros(levels * (2 * c_out + 1), dtype=dtype, device=x.device)

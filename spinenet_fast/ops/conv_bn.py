@@ -13,6 +13,7 @@ this rank's own, as ``nn.SyncBatchNorm``'s are (DDP averages them).
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -249,7 +250,7 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
     bn = (bn_weight, bn_bias, eps, running_mean, running_var, num_batches_tracked, momentum, upsample_factor)
     group_size = dist.get_world_size(process_group) if process_group is not None else 1
     check_bn_args(weight.shape[0], x.device, pixels_out, *bn, channels_of="the conv's output",
-                  count_of=f"N·H·W of the conv's output, for x of shape {tuple(x.shape)}",
+                  count_of=partial("N·H·W of the conv's output, for x of shape {}".format, tuple(x.shape)),
                   group_size=group_size)  # fmt: skip
     dtype = stats_dtype(x)
     check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)

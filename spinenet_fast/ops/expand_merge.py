@@ -33,6 +33,8 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
 The accumulators live in one zeroed fp32 workspace per call (:func:`workspace_size`, one fill per connection).
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -143,8 +145,8 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
         running = (running_means[i], running_vars[i]) if len(running_means) > 0 else (None, None)
         check_bn_args(channels, first.device, h.shape[0] * size[0] * size[1], bn_weights[i], bn_biases[i],
                       eps[i], *running, batches[i] if len(batches) > 0 else None, momentums[i], ratio,
-                      channels_of=f"weights[{i}]", count_of=f"N·H·W of parents[{i}]'s expand output, for "
-                      f"parents[{i}] of shape {tuple(h.shape)}")  # fmt: skip
+                      channels_of=f"weights[{i}]", count_of=partial("N·H·W of parents[{0}]'s expand output, for "
+                      "parents[{0}] of shape {1}".format, i, tuple(h.shape)))  # fmt: skip
     if extra is not None and not (isinstance(extra, Tensor) and extra.shape == (target[0], channels, *target[1:])
                                   and extra.dtype == first.dtype and extra.device == first.device):  # fmt: skip
         raise ValueError(f"extra must be None or a {first.dtype} {(target[0], channels, *target[1:])} tensor on "

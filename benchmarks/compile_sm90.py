@@ -240,11 +240,12 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
         for num_pools in (1, 2) if scale is not None else ():  # the max-pools always follow a BN
             backward(*pooled_conv1x1_bn(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, num_pools, padding,
                                         **bn))  # fmt: skip
-    statistics = torch.stack([torch.randn(64), torch.rand(64) + 64]).requires_grad_()  # [Σ; Σ²] of 2048 values
-    running = [torch.zeros(64), torch.ones(64)]
-    backward(*bn_finalize(statistics, 2048, leaf(64, stats=True), leaf(64, stats=True), eps=1e-3,
-                          running_mean=running[0], running_var=running[1],
-                          num_batches_tracked=torch.zeros((), dtype=torch.long)))  # fmt: skip
+    for statistics_dtype in (torch.float32, torch.float64):  # the conv + BN ops' statistics are float64 (SyncBN's)
+        statistics = torch.stack([torch.randn(64), torch.rand(64) + 64]).to(statistics_dtype).requires_grad_()
+        running = [torch.zeros(64), torch.ones(64)]  # [Σ; Σ²] of 2048 values above
+        backward(*bn_finalize(statistics, 2048, leaf(64, stats=True), leaf(64, stats=True), eps=1e-3,
+                              running_mean=running[0], running_var=running[1],
+                              num_batches_tracked=torch.zeros((), dtype=torch.long)))  # fmt: skip
     for ratios in ((1,), (2,), (1, 2)):
         for with_extra in (False, True):
             parents = [leaf(2, 64, 32 // r, 32 // r) for r in ratios]

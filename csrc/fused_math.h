@@ -76,10 +76,12 @@ SF_UNROLL
 }
 
 // ----------------------------------------------------------------------------------------------- bn_finalize
-// One BN's finalisation: statistics in, affine map (and batch mean / variance) out, running statistics updated.
-template <typename T>
+// One BN's finalisation: statistics in (S: float64, or T), affine map (and batch mean / variance) out, running
+// statistics updated (T).
+template <typename T, typename S = T>
 struct BnFinalizeArgs {
-  const T *sums, *sumsq, *weight, *bias;
+  const S *sums, *sumsq;
+  const T *weight, *bias;
   T count, eps;
   T *scale, *shift, *mean, *var;
   T* running_mean;  // null: no running-statistics update
@@ -88,13 +90,14 @@ struct BnFinalizeArgs {
   int64_t* batches;    // null: no batch counter; else incremented by channel 0
 };
 
-// Channel c: mean = Σ/n, biased var = Σ²/n − mean² (≥ 0), scale = γ/sqrt(var + eps), shift = β − mean·scale; then
-// nn.BatchNorm2d's running-statistics lerp.
-template <typename T>
-SF_HOST_DEVICE void bn_finalize_channel(const BnFinalizeArgs<T>& a, int64_t c) {
-  const T m = a.sums[c] / a.count;
-  T v = a.sumsq[c] / a.count - m * m;
-  v = v < T(0) ? T(0) : v;
+// Channel c: mean = Σ/n, biased var = Σ²/n − mean² (≥ 0) in the statistics' dtype S (float64: the subtraction
+// loses nothing the T outputs keep), scale = γ/sqrt(var + eps), shift = β − mean·scale; then nn.BatchNorm2d's
+// running-statistics lerp.
+template <typename T, typename S>
+SF_HOST_DEVICE void bn_finalize_channel(const BnFinalizeArgs<T, S>& a, int64_t c) {
+  const S mean = a.sums[c] / S(a.count);
+  const S variance = a.sumsq[c] / S(a.count) - mean * mean;
+  const T m = static_cast<T>(mean), v = variance < S(0) ? T(0) : static_cast<T>(variance);
   const T s = a.weight[c] / sqrt(v + a.eps);
   a.scale[c] = s;
   a.shift[c] = a.bias[c] - m * s;
@@ -469,10 +472,12 @@ SF_HOST_DEVICE acc_t depthwise_output_grad(const DepthwiseArgs<scalar_t, acc_t>&
   return static_cast<acc_t>(a.dy[at]) + a.d_sum[c] + acc_t(2) * static_cast<acc_t>(a.y[at]) * a.d_sumsq[c];
 }
 
-// Forward work item: output pixel `pixel`, channel c: y stored, its Σ and Σ² (of the stored value) added to `sums`.
-template <typename scalar_t, typename acc_t>
+// Forward work item: output pixel `pixel`, channel c: y stored, its Σ and Σ² (of the stored value) added to `sums`
+// in sum_t (double for a BN's float64 statistics: a square of a float is exact in it, and so is the cancellation of
+// the variance that the finalize takes).
+template <typename scalar_t, typename acc_t, typename sum_t>
 SF_HOST_DEVICE void depthwise_forward_item(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c,
-                                           acc_t (&sums)[kNumStatSums][1]) {
+                                           sum_t (&sums)[kNumStatSums][1]) {
   const int64_t j = pixel % a.OW, i = (pixel / a.OW) % a.OH, n = pixel / (a.OW * a.OH);
   acc_t acc = 0;
   for (int tap = 0; tap < 9; ++tap) {
@@ -482,7 +487,7 @@ SF_HOST_DEVICE void depthwise_forward_item(const DepthwiseArgs<scalar_t, acc_t>&
   if (a.bias != nullptr) acc += a.bias[c];
   const scalar_t stored = static_cast<scalar_t>(acc);
   a.y[pixel * a.C + c] = stored;
-  const acc_t v = static_cast<acc_t>(stored);
+  const sum_t v = static_cast<sum_t>(stored);
   sums[0][0] += v;
   sums[1][0] += v * v;
 }

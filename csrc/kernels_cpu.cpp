@@ -60,10 +60,13 @@ void depthwise_forward(const DepthwiseTensors& t) {
   SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto a = depthwise_args<scalar_t, acc_t>(t);
-    add_sums<acc_t, 1, kNumStatSums>(t.sums, a.N * a.OH * a.OW, a.C,
-                                     [&](int64_t pixel, int64_t c, acc_t(&sums)[kNumStatSums][1]) {
-                                       depthwise_forward_item(a, pixel, c, sums);
-                                     });
+    with_sums_type<acc_t>(t.sums, [&](auto zero) {
+      using sum_t = decltype(zero);
+      add_sums<sum_t, 1, kNumStatSums>(t.sums, a.N * a.OH * a.OW, a.C,
+                                       [&](int64_t pixel, int64_t c, sum_t(&sums)[kNumStatSums][1]) {
+                                         depthwise_forward_item(a, pixel, c, sums);
+                                       });
+    });
   });
 }
 
@@ -171,9 +174,11 @@ void maxpool_backward(const PoolTensors& t) {
 
 void bn_finalize(const FinalizeTensors& t) {
   SF_KERNEL_SCOPE("bn_finalize");
-  AT_DISPATCH_FLOATING_TYPES(t.sums.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
-    const auto a = finalize_args<scalar_t>(t);
-    for (int64_t c = 0; c < t.sums.numel(); ++c) bn_finalize_channel(a, c);
+  AT_DISPATCH_FLOATING_TYPES(t.weight.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    with_sums_type<float>(t.sums, [&](auto zero) {
+      const auto a = finalize_args<scalar_t, decltype(zero)>(t);
+      for (int64_t c = 0; c < t.sums.numel(); ++c) bn_finalize_channel(a, c);
+    });
   });
 }
 

@@ -120,11 +120,11 @@ struct PoolBackward {
   }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename sum_t>
 struct DepthwiseForward {
   DepthwiseArgs<scalar_t, acc_t> a;
   template <int VEC>
-  __device__ void run(int64_t pixel, int64_t c, acc_t (&sums)[kNumStatSums][VEC]) const {
+  __device__ void run(int64_t pixel, int64_t c, sum_t (&sums)[kNumStatSums][VEC]) const {
     depthwise_forward_item(a, pixel, c, sums);
   }
 };
@@ -163,8 +163,8 @@ struct LossBackward {
   __device__ void run(int64_t r, int64_t k) const { retinanet_loss_backward_item(a, r, k); }
 };
 
-template <typename T>
-__global__ void bn_finalize_kernel(const BnFinalizeArgs<T> a, int64_t channels) {
+template <typename T, typename S>
+__global__ void bn_finalize_kernel(const BnFinalizeArgs<T, S> a, int64_t channels) {
   const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (c < channels) bn_finalize_channel(a, c);
 }
@@ -187,8 +187,11 @@ void depthwise_forward(const DepthwiseTensors& t) {
   SF_KERNEL_SCOPE("depthwise3x3_forward");
   SF_DISPATCH(t.x.scalar_type(), "spinenet_fast::ext_depthwise3x3", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const DepthwiseForward<scalar_t, acc_t> item{depthwise_args<scalar_t, acc_t>(t)};
-    add_sums<1, kNumStatSums, acc_t>(item, t.sums, item.a.N * item.a.OH * item.a.OW, item.a.C);
+    with_sums_type<acc_t>(t.sums, [&](auto zero) {
+      using sum_t = decltype(zero);
+      const DepthwiseForward<scalar_t, acc_t, sum_t> item{depthwise_args<scalar_t, acc_t>(t)};
+      add_sums<1, kNumStatSums, sum_t>(item, t.sums, item.a.N * item.a.OH * item.a.OW, item.a.C);
+    });
   });
 }
 
@@ -279,11 +282,14 @@ void maxpool_backward(const PoolTensors& t) {
 
 void bn_finalize(const FinalizeTensors& t) {
   SF_KERNEL_SCOPE("bn_finalize");
-  AT_DISPATCH_FLOATING_TYPES(t.sums.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
-    const int64_t channels = t.sums.numel();
-    bn_finalize_kernel<scalar_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        finalize_args<scalar_t>(t), channels);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES(t.weight.scalar_type(), "spinenet_fast::ext_bn_finalize", [&] {
+    with_sums_type<float>(t.sums, [&](auto zero) {
+      using sum_t = decltype(zero);
+      const int64_t channels = t.sums.numel();
+      bn_finalize_kernel<scalar_t, sum_t><<<blocks_for(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          finalize_args<scalar_t, sum_t>(t), channels);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

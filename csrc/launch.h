@@ -132,8 +132,18 @@ PoolArgs<scalar_t, acc_t> pool_args(const PoolTensors& t) {
   return a;
 }
 
-// BN finalisation: inputs Σ, Σ², γ, β; outputs scale, shift, mean, var (all 1-D, one dtype, contiguous); running
-// statistics and the batch counter undefined where not updated.
+// Calls f(sum_t{}) with sum_t the element type of `sums`: double for float64 sums, else Fallback (their type).
+template <typename Fallback, typename F>
+void with_sums_type(const at::Tensor& sums, const F& f) {
+  if (sums.scalar_type() == at::kDouble) {
+    f(double{});
+  } else {
+    f(Fallback{});
+  }
+}
+
+// BN finalisation: inputs Σ, Σ² (float32 or float64), γ, β; outputs scale, shift, mean, var (γ's dtype); all 1-D
+// and contiguous; running statistics and the batch counter undefined where not updated.
 struct FinalizeTensors {
   at::Tensor sums, sumsq, weight, bias;
   at::Tensor scale, shift, mean, var;
@@ -141,10 +151,10 @@ struct FinalizeTensors {
   double count, eps, momentum, unbias;
 };
 
-template <typename T>
-BnFinalizeArgs<T> finalize_args(const FinalizeTensors& t) {
+template <typename T, typename S>
+BnFinalizeArgs<T, S> finalize_args(const FinalizeTensors& t) {
   auto out = [](const at::Tensor& v) { return v.defined() ? v.mutable_data_ptr<T>() : nullptr; };
-  return {t.sums.const_data_ptr<T>(), t.sumsq.const_data_ptr<T>(), t.weight.const_data_ptr<T>(),
+  return {t.sums.const_data_ptr<S>(), t.sumsq.const_data_ptr<S>(), t.weight.const_data_ptr<T>(),
           t.bias.const_data_ptr<T>(), static_cast<T>(t.count), static_cast<T>(t.eps), out(t.scale), out(t.shift),
           out(t.mean), out(t.var), out(t.running_mean), out(t.running_var), static_cast<T>(t.momentum),
           static_cast<T>(t.unbias), t.batches.defined() ? t.batches.mutable_data_ptr<int64_t>() : nullptr};

@@ -305,7 +305,10 @@ std::tuple<at::Tensor, at::Tensor> ext_depthwise3x3(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& stats_out) {
   DepthwiseTensors t = prepare_depthwise(x, weight, bias, scale, shift, activation, stride, pad);
   t.y = at::empty({x.size(0), x.size(1), x.size(2) / stride, x.size(3) / stride}, x.options().memory_format(kNHWC));
-  t.sums = sums_accumulator(stats_out, kNumStatSums, x.size(1), x.options().dtype(stats_dtype(x)));
+  // The statistics in stats_out's dtype where it is float64 (a BN's own), else in the maths dtype.
+  const bool float64_out = stats_out.has_value() && stats_out->scalar_type() == at::kDouble;
+  t.sums = sums_accumulator(stats_out, kNumStatSums, x.size(1), x.options().dtype(float64_out ? at::kDouble
+                                                                                                : stats_dtype(x)));
   const c10::DeviceGuard guard(x.device());
   if (t.y.numel() > 0) x.is_cuda() ? cuda::depthwise_forward(t) : cpu::depthwise_forward(t);
   return {t.y, t.sums};
@@ -390,11 +393,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ext_bn_finalize(
     const at::Tensor& sums, const at::Tensor& sumsq, int64_t count, const at::Tensor& weight, const at::Tensor& bias,
     double eps, const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& batches, double momentum, double unbias) {
-  const std::vector<at::Tensor> in =
-      statistics_vectors("sums", sums, {{"sums", &sums}, {"sumsq", &sumsq}, {"weight", &weight}, {"bias", &bias}});
+  // Σ, Σ² in their dtype (float32 or float64); γ, β and the outputs in γ's dtype, at least float32.
+  const std::vector<at::Tensor> stats = statistics_vectors("sums", sums, {{"sums", &sums}, {"sumsq", &sumsq}});
+  TORCH_CHECK_VALUE(weight.sizes() == sums.sizes() && weight.device() == sums.device(), "weight must have shape ",
+                    sums.sizes(), " on ", sums.device(), " like the statistics, got ", weight.sizes(), " on ",
+                    weight.device());
+  TORCH_CHECK_TYPE(weight.is_floating_point(), "weight must be floating-point, got ", weight.scalar_type());
+  const at::Tensor affine = to_logged(weight, weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const std::vector<at::Tensor> in = statistics_vectors("weight", affine, {{"weight", &weight}, {"bias", &bias}});
   check_count_and_eps(count, eps);
-  check_running(sums, running_mean, running_var, batches);
-  FinalizeTensors t{in[0], in[1], in[2], in[3]};
+  check_running(in[0], running_mean, running_var, batches);
+  FinalizeTensors t{stats[0], stats[1], in[0], in[1]};
   t.scale = at::empty_like(in[0]), t.shift = at::empty_like(in[0]);
   t.mean = at::empty_like(in[0]), t.var = at::empty_like(in[0]);
   t.running_mean = running_mean.value_or(at::Tensor()), t.running_var = running_var.value_or(at::Tensor());

@@ -17,15 +17,18 @@ BLOCK_C = 128
 def finalize_channels(c, mask, sums_ptr, sumsq_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr,
                       running_mean_ptr, running_var_ptr, count, eps, momentum, unbias,
                       HAS_RUNNING: tl.constexpr):  # fmt: skip
-    """Channels ``c`` (where ``mask``): mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0), scale = γ/sqrt(var + eps),
-    shift = β − mean·scale stored with the mean and variance (fp32); then running ←
+    """Channels ``c`` (where ``mask``): mean = Σ/n, var = Σ²/n − mean² (biased, ≥ 0) in the statistics' dtype
+    (float64: the subtraction loses nothing that the outputs keep), scale = γ/sqrt(var + eps), shift = β − mean·scale
+    stored with the mean and variance in the outputs' dtype (fp32, or float64); then running ←
     running + momentum·(batch − running), the variance unbiased by ``unbias`` = n/(n − 1). The statistics are read
     from L2 (``.cg``): other programs of the same launch may have added them."""
     mean = tl.load(sums_ptr + c, mask=mask, cache_modifier=".cg") / count
     var = tl.maximum(tl.load(sumsq_ptr + c, mask=mask, cache_modifier=".cg") / count - mean * mean, 0.0)
-    scale = tl.load(weight_ptr + c, mask=mask).to(tl.float32) / tl.sqrt(var + eps)
+    mean, var = mean.to(mean_ptr.dtype.element_ty), var.to(var_ptr.dtype.element_ty)
+    affine = scale_ptr.dtype.element_ty
+    scale = tl.load(weight_ptr + c, mask=mask).to(affine) / tl.sqrt(var + eps)
     tl.store(scale_ptr + c, scale, mask=mask)
-    tl.store(shift_ptr + c, tl.load(bias_ptr + c, mask=mask).to(tl.float32) - mean * scale, mask=mask)
+    tl.store(shift_ptr + c, tl.load(bias_ptr + c, mask=mask).to(affine) - mean * scale, mask=mask)
     tl.store(mean_ptr + c, mean, mask=mask)
     tl.store(var_ptr + c, var, mask=mask)
     if HAS_RUNNING:
@@ -40,7 +43,7 @@ def finalize_when_last(stats_ptr, counter_ptr, weight_ptr, bias_ptr, scale_ptr, 
                        running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum, unbias,
                        HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     """A GEMM epilogue's BN finalize: after this program has added its share of the (2, C) ``stats``, it takes a
-    ticket from the zeroed int32 ``counter``; the program holding the last ticket (every other program's statistics
+    ticket from the zeroed integer ``counter``; the program holding the last ticket (every other program's statistics
     are complete) finalizes all C channels (``finalize_channels``) and adds 1 to the batch counter. No finalize
     launch: the last-block reduction, with an acquire-release ticket after a barrier of the program's threads."""
     finalize_when_last_of(tl.num_programs(0) * tl.num_programs(1), stats_ptr, counter_ptr, weight_ptr, bias_ptr,
@@ -84,8 +87,9 @@ def _bn_finalize_kernel(
 @dataclass
 class Finalize:
     """A BN finalize folded into a GEMM's epilogue (``finalize_when_last``): its tensors and scalars. ``counter``: a
-    zeroed int32 element; ``outputs``: the fp32 (C,) scale, shift, mean and var it writes; the running statistics
-    (fp32, contiguous; or both None) and the one-element counter ``batches`` (or None) it updates."""
+    zeroed int32 (or int64) element; ``outputs``: the (C,) scale, shift, mean and var it writes (fp32, or float64);
+    the running statistics (their dtype, contiguous; or both None) and the one-element counter ``batches`` (or None)
+    it updates."""
 
     counter: torch.Tensor
     weight: torch.Tensor
@@ -115,11 +119,13 @@ class Finalize:
 
 
 def bn_finalize_forward(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
-    """From contiguous ``stats`` = [Σ; Σ²] (2, C), returns fp32 ``(scale, shift, mean, var)``, each (C,); updates
-    ``running_mean``/``running_var`` (fp32, contiguous; or both None) and the one-element counter ``batches`` (or
-    None) in the same launch."""
+    """From contiguous ``stats`` = [Σ; Σ²] (2, C) (fp32 or float64), returns ``(scale, shift, mean, var)``, each (C,)
+    of ``affine_dtype(weight)``; updates ``running_mean``/``running_var`` (that dtype, contiguous; or both None) and
+    the one-element counter ``batches`` (or None) in the same launch."""
+    from spinenet_fast.ops.bn_finalize import affine_dtype
+
     channels = stats.shape[1]
-    outputs = tuple(stats.new_empty(channels) for _ in range(4))
+    outputs = tuple(stats.new_empty(channels, dtype=affine_dtype(weight)) for _ in range(4))
     has_running, has_counter = running_mean is not None, batches is not None
     unused = outputs[0]  # the pointer of an absent tensor, never dereferenced
     grid = (triton.cdiv(channels, BLOCK_C),)

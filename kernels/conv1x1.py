@@ -2,10 +2,11 @@
 
 ``y[p, o] = Σ_k act(scale[k]·x[p, k] + shift[k]) · W[o, k]`` over pixels p = (n, h, w). x and y are (N, C, H, W)
 addressed through their strides (channels_last is the fast layout); W is (C_out, C_in). Accumulation is fp32;
-fp32 inputs use IEEE fp32 dot products (no TF32). Each program adds its Σy and Σy² (of the stored values) to one
-zeroed (2, C_out) buffer. With ``POOLS`` > 0 the prologue also max-pools (``maxpool_prologue``): x is then the
-(N, C_in, H0, W0) input of ``POOLS`` chained 3×3/s2 max-pools of act(scale·x + shift), y is at 1/2^POOLS of its
-resolution, and the programs of the first output-channel tile store the pooled tensor and its route (NHWC).
+fp32 inputs use IEEE fp32 dot products (no TF32). Each program adds its share of Σy and Σy² (of the stored values)
+to one zeroed (2, C_out) buffer (``epilogue.add_tile_moments``). With ``POOLS`` > 0 the prologue also max-pools
+(``maxpool_prologue``): x is then the (N, C_in, H0, W0) input of ``POOLS`` chained 3×3/s2 max-pools of
+act(scale·x + shift), y is at 1/2^POOLS of its resolution, and the programs of the first output-channel tile store
+the pooled tensor and its route (NHWC).
 """
 
 import torch
@@ -65,9 +66,9 @@ def _conv1x1_fwd_kernel(
 
 
 def conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats=None, finalize: Finalize | None = None):
-    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the
-    statistics are added into ``stats`` (a zeroed contiguous fp32 (2, C_out) buffer) where it is given, and the BN
-    of y is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
+    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the statistics are
+    added into ``stats`` (a zeroed contiguous fp32 or float64 (2, C_out) buffer) where it is given, and the BN of y
+    is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
     y, stats, _, _ = _launch(x, weight, scale, shift, activation, stats, finalize, 0, 0, False)
     return [y, stats]
 

@@ -92,8 +92,8 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
                              finalize: Finalize | None = None) -> list:  # fmt: skip
     """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``, y with
     the (C_out,) ``bias`` added where one is given; the statistics are added into ``stats`` (a zeroed contiguous fp32
-    (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program where ``finalize``
-    is given (``bn_finalize.Finalize``)."""
+    or float64 (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program where
+    ``finalize`` is given (``bn_finalize.Finalize``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty(

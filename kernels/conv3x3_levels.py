@@ -169,8 +169,9 @@ class LevelsFinalize:
 def conv3x3_levels_forward(x, sizes, weight, scale, shift, activation, bias, stats, finalize: LevelsFinalize | None
                            ) -> torch.Tensor:  # fmt: skip
     """y (N, S, C_out) packed in x's dtype: each level's 3×3 stride-1 conv (zero padding 1) of act(scale_l·x_l +
-    shift_l) plus ``bias``; with ``finalize``, each level's Σy, Σy² added into ``stats`` (a zeroed fp32 (L, 2, C_out))
-    and its BN finalized. ``x``: (N, S, C_in) contiguous; ``scale``/``shift``: (L, C_in) contiguous fp32, or None."""
+    shift_l) plus ``bias``; with ``finalize``, each level's Σy, Σy² added into ``stats`` (a zeroed float64
+    (L, 2, C_out)) and its BN finalized. ``x``: (N, S, C_in) contiguous; ``scale``/``shift``: (L, C_in) contiguous
+    fp32, or None."""
     n, s, c_in = x.shape
     c_out = weight.shape[0]
     y = x.new_empty((n, s, c_out))

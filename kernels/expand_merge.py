@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_grad, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
+from .epilogue import add_tile_moments
 from .gemm_backward import operand_dot, prologue_tile, store_input_grad
 from .gemm_config import gemm_launch_config
 from .maxpool_prologue import pooled_operand
@@ -111,9 +112,10 @@ def _expand_stats_kernel(
     HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Σe and Σe² of one (BLOCK_M parent pixels) × (BLOCK_N channels) tile of e (fp32, not stored), added to the
-    zeroed (2, C) stats; the last program finalizes the BN. With ``POOLS`` the parent's pixels are its max-pools'
-    ((H0, W0) the raw map's size), stored with their route (``_pooled_expand_tile``)."""
+    """The share of [Σe; Σe²] of one (BLOCK_M parent pixels) × (BLOCK_N channels) tile of e (fp32, not stored), added
+    to the zeroed float64 (2, C) stats (``add_tile_moments``); the last program finalizes the BN. With ``POOLS`` the
+    parent's pixels are its max-pools' ((H0, W0) the raw map's size), stored with their route
+    (``_pooled_expand_tile``)."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if POOLS > 0:
@@ -124,8 +126,7 @@ def _expand_stats_kernel(
         rows = _parent_rows(p // HW, (p % HW) // W_IMG, p % W_IMG, 1, s_n, s_h, s_w)
         e = _expand_tile(h_ptr, w_ptr, scale_ptr, shift_ptr, rows, p < P, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE,
                          ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    tl.atomic_add(stats_ptr + o, tl.sum(e, axis=0), mask=o < C)  # rows past P are zero
-    tl.atomic_add(stats_ptr + C + o, tl.sum(e * e, axis=0), mask=o < C)
+    add_tile_moments(stats_ptr, e, p < P, o, C)
     if FINALIZE:
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
                            bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum,

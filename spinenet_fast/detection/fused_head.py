@@ -34,7 +34,8 @@ from ..models.fused_merge import (
     uses_batch_statistics,
 )
 from ..ops import conv3x3_bn_levels, conv3x3_bn_stats, conv3x3_levels, pack_levels
-from ..ops.conv3x3_levels import MAX_LEVELS
+from ..ops.bn_finalize import stats_slots
+from ..ops.conv3x3_levels import MAX_LEVELS, levels_stats_size
 from .anchors import flatten_per_anchor
 
 
@@ -107,7 +108,7 @@ def _workspace_elements(tower, num_levels: int, channels: int, dtype: torch.dtyp
     total = 0
     for k, conv in enumerate(tower.convs):
         batch_levels = sum(uses_batch_statistics(tower.norms[level][k]) for level in range(num_levels))
-        total += batch_levels * (2 * channels + 1 + 2 * channels * (k > 0))
+        total += batch_levels * (stats_slots(channels, dtype) + 1 + 2 * channels * (k > 0))
         total += SharedConv.buffer_elements(conv, dtype) if _batch_statistics(tower, k, num_levels) else 0
     return total
 
@@ -185,7 +186,7 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
     for name, tower, predictor, values in towers:
         y, scale, shift = packed, None, None
         batch = levels_mode(tower, len(sizes)) == "batch"
-        per_layer = len(sizes) * (2 * predictor.in_channels + 1)
+        per_layer = levels_stats_size(len(sizes), predictor.in_channels, stats_dtype)
         elements = per_layer * len(tower.convs) if batch else 0  # each layer's statistics and counters: one fill
         workspace = torch.zeros(elements, dtype=stats_dtype, device=packed.device) if batch else None
         for k, conv in enumerate(tower.convs):

@@ -35,6 +35,7 @@ from ..ops import (
     merge_for_readers,
     pooled_conv1x1_bn,
 )
+from ..ops.bn_finalize import alignment_slack, stats_slots, take_stats
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
 from ..ops.expand_merge import workspace_size
@@ -46,11 +47,12 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
 
 
 class ConnectionWorkspace:
-    """One zeroed buffer (the statistics' dtype: fp32, or float64 for float64 activations) for every accumulator
-    of a connection's (or a block's) training-mode conv + BN ops — each BN's statistics [Σ; Σ²] and its finalize's
-    program counter, each prologue's gradient [d_scale; d_shift] (the max-pools' included), each fp32 conv weight's
-    gradient, and the merge backward's channel sums — handed out in slices, in the order the ops take them: one fill
-    per merge (or block) instead of one per accumulator. ``sizes``: the slices' elements, in that order."""
+    """One zeroed buffer (the maths dtype: fp32, or float64 for float64 activations) for every accumulator of a
+    connection's (or a block's) training-mode conv + BN ops — each BN's float64 statistics [Σ; Σ²] (a float64 view,
+    ``take_stats``) and its finalize's program counter, each prologue's gradient [d_scale; d_shift] (the max-pools'
+    included), each fp32 conv weight's gradient, and the merge backward's channel sums — handed out in slices, in the
+    order the ops take them: one fill per merge (or block) instead of one per accumulator. ``sizes``: the slices'
+    elements, in that order."""
 
     def __init__(self, sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
@@ -89,7 +91,8 @@ class ConnectionWorkspace:
         statistics, the finalize's counter, its prologue's gradients and an fp32 weight's gradient; none otherwise."""
         if not uses_batch_statistics(layer.bn):
             return []
-        sizes = [2 * layer.conv.out_channels, 1] + ([2 * layer.conv.in_channels] if has_prologue else [])
+        sizes = [stats_slots(layer.conv.out_channels, dtype), 1] + ([2 * layer.conv.in_channels] if has_prologue
+                                                                      else [])  # fmt: skip
         return sizes + ([layer.conv.weight.numel()] if cls.holds_weight_grad(layer.conv.weight, dtype) else [])
 
     @staticmethod
@@ -108,6 +111,21 @@ class ConnectionWorkspace:
     def take_counter(self) -> Tensor | None:
         """The next element as a zeroed integer counter (``conv_bn.counter_view``; None without a buffer)."""
         return None if self.buffer is None else counter_view(self.take(1, rows=1).view(1))
+
+    def take_stats(self, channels: int) -> Tensor | None:
+        """The next BN's float64 (2, channels) statistics (``bn_finalize.take_stats``; None without a buffer)."""
+        if self.buffer is None:
+            return None
+        stats, self.offset = take_stats(self.buffer, self.offset, channels)
+        return stats
+
+    def take_aligned(self, elements: int) -> Tensor | None:
+        """The next ``elements`` from an 8-byte boundary (a 1-D slice that holds float64 statistics itself: an
+        ``expand_merge`` workspace; its size reserves ``alignment_slack`` more); None without a buffer."""
+        if self.buffer is None:
+            return None
+        self.offset += -self.offset % (alignment_slack(self.buffer.dtype) + 1)
+        return self.take(elements, rows=1).view(-1)
 
     def take(self, channels: int, rows: int = 2) -> Tensor | None:
         """The next (rows, channels) slice (None without a buffer: no training-mode BN)."""
@@ -146,9 +164,9 @@ def expanding_layers(module) -> list[nn.Module] | None:
     return layers if len(updates) == 1 else None
 
 
-def expand_merge_size(layers: list[nn.Module]) -> int:
-    """The elements of the ``expand_merge`` workspace of these expand layers (``expanding_layers``)."""
-    return workspace_size(layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers])
+def expand_merge_size(layers: list[nn.Module], dtype: torch.dtype) -> int:
+    """The elements of the ``dtype`` ``expand_merge`` workspace of these expand layers (``expanding_layers``)."""
+    return workspace_size(layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers], dtype)
 
 
 def batch_bn_kwargs(bn: nn.Module) -> dict | None:
@@ -218,7 +236,7 @@ def training_bn_args(conv: nn.Module, bn: nn.Module, kwargs: dict, workspace: Co
     """A training-mode conv + BN op's BN keyword arguments (``batch_bn_kwargs``'s ``kwargs``), its statistics and
     counter taken from the workspace; ``weight_grad``: the buffer dW is added into, or None."""
     return dict(bn_weight=bn.weight, bn_bias=bn.bias, **kwargs, process_group=sync_group(bn),
-                stats_buffer=workspace.take(conv.out_channels), counter_buffer=workspace.take_counter(),
+                stats_buffer=workspace.take_stats(conv.out_channels), counter_buffer=workspace.take_counter(),
                 weight_grad_buffer=weight_grad)  # fmt: skip
 
 
@@ -372,8 +390,9 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
     stats_dtype = torch.promote_types(dtype, torch.float32)
     inputs = [size for r in module.resamples for layer, has_prologue in expand_input_layers(r)
               for size in ConnectionWorkspace.layer_sizes(layer, has_prologue, stats_dtype)]  # fmt: skip
-    size = expand_merge_size(layers)
-    workspace = ConnectionWorkspace([*inputs, size], feats[module.parent_ids[0]].device, stats_dtype)
+    size = expand_merge_size(layers, stats_dtype)
+    workspace = ConnectionWorkspace([*inputs, size + alignment_slack(stats_dtype)], feats[module.parent_ids[0]].device,
+                                    stats_dtype)  # fmt: skip
     parents, scales, shifts = [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         h, scale, shift = fused_expand_input(resample, feats[i].to(dtype), activation, padding, workspace)
@@ -390,5 +409,5 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
         running_means=optional("running_mean"), running_vars=optional("running_var"),
         num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
         pools=[len(getattr(r, "pools", None) or ()) for r in module.resamples], padding=padding,
-        readers=readers, workspace=workspace.take(size, rows=1).view(-1),
+        readers=readers, workspace=workspace.take_aligned(size),
     )  # fmt: skip

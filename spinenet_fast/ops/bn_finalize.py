@@ -1,4 +1,4 @@
-"""``bn_finalize``: per-channel [Σy; Σy²] (fp32) -> BatchNorm's folded ``scale``, ``shift``; running-stat update.
+"""``bn_finalize``: per-channel [Σy; Σy²] -> BatchNorm's folded ``scale``, ``shift``; running-statistics update.
 
 Equivalent to training-mode ``nn.BatchNorm2d`` split in two: with mean = Σy/n and biased var = Σy²/n − mean²,
 ``scale = weight / sqrt(var + eps)`` and ``shift = bias − mean·scale``, so that ``BN(y) = scale·y + shift``.
@@ -20,6 +20,49 @@ from .op_spec import Backend
 from .schema_types import TensorList
 
 StatsReducer = Callable[[Tensor, int], tuple[Tensor, int]]
+
+STATS_DTYPE = torch.float64
+"""The dtype of the statistics a training-mode BN of the conv + BN ops accumulates (every activation dtype): the
+variance Σy²/n − mean² cancels ~(mean/std)² of its digits, which fp32 sums lose for a channel whose mean dwarfs its
+spread (the kernels add each tile's moments, ``kernels/epilogue.py``)."""
+
+
+def affine_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of a BN's folded affine map and batch statistics: γ's, at least fp32 (fp32 under autocast and for a
+    bf16-cast model, float64 in a float64 one), whatever the statistics' dtype."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def alignment_slack(dtype: torch.dtype) -> int:
+    """Elements of a ``dtype`` buffer (fp32 or float64) skipped at most to reach an 8-byte boundary."""
+    return STATS_DTYPE.itemsize // dtype.itemsize - 1
+
+
+def stats_slots(channels: int, dtype: torch.dtype) -> int:
+    """Elements of a 1-D ``dtype`` buffer (fp32 or float64) that ``take_stats`` takes for one BN's float64
+    (2, ``channels``) statistics, the alignment it may skip included."""
+    return 2 * channels * (alignment_slack(dtype) + 1) + alignment_slack(dtype)
+
+
+def take_stats(buffer: Tensor, offset: int, channels: int) -> tuple[Tensor, int]:
+    """``(stats, end)``: one BN's float64 (2, ``channels``) statistics viewed in the 1-D fp32 (or float64) ``buffer``
+    from its first element at or after ``offset`` that is 8 bytes from its start, and the element after them.
+    ``stats_slots`` elements from ``offset`` always hold them. ``buffer`` must start at an 8-byte boundary of its
+    storage (``check_stats_alignment``): a fresh allocation, or a slice of one at an 8-byte boundary."""
+    per = STATS_DTYPE.itemsize // buffer.element_size()
+    start = offset + (-offset) % per
+    end = start + 2 * channels * per
+    return buffer[start:end].view(STATS_DTYPE).view(2, channels), end
+
+
+def check_stats_alignment(name: str, buffer: Tensor) -> None:
+    """``buffer``, which holds float64 statistics (``take_stats``), must start at an 8-byte boundary of its storage
+    (checked outside ``torch.compile``, whose tracing of the float64 view raises on a misaligned one itself)."""
+    if torch.compiler.is_compiling():
+        return
+    if buffer.storage_offset() * buffer.element_size() % STATS_DTYPE.itemsize:
+        raise ValueError(f"{name} holds float64 statistics and must start at an 8-byte boundary of its storage, got "
+                         f"{describe(buffer)} from element {buffer.storage_offset()}")  # fmt: skip
 
 
 def check_bn_args(channels, device, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
@@ -83,31 +126,39 @@ def running_update_reference(running_mean, running_var, mean, var, momentum, unb
 def bn_finalize_reference(
     stats, count, weight, bias, eps, running_mean=None, running_var=None, batches=None, momentum=0.1, unbias=1.0
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Plain PyTorch: ``(scale, shift, mean, var)`` in the statistics' dtype (fp32); the running statistics (if
-    given) and ``batches`` (if given) updated in place."""
+    """Plain PyTorch: ``(scale, shift, mean, var)`` of ``affine_dtype(weight)``, the mean and variance taken in the
+    statistics' dtype; the running statistics (if given) and ``batches`` (if given) updated in place."""
+    dtype = affine_dtype(weight)
     mean = stats[0] / count
     var = (stats[1] / count - mean * mean).clamp_min(0)
-    scale = weight.to(stats.dtype) * torch.rsqrt(var + eps)
+    mean, var = mean.to(dtype), var.to(dtype)
+    scale = weight.to(dtype) * torch.rsqrt(var + eps)
     if running_mean is not None:
         with torch.no_grad():
             running_update_reference(running_mean, running_var, mean, var, momentum, unbias)
     if batches is not None:
         batches.add_(1)
-    return scale, bias.to(stats.dtype) - mean * scale, mean, var
+    return scale, bias.to(dtype) - mean * scale, mean, var
 
 
 def _triton_reasons(vector: Tensor) -> list[str]:
     reasons = backends.triton_reasons(vector)
-    return reasons + ([] if vector.dtype == torch.float32 else [f"statistics dtype {vector.dtype} is not float32"])
+    fits = vector.dtype in (torch.float32, torch.float64)
+    return reasons + ([] if fits else [f"statistics dtype {vector.dtype} is not float32 or float64"])
+
+
+def _triton_backward_reasons(d_scale: Tensor) -> list[str]:
+    reasons = backends.triton_reasons(d_scale)
+    return reasons + ([] if d_scale.dtype == torch.float32 else [f"gradient dtype {d_scale.dtype} is not float32"])
 
 
 def with_running_update(kernel, stats, count, weight, bias, eps, running_mean, running_var, batches, momentum,
                         unbias):  # fmt: skip
     """``kernel``'s outputs (scale, shift, mean, var), the running statistics updated in its launch where they are
-    contiguous buffers of the statistics' dtype (BN keeps them fp32 under autocast); otherwise by ATen after it (a
-    model cast to bf16)."""
+    contiguous buffers of the outputs' dtype (``affine_dtype``: BN keeps them fp32 under autocast); otherwise by ATen
+    after it (a model cast to bf16)."""
     running = (running_mean, running_var)
-    if running_mean is None or all(t.dtype == stats.dtype and t.is_contiguous() for t in running):
+    if running_mean is None or all(t.dtype == affine_dtype(weight) and t.is_contiguous() for t in running):
         return kernel(stats, count, weight, bias, eps, *running, batches, momentum, unbias)
     outputs = kernel(stats, count, weight, bias, eps, None, None, batches, momentum, unbias)
     running_update_reference(*running, outputs[2], outputs[3], momentum, unbias)
@@ -130,7 +181,9 @@ def _contiguous_vectors(stats, count, weight, bias, *args) -> tuple:
 
 @op_spec.custom_op(
     "bn_finalize",
-    fake=lambda stats, *_: tuple(stats.new_empty(stats.shape[1:]) for _ in range(4)),
+    fake=lambda stats, count, weight, *_: tuple(
+        stats.new_empty(stats.shape[1:], dtype=affine_dtype(weight)) for _ in range(4)
+    ),
     implementations={
         "reference": Backend(bn_finalize_reference),
         "triton": Backend(_bn_finalize_triton, lambda stats, *args: _triton_reasons(stats)),
@@ -184,7 +237,8 @@ def _contiguous_grads(*args) -> tuple:
     implementations={
         "reference": Backend(bn_finalize_backward_reference),
         "triton": Backend(
-            op_spec.kernel("bn_finalize", "bn_finalize_backward"), lambda d_scale, *args: _triton_reasons(d_scale)
+            op_spec.kernel("bn_finalize", "bn_finalize_backward"),
+            lambda d_scale, *args: _triton_backward_reasons(d_scale),
         ),
         "cuda": Backend(_bn_finalize_backward_extension, lambda d_scale, *args: backends.extension_reasons(d_scale)),
     },

@@ -82,8 +82,8 @@ def _conv1x1_triton_train(x, weight, scale, shift, activation, stats, finalize) 
 
 @op_spec.custom_op(
     "conv1x1_bn_forward",
-    fake=lambda x, weight, scale, shift, activation, stats, *_: fake_train_forward(
-        fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0], stats
+    fake=lambda x, weight, scale, shift, activation, stats, counter, count, bn_weight, *_: fake_train_forward(
+        fake_conv_outputs(x, weight, x.shape[2], x.shape[3])[0], stats, bn_weight
     ),
     implementations=train_forward_implementations("conv1x1_bn_stats_into", 1, _conv1x1_triton_train),
     auto_order=FUSED_FIRST,
@@ -136,7 +136,7 @@ def conv1x1_bn(
     """``(y, out_scale, out_shift)`` (see the module docstring); checks arguments first. The running statistics are
     updated where both are given, ``num_batches_tracked`` incremented where given; ``upsample_factor`` ρ: the normalised
     y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values. ``stats_buffer``: a zeroed
-    contiguous (2, C_out) tensor of the statistics' dtype the statistics are added into (a slice of one buffer that
+    contiguous float64 (2, C_out) tensor the statistics are added into (a slice of one buffer that
     several ops share, zeroed by one fill); None: the op allocates and zeroes its own. ``counter_buffer``: a zeroed
     one-element int32 tensor (int64 for float64 statistics) the conv's programs count themselves on, so that the last
     one finalizes the BN (a slice of the same buffer, viewed as an integer); None: allocated with the statistics, or

@@ -49,10 +49,11 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
-    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]``."""
+def conv1x1_bn_stats_reference(x, weight, scale, shift, activation, *, sums_dtype=None) -> list[Tensor]:
+    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]`` (the statistics in ``sums_dtype``, by
+    default x's statistics dtype)."""
     a = prologue_forward(x, scale, shift, activation)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x, sums_dtype)
 
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
@@ -69,9 +70,10 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     return [dx, d_weight, torch.stack(d_affine)] if d_affine else [dx, d_weight]
 
 
-def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
+def conv1x1_bn_stats_library(x, weight, scale, shift, activation, *, sums_dtype=None) -> list[Tensor]:
     """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
-    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight.to(x.dtype)), x)
+    a = prologue_forward(x, scale, shift, activation).to(x.dtype)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype)), x, sums_dtype)
 
 
 def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:

@@ -86,11 +86,15 @@ def _conv3x3_triton_train(x, weight, scale, shift, activation, padding, stride, 
     return triton_conv3x3_forward(x, weight, scale, shift, activation, pad, stride, bias, stats, finalize)[0]
 
 
+def _fake_train_forward(x, weight, scale, shift, activation, padding, stride, bias, stats, counter, count, bn_weight,
+                        *_) -> tuple:  # fmt: skip
+    y = fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)[0]
+    return fake_train_forward(y, stats, bn_weight)
+
+
 @op_spec.custom_op(
     "conv3x3_bn_forward",
-    fake=lambda x, weight, scale, shift, activation, padding, stride, bias, stats, *_: fake_train_forward(
-        fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)[0], stats
-    ),
+    fake=_fake_train_forward,
     implementations=train_forward_implementations("conv3x3_bn_stats_into", 4, _conv3x3_triton_train),
     auto_order=FUSED_FIRST,
     mutates_args=("stats", "counter", "running_mean", "running_var", "batches"),

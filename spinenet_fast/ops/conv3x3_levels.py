@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends, op_spec
+from .bn_finalize import affine_dtype, alignment_slack, check_bn_args, check_stats_alignment, stats_slots, take_stats
 from .checks import describe
 from .conv_bn import counter_view
 from .op_spec import FUSED_FIRST, Backend
@@ -147,7 +148,7 @@ def _triton_forward(x, sizes, weight, bias, scale, shift, activation, stats, cou
     from spinenet_fast.kernels.conv3x3_levels import LevelsFinalize, conv3x3_levels_forward
 
     levels, c_out = len(sizes) // 2, weight.shape[0]
-    outputs = tuple(stats.new_empty((levels, c_out)) for _ in range(4))
+    outputs = tuple(stats.new_empty((levels, c_out), dtype=affine_dtype(bn_weights[0])) for _ in range(4))
     finalize = LevelsFinalize(counters, [w.contiguous() for w in bn_weights], [b.contiguous() for b in bn_biases],
                               outputs, running_means or None, running_vars or None, batches or None, eps,
                               momentum)  # fmt: skip
@@ -164,7 +165,7 @@ def _vectors(t: Tensor | None) -> Tensor | None:
     "conv3x3_bn_levels_forward",
     fake=lambda x, sizes, weight, *args: (
         x.new_empty((*x.shape[:2], weight.shape[0])),
-        *(args[4].new_empty((len(sizes) // 2, weight.shape[0])) for _ in range(4)),
+        *(args[4].new_empty((len(sizes) // 2, weight.shape[0]), dtype=affine_dtype(args[6][0])) for _ in range(4)),
     ),
     implementations={
         "reference": Backend(_per_level_forward("reference")),
@@ -375,6 +376,14 @@ def conv3x3_levels(
     return _Conv3x3Levels.apply(x.contiguous(), weight, bias, scale, shift, flat, activation)
 
 
+def levels_stats_size(levels: int, channels: int, dtype: torch.dtype) -> int:
+    """Elements of ``conv3x3_bn_levels``' ``dtype`` statistics buffer: ``levels`` BNs' float64 (2, ``channels``)
+    statistics (one (L, 2, C) view) and their counters, rounded up to 8 bytes (so that such buffers can follow each
+    other in one allocation)."""
+    size = stats_slots(levels * channels, dtype) + levels
+    return size + -size % (alignment_slack(dtype) + 1)
+
+
 def conv3x3_bn_levels(
     x: Tensor, sizes: list[tuple[int, int]], weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
     shift: Tensor | None = None, activation: str = "identity", *, bn_weights: list[Tensor], bn_biases: list[Tensor],
@@ -384,10 +393,9 @@ def conv3x3_bn_levels(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, out_scale, out_shift)``: each level's conv and its training-mode BN (``bn_weights``/``bn_biases``: one
     (C_out,) γ, β per level; running statistics and counters: one per level, or None), so that level l's BN output is
-    ``out_scale[l]·y_l + out_shift[l]``. ``stats_buffer``: a zeroed (L·(2·C_out + 1),) tensor of the statistics'
-    dtype the statistics and the programs' counters take (one fill per caller), or None."""
-    from .bn_finalize import check_bn_args
-
+    ``out_scale[l]·y_l + out_shift[l]``. ``stats_buffer``: a zeroed (``levels_stats_size``,) tensor of x's
+    statistics dtype that the float64 statistics (a view) and the programs' counters take (one fill per caller), or
+    None."""
     check_levels_args(x, sizes, weight, bias, scale, shift, activation)
     levels, c_out = len(sizes), weight.shape[0]
     lists = {"bn_weights": bn_weights, "bn_biases": bn_biases, "running_means": running_means,
@@ -402,14 +410,17 @@ def conv3x3_bn_levels(
                       channels_of="the conv's output",
                       count_of=partial("N·H·W of level {}, {}×{}".format, level, h, w))  # fmt: skip
     dtype = torch.promote_types(x.dtype, torch.float32)
+    size = levels_stats_size(levels, c_out, dtype)
     if stats_buffer is None:
-        stats_buffer = torch.zeros(levels * (2 * c_out + 1), dtype=dtype, device=x.device)
-    elif not (stats_buffer.shape == (levels * (2 * c_out + 1),) and stats_buffer.dtype == dtype
-              and stats_buffer.is_contiguous() and stats_buffer.device == x.device):  # fmt: skip
-        raise ValueError(f"stats_buffer must be a contiguous {dtype} ({levels * (2 * c_out + 1)},) tensor on "
-                         f"{x.device}, got {describe(stats_buffer)}")  # fmt: skip
-    stats = stats_buffer[: 2 * levels * c_out].view(levels, 2, c_out)
-    counters = counter_view(stats_buffer[2 * levels * c_out :])
+        stats_buffer = torch.zeros(size, dtype=dtype, device=x.device)
+    elif not (stats_buffer.shape == (size,) and stats_buffer.dtype == dtype and stats_buffer.is_contiguous()
+              and stats_buffer.device == x.device):  # fmt: skip
+        raise ValueError(f"stats_buffer must be a contiguous {dtype} ({size},) tensor on {x.device}, got "
+                         f"{describe(stats_buffer)}")  # fmt: skip
+    check_stats_alignment("stats_buffer", stats_buffer)
+    stats, end = take_stats(stats_buffer, 0, levels * c_out)
+    stats = stats.view(levels, 2, c_out)
+    counters = counter_view(stats_buffer[end : end + levels])
     flat = [v for s in sizes for v in s]
     running = [list(values or []) for values in (running_means, running_vars, num_batches_tracked)]
     return _Conv3x3BNLevels.apply(x.contiguous(), weight, bias, scale, shift, flat, activation, float(eps),

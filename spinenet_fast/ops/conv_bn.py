@@ -22,8 +22,10 @@ from torch import Tensor
 from . import backends
 from .activation import stats_dtype
 from .bn_finalize import (
+    STATS_DTYPE,
     _bn_finalize_backward_op,
     _bn_finalize_op,
+    affine_dtype,
     bn_finalize_backward_reference,
     check_bn_args,
     with_running_update,
@@ -61,9 +63,9 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     """The body of a conv + BN ``autograd.Function``'s forward: ``(y, out_scale, out_shift)``, with what its
     backward needs saved on ``ctx``. ``count``: y's pixels (values per channel on this rank). Without a process
     group, one ``train_op`` (the conv with the BN finalized in its last program); with one, the conv, the
-    statistics' all-reduce and ``bn_finalize``. ``stats``/``counter``: a zeroed (2, C_out) buffer the conv adds its
-    statistics into and a zeroed integer element its programs count themselves on, or None (allocated here, one
-    fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
+    statistics' all-reduce and ``bn_finalize``. ``stats``/``counter``: a zeroed float64 (2, C_out) buffer the conv
+    adds its statistics into and a zeroed integer element its programs count themselves on, or None (allocated here,
+    one fill); ``prologue_grad``: a zeroed (2, C_in) buffer the first backward adds the prologue's [d_scale; d_shift]
     into, or None; ``weight_grad``: likewise a zeroed fp32 buffer of the weight's shape for dW (an fp32 weight's), or
     None. ``side_outputs``: how many tensors the ops return after y (saved after the rest, not returned). ``bias``:
     ``()`` for ops without one, else ``(bias or None, its gradient's zeroed stats-dtype buffer or None)``: the bias is
@@ -71,7 +73,7 @@ def conv_bn_forward(ctx, conv_into_op, train_op, conv_args, x, weight, scale, sh
     gradients are left in their buffers (returned as None) for a caller that shares the buffers across calls (the
     first backward only, as the buffers are used once)."""
     if stats is None:
-        fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=stats_dtype(x), device=x.device)
+        fresh = torch.zeros(2 * weight.shape[0] + 1, dtype=STATS_DTYPE, device=x.device)
         stats, counter = fresh[:-1].view(2, -1), counter_view(fresh[-1:])
     elif counter is None:
         counter = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -149,7 +151,7 @@ def train_forward_implementations(conv_into: str, conv_arity: int, triton_forwar
         launched = []
 
         def finalizing_conv(stats, count, weight, bias, eps, running_mean, running_var, batches, momentum, unbias):
-            outputs = tuple(stats.new_empty(stats.shape[1]) for _ in range(4))
+            outputs = tuple(stats.new_empty(stats.shape[1], dtype=affine_dtype(weight)) for _ in range(4))
             finalize = Finalize(counter, weight.contiguous(), bias.contiguous(), outputs, running_mean, running_var,
                                 batches, count, eps, momentum, unbias)  # fmt: skip
             launched.append(triton_forward(*conv, stats, finalize))
@@ -171,9 +173,9 @@ def fake_conv_bn_backward(*args, input_grad: bool = True) -> tuple[Tensor, Tenso
     return dx, d_weight if d_weight_out is None else d_weight.new_empty(0), bn_weight.new_empty((2, *bn_weight.shape))
 
 
-def fake_train_forward(y: Tensor, stats: Tensor) -> tuple:
-    """Meta outputs of a conv + BN training forward: y and four (C,) vectors of the statistics' dtype."""
-    return (y, *(stats.new_empty(stats.shape[1]) for _ in range(4)))
+def fake_train_forward(y: Tensor, stats: Tensor, bn_weight: Tensor) -> tuple:
+    """Meta outputs of a conv + BN training forward: y and four (C,) vectors of the BN's ``affine_dtype``."""
+    return (y, *(stats.new_empty(stats.shape[1], dtype=affine_dtype(bn_weight)) for _ in range(4)))
 
 
 def conv_bn_backward(ctx, backward_op, dy, d_scale, d_shift, conv_input: tuple | None = None,
@@ -253,7 +255,7 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
                   count_of=partial("N·H·W of the conv's output, for x of shape {}".format, tuple(x.shape)),
                   group_size=group_size)  # fmt: skip
     dtype = stats_dtype(x)
-    check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), dtype, x.device)
+    check_accumulator("stats_buffer", stats_buffer, (2, weight.shape[0]), STATS_DTYPE, x.device)
     check_accumulator("counter_buffer", counter_buffer, (1,), torch.int32 if dtype == torch.float32 else torch.int64,
                       x.device)  # fmt: skip
     check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), dtype, x.device)

@@ -46,24 +46,40 @@ def check_window_input(name: str, x, scale, shift, activation, padding, stride: 
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
 
 
-def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
+def conv_outputs(y: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> list[Tensor]:
     """A conv op's ``[y, stats = [Σy; Σy²] (2, C)]`` from its result y (any dtype): y stored channels_last in x's
-    dtype, the statistics summed in x's statistics dtype from y *as stored*. BN later normalises the stored y, and its
-    backward cancels the statistics' gradient against the stored y's: statistics of the unrounded y would not
-    describe the tensor they normalise, and in bf16 that mismatch grew gradient errors to 3× eager's (as eager BN,
-    which takes its statistics from the bf16 conv output, does not)."""
+    dtype, the statistics summed in ``dtype`` (default: x's statistics dtype) from y *as stored*. BN later normalises
+    the stored y, and its backward cancels the statistics' gradient against the stored y's: statistics of the
+    unrounded y would not describe the tensor they normalise, and in bf16 that mismatch grew gradient errors to 3×
+    eager's (as eager BN, which takes its statistics from the bf16 conv output, does not)."""
     stored = y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
-    stats = stored.to(stats_dtype(x))
-    return [stored, torch.stack([stats.sum((0, 2, 3)), (stats * stats).sum((0, 2, 3))])]
+    return [stored, channel_sums(stored, stats_dtype(x) if dtype is None else dtype)]
+
+
+def channel_sums(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """[Σy; Σy²] (2, C) over (N, H, W) of y (N, C, H, W) in ``dtype``. Wider than y's maths dtype (float64 from fp32):
+    from y's moments per channel in its maths dtype — mean m, then M2 = Σ(y − m)², which cancels nothing — as n·m
+    and M2 + n·m² in ``dtype`` (as the kernels add each tile's, ``kernels/epilogue.py``), so that the variance
+    Σy²/n − mean² loses nothing and no float64 copy of y is made."""
+    values = y.to(stats_dtype(y))
+    if values.dtype == dtype:
+        return torch.stack([values.sum((0, 2, 3)), (values * values).sum((0, 2, 3))])
+    count = y.shape[0] * y.shape[2] * y.shape[3]
+    mean = values.sum((0, 2, 3), keepdim=True) / max(count, 1)
+    deviation = values - mean
+    spread = (deviation * deviation).sum((0, 2, 3)).to(dtype)
+    share = mean.view(-1).to(dtype) * count
+    return torch.stack([share, spread + share * mean.view(-1).to(dtype)])
 
 
 def accumulating(forward):
     """A backend of a conv op's ``_into`` variant from a backend of the op: y returned, the statistics added into the
-    caller's ``stats`` (the last argument)."""
+    caller's ``stats`` (the last argument), summed in its dtype (float64 for a conv + BN op's): ``forward`` takes
+    that dtype as its keyword ``sums_dtype``."""
 
     def run(*args):
         *args, stats = args
-        y, new_stats = forward(*args)
+        y, new_stats = forward(*args, sums_dtype=stats.dtype)
         stats.add_(new_stats)
         return y
 

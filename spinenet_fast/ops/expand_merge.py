@@ -30,7 +30,8 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
   one-pass backward (``bn_act_maxpool_backward``: gathered through the route, the BN + act backward applied). No e
   or de is ever stored.
 
-The accumulators live in one zeroed fp32 workspace per call (:func:`workspace_size`, one fill per connection).
+The accumulators live in one zeroed fp32 workspace per call, the float64 statistics viewed in it
+(:func:`workspace_size`, one fill per connection).
 """
 
 from functools import partial
@@ -42,9 +43,16 @@ from torch import Tensor
 from . import backends, op_spec
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 from .bn_act_maxpool import check_pool_input
-from .bn_finalize import check_bn_args, running_update_reference
+from .bn_finalize import (
+    bn_finalize_reference,
+    check_bn_args,
+    check_stats_alignment,
+    running_update_reference,
+    stats_slots,
+    take_stats,
+)
 from .checks import check_accumulator, describe
-from .conv_common import CHANNELS_LAST, check_affine_prologue, prologue_backward, prologue_forward
+from .conv_common import CHANNELS_LAST, channel_sums, check_affine_prologue, prologue_backward, prologue_forward
 from .merge import MAX_READERS, _block_sum, _upsample
 from .op_spec import FUSED_FIRST, Backend
 from .schema_types import FloatList, IntList, TensorList
@@ -57,9 +65,9 @@ def parent_scope(index: int):
 
 
 class Workspace:
-    """The slices of an ``expand_merge`` call's zeroed workspace (statistics dtype), in order: [k_p; t_p] (P, 2, C);
-    then per parent its statistics [Σe; Σe²] (2, C), the finalize's counter (one element), the prologue's
-    [d_scale; d_shift] (2, C_h) and dW (C, C_h)."""
+    """The slices of an ``expand_merge`` call's zeroed workspace (the maths dtype), in order: [k_p; t_p] (P, 2, C);
+    then per parent its float64 statistics [Σe; Σe²] (2, C) (``take_stats``), the finalize's counter (one element),
+    the prologue's [d_scale; d_shift] (2, C_h) and dW (C, C_h)."""
 
     def __init__(self, buffer: Tensor, channels: int, squeezed: list[int]) -> None:
         parents = len(squeezed)
@@ -67,7 +75,9 @@ class Workspace:
         self.sums = buffer[:offset].view(parents, 2, channels)
         self.stats, self.counters, self.affine_grads, self.weight_grads = [], [], [], []
         for c_h in squeezed:
-            for target, shape in ((self.stats, (2, channels)), (self.counters, (1,)), (self.affine_grads, (2, c_h)),
+            stats, offset = take_stats(buffer, offset, channels)
+            self.stats.append(stats)
+            for target, shape in ((self.counters, (1,)), (self.affine_grads, (2, c_h)),
                                   (self.weight_grads, (channels, c_h))):  # fmt: skip
                 size = shape[0] * (shape[1] if len(shape) > 1 else 1)
                 target.append(buffer[offset : offset + size].view(shape))
@@ -75,10 +85,10 @@ class Workspace:
         self.counters = [c.view(torch.int32 if buffer.element_size() == 4 else torch.int64) for c in self.counters]
 
 
-def workspace_size(channels: int, squeezed: list[int]) -> int:
-    """Elements of the zeroed workspace of an ``expand_merge`` of ``channels`` output channels whose parents have
-    ``squeezed`` channels (:class:`Workspace`)."""
-    return sum(4 * channels + 1 + 2 * c + channels * c for c in squeezed)
+def workspace_size(channels: int, squeezed: list[int], dtype: torch.dtype) -> int:
+    """Elements of the zeroed ``dtype`` workspace of an ``expand_merge`` of ``channels`` output channels whose parents
+    have ``squeezed`` channels (:class:`Workspace`)."""
+    return sum(2 * channels + stats_slots(channels, dtype) + 1 + 2 * c + channels * c for c in squeezed)
 
 
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
@@ -151,16 +161,9 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
                                   and extra.dtype == first.dtype and extra.device == first.device):  # fmt: skip
         raise ValueError(f"extra must be None or a {first.dtype} {(target[0], channels, *target[1:])} tensor on "
                          f"{first.device}, got {describe(extra)}")  # fmt: skip
-    size = workspace_size(channels, [h.shape[1] for h in parents])
+    size = workspace_size(channels, [h.shape[1] for h in parents], stats_dtype(first))
     check_accumulator("workspace", workspace, (size,), stats_dtype(first), first.device)
-
-
-def _bn_of(e: Tensor, weight, bias, eps):
-    """(scale, shift, mean, var) of BN in training mode over e's (0, 2, 3)."""
-    mean = e.mean((0, 2, 3))
-    var = (e * e).mean((0, 2, 3)) - mean * mean
-    scale = weight.to(e.dtype) * torch.rsqrt(var.clamp_min(0) + eps)
-    return scale, bias.to(e.dtype) - mean * scale, mean, var.clamp_min(0)
+    check_stats_alignment("workspace", workspace)
 
 
 def _expand(a: Tensor, weight: Tensor, x: Tensor) -> Tensor:
@@ -232,8 +235,10 @@ def expand_merge_reference(
         with parent_scope(i):
             a = prologue_forward(h, *prologue, activation)
             e = _expand(a, weight, h)
-            ws.stats[i].add_(torch.stack([e.sum((0, 2, 3)), (e * e).sum((0, 2, 3))]))
-            scale, shift, mean, var = _bn_of(e, bn_weights[i], bn_biases[i], eps[i])
+            sums = channel_sums(e, ws.stats[i].dtype)
+            ws.stats[i].add_(sums)
+            scale, shift, mean, var = bn_finalize_reference(sums, e.numel() // e.shape[1], bn_weights[i],
+                                                            bn_biases[i], eps[i])  # fmt: skip
             if running_means:
                 n = e.numel() // e.shape[1] * ratio**2
                 running_update_reference(running_means[i], running_vars[i], mean, var, momentums[i], n / (n - 1))
@@ -479,7 +484,8 @@ class _ExpandMerge(torch.autograd.Function):
         squeezed = [h.shape[1] for h in parents]
         workspace, ctx.workspace = ctx.workspace, None
         if workspace is None:  # a second backward (retain_graph): fresh accumulators
-            workspace = torch.zeros(workspace_size(weights[0].shape[0], squeezed), dtype=bn.dtype, device=bn.device)
+            workspace = torch.zeros(workspace_size(weights[0].shape[0], squeezed, bn.dtype), dtype=bn.dtype,
+                                    device=bn.device)  # fmt: skip
         outputs = _backward_op(defined, parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
                                bn_biases, bn, list(eps), list(pools), padding, [pooled_0, pooled_1][:num_parents],
                                [route_0, route_1][:num_parents], workspace)  # fmt: skip
@@ -549,8 +555,9 @@ def expand_merge(
     args = (list(parents), scales, shifts, list(weights), list(ratios), extra, activation, list(bn_weights),
             list(bn_biases), list(eps), running_means, running_vars, batches, momentums, pools, padding)  # fmt: skip
     if workspace is None and count and isinstance(parents[0], Tensor) and isinstance(weights[0], Tensor):
-        workspace = torch.zeros(workspace_size(weights[0].shape[0], [h.shape[1] for h in parents]),
-                                dtype=stats_dtype(parents[0]), device=parents[0].device)  # fmt: skip
+        dtype = stats_dtype(parents[0])
+        workspace = torch.zeros(workspace_size(weights[0].shape[0], [h.shape[1] for h in parents], dtype), dtype=dtype,
+                                device=parents[0].device)  # fmt: skip
     check_expand_merge_args(*args, workspace)
     ratios, eps, momentums = [int(r) for r in ratios], [float(e) for e in eps], [float(m) for m in momentums]
     config = (readers, tuple(ratios), activation, tuple(eps), tuple(momentums), count, len(scales) > 0,

@@ -83,9 +83,9 @@ def _pooled_into_op(
     """``(y, pooled, route)``, [Σy; Σy²] added into ``stats``."""
 
 
-def _fake_forward(x, weight, scale, shift, activation, num_pools, padding, stats, *_):
+def _fake_forward(x, weight, scale, shift, activation, num_pools, padding, stats, counter, count, bn_weight, *_):
     y, pooled, route = _fake_outputs(x, weight, num_pools)
-    y, *bn = fake_train_forward(y, stats)
+    y, *bn = fake_train_forward(y, stats, bn_weight)
     return y, pooled, route, *bn
 
 

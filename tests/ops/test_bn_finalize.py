@@ -219,3 +219,26 @@ def test_counter_without_running_statistics(backend):
     with use_backend(backend):
         _bn_finalize_op(random_stats(4), 8, torch.ones(4), torch.zeros(4), 1e-3, None, None, batches, 0.1, 1.0)
     assert batches.item() == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
+def test_float64_statistics_with_fp32_parameters(backend):
+    """The conv + BN ops' statistics are float64, γ and β fp32: the affine map, mean and variance come out fp32 (the
+    variance subtracted in float64 first: here Σ²/n and mean² agree to 8 digits, which fp32 would lose), the running
+    statistics updated in the launch, and the statistics' gradient is float64 like them."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    y = 1000.0 + 0.1 * torch.randn(16, 4096, generator=g, dtype=torch.float64)  # mean/std 10⁴
+    statistics = torch.stack([y.sum(1), (y * y).sum(1)]).requires_grad_()
+    weight, bias = torch.randn(16, generator=g).requires_grad_(), torch.randn(16, generator=g).requires_grad_()
+    running = [torch.zeros(16), torch.ones(16)]
+    with use_backend(backend):
+        scale, shift = bn_finalize(statistics, 4096, weight, bias, eps=1e-5, running_mean=running[0],
+                                   running_var=running[1])  # fmt: skip
+        (scale.sum() + shift.sum()).backward()
+    var = y.var(1, unbiased=False)
+    want_scale = weight.detach().double() / torch.sqrt(var + 1e-5)
+    assert scale.dtype == shift.dtype == torch.float32
+    torch.testing.assert_close(scale.double(), want_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(running[1].double(), 0.9 + 0.1 * y.var(1), rtol=1e-6, atol=0)
+    assert statistics.grad.dtype == torch.float64 and statistics.grad.abs().sum() > 0

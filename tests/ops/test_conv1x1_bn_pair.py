@@ -110,7 +110,7 @@ def test_weight_gradients_into_buffers_and_a_second_backward(backend):
     grads = [torch.randn_like(e) for e in expected]
     want = gradients(expected, [x, *weights], grads)
     buffers = [torch.zeros(w.shape) for w in weights]
-    kwargs = [bn_kwargs(bn) | dict(weight_grad_buffer=b, stats_buffer=torch.zeros(2, c))
+    kwargs = [bn_kwargs(bn) | dict(weight_grad_buffer=b, stats_buffer=torch.zeros(2, c, dtype=torch.float64))
               for bn, b, c in zip(bns, buffers, WIDTHS)]  # fmt: skip
     with use_backend(backend):
         y_a, scale_a, shift_a, y_b, scale_b, shift_b = conv1x1_bn_pair(x, *weights, bn_a=kwargs[0], bn_b=kwargs[1])

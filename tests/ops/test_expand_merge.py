@@ -184,7 +184,7 @@ def test_opcheck(backend, pools):
             params[2 * k :], [1e-3] * k, [], [], [], [0.1] * k, pools, "torch")  # fmt: skip
 
     def workspace():
-        return torch.zeros(workspace_size(5, [6, 3]))
+        return torch.zeros(workspace_size(5, [6, 3], torch.float32))
 
     with use_backend(backend):
         torch.library.opcheck(_forward_op, (*args, workspace()), test_utils=("test_schema", "test_faketensor"))

@@ -305,10 +305,10 @@ std::tuple<at::Tensor, at::Tensor> ext_depthwise3x3(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& stats_out) {
   DepthwiseTensors t = prepare_depthwise(x, weight, bias, scale, shift, activation, stride, pad);
   t.y = at::empty({x.size(0), x.size(1), x.size(2) / stride, x.size(3) / stride}, x.options().memory_format(kNHWC));
-  // The statistics in stats_out's dtype where it is float64 (a BN's own), else in the maths dtype.
-  const bool float64_out = stats_out.has_value() && stats_out->scalar_type() == at::kDouble;
-  t.sums = sums_accumulator(stats_out, kNumStatSums, x.size(1), x.options().dtype(float64_out ? at::kDouble
-                                                                                                : stats_dtype(x)));
+  // The statistics in float64 (summed in double), or in the maths dtype where stats_out has it.
+  const bool maths_out = stats_out.has_value() && stats_out->scalar_type() == stats_dtype(x);
+  t.sums = sums_accumulator(stats_out, kNumStatSums, x.size(1), x.options().dtype(maths_out ? stats_dtype(x)
+                                                                                              : at::kDouble));
   const c10::DeviceGuard guard(x.device());
   if (t.y.numel() > 0) x.is_cuda() ? cuda::depthwise_forward(t) : cpu::depthwise_forward(t);
   return {t.y, t.sums};

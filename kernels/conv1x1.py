@@ -66,8 +66,8 @@ def _conv1x1_fwd_kernel(
 
 
 def conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats=None, finalize: Finalize | None = None):
-    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``; the statistics are
-    added into ``stats`` (a zeroed contiguous fp32 or float64 (2, C_out) buffer) where it is given, and the BN of y
+    """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) float64]``; the statistics are
+    added into ``stats`` (a zeroed contiguous float64 (or fp32) (2, C_out) buffer) where it is given, and the BN of y
     is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
     y, stats, _, _ = _launch(x, weight, scale, shift, activation, stats, finalize, 0, 0, False)
     return [y, stats]
@@ -93,7 +93,7 @@ def _launch(x, weight, scale, shift, activation, stats, finalize, pools, pool_pa
     route = torch.empty(pooled_shape, dtype=torch.int32, device=x.device, memory_format=layout)
     config = gemm_launch_config(x.dtype, _conv1x1_fwd_kernel)
     grid = (triton.cdiv(n * h * w, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
+    stats = torch.zeros((2, c_out), dtype=torch.float64, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely

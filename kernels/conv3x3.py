@@ -90,10 +90,10 @@ def _conv3x3_fwd_kernel(
 
 def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias=None, stats=None,
                              finalize: Finalize | None = None) -> list:  # fmt: skip
-    """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) fp32]``, y with
-    the (C_out,) ``bias`` added where one is given; the statistics are added into ``stats`` (a zeroed contiguous fp32
-    or float64 (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program where
-    ``finalize`` is given (``bn_finalize.Finalize``)."""
+    """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) float64]``, y
+    with the (C_out,) ``bias`` added where one is given; the statistics are added into ``stats`` (a zeroed contiguous
+    float64 (or fp32) (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program
+    where ``finalize`` is given (``bn_finalize.Finalize``)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty(
@@ -104,7 +104,7 @@ def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, st
         config["num_stages"] = 1
     config["BLOCK_K"] = narrow_block(c_in, config["BLOCK_K"])
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    stats = torch.zeros((2, c_out), dtype=torch.float32, device=x.device) if stats is None else stats
+    stats = torch.zeros((2, c_out), dtype=torch.float64, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely

@@ -83,12 +83,12 @@ def _depthwise3x3_fwd_kernel(
 def depthwise3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias=None, stats=None,
                                   finalize: Finalize | None = None) -> list:  # fmt: skip
     """As ``conv3x3.conv3x3_bn_stats_forward`` for a depthwise (C, 1, 3, 3) ``weight``: ``[y (N, C, H/stride,
-    W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C) fp32]``."""
+    W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C) float64]``."""
     n, c, h, w = x.shape
     y = torch.empty((n, c, h // stride, w // stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = y.numel() // c
     grid = (triton.cdiv(pixels, BLOCK_M), triton.cdiv(c, BLOCK_C))
-    stats = torch.zeros((2, c), dtype=torch.float32, device=x.device) if stats is None else stats
+    stats = torch.zeros((2, c), dtype=torch.float64, device=x.device) if stats is None else stats
     bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely

@@ -6,8 +6,8 @@ import triton.language as tl
 
 @triton.jit
 def add_tile_moments(stats_ptr, values, rows, o, N_OUT):
-    """Add one tile's share of [Σy; Σy²] to the zeroed (2, N_OUT) ``stats`` (float64, or float32 for the standalone
-    statistics ops) by atomics: no partial-sum buffer, no reduction launch. ``values``: the fp32 (BLOCK_M, BLOCK_N)
+    """Add one tile's share of [Σy; Σy²] to the zeroed (2, N_OUT) ``stats`` (float64; float32 where a caller hands
+    in such a buffer) by atomics: no partial-sum buffer, no reduction launch. ``values``: the fp32 (BLOCK_M, BLOCK_N)
     tile, ``rows``: its valid rows.
 
     Written as the tile's moments — n_t·m_t and M2_t + n_t·m_t², with m_t its mean and M2_t = Σ(y − m_t)² formed in

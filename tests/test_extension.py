@@ -139,10 +139,15 @@ def test_extension_depthwise_rejects_bad_input_and_handles_empty_batches():
     with pytest.raises(ValueError, match="activation must be one of"):
         ops.ext_depthwise3x3(x, weight, None, None, None, "gelu", 2, 1)
     y, stats = ops.ext_depthwise3x3(x, weight, None, None, None, "relu", 2, 1)
+    assert stats.dtype == torch.float64  # the statistics; their gradients come back in the maths dtype
+    with pytest.raises(TypeError, match="d_sum must be Float, got Double"):
+        ops.ext_depthwise3x3_backward(y, stats[0], stats[1], y, x, weight, None, None, "relu", 2, 1)
+    d_stats = stats.float()
     with pytest.raises(ValueError, match=r"dy must have shape \[1, 4, 2, 2\], got \[1, 4, 4, 4\]"):
-        ops.ext_depthwise3x3_backward(x, stats[0], stats[1], y, x, weight, None, None, "relu", 2, 1)
+        ops.ext_depthwise3x3_backward(x, d_stats[0], d_stats[1], y, x, weight, None, None, "relu", 2, 1)
     empty = torch.zeros(0, 4, 4, 4)
     y, stats = ops.ext_depthwise3x3(empty, weight, None, None, None, "relu", 2, 1)
     assert y.shape == (0, 4, 2, 2) and stats.shape == (2, 4) and stats.abs().sum() == 0
-    dx, sums = ops.ext_depthwise3x3_backward(y, stats[0], stats[1], y, empty, weight, None, None, "relu", 2, 1)
+    d_stats = stats.float()
+    dx, sums = ops.ext_depthwise3x3_backward(y, d_stats[0], d_stats[1], y, empty, weight, None, None, "relu", 2, 1)
     assert dx.shape == empty.shape and sums.shape == (10, 4) and sums.abs().sum() == 0

@@ -8,7 +8,7 @@ Equivalent to::
 x: (N, C_in, H, W) any memory format; weight: (C_out, C_in, 1, 1) in x's dtype, or the fp32 master weight of a
 bf16/fp16 x (rounded to x's dtype as it is loaded, as autocast rounds it, with its gradient accumulated in fp32 and
 no cast launched either way); scale, shift: (C_in,) fp32 or None.
-Returns y (N, C_out, H, W) channels_last in x's dtype and fp32 stats = [Σy; Σy²] (2, C_out) for ``bn_finalize``,
+Returns y (N, C_out, H, W) channels_last in x's dtype and float64 stats = [Σy; Σy²] (2, C_out) for ``bn_finalize``,
 so BN never writes a normalised copy: the consumer applies ``scale·y + shift`` while loading.
 """
 
@@ -49,11 +49,10 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def conv1x1_bn_stats_reference(x, weight, scale, shift, activation, *, sums_dtype=None) -> list[Tensor]:
-    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]`` (the statistics in ``sums_dtype``, by
-    default x's statistics dtype)."""
+def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
+    """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]``."""
     a = prologue_forward(x, scale, shift, activation)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x, sums_dtype)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x)
 
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
@@ -70,10 +69,9 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     return [dx, d_weight, torch.stack(d_affine)] if d_affine else [dx, d_weight]
 
 
-def conv1x1_bn_stats_library(x, weight, scale, shift, activation, *, sums_dtype=None) -> list[Tensor]:
+def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
     """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
-    a = prologue_forward(x, scale, shift, activation).to(x.dtype)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype)), x, sums_dtype)
+    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight.to(x.dtype)), x)
 
 
 def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:

@@ -1,4 +1,4 @@
-"""``conv3x3_bn_stats``: ``y = conv3x3/s(act(scale·x + shift)) + bias`` plus fp32 [Σy; Σy²] (2, C_out) — equivalent
+"""``conv3x3_bn_stats``: ``y = conv3x3/s(act(scale·x + shift)) + bias`` plus float64 [Σy; Σy²] (2, C_out) — equivalent
 to::
 
     F.conv2d(F.pad(act(scale[:, None, None] * x + shift[:, None, None]), pads), weight, bias, stride=stride)
@@ -86,14 +86,12 @@ def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor |
     return None if parameter is None else parameter.to(x.dtype).to(dtype)
 
 
-def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias, *,
-                               sums_dtype=None) -> list[Tensor]:  # fmt: skip
-    """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths; the statistics in
-    ``sums_dtype``, by default x's statistics dtype)."""
+def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
+    """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
     y = F.conv2d(pad_window(a, padding, 0.0, stride, window(weight)), rounded(weight, x, a.dtype),
                  rounded(bias, x, a.dtype), stride, groups=conv_groups(x, weight))  # fmt: skip
-    return conv_outputs(y, x, sums_dtype)
+    return conv_outputs(y, x)
 
 
 def _conv_input(a: Tensor, padding: str, stride: int, kernel_size: int) -> tuple[Tensor, list[int]]:
@@ -115,7 +113,7 @@ def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, strid
         return [y, stats]
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride, window(weight))
     y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads)
-    y, new_stats = conv_outputs(y, x, None if stats is None else stats.dtype)
+    y, new_stats = conv_outputs(y, x)
     return [y, new_stats if stats is None else stats.add_(new_stats)]
 
 

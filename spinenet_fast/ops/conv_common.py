@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
+from .bn_finalize import STATS_DTYPE
 from .checks import describe
 from .padding import PADDING_MODES
 
@@ -46,14 +47,14 @@ def check_window_input(name: str, x, scale, shift, activation, padding, stride: 
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
 
 
-def conv_outputs(y: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> list[Tensor]:
-    """A conv op's ``[y, stats = [Σy; Σy²] (2, C)]`` from its result y (any dtype): y stored channels_last in x's
-    dtype, the statistics summed in ``dtype`` (default: x's statistics dtype) from y *as stored*. BN later normalises
+def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
+    """A conv op's ``[y, stats = [Σy; Σy²] (2, C) float64]`` from its result y (any dtype): y stored channels_last in
+    x's dtype, the statistics summed (``channel_sums``) from y *as stored*. BN later normalises
     the stored y, and its backward cancels the statistics' gradient against the stored y's: statistics of the
     unrounded y would not describe the tensor they normalise, and in bf16 that mismatch grew gradient errors to 3×
     eager's (as eager BN, which takes its statistics from the bf16 conv output, does not)."""
     stored = y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
-    return [stored, channel_sums(stored, stats_dtype(x) if dtype is None else dtype)]
+    return [stored, channel_sums(stored, STATS_DTYPE)]
 
 
 def channel_sums(y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -74,12 +75,11 @@ def channel_sums(y: Tensor, dtype: torch.dtype) -> Tensor:
 
 def accumulating(forward):
     """A backend of a conv op's ``_into`` variant from a backend of the op: y returned, the statistics added into the
-    caller's ``stats`` (the last argument), summed in its dtype (float64 for a conv + BN op's): ``forward`` takes
-    that dtype as its keyword ``sums_dtype``."""
+    caller's ``stats`` (the last argument)."""
 
     def run(*args):
         *args, stats = args
-        y, new_stats = forward(*args, sums_dtype=stats.dtype)
+        y, new_stats = forward(*args)
         stats.add_(new_stats)
         return y
 
@@ -90,7 +90,7 @@ def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tup
     """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the (2, C_out) statistics."""
     y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,
                     memory_format=CHANNELS_LAST)  # fmt: skip
-    return y, x.new_empty((2, weight.shape[0]), dtype=stats_dtype(x))
+    return y, x.new_empty((2, weight.shape[0]), dtype=STATS_DTYPE)
 
 
 def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Tensor]:
@@ -101,11 +101,12 @@ def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Ten
 
 def fill_output_grads(dy, d_stats, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(dy, dΣ, dΣ²)``, zeros for an output autograd passed no gradient for (None); the two statistics' gradients
-    are views of ``d_stats`` (2, C): nothing is launched when both outputs have a gradient."""
+    are views of ``d_stats`` (2, C) in the maths dtype the kernels read (the float64 statistics' gradient cast, one
+    small launch; none when the statistics have no gradient, as in a model's eval-mode BN)."""
     dy = torch.zeros(y_shape, dtype=x.dtype, device=x.device) if dy is None else dy
     if d_stats is None:
         d_stats = torch.zeros((2, y_shape[1]), dtype=stats_dtype(x), device=x.device)
-    d_sum, d_sumsq = d_stats
+    d_sum, d_sumsq = d_stats.to(stats_dtype(x))
     return dy, d_sum, d_sumsq
 
 

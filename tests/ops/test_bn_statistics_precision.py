@@ -1,15 +1,24 @@
 """BN statistics of lopsided maps — a channel whose mean dwarfs its spread — in every op that owns a training-mode BN
 besides ``conv1x1_bn`` / ``conv3x3_bn`` (``test_conv_bn.py``): ``expand_merge``, ``conv3x3_bn_levels`` and the
-depthwise ``conv3x3_bn``. The variance Σy²/n − mean² cancels ~(mean/std)² of its digits; the ops keep the statistics
-in float64 (each tile's moments added), so their fp32 BN output is as accurate as eager's. Also the float64 views of
-the statistics in a shared fp32 buffer."""
+depthwise ``conv3x3_bn``; and the statistics ops' own [Σy; Σy²] through ``bn_finalize``. The variance Σy²/n − mean²
+cancels ~(mean/std)² of its digits; the ops keep the statistics in float64 (each tile's moments added), so their fp32
+BN output is as accurate as eager's. Also the float64 views of the statistics in a shared fp32 buffer."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spinenet_fast.ops import conv3x3_bn, conv3x3_bn_levels, expand_merge, level_views, pack_levels, use_backend
+from spinenet_fast.ops import (
+    bn_finalize,
+    conv1x1_bn_stats,
+    conv3x3_bn,
+    conv3x3_bn_levels,
+    expand_merge,
+    level_views,
+    pack_levels,
+    use_backend,
+)
 from spinenet_fast.ops.bn_finalize import check_stats_alignment, stats_slots, take_stats
 from spinenet_fast.ops.conv3x3_levels import levels_stats_size
 from spinenet_fast.ops.expand_merge import workspace_size
@@ -152,3 +161,29 @@ def test_depthwise_conv3x3_bn(backend, stride, ratio):
             y, scale, shift = conv3x3_bn(x, weight, stride=stride, bias=bias, **bn_affine(bn))
         fused = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         assert_as_accurate_as_eager(fused, eager(torch.float32)[0], reference, ratio)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_statistics_op_through_bn_finalize(backend, ratio):
+    """``conv1x1_bn_stats`` then ``bn_finalize``: the float64 statistics the op returns keep the fp32 BN output as
+    accurate as eager's, and their gradient flows back (cast to the maths dtype the backward kernels read)."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    x = (0.25 + 0.25 / ratio * 8 * torch.randn(2, 64, 8, 8, generator=g)).contiguous(memory_format=torch.channels_last)
+    weight = ((1.0 + 0.1 * torch.randn(16, 64, 1, 1, generator=g)) / 64).requires_grad_()
+    bn = nn.BatchNorm2d(16, eps=1e-5)
+
+    def eager(dtype):
+        y = F.conv2d(x.to(dtype), weight.detach().to(dtype))
+        return F.batch_norm(y, None, None, bn.weight.to(dtype), bn.bias.to(dtype), True, 0.0, bn.eps), y
+
+    reference, conv = eager(torch.float64)
+    assert_lopsided(conv.detach(), ratio)
+    with use_backend(backend):
+        y, stats = conv1x1_bn_stats(x, weight)
+        scale, shift = bn_finalize(stats, 2 * 8 * 8, bn.weight, bn.bias, eps=bn.eps)
+        fused = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        (d_weight,) = torch.autograd.grad(fused.square().sum(), weight)
+    assert stats.dtype == torch.float64 and d_weight.abs().sum() > 0
+    assert_as_accurate_as_eager(fused.detach(), eager(torch.float32)[0].detach(), reference.detach(), ratio)

@@ -32,8 +32,8 @@ def test_conv3x3_matches_the_eager_module(padding, prologue, stride):
     expected = layer(a)
     y, (sums, sumsq) = conv3x3_bn_stats(x, layer.conv.weight, scale, shift, "swish", padding, stride=stride)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, expected.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sumsq, expected.double().pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
     grad = torch.randn_like(y)
     leaves = [t for t in (x, layer.conv.weight, scale, shift) if t is not None]
     got = torch.autograd.grad((y * grad).sum() + sums.sum() + sumsq.sum() / 10, leaves)
@@ -213,7 +213,7 @@ def test_conv3x3_bias_matches_the_eager_conv(device, fused_backend, prologue, st
                                     stride=stride, bias=bias)  # fmt: skip
         got = torch.autograd.grad((y * grad).sum() + stats[0].sum() + stats[1].sum() / 100, leaves)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats[0], expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(stats[0], expected.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
 
@@ -302,8 +302,8 @@ def test_conv7x7_matches_the_eager_stem(backend, padding, layout, batch):
         y, (sums, sumsq) = conv3x3_bn_stats(x, weight, None, None, "identity", padding, stride=2)
         got = torch.autograd.grad((y * grad).sum() + sums.sum() + sumsq.sum() / 10, (x, weight))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sums, expected.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sumsq, expected.double().pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
     want = torch.autograd.grad((expected * grad).sum() + expected.sum() + expected.pow(2).sum() / 10,
                                (eager_x, layer.conv.weight))  # fmt: skip
     for g, w in zip(got, want):

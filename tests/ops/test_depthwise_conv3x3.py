@@ -58,8 +58,8 @@ def test_matches_the_eager_depthwise_module(backend, padding, stride):
         got = torch.autograd.grad((y * grad).sum() + sums.sum() + sumsq.sum() / 10, leaves)
     want = torch.autograd.grad((expected * grad).sum() + expected.sum() + expected.pow(2).sum() / 10, leaves)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sums, expected.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sumsq, expected.pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, expected.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sumsq, expected.double().pow(2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
     assert y.is_contiguous(memory_format=torch.channels_last)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ from ..ops import (
     merge_for_readers,
     pooled_conv1x1_bn,
 )
-from ..ops.bn_finalize import alignment_slack, stats_slots, take_stats
+from ..ops.bn_finalize import aligned, alignment_slack, stats_slots, take_stats
 from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
 from ..ops.expand_merge import workspace_size
@@ -124,7 +124,7 @@ class ConnectionWorkspace:
         ``expand_merge`` workspace; its size reserves ``alignment_slack`` more); None without a buffer."""
         if self.buffer is None:
             return None
-        self.offset += -self.offset % (alignment_slack(self.buffer.dtype) + 1)
+        self.offset = aligned(self.offset, self.buffer.dtype)
         return self.take(elements, rows=1).view(-1)
 
     def take(self, channels: int, rows: int = 2) -> Tensor | None:

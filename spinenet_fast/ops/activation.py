@@ -27,5 +27,6 @@ def activation_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of the ops' maths, statistics and BN affines: fp32 for fp32/bf16/fp16 storage, else float64."""
+    """The dtype of the ops' maths and BN affines: fp32 for fp32/bf16/fp16 storage, else float64 (a BN's statistics
+    [Σ; Σ²] are float64 for every storage: ``bn_finalize.STATS_DTYPE``)."""
     return torch.promote_types(x.dtype, torch.float32)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends, op_spec
+from .activation import stats_dtype
 from .checks import describe
 from .op_spec import Backend
 from .schema_types import TensorList
@@ -28,14 +29,19 @@ spread (the kernels add each tile's moments, ``kernels/epilogue.py``)."""
 
 
 def affine_dtype(weight: Tensor) -> torch.dtype:
-    """The dtype of a BN's folded affine map and batch statistics: γ's, at least fp32 (fp32 under autocast and for a
-    bf16-cast model, float64 in a float64 one), whatever the statistics' dtype."""
-    return torch.promote_types(weight.dtype, torch.float32)
+    """The dtype of a BN's folded affine map and batch statistics: the maths dtype of γ (fp32 under autocast and for
+    a bf16-cast model, float64 in a float64 one), whatever the statistics' dtype."""
+    return stats_dtype(weight)
 
 
 def alignment_slack(dtype: torch.dtype) -> int:
     """Elements of a ``dtype`` buffer (fp32 or float64) skipped at most to reach an 8-byte boundary."""
     return STATS_DTYPE.itemsize // dtype.itemsize - 1
+
+
+def aligned(offset: int, dtype: torch.dtype) -> int:
+    """The first 8-byte-aligned element at or after ``offset`` of a ``dtype`` buffer whose start is 8-byte aligned."""
+    return offset + -offset % (alignment_slack(dtype) + 1)
 
 
 def stats_slots(channels: int, dtype: torch.dtype) -> int:
@@ -49,9 +55,8 @@ def take_stats(buffer: Tensor, offset: int, channels: int) -> tuple[Tensor, int]
     from its first element at or after ``offset`` that is 8 bytes from its start, and the element after them.
     ``stats_slots`` elements from ``offset`` always hold them. ``buffer`` must start at an 8-byte boundary of its
     storage (``check_stats_alignment``): a fresh allocation, or a slice of one at an 8-byte boundary."""
-    per = STATS_DTYPE.itemsize // buffer.element_size()
-    start = offset + (-offset) % per
-    end = start + 2 * channels * per
+    start = aligned(offset, buffer.dtype)
+    end = start + 2 * channels * (alignment_slack(buffer.dtype) + 1)
     return buffer[start:end].view(STATS_DTYPE).view(2, channels), end
 
 

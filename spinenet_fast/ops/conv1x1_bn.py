@@ -138,7 +138,7 @@ def conv1x1_bn(
     y is later upsampled ×ρ, so the running variance is the unbiased one of n·ρ² values. ``stats_buffer``: a zeroed
     contiguous float64 (2, C_out) tensor the statistics are added into (a slice of one buffer that
     several ops share, zeroed by one fill); None: the op allocates and zeroes its own. ``counter_buffer``: a zeroed
-    one-element int32 tensor (int64 for float64 statistics) the conv's programs count themselves on, so that the last
+    one-element int32 tensor (int64 for float64 activations) the conv's programs count themselves on, so that the last
     one finalizes the BN (a slice of the same buffer, viewed as an integer); None: allocated with the statistics, or
     zeroed alone if ``stats_buffer`` is given. ``prologue_grad_buffer``: a zeroed (2, C_in) tensor the (first)
     backward adds the prologue's [d_scale; d_shift] into, like ``stats_buffer``."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends, op_spec
-from .bn_finalize import affine_dtype, alignment_slack, check_bn_args, check_stats_alignment, stats_slots, take_stats
+from .bn_finalize import affine_dtype, aligned, check_bn_args, check_stats_alignment, stats_slots, take_stats
 from .checks import describe
 from .conv_bn import counter_view
 from .op_spec import FUSED_FIRST, Backend
@@ -380,8 +380,7 @@ def levels_stats_size(levels: int, channels: int, dtype: torch.dtype) -> int:
     """Elements of ``conv3x3_bn_levels``' ``dtype`` statistics buffer: ``levels`` BNs' float64 (2, ``channels``)
     statistics (one (L, 2, C) view) and their counters, rounded up to 8 bytes (so that such buffers can follow each
     other in one allocation)."""
-    size = stats_slots(levels * channels, dtype) + levels
-    return size + -size % (alignment_slack(dtype) + 1)
+    return aligned(stats_slots(levels * channels, dtype) + levels, dtype)
 
 
 def conv3x3_bn_levels(

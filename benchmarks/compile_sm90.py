@@ -201,6 +201,11 @@ def drive_ops(dtype: torch.dtype, activation: str, padding: str) -> None:
                              bn_bias=leaf(64, stats=True), eps=1e-3))  # fmt: skip
         if dtype != torch.float32:  # the fp32 master weight of autocast
             backward(*conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1, stats=True), scale, shift, act))
+        # without statistics (a BN with running statistics; the head's predictors): 1×1, 3×3 (with a bias), depthwise
+        backward(conv1x1_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 1, 1), scale, shift, act, statistics=False)[0])
+        for weight in (leaf(64, 64, 3, 3), leaf(64, 1, 3, 3)):
+            backward(conv3x3_bn_stats(leaf(2, 64, 32, 32), weight, scale, shift, act, padding, stride=1,
+                                      bias=leaf(64, stats=True), statistics=False)[0])  # fmt: skip
         for stride in (1, 2):
             backward(*conv3x3_bn_stats(leaf(2, 64, 32, 32), leaf(64, 64, 3, 3), scale, shift, act, padding,
                                        stride=stride))  # fmt: skip

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
-from .epilogue import store_tile_and_channel_stats
+from .epilogue import statistics_buffer, store_tile_and_channel_stats
 from .gemm_config import gemm_launch_config
 from .maxpool_prologue import pooled_operand
 
@@ -27,11 +27,12 @@ def _conv1x1_fwd_kernel(
     pooled_ptr, route_ptr, P, K, N_OUT, HW, W_IMG, H0, W0,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, POOLS: tl.constexpr, POOL_PAD: tl.constexpr,
-    STORE_POOLED: tl.constexpr, FP32_DOT: tl.constexpr,
+    STORE_POOLED: tl.constexpr, FP32_DOT: tl.constexpr, STATS: tl.constexpr,
     FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M pixels) × (BLOCK_N output channels) tile of y, adding its channel sums to the stats."""
+    """One (BLOCK_M pixels) × (BLOCK_N output channels) tile of y, with ``STATS`` adding its channel sums to the
+    stats."""
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_IMG, p % W_IMG
@@ -58,18 +59,21 @@ def _conv1x1_fwd_kernel(
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(a, b)
-    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + h * sy_h + w * sy_w, p < P, o, sy_c, N_OUT,
+                                 STATS)  # fmt: skip
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
                            bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, N_OUT, count, eps, momentum,
                            unbias, HAS_RUNNING, HAS_COUNTER, BLOCK_N)  # fmt: skip
 
 
-def conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats=None, finalize: Finalize | None = None):
+def conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats=None, finalize: Finalize | None = None, *,
+                             statistics: bool = True):  # fmt: skip
     """Returns ``[y (N, C_out, H, W) channels_last in x's dtype, [Σy; Σy²] (2, C_out) float64]``; the statistics are
     added into ``stats`` (a zeroed contiguous float64 (or fp32) (2, C_out) buffer) where it is given, and the BN of y
-    is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``)."""
-    y, stats, _, _ = _launch(x, weight, scale, shift, activation, stats, finalize, 0, 0, False)
+    is finalized in the launch's last program where ``finalize`` is given (``bn_finalize.Finalize``). Without
+    ``statistics`` none are taken (no fill, no atomics): an empty (0,) float64 tensor stands in for them."""
+    y, stats, _, _ = _launch(x, weight, scale, shift, activation, stats, finalize, 0, 0, False, statistics)
     return [y, stats]
 
 
@@ -82,7 +86,7 @@ def pooled_conv1x1_bn_stats_forward(x, weight, scale, shift, activation, num_poo
     return _launch(x, weight, scale, shift, activation, stats, finalize, num_pools, pool_padding_before, with_pooled)
 
 
-def _launch(x, weight, scale, shift, activation, stats, finalize, pools, pool_pad, with_pooled):
+def _launch(x, weight, scale, shift, activation, stats, finalize, pools, pool_pad, with_pooled, statistics=True):
     n, k, h0, w0 = x.shape
     h, w = h0 >> pools, w0 >> pools
     c_out = weight.shape[0]
@@ -93,15 +97,16 @@ def _launch(x, weight, scale, shift, activation, stats, finalize, pools, pool_pa
     route = torch.empty(pooled_shape, dtype=torch.int32, device=x.device, memory_format=layout)
     config = gemm_launch_config(x.dtype, _conv1x1_fwd_kernel)
     grid = (triton.cdiv(n * h * w, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    stats = torch.zeros((2, c_out), dtype=torch.float64, device=x.device) if stats is None else stats
-    bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
+    stats = statistics_buffer(stats, c_out, x.device, statistics)
+    stats_arg = stats if statistics else y  # a pointer never dereferenced without statistics
+    bn_args, bn_constexprs = Finalize.absent_args(stats_arg) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv1x1_fwd_kernel[grid](
-        y, stats, *bn_args, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
+        y, stats_arg, *bn_args, x, w2d, scale if has_prologue else w2d, shift if has_prologue else w2d,
         pooled if with_pooled else y, route if with_pooled else stats, n * h * w, k, c_out, h * w, w, h0, w0,
         *x.stride(), *y.stride(), *w2d.stride(), HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
-        POOLS=pools, POOL_PAD=pool_pad, STORE_POOLED=with_pooled, **bn_constexprs, **config,
+        POOLS=pools, POOL_PAD=pool_pad, STORE_POOLED=with_pooled, STATS=statistics, **bn_constexprs, **config,
     )  # fmt: skip
     return y, stats, pooled, route

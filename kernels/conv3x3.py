@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
-from .epilogue import store_tile_and_channel_stats
+from .epilogue import statistics_buffer, store_tile_and_channel_stats
 from .gemm_config import gemm_launch_config, narrow_block
 
 
@@ -60,11 +60,7 @@ def conv3x3_tile(
     if HAS_BIAS:  # rounded to the storage dtype as autocast rounds it; added before the one rounding of y
         bias = tl.load(bias_ptr + o, mask=o < N_OUT, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += bias[None, :]
-    if STATS:
-        store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT)
-    else:
-        mask = (p < P)[:, None] & (o < N_OUT)[None, :]
-        tl.store(y_ptr + y_rows[:, None] + o[None, :] * sy_c, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, y_rows, p < P, o, sy_c, N_OUT, STATS)
 
 
 @triton.jit
@@ -74,13 +70,14 @@ def _conv3x3_fwd_kernel(
     shift_ptr, P, C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c, sw_h, sw_w,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr,
-    HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, STATS: tl.constexpr, FINALIZE: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One tile of y (``conv3x3_tile``), adding its channel sums to the stats."""
+    """One tile of y (``conv3x3_tile``), with ``STATS`` adding its channel sums to the stats."""
     conv3x3_tile(tl.program_id(0), tl.program_id(1), y_ptr, stats_ptr, x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, P,
                  C_IN, N_OUT, H_IN, W_IN, HW_OUT, W_OUT, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_c,
-                 sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, True, BLOCK_M, BLOCK_N,
+                 sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, HAS_BIAS, FP32_DOT, STATS, BLOCK_M, BLOCK_N,
                  BLOCK_K)  # fmt: skip
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
@@ -89,31 +86,33 @@ def _conv3x3_fwd_kernel(
 
 
 def conv3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias=None, stats=None,
-                             finalize: Finalize | None = None) -> list:  # fmt: skip
+                             finalize: Finalize | None = None, *, statistics: bool = True) -> list:  # fmt: skip
     """Returns ``[y (N, C_out, H/stride, W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C_out) float64]``, y
     with the (C_out,) ``bias`` added where one is given; the statistics are added into ``stats`` (a zeroed contiguous
     float64 (or fp32) (2, C_out) buffer) where it is given, and the BN of y is finalized in the launch's last program
-    where ``finalize`` is given (``bn_finalize.Finalize``)."""
+    where ``finalize`` is given (``bn_finalize.Finalize``). Without ``statistics`` none are taken (no fill, no
+    atomics): an empty (0,) float64 tensor stands in for them."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     y = torch.empty(
         (n, c_out, h // stride, w // stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
     )
     config = gemm_launch_config(x.dtype, _conv3x3_fwd_kernel)
-    if config["FP32_DOT"] and stride == 1:  # no software pipelining: at 2-4 stages fp32 stride-1 variants spill (sm_90)
-        config["num_stages"] = 1
+    if config["FP32_DOT"] and (stride == 1 or not statistics):  # no software pipelining: at 2-4 stages fp32
+        config["num_stages"] = 1  # stride-1 variants spill (sm_90), as does the 7×7 stride-2 one without statistics
     config["BLOCK_K"] = narrow_block(c_in, config["BLOCK_K"])
     grid = (triton.cdiv(y.numel() // c_out, config["BLOCK_M"]), triton.cdiv(c_out, config["BLOCK_N"]))
-    stats = torch.zeros((2, c_out), dtype=torch.float64, device=x.device) if stats is None else stats
-    bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
+    stats = statistics_buffer(stats, c_out, x.device, statistics)
+    stats_arg = stats if statistics else y  # a pointer never dereferenced without statistics
+    bn_args, bn_constexprs = Finalize.absent_args(stats_arg) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _conv3x3_fwd_kernel[grid](
-        y, stats, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
+        y, stats_arg, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
         scale if has_prologue else weight, shift if has_prologue else weight,
         y.numel() // c_out, c_in, c_out, h, w, y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(),
         *weight.stride(), KSIZE=weight.shape[-1], STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue,
-        ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, **bn_constexprs, **config,
+        ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, STATS=statistics, **bn_constexprs, **config,
     )  # fmt: skip
     return [y, stats]

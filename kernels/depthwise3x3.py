@@ -24,7 +24,7 @@ import triton.language as tl
 from .activation import ACTIVATION_CODES, apply_activation
 from .bn_finalize import Finalize, finalize_when_last
 from .bn_grad import output_grad_tile, store_bn_param_grads
-from .epilogue import store_tile_and_channel_stats
+from .epilogue import statistics_buffer, store_tile_and_channel_stats
 from .gemm_backward import backward_buffers, prologue_tile, store_input_grad, wgrad_split
 
 BLOCK_M, BLOCK_C, NUM_WARPS = 64, 32, 4  # pixels × channels per program
@@ -50,10 +50,11 @@ def _depthwise3x3_fwd_kernel(
     shift_ptr, P, C, H_IN, W_IN, HW_OUT, W_OUT,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w, sw_c, sw_h, sw_w,
     STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    STATS: tl.constexpr, FINALIZE: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One (BLOCK_M output pixels) × (BLOCK_C channels) tile of y, adding its channel sums to the stats."""
+    """One (BLOCK_M output pixels) × (BLOCK_C channels) tile of y, with ``STATS`` adding its channel sums to the
+    stats."""
     storage: tl.constexpr = x_ptr.dtype.element_ty
     p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -73,7 +74,7 @@ def _depthwise3x3_fwd_kernel(
         acc += a.to(storage).to(tl.float32) * _tap_weight(w_ptr, c, c_mask, tap, sw_c, sw_h, sw_w, storage)[None, :]
     if HAS_BIAS:  # rounded to the storage dtype as autocast rounds it; added before the one rounding of y
         acc += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(storage).to(tl.float32)[None, :]
-    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, c, sy_c, C)
+    store_tile_and_channel_stats(y_ptr, stats_ptr, acc, n * sy_n + i * sy_h + j * sy_w, p < P, c, sy_c, C, STATS)
     if FINALIZE:  # the BN of y, in the last program to add its statistics
         finalize_when_last(stats_ptr, counter_ptr, gamma_ptr, beta_ptr, bn_scale_ptr, bn_shift_ptr, bn_mean_ptr,
                            bn_var_ptr, running_mean_ptr, running_var_ptr, batches_ptr, C, count, eps, momentum,
@@ -81,25 +82,26 @@ def _depthwise3x3_fwd_kernel(
 
 
 def depthwise3x3_bn_stats_forward(x, weight, scale, shift, activation, pad_before, stride, bias=None, stats=None,
-                                  finalize: Finalize | None = None) -> list:  # fmt: skip
+                                  finalize: Finalize | None = None, *, statistics: bool = True) -> list:  # fmt: skip
     """As ``conv3x3.conv3x3_bn_stats_forward`` for a depthwise (C, 1, 3, 3) ``weight``: ``[y (N, C, H/stride,
-    W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C) float64]``."""
+    W/stride) channels_last in x's dtype, [Σy; Σy²] (2, C) float64]`` (without ``statistics``: an empty stand-in)."""
     n, c, h, w = x.shape
     y = torch.empty((n, c, h // stride, w // stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = y.numel() // c
     grid = (triton.cdiv(pixels, BLOCK_M), triton.cdiv(c, BLOCK_C))
-    stats = torch.zeros((2, c), dtype=torch.float64, device=x.device) if stats is None else stats
-    bn_args, bn_constexprs = Finalize.absent_args(stats) if finalize is None else finalize.launch_args()
+    stats = statistics_buffer(stats, c, x.device, statistics)
+    stats_arg = stats if statistics else y  # a pointer never dereferenced without statistics
+    bn_args, bn_constexprs = Finalize.absent_args(stats_arg) if finalize is None else finalize.launch_args()
     has_prologue = scale is not None
     if has_prologue:  # (C,) vectors are addressed densely
         scale, shift = scale.contiguous(), shift.contiguous()
     _depthwise3x3_fwd_kernel[grid](
-        y, stats, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
+        y, stats_arg, *bn_args, x, weight, weight if bias is None else bias.contiguous(),
         scale if has_prologue else weight, shift if has_prologue else weight, pixels, c, h, w,
         y.shape[2] * y.shape[3], y.shape[3], *x.stride(), *y.stride(), weight.stride(0), weight.stride(2),
         weight.stride(3), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation],
-        HAS_BIAS=bias is not None, **bn_constexprs, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
-        maxnreg=MAX_REGISTERS,
+        HAS_BIAS=bias is not None, STATS=statistics, **bn_constexprs, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )  # fmt: skip
     return [y, stats]
 

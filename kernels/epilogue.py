@@ -1,7 +1,19 @@
 """GEMM epilogue shared by the convolution kernels: store the output tile and add its channel moments to the stats."""
 
+import torch
 import triton
 import triton.language as tl
+
+
+def statistics_buffer(stats: torch.Tensor | None, channels: int, device: torch.device, statistics: bool
+                      ) -> torch.Tensor:  # fmt: skip
+    """The [Σy; Σy²] a conv launch adds into: the caller's zeroed ``stats``, a new zeroed float64 (2, ``channels``),
+    or — without ``statistics`` — an empty (0,) float64 tensor that stands in for them (nothing is added)."""
+    if not statistics:
+        if stats is not None:
+            raise ValueError("stats must be None where no statistics are taken")
+        return torch.empty(0, dtype=torch.float64, device=device)
+    return torch.zeros((2, channels), dtype=torch.float64, device=device) if stats is None else stats
 
 
 @triton.jit
@@ -26,13 +38,16 @@ def add_tile_moments(stats_ptr, values, rows, o, N_OUT):
 
 
 @triton.jit
-def store_tile_and_channel_stats(y_ptr, stats_ptr, acc, pixel_offsets, pixel_mask, o, sy_c, N_OUT):
-    """Store fp32 ``acc`` (BLOCK_M, BLOCK_N) at ``y_ptr + pixel_offsets + o·sy_c`` in y's dtype, and add this
-    program's share of [Σy; Σy²] over its valid pixels to the zeroed (2, N_OUT) ``stats`` (``add_tile_moments``).
+def store_tile_and_channel_stats(y_ptr, stats_ptr, acc, pixel_offsets, pixel_mask, o, sy_c, N_OUT,
+                                 STATS: tl.constexpr):  # fmt: skip
+    """Store fp32 ``acc`` (BLOCK_M, BLOCK_N) at ``y_ptr + pixel_offsets + o·sy_c`` in y's dtype, and with ``STATS``
+    add this program's share of [Σy; Σy²] over its valid pixels to the zeroed (2, N_OUT) ``stats``
+    (``add_tile_moments``).
 
     The statistics are of the values as stored (rounded to y's dtype), the tensor that BN later normalises
     (``spinenet_fast.ops.conv_common.conv_outputs`` says why)."""
     mask = pixel_mask[:, None] & (o < N_OUT)[None, :]
     stored = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + pixel_offsets[:, None] + o[None, :] * sy_c, stored, mask=mask)
-    add_tile_moments(stats_ptr, stored.to(tl.float32), pixel_mask, o, N_OUT)
+    if STATS:
+        add_tile_moments(stats_ptr, stored.to(tl.float32), pixel_mask, o, N_OUT)

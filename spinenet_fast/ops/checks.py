@@ -28,3 +28,9 @@ def check_accumulator(name: str, buffer, shape: tuple[int, ...], dtype, device) 
 def is_dense(t: Tensor) -> bool:
     """Whether ``t`` is laid out densely, contiguous or (4-D) channels_last: no gap, no overlap."""
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def check_statistics_flag(statistics) -> None:
+    """A conv op's ``statistics`` must be a bool (whether it returns [Σy; Σy²] of its output)."""
+    if not isinstance(statistics, bool):
+        raise TypeError(f"statistics must be a bool, got {describe(statistics)}")

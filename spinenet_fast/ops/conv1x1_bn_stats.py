@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .activation import ACTIVATIONS
-from .checks import describe
+from .checks import check_statistics_flag, describe
 from .conv_common import (
     accumulating,
     check_affine_prologue,
@@ -49,10 +49,10 @@ def check_conv1x1_args(x, weight, scale, shift, activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def conv1x1_bn_stats_reference(x, weight, scale, shift, activation) -> list[Tensor]:
+def conv1x1_bn_stats_reference(x, weight, scale, shift, activation, statistics=True) -> list[Tensor]:
     """Plain PyTorch, fp32 maths (float64 stays float64): ``[y, [Σy; Σy²]]``."""
     a = prologue_forward(x, scale, shift, activation)
-    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x)
+    return conv_outputs(F.conv2d(a, weight.to(x.dtype).to(a.dtype)), x, statistics)
 
 
 def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation) -> list[Tensor]:
@@ -69,12 +69,13 @@ def conv1x1_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale,
     return [dx, d_weight, torch.stack(d_affine)] if d_affine else [dx, d_weight]
 
 
-def conv1x1_bn_stats_library(x, weight, scale, shift, activation) -> list[Tensor]:
+def conv1x1_bn_stats_library(x, weight, scale, shift, activation, statistics=True) -> list[Tensor]:
     """The unfused library path (ATen's conv: cuBLAS/cuDNN on a GPU) in x's dtype, statistics of the stored y."""
-    return conv_outputs(F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight.to(x.dtype)), x)
+    y = F.conv2d(prologue_forward(x, scale, shift, activation).to(x.dtype), weight.to(x.dtype))
+    return conv_outputs(y, x, statistics)
 
 
-def _triton_reasons(x, weight, scale, shift, activation) -> list[str]:
+def _triton_reasons(x, weight, scale, shift, activation, *_) -> list[str]:
     reasons = backends.triton_reasons(x, weight, scale, shift)
     if x.dtype not in backends.FLOAT_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of {backends.FLOAT_DTYPES}")
@@ -89,14 +90,20 @@ def _library_reasons(x, *args) -> list[str]:
     return backends.library_reasons(x)
 
 
+def _triton_forward(x, weight, scale, shift, activation, statistics=True) -> list[Tensor]:
+    from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
+
+    return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, statistics=statistics)
+
+
 def _into_triton(x, weight, scale, shift, activation, stats) -> Tensor:
     from spinenet_fast.kernels.conv1x1 import conv1x1_bn_stats_forward
 
     return conv1x1_bn_stats_forward(x, weight, scale, shift, activation, stats)[0]
 
 
-def _fake(x, weight, *_):
-    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3])
+def _fake(x, weight, scale, shift, activation, statistics=True):
+    return fake_conv_outputs(x, weight, x.shape[2], x.shape[3], statistics)
 
 
 @op_spec.custom_op(
@@ -105,19 +112,19 @@ def _fake(x, weight, *_):
     implementations={
         "reference": Backend(conv1x1_bn_stats_reference),
         "cuda": Backend(conv1x1_bn_stats_library, _library_reasons),
-        "triton": Backend(kernel("conv1x1", "conv1x1_bn_stats_forward"), _triton_reasons),
+        "triton": Backend(_triton_forward, _triton_reasons),
     },
     auto_order=FUSED_FIRST,  # the fused prologue/epilogue first
 )
 def _conv1x1_op(
-    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str
+    x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, statistics: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """``(y, [Σy; Σy²])``."""
+    """``(y, [Σy; Σy²])`` (without ``statistics``: ``(y, no_statistics)``)."""
 
 
 @op_spec.custom_op(
     "conv1x1_bn_stats_into",
-    fake=lambda *args: _fake(*args)[0],
+    fake=lambda *args: _fake(*args[:-1])[0],
     implementations={
         "reference": Backend(accumulating(conv1x1_bn_stats_reference)),
         "cuda": Backend(accumulating(conv1x1_bn_stats_library), _library_reasons),
@@ -154,7 +161,7 @@ def _conv1x1_backward_op(
 
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
-    x, weight, scale, shift, activation = inputs
+    x, weight, scale, shift, activation = inputs[:5]  # (a trailing default argument may be left out)
     ctx.has_prologue, ctx.activation = scale is not None, activation
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
 
@@ -164,15 +171,20 @@ def _backward(ctx, dy, d_stats):
     scale, shift = affine if ctx.has_prologue else (None, None)
     dy, d_sum, d_sumsq = fill_output_grads(dy, d_stats, y.shape, x)
     grads = _conv1x1_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ctx.activation)
-    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None)
+    return (*grads[:2], *(grads[2].unbind() if ctx.has_prologue else (None, None)), None, None)
 
 
 _conv1x1_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def conv1x1_bn_stats(
-    x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity"
-) -> tuple[Tensor, Tensor]:
-    """Fused 1×1 conv with prologue and statistics epilogue (see the module docstring); checks arguments first."""
+    x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
+    *, statistics: bool = True,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Fused 1×1 conv with prologue and statistics epilogue (see the module docstring); checks arguments first.
+    ``statistics=False`` (a conv whose BN normalises with running statistics, or one without BN) takes none:
+    ``(y, None)``, no fill, no reductions."""
     check_conv1x1_args(x, weight, scale, shift, activation)
-    return _conv1x1_op(x, weight, scale, shift, activation)
+    check_statistics_flag(statistics)
+    y, stats = _conv1x1_op(x, weight, scale, shift, activation, statistics)
+    return y, stats if statistics else None

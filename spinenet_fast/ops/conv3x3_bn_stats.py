@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .activation import stats_dtype
-from .checks import describe
+from .checks import check_statistics_flag, describe
 from .conv_common import (
     accumulating,
     check_window_input,
@@ -33,6 +33,7 @@ from .conv_common import (
     fake_conv_outputs,
     fill_output_grads,
     folded_output_grad,
+    no_statistics,
     prologue_backward,
     prologue_forward,
 )
@@ -86,12 +87,13 @@ def rounded(parameter: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor |
     return None if parameter is None else parameter.to(x.dtype).to(dtype)
 
 
-def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias) -> list[Tensor]:
+def conv3x3_bn_stats_reference(x, weight, scale, shift, activation, padding, stride, bias, statistics=True
+                               ) -> list[Tensor]:  # fmt: skip
     """``[y, [Σy; Σy²]]`` with ATen's conv on the materialised activation (fp32 maths)."""
     a = prologue_forward(x, scale, shift, activation)
     y = F.conv2d(pad_window(a, padding, 0.0, stride, window(weight)), rounded(weight, x, a.dtype),
                  rounded(bias, x, a.dtype), stride, groups=conv_groups(x, weight))  # fmt: skip
-    return conv_outputs(y, x)
+    return conv_outputs(y, x, statistics)
 
 
 def _conv_input(a: Tensor, padding: str, stride: int, kernel_size: int) -> tuple[Tensor, list[int]]:
@@ -101,23 +103,25 @@ def _conv_input(a: Tensor, padding: str, stride: int, kernel_size: int) -> tuple
     return (a, [before, before]) if before == after else (pad_window(a, padding, 0.0, stride, kernel_size), [0, 0])
 
 
-def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
+def conv3x3_bn_stats_library(x, weight, scale, shift, activation, padding, stride, bias, statistics=True, stats=None
+                             ) -> list[Tensor]:  # fmt: skip
     """cuDNN (ATen's conv) on the materialised activation in x's dtype; statistics of the stored y (added into
-    ``stats`` where given). Depthwise: the extension's kernel, prologue and statistics inside it."""
+    ``stats`` where given; none without ``statistics``). Depthwise: the extension's kernel, prologue and statistics
+    inside it (its statistics taken in any case, then dropped without ``statistics``)."""
     if is_depthwise(x, weight):
         dtype = stats_dtype(x)
         y, stats = torch.ops.spinenet_fast.ext_depthwise3x3(
             x, rounded(weight, x, dtype).reshape(-1, 9), rounded(bias, x, dtype), scale, shift, activation, stride,
             pad_before(weight, stride, padding), stats,
         )  # fmt: skip
-        return [y, stats]
+        return [y, stats if statistics else no_statistics(x)]
     a, pads = _conv_input(prologue_forward(x, scale, shift, activation).to(x.dtype), padding, stride, window(weight))
     y = F.conv2d(a, weight.to(x.dtype), rounded(bias, x, x.dtype), stride=stride, padding=pads)
-    y, new_stats = conv_outputs(y, x)
+    y, new_stats = conv_outputs(y, x, statistics)
     return [y, new_stats if stats is None else stats.add_(new_stats)]
 
 
-def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, bias=None) -> list[str]:
+def _conv_triton_reasons(x, weight, scale, shift, activation, padding, stride, bias=None, *_) -> list[str]:
     reasons = backends.triton_reasons(x, weight, scale, shift, bias)
     if x.dtype not in backends.FLOAT_DTYPES:
         reasons.append(f"dtype {x.dtype} is not one of {backends.FLOAT_DTYPES}")
@@ -138,22 +142,29 @@ def triton_conv3x3_forward(x, weight, *args, **kwargs) -> list[Tensor]:
     return forward(x, weight, *args, **kwargs)
 
 
-def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, stats=None) -> list[Tensor]:
+def _triton_forward(x, weight, scale, shift, activation, padding, stride, bias, statistics=True, stats=None
+                    ) -> list[Tensor]:  # fmt: skip
     return triton_conv3x3_forward(x, weight, scale, shift, activation, pad_before(weight, stride, padding), stride,
-                                  bias, stats)  # fmt: skip
+                                  bias, stats, statistics=statistics)  # fmt: skip
 
 
-def _fake(x, weight, scale, shift, activation, padding, stride, *_):
-    return fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride)
+def _into(forward):
+    """A backend of ``conv3x3_bn_stats_into`` (y, the statistics added into the last argument ``stats``) from a
+    forward that takes ``stats`` itself."""
+    return lambda *args: forward(*args[:-1], stats=args[-1])[0]
+
+
+def _fake(x, weight, scale, shift, activation, padding, stride, bias=None, statistics=True):
+    return fake_conv_outputs(x, weight, x.shape[2] // stride, x.shape[3] // stride, statistics)
 
 
 @op_spec.custom_op(
     "conv3x3_bn_stats_into",
-    fake=lambda *args: _fake(*args)[0],
+    fake=lambda *args: _fake(*args[:-1])[0],
     implementations={
         "reference": Backend(accumulating(conv3x3_bn_stats_reference)),
-        "cuda": Backend(lambda *args: conv3x3_bn_stats_library(*args)[0], _library_reasons),
-        "triton": Backend(lambda *args: _triton_forward(*args)[0], lambda *args: _conv_triton_reasons(*args[:-1])),
+        "cuda": Backend(_into(conv3x3_bn_stats_library), _library_reasons),
+        "triton": Backend(_into(_triton_forward), lambda *args: _conv_triton_reasons(*args[:-1])),
     },
     auto_order=FUSED_FIRST,
     mutates_args=("stats",),
@@ -279,9 +290,9 @@ def _fake_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, p
 )
 def _conv3x3_op(
     x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int,
-    bias: Tensor | None,
+    bias: Tensor | None, statistics: bool = True,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``(y, [Σy; Σy²])``."""
+    """``(y, [Σy; Σy²])`` (without ``statistics``: ``(y, no_statistics)``)."""
 
 
 @op_spec.custom_op(
@@ -303,7 +314,7 @@ def _conv3x3_backward_op(
 
 def _conv_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
-    x, weight, scale, shift, activation, padding, stride, bias = inputs
+    x, weight, scale, shift, activation, padding, stride, bias = inputs[:8]  # (a trailing default may be left out)
     ctx.has_prologue, ctx.conv_args = scale is not None, (activation, padding, stride)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(output[0], x, weight, *((scale, shift) if scale is not None else ()))
@@ -316,7 +327,7 @@ def _conv_backward(ctx, dy, d_stats):
     has_bias = ctx.bias_dtype is not None
     grads = _conv3x3_backward_op(dy, d_sum, d_sumsq, y, x, weight, scale, shift, *ctx.conv_args, has_bias)
     d_affine = grads[2].unbind() if ctx.has_prologue else (None, None)
-    return *grads[:2], *d_affine, None, None, None, grads[-1].to(ctx.bias_dtype) if has_bias else None
+    return *grads[:2], *d_affine, None, None, None, grads[-1].to(ctx.bias_dtype) if has_bias else None, None
 
 
 _conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -324,8 +335,11 @@ _conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 def conv3x3_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
-    padding: str = "torch", *, stride: int, bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """3×3 conv of ``act(scale·x + shift)`` (plus ``bias``) with BN statistics (see the module docstring)."""
+    padding: str = "torch", *, stride: int, bias: Tensor | None = None, statistics: bool = True,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """3×3 conv of ``act(scale·x + shift)`` (plus ``bias``) with BN statistics (see the module docstring);
+    ``statistics=False`` (a conv whose BN uses running statistics, or one without BN) takes none: ``(y, None)``."""
     check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias)
-    return _conv3x3_op(x, weight, scale, shift, activation, padding, stride, bias)
+    check_statistics_flag(statistics)
+    y, stats = _conv3x3_op(x, weight, scale, shift, activation, padding, stride, bias, statistics)
+    return y, stats if statistics else None

@@ -47,14 +47,21 @@ def check_window_input(name: str, x, scale, shift, activation, padding, stride: 
         raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
 
 
-def conv_outputs(y: Tensor, x: Tensor) -> list[Tensor]:
+def conv_outputs(y: Tensor, x: Tensor, statistics: bool = True) -> list[Tensor]:
     """A conv op's ``[y, stats = [Σy; Σy²] (2, C) float64]`` from its result y (any dtype): y stored channels_last in
     x's dtype, the statistics summed (``channel_sums``) from y *as stored*. BN later normalises
     the stored y, and its backward cancels the statistics' gradient against the stored y's: statistics of the
     unrounded y would not describe the tensor they normalise, and in bf16 that mismatch grew gradient errors to 3×
-    eager's (as eager BN, which takes its statistics from the bf16 conv output, does not)."""
+    eager's (as eager BN, which takes its statistics from the bf16 conv output, does not). Without ``statistics``
+    an empty stand-in (``no_statistics``)."""
     stored = y.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
-    return [stored, channel_sums(stored, STATS_DTYPE)]
+    return [stored, channel_sums(stored, STATS_DTYPE) if statistics else no_statistics(x)]
+
+
+def no_statistics(x: Tensor) -> Tensor:
+    """What a conv op returns for its statistics where none are taken (``statistics=False``: a conv whose BN uses
+    running statistics, or a conv without BN): an empty (0,) float64 tensor on x's device."""
+    return x.new_empty((0,), dtype=STATS_DTYPE)
 
 
 def channel_sums(y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -86,11 +93,13 @@ def accumulating(forward):
     return run
 
 
-def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the (2, C_out) statistics."""
+def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int, statistics: bool = True
+                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Meta outputs of a conv op: y (N, C_out, height, width) channels_last, and the (2, C_out) statistics (or their
+    empty stand-in)."""
     y = torch.empty((x.shape[0], weight.shape[0], height, width), dtype=x.dtype, device=x.device,
                     memory_format=CHANNELS_LAST)  # fmt: skip
-    return y, x.new_empty((2, weight.shape[0]), dtype=STATS_DTYPE)
+    return y, x.new_empty((2, weight.shape[0]), dtype=STATS_DTYPE) if statistics else no_statistics(x)
 
 
 def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Tensor]:

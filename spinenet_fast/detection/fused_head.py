@@ -29,7 +29,7 @@ from ..models.fused_merge import (
     compute_dtype,
     conv_then_bn,
     gemm_weight,
-    running_affine,
+    running_parameters,
     sync_group,
     uses_batch_statistics,
 )
@@ -122,7 +122,9 @@ def tower_forward(tower, features: list[Tensor], activation: str) -> list[tuple[
     affine map (fp32), so that the tower's output is ``act(scale·y + shift)``."""
     stats_dtype = torch.promote_types(features[0].dtype, torch.float32)
     elements = _workspace_elements(tower, len(features), features[0].shape[1], stats_dtype)
-    workspace = ConnectionWorkspace([elements] if elements else [], features[0].device, stats_dtype)
+    workspace = ConnectionWorkspace(
+        [elements] if elements else [], features[0].device, stats_dtype, [n for level in tower.norms for n in level]
+    )
     levels = [(x, None, None) for x in features]
     for k, conv in enumerate(tower.convs):
         shared = SharedConv.of(conv, workspace, _batch_statistics(tower, k, len(features)))
@@ -138,7 +140,7 @@ def predictor_forward(predictor: nn.Conv2d, y: Tensor, scale, shift, activation:
     """``predictor(act(scale·y + shift))`` as (N, H·W·A, V) in torchvision's anchor order (a view of the conv's
     channels_last output)."""
     out, _ = conv3x3_bn_stats(y, gemm_weight(predictor.weight, y.dtype), scale, shift, activation, "torch", stride=1,
-                              bias=predictor.bias)  # fmt: skip
+                              bias=predictor.bias, statistics=False)  # fmt: skip
     return flatten_per_anchor(out, values_per_anchor)
 
 
@@ -175,6 +177,18 @@ def levels_mode(tower, num_levels: int) -> str | None:
     return "batch" if alike else None
 
 
+def stacked_running_affines(norms: list[nn.Module], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, each (len(norms), C) in ``dtype``: the affine maps of norms of one width that normalise
+    with their running statistics (``fused_merge.running_affines``' maps, row by row), stacked — eight launches
+    (four stacks, four elementwise) however many norms."""
+    weight, bias, mean, var = (torch.stack(rows) for rows in zip(*(running_parameters(n, dtype) for n in norms)))
+    epsilons = [float(n.eps) for n in norms]
+    alike = len(set(epsilons)) == 1  # else one per row
+    eps = epsilons[0] if alike else torch.tensor(epsilons, dtype=dtype, device=var.device).view(-1, 1)
+    scale = weight * torch.rsqrt(var + eps)
+    return scale, torch.addcmul(bias, mean, scale, value=-1)
+
+
 def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
     """The towers and predictors with every level in one launch per layer (``conv3x3_bn_levels`` /
     ``conv3x3_levels`` on the levels packed as one (N, S, C) tensor: one copy of the features); each predictor's
@@ -183,6 +197,12 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
     packed = pack_levels(features)
     stats_dtype = torch.promote_types(packed.dtype, torch.float32)
     outputs = {}
+    # the running-statistics towers' norms, layer by layer and level by level: their maps stacked, computed at once
+    running = [tower for _, tower, _, _ in towers if levels_mode(tower, len(sizes)) == "running"]
+    stacked = [
+        tower.norms[level][k] for tower in running for k in range(len(tower.convs)) for level in range(len(sizes))
+    ]
+    scales, shifts = stacked_running_affines(stacked, stats_dtype) if stacked else (None, None)
     for name, tower, predictor, values in towers:
         y, scale, shift = packed, None, None
         batch = levels_mode(tower, len(sizes)) == "batch"
@@ -204,10 +224,10 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
                     num_batches_tracked=[b["num_batches_tracked"] for b in bn] if bn[0]["num_batches_tracked"]
                     is not None else None, stats_buffer=workspace[k * per_layer : (k + 1) * per_layer],
                 )  # fmt: skip
-            else:
+            else:  # this layer's rows of the stacked maps
                 y = conv3x3_levels(y, sizes, weight, conv.bias, scale, shift, act)
-                affines = [running_affine(norm, stats_dtype) for norm in norms]
-                scale, shift = torch.stack([a[0] for a in affines]), torch.stack([a[1] for a in affines])
+                first = stacked.index(tower.norms[0][k])
+                scale, shift = scales[first : first + len(sizes)], shifts[first : first + len(sizes)]
         out = conv3x3_levels(y, sizes, gemm_weight(predictor.weight, y.dtype), predictor.bias, scale, shift,
                              head.activation)  # fmt: skip
         outputs[name] = out.view(out.shape[0], -1, values)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .fused_block import fused_block_forward, input_readers
+from .fused_block import block_layers, fused_block_forward, input_readers
+from .fused_merge import RunningAffines
 from .layers import ConvNorm, FusedSetting, NormFactory, make_activation
 
 BLOCK_TYPES = ("bottleneck", "residual")
@@ -110,11 +111,17 @@ class BlockGroup(FusedSetting, nn.Sequential):
         self.out_channels = out_channels
         self.activation, self.padding, self.fused = activation, padding, fused
 
+    def norm_layers(self) -> list[nn.Module]:
+        """The norm layer of each conv + norm layer of its blocks (main path, projection shortcut)."""
+        return [layer.bn for block in self for layer in block_layers(block)]
+
     def forward(
-        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], readers: int | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], readers: int | None = None,
+        affines: RunningAffines | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:  # fmt: skip
         """x: the input, or one copy per reader of it (``input_readers``: a fused merge's ``readers``); with
-        ``readers``, the output that many times, one per reader (see ``CrossScaleMerge.forward``)."""
+        ``readers``, the output that many times, one per reader (see ``CrossScaleMerge.forward``); ``affines`` as
+        ``CrossScaleMerge.forward``'s."""
         main = x[0] if isinstance(x, tuple) else x
         if not self.runs_fused(main):
             out = super().forward(main)
@@ -122,7 +129,7 @@ class BlockGroup(FusedSetting, nn.Sequential):
         for i, block in enumerate(self):
             last = i == len(self) - 1
             x = fused_block_forward(block, x, self.activation, self.padding,
-                                    (readers or 1) if last else input_readers(self[i + 1]))  # fmt: skip
+                                    (readers or 1) if last else input_readers(self[i + 1]), affines)  # fmt: skip
         return x[0] if readers is None else x
 
     def input_readers(self) -> int:

@@ -10,11 +10,11 @@ normalised map stored between them.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import merge_for_readers
 from ..ops.merge import sums_rows
-from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn
+from .fused_merge import ConnectionWorkspace, RunningAffines, compute_dtype, conv_then_bn
 from .layers import ConvNorm, FusedSetting, NormFactory
 
 
@@ -28,11 +28,15 @@ class Endpoint(FusedSetting, ConvNorm):
         super().__init__(in_channels, out_channels, 1, norm, activation=activation, **kwargs)
         self.activation, self.fused = activation, fused
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_endpoint_forward(self, x) if self.runs_fused(x) else super().forward(x)
+    def norm_layers(self) -> list[nn.Module]:
+        return [self.bn]
+
+    def forward(self, x: Tensor, affines: RunningAffines | None = None) -> Tensor:
+        """``affines`` (fused): as ``CrossScaleMerge.forward``'s."""
+        return fused_endpoint_forward(self, x, affines) if self.runs_fused(x) else super().forward(x)
 
 
-def fused_endpoint_forward(endpoint: Endpoint, x: Tensor) -> Tensor:
+def fused_endpoint_forward(endpoint: Endpoint, x: Tensor, affines: RunningAffines | None = None) -> Tensor:
     """``endpoint(x)`` from the fused ops (same parameters, buffers and result as its eager forward): one workspace
     fill for the BN's accumulators, ``conv_then_bn``, then BN + activation as one single-parent ``merge``."""
     x = x.to(compute_dtype(x))
@@ -41,7 +45,7 @@ def fused_endpoint_forward(endpoint: Endpoint, x: Tensor) -> Tensor:
     channels = endpoint.conv.out_channels
     if sizes:  # the merge backward's channel sums
         sizes.append(sums_rows(1, False) * channels)
-    workspace = ConnectionWorkspace(sizes, x.device, statistics)
+    workspace = ConnectionWorkspace(sizes, x.device, statistics, [endpoint.bn], affines)
     y, scale, shift = conv_then_bn(x, endpoint.conv, endpoint.bn, None, None, endpoint.activation, workspace)
     sums_buffer = workspace.take(channels, rows=sums_rows(1, False)) if sizes else None
     return merge_for_readers([y], [scale], [shift], [1], None, endpoint.activation, readers=1,

@@ -22,12 +22,24 @@ from torch import Tensor
 from ..ops import merge_for_readers
 from ..ops.activation import stats_dtype
 from ..ops.merge import sums_rows
-from .fused_merge import ConnectionWorkspace, compute_dtype, conv_pair_then_bn, conv_then_bn, uses_batch_statistics
+from .fused_merge import (
+    ConnectionWorkspace,
+    RunningAffines,
+    compute_dtype,
+    conv_pair_then_bn,
+    conv_then_bn,
+    uses_batch_statistics,
+)
 
 
 def block_convs(block) -> list:
     """The block's conv + BN layers along its main path, in order (``ConvNorm``)."""
     return [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+
+
+def block_layers(block) -> list:
+    """The block's conv + BN layers: its main path's, then its projection shortcut where it has one."""
+    return block_convs(block) + ([block.shortcut] if block.shortcut is not None else [])
 
 
 def pairs_input_convs(block) -> bool:
@@ -61,10 +73,11 @@ def row_scale(drop_path, like: Tensor) -> Tensor | None:
 
 
 def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: str, padding: str,
-                        readers: int = 1) -> tuple[Tensor, ...]:  # fmt: skip
+                        readers: int = 1, affines: RunningAffines | None = None) -> tuple[Tensor, ...]:  # fmt: skip
     """``block(x)`` from the fused ops, once per reader (``merge_for_readers``): same parameters, buffers and result
     as the block's eager forward. x: (N, C_in, H, W), or its ``input_readers(block)`` copies (main path, shortcut;
-    or one) -> ``readers`` × (N, C_out, H, W) channels_last."""
+    or one) -> ``readers`` × (N, C_out, H, W) channels_last. ``affines``: its running-statistics norms' maps where
+    already computed."""
     x, x_shortcut = (x[0], x[-1]) if isinstance(x, tuple) else (x, x)
     dtype = compute_dtype(x)
     x, x_shortcut = x.to(dtype), x_shortcut.to(dtype)
@@ -78,7 +91,7 @@ def fused_block_forward(block, x: Tensor | tuple[Tensor, Tensor], activation: st
     ]
     if sizes:  # the merge backward's channel sums
         sizes.append(sums_rows(2, factors is not None) * convs[-1].conv.out_channels)
-    workspace = ConnectionWorkspace(sizes, x.device, stats_dtype)
+    workspace = ConnectionWorkspace(sizes, x.device, stats_dtype, [layer.bn for layer, _ in layers], affines)
     paired = pairs_input_convs(block)
     y, scale, shift = x, None, None
     if paired:

@@ -40,6 +40,9 @@ from ..ops.checks import is_dense
 from ..ops.conv_bn import counter_view
 from ..ops.expand_merge import workspace_size
 
+# {norm layer: (scale, shift)} of norms that normalise with their running statistics (``running_affines``)
+RunningAffines = dict[nn.Module, tuple[Tensor, Tensor]]
+
 
 def uses_batch_statistics(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises with the statistics of its input (training mode, or no running statistics)."""
@@ -52,38 +55,55 @@ class ConnectionWorkspace:
     ``take_stats``) and its finalize's program counter, each prologue's gradient [d_scale; d_shift] (the max-pools'
     included), each fp32 conv weight's gradient, and the merge backward's channel sums — handed out in slices, in the
     order the ops take them: one fill per merge (or block) instead of one per accumulator. ``sizes``: the slices'
-    elements, in that order."""
+    elements, in that order. ``norms``: the norm layers of the module's conv + norm layers, whose affine maps the
+    workspace computes at once where they normalise with running statistics and ``affines`` (a model's,
+    ``model_running_affines``) does not hold them (``running_affine``)."""
 
-    def __init__(self, sizes: list[int], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, sizes: list[int], device: torch.device, dtype: torch.dtype, norms: list[nn.Module] = (),
+                 affines: RunningAffines | None = None) -> None:  # fmt: skip
         self.buffer = torch.zeros(sum(sizes), device=device, dtype=dtype) if sizes else None
         self.offset, self.dtype = 0, dtype
+        self.shared = affines if affines is not None else {}
+        missing = [n for n in norms if not (uses_batch_statistics(n) or self.shared_affine(n))]
+        self.affines = running_affines(missing, dtype)
+
+    def shared_affine(self, bn: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``bn``'s map in the ``affines`` the workspace was handed, where it is there in the workspace's dtype."""
+        affine = self.shared.get(bn)
+        return affine if affine is not None and affine[0].dtype == self.dtype else None
+
+    def running_affine(self, bn: nn.Module) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` of a norm that normalises with its running statistics: from the ``affines`` the
+        workspace was handed (a model's, computed at once), or computed with the others of its ``norms`` (the
+        module's: ``running_affines``), or alone where it was among neither."""
+        affine = self.shared_affine(bn) or self.affines.get(bn)
+        return affine if affine is not None else running_affines([bn], self.dtype)[bn]
 
     @classmethod
-    def for_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
+    def for_merge(cls, module, device: torch.device, dtype: torch.dtype, affines: RunningAffines | None = None
+                  ) -> ConnectionWorkspace:  # fmt: skip
         """The workspace of a ``CrossScaleMerge``'s fused forward through ``merge`` (``fused_merge_forward``)."""
-        sizes = []  # elements
+        sizes, norms = [], []  # elements; the norm layers
         for resample in module.resamples:
             # the max-pools' affine gradients are the pooled conv's prologue's
             layers = [*expand_input_layers(resample), (resample.expand, True)]
             sizes += [size for layer, has_prologue in layers for size in cls.layer_sizes(layer, has_prologue, dtype)]
+            norms += [layer.bn for layer, _ in layers]
             if pools_apart(resample) and uses_batch_statistics(resample.down.bn):
                 sizes.append(2 * resample.down.conv.out_channels)  # the separate max-pool op's affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
-        return cls(sizes, device, dtype)
+        return cls(sizes, device, dtype, norms, affines)
 
     @classmethod
-    def for_mobile_merge(cls, module, device: torch.device, dtype: torch.dtype) -> ConnectionWorkspace:
+    def for_mobile_merge(cls, module, device: torch.device, dtype: torch.dtype,
+                         affines: RunningAffines | None = None) -> ConnectionWorkspace:  # fmt: skip
         """The workspace of a SpineNet-Mobile ``MobileMerge``'s fused forward (``fused_mobile_merge_forward``)."""
-        sizes = [
-            size
-            for resample in module.resamples
-            for layer, has_prologue in mobile_layers(resample)
-            for size in cls.layer_sizes(layer, has_prologue, dtype)
-        ]
+        layers = [layer for resample in module.resamples for layer in mobile_layers(resample)]
+        sizes = [size for layer, has_prologue in layers for size in cls.layer_sizes(layer, has_prologue, dtype)]
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].conv.conv.out_channels)
-        return cls(sizes, device, dtype)
+        return cls(sizes, device, dtype, [layer.bn for layer, _ in layers], affines)
 
     @classmethod
     def layer_sizes(cls, layer, has_prologue: bool, dtype: torch.dtype) -> list[int]:
@@ -187,11 +207,24 @@ def batch_bn_kwargs(bn: nn.Module) -> dict | None:
     )  # fmt: skip
 
 
-def running_affine(bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` (in the statistics' ``dtype``: fp32, or float64) of a BN that normalises with its running
-    statistics."""
-    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    return scale, bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
+def running_affines(norms: list[nn.Module], dtype: torch.dtype) -> RunningAffines:
+    """``{norm: (scale, shift)}`` (in the statistics' ``dtype``: fp32, or float64) of norms that normalise with their
+    running statistics: scale = γ·rsqrt(var + eps), shift = β − mean·scale (γ = 1, β = 0 without an affine), all
+    norms at once — four launches (foreach ops) however many norms, not five per norm; differentiable in γ, β."""
+    if not norms:
+        return {}
+    weights, biases, means, variances = zip(*(running_parameters(n, dtype) for n in norms))
+    inverse_std = torch._foreach_rsqrt(torch._foreach_add(variances, [float(n.eps) for n in norms]))
+    scales = torch._foreach_mul(weights, inverse_std)
+    shifts = torch._foreach_addcmul(biases, means, scales, value=-1)
+    return {norm: (scale, shift) for norm, scale, shift in zip(norms, scales, shifts)}
+
+
+def running_parameters(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(γ, β, running mean, running variance)`` of a norm in ``dtype`` (γ = 1, β = 0 without an affine)."""
+    weight = norm.weight.to(dtype) if norm.weight is not None else torch.ones_like(norm.running_var, dtype=dtype)
+    bias = norm.bias.to(dtype) if norm.bias is not None else torch.zeros_like(norm.running_mean, dtype=dtype)
+    return weight, bias, norm.running_mean.to(dtype), norm.running_var.to(dtype)
 
 
 def pools_apart(resample) -> bool:
@@ -217,8 +250,8 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
     if kwargs is None:
         conv_stats = conv1x1_bn_stats if padding is None else conv3x3_bn_stats
         window = {} if padding is None else {"stride": stride}
-        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias)
-        return (y, *running_affine(bn, torch.promote_types(x.dtype, torch.float32)))
+        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias, statistics=False)
+        return (y, *workspace.running_affine(bn))
     weight_grad = workspace.take_weight_grad(conv.weight) if shared is None else shared.weight_grad
     bn_args = training_bn_args(conv, bn, kwargs, workspace, weight_grad)
     bn_args["prologue_grad_buffer"] = workspace.take(x.shape[1]) if scale is not None else None
@@ -341,25 +374,26 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str, readers: int = 1
-                        ) -> tuple[Tensor, ...]:  # fmt: skip
+def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: str, readers: int = 1,
+                        affines: RunningAffines | None = None) -> tuple[Tensor, ...]:  # fmt: skip
     """``module``'s output from the fused ops, once per reader (``merge_for_readers``); same parameters, buffers
-    and result as its eager forward."""
+    and result as its eager forward. ``affines``: its running-statistics norms' maps where already computed."""
     layers = expanding_layers(module)
     if layers is not None:
-        return expanded_parents(module, feats, activation, padding, readers, layers)
+        return expanded_parents(module, feats, activation, padding, readers, layers, affines)
     return merge_resampled_parents(module, feats, activation, padding, readers, ConnectionWorkspace.for_merge,
-                                   fused_resample)  # fmt: skip
+                                   fused_resample, affines)  # fmt: skip
 
 
 def merge_resampled_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int, workspace_for,
-                            resample_parent) -> tuple[Tensor, ...]:  # fmt: skip
+                            resample_parent, affines: RunningAffines | None = None) -> tuple[Tensor, ...]:  # fmt: skip
     """The fused forward of a merge module (SpineNet's or SpineNet-Mobile's): its workspace
-    (``workspace_for(module, device, statistics dtype)``), each parent through ``resample_parent(resample, x,
+    (``workspace_for(module, device, statistics dtype, affines)``), each parent through ``resample_parent(resample, x,
     activation, padding, workspace) -> (y, scale, shift, ratio)``, the raw extras summed, then one
     ``merge_for_readers``."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
-    workspace = workspace_for(module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32))
+    workspace = workspace_for(module, feats[module.parent_ids[0]].device, torch.promote_types(dtype, torch.float32),
+                              affines)  # fmt: skip
     parents, scales, shifts, ratios = [], [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         y, scale, shift, ratio = resample_parent(resample, feats[i].to(dtype), activation, padding, workspace)
@@ -382,17 +416,18 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
 
 
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
-                     layers: list[nn.Module]) -> tuple[Tensor, ...]:  # fmt: skip
+                     layers: list[nn.Module], affines: RunningAffines | None = None) -> tuple[Tensor, ...]:  # fmt: skip
     """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge`` (``expanding_layers``): each
     parent's layers before its expand conv (``fused_expand_input``), then the op (with the parents' max-pools) — one
     zeroed workspace for all of them."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
-    inputs = [size for r in module.resamples for layer, has_prologue in expand_input_layers(r)
-              for size in ConnectionWorkspace.layer_sizes(layer, has_prologue, stats_dtype)]  # fmt: skip
+    input_layers = [layer for r in module.resamples for layer in expand_input_layers(r)]
+    layer_sizes = ConnectionWorkspace.layer_sizes
+    inputs = [size for layer, prologue in input_layers for size in layer_sizes(layer, prologue, stats_dtype)]
     size = expand_merge_size(layers, stats_dtype)
     workspace = ConnectionWorkspace([*inputs, size + alignment_slack(stats_dtype)], feats[module.parent_ids[0]].device,
-                                    stats_dtype)  # fmt: skip
+                                    stats_dtype, [layer.bn for layer, _ in input_layers], affines)  # fmt: skip
     parents, scales, shifts = [], [], []
     for resample, i in zip(module.resamples, module.parent_ids):
         h, scale, shift = fused_expand_input(resample, feats[i].to(dtype), activation, padding, workspace)

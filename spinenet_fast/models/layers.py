@@ -76,7 +76,8 @@ def fused_for_norm(fused: bool | str, norm: NormFactory) -> bool | str:
 
 class FusedSetting:
     """Mixin of a module with a ``fused`` setting: True, False or ``"auto"`` (fused where its parameters are on a GPU
-    with Triton). Its forward takes the fused ops where ``runs_fused`` says so, else its eager modules."""
+    with Triton). Its forward takes the fused ops where ``runs_fused`` says so, else its eager modules; its
+    ``norm_layers()`` are the norm layers of the conv + norm layers its fused forward runs."""
 
     fused: bool | str
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_merge import fused_merge_forward
+from .fused_merge import RunningAffines, expand_input_layers, fused_merge_forward
 from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory, make_activation
 
 
@@ -88,11 +88,17 @@ class CrossScaleMerge(FusedSetting, nn.Module):
         self.activation, self.padding = activation, padding
         self.fused = fused
 
-    def forward(self, feats: list[torch.Tensor], readers: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def norm_layers(self) -> list[nn.Module]:
+        """The norm layer of each conv + norm layer the fused forward runs (squeeze, stride-2 conv, expand)."""
+        return [layer.bn for r in self.resamples for layer, _ in [*expand_input_layers(r), (r.expand, True)]]
+
+    def forward(self, feats: list[torch.Tensor], readers: int | None = None,
+                affines: RunningAffines | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:  # fmt: skip
         """The merged map; with ``readers``, that many tensors of it, one per reader (fused: views whose gradients
-        the merge backward sums as it loads them, ``ops.merge_for_readers``; eager: the same tensor)."""
+        the merge backward sums as it loads them, ``ops.merge_for_readers``; eager: the same tensor). ``affines``
+        (fused): the running-statistics norms' maps where the model computed them (``model_running_affines``)."""
         if self.runs_fused(feats[self.parent_ids[0]]):
-            outputs = fused_merge_forward(self, feats, self.activation, self.padding, readers or 1)
+            outputs = fused_merge_forward(self, feats, self.activation, self.padding, readers or 1, affines)
             return outputs[0] if readers is None else outputs
         x = self.resamples[0](feats[self.parent_ids[0]])
         for resample, i in zip(self.resamples[1:], self.parent_ids[1:]):

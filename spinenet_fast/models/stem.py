@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import backends, bn_act_maxpool
-from .fused_merge import ConnectionWorkspace, compute_dtype, conv_then_bn, uses_batch_statistics
+from .fused_merge import ConnectionWorkspace, RunningAffines, compute_dtype, conv_then_bn, uses_batch_statistics
 from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory
 
 
@@ -31,11 +31,15 @@ class Stem(FusedSetting, nn.Sequential):
         super().__init__(OrderedDict(conv=conv, pool=MaxPool3x3s2(padding)))
         self.activation, self.padding, self.fused = activation, padding, fused
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fused_stem_forward(self, x) if self.runs_fused(x) else super().forward(x)
+    def norm_layers(self) -> list[nn.Module]:
+        return [self.conv.bn]
+
+    def forward(self, x: Tensor, affines: RunningAffines | None = None) -> Tensor:
+        """``affines`` (fused): as ``CrossScaleMerge.forward``'s."""
+        return fused_stem_forward(self, x, affines) if self.runs_fused(x) else super().forward(x)
 
 
-def fused_stem_forward(stem: Stem, x: Tensor) -> Tensor:
+def fused_stem_forward(stem: Stem, x: Tensor, affines: RunningAffines | None = None) -> Tensor:
     """``stem(x)`` from the fused ops (same parameters, buffers and result as its eager forward): one workspace fill
     for the BN's accumulators and the max-pool's affine gradients, ``conv_then_bn``, then ``bn_act_maxpool``."""
     x = x.to(compute_dtype(x))
@@ -45,7 +49,7 @@ def fused_stem_forward(stem: Stem, x: Tensor) -> Tensor:
     training = uses_batch_statistics(layer.bn)
     if training:  # the max-pool op's [d_scale; d_shift]
         sizes.append(2 * layer.conv.out_channels)
-    workspace = ConnectionWorkspace(sizes, x.device, statistics)
+    workspace = ConnectionWorkspace(sizes, x.device, statistics, [layer.bn], affines)
     y, scale, shift = conv_then_bn(x, layer.conv, layer.bn, None, None, stem.activation, workspace,
                                    padding=stem.padding)  # fmt: skip
     buffer = workspace.take(layer.conv.out_channels) if training else None

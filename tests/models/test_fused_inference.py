@@ -1,0 +1,97 @@
+"""The fused SpineNet in eval mode (every BN an affine map of its running statistics): its convs take no statistics,
+all its norms' maps are computed once per forward (``SpineNet.model_running_affines``), and it matches eager —
+outputs, and the gradients of an eval-mode model (frozen statistics, trainable γ and β) — whatever changes the
+running statistics between forwards."""
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from spinenet_fast.ops import use_backend
+
+from .test_fused_spinenet import assert_close_scaled, twins
+
+
+class AtenOps(TorchDispatchMode):
+    """The ATen ops run under it (the fused ops' implementations included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def with_running_statistics(eager, fused) -> None:
+    """Give both models the same non-trivial running statistics (one training forward of the eager model)."""
+    eager.train()(torch.randn(2, 3, 128, 128, dtype=next(eager.parameters()).dtype))
+    fused.load_state_dict(eager.state_dict())
+
+
+def test_eval_forward_takes_no_statistics_and_computes_the_affine_maps_once():
+    eager, fused = twins("49S")
+    with_running_statistics(eager, fused)
+    images = torch.randn(1, 3, 128, 128)
+    merge = fused.merges[0]
+    inputs = []
+    handle = merge.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad(), use_backend("reference"), AtenOps() as seen:
+        fused.eval()(images)
+    handle.remove()
+    foreach = sorted(op for op in seen.ops if op.startswith("_foreach"))
+    assert foreach == ["_foreach_add", "_foreach_addcmul", "_foreach_mul", "_foreach_rsqrt"]  # all norms at once
+    assert not {"zeros", "zero_", "sum", "stack", "rsqrt", "batch_norm", "native_batch_norm"} & set(seen.ops)
+    with torch.no_grad(), use_backend("reference"), AtenOps() as seen:  # a module on its own: its norms at once
+        merge(inputs[0])
+    assert sorted(op for op in seen.ops if op.startswith("_foreach")) == foreach
+
+
+def test_eval_mode_outputs_and_gradients_equal_eager_in_float64():
+    """An eval-mode model trained further (frozen running statistics, trainable γ, β: the affine maps' gradients):
+    outputs and every parameter's gradient as eager's."""
+    eager, fused = twins("49S", dtype=torch.float64)
+    with_running_statistics(eager, fused)
+    images = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    results = []
+    for model, backend in ((eager, "reference"), (fused, "reference")):
+        model.eval().zero_grad()
+        with use_backend(backend):
+            out = model(images)
+            sum((feat * feat).mean() for feat in out.values()).backward()
+        results.append((out, {name: p.grad for name, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    for name in want:
+        assert_close_scaled(got[name], want[name], name, rel=1e-9)
+    for name, grad in want_grads.items():
+        assert_close_scaled(got_grads[name], grad, name, rel=1e-9)
+    assert any(isinstance(m, nn.BatchNorm2d) and m.weight.grad.abs().sum() > 0 for m in fused.modules())
+
+
+def test_changed_running_statistics_are_used_at_the_next_forward():
+    """Nothing is cached across forwards: statistics changed in place through ``.data`` (no version bump), or by
+    the fused model's own training step (its kernels update them), are the next eval forward's."""
+    eager, fused = twins("49S")
+    with_running_statistics(eager, fused)
+    images = torch.randn(1, 3, 128, 128)
+
+    def scale_variances(model) -> None:
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_var.data.mul_(3.0)
+
+    def train_fused_then_copy(model) -> None:
+        if model is fused:
+            fused.train()(torch.randn(2, 3, 128, 128))
+            eager.load_state_dict(fused.state_dict())
+
+    for change in (scale_variances, train_fused_then_copy):
+        with torch.no_grad(), use_backend("reference"):
+            before = fused.eval()(images)
+            change(fused)
+            change(eager)
+            expected, got = eager.eval()(images), fused.eval()(images)
+        assert not torch.allclose(got["p3"], before["p3"])
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)

@@ -1,6 +1,8 @@
-"""``python -m benchmarks.ledger --model 49 --out DIR [--head] [--size 256 --batch 1 --dtype bf16]``: the kernel
-launches of one SpineNet training step (forward, backward), per part of the model, eager against fused — counted on
-a CPU. ``--head``: the whole RetinaNet training step (transform, backbone, head, anchors, matching and losses).
+"""``python -m benchmarks.ledger --model 49 --out DIR [--head] [--inference] [--size 256 --batch 1 --dtype bf16]``:
+the kernel launches of one SpineNet training step (forward, backward), per part of the model, eager against fused —
+counted on a CPU. ``--head``: the whole RetinaNet training step (transform, backbone, head, anchors, matching and
+losses). ``--inference``: one forward in eval mode without gradients (every BN an affine map of its running
+statistics) instead — the backbone's, or with ``--head`` the backbone's and the head's.
 
 Launch counts do not depend on tensor sizes, so a CPU run at any size gives a GPU's counts, generically:
 
@@ -57,9 +59,11 @@ from ._traffic import (
 from ._triton_launches import intercepted_launches, route_to_triton
 
 PASSES = ("forward", "backward")
+INFERENCE = "inference forward (eval mode, no gradients)"
 # fused_ops.md §7: launches the fused connections must not make (reductions, copies and casts around the kernels).
 FORBIDDEN = ("aten sum", "aten stack", "aten clone", "aten lerp_", "aten _to_copy", "extension aten")
 PART_KEY = "ledger_part"
+AFFINES_PART = "norm affines"  # SpineNet.model_running_affines: once per forward, for every fused module
 # ATen ops that launch no kernel: views, metadata, allocations (as the dispatcher sees them).
 NO_KERNEL = frozenset(
     (
@@ -208,7 +212,8 @@ def part_modules(model: nn.Module) -> dict[str, nn.Module]:
 def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[str, nn.Module] | None = None
                   ) -> Iterator[None]:  # fmt: skip
     """Keep ``counter.parts`` on the innermost running part (the fused path's parents included; ``extra_parts``:
-    modules around the backbone, by name), and tag every autograd node created meanwhile with it."""
+    modules around the backbone, by name; ``norm affines``: the model's affine maps of its running-statistics norms,
+    ``SpineNet.model_running_affines``), and tag every autograd node created meanwhile with it."""
     from spinenet_fast.models import fused_merge
 
     parts = {**part_modules(model), **(extra_parts or {})}
@@ -228,11 +233,11 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
     resample_functions = ("fused_resample", "fused_mobile_resample", "fused_expand_input")  # the per-parent functions
     originals = {name: getattr(fused_merge, name) for name in resample_functions}
 
-    def tracked(function):
-        def run(resample, *args, **kwargs):
-            counter.parts.append(names[id(resample)])
+    def tracked(function, part=None):
+        def run(first, *args, **kwargs):
+            counter.parts.append(part or names[id(first)])
             try:
-                return function(resample, *args, **kwargs)
+                return function(first, *args, **kwargs)
             finally:
                 counter.parts.pop()
 
@@ -240,11 +245,16 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
 
     for name, function in originals.items():
         setattr(fused_merge, name, tracked(function))
+    affines = getattr(model, "model_running_affines", None)
+    if affines is not None:
+        model.model_running_affines = tracked(affines, AFFINES_PART)
     torch._C._autograd._push_node_creation_hook(tag)
     try:
         yield
     finally:
         torch._C._autograd._pop_node_creation_hook()
+        if affines is not None:
+            del model.model_running_affines
         for name, function in originals.items():
             setattr(fused_merge, name, function)
         for handle in handles:
@@ -295,7 +305,8 @@ def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, 
             output = output if isinstance(output, torch.Tensor) else output[0]  # one of its readers' copies
             floor = connection_floor(parents, output, list(module.parameters()), extras)
             maps = [parent_maps(r, x) for r, x in zip(module.resamples, parents)]
-            bound = None if None in maps else barrier_bound(floor, maps, tensor_bytes(output))
+            training = module.training  # the bound is training-mode BN's (eval mode: an affine map, no barrier)
+            bound = None if None in maps or not training else barrier_bound(floor, maps, tensor_bytes(output))
             floors[name] = {"floor": floor, "bound": bound}
 
         return record
@@ -367,6 +378,31 @@ def count_training_step(
     return counter.ledger
 
 
+def count_inference(model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
+                    ) -> Ledger:  # fmt: skip
+    """Launches of one inference forward of a SpineNet on CPU tensors: eval mode (every BN normalises with its
+    running statistics), no gradients, under ``autocast`` or in the model's own dtype; eager, or fused as
+    :func:`count_training_step` counts it."""
+    model.eval()
+    amp = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    with counting(model, fused) as counter, torch.no_grad(), amp:
+        model(images)
+    return counter.ledger
+
+
+def count_detector_inference(detector: nn.Module, images: torch.Tensor, *, fused: bool,
+                             autocast: torch.dtype | None = None) -> Ledger:  # fmt: skip
+    """Launches of a RetinaNet's backbone and head in one inference forward (eval mode, no gradients) of an image
+    batch, eager or fused, as :func:`count_inference` counts a backbone's; parts: the backbone's and ``head``. (The
+    transform, anchors and box decoding/NMS around them are torchvision's in both variants.)"""
+    detector.eval()
+    detector.head.fused = fused
+    amp = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    with counting(detector.backbone, fused, {"head": detector.head}) as counter, torch.no_grad(), amp:
+        detector.head(list(detector.backbone(images).values()))
+    return counter.ledger
+
+
 def count_detector_step(
     detector: nn.Module, images: list[torch.Tensor], targets: list[dict], *, fused: bool,
     autocast: torch.dtype | None = None,
@@ -411,8 +447,10 @@ class PartGroup:
 
 
 def _groups(model, ledgers: dict[str, Ledger]) -> list[PartGroup]:
-    """The summary's rows: the backbone's parts, then a detector's (where the ledgers hold a head) and the loss."""
+    """The summary's rows: the backbone's parts, then a detector's (where the ledgers hold a head) and the loss —
+    those where a ledger counted launches (an inference forward has no loss; a training step no norm affines)."""
     groups = [
+        PartGroup("norm affines (running statistics: all modules', once per forward)", (AFFINES_PART,)),
         PartGroup("stem", ("stem",)),
         PartGroup("initial blocks", ("init_groups.", "init_blocks.")),
         PartGroup("cross-scale parents", tuple(f"merges.{k}.resamples." for k in range(len(model.merges)))),
@@ -421,17 +459,18 @@ def _groups(model, ledgers: dict[str, Ledger]) -> list[PartGroup]:
         PartGroup("endpoints", ("endpoints.",)),
     ]
     if any("head" in ledger.counts for ledger in ledgers.values()):
-        return [
-            *groups,
+        groups += [
             PartGroup("transform and anchors", ("transform", "anchors")),
             PartGroup("head (class and box towers, predictors)", ("head",)),
             PartGroup("loss (matching, focal and box losses)", ("loss",)),
             PartGroup("target checks (forward), gradient accumulation", ("gradient accumulation", "other")),
         ]
-    return [
-        *groups,
-        PartGroup("loss (Σ mean(p²)) and gradient accumulation", ("loss", "gradient accumulation", "other")),
-    ]
+    else:
+        groups.append(
+            PartGroup("loss (Σ mean(p²)) and gradient accumulation", ("loss", "gradient accumulation", "other"))
+        )
+    counted = [part for ledger in ledgers.values() for part, passes in ledger.counts.items() if any(passes.values())]
+    return [group for group in groups if any(part.startswith(group.prefixes) for part in counted)]
 
 
 def _group_launches(ledger: Ledger, group: PartGroup, pass_: str, exclude: tuple[str, ...] = ()) -> int:
@@ -442,6 +481,12 @@ def _group_launches(ledger: Ledger, group: PartGroup, pass_: str, exclude: tuple
     )
 
 
+def passes_of(ledgers: dict[str, Ledger]) -> tuple[str, ...]:
+    """The passes the ledgers counted launches in (a training step's two, an inference forward's one)."""
+    counted = {p for ledger in ledgers.values() for passes in ledger.counts.values() for p in passes}
+    return tuple(p for p in PASSES if p in counted)
+
+
 def _parents(groups: list[PartGroup]) -> tuple[str, ...]:
     """The cross-scale parents' prefixes (the merges' rows leave those parts out)."""
     return next(group for group in groups if group.label == "cross-scale parents").prefixes
@@ -450,13 +495,13 @@ def _parents(groups: list[PartGroup]) -> tuple[str, ...]:
 def summarise(model, ledgers: dict[str, Ledger]) -> dict:
     """Per group and per connection type: launches per pass and variant; bytes saved for backward per group."""
     groups = _groups(model, ledgers)
-    parents = _parents(groups)
+    parents, passes = _parents(groups), passes_of(ledgers)
     rows = []
     for group in groups:
         exclude = parents if group.label.startswith("merges") else ()
-        cells = {f"{v} {p}": _group_launches(ledgers[v], group, p, exclude) for v in ledgers for p in PASSES}
+        cells = {f"{v} {p}": _group_launches(ledgers[v], group, p, exclude) for v in ledgers for p in passes}
         rows.append({"part": group.label, **cells})
-    rows.append({"part": "total", **{f"{v} {p}": ledgers[v].launches(pass_=p) for v in ledgers for p in PASSES}})
+    rows.append({"part": "total", **{f"{v} {p}": ledgers[v].launches(pass_=p) for v in ledgers for p in passes}})
     saved = [{"part": group.label, **{v: sum(n for part, n in ledger.saved.items() if part.startswith(group.prefixes)
                                              and not (group.label.startswith("merges") and part.startswith(parents)))
                                       for v, ledger in ledgers.items()}} for group in groups]  # fmt: skip
@@ -468,7 +513,7 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
             kind = "up" if resample.parent_level > resample.target_level else "down" if resample.down else "same"
             connections.append({
                 "part": part, "connection": f"L{resample.parent_level}->L{resample.target_level} {kind}",
-                **{f"{v} {p}": ledgers[v].launches(part, p) for v in ledgers for p in PASSES},
+                **{f"{v} {p}": ledgers[v].launches(part, p) for v in ledgers for p in passes},
             })  # fmt: skip
     return {"groups": rows, "connections": connections, "saved": saved}
 
@@ -476,22 +521,22 @@ def summarise(model, ledgers: dict[str, Ledger]) -> dict:
 def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[str, int]]) -> dict:
     """Modelled bytes and FLOPs per group and in total, and per block connection against its byte floor."""
     groups = _groups(model, ledgers)
-    parents = _parents(groups)
+    parents, passes = _parents(groups), passes_of(ledgers)
     rows = []
     for group in groups:
         exclude = parents if group.label.startswith("merges") else ()
         cells = {}
         for v, ledger in ledgers.items():
-            for p in PASSES:
+            for p in passes:
                 cells[f"{v} {p}"] = sum(
                     ledger.bytes[part][p] for part in ledger.bytes
                     if part.startswith(group.prefixes) and not part.startswith(exclude)
                 )  # fmt: skip
         rows.append({"part": group.label, **cells})
-    totals = {f"{v} {p}": ledgers[v].traffic("bytes", pass_=p) for v in ledgers for p in PASSES}
+    totals = {f"{v} {p}": ledgers[v].traffic("bytes", pass_=p) for v in ledgers for p in passes}
     rows.append({"part": "total", **totals})
-    flops = {f"{v} {p}": ledgers[v].traffic("flops", pass_=p) for v in ledgers for p in PASSES}
-    atomics = {f"{v} {p}": ledgers[v].traffic("atomics", pass_=p) for v in ledgers for p in PASSES}
+    flops = {f"{v} {p}": ledgers[v].traffic("flops", pass_=p) for v in ledgers for p in passes}
+    atomics = {f"{v} {p}": ledgers[v].traffic("atomics", pass_=p) for v in ledgers for p in passes}
     atomic_kernels = {v: dict(ledger.atomic_kernels.most_common()) for v, ledger in ledgers.items()}
     connections = []
     for k in range(len(model.merges)):
@@ -499,7 +544,7 @@ def summarise_traffic(model, ledgers: dict[str, Ledger], floors: dict[str, dict[
         if part not in floors:
             continue
         row = {"part": part}
-        for p in PASSES:
+        for p in passes:
             row[f"floor {p}"] = floors[part]["floor"][p]
             row[f"bound {p}"] = floors[part]["bound"][p] if floors[part]["bound"] else None
             for v, ledger in ledgers.items():
@@ -514,8 +559,15 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def connection_headings(pass_: str, ledgers: dict[str, Ledger]) -> list[str]:
+    """The connection table's columns of one pass: its floor, its bound, each variant (``fwd``/``bwd``)."""
+    short = pass_[0] + "wd"
+    return [f"floor {short}", f"bound {short}", *(f"{v} {short}" for v in ledgers)]
+
+
 def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
-    columns = [f"{v} {p}" for v in ledgers for p in PASSES]
+    passes = passes_of(ledgers)
+    columns = [f"{v} {p}" for v in ledgers for p in passes]
     lines = ["", "## Modelled memory traffic (MB: every tensor a launch takes or returns moved once; `_traffic.py`)",
              "", "| part | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
     lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[c]) for c in columns) + " |" for r in traffic["bytes"]]
@@ -529,12 +581,11 @@ def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
     lines += ["", "Each block's connection (its merge and all its parents) against its byte floor (MB; × floor).",
               "Bound: the least any kernels can move once each training-mode BN's map (or the gradient at it) is",
               "stored or recomputed (`_traffic.barrier_bound`): a budget under it is out of reach.", "",
-              "| connection | floor fwd | bound fwd | " + " | ".join(f"{v} fwd" for v in ledgers) + " | floor bwd | "
-              + "bound bwd | " + " | ".join(f"{v} bwd" for v in ledgers) + " |",
-              "|---|" + "---:|" * (4 + 2 * len(ledgers))]  # fmt: skip
+              "| connection | " + " | ".join(heading for p in passes for heading in connection_headings(p, ledgers))
+              + " |", "|---|" + "---:|" * ((2 + len(ledgers)) * len(passes))]  # fmt: skip
     for row in traffic["connections"]:
         cells = []
-        for p in PASSES:
+        for p in passes:
             floor, bound = row[f"floor {p}"], row[f"bound {p}"]
             cells += [_mb(floor), f"{_mb(bound)} ({bound / floor:.2f}×)" if bound is not None else "—"]
             cells += [f"{_mb(row[f'{v} {p}'])} ({row[f'{v} {p}'] / floor:.2f}×)" for v in ledgers]
@@ -543,9 +594,10 @@ def traffic_markdown(traffic: dict, ledgers: dict[str, Ledger]) -> list[str]:
 
 
 def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
-    columns = [f"{v} {p}" for v in ledgers for p in PASSES]
+    passes = passes_of(ledgers)
+    columns = [f"{v} {p}" for v in ledgers for p in passes]
     lines = [
-        f"# Kernel launches per training step (counted on a CPU: {config['description']})",
+        f"# Kernel launches per {config.get('step', 'training step')} (counted on a CPU: {config['description']})",
         "",
         "Counted, not timed: launches are exact and size-independent (`benchmarks/ledger.py` says how they are "
         "counted). Fused: each op on the backend `auto` picks on a GPU.",
@@ -554,9 +606,11 @@ def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
         "|---|" + "---:|" * len(columns),
     ]
     lines += ["| " + r["part"] + " | " + " | ".join(str(r[c]) for c in columns) + " |" for r in summary["groups"]]
-    lines += ["", "Activation memory saved for backward (MB; every storage autograd saves, once; parameters excluded):",
-              "", "| part | " + " | ".join(ledgers) + " |", "|---|" + "---:|" * len(ledgers)]  # fmt: skip
-    lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[v]) for v in ledgers) + " |" for r in summary["saved"]]
+    if "backward" in passes:
+        lines += ["", "Activation memory saved for backward (MB; every storage autograd saves, once; parameters "
+                  "excluded):", "", "| part | " + " | ".join(ledgers) + " |",
+                  "|---|" + "---:|" * len(ledgers)]  # fmt: skip
+        lines += ["| " + r["part"] + " | " + " | ".join(_mb(r[v]) for v in ledgers) + " |" for r in summary["saved"]]
     seen = {}
     for row in summary["connections"]:
         seen.setdefault(row["connection"], row)
@@ -566,11 +620,11 @@ def to_markdown(summary: dict, config: dict, ledgers: dict[str, Ledger]) -> str:
               for r in seen.values()]  # fmt: skip
     lines += ["", "Launches fused_ops.md §7 forbids around the fused ops (cross-scale parents and merges, fused):", ""]
     fused = ledgers.get("fused-auto")
-    for pass_ in PASSES if fused else ():
+    for pass_ in passes if fused else ():
         found = {op: n for op, n in fused.ops("merges.", pass_).items() if op.startswith(FORBIDDEN)}
         lines.append(f"- {pass_}: " + (", ".join(f"{op} ×{n}" for op, n in sorted(found.items())) or "none"))
     for variant, ledger in ledgers.items():
-        for pass_ in PASSES:
+        for pass_ in passes:
             top = ledger.ops(pass_=pass_).most_common(12)
             lines += ["", f"{variant} {pass_}, most launched: " + ", ".join(f"{op} ×{n}" for op, n in top)]
     if "traffic" in summary:
@@ -587,9 +641,10 @@ def plot(summary: dict, ledgers: dict[str, Ledger], path: Path) -> None:
     panels = [("kernel launches", summary["groups"][:-1], 1)]
     if "traffic" in summary:
         panels.append(("modelled MB", summary["traffic"]["bytes"][:-1], 1e6))
-    figure, axes = plt.subplots(len(panels), len(PASSES), figsize=(12, 4 * len(panels)), squeeze=False)
+    passes = passes_of(ledgers)
+    figure, axes = plt.subplots(len(panels), len(passes), figsize=(6 * len(passes), 4 * len(panels)), squeeze=False)
     for (title, rows, unit), axes_row in zip(panels, axes):
-        for axis, pass_ in zip(axes_row, PASSES):
+        for axis, pass_ in zip(axes_row, passes):
             positions = range(len(rows))
             for offset, variant in zip((-0.2, 0.2), ledgers):
                 axis.barh([p + offset for p in positions], [r[f"{variant} {pass_}"] / unit for r in rows],
@@ -620,6 +675,9 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="the RetinaNet training step (91 classes: head, matching, losses), not the backbone's",
     )
+    parser.add_argument("--inference", action="store_true",
+                        help="one inference forward (eval mode, no gradients) instead of a training step; with "
+                        "--head, of the backbone and head")  # fmt: skip
     parser.add_argument("--size", type=int, default=256, help="image size (counts do not depend on it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
@@ -641,13 +699,20 @@ def main(argv: list[str] | None = None) -> dict:
         detector = detector.to(memory_format=torch.channels_last)  # as training on a GPU takes it
         model = detector.backbone
         images, targets = detector_inputs(args.batch, args.size, 91)
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            detector.train()(images, targets)  # a steady state: the anchor generator caches cell anchors per dtype
+        if args.inference:
+            batch = torch.stack(images).contiguous(memory_format=torch.channels_last)
 
-        def count(fused: bool) -> Ledger:
-            return count_detector_step(detector, images, targets, fused=fused, autocast=autocast)
+            def count(fused: bool) -> Ledger:
+                return count_detector_inference(detector, batch, fused=fused, autocast=autocast)
 
-        subject = f"RetinaNet-SpineNet-{args.model} training step (91 classes)"
+        else:
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                detector.train()(images, targets)  # a steady state: the anchor generator caches cell anchors per dtype
+
+            def count(fused: bool) -> Ledger:
+                return count_detector_step(detector, images, targets, fused=fused, autocast=autocast)
+
+        subject = f"RetinaNet-SpineNet-{args.model} (91 classes)"
     else:
         if args.model in MOBILE_NAMES:
             model = SpineNetMobile(MOBILE_NAMES[args.model], stochastic_depth_rate=args.stochastic_depth_rate,
@@ -659,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
         batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
 
         def count(fused: bool) -> Ledger:
-            return count_training_step(model, batch, fused=fused, autocast=autocast)
+            counter = count_inference if args.inference else count_training_step
+            return counter(model, batch, fused=fused, autocast=autocast)
 
         subject = f"SpineNet-{args.model} backbone"
     with recorded_floors(model) as floors:
@@ -668,8 +734,10 @@ def main(argv: list[str] | None = None) -> dict:
     precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
     depth = f", stochastic depth {args.stochastic_depth_rate:g}" if args.stochastic_depth_rate else ""
     description = f"{subject}, {args.size} px, batch {args.batch}, {precision}{depth}"
-    config = {"model": args.model, "head": args.head, "size": args.size, "batch": args.batch, "dtype": args.dtype,
-              "stochastic_depth_rate": args.stochastic_depth_rate, "description": description}  # fmt: skip
+    step = INFERENCE if args.inference else "training step"
+    config = {"model": args.model, "head": args.head, "inference": args.inference, "step": step, "size": args.size,
+              "batch": args.batch, "dtype": args.dtype, "stochastic_depth_rate": args.stochastic_depth_rate,
+              "description": description}  # fmt: skip
     summary = summarise(model, ledgers)
     summary["traffic"] = summarise_traffic(model, ledgers, floors)
     args.out.mkdir(parents=True, exist_ok=True)

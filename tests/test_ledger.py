@@ -393,6 +393,37 @@ def test_fused_detector_step_launch_budget(detector_step):
 
 
 @pytest.fixture(scope="module")
+def inference(tmp_path_factory) -> dict:
+    return ledger(tmp_path_factory.mktemp("ledger_inference"), "--inference", "--head", "--size", "128", "--batch", "2")
+
+
+def test_inference_forward(inference):
+    """``--inference --head``: one eval-mode forward of the backbone and the head, no backward. Fused, every BN is an
+    affine map of its running statistics — all the backbone's computed at once (four foreach launches, their own
+    part), all the head's at once (four stacks, four elementwise) — and the convs take no statistics (no fill, sum
+    or stack in the backbone); every part launches fewer kernels and moves fewer modelled bytes than eager, ≤ 0.3× its
+    launches and ≤ 0.5× its bytes in all (0.28×, 0.45× today)."""
+    eager, fused = inference["ledgers"]["eager"], inference["ledgers"]["fused-auto"]
+    assert all(set(passes) == {"forward"} for ledger in (eager, fused) for passes in ledger.values())
+    assert fused["norm affines"]["forward"] == {f"aten _foreach_{op}": 1 for op in ("add", "rsqrt", "mul", "addcmul")}
+    assert "norm affines" not in eager
+    head = fused["head"]["forward"]
+    assert head["aten stack"] == 4 and head["triton _conv3x3_levels_fwd_kernel"] == 10
+    backbone = Counter()
+    for part, passes in fused.items():
+        if part not in ("head", "norm affines"):
+            backbone.update(passes["forward"])
+    assert not {op for op in backbone if op.split()[-1] in ("zeros", "sum", "stack", "rsqrt", "native_batch_norm")}
+    summary = inference["summary"]
+    for rows, limit in ((summary["groups"], 0.3), (summary["traffic"]["bytes"], 0.5)):
+        for row in rows:
+            if not row["part"].startswith("norm affines"):
+                assert row["fused-auto forward"] < row["eager forward"], row["part"]
+        total = rows_by_part(rows)["total"]
+        assert total["fused-auto forward"] <= limit * total["eager forward"]
+
+
+@pytest.fixture(scope="module")
 def detector_budget_setting(tmp_path_factory) -> dict:
     """The RetinaNet-49 training step at issue 16's setting: 640 px, batch 8, bf16."""
     out = tmp_path_factory.mktemp("ledger_head640")

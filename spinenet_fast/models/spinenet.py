@@ -17,7 +17,7 @@ from torch import nn
 from ..ops.padding import PADDING_MODES
 from .blocks import BlockGroup, block_output_channels
 from .endpoint import Endpoint
-from .fused_merge import RunningAffines, compute_dtype, running_affines, uses_batch_statistics
+from .fused_merge import RunningAffines, modules_running_affines
 from .layers import ACTIVATIONS, NormFactory, check_choice, fused_for_norm, make_norm_factory
 from .resample import CrossScaleMerge, Resample
 from .stem import Stem
@@ -335,14 +335,9 @@ class SpineNet(nn.Module):
         return reads
 
     def model_running_affines(self, x: torch.Tensor) -> RunningAffines | None:
-        """For a forward of x through the fused modules: the affine maps of all their norms that normalise with
-        their running statistics (eval mode, frozen norms), computed at once — four launches per forward rather
-        than four per module (``fused_merge.running_affines``); None where the stem runs eager."""
-        if not self.stem.runs_fused(x):
-            return None
-        modules = [m for m in self.fusable_modules() if m.uses_fused_ops()]
-        norms = [n for m in modules for n in m.norm_layers() if not uses_batch_statistics(n)]
-        return running_affines(norms, torch.promote_types(compute_dtype(x), torch.float32))
+        """The running-statistics norms' affine maps of a forward of x, all at once
+        (``fused_merge.modules_running_affines``)."""
+        return modules_running_affines(self.fusable_modules(), x)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         # Every block output and block input comes once per reader (fused: views whose gradients the producing merge

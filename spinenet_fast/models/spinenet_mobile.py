@@ -25,7 +25,7 @@ from torchvision.ops import StochasticDepth
 
 from ..ops.padding import PADDING_MODES
 from .endpoint import Endpoint
-from .fused_merge import fused_mobile_merge_forward
+from .fused_merge import RunningAffines, fused_mobile_merge_forward, mobile_layers, modules_running_affines
 from .layers import (
     ACTIVATIONS,
     ConvNorm,
@@ -129,9 +129,14 @@ class MobileMerge(FusedSetting, nn.Module):
         self.act = make_activation(activation)
         self.activation, self.padding, self.fused = activation, padding, fused
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def norm_layers(self) -> list[nn.Module]:
+        """The norm layer of each conv + norm layer the fused forward runs (depthwise convs, the 1×1 conv)."""
+        return [layer.bn for resample in self.resamples for layer, _ in mobile_layers(resample)]
+
+    def forward(self, feats: list[torch.Tensor], affines: RunningAffines | None = None) -> torch.Tensor:
+        """``affines`` (fused): the running-statistics norms' maps where the model computed them."""
         if self.runs_fused(feats[self.parent_ids[0]]):
-            return fused_mobile_merge_forward(self, feats, self.activation, self.padding)
+            return fused_mobile_merge_forward(self, feats, self.activation, self.padding, affines)
         x = sum(resample(feats[i]) for resample, i in zip(self.resamples, self.parent_ids))
         for i in self.extra_ids:
             x = x + feats[i]
@@ -215,12 +220,21 @@ class SpineNetMobile(nn.Module):
         """The modules with a ``fused`` setting of their own: the merges and the endpoints."""
         return [*self.merges, *self.endpoints.values()]
 
+    def model_running_affines(self, x: torch.Tensor) -> RunningAffines | None:
+        """The running-statistics norms' affine maps of a forward of x, all at once
+        (``fused_merge.modules_running_affines``)."""
+        return modules_running_affines(self.fusable_modules(), x)
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        x = self.stem(check_image_batch(x, self.stem.conv.weight))
+        x = check_image_batch(x, self.stem.conv.weight)
+        affines = self.model_running_affines(x)
+        x = self.stem(x)
         feats = []
         for block in self.init_blocks:
             x = block(x)
             feats.append(x)
         for merge, block in zip(self.merges, self.blocks):
-            feats.append(block(merge(feats)))
-        return OrderedDict((name, self.endpoints[name](feats[i])) for name, i in self._endpoint_ids.items())
+            feats.append(block(merge(feats, affines=affines)))
+        return OrderedDict(
+            (name, self.endpoints[name](feats[i], affines=affines)) for name, i in self._endpoint_ids.items()
+        )

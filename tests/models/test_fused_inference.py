@@ -95,3 +95,24 @@ def test_changed_running_statistics_are_used_at_the_next_forward():
         assert not torch.allclose(got["p3"], before["p3"])
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_mobile_eval_forward_computes_the_affine_maps_once():
+    """SpineNet-Mobile: its fused merges' and endpoints' norms at once per forward (its MBConv blocks and stem stay
+    eager: their BNs are eager's), the same outputs as eager."""
+    from .test_fused_spinenet_mobile import twins as mobile_twins
+
+    eager, fused = mobile_twins()
+    eager.train()(torch.randn(2, 3, 128, 128))
+    fused.load_state_dict(eager.state_dict())
+    images = torch.randn(1, 3, 128, 128)
+    with torch.no_grad(), use_backend("reference"), AtenOps() as seen:
+        got = fused.eval()(images)
+    assert sorted(op for op in seen.ops if op.startswith("_foreach")) == [
+        "_foreach_add", "_foreach_addcmul", "_foreach_mul", "_foreach_rsqrt"
+    ]  # fmt: skip
+    assert "rsqrt" not in seen.ops
+    with torch.no_grad():
+        expected = eager.eval()(images)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit kernel is imported: Triton kernels then run on the CPU.
@@ -79,3 +80,16 @@ def _seed():
 def device(request):
     """Every device the op tests run on: the CPU (Triton interpreter) and, where present, a GPU."""
     return torch.device(request.param)
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name (without its namespace) of every ATen op run under it: a fused op's implementation's too,
+    not the Triton kernels it launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))

@@ -5,23 +5,11 @@ running statistics between forwards."""
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from spinenet_fast.ops import use_backend
 
+from ..conftest import AtenOps
 from .test_fused_spinenet import assert_close_scaled, twins
-
-
-class AtenOps(TorchDispatchMode):
-    """The ATen ops run under it (the fused ops' implementations included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func._schema.name.split("::")[-1])
-        return func(*args, **(kwargs or {}))
 
 
 def with_running_statistics(eager, fused) -> None:

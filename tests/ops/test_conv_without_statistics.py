@@ -4,13 +4,12 @@ no reductions — and returns the same y and gradients as with them, on every ba
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from spinenet_fast.ops import conv1x1_bn_stats, conv3x3_bn_stats, use_backend
 from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_op
 from spinenet_fast.ops.conv3x3_bn_stats import _conv3x3_op
 
-from ..conftest import require_backend
+from ..conftest import AtenOps, require_backend
 
 BACKENDS = ["reference", "triton", "cuda"]
 # (kind, stride): 37 input channels (a partial K tile), 70 output channels (a partial N tile) — 37 for depthwise
@@ -36,18 +35,6 @@ def call(kind: str, stride: int, inputs, statistics: bool):
                             statistics=statistics)  # fmt: skip
 
 
-class LaunchedOps(TorchDispatchMode):
-    """The ATen ops run under it (a fill or a reduction would show here; the Triton kernels do not)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func._schema.name.split("::")[-1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("kind", "stride"), CONVS)
 def test_same_output_and_gradients_without_statistics(backend, kind, stride):
@@ -55,7 +42,7 @@ def test_same_output_and_gradients_without_statistics(backend, kind, stride):
     inputs = conv_inputs(kind)
     leaves = [t for t in inputs if t is not None]
     with use_backend(backend):
-        with LaunchedOps() as launched:
+        with AtenOps() as launched:  # a fill or a reduction would show here
             y, stats = call(kind, stride, inputs, statistics=False)
         grad = torch.randn_like(y)
         got = torch.autograd.grad(y, leaves, grad)

@@ -198,14 +198,17 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
     stats_dtype = torch.promote_types(packed.dtype, torch.float32)
     outputs = {}
     # the running-statistics towers' norms, layer by layer and level by level: their maps stacked, computed at once
-    running = [tower for _, tower, _, _ in towers if levels_mode(tower, len(sizes)) == "running"]
+    running_towers = [tower for _, tower, _, _ in towers if levels_mode(tower, len(sizes)) == "running"]
     stacked = [
-        tower.norms[level][k] for tower in running for k in range(len(tower.convs)) for level in range(len(sizes))
+        tower.norms[level][k]
+        for tower in running_towers
+        for k in range(len(tower.convs))
+        for level in range(len(sizes))
     ]
     scales, shifts = stacked_running_affines(stacked, stats_dtype) if stacked else (None, None)
     for name, tower, predictor, values in towers:
         y, scale, shift = packed, None, None
-        batch = levels_mode(tower, len(sizes)) == "batch"
+        batch = tower not in running_towers  # (every tower here is "batch" or "running": ``levels_mode``)
         per_layer = levels_stats_size(len(sizes), predictor.in_channels, stats_dtype)
         elements = per_layer * len(tower.convs) if batch else 0  # each layer's statistics and counters: one fill
         workspace = torch.zeros(elements, dtype=stats_dtype, device=packed.device) if batch else None

@@ -10,7 +10,8 @@ its prologue) is the pooled tensor its statistics pass stored, without a prologu
 
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
 ``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then ``_expand_k2_kernel`` once for the
-parents at the output's level and once per upsampled parent.
+parents at the output's level and once per upsampled parent. ``expand_merge_affine`` (the BNs' affine maps given):
+the ``_expand_merge_fwd_kernel`` alone.
 """
 
 import torch
@@ -135,27 +136,28 @@ def _expand_stats_kernel(
 
 @triton.jit
 def _pre_activation(
-    h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p_mask, o, C,
-    K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w,
+    h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, bs1_ptr, bb1_ptr, extra_ptr,
+    n, h, w, p_mask, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n,
+    se_c, se_h, se_w,
     R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr,
     HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``(z, e0, e1)`` at output pixels (n, h, w) (``p_mask``) × channels o: z = Σ_p scale_p·e_p + shift_p (+ extra),
-    the BNs at ``affine_ptr`` (P, 4, C) fp32 [scale; shift; mean; var]; e1 is e0 for one parent."""
+    parent p's BN affine map at ``bs<p>_ptr``, ``bb<p>_ptr`` ((C,) each, the maths dtype); e1 is e0 for one parent."""
     o_mask = o < C
     rows0 = _parent_rows(n, h, w, R0, s0_n, s0_h, s0_w)
     e0 = _expand_tile(h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, rows0, p_mask, o, K0, C, s0_c, sw0_o, sw0_k, HAS_PROLOGUE0,
                       ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-    z = e0 * tl.load(affine_ptr + o, mask=o_mask, other=0.0)[None, :]
-    z += tl.load(affine_ptr + C + o, mask=o_mask, other=0.0)[None, :]
+    z = e0 * tl.load(bs0_ptr + o, mask=o_mask, other=0.0)[None, :]
+    z += tl.load(bb0_ptr + o, mask=o_mask, other=0.0)[None, :]
     e1 = e0
     if NUM_PARENTS == 2:
         rows1 = _parent_rows(n, h, w, R1, s1_n, s1_h, s1_w)
         e1 = _expand_tile(h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, rows1, p_mask, o, K1, C, s1_c, sw1_o, sw1_k,
                           HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        z += e1 * tl.load(affine_ptr + 4 * C + o, mask=o_mask, other=0.0)[None, :]
-        z += tl.load(affine_ptr + 5 * C + o, mask=o_mask, other=0.0)[None, :]
+        z += e1 * tl.load(bs1_ptr + o, mask=o_mask, other=0.0)[None, :]
+        z += tl.load(bb1_ptr + o, mask=o_mask, other=0.0)[None, :]
     if HAS_EXTRA:
         offsets = (n * se_n + h * se_h + w * se_w)[:, None] + o[None, :] * se_c
         z += tl.load(extra_ptr + offsets, mask=p_mask[:, None] & o_mask[None, :], other=0.0).to(tl.float32)
@@ -164,9 +166,9 @@ def _pre_activation(
 
 @triton.jit
 def _expand_merge_fwd_kernel(
-    out_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW,
-    W_OUT, K0, K1, so_n, so_c, so_h, so_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o,
-    sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr,
+    out_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, bs1_ptr, bb1_ptr,
+    extra_ptr, P, C, HW, W_OUT, K0, K1, so_n, so_c, so_h, so_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w,
+    sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr, NUM_PARENTS: tl.constexpr,
     HAS_EXTRA: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr, ACT: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -176,9 +178,10 @@ def _expand_merge_fwd_kernel(
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = p // HW, (p % HW) // W_OUT, p % W_OUT
     z, _, _ = _pre_activation(
-        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p < P, o,
-        C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
-        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, bs1_ptr, bb1_ptr,
+        extra_ptr, n, h, w, p < P, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o,
+        sw1_k, se_n, se_c, se_h, se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT,
+        BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     offsets = (n * so_n + h * so_h + w * so_w)[:, None] + o[None, :] * so_c
     mask = (p < P)[:, None] & (o < C)[None, :]
@@ -218,9 +221,10 @@ def _expand_merge_k1_kernel(
     mask = (p < P)[:, None] & (o < C)[None, :]
     n, h, w = _pixels(p, HW, W_OUT, GROUP, LOG_GROUP)
     z, e0, e1 = _pre_activation(
-        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, n, h, w, p < P, o,
-        C, K0, K1, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h,
-        se_w, R0, R1, NUM_PARENTS, HAS_EXTRA, HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, affine_ptr + C,
+        affine_ptr + 4 * C, affine_ptr + 5 * C, extra_ptr, n, h, w, p < P, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w,
+        s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0, R1, NUM_PARENTS, HAS_EXTRA,
+        HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
     offsets = (n * sg_n + h * sg_h + w * sg_w)[:, None] + o[None, :] * sg_c
     grad = readers_grad(grad_ptr, g1_delta, g2_delta, g3_delta, offsets, mask, NUM_GRADS)
@@ -404,18 +408,33 @@ def expand_merge_forward(parents, scales, shifts, weights, ratios, extra, activa
         pooled.append(pooled_i)
         routes.append(route_i)
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
-    n, height, width = h0.shape[0], inputs[0].shape[2] * ratios[0], inputs[0].shape[3] * ratios[0]
+    out = _merged(inputs, prologues, weights, ratios, extra, activation, [(b[0], b[1]) for b in bn])
+    return out, bn, *pair(pooled, out), *pair(routes, routes[0])
+
+
+def expand_merge_affine_forward(parents, scales, shifts, weights, ratios, extra, activation, bn_scales, bn_shifts):
+    """``expand_merge_affine`` on Triton (see ``ops/expand_merge_affine.py``): one launch."""
+    prologues = [prologue_of(scales, shifts, i) for i in range(len(parents))]
+    return _merged(parents, prologues, weights, ratios, extra, activation, list(zip(bn_scales, bn_shifts)))
+
+
+def _merged(inputs, prologues, weights, ratios, extra, activation, affines) -> torch.Tensor:
+    """out = act(Σ_p upsample(scale_p·e_p + shift_p, ρ_p) (+ extra)), (N, C, H, W) channels_last, in one launch of
+    ``_expand_merge_fwd_kernel``: each e_p recomputed from its expand input and prologue (``expand_inputs``);
+    ``affines``: per parent its BN's (scale, shift), (C,) each in the maths dtype."""
+    h0, channels = inputs[0], weights[0].shape[0]
+    n, height, width = h0.shape[0], h0.shape[2] * ratios[0], h0.shape[3] * ratios[0]
     out = torch.empty((n, channels, height, width), dtype=h0.dtype, device=h0.device, memory_format=torch.channels_last)
     pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else out
     config = gemm_launch_config(h0.dtype, _expand_merge_fwd_kernel)
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_fwd_kernel[grid](
-        out, *pointers, bn, extra_, n * height * width, channels, height * width, width, *ks, *out.stride(),
-        *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None,
-        **_constexprs(inputs, prologues, ratios, activation), **config,
+        out, *pointers, *affines[0], *affines[-1], extra_, n * height * width, channels, height * width, width, *ks,
+        *out.stride(), *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(),
+        HAS_EXTRA=extra is not None, **_constexprs(inputs, prologues, ratios, activation), **config,
     )  # fmt: skip
-    return out, bn, *pair(pooled, out), *pair(routes, routes[0])
+    return out
 
 
 def _block_summed(ratios, block_m) -> list[bool]:

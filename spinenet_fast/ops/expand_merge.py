@@ -95,30 +95,61 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
                             running_means, running_vars, batches, momentums, pools, padding,
                             workspace) -> None:  # fmt: skip
     """Raise ``TypeError``/``ValueError`` naming the argument unless these describe one ``expand_merge``."""
+    count = check_parent_count(parents)
+    per_parent = (("bn_weights", bn_weights), ("bn_biases", bn_biases), ("eps", eps), ("momentums", momentums))
+    check_per_parent(count, per_parent, (("running_means", running_means), ("running_vars", running_vars),
+                                         ("batches", batches)))  # fmt: skip
+    if len(running_means) != len(running_vars):
+        raise ValueError("running_means and running_vars must be given together")
+    channels, sizes = check_connection_args(parents, scales, shifts, weights, ratios, extra, activation, pools, padding)
+    first = parents[0]
+    for i, (h, ratio, size) in enumerate(zip(parents, ratios, sizes)):
+        running = (running_means[i], running_vars[i]) if len(running_means) > 0 else (None, None)
+        check_bn_args(channels, first.device, h.shape[0] * size[0] * size[1], bn_weights[i], bn_biases[i],
+                      eps[i], *running, batches[i] if len(batches) > 0 else None, momentums[i], ratio,
+                      channels_of=f"weights[{i}]", count_of=partial("N·H·W of parents[{0}]'s expand output, for "
+                      "parents[{0}] of shape {1}".format, i, tuple(h.shape)))  # fmt: skip
+    size = workspace_size(channels, [h.shape[1] for h in parents], stats_dtype(first))
+    check_accumulator("workspace", workspace, (size,), stats_dtype(first), first.device)
+    check_stats_alignment("workspace", workspace)
+
+
+def check_parent_count(parents) -> int:
+    """The number of ``parents`` (one or two tensors: a connection's), or a ``TypeError``/``ValueError``."""
     if not isinstance(parents, (list, tuple)) or len(parents) == 0 or not all(isinstance(p, Tensor) for p in parents):
         raise TypeError(f"parents must be a non-empty list of tensors, got {describe(parents)}")
-    count = len(parents)
-    if count > 2:
-        raise ValueError(f"parents must hold one or two tensors (a connection's), got {count}")
-    optional_lists = (("scales", scales), ("shifts", shifts), ("running_means", running_means),
-                      ("running_vars", running_vars), ("batches", batches))  # fmt: skip
-    for name, values in (("weights", weights), ("ratios", ratios), ("bn_weights", bn_weights),
-                         ("bn_biases", bn_biases), ("eps", eps), ("momentums", momentums),
-                         ("pools", pools)):  # fmt: skip
+    if len(parents) > 2:
+        raise ValueError(f"parents must hold one or two tensors (a connection's), got {len(parents)}")
+    return len(parents)
+
+
+def check_per_parent(count: int, required, optional=()) -> None:
+    """Each ``(name, values)`` of ``required`` a list of ``count`` entries; of ``optional``, of none or ``count``."""
+    for name, values in required:
         if not isinstance(values, (list, tuple)) or len(values) != count:
             raise ValueError(f"{name} must be a list with one entry per parent ({count}), got {values!r}")
-    for name, values in optional_lists:
+    for name, values in optional:
         if not isinstance(values, (list, tuple)) or len(values) not in (0, count):
             raise ValueError(f"{name} must be an empty list or one entry per parent ({count}), got {values!r}")
-    if len(scales) != len(shifts) or len(running_means) != len(running_vars):
-        raise ValueError("scales and shifts (running_means and running_vars) must be given together")
+
+
+def check_connection_args(parents, scales, shifts, weights, ratios, extra, activation, pools, padding
+                          ) -> tuple[int, list[tuple[int, int]]]:  # fmt: skip
+    """The checks an ``expand_merge`` shares with ``expand_merge_affine``: the parents (counted), their prologues,
+    weights, ratios, max-pools and the extra input. Returns the output channels and each parent's expand input
+    size (H, W) after its max-pools."""
+    count = check_parent_count(parents)
+    check_per_parent(count, (("weights", weights), ("ratios", ratios), ("pools", pools)),
+                     (("scales", scales), ("shifts", shifts)))  # fmt: skip
+    if len(scales) != len(shifts):
+        raise ValueError("scales and shifts must be given together")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     first = parents[0]
     if first.dim() != 4 or not first.is_floating_point():
         raise TypeError(f"parents[0] must be a floating (N, C, H, W) tensor, got {describe(first)}")
     channels = weights[0].shape[0] if isinstance(weights[0], Tensor) else None
-    target = None
+    target, sizes = None, []
     for i, (h, weight, ratio) in enumerate(zip(parents, weights, ratios)):
         if h.dim() != 4 or h.dtype != first.dtype or h.device != first.device:
             raise TypeError(f"parents[{i}] must be a 4-D {first.dtype} tensor on {first.device}, got {describe(h)}")
@@ -152,18 +183,12 @@ def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, act
         if target is not None and shape != target:
             raise ValueError(f"parents[{i}] upsampled ×{ratio} is (N, H, W) = {shape}, parents[0]'s is {target}")
         target = shape
-        running = (running_means[i], running_vars[i]) if len(running_means) > 0 else (None, None)
-        check_bn_args(channels, first.device, h.shape[0] * size[0] * size[1], bn_weights[i], bn_biases[i],
-                      eps[i], *running, batches[i] if len(batches) > 0 else None, momentums[i], ratio,
-                      channels_of=f"weights[{i}]", count_of=partial("N·H·W of parents[{0}]'s expand output, for "
-                      "parents[{0}] of shape {1}".format, i, tuple(h.shape)))  # fmt: skip
+        sizes.append(size)
     if extra is not None and not (isinstance(extra, Tensor) and extra.shape == (target[0], channels, *target[1:])
                                   and extra.dtype == first.dtype and extra.device == first.device):  # fmt: skip
         raise ValueError(f"extra must be None or a {first.dtype} {(target[0], channels, *target[1:])} tensor on "
                          f"{first.device}, got {describe(extra)}")  # fmt: skip
-    size = workspace_size(channels, [h.shape[1] for h in parents], stats_dtype(first))
-    check_accumulator("workspace", workspace, (size,), stats_dtype(first), first.device)
-    check_stats_alignment("workspace", workspace)
+    return channels, sizes
 
 
 def _expand(a: Tensor, weight: Tensor, x: Tensor) -> Tensor:
@@ -230,7 +255,7 @@ def expand_merge_reference(
     pooled, routes = zip(*[pool(h, scales[i], shifts[i], activation, pools[i], padding, True) if pools[i] else empty()
                            for i, h in enumerate(parents)])  # fmt: skip
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
-    pre, bn = 0, []
+    terms, bn = [], []
     for i, (h, prologue, weight, ratio) in enumerate(zip(inputs, prologues, weights, ratios)):
         with parent_scope(i):
             a = prologue_forward(h, *prologue, activation)
@@ -244,12 +269,22 @@ def expand_merge_reference(
                 running_update_reference(running_means[i], running_vars[i], mean, var, momentums[i], n / (n - 1))
             if batches:
                 batches[i].add_(1)
-        pre = pre + _upsample(e * _vec(scale) + _vec(shift), ratio)
+        terms.append(e * _vec(scale) + _vec(shift))
         bn.append(torch.stack([scale, shift, mean, var]))
+    out = merged_reference(terms, ratios, extra, activation, parents[0].dtype)
+    return out, torch.stack(bn), *pair(list(pooled), out), *pair(list(routes), routes[0])
+
+
+def merged_reference(terms: list[Tensor], ratios: list[int], extra: Tensor | None, activation: str,
+                     dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """act(Σ_p upsample(terms[p], ratios[p]) (+ extra)) in the terms' (maths) dtype, returned in ``dtype``,
+    channels_last: the merge both ``expand_merge`` references end with."""
+    pre = 0
+    for term, ratio in zip(terms, ratios):
+        pre = pre + _upsample(term, ratio)
     if extra is not None:
         pre = pre + extra.to(pre.dtype)
-    out = activation_forward(pre, activation).to(parents[0].dtype).contiguous(memory_format=CHANNELS_LAST)
-    return out, torch.stack(bn), *pair(list(pooled), out), *pair(list(routes), routes[0])
+    return activation_forward(pre, activation).to(dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,

@@ -230,7 +230,8 @@ def part_tracking(model: nn.Module, counter: LaunchCounter, extra_parts: dict[st
 
     handles = [m.register_forward_pre_hook(enter) for m in parts.values()]
     handles += [m.register_forward_hook(leave) for m in parts.values()]
-    resample_functions = ("fused_resample", "fused_mobile_resample", "fused_expand_input")  # the per-parent functions
+    # the per-parent functions
+    resample_functions = ("fused_resample", "fused_mobile_resample", "fused_expand_input", "pooled_expand_input")
     originals = {name: getattr(fused_merge, name) for name in resample_functions}
 
     def tracked(function, part=None):

@@ -15,7 +15,9 @@ their BNs (the max-pools before them) and the merge as one ``expand_merge`` afte
 the expand outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``).
 SpineNet-Mobile's connections likewise, their 1×1 convs as the expand convs: a same-level or upsampled parent
 enters the op raw (no prologue), a downsampling one as its last depthwise stride-2 conv's raw output with that BN +
-act as its prologue.
+act as its prologue. In a forward without gradients whose expand BNs normalise with running statistics (eval mode,
+frozen norms), the expand convs, their affine maps and the merge are one ``expand_merge_affine`` likewise (a
+downsampling parent max-pooled first, ``bn_act_maxpool``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import (
+    backends,
     bn_act_maxpool,
     conv1x1_bn,
     conv1x1_bn_pair,
@@ -32,6 +35,7 @@ from ..ops import (
     conv3x3_bn,
     conv3x3_bn_stats,
     expand_merge,
+    expand_merge_affine,
     merge_for_readers,
     pooled_conv1x1_bn,
 )
@@ -184,6 +188,23 @@ def expanding_layers(module) -> list[nn.Module] | None:
     return layers if len(updates) == 1 else None
 
 
+def affine_expanding_layers(module, feats: list[Tensor]) -> list[nn.Module] | None:
+    """The expand conv + norm layer of each parent of a ``CrossScaleMerge`` or ``MobileMerge`` that runs as one
+    ``expand_merge_affine``: one or two parents, every expand norm normalising with its running statistics, and
+    nothing to differentiate (that op has no backward: gradients off, or no input or parameter requiring them);
+    else None."""
+    if len(module.resamples) > 2:
+        return None
+    layers = [expand_layer(resample) for resample in module.resamples]
+    if any(uses_batch_statistics(layer.bn) for layer in layers):
+        return None
+    if torch.is_grad_enabled():
+        inputs = [feats[i] for i in (*module.parent_ids, *module.extra_ids)]
+        if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
+            return None
+    return layers
+
+
 def expand_merge_size(layers: list[nn.Module], dtype: torch.dtype) -> int:
     """The elements of the ``dtype`` ``expand_merge`` workspace of these expand layers (``expanding_layers``)."""
     return workspace_size(layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers], dtype)
@@ -328,6 +349,18 @@ def fused_expand_input(resample, x: Tensor, activation: str, padding: str, works
     return x, scale, shift
 
 
+def pooled_expand_input(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace
+                        ) -> tuple:  # fmt: skip
+    """``fused_expand_input``, then a downsampling parent's max-pools (``bn_act_maxpool``: its BN + act applied, no
+    prologue left): a parent's input to ``expand_merge_affine``."""
+    h, scale, shift = fused_expand_input(resample, x, activation, padding, workspace)
+    pools = getattr(resample, "pools", None)
+    if not pools:
+        return h, scale, shift
+    with backends.auto_where_unimplemented("bn_act_maxpool"):  # (no Triton max-pools: auto's, under a forced Triton)
+        return bn_act_maxpool(h, scale, shift, activation, len(pools), padding), None, None
+
+
 def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
     """One parent's low-resolution expand output y (before its BN), that BN's scale and shift, and its ratio ρ."""
     squeeze, expand = resample.squeeze, resample.expand
@@ -378,6 +411,9 @@ def fused_mobile_merge_forward(module, feats: list[Tensor], activation: str, pad
     layers = expanding_layers(module)
     if layers is not None:
         return expanded_parents(module, feats, activation, padding, 1, layers, affines)[0]
+    layers = affine_expanding_layers(module, feats)
+    if layers is not None:
+        return affine_expanded_parents(module, feats, activation, padding, layers, affines)
     return merge_resampled_parents(module, feats, activation, padding, 1, ConnectionWorkspace.for_mobile_merge,
                                    fused_mobile_resample, affines)[0]  # fmt: skip
 
@@ -395,6 +431,9 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     layers = expanding_layers(module)
     if layers is not None:
         return expanded_parents(module, feats, activation, padding, readers, layers, affines)
+    layers = affine_expanding_layers(module, feats)
+    if layers is not None:
+        return (affine_expanded_parents(module, feats, activation, padding, layers, affines),) * readers
     return merge_resampled_parents(module, feats, activation, padding, readers, ConnectionWorkspace.for_merge,
                                    fused_resample, affines)  # fmt: skip
 
@@ -429,6 +468,27 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
     return extra
 
 
+def expand_input_sizes(module, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, bool]], list[int]]:
+    """The conv + BN layers before a connection's expand convs (``expand_input_layers``, every parent's in turn) and
+    the workspace slices (of ``dtype``) they take."""
+    layers = [layer for r in module.resamples for layer in expand_input_layers(r)]
+    layer_sizes = ConnectionWorkspace.layer_sizes
+    return layers, [size for layer, prologue in layers for size in layer_sizes(layer, prologue, dtype)]
+
+
+def expand_inputs_of(module, feats: list[Tensor], dtype: torch.dtype, activation: str, padding: str,
+                     workspace: ConnectionWorkspace, expand_input) -> tuple[list, list, list]:  # fmt: skip
+    """``(parents, scales, shifts)``: each parent of ``module`` (in ``dtype``) through ``expand_input(resample, x,
+    activation, padding, workspace) -> (h, scale, shift)``, the input of the connection's expand-and-merge op."""
+    parents, scales, shifts = [], [], []
+    for resample, i in zip(module.resamples, module.parent_ids):
+        h, scale, shift = expand_input(resample, feats[i].to(dtype), activation, padding, workspace)
+        parents.append(h)
+        scales.append(scale)
+        shifts.append(shift)
+    return parents, scales, shifts
+
+
 def expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
                      layers: list[nn.Module], affines: RunningAffines | None = None) -> tuple[Tensor, ...]:  # fmt: skip
     """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge`` (``expanding_layers``): each
@@ -436,18 +496,12 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
     zeroed workspace for all of them."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
-    input_layers = [layer for r in module.resamples for layer in expand_input_layers(r)]
-    layer_sizes = ConnectionWorkspace.layer_sizes
-    inputs = [size for layer, prologue in input_layers for size in layer_sizes(layer, prologue, stats_dtype)]
+    input_layers, inputs = expand_input_sizes(module, stats_dtype)
     size = expand_merge_size(layers, stats_dtype)
     workspace = ConnectionWorkspace([*inputs, size + alignment_slack(stats_dtype)], feats[module.parent_ids[0]].device,
                                     stats_dtype, [layer.bn for layer, _ in input_layers], affines)  # fmt: skip
-    parents, scales, shifts = [], [], []
-    for resample, i in zip(module.resamples, module.parent_ids):
-        h, scale, shift = fused_expand_input(resample, feats[i].to(dtype), activation, padding, workspace)
-        parents.append(h)
-        scales.append(scale)
-        shifts.append(shift)
+    parents, scales, shifts = expand_inputs_of(module, feats, dtype, activation, padding, workspace,
+                                               fused_expand_input)  # fmt: skip
     bn_kwargs = [batch_bn_kwargs(layer.bn) for layer in layers]
     ratios = [resample.upsample_factor for resample in module.resamples]
     optional = lambda key: [kw[key] for kw in bn_kwargs] if bn_kwargs[0][key] is not None else None  # noqa: E731
@@ -459,4 +513,24 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
         num_batches_tracked=optional("num_batches_tracked"), momentums=[kw["momentum"] for kw in bn_kwargs],
         pools=[len(getattr(r, "pools", None) or ()) for r in module.resamples], padding=padding,
         readers=readers, workspace=workspace.take_aligned(size),
+    )  # fmt: skip
+
+
+def affine_expanded_parents(module, feats: list[Tensor], activation: str, padding: str, layers: list[nn.Module],
+                            affines: RunningAffines | None = None) -> Tensor:  # fmt: skip
+    """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge_affine`` (``affine_expanding_layers``):
+    each parent's layers before its expand conv (``fused_expand_input``; a downsampling parent's max-pools after
+    them, ``bn_act_maxpool``), then the op with the expand norms' running-statistics maps."""
+    dtype = compute_dtype(feats[module.parent_ids[0]])
+    stats_dtype = torch.promote_types(dtype, torch.float32)
+    input_layers, sizes = expand_input_sizes(module, stats_dtype)
+    norms = [*(layer.bn for layer, _ in input_layers), *(layer.bn for layer in layers)]
+    workspace = ConnectionWorkspace(sizes, feats[module.parent_ids[0]].device, stats_dtype, norms, affines)
+    parents, scales, shifts = expand_inputs_of(module, feats, dtype, activation, padding, workspace,
+                                               pooled_expand_input)  # fmt: skip
+    maps = [workspace.running_affine(layer.bn) for layer in layers]
+    return expand_merge_affine(
+        parents, scales, shifts, [gemm_weight(layer.conv.weight, dtype) for layer in layers],
+        [resample.upsample_factor for resample in module.resamples], summed_extras(module, feats, dtype), activation,
+        bn_scales=[scale for scale, _ in maps], bn_shifts=[shift for _, shift in maps],
     )  # fmt: skip

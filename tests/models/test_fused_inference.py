@@ -87,7 +87,7 @@ def test_changed_running_statistics_are_used_at_the_next_forward():
 
 def test_mobile_eval_forward_computes_the_affine_maps_once():
     """SpineNet-Mobile: its fused merges' and endpoints' norms at once per forward (its MBConv blocks and stem stay
-    eager: their BNs are eager's), the same outputs as eager."""
+    eager: their BNs are eager's), each connection one ``expand_merge_affine``, the same outputs as eager."""
     from .test_fused_spinenet_mobile import twins as mobile_twins
 
     eager, fused = mobile_twins()
@@ -100,7 +100,49 @@ def test_mobile_eval_forward_computes_the_affine_maps_once():
         "_foreach_add", "_foreach_addcmul", "_foreach_mul", "_foreach_rsqrt"
     ]  # fmt: skip
     assert "rsqrt" not in seen.ops
+    assert seen.ops.count("expand_merge_affine") == len(fused.merges)
     with torch.no_grad():
         expected = eager.eval()(images)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_connections_without_gradients_are_one_expand_merge_affine_each():
+    """Eval mode without gradients: each connection's expand convs, their BNs and the merge are one
+    ``expand_merge_affine`` (a downsampling parent max-pooled first), the outputs eager's. With gradients (an
+    eval-mode model trained further) it takes the differentiable ops instead, with the same outputs. On Triton (the
+    interpreter): a connection with a max-pooled parent on its own."""
+    eager, fused = twins("49S")
+    with_running_statistics(eager, fused)
+    images = torch.randn(1, 3, 128, 128)
+    pooled = next(k for k, m in enumerate(fused.merges) if any(r.pools for r in m.resamples))
+    inputs = []
+    handle = fused.merges[pooled].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        expected = eager.eval()(images)
+    fused.eval()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), use_backend("reference"), AtenOps() as seen:
+            got = fused(images)
+        affine_ops = seen.ops.count("expand_merge_affine")
+        assert affine_ops == (0 if grad else len(fused.merges)), (grad, affine_ops)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4, msg=(grad, name))
+    handle.remove()
+    with torch.no_grad():
+        want = eager.merges[pooled].eval()(inputs[0])
+        with use_backend("triton"):
+            torch.testing.assert_close(fused.merges[pooled](inputs[0]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_traces_the_inference_forward():
+    """``torch.compile(fullgraph=True)`` of the eval-mode model under ``torch.no_grad()`` (the model-level maps, the
+    convs without statistics, ``expand_merge_affine``): eager's outputs."""
+    eager, fused = twins("49S")
+    with_running_statistics(eager, fused)
+    images = torch.randn(1, 3, 128, 128)
+    compiled = torch.compile(fused.eval(), fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), use_backend("reference"):
+        got, expected = compiled(images), eager.eval()(images)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)

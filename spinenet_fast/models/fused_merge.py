@@ -231,14 +231,44 @@ def batch_bn_kwargs(bn: nn.Module) -> dict | None:
 def running_affines(norms: list[nn.Module], dtype: torch.dtype) -> RunningAffines:
     """``{norm: (scale, shift)}`` (in the statistics' ``dtype``: fp32, or float64) of norms that normalise with their
     running statistics: scale = γ·rsqrt(var + eps), shift = β − mean·scale (γ = 1, β = 0 without an affine), all
-    norms at once — four launches (foreach ops) however many norms, not five per norm; differentiable in γ, β."""
+    norms at once — four launches (foreach ops) however many norms, not five per norm; differentiable in γ, β, the
+    backward two launches for all of them (``_RunningAffines``)."""
     if not norms:
         return {}
-    weights, biases, means, variances = zip(*(running_parameters(n, dtype) for n in norms))
-    inverse_std = torch._foreach_rsqrt(torch._foreach_add(variances, [float(n.eps) for n in norms]))
-    scales = torch._foreach_mul(weights, inverse_std)
-    shifts = torch._foreach_addcmul(biases, means, scales, value=-1)
-    return {norm: (scale, shift) for norm, scale, shift in zip(norms, scales, shifts)}
+    parameters = [t for n in norms for t in running_parameters(n, dtype)]  # per norm: γ, β, mean, var
+    maps = _RunningAffines.apply([float(n.eps) for n in norms], *parameters)
+    return {norm: (maps[2 * i], maps[2 * i + 1]) for i, norm in enumerate(norms)}
+
+
+class _RunningAffines(torch.autograd.Function):
+    """The maps of ``running_affines`` from per norm (γ, β, running mean, running variance): forward four foreach
+    launches, backward two (dγ = (d_scale − mean·d_shift)·rsqrt(var + eps), dβ = d_shift, for every norm at once),
+    where autograd's formulas for the foreach ops take several launches per norm."""
+
+    @staticmethod
+    def forward(ctx, eps: list[float], *parameters: Tensor) -> tuple[Tensor, ...]:
+        weights, biases, means, variances = (parameters[k::4] for k in range(4))
+        inverse_std = torch._foreach_rsqrt(torch._foreach_add(variances, eps))
+        scales = torch._foreach_mul(weights, inverse_std)
+        shifts = torch._foreach_addcmul(biases, means, scales, value=-1)
+        ctx.save_for_backward(*means, *inverse_std)
+        return tuple(t for pair in zip(scales, shifts) for t in pair)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        count = len(saved) // 2
+        means, inverse_std = saved[:count], saved[count:]
+        wanted = [any(ctx.needs_input_grad[1 + 4 * i : 3 + 4 * i]) for i in range(count)]
+        d_weights, d_biases = [None] * count, [None] * count
+        chosen = [i for i in range(count) if wanted[i]]
+        if chosen:
+            d_scales, d_shifts = [grads[2 * i] for i in chosen], [grads[2 * i + 1] for i in chosen]
+            folded = torch._foreach_addcmul(d_scales, [means[i] for i in chosen], d_shifts, value=-1)
+            torch._foreach_mul_(folded, [inverse_std[i] for i in chosen])
+            for i, d_weight, d_shift in zip(chosen, folded, d_shifts):
+                d_weights[i], d_biases[i] = d_weight, d_shift
+        return None, *(g for i in range(count) for g in (d_weights[i], d_biases[i], None, None))
 
 
 def modules_running_affines(modules: list[nn.Module], x: Tensor) -> RunningAffines | None:

@@ -60,6 +60,7 @@ from ._triton_launches import intercepted_launches, route_to_triton
 
 PASSES = ("forward", "backward")
 INFERENCE = "inference forward (eval mode, no gradients)"
+FROZEN = " with frozen BatchNorms (eval mode, trainable γ and β)"
 # fused_ops.md §7: launches the fused connections must not make (reductions, copies and casts around the kernels).
 FORBIDDEN = ("aten sum", "aten stack", "aten clone", "aten lerp_", "aten _to_copy", "extension aten")
 PART_KEY = "ledger_part"
@@ -306,7 +307,8 @@ def recorded_floors(model: nn.Module) -> Iterator[dict[str, dict[str, dict[str, 
             output = output if isinstance(output, torch.Tensor) else output[0]  # one of its readers' copies
             floor = connection_floor(parents, output, list(module.parameters()), extras)
             maps = [parent_maps(r, x) for r, x in zip(module.resamples, parents)]
-            training = module.training  # the bound is training-mode BN's (eval mode: an affine map, no barrier)
+            # the bound is training-mode BN's (eval mode, frozen norms: an affine map, no barrier)
+            training = all(bn.training for bn in module.modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm))
             bound = None if None in maps or not training else barrier_bound(floor, maps, tensor_bytes(output))
             floors[name] = {"floor": floor, "bound": bound}
 
@@ -359,13 +361,25 @@ def counting(model: nn.Module, fused: bool, extra_parts: dict[str, nn.Module] | 
         yield counter
 
 
+def training_mode(model: nn.Module, frozen_norms: bool = False) -> nn.Module:
+    """``model`` in training mode; with ``frozen_norms`` its BatchNorms in eval mode (frozen running statistics,
+    trainable γ and β: fine-tuning as torchvision's detection models do with ``FrozenBatchNorm2d``)."""
+    model.train()
+    if frozen_norms:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
+
+
 def count_training_step(
-    model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None
-) -> Ledger:
+    model: nn.Module, images: torch.Tensor, *, fused: bool, autocast: torch.dtype | None = None,
+    frozen_norms: bool = False,
+) -> Ledger:  # fmt: skip
     """Launches of one training step (forward, backward of Σ mean(p²) over the outputs) of a SpineNet on CPU
     tensors: eager, or fused with each op on the backend ``auto`` takes on a GPU; under ``autocast`` (bf16, as
-    ``--amp`` trains: fp32 parameters) or in the model's own dtype."""
-    model.train().zero_grad(set_to_none=True)  # a step's gradients are written, not accumulated
+    ``--amp`` trains: fp32 parameters) or in the model's own dtype; ``frozen_norms``: see :func:`training_mode`."""
+    training_mode(model, frozen_norms).zero_grad(set_to_none=True)  # a step's gradients are written, not accumulated
     with counting(model, fused) as counter:
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             outputs = list(model(images).values())
@@ -406,13 +420,13 @@ def count_detector_inference(detector: nn.Module, images: torch.Tensor, *, fused
 
 def count_detector_step(
     detector: nn.Module, images: list[torch.Tensor], targets: list[dict], *, fused: bool,
-    autocast: torch.dtype | None = None,
+    autocast: torch.dtype | None = None, frozen_norms: bool = False,
 ) -> Ledger:  # fmt: skip
     """Launches of one RetinaNet training step (``detector(images, targets)``: transform, backbone, head, anchors,
     matching and losses; backward of their sum), eager or fused (connections, blocks, head and loss) as
     :func:`count_training_step` counts a backbone's. Parts: the backbone's, ``transform``, ``head``, ``anchors`` and
     ``loss`` (matching and both losses)."""
-    detector.train().zero_grad(set_to_none=True)
+    training_mode(detector, frozen_norms).zero_grad(set_to_none=True)
     detector.head.fused = fused
     extra = {"transform": detector.transform, "head": detector.head, "anchors": detector.anchor_generator}
     compute_loss = detector.compute_loss
@@ -679,6 +693,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inference", action="store_true",
                         help="one inference forward (eval mode, no gradients) instead of a training step; with "
                         "--head, of the backbone and head")  # fmt: skip
+    parser.add_argument("--frozen-norms", action="store_true",
+                        help="a training step with every BatchNorm in eval mode (frozen running statistics, trainable "
+                        "γ and β: fine-tuning as torchvision's detection models do)")  # fmt: skip
     parser.add_argument("--size", type=int, default=256, help="image size (counts do not depend on it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
@@ -688,6 +705,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "draws add launches, never full-size maps)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.inference and args.frozen_norms:
+        parser.error("--frozen-norms is a training step's setting; --inference already runs every norm frozen")
     from spinenet_fast.detection.presets import CUSTOM_SCALINGS, MOBILE_NAMES, build_detector
     from spinenet_fast.models import SpineNet, SpineNetMobile
 
@@ -711,7 +730,8 @@ def main(argv: list[str] | None = None) -> dict:
                 detector.train()(images, targets)  # a steady state: the anchor generator caches cell anchors per dtype
 
             def count(fused: bool) -> Ledger:
-                return count_detector_step(detector, images, targets, fused=fused, autocast=autocast)
+                return count_detector_step(detector, images, targets, fused=fused, autocast=autocast,
+                                           frozen_norms=args.frozen_norms)  # fmt: skip
 
         subject = f"RetinaNet-SpineNet-{args.model} (91 classes)"
     else:
@@ -725,8 +745,9 @@ def main(argv: list[str] | None = None) -> dict:
         batch = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
 
         def count(fused: bool) -> Ledger:
-            counter = count_inference if args.inference else count_training_step
-            return counter(model, batch, fused=fused, autocast=autocast)
+            if args.inference:
+                return count_inference(model, batch, fused=fused, autocast=autocast)
+            return count_training_step(model, batch, fused=fused, autocast=autocast, frozen_norms=args.frozen_norms)
 
         subject = f"SpineNet-{args.model} backbone"
     with recorded_floors(model) as floors:
@@ -735,10 +756,10 @@ def main(argv: list[str] | None = None) -> dict:
     precision = "bf16 autocast, fp32 parameters" if autocast else "fp32"
     depth = f", stochastic depth {args.stochastic_depth_rate:g}" if args.stochastic_depth_rate else ""
     description = f"{subject}, {args.size} px, batch {args.batch}, {precision}{depth}"
-    step = INFERENCE if args.inference else "training step"
-    config = {"model": args.model, "head": args.head, "inference": args.inference, "step": step, "size": args.size,
-              "batch": args.batch, "dtype": args.dtype, "stochastic_depth_rate": args.stochastic_depth_rate,
-              "description": description}  # fmt: skip
+    step = INFERENCE if args.inference else "training step" + (FROZEN if args.frozen_norms else "")
+    config = {"model": args.model, "head": args.head, "inference": args.inference, "frozen_norms": args.frozen_norms,
+              "step": step, "size": args.size, "batch": args.batch, "dtype": args.dtype,
+              "stochastic_depth_rate": args.stochastic_depth_rate, "description": description}  # fmt: skip
     summary = summarise(model, ledgers)
     summary["traffic"] = summarise_traffic(model, ledgers, floors)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -385,10 +385,15 @@ def pooled_expand_input(resample, x: Tensor, activation: str, padding: str, work
     prologue left): a parent's input to ``expand_merge_affine``."""
     h, scale, shift = fused_expand_input(resample, x, activation, padding, workspace)
     pools = getattr(resample, "pools", None)
-    if not pools:
-        return h, scale, shift
-    with backends.auto_where_unimplemented("bn_act_maxpool"):  # (no Triton max-pools: auto's, under a forced Triton)
-        return bn_act_maxpool(h, scale, shift, activation, len(pools), padding), None, None
+    return (max_pooled(h, scale, shift, activation, len(pools), padding), None, None) if pools else (h, scale, shift)
+
+
+def max_pooled(y: Tensor, scale, shift, activation: str, num_pools: int, padding: str,
+               affine_grad_buffer: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``bn_act_maxpool`` inside a fused module: it has no Triton kernel, so under a forced Triton backend it runs on
+    the backend ``auto`` takes."""
+    with backends.auto_where_unimplemented("bn_act_maxpool"):
+        return bn_act_maxpool(y, scale, shift, activation, num_pools, padding, affine_grad_buffer=affine_grad_buffer)
 
 
 def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace) -> tuple:
@@ -401,7 +406,7 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace
                                        padding=padding)  # fmt: skip
         if pools_apart(resample):
             buffer = workspace.take(y.shape[1]) if uses_batch_statistics(resample.down.bn) else None
-            y = bn_act_maxpool(y, scale, shift, activation, len(resample.pools), padding, affine_grad_buffer=buffer)
+            y = max_pooled(y, scale, shift, activation, len(resample.pools), padding, affine_grad_buffer=buffer)
             scale = shift = None
         elif len(resample.pools):
             y, scale, shift = conv_then_bn(y, expand.conv, expand.bn, scale, shift, activation, workspace,

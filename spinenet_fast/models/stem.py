@@ -15,8 +15,14 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from ..ops import backends, bn_act_maxpool
-from .fused_merge import ConnectionWorkspace, RunningAffines, compute_dtype, conv_then_bn, uses_batch_statistics
+from .fused_merge import (
+    ConnectionWorkspace,
+    RunningAffines,
+    compute_dtype,
+    conv_then_bn,
+    max_pooled,
+    uses_batch_statistics,
+)
 from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory
 
 
@@ -53,5 +59,4 @@ def fused_stem_forward(stem: Stem, x: Tensor, affines: RunningAffines | None = N
     y, scale, shift = conv_then_bn(x, layer.conv, layer.bn, None, None, stem.activation, workspace,
                                    padding=stem.padding)  # fmt: skip
     buffer = workspace.take(layer.conv.out_channels) if training else None
-    with backends.auto_where_unimplemented("bn_act_maxpool"):  # it has no Triton kernel: Triton forced, ``auto``'s
-        return bn_act_maxpool(y, scale, shift, stem.activation, 1, stem.padding, affine_grad_buffer=buffer)
+    return max_pooled(y, scale, shift, stem.activation, 1, stem.padding, affine_grad_buffer=buffer)

@@ -111,7 +111,8 @@ def test_eval_connections_without_gradients_are_one_expand_merge_affine_each():
     """Eval mode without gradients: each connection's expand convs, their BNs and the merge are one
     ``expand_merge_affine`` (a downsampling parent max-pooled first), the outputs eager's. With gradients (an
     eval-mode model trained further) it takes the differentiable ops instead, with the same outputs. On Triton (the
-    interpreter): a connection with a max-pooled parent on its own."""
+    interpreter): a connection with a max-pooled parent on its own, both ways (the max-pools, which have no Triton
+    kernel, on ``auto``'s backend)."""
     eager, fused = twins("49S")
     with_running_statistics(eager, fused)
     images = torch.randn(1, 3, 128, 128)
@@ -131,8 +132,10 @@ def test_eval_connections_without_gradients_are_one_expand_merge_affine_each():
     handle.remove()
     with torch.no_grad():
         want = eager.merges[pooled].eval()(inputs[0])
-        with use_backend("triton"):
-            torch.testing.assert_close(fused.merges[pooled](inputs[0]), want, rtol=1e-4, atol=1e-4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), use_backend("triton"):
+            got = fused.merges[pooled](inputs[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"grad={grad}")
 
 
 def test_compile_fullgraph_traces_the_inference_forward():

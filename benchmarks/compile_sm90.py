@@ -30,7 +30,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -399,7 +399,8 @@ def environment() -> dict:
 
 
 def to_markdown(variants: list[Variant], env: dict, problems: list[str]) -> str:
-    since = [f"Only the variants `{env['since']}` does not hold: {len(variants)} of {env['recorded']}.", ""]
+    tables = ", ".join(f"`{table}`" for table in env.get("since") or [])
+    since = [f"Only the variants none of {tables} holds: {len(variants)} of {env['recorded']}.", ""]
     since = since if env.get("since") else []
     lines = [
         f"# Triton kernels compiled for sm_{TARGET_ARCH} (ahead of time, no GPU)",
@@ -443,22 +444,22 @@ def drop_compiled(recorder: LaunchRecorder, table: Path) -> None:
 
 def check_kernels(
     modules: list[str], drivers: Iterable[tuple[str, Callable[[], None]]], out: Path, jobs: int, sample: bool = False,
-    since: Path | None = None,
+    since: Sequence[Path] = (),
 ) -> list[str]:  # fmt: skip
     """Record, compile and report every kernel variant of ``modules`` that ``drivers`` launch (with ``sample``: the
-    largest per kernel and dtypes; with ``since``: those an earlier table does not hold): writes
+    largest per kernel and dtypes; with ``since``: those no earlier table of them holds): writes
     ``out/compile_sm90.{json,md}`` and returns the problems (empty: every compiled variant compiles without
     spills)."""
     started = time.perf_counter()
     functions = jit_functions(modules)  # imported as real JITFunctions: the interpreter flag is not set yet
     recorder, unlaunched = record_variants(functions, drivers)
     recorded, recorded_s = len(recorder.variants), time.perf_counter() - started
-    if since is not None:
-        drop_compiled(recorder, since)
+    for table in since:
+        drop_compiled(recorder, table)
     variants = compile_all(recorder, jobs, sample)
     problems = failures(variants, unlaunched)
     env = {**environment(), "record_s": round(recorded_s, 1), "total_s": round(time.perf_counter() - started, 1),
-           "recorded": recorded, "since": str(since) if since is not None else None}  # fmt: skip
+           "recorded": recorded, "since": [str(table) for table in since]}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "unlaunched": unlaunched, "problems": problems, "variants": [asdict(v) for v in variants]}
     (out / "compile_sm90.json").write_text(json.dumps(payload, indent=1))
@@ -476,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     sample_help = "one variant per kernel and dtypes, the largest tiles (CI's check); default: all"
     parser.add_argument("--sample", action="store_true", help=sample_help)
-    since_help = "an earlier run's compile_sm90.json: compile only the variants it does not hold (after a change)"
-    parser.add_argument("--since", type=Path, help=since_help)
+    since_help = "earlier runs' compile_sm90.json: compile only the variants none of them holds (after a change)"
+    parser.add_argument("--since", type=Path, nargs="+", default=[], help=since_help)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the kernels must be real JITFunctions to compile")

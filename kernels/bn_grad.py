@@ -42,18 +42,23 @@ def output_grad_tile(
 ):  # fmt: skip
     """g = dy + dΣ + 2·y·dΣ² in fp32 (0 outside ``mask``): a (pixels × output channels) tile, or its transpose.
     ``dy_rows``/``y_rows``: the pixels' offsets in dy and y; ``o``: output channels, valid where ``o_mask``. The
-    statistics' gradients: :func:`statistics_grads`."""
-    d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask,
-                                      FROM_AFFINE)  # fmt: skip
+    statistics' gradients: :func:`statistics_grads`; ``dsum_ptr`` None (a constexpr: the statistics have no
+    gradient, as a BN with running statistics leaves them): g = dy, y not read."""
     if ROWS_ARE_PIXELS:
-        dy = tl.load(dy_ptr + dy_rows[:, None] + o[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_rows[:, None] + o[None, :] * sy_c, mask=mask, other=0.0).to(tl.float32)
-        d_sum, d_sumsq = d_sum[None, :], d_sumsq[None, :]
+        dy_offsets, y_offsets = dy_rows[:, None] + o[None, :] * sdy_c, y_rows[:, None] + o[None, :] * sy_c
     else:  # transposed tile: output channels × pixels
-        dy = tl.load(dy_ptr + dy_rows[None, :] + o[:, None] * sdy_c, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_rows[None, :] + o[:, None] * sy_c, mask=mask, other=0.0).to(tl.float32)
-        d_sum, d_sumsq = d_sum[:, None], d_sumsq[:, None]
-    return tl.where(mask, dy + d_sum + 2.0 * y * d_sumsq, 0.0)
+        dy_offsets, y_offsets = dy_rows[None, :] + o[:, None] * sdy_c, y_rows[None, :] + o[:, None] * sy_c
+    g = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(tl.float32)
+    if dsum_ptr is not None:
+        d_sum, d_sumsq = statistics_grads(dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, o, o_mask,
+                                          FROM_AFFINE)  # fmt: skip
+        if ROWS_ARE_PIXELS:
+            d_sum, d_sumsq = d_sum[None, :], d_sumsq[None, :]
+        else:
+            d_sum, d_sumsq = d_sum[:, None], d_sumsq[:, None]
+        y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
+        g = g + d_sum + 2.0 * y * d_sumsq
+    return tl.where(mask, g, 0.0)
 
 
 @triton.jit

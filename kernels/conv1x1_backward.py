@@ -250,9 +250,10 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
 
     ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN, and ``d_sum``/``d_sumsq`` are the
     gradients of its scale and shift; the statistics' gradients are then computed inside both GEMMs, and
-    ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last. ``d_affine``: a zeroed fp32 (2, C_in) buffer the prologue's
-    gradients are added into (then not returned), or None. ``d_weight``: a zeroed fp32 buffer laid out as the weight
-    that dW is added into (returned as dW for an fp32 weight), or None (one fill)."""
+    ``[dγ; dβ]`` (2, C_out) in γ's dtype is returned last. ``d_sum``, ``d_sumsq`` None: the statistics have no
+    gradient (a BN with running statistics), and y is not read. ``d_affine``: a zeroed fp32 (2, C_in) buffer the
+    prologue's gradients are added into (then not returned), or None. ``d_weight``: a zeroed fp32 buffer laid out as
+    the weight that dW is added into (returned as dW for an fp32 weight), or None (one fill)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     pixels = n * h * w
@@ -265,8 +266,8 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     wgrad_columns = triton.cdiv(c_in, block_n)
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
-    recompute_y = recomputes_y(c_in, config)
-    y = dy if recompute_y else y  # never read: a stand-in
+    recompute_y = d_sum is not None and recomputes_y(c_in, config)  # y only serves the statistics' gradients
+    y = dy if recompute_y or d_sum is None else y  # never read: a stand-in
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
         t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,

@@ -162,7 +162,8 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
                               d_bias=None, bn=None, d_affine=None, d_weight=None,
                               input_grad: bool = True) -> list[torch.Tensor]:  # fmt: skip
     """``[dx (channels_last, x's dtype), dW (W's dtype, W's layout), (d_affine = [d_scale; d_shift] (2, C_in) fp32),
-    ([dγ; dβ])]``; ``bn``, ``d_affine`` and ``d_weight`` as for ``conv1x1_backward.conv1x1_bn_stats_backward``.
+    ([dγ; dβ])]``; ``bn``, ``d_affine``, ``d_weight`` and ``d_sum``/``d_sumsq`` None (no statistics' gradients) as for
+    ``conv1x1_backward.conv1x1_bn_stats_backward``.
     ``pad_before``: the top/left padding (K // 2, or (K − 2) // 2 for stride 2 in ``"tf_same"``); ``stride``: 1 or 2;
     ``d_bias``: a zeroed fp32 (C_out,) buffer the bias gradient Σ_p g is added into (a conv with a bias), or None.
     ``input_grad`` False (no prologue): no dgrad programs, dx an empty stand-in."""
@@ -173,6 +174,7 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
     t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight, input_grad)
+    y = dy if d_sum is None else y  # without the statistics' gradients y is not read: a stand-in
     config = gemm_launch_config(x.dtype, _conv3x3_backward_kernel)
     config["BLOCK_N"] = narrow_block(c_in, config["BLOCK_N"])  # the input channels' dimension of both GEMMs
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]

@@ -216,6 +216,7 @@ def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shif
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
     t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
+    y = dy if d_sum is None else y  # without the statistics' gradients y is not read: a stand-in
     channel_blocks = triton.cdiv(c, BLOCK_C)
     dgrad_tiles = triton.cdiv(pixels, BLOCK_M) * channel_blocks
     chunks, per_program = wgrad_split(pixels, channel_blocks, BLOCK_M)

@@ -93,8 +93,8 @@ class BackwardBuffers:
 
     dx: torch.Tensor
     d_weight: torch.Tensor  # fp32, laid out as the weight, zeroed
-    d_sum: torch.Tensor
-    d_sumsq: torch.Tensor
+    d_sum: torch.Tensor | None  # None: the statistics have no gradient
+    d_sumsq: torch.Tensor | None
     d_scale: torch.Tensor
     d_shift: torch.Tensor
     scale: torch.Tensor
@@ -126,14 +126,16 @@ def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_we
                      input_grad: bool = True) -> BackwardBuffers:  # fmt: skip
     """Allocate and prepare the buffers of a conv op's backward (no launch but the fills of d_affine and dW where the
     caller gives none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and
-    ``d_sum``/``d_sumsq`` are the gradients of its scale and shift; ``d_affine``: a zeroed fp32 (2, C_in) buffer for
+    ``d_sum``/``d_sumsq`` are the gradients of its scale and shift (both None: the statistics have no gradient, and
+    the kernels read neither them nor y); ``d_affine``: a zeroed fp32 (2, C_in) buffer for
     the prologue's gradients (then not returned), or None; ``d_weight``: a zeroed fp32 buffer of the weight's shape,
     dense, or None (then dense with the weight's layout); ``input_grad`` False: dx is an empty (0, 0, 0, 0) stand-in
     (no dgrad programs)."""
     c_in = x.shape[1]
     has_prologue = scale is not None
     # (C,) vectors are addressed densely: an expanded gradient (stride 0) or a strided slice is compacted first.
-    d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
+    if d_sum is not None:
+        d_sum, d_sumsq = d_sum.contiguous(), d_sumsq.contiguous()
     returns_d_weight = d_weight is None
     if returns_d_weight:
         dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
@@ -153,6 +155,7 @@ def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_we
         d_bn = torch.empty((2, weight.shape[0]), dtype=gamma.dtype, device=x.device)  # [dγ; dβ], by the dgrad
         bn_args = (gamma, mean, var, float(count), float(eps))
     else:  # unused pointers
-        d_bn, bn_args = d_sum.new_empty((2, 1)), (d_sum, d_sum, d_sum, 1.0, 1.0)
+        stand_in = d_weight if d_sum is None else d_sum
+        d_bn, bn_args = stand_in.new_empty((2, 1)), (stand_in, stand_in, stand_in, 1.0, 1.0)
     return BackwardBuffers(dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, d_bn, bn_args, bn is not None,
                            d_affine, returns_d_affine, returns_d_weight)  # fmt: skip

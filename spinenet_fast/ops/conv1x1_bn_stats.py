@@ -152,11 +152,12 @@ def _conv1x1_into_op(
     auto_order=FUSED_FIRST,
 )
 def _conv1x1_backward_op(
-    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str,
+    dy: Tensor, d_sum: Tensor | None, d_sumsq: Tensor | None, y: Tensor, x: Tensor, weight: Tensor,
+    scale: Tensor | None, shift: Tensor | None, activation: str,
 ) -> TensorList:  # fmt: skip
     """``[dx, dW, ([d_scale; d_shift])]``. ``y`` must be the forward's output for these x, W, scale and shift: the
-    Triton kernel recomputes it where every input channel fits one tile, instead of reading it."""
+    Triton kernel recomputes it where every input channel fits one tile, instead of reading it. ``d_sum``,
+    ``d_sumsq`` None: the statistics have no gradient, and y is not read."""
 
 
 def _setup_context(ctx, inputs, output):

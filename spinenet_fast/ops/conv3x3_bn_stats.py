@@ -221,6 +221,8 @@ def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, s
         return conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding,
                                                    stride, d_bias_out, input_grad)  # fmt: skip
     dtype = stats_dtype(x)
+    if d_sum is None:  # the extension's kernels fold the statistics' gradients always
+        d_sum = d_sumsq = x.new_zeros(weight.shape[0], dtype=dtype)
     dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
         dy, d_sum, d_sumsq, y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
         activation, stride, pad_before(weight, stride, padding),
@@ -265,7 +267,7 @@ def _bias_grad_output(backward):
     argument cannot be functionalised for ``torch.compile``)."""
 
     def run(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, has_bias):
-        d_bias = d_sum.new_zeros(weight.shape[0]) if has_bias else None
+        d_bias = x.new_zeros(weight.shape[0], dtype=stats_dtype(x)) if has_bias else None
         grads = backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, d_bias)
         return grads + ([d_bias] if has_bias else [])
 
@@ -274,7 +276,7 @@ def _bias_grad_output(backward):
 
 def _fake_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding, stride, has_bias):
     grads = fake_conv_grads(x, weight, scale)
-    return grads + ([d_sum.new_empty(weight.shape[0])] if has_bias else [])
+    return grads + ([x.new_empty(weight.shape[0], dtype=stats_dtype(x))] if has_bias else [])
 
 
 # Until a GPU benchmark decides between the implicit GEMM and cuDNN on a materialised input (fused_ops.md §3).
@@ -306,10 +308,11 @@ def _conv3x3_op(
     auto_order=FUSED_FIRST,
 )
 def _conv3x3_backward_op(
-    dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None,
-    shift: Tensor | None, activation: str, padding: str, stride: int, has_bias: bool,
+    dy: Tensor, d_sum: Tensor | None, d_sumsq: Tensor | None, y: Tensor, x: Tensor, weight: Tensor,
+    scale: Tensor | None, shift: Tensor | None, activation: str, padding: str, stride: int, has_bias: bool,
 ) -> TensorList:  # fmt: skip
-    """``[dx, dW, ([d_scale; d_shift]), (d_bias)]``; d_bias (the statistics' dtype) with ``has_bias``."""
+    """``[dx, dW, ([d_scale; d_shift]), (d_bias)]``; d_bias (the statistics' dtype) with ``has_bias``; ``d_sum``,
+    ``d_sumsq`` None: the statistics have no gradient, and y is not read."""
 
 
 def _conv_setup_context(ctx, inputs, output):

@@ -108,20 +108,24 @@ def fake_conv_grads(x: Tensor, weight: Tensor, scale: Tensor | None) -> list[Ten
     return grads + ([scale.new_empty((2, *scale.shape))] if scale is not None else [])
 
 
-def fill_output_grads(dy, d_stats, y_shape, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dy, dΣ, dΣ²)``, zeros for an output autograd passed no gradient for (None); the two statistics' gradients
-    are views of ``d_stats`` (2, C) in the maths dtype the kernels read (the float64 statistics' gradient cast, one
-    small launch; none when the statistics have no gradient, as in a model's eval-mode BN)."""
+def fill_output_grads(dy, d_stats, y_shape, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dy, dΣ, dΣ²)``, dy zeros where autograd passed it no gradient (None); the two statistics' gradients are
+    views of ``d_stats`` (2, C) in the maths dtype the kernels read (the float64 statistics' gradient cast, one small
+    launch), or both None where the statistics have none (a conv whose BN uses running statistics): the backward
+    then neither reads y nor fills zeros."""
     dy = torch.zeros(y_shape, dtype=x.dtype, device=x.device) if dy is None else dy
     if d_stats is None:
-        d_stats = torch.zeros((2, y_shape[1]), dtype=stats_dtype(x), device=x.device)
+        return dy, None, None
     d_sum, d_sumsq = d_stats.to(stats_dtype(x))
     return dy, d_sum, d_sumsq
 
 
-def folded_output_grad(dy: Tensor, d_sum: Tensor, d_sumsq: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+def folded_output_grad(dy: Tensor, d_sum: Tensor | None, d_sumsq: Tensor | None, y: Tensor,
+                       dtype: torch.dtype) -> Tensor:  # fmt: skip
     """``dy + dΣ + 2·y·dΣ²`` in ``dtype``: the gradient of a conv op's output y with its statistics' gradients folded
-    in (Σy and Σy² are sums over every pixel of y)."""
+    in (Σy and Σy² are sums over every pixel of y); dy alone where they are None."""
+    if d_sum is None:
+        return dy.to(dtype)
     vector = lambda v: v.to(dtype).view(1, -1, 1, 1)  # noqa: E731
     return dy.to(dtype) + vector(d_sum) + 2 * y.to(dtype) * vector(d_sumsq)
 

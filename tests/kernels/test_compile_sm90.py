@@ -112,7 +112,7 @@ import json, sys
 from pathlib import Path
 import planted
 from benchmarks.compile_sm90 import check_kernels
-since = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+since = [Path(sys.argv[2])] if len(sys.argv) > 2 else []
 problems = check_kernels(["planted"], [("planted", planted.drive)], Path(sys.argv[1]), jobs=2, since=since)
 print("PROBLEMS=" + json.dumps(problems))
 """

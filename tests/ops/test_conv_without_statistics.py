@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spinenet_fast.ops import conv1x1_bn_stats, conv3x3_bn_stats, use_backend
-from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_op
-from spinenet_fast.ops.conv3x3_bn_stats import _conv3x3_op
+from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_backward_op, _conv1x1_op
+from spinenet_fast.ops.conv3x3_bn_stats import _conv3x3_backward_op, _conv3x3_op
 
 from ..conftest import AtenOps, require_backend
 
@@ -45,7 +45,8 @@ def test_same_output_and_gradients_without_statistics(backend, kind, stride):
         with AtenOps() as launched:  # a fill or a reduction would show here
             y, stats = call(kind, stride, inputs, statistics=False)
         grad = torch.randn_like(y)
-        got = torch.autograd.grad(y, leaves, grad)
+        with AtenOps() as backward_launched:  # the statistics have no gradient: nothing filled for it
+            got = torch.autograd.grad(y, leaves, grad)
         y_with, stats_with = call(kind, stride, inputs, statistics=True)
         want = torch.autograd.grad(y_with, leaves, grad)
     assert stats is None and stats_with.shape == (2, y.shape[1])
@@ -55,6 +56,31 @@ def test_same_output_and_gradients_without_statistics(backend, kind, stride):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     if not (backend == "cuda" and kind == "depthwise"):  # (the extension's depthwise kernel sums them anyway)
         assert not {"zeros", "zero_", "fill_", "sum", "add_", "stack"} & set(launched.ops), launched.ops
+    assert not {"zeros", "zeros_like", "zero_", "fill_", "_to_copy"} & set(backward_launched.ops), backward_launched.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("kind", "stride"), CONVS)
+def test_backward_without_statistics_gradients_never_reads_y(backend, kind, stride):
+    """The backward ops given no statistics' gradients (None) compute dy's backward alone and never read y: a NaN y
+    changes nothing (read, it would turn every gradient NaN even times the zero gradients it would be folded with)."""
+    require_backend(backend)
+    if backend == "cuda" and kind == "depthwise":
+        pytest.skip("the extension's depthwise backward folds the statistics' gradients always (zeros given here)")
+    x, weight, scale, shift, bias = (t.detach() if t is not None else None for t in conv_inputs(kind))
+    with use_backend(backend):
+        y, _ = call(kind, stride, (x, weight, scale, shift, bias), statistics=False)
+        dy, nan_y = torch.randn_like(y), torch.full_like(y, float("nan"))
+        zeros = torch.zeros(y.shape[1])
+        if kind == "1x1":
+            run = lambda d_sum, y_in: _conv1x1_backward_op(dy, d_sum, d_sum, y_in, x, weight, scale, shift, "swish")  # noqa: E731
+        else:
+            run = lambda d_sum, y_in: _conv3x3_backward_op(dy, d_sum, d_sum, y_in, x, weight, scale, shift, "swish",  # noqa: E731
+                                                           "tf_same", stride, True)  # fmt: skip
+        got, want = run(None, nan_y), run(zeros, y)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,8 +92,14 @@ def test_opcheck_without_statistics(backend, kind, stride):
     with use_backend(backend):
         if kind == "1x1":
             torch.library.opcheck(_conv1x1_op, (x, weight, scale, shift, "relu", False))
+            y = _conv1x1_op(x, weight, scale, shift, "relu", False)[0]
+            backward = (_conv1x1_backward_op, (torch.randn_like(y), None, None, y, x, weight, scale, shift, "relu"))
         else:
             torch.library.opcheck(_conv3x3_op, (x, weight, scale, shift, "relu", "tf_same", stride, bias, False))
+            y = _conv3x3_op(x, weight, scale, shift, "relu", "tf_same", stride, bias, False)[0]
+            backward = (_conv3x3_backward_op, (torch.randn_like(y), None, None, y, x, weight, scale, shift, "relu",
+                                               "tf_same", stride, True))  # fmt: skip
+        torch.library.opcheck(*backward)  # the statistics without a gradient (None)
 
 
 @pytest.mark.parametrize(("kind", "stride"), [("1x1", 1), ("3x3", 2), ("depthwise", 1)])

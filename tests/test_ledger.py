@@ -397,9 +397,11 @@ def test_frozen_norms_training_step(tmp_path):
     """``--frozen-norms``: a training step with every BatchNorm in eval mode (fine-tuning with frozen statistics,
     trainable γ and β). The maps of all the norms are four launches forward and two backward (``_RunningAffines``;
     autograd's formulas for the foreach ops took 520 for SpineNet-49's 130 norms), and the fused step launches fewer
-    kernels and moves fewer modelled bytes than eager in both passes (backward 0.81× its launches today: the frozen
-    convs' and merges' backwards still zero-fill their own accumulators, where training-mode ones share one fill per
-    module)."""
+    kernels and moves fewer modelled bytes than eager in both passes: backward ≤ 0.65× its launches (0.63× today;
+    0.81× while each frozen conv's backward zero-filled a gradient for statistics it had not taken, and read y to fold
+    it in), and fewer launches part by part, but for the merges, whose backward zero-fills the channel sums
+    of the frozen BNs' dγ, dβ (where in training mode the module's one workspace fill holds them) and reads the
+    parents' maps for them (eager's BN backward does, counted in the parents' part)."""
     result = ledger(tmp_path, "--frozen-norms", "--size", "128", "--batch", "2")
     assert result["config"]["step"].startswith("training step with frozen BatchNorms")
     affines = result["ledgers"]["fused-auto"]["norm affines"]
@@ -409,8 +411,10 @@ def test_frozen_norms_training_step(tmp_path):
         total = rows_by_part(rows)["total"]
         for p in PASSES:
             assert total[f"fused-auto {p}"] < total[f"eager {p}"], p
-    launches = rows_by_part(summary["groups"])["total"]
-    assert launches["fused-auto backward"] <= 0.85 * launches["eager backward"]
+    launches = rows_by_part(summary["groups"])  # (bytes part by part: at 640 px, batch 8 — weights weigh more here)
+    for part in ("stem", "initial blocks", "cross-scale parents", "blocks", "endpoints"):
+        assert launches[part]["fused-auto backward"] < launches[part]["eager backward"], part
+    assert launches["total"]["fused-auto backward"] <= 0.65 * launches["total"]["eager backward"]
 
 
 def test_frozen_norms_is_a_training_step_setting(tmp_path):

@@ -93,7 +93,7 @@ class ConnectionWorkspace:
             layers = [*expand_input_layers(resample), (resample.expand, True)]
             sizes += [size for layer, has_prologue in layers for size in cls.layer_sizes(layer, has_prologue, dtype)]
             norms += [layer.bn for layer, _ in layers]
-            if pools_apart(resample) and uses_batch_statistics(resample.down.bn):
+            if pools_apart(resample) and takes_grad_buffers(resample.down.conv, resample.down.bn):
                 sizes.append(2 * resample.down.conv.out_channels)  # the separate max-pool op's affine gradients
         if sizes and len(module.resamples) <= 2:  # the merge backward's (3, C) channel sums
             sizes.append(3 * module.resamples[0].expand.conv.out_channels)
@@ -112,11 +112,12 @@ class ConnectionWorkspace:
     @classmethod
     def layer_sizes(cls, layer, has_prologue: bool, dtype: torch.dtype) -> list[int]:
         """The slices one conv + BN layer (``.conv``, ``.bn``) takes through ``conv_then_bn``: in training mode its
-        statistics, the finalize's counter, its prologue's gradients and an fp32 weight's gradient; none otherwise."""
-        if not uses_batch_statistics(layer.bn):
+        statistics and the finalize's counter; then, where its backward may run (``takes_grad_buffers``), its
+        prologue's gradients and an fp32 weight's gradient."""
+        if not takes_grad_buffers(layer.conv, layer.bn):
             return []
-        sizes = [stats_slots(layer.conv.out_channels, dtype), 1] + ([2 * layer.conv.in_channels] if has_prologue
-                                                                      else [])  # fmt: skip
+        sizes = [stats_slots(layer.conv.out_channels, dtype), 1] if uses_batch_statistics(layer.bn) else []
+        sizes += [2 * layer.conv.in_channels] if has_prologue else []
         return sizes + ([layer.conv.weight.numel()] if cls.holds_weight_grad(layer.conv.weight, dtype) else [])
 
     @staticmethod
@@ -158,6 +159,15 @@ class ConnectionWorkspace:
         view = self.buffer[self.offset : self.offset + rows * channels].view(rows, channels)
         self.offset += rows * channels
         return view
+
+
+def takes_grad_buffers(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether a conv + norm layer takes the accumulators of its backward from its module's workspace: always in
+    training mode (its BN's statistics are in the same fill); with running statistics where a backward may run —
+    gradients on and a parameter of the layer requiring one (else nothing is filled: an inference forward)."""
+    if uses_batch_statistics(bn):
+        return True
+    return torch.is_grad_enabled() and any(p.requires_grad for m in (conv, bn) for p in m.parameters())
 
 
 def expand_layer(resample) -> nn.Module:
@@ -313,7 +323,11 @@ def conv_then_bn(x: Tensor, conv: nn.Module, bn: nn.Module, scale, shift, activa
     if kwargs is None:
         conv_stats = conv1x1_bn_stats if padding is None else conv3x3_bn_stats
         window = {} if padding is None else {"stride": stride}
-        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias, statistics=False)
+        buffers = {}
+        if shared is None and takes_grad_buffers(conv, bn):  # (the slices ``layer_sizes`` counts)
+            buffers = dict(prologue_grad_buffer=workspace.take(x.shape[1]) if scale is not None else None,
+                           weight_grad_buffer=workspace.take_weight_grad(conv.weight))  # fmt: skip
+        y, _ = conv_stats(x, weight, scale, shift, *conv_args, **window, **bias, statistics=False, **buffers)
         return (y, *workspace.running_affine(bn))
     weight_grad = workspace.take_weight_grad(conv.weight) if shared is None else shared.weight_grad
     bn_args = training_bn_args(conv, bn, kwargs, workspace, weight_grad)
@@ -405,7 +419,7 @@ def fused_resample(resample, x: Tensor, activation: str, padding: str, workspace
         y, scale, shift = conv_then_bn(y, resample.down.conv, resample.down.bn, scale, shift, activation, workspace,
                                        padding=padding)  # fmt: skip
         if pools_apart(resample):
-            buffer = workspace.take(y.shape[1]) if uses_batch_statistics(resample.down.bn) else None
+            buffer = workspace.take(y.shape[1]) if takes_grad_buffers(resample.down.conv, resample.down.bn) else None
             y = max_pooled(y, scale, shift, activation, len(resample.pools), padding, affine_grad_buffer=buffer)
             scale = shift = None
         elif len(resample.pools):

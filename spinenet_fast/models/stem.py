@@ -21,7 +21,7 @@ from .fused_merge import (
     compute_dtype,
     conv_then_bn,
     max_pooled,
-    uses_batch_statistics,
+    takes_grad_buffers,
 )
 from .layers import ConvNorm, FusedSetting, MaxPool3x3s2, NormFactory
 
@@ -52,11 +52,11 @@ def fused_stem_forward(stem: Stem, x: Tensor, affines: RunningAffines | None = N
     layer = stem.conv
     statistics = torch.promote_types(x.dtype, torch.float32)
     sizes = ConnectionWorkspace.layer_sizes(layer, False, statistics)
-    training = uses_batch_statistics(layer.bn)
-    if training:  # the max-pool op's [d_scale; d_shift]
+    pool_grads = takes_grad_buffers(layer.conv, layer.bn)
+    if pool_grads:  # the max-pool op's [d_scale; d_shift]
         sizes.append(2 * layer.conv.out_channels)
     workspace = ConnectionWorkspace(sizes, x.device, statistics, [layer.bn], affines)
     y, scale, shift = conv_then_bn(x, layer.conv, layer.bn, None, None, stem.activation, workspace,
                                    padding=stem.padding)  # fmt: skip
-    buffer = workspace.take(layer.conv.out_channels) if training else None
+    buffer = workspace.take(layer.conv.out_channels) if pool_grads else None
     return max_pooled(y, scale, shift, stem.activation, 1, stem.padding, affine_grad_buffer=buffer)

@@ -34,3 +34,11 @@ def check_statistics_flag(statistics) -> None:
     """A conv op's ``statistics`` must be a bool (whether it returns [Σy; Σy²] of its output)."""
     if not isinstance(statistics, bool):
         raise TypeError(f"statistics must be a bool, got {describe(statistics)}")
+
+
+def check_buffers_without_statistics(statistics: bool) -> None:
+    """A conv op's gradient buffers serve its backward without statistics (``statistics=False``): a conv + BN in
+    training mode takes them through ``conv1x1_bn`` / ``conv3x3_bn``."""
+    if statistics:
+        raise ValueError("prologue_grad_buffer and weight_grad_buffer need statistics=False (with statistics, a conv "
+                         "and its training-mode BN take them as one op: conv1x1_bn / conv3x3_bn)")  # fmt: skip

@@ -18,15 +18,20 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .activation import ACTIVATIONS
-from .checks import check_statistics_flag, describe
+from .checks import check_buffers_without_statistics, check_statistics_flag, describe
 from .conv_common import (
     accumulating,
+    added_into_buffers,
     check_affine_prologue,
+    check_grad_buffers,
     conv_outputs,
+    fake_backward_into,
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
     folded_output_grad,
+    into_buffers_backward,
+    into_buffers_forward,
     prologue_backward,
     prologue_forward,
 )
@@ -160,6 +165,54 @@ def _conv1x1_backward_op(
     ``d_sumsq`` None: the statistics have no gradient, and y is not read."""
 
 
+def _triton_backward_into_reasons(dy, x, weight, scale, shift, activation, *_) -> list[str]:
+    return _triton_reasons(x, weight, scale, shift, activation) + backends.triton_reasons(dy)
+
+
+def _backward_into_triton(dy, x, weight, scale, shift, activation, d_affine_out, d_weight_out):
+    from spinenet_fast.kernels.conv1x1_backward import conv1x1_bn_stats_backward
+
+    weight_grad = None if d_weight_out is None else d_weight_out.view(weight.shape[:2])
+    dx, d_weight = conv1x1_bn_stats_backward(dy, None, None, dy, x, weight, scale, shift, activation, None,
+                                             d_affine_out, weight_grad)  # fmt: skip
+    return dx, d_weight
+
+
+@op_spec.custom_op(
+    "conv1x1_bn_stats_backward_into",
+    fake=fake_backward_into,
+    implementations={
+        "reference": Backend(added_into_buffers(conv1x1_bn_stats_backward_reference)),
+        "cuda": Backend(added_into_buffers(conv1x1_bn_stats_backward_reference), lambda dy, x, *_: _library_reasons(x)),
+        "triton": Backend(_backward_into_triton, _triton_backward_into_reasons),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("d_affine_out", "d_weight_out"),
+)
+def _conv1x1_backward_into_op(
+    dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str,
+    d_affine_out: Tensor | None, d_weight_out: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The backward of the op without statistics (none to differentiate: y is neither saved nor read) into the
+    caller's zeroed buffers: ``(dx, dW)``, the prologue's [d_scale; d_shift] added into ``d_affine_out`` (given
+    wherever there is a prologue), dW into ``d_weight_out`` where given (dW then an empty stand-in)."""
+
+
+class _Conv1x1IntoBuffers(torch.autograd.Function):
+    """``conv1x1_bn_stats(statistics=False)`` whose backward adds the prologue's gradients and dW into the caller's
+    zeroed buffers (slices of one fill that several ops share) instead of filling its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, activation, prologue_grad, weight_grad):
+        ctx.activation = activation
+        return into_buffers_forward(ctx, _conv1x1_op, (activation, False), x, weight, scale, shift, prologue_grad,
+                                    weight_grad)  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, dy):
+        return *into_buffers_backward(ctx, _conv1x1_backward_into_op, (ctx.activation,), dy), None, None, None
+
+
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
     x, weight, scale, shift, activation = inputs[:5]  # (a trailing default argument may be left out)
@@ -180,12 +233,20 @@ _conv1x1_op.register_autograd(_backward, setup_context=_setup_context)
 
 def conv1x1_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
-    *, statistics: bool = True,
+    *, statistics: bool = True, prologue_grad_buffer: Tensor | None = None, weight_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Fused 1×1 conv with prologue and statistics epilogue (see the module docstring); checks arguments first.
     ``statistics=False`` (a conv whose BN normalises with running statistics, or one without BN) takes none:
-    ``(y, None)``, no fill, no reductions."""
+    ``(y, None)``, no fill, no reductions, and its backward neither reads y nor fills a gradient for them. Then
+    ``prologue_grad_buffer`` (a zeroed (2, C_in) tensor of x's statistics dtype) and ``weight_grad_buffer`` (a zeroed
+    float32 tensor laid out as the dense fp32 weight) may be given: the first backward adds the prologue's
+    [d_scale; d_shift] and dW into them (slices of one fill that several ops share) rather than filling its own."""
     check_conv1x1_args(x, weight, scale, shift, activation)
     check_statistics_flag(statistics)
+    if prologue_grad_buffer is not None or weight_grad_buffer is not None:
+        check_buffers_without_statistics(statistics)
+        check_grad_buffers(x, weight, scale, prologue_grad_buffer, weight_grad_buffer)
+        y = _Conv1x1IntoBuffers.apply(x, weight, scale, shift, activation, prologue_grad_buffer, weight_grad_buffer)
+        return y, None
     y, stats = _conv1x1_op(x, weight, scale, shift, activation, statistics)
     return y, stats if statistics else None

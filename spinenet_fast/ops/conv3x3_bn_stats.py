@@ -24,15 +24,20 @@ from torch import Tensor
 
 from . import backends, op_spec
 from .activation import stats_dtype
-from .checks import check_statistics_flag, describe
+from .checks import check_buffers_without_statistics, check_statistics_flag, describe
 from .conv_common import (
     accumulating,
+    added_into_buffers,
+    check_grad_buffers,
     check_window_input,
     conv_outputs,
+    fake_backward_into,
     fake_conv_grads,
     fake_conv_outputs,
     fill_output_grads,
     folded_output_grad,
+    into_buffers_backward,
+    into_buffers_forward,
     no_statistics,
     prologue_backward,
     prologue_forward,
@@ -315,6 +320,61 @@ def _conv3x3_backward_op(
     ``d_sumsq`` None: the statistics have no gradient, and y is not read."""
 
 
+def _backward_into_triton(dy, x, weight, scale, shift, activation, padding, stride, d_bias_out, d_affine_out,
+                          d_weight_out):  # fmt: skip
+    dx, d_weight = _conv3x3_backward_triton(dy, None, None, dy, x, weight, scale, shift, activation, padding, stride,
+                                            d_bias_out, None, d_affine_out, d_weight_out)  # fmt: skip
+    return dx, d_weight
+
+
+def _library_backward_into_reasons(dy, x, weight, *_) -> list[str]:
+    return _library_reasons(x, weight)
+
+
+def _triton_backward_into_reasons(dy, x, weight, scale, shift, activation, padding, stride, *_) -> list[str]:
+    return _conv_backward_triton_reasons(dy, None, None, dy, x, weight, scale, shift, activation, padding, stride)
+
+
+@op_spec.custom_op(
+    "conv3x3_bn_stats_backward_into",
+    fake=fake_backward_into,
+    implementations={
+        "reference": Backend(added_into_buffers(conv3x3_bn_stats_backward_reference)),
+        "cuda": Backend(added_into_buffers(conv3x3_bn_stats_backward_library), _library_backward_into_reasons),
+        "triton": Backend(_backward_into_triton, _triton_backward_into_reasons),
+    },
+    auto_order=FUSED_FIRST,
+    mutates_args=("d_bias_out", "d_affine_out", "d_weight_out"),
+)
+def _conv3x3_backward_into_op(
+    dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None, shift: Tensor | None, activation: str, padding: str,
+    stride: int, d_bias_out: Tensor | None, d_affine_out: Tensor | None, d_weight_out: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """As ``conv1x1_bn_stats_backward_into``: ``(dx, dW)``, the bias gradient Σ_p dy (the statistics' dtype) added
+    into ``d_bias_out`` (given wherever there is a bias)."""
+
+
+class _Conv3x3IntoBuffers(torch.autograd.Function):
+    """``conv3x3_bn_stats(statistics=False)`` whose backward adds the prologue's gradients and dW into the caller's
+    zeroed buffers (``conv1x1_bn_stats``'s ``_Conv1x1IntoBuffers``); a bias' gradient in a buffer of its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, activation, padding, stride, bias, prologue_grad, weight_grad):
+        ctx.conv_args, ctx.bias_dtype = (activation, padding, stride), None if bias is None else bias.dtype
+        ctx.bias_grad = dict(size=(weight.shape[0],), dtype=stats_dtype(x), device=x.device)  # (a zeroed buffer's)
+        forward_args = (activation, padding, stride, bias, False)
+        return into_buffers_forward(ctx, _conv3x3_op, forward_args, x, weight, scale, shift, prologue_grad,
+                                    weight_grad)  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, dy):
+        d_bias = None
+        if ctx.bias_dtype is not None:
+            d_bias = torch.zeros(**ctx.bias_grad)
+        grads = into_buffers_backward(ctx, _conv3x3_backward_into_op, (*ctx.conv_args, d_bias), dy)
+        return *grads, None, None, None, None if d_bias is None else d_bias.to(ctx.bias_dtype), None, None
+
+
 def _conv_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # None for an output without a gradient: zeros only where a kernel needs them
     x, weight, scale, shift, activation, padding, stride, bias = inputs[:8]  # (a trailing default may be left out)
@@ -339,10 +399,18 @@ _conv3x3_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 def conv3x3_bn_stats(
     x: Tensor, weight: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, activation: str = "identity",
     padding: str = "torch", *, stride: int, bias: Tensor | None = None, statistics: bool = True,
+    prologue_grad_buffer: Tensor | None = None, weight_grad_buffer: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """3×3 conv of ``act(scale·x + shift)`` (plus ``bias``) with BN statistics (see the module docstring);
-    ``statistics=False`` (a conv whose BN uses running statistics, or one without BN) takes none: ``(y, None)``."""
+    ``statistics=False`` (a conv whose BN uses running statistics, or one without BN) takes none: ``(y, None)``, and
+    may take ``prologue_grad_buffer`` and ``weight_grad_buffer`` as ``conv1x1_bn_stats`` does."""
     check_conv3x3_args(x, weight, scale, shift, activation, padding, stride, bias)
     check_statistics_flag(statistics)
+    if prologue_grad_buffer is not None or weight_grad_buffer is not None:
+        check_buffers_without_statistics(statistics)
+        check_grad_buffers(x, weight, scale, prologue_grad_buffer, weight_grad_buffer)
+        y = _Conv3x3IntoBuffers.apply(x, weight, scale, shift, activation, padding, stride, bias, prologue_grad_buffer,
+                                      weight_grad_buffer)  # fmt: skip
+        return y, None
     y, stats = _conv3x3_op(x, weight, scale, shift, activation, padding, stride, bias, statistics)
     return y, stats if statistics else None

@@ -30,8 +30,8 @@ from .bn_finalize import (
     check_bn_args,
     with_running_update,
 )
-from .checks import check_accumulator, describe, is_dense
-from .conv_common import fake_conv_grads
+from .checks import check_accumulator
+from .conv_common import check_weight_grad_buffer, fake_conv_grads
 from .op_spec import Backend
 
 
@@ -259,17 +259,7 @@ def checked_bn_args(x, weight, pixels_out: int, bn_weight, bn_bias, eps, running
     check_accumulator("counter_buffer", counter_buffer, (1,), torch.int32 if dtype == torch.float32 else torch.int64,
                       x.device)  # fmt: skip
     check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), dtype, x.device)
-    if weight_grad_buffer is not None:
-        if weight.dtype != torch.float32:
-            raise ValueError(f"weight_grad_buffer needs a float32 weight (dW accumulates in fp32), got {weight.dtype}")
-        buffer = weight_grad_buffer
-        fits = isinstance(buffer, Tensor) and buffer.dtype == torch.float32 and buffer.device == x.device
-        if not (fits and buffer.shape == weight.shape and buffer.stride() == weight.stride() and is_dense(weight)):
-            strides = buffer.stride() if isinstance(buffer, Tensor) else None
-            raise ValueError(
-                f"weight_grad_buffer must be a float32 tensor with the dense weight's shape {tuple(weight.shape)} and "
-                f"strides {weight.stride()} on {x.device}, got {describe(buffer)} with strides {strides}"
-            )
+    check_weight_grad_buffer(weight_grad_buffer, weight, x.device)
     momentum = 0.0 if running_mean is None else float(momentum)  # unused without running statistics
     return (pixels_out, float(eps), running_mean, running_var, num_batches_tracked, momentum, upsample_factor,
             process_group, stats_buffer, counter_buffer, prologue_grad_buffer, weight_grad_buffer)  # fmt: skip

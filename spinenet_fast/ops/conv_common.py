@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .activation import ACTIVATIONS, activation_forward, activation_grad, stats_dtype
 from .bn_finalize import STATS_DTYPE
-from .checks import describe
+from .checks import check_accumulator, describe, is_dense
 from .padding import PADDING_MODES
 
 CHANNELS_LAST = torch.channels_last
@@ -91,6 +91,89 @@ def accumulating(forward):
         return y
 
     return run
+
+
+def added_into_buffers(backward):
+    """A backend of a conv op's ``..._backward_into`` op (its statistics without a gradient; arguments dy, x, weight,
+    scale, shift, the conv's own, then ``d_affine_out``, ``d_weight_out``) from a backend of the op's backward
+    (``[dx, dW, (d_affine)]`` from dy, dΣ, dΣ², y, x, weight, scale, shift, the conv's own): the prologue's gradients
+    added into ``d_affine_out``, dW into ``d_weight_out`` where given (then returned as an empty stand-in);
+    ``(dx, dW)``."""
+
+    def run(dy, x, weight, scale, shift, *args):
+        *conv_args, d_affine_out, d_weight_out = args
+        dx, d_weight, *d_affine = backward(dy, None, None, dy, x, weight, scale, shift, *conv_args)  # y: not read
+        if d_affine:
+            d_affine_out.add_(d_affine[0])
+        if d_weight_out is not None:
+            d_weight_out.add_(d_weight)
+            d_weight = d_weight.new_empty(0)
+        return dx, d_weight
+
+    return run
+
+
+def fake_backward_into(dy, x: Tensor, weight: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """Meta outputs of a ``..._backward_into`` op: dx, and dW (an empty stand-in where ``d_weight_out``, the last
+    argument, holds it)."""
+    dx, d_weight = fake_conv_grads(x, weight, None)
+    return dx, d_weight if args[-1] is None else d_weight.new_empty(0)
+
+
+def check_grad_buffers(x: Tensor, weight: Tensor, scale: Tensor | None, prologue_grad_buffer,
+                       weight_grad_buffer) -> None:  # fmt: skip
+    """A conv op's gradient buffers (each None, or a caller's zeroed accumulator): ``prologue_grad_buffer`` a
+    contiguous (2, C_in) tensor of x's statistics dtype, for a conv with a prologue; ``weight_grad_buffer`` a float32
+    tensor laid out as the dense float32 weight. Raises ``ValueError`` naming the argument otherwise."""
+    if prologue_grad_buffer is not None and scale is None:
+        raise ValueError("prologue_grad_buffer needs a prologue (scale and shift): the conv has none to differentiate")
+    check_accumulator("prologue_grad_buffer", prologue_grad_buffer, (2, x.shape[1]), stats_dtype(x), x.device)
+    check_weight_grad_buffer(weight_grad_buffer, weight, x.device)
+
+
+def check_weight_grad_buffer(buffer, weight: Tensor, device: torch.device) -> None:
+    """``buffer`` (if given): a float32 tensor with the shape and strides of ``weight``, a dense float32 weight, on
+    ``device`` — where a conv op adds dW (fp32 accumulation). Raises ``ValueError`` naming it otherwise."""
+    if buffer is None:
+        return
+    if weight.dtype != torch.float32:
+        raise ValueError(f"weight_grad_buffer needs a float32 weight (dW accumulates in fp32), got {weight.dtype}")
+    fits = isinstance(buffer, Tensor) and buffer.dtype == torch.float32 and buffer.device == device
+    if not (fits and buffer.shape == weight.shape and buffer.stride() == weight.stride() and is_dense(weight)):
+        strides = buffer.stride() if isinstance(buffer, Tensor) else None
+        raise ValueError(
+            f"weight_grad_buffer must be a float32 tensor with the dense weight's shape {tuple(weight.shape)} and "
+            f"strides {weight.stride()} on {device}, got {describe(buffer)} with strides {strides}"
+        )
+
+
+def into_buffers_forward(ctx, forward_op, forward_args: tuple, x: Tensor, weight: Tensor, scale, shift,
+                         prologue_grad: Tensor | None, weight_grad: Tensor | None) -> Tensor:  # fmt: skip
+    """The body of the ``autograd.Function`` forward of a conv op without statistics whose backward adds into the
+    caller's zeroed buffers (``prologue_grad``: (2, C_in), ``weight_grad``: laid out as the fp32 weight; either None):
+    ``forward_op(x, weight, scale, shift, *forward_args)``'s y, what the backward needs saved on ``ctx``."""
+    y, _ = forward_op(x, weight, scale, shift, *forward_args)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, scale, shift)
+    ctx.prologue_grad = prologue_grad if scale is not None else None  # used once: a second backward allocates
+    ctx.weight_grad, ctx.y_shape = weight_grad, tuple(y.shape)
+    return y
+
+
+def into_buffers_backward(ctx, backward_op, backward_args: tuple, dy: Tensor | None) -> tuple:
+    """The matching backward: gradients of x, weight, scale, shift from ``backward_op(dy, x, weight, scale, shift,
+    *backward_args, d_affine_out, d_weight_out)`` (a ``..._backward_into`` op), the buffers the forward left on ``ctx``
+    taken (a prologue without one: a zeroed (2, C_in) allocated here)."""
+    x, weight, scale, shift = ctx.saved_tensors
+    prologue_grad, weight_grad = ctx.prologue_grad, ctx.weight_grad
+    ctx.prologue_grad = ctx.weight_grad = None
+    if scale is not None and prologue_grad is None:
+        prologue_grad = torch.zeros((2, x.shape[1]), dtype=stats_dtype(x), device=x.device)
+    if dy is None:
+        dy = torch.zeros(ctx.y_shape, dtype=x.dtype, device=x.device)
+    dx, d_weight = backward_op(dy, x, weight, scale, shift, *backward_args, prologue_grad, weight_grad)
+    d_affine = prologue_grad.unbind() if scale is not None else (None, None)
+    return dx, d_weight if weight_grad is None else weight_grad, *d_affine
 
 
 def fake_conv_outputs(x: Tensor, weight: Tensor, height: int, width: int, statistics: bool = True

@@ -3,6 +3,7 @@ all its norms' maps are computed once per forward (``SpineNet.model_running_affi
 outputs, and the gradients of an eval-mode model (frozen statistics, trainable γ and β) — whatever changes the
 running statistics between forwards."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -36,24 +37,36 @@ def test_eval_forward_takes_no_statistics_and_computes_the_affine_maps_once():
     assert sorted(op for op in seen.ops if op.startswith("_foreach")) == foreach
 
 
-def test_eval_mode_outputs_and_gradients_equal_eager_in_float64():
+@pytest.mark.parametrize(("family", "dtype", "rel"), [("49S", torch.float64, 1e-9), ("49S", torch.float32, 1e-5),
+                                                      ("mobile", torch.float32, 1e-5)])  # fmt: skip
+def test_eval_mode_outputs_and_gradients_equal_eager(family, dtype, rel):
     """An eval-mode model trained further (frozen running statistics, trainable γ, β: the affine maps' gradients):
-    outputs and every parameter's gradient as eager's."""
-    eager, fused = twins("49S", dtype=torch.float64)
+    outputs and every parameter's gradient as eager's — fp32 weights' gradients added into their modules'
+    workspaces (one fill per module), a second backward's into gradients of its own."""
+    if family == "mobile":
+        from .test_fused_spinenet_mobile import twins as mobile_twins
+
+        eager, fused = mobile_twins(dtype=dtype)
+    else:
+        eager, fused = twins(family, dtype=dtype)
     with_running_statistics(eager, fused)
-    images = torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    images = torch.randn(2, 3, 128, 128, dtype=dtype)
     results = []
     for model, backend in ((eager, "reference"), (fused, "reference")):
         model.eval().zero_grad()
         with use_backend(backend):
             out = model(images)
-            sum((feat * feat).mean() for feat in out.values()).backward()
-        results.append((out, {name: p.grad for name, p in model.named_parameters()}))
-    (want, want_grads), (got, got_grads) = results
+            sum((feat * feat).mean() for feat in out.values()).backward(retain_graph=True)
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            sum((feat * feat).mean() for feat in out.values()).backward()  # the workspaces are the first's
+        results.append((out, grads, {name: p.grad for name, p in model.named_parameters()}))
+    (want, want_grads, want_again), (got, got_grads, got_again) = results
     for name in want:
-        assert_close_scaled(got[name], want[name], name, rel=1e-9)
+        assert_close_scaled(got[name], want[name], name, rel=rel)
     for name, grad in want_grads.items():
-        assert_close_scaled(got_grads[name], grad, name, rel=1e-9)
+        assert_close_scaled(got_grads[name], grad, name, rel=rel)
+        assert_close_scaled(got_again[name], want_again[name], name, rel=rel)
     assert any(isinstance(m, nn.BatchNorm2d) and m.weight.grad.abs().sum() > 0 for m in fused.modules())
 
 

@@ -1,13 +1,15 @@
 """``statistics=False`` on the conv ops (``conv1x1_bn_stats``, ``conv3x3_bn_stats`` dense and depthwise): the conv of
 a BN that normalises with its running statistics (eval mode), or of a head's predictor, takes no statistics — no fill,
-no reductions — and returns the same y and gradients as with them, on every backend."""
+no reductions — and returns the same y and gradients as with them, on every backend; its backward neither reads y nor
+fills a gradient for the statistics, and adds dW and the prologue's gradients into a caller's zeroed buffers where
+given."""
 
 import pytest
 import torch
 
 from spinenet_fast.ops import conv1x1_bn_stats, conv3x3_bn_stats, use_backend
-from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_backward_op, _conv1x1_op
-from spinenet_fast.ops.conv3x3_bn_stats import _conv3x3_backward_op, _conv3x3_op
+from spinenet_fast.ops.conv1x1_bn_stats import _conv1x1_backward_into_op, _conv1x1_backward_op, _conv1x1_op
+from spinenet_fast.ops.conv3x3_bn_stats import _conv3x3_backward_into_op, _conv3x3_backward_op, _conv3x3_op
 
 from ..conftest import AtenOps, require_backend
 
@@ -121,3 +123,91 @@ def test_statistics_must_be_a_bool(flag):
         call("1x1", 1, inputs, statistics=flag)
     with pytest.raises(TypeError, match="statistics must be a bool"):
         call("3x3", 1, conv_inputs("3x3", c_in=5, c_out=6, size=(2, 2)), statistics=flag)
+
+
+def call_with_buffers(kind: str, stride: int, inputs, prologue_grad_buffer, weight_grad_buffer):
+    x, weight, scale, shift, bias = inputs
+    buffers = dict(prologue_grad_buffer=prologue_grad_buffer, weight_grad_buffer=weight_grad_buffer)
+    if kind == "1x1":
+        return conv1x1_bn_stats(x, weight, scale, shift, "swish", statistics=False, **buffers)
+    return conv3x3_bn_stats(x, weight, scale, shift, "swish", "tf_same", stride=stride, bias=bias, statistics=False,
+                            **buffers)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("kind", "stride"), CONVS)
+def test_gradient_buffers_take_the_weight_and_prologue_gradients(backend, kind, stride):
+    """With ``prologue_grad_buffer`` and ``weight_grad_buffer`` (zeroed slices of a module's one fill) the backward
+    adds [d_scale; d_shift] and dW into them — dW is the buffer itself, no copy — and gives the gradients it gives
+    without them; a second backward (the buffers used) computes its own."""
+    require_backend(backend)
+    inputs = conv_inputs(kind)
+    x, weight = inputs[:2]
+    leaves = [t for t in inputs if t is not None]
+    with use_backend(backend):
+        y, _ = call(kind, stride, inputs, statistics=False)
+        grad = torch.randn_like(y)
+        want = torch.autograd.grad(y, leaves, grad)
+        workspace = torch.full((2 * x.shape[1] + weight.numel() + 1,), float("nan"))
+        workspace[1:].zero_()  # the slices the op takes are zero; its neighbour is not (NaN: never touched)
+        prologue_grad = workspace[1 : 1 + 2 * x.shape[1]].view(2, -1)
+        weight_grad = workspace[1 + 2 * x.shape[1] :].view_as(weight)
+        y_buffered, stats = call_with_buffers(kind, stride, inputs, prologue_grad, weight_grad)
+        got = torch.autograd.grad(y_buffered, leaves, grad, retain_graph=True)
+        again = torch.autograd.grad(y_buffered, leaves, grad)
+    assert stats is None
+    torch.testing.assert_close(y_buffered, y, rtol=0, atol=0)
+    for a, b, c in zip(got, want, again):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-6)
+    assert got[1].data_ptr() == weight_grad.data_ptr() and again[1].data_ptr() != weight_grad.data_ptr()
+    torch.testing.assert_close(prologue_grad, torch.stack(want[2:4]), rtol=1e-6, atol=1e-6)
+    assert workspace[0].isnan()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("kind", "stride"), [("1x1", 1), ("3x3", 2), ("depthwise", 1)])
+def test_opcheck_backward_into_buffers(backend, kind, stride):
+    require_backend(backend)
+    x, weight, scale, shift, bias = (t.detach() if t is not None else None
+                                     for t in conv_inputs(kind, c_in=5, c_out=6, size=(4, 6)))  # fmt: skip
+    y = call(kind, stride, (x, weight, scale, shift, bias), statistics=False)[0]
+    dy, buffers = torch.randn_like(y), (torch.zeros(2, x.shape[1]), torch.zeros_like(weight))
+    with use_backend(backend):
+        if kind == "1x1":
+            torch.library.opcheck(_conv1x1_backward_into_op, (dy, x, weight, scale, shift, "relu", *buffers))
+        else:
+            d_bias = torch.zeros(weight.shape[0])
+            torch.library.opcheck(_conv3x3_backward_into_op, (dy, x, weight, scale, shift, "relu", "tf_same", stride,
+                                                              d_bias, *buffers))  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "stride"), [("1x1", 1), ("3x3", 2), ("depthwise", 1)])
+def test_gradcheck_float64_with_gradient_buffers(kind, stride):
+    inputs = conv_inputs(kind, torch.float64, c_in=3, c_out=4, size=(2, 4))
+    leaves = [t for t in inputs if t is not None]
+
+    def conv(*tensors):
+        tensors = (*tensors, None) if kind == "1x1" else tensors
+        prologue_grad = torch.zeros(2, tensors[0].shape[1], dtype=torch.float64)
+        return call_with_buffers(kind, stride, tensors, prologue_grad, None)[0]
+
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(conv, leaves)
+
+
+def test_gradient_buffers_bad_arguments():
+    x, weight, scale, shift, _ = conv_inputs("1x1", c_in=5, c_out=6, size=(4, 6))
+    prologue_grad, weight_grad = torch.zeros(2, 5), torch.zeros_like(weight)
+    with pytest.raises(ValueError, match="need statistics=False"):
+        conv1x1_bn_stats(x, weight, scale, shift, "relu", weight_grad_buffer=weight_grad)
+    with pytest.raises(ValueError, match="prologue_grad_buffer needs a prologue"):
+        conv1x1_bn_stats(x, weight, statistics=False, prologue_grad_buffer=prologue_grad)
+    with pytest.raises(ValueError, match=r"prologue_grad_buffer must be a contiguous float32 \(2, 5\)"):
+        conv1x1_bn_stats(x, weight, scale, shift, statistics=False, prologue_grad_buffer=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="weight_grad_buffer must be a float32 tensor with the dense weight's shape"):
+        conv1x1_bn_stats(x, weight, statistics=False, weight_grad_buffer=torch.zeros(6, 5, 1, 1, dtype=torch.float64))
+    x16 = x.detach().bfloat16()
+    with pytest.raises(ValueError, match="weight_grad_buffer needs a float32 weight"):
+        conv3x3_bn_stats(x16, torch.randn(6, 5, 3, 3, dtype=torch.bfloat16), stride=1, statistics=False,
+                         weight_grad_buffer=torch.zeros(6, 5, 3, 3))  # fmt: skip

@@ -420,6 +420,18 @@ def test_frozen_norms_training_step(tmp_path):
     assert launches["total"]["fused-auto backward"] <= 0.35 * launches["total"]["eager backward"]
 
 
+def test_frozen_norms_detector_head(tmp_path):
+    """``--frozen-norms --head``: the head's running-statistics maps, computed stacked for all its tower layers and
+    levels, are split into each layer's rows at once — their backward one concatenation per map, not a slice and an
+    add per layer (16 of each for RetinaNet's eight tower layers) — and the head's backward launches ≤ 3 per layer
+    (each layer's kernel and its one fill, the maps' few)."""
+    result = ledger(tmp_path, "--frozen-norms", "--head", "--size", "128", "--batch", "2")
+    head = result["ledgers"]["fused-auto"]["head"]["backward"]
+    assert "aten slice_backward" not in head and head.get("aten cat") == 2, head
+    layers = head["triton _conv3x3_levels_backward_kernel"]
+    assert sum(head.values()) <= 3 * layers, head
+
+
 def test_frozen_norms_is_a_training_step_setting(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as raised:
         ledger(tmp_path, "--frozen-norms", "--inference")

@@ -205,7 +205,9 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
         for k in range(len(tower.convs))
         for level in range(len(sizes))
     ]
-    scales, shifts = stacked_running_affines(stacked, stats_dtype) if stacked else (None, None)
+    rows_per_layer = len(sizes)
+    # each layer's (L, C) rows as one split per map: its backward is one concatenation, not a slice and an add per layer
+    maps = [m.split(rows_per_layer) for m in stacked_running_affines(stacked, stats_dtype)] if stacked else None
     for name, tower, predictor, values in towers:
         y, scale, shift = packed, None, None
         batch = tower not in running_towers  # (every tower here is "batch" or "running": ``levels_mode``)
@@ -229,8 +231,8 @@ def levels_forward(head, features: list[Tensor], towers) -> dict[str, Tensor]:
                 )  # fmt: skip
             else:  # this layer's rows of the stacked maps
                 y = conv3x3_levels(y, sizes, weight, conv.bias, scale, shift, act)
-                first = stacked.index(tower.norms[0][k])
-                scale, shift = scales[first : first + len(sizes)], shifts[first : first + len(sizes)]
+                layer = stacked.index(tower.norms[0][k]) // rows_per_layer
+                scale, shift = maps[0][layer], maps[1][layer]
         out = conv3x3_levels(y, sizes, gemm_weight(predictor.weight, y.dtype), predictor.bias, scale, shift,
                              head.activation)  # fmt: skip
         outputs[name] = out.view(out.shape[0], -1, values)

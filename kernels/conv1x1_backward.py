@@ -258,7 +258,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     c_out = weight.shape[0]
     pixels = n * h * w
     w2d = weight.reshape(c_out, c_in)
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
+    t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
     config = gemm_launch_config(x.dtype, _conv1x1_backward_kernel)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     dgrad_columns = triton.cdiv(c_in, block_n)
@@ -267,7 +267,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
     recompute_y = d_sum is not None and recomputes_y(c_in, config)  # y only serves the statistics' gradients
-    y = dy if recompute_y or d_sum is None else y  # never read: a stand-in
+    y = dy if recompute_y else t.y  # never read: a stand-in
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
         t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,
@@ -378,13 +378,13 @@ def conv1x1_bn_pair_backward(x, convs) -> list:
     launch_args, buffers, wgrad_programs = [], [], []
     for dy, d_sum, d_sumsq, y, weight, bn, d_weight in convs:
         c_out = weight.shape[0]
-        t = backward_buffers(d_sum, d_sumsq, x, weight, None, None, bn, None, d_weight)
+        t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, None, None, bn, None, d_weight)
         tiles = triton.cdiv(c_out, block_m) * columns
         chunks, per_program = wgrad_split(pixels, tiles, block_k)
         w2d = weight.reshape(c_out, c_in)
         gamma, mean, var, _, eps = t.bn_args
         programs = () if buffers else (tiles * chunks,)  # b's: the rest of the grid
-        y = dy if recompute_y else y  # never read: a stand-in
+        y = dy if recompute_y else t.y  # never read: a stand-in
         launch_args += [t.d_weight, *t.d_bn, dy, t.d_sum, t.d_sumsq, gamma, mean, var, eps, y, w2d, c_out, *programs,
                         chunks, per_program, *dy.stride(), *y.stride(), *w2d.stride()]  # fmt: skip
         buffers.append(t)

@@ -173,8 +173,7 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     c_out = weight.shape[0]
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight, input_grad)
-    y = dy if d_sum is None else y  # without the statistics' gradients y is not read: a stand-in
+    t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight, input_grad)
     config = gemm_launch_config(x.dtype, _conv3x3_backward_kernel)
     config["BLOCK_N"] = narrow_block(c_in, config["BLOCK_N"])  # the input channels' dimension of both GEMMs
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
@@ -186,9 +185,9 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     grid = (stride * stride * dgrad_tiles + taps * wgrad_tiles * chunks,)
     _conv3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,
-        t.d_sum, t.d_sumsq, *t.bn_args, y, x, weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out, w_out,
-        h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
-        *t.d_weight.stride(), *dy.stride(), *y.stride(), *x.stride(), *weight.stride(), KSIZE=weight.shape[-1],
+        t.d_sum, t.d_sumsq, *t.bn_args, t.y, x, weight, t.scale, t.shift, pixels, c_in, c_out, h, w, h_out * w_out,
+        w_out, h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
+        *t.d_weight.stride(), *dy.stride(), *t.y.stride(), *x.stride(), *weight.stride(), KSIZE=weight.shape[-1],
         STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
         HAS_BIAS=d_bias is not None, SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, DGRAD=input_grad,
         **config,

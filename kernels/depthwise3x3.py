@@ -215,17 +215,16 @@ def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shif
     n, c, h, w = x.shape
     h_out, w_out = h // stride, w // stride
     pixels = n * h_out * w_out  # output pixels, and input pixels per parity class
-    t = backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
-    y = dy if d_sum is None else y  # without the statistics' gradients y is not read: a stand-in
+    t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
     channel_blocks = triton.cdiv(c, BLOCK_C)
     dgrad_tiles = triton.cdiv(pixels, BLOCK_M) * channel_blocks
     chunks, per_program = wgrad_split(pixels, channel_blocks, BLOCK_M)
     grid = (stride * stride * dgrad_tiles + chunks * channel_blocks,)
     _depthwise3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,
-        t.d_sum, t.d_sumsq, *t.bn_args, y, x, weight, t.scale, t.shift, pixels, c, h, w, h_out * w_out, w_out, h_out,
+        t.d_sum, t.d_sumsq, *t.bn_args, t.y, x, weight, t.scale, t.shift, pixels, c, h, w, h_out * w_out, w_out, h_out,
         dgrad_tiles, channel_blocks, per_program, *t.dx.stride(), t.d_weight.stride(0), t.d_weight.stride(2),
-        t.d_weight.stride(3), *dy.stride(), *y.stride(), *x.stride(), weight.stride(0), weight.stride(2),
+        t.d_weight.stride(3), *dy.stride(), *t.y.stride(), *x.stride(), weight.stride(0), weight.stride(2),
         weight.stride(3), STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None,
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=d_bias is not None, FROM_AFFINE=bn is not None, BLOCK_M=BLOCK_M,
         BLOCK_C=BLOCK_C, num_warps=FP32_BACKWARD_WARPS if x.dtype == torch.float32 else NUM_WARPS,

@@ -88,9 +88,10 @@ def operand_dot(acc, a, b, FP32_DOT: tl.constexpr):
 
 @dataclass
 class BackwardBuffers:
-    """The tensors a conv op's backward launch takes besides dy, y, x and W (unused pointers stand in for absent ones,
+    """The tensors a conv op's backward launch takes besides dy, x and W (unused pointers stand in for absent ones,
     never dereferenced): see :func:`backward_buffers`."""
 
+    y: torch.Tensor  # the conv's output, or dy standing in where the statistics have no gradient (y not read)
     dx: torch.Tensor
     d_weight: torch.Tensor  # fp32, laid out as the weight, zeroed
     d_sum: torch.Tensor | None  # None: the statistics have no gradient
@@ -122,12 +123,12 @@ def wgrad_split(pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
     return triton.cdiv(pixels, per_program), per_program
 
 
-def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight,
+def backward_buffers(dy, y, d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight,
                      input_grad: bool = True) -> BackwardBuffers:  # fmt: skip
     """Allocate and prepare the buffers of a conv op's backward (no launch but the fills of d_affine and dW where the
     caller gives none). ``bn`` = (γ, mean, var, count, eps): y's statistics were finalised into that BN and
     ``d_sum``/``d_sumsq`` are the gradients of its scale and shift (both None: the statistics have no gradient, and
-    the kernels read neither them nor y); ``d_affine``: a zeroed fp32 (2, C_in) buffer for
+    the kernels read neither them nor y, and dy stands in for y); ``d_affine``: a zeroed fp32 (2, C_in) buffer for
     the prologue's gradients (then not returned), or None; ``d_weight``: a zeroed fp32 buffer of the weight's shape,
     dense, or None (then dense with the weight's layout); ``input_grad`` False: dx is an empty (0, 0, 0, 0) stand-in
     (no dgrad programs)."""
@@ -157,5 +158,6 @@ def backward_buffers(d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_we
     else:  # unused pointers
         stand_in = d_weight if d_sum is None else d_sum
         d_bn, bn_args = stand_in.new_empty((2, 1)), (stand_in, stand_in, stand_in, 1.0, 1.0)
-    return BackwardBuffers(dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, d_bn, bn_args, bn is not None,
-                           d_affine, returns_d_affine, returns_d_weight)  # fmt: skip
+    y = dy if d_sum is None else y
+    return BackwardBuffers(y, dx, d_weight, d_sum, d_sumsq, d_scale, d_shift, scale, shift, d_bn, bn_args,
+                           bn is not None, d_affine, returns_d_affine, returns_d_weight)  # fmt: skip

@@ -7,11 +7,21 @@
 2. Scalars: Triton < 3.7 turns a scalar into a Python int with ``int(array_of_shape_(1,))``, which numpy ≥ 2.4
    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so any kernel that loops over
    ``range(0, K, BLOCK)`` with a runtime ``K`` stops.
+3. Dropped overflow checks: the interpreter redoes every 32-bit integer add, sub and mul in int64 and compares it
+   with the int32 range for an assert that its options switch off (``debug`` is False), so the result is thrown away
+   — half the time of an index-heavy kernel such as the 3×3 conv. Without ``debug`` the check is no longer computed
+   (as compiled Triton emits none).
+4. Repeated patching: every call of a ``@triton.jit`` helper inside a kernel re-patches ``triton.language`` (a scan
+   of each of its modules' members), though the launch patched it already — a quarter of the time of a kernel that
+   calls helpers in its loops. Within a launch (Triton ≥ 3.3, whose launches restore their patch), a helper whose
+   language modules are patched already is not patched again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import numpy as np
 
@@ -65,6 +75,43 @@ def _install_scalar_index(interpreter, tl) -> None:
     interpreter._patch_lang = patched
 
 
+def _install_one_patch_per_launch(interpreter, tl) -> None:
+    patch_lang = interpreter._patch_lang
+    if getattr(patch_lang, "spinenet_fast_once", False):
+        return
+    launch_langs: list[set[int]] = []  # the language modules patched by the launch in progress (one at a time)
+
+    def langs(fn) -> set[int]:  # as the interpreter finds them, each time (a module's globals may grow)
+        return {id(v) for v in list(fn.__globals__.values()) if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    @functools.wraps(patch_lang)
+    def patch_once(fn):
+        if not launch_langs:  # a launch: patched until its scope is restored
+            scope = patch_lang(fn)
+            launch_langs.append(set(langs(fn)))
+            restore = scope.restore
+
+            def restore_and_end() -> None:
+                launch_langs.clear()
+                restore()
+
+            scope.restore = restore_and_end
+            return scope
+        if langs(fn) <= launch_langs[0]:  # a helper called inside the launch, its modules patched already
+            return interpreter._LangPatchScope()
+        launch_langs[0] |= langs(fn)  # as the interpreter does: the helper's patch stays (its scope is dropped)
+        return patch_lang(fn)
+
+    patch_once.spinenet_fast_once = True
+    interpreter._patch_lang = patch_once
+
+
+def _skip_dropped_overflow_checks(interpreter) -> None:
+    builder = interpreter.interpreter_builder
+    if not builder.options.debug and builder.options.sanitize_overflow:
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
 def install() -> None:
     """Patch the interpreter where it needs it."""
     import triton
@@ -75,3 +122,7 @@ def install() -> None:
         _install_rounding(interpreter, tl)
     if _version(triton) < (3, 7) and _version(np) >= (2, 4) and hasattr(interpreter, "_patch_lang"):
         _install_scalar_index(interpreter, tl)
+    if hasattr(interpreter, "_LangPatchScope") and hasattr(interpreter, "_patch_lang"):
+        _install_one_patch_per_launch(interpreter, tl)
+    if hasattr(interpreter, "interpreter_builder"):
+        _skip_dropped_overflow_checks(interpreter)

@@ -348,13 +348,14 @@ def compile_variant(module: str, name: str, signature, constexprs, attrs, option
 
 
 def largest_per_kernel_and_dtypes(variants: dict[str, Variant]) -> list[str]:
-    """The keys of one variant per (kernel, pointer dtypes): the one with the largest tiles, then the most pipeline
-    stages and warps — where register pressure, hence a spill, shows first."""
+    """The keys of one variant per kernel and set of pointer dtypes (bf16 activations with fp32 weights, say,
+    whichever pointers take which): the one with the largest tiles, then the most pipeline stages and warps — where
+    register pressure, hence a spill, shows first."""
     chosen: dict[tuple, tuple] = {}
     for key, v in variants.items():
         tiles = math.prod(value for name, value in v.constexprs.items() if name.startswith("BLOCK_"))
         rank = (tiles, v.num_stages, v.num_warps, len(v.label), v.label)
-        group = (v.kernel, tuple(v.pointer_dtypes))
+        group = (v.kernel, tuple(sorted(set(v.pointer_dtypes))))
         if group not in chosen or rank > chosen[group][0]:
             chosen[group] = (rank, key)
     return [key for _, key in chosen.values()]

@@ -32,7 +32,7 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
 
 @pytest.mark.heavy
 def test_the_largest_variant_of_each_kernel_and_dtype_compiles_for_sm90_without_spills(tmp_path):
-    """CI's check (~1 minute): per kernel and pointer dtypes, the variant with the largest tiles."""
+    """CI's check (~1 minute): per kernel and set of pointer dtypes, the variant with the largest tiles."""
     check_compile_report(tmp_path, ["--sample"])
 
 

@@ -16,6 +16,9 @@ from ..conftest import AtenOps, require_backend
 BACKENDS = ["reference", "triton", "cuda"]
 # (kind, stride): 37 input channels (a partial K tile), 70 output channels (a partial N tile) — 37 for depthwise
 CONVS = [("1x1", 1), ("3x3", 1), ("3x3", 2), ("depthwise", 1), ("depthwise", 2)]
+# per stride, x's odd-sized (H, W) — a partial pixel tile, 3 × 5 outputs either way (the interpreter runs a 3×3
+# backward's programs per tap: larger maps take tens of seconds)
+SIZES = {1: (3, 5), 2: (6, 10)}
 
 
 def conv_inputs(kind: str, dtype=torch.float32, c_in=37, c_out=70, size=(6, 10)):
@@ -41,7 +44,7 @@ def call(kind: str, stride: int, inputs, statistics: bool):
 @pytest.mark.parametrize(("kind", "stride"), CONVS)
 def test_same_output_and_gradients_without_statistics(backend, kind, stride):
     require_backend(backend)
-    inputs = conv_inputs(kind)
+    inputs = conv_inputs(kind, size=SIZES[stride])
     leaves = [t for t in inputs if t is not None]
     with use_backend(backend):
         with AtenOps() as launched:  # a fill or a reduction would show here
@@ -69,7 +72,8 @@ def test_backward_without_statistics_gradients_never_reads_y(backend, kind, stri
     require_backend(backend)
     if backend == "cuda" and kind == "depthwise":
         pytest.skip("the extension's depthwise backward folds the statistics' gradients always (zeros given here)")
-    x, weight, scale, shift, bias = (t.detach() if t is not None else None for t in conv_inputs(kind))
+    inputs = conv_inputs(kind, size=SIZES[stride])
+    x, weight, scale, shift, bias = (t.detach() if t is not None else None for t in inputs)
     with use_backend(backend):
         y, _ = call(kind, stride, (x, weight, scale, shift, bias), statistics=False)
         dy, nan_y = torch.randn_like(y), torch.full_like(y, float("nan"))
@@ -141,7 +145,7 @@ def test_gradient_buffers_take_the_weight_and_prologue_gradients(backend, kind, 
     adds [d_scale; d_shift] and dW into them — dW is the buffer itself, no copy — and gives the gradients it gives
     without them; a second backward (the buffers used) computes its own."""
     require_backend(backend)
-    inputs = conv_inputs(kind)
+    inputs = conv_inputs(kind, size=SIZES[stride])
     x, weight = inputs[:2]
     leaves = [t for t in inputs if t is not None]
     with use_backend(backend):

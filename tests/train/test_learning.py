@@ -47,6 +47,7 @@ def test_short_training_learns(tmp_path):
     assert stats["AP50"] >= AP50_FLOOR, stats
 
 
+@pytest.mark.slow  # ~3.5 minutes: a release check; CI trains and evaluates Mask R-CNN in test_references_loop.py
 def test_short_mask_rcnn_training_learns_masks(tmp_path):
     # the demo's model (SpineNet-Mobile) is a RetinaNet only: Mask R-CNN on the demo's earlier custom scaling
     stats, losses = _train(tmp_path, MASK_EPOCHS, "--task", "mask", "--model", "49XS-custom")

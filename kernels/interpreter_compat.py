@@ -13,8 +13,8 @@
    (as compiled Triton emits none).
 4. Repeated patching: every call of a ``@triton.jit`` helper inside a kernel re-patches ``triton.language`` (a scan
    of each of its modules' members), though the launch patched it already — a quarter of the time of a kernel that
-   calls helpers in its loops. Within a launch (Triton ≥ 3.3, whose launches restore their patch), a helper whose
-   language modules are patched already is not patched again.
+   calls helpers in its loops. Within a launch (where the interpreter restores each launch's patch: its
+   ``_LangPatchScope``, Triton 3.8 here), a helper whose language modules are patched already is not patched again.
 """
 
 from __future__ import annotations

@@ -434,7 +434,8 @@ SF_UNROLL
 // y[n, i, j, c] = b[c] + Σ_{kh, kw} W[c, 3·kh + kw]·a[n, s·i + kh − pad, s·j + kw − pad, c] with a = act(scale·x +
 // shift) rounded to the storage dtype (a = x without a prologue) and 0 outside the input (padding after the
 // prologue). x (N, H, W, C), y (N, OH, OW, C) = (N, H/s, W/s, C); the weight (C, 9) and bias rounded to the storage
-// dtype by the caller, held in the maths dtype. Backward: g = dy + dΣ + 2·y·dΣ² (the statistics' gradients folded).
+// dtype by the caller, held in the maths dtype. Backward: g = dy + dΣ + 2·y·dΣ² (the statistics' gradients folded;
+// g = dy where they are absent — d_sum null — and then y is not read).
 template <typename scalar_t, typename acc_t>
 struct DepthwiseArgs {
   const scalar_t* x;
@@ -442,9 +443,9 @@ struct DepthwiseArgs {
   const acc_t* bias;     // (C,) or nullptr
   const acc_t* scale;    // nullptr: no prologue
   const acc_t* shift;
-  scalar_t* y;           // forward output, backward input (as stored)
+  scalar_t* y;           // forward output, backward input (as stored; nullptr without the statistics' gradients)
   const scalar_t* dy;    // backward
-  const acc_t* d_sum;    // backward: dΣ, dΣ² (C,)
+  const acc_t* d_sum;    // backward: dΣ, dΣ² (C,), or nullptr (no statistics' gradients)
   const acc_t* d_sumsq;
   scalar_t* dx;          // backward output
   int64_t N, H, W, C, OH, OW;
@@ -469,6 +470,7 @@ SF_HOST_DEVICE acc_t depthwise_operand(const DepthwiseArgs<scalar_t, acc_t>& a, 
 template <typename scalar_t, typename acc_t>
 SF_HOST_DEVICE acc_t depthwise_output_grad(const DepthwiseArgs<scalar_t, acc_t>& a, int64_t pixel, int64_t c) {
   const int64_t at = pixel * a.C + c;
+  if (a.d_sum == nullptr) return static_cast<acc_t>(a.dy[at]);
   return static_cast<acc_t>(a.dy[at]) + a.d_sum[c] + acc_t(2) * static_cast<acc_t>(a.y[at]) * a.d_sumsq[c];
 }
 

@@ -204,7 +204,7 @@ DepthwiseArgs<scalar_t, acc_t> depthwise_args(const DepthwiseTensors& t) {
   a.x = t.x.const_data_ptr<scalar_t>();
   a.weight = t.weight.const_data_ptr<acc_t>();
   a.bias = vector(t.bias), a.scale = vector(t.scale), a.shift = vector(t.shift);
-  a.y = t.y.mutable_data_ptr<scalar_t>();
+  a.y = t.y.defined() ? t.y.mutable_data_ptr<scalar_t>() : nullptr;
   a.dy = t.dy.defined() ? t.dy.const_data_ptr<scalar_t>() : nullptr;
   a.d_sum = vector(t.d_sum), a.d_sumsq = vector(t.d_sumsq);
   a.dx = t.dx.defined() ? t.dx.mutable_data_ptr<scalar_t>() : nullptr;

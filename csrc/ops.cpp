@@ -314,8 +314,9 @@ std::tuple<at::Tensor, at::Tensor> ext_depthwise3x3(const at::Tensor& x, const a
   return {t.y, t.sums};
 }
 
-std::vector<at::Tensor> ext_depthwise3x3_backward(const at::Tensor& dy, const at::Tensor& d_sum,
-                                                  const at::Tensor& d_sumsq, const at::Tensor& y, const at::Tensor& x,
+std::vector<at::Tensor> ext_depthwise3x3_backward(const at::Tensor& dy, const std::optional<at::Tensor>& d_sum,
+                                                  const std::optional<at::Tensor>& d_sumsq,
+                                                  const std::optional<at::Tensor>& y, const at::Tensor& x,
                                                   const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                                                   const std::optional<at::Tensor>& shift, c10::string_view activation,
                                                   int64_t stride, int64_t pad,
@@ -323,11 +324,18 @@ std::vector<at::Tensor> ext_depthwise3x3_backward(const at::Tensor& dy, const at
   DepthwiseTensors t = prepare_depthwise(x, weight, std::nullopt, scale, shift, activation, stride, pad);
   const std::vector<int64_t> shape{x.size(0), x.size(1), x.size(2) / stride, x.size(3) / stride};
   check_like("dy", dy, x, shape);
-  check_like("y", y, x, shape);
   t.dy = contiguous_logged(dy, kNHWC);
-  t.y = contiguous_logged(y, kNHWC);
-  t.d_sum = channel_vector("d_sum", d_sum, x);
-  t.d_sumsq = channel_vector("d_sumsq", d_sumsq, x);
+  TORCH_CHECK_VALUE(d_sum.has_value() == d_sumsq.has_value(),
+                    "ext_depthwise3x3_backward: d_sum and d_sumsq must be given together (the statistics' gradients)"
+                    " or both be None, got ", d_sum.has_value() ? "d_sum" : "d_sumsq", " alone");
+  if (d_sum.has_value()) {  // without the statistics' gradients y is not read
+    TORCH_CHECK_VALUE(y.has_value(),
+                      "ext_depthwise3x3_backward: y is needed with the statistics' gradients, got None");
+    check_like("y", *y, x, shape);
+    t.y = contiguous_logged(*y, kNHWC);
+    t.d_sum = channel_vector("d_sum", *d_sum, x);
+    t.d_sumsq = channel_vector("d_sumsq", *d_sumsq, x);
+  }
   t.dx = at::empty_like(t.x, kNHWC);
   const auto options = x.options().dtype(stats_dtype(x));
   t.sums = sums_accumulator(prologue_sums_out, kNumPrologueSums, x.size(1), options);

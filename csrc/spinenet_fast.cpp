@@ -63,10 +63,10 @@ TORCH_LIBRARY(spinenet_fast, m) {
       "ext_depthwise3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, str activation,"
       " int stride, int pad, Tensor(a!)? stats_out=None) -> (Tensor, Tensor)");
   // [dx, (10, C) sums: Σ g·a per tap (rows 0-8) and Σ g (row 9, the bias), ([d_scale; d_shift])] for g = dy + d_sum
-  // + 2·y·d_sumsq; two launches (dgrad, wgrad); with `prologue_sums_out` (zeroed (2, C)) the prologue's sums are
-  // added into it and returned.
+  // + 2·y·d_sumsq (g = dy with d_sum, d_sumsq None: y not read, may be None); two launches (dgrad, wgrad); with
+  // `prologue_sums_out` (zeroed (2, C)) the prologue's sums are added into it and returned.
   m.def(
-      "ext_depthwise3x3_backward(Tensor dy, Tensor d_sum, Tensor d_sumsq, Tensor y, Tensor x, Tensor weight,"
+      "ext_depthwise3x3_backward(Tensor dy, Tensor? d_sum, Tensor? d_sumsq, Tensor? y, Tensor x, Tensor weight,"
       " Tensor? scale, Tensor? shift, str activation, int stride, int pad, Tensor(a!)? prologue_sums_out=None)"
       " -> Tensor[]");
   // num_pools chained 3×3/s2 max-pools of act(scale·y + shift) (of y without scale/shift), and with `with_route`

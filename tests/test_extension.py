@@ -151,3 +151,23 @@ def test_extension_depthwise_rejects_bad_input_and_handles_empty_batches():
     d_stats = stats.float()
     dx, sums = ops.ext_depthwise3x3_backward(y, d_stats[0], d_stats[1], y, empty, weight, None, None, "relu", 2, 1)
     assert dx.shape == empty.shape and sums.shape == (10, 4) and sums.abs().sum() == 0
+
+
+def test_extension_depthwise_backward_without_the_statistics_gradients():
+    """d_sum, d_sumsq None: g = dy, y not read (None) — the gradients of zero statistics' gradients, y ignored; one of
+    them alone, or y missing beside them, is refused."""
+    require_backend("cuda")
+    ops = torch.ops.spinenet_fast
+    x = torch.randn(2, 5, 6, 4).contiguous(memory_format=torch.channels_last)
+    weight, scale, shift = torch.randn(5, 9), torch.rand(5) + 0.5, torch.randn(5)
+    y, _ = ops.ext_depthwise3x3(x, weight, None, scale, shift, "swish", 2, 0)
+    dy, zeros = torch.randn_like(y), torch.zeros(5)
+    got = ops.ext_depthwise3x3_backward(dy, None, None, None, x, weight, scale, shift, "swish", 2, 0)
+    want = ops.ext_depthwise3x3_backward(dy, zeros, zeros, y, x, weight, scale, shift, "swish", 2, 0)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"d_sum and d_sumsq must be given together .* got d_sum alone"):
+        ops.ext_depthwise3x3_backward(dy, zeros, None, y, x, weight, scale, shift, "swish", 2, 0)
+    with pytest.raises(ValueError, match="y is needed with the statistics' gradients, got None"):
+        ops.ext_depthwise3x3_backward(dy, zeros, zeros, None, x, weight, scale, shift, "swish", 2, 0)

@@ -226,10 +226,8 @@ def conv3x3_bn_stats_backward_library(dy, d_sum, d_sumsq, y, x, weight, scale, s
         return conv3x3_bn_stats_backward_reference(dy, d_sum, d_sumsq, y, x, weight, scale, shift, activation, padding,
                                                    stride, d_bias_out, input_grad)  # fmt: skip
     dtype = stats_dtype(x)
-    if d_sum is None:  # the extension's kernels fold the statistics' gradients always
-        d_sum = d_sumsq = x.new_zeros(weight.shape[0], dtype=dtype)
     dx, sums, *d_affine = torch.ops.spinenet_fast.ext_depthwise3x3_backward(
-        dy, d_sum, d_sumsq, y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
+        dy, d_sum, d_sumsq, None if d_sum is None else y, x, rounded(weight, x, dtype).reshape(-1, 9), scale, shift,
         activation, stride, pad_before(weight, stride, padding),
     )  # fmt: skip
     if d_bias_out is not None:

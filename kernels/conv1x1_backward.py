@@ -264,7 +264,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     dgrad_columns = triton.cdiv(c_in, block_n)
     dgrad_programs = triton.cdiv(pixels, block_m) * dgrad_columns
     wgrad_columns = triton.cdiv(c_in, block_n)
-    chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k)
+    chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k, x.device)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
     recompute_y = d_sum is not None and recomputes_y(c_in, config)  # y only serves the statistics' gradients
     y = dy if recompute_y else t.y  # never read: a stand-in
@@ -380,7 +380,7 @@ def conv1x1_bn_pair_backward(x, convs) -> list:
         c_out = weight.shape[0]
         t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, None, None, bn, None, d_weight)
         tiles = triton.cdiv(c_out, block_m) * columns
-        chunks, per_program = wgrad_split(pixels, tiles, block_k)
+        chunks, per_program = wgrad_split(pixels, tiles, block_k, x.device)
         w2d = weight.reshape(c_out, c_in)
         gamma, mean, var, _, eps = t.bn_args
         programs = () if buffers else (tiles * chunks,)  # b's: the rest of the grid

@@ -181,7 +181,7 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     dgrad_columns = triton.cdiv(c_in, block_n)
     dgrad_tiles = triton.cdiv(pixels, block_m) * dgrad_columns if input_grad else 0
     wgrad_tiles = triton.cdiv(c_out, block_m) * triton.cdiv(c_in, block_n)
-    chunks, per_program = wgrad_split(pixels, taps * wgrad_tiles, block_k)
+    chunks, per_program = wgrad_split(pixels, taps * wgrad_tiles, block_k, x.device)
     grid = (stride * stride * dgrad_tiles + taps * wgrad_tiles * chunks,)
     _conv3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,

@@ -229,7 +229,7 @@ def conv3x3_levels_backward(dy, d_sum, d_sumsq, y, x, sizes, weight, scale, shif
     columns = triton.cdiv(c_in, block_n)  # input-channel blocks of a dgrad row and of a wgrad row
     wgrad_tiles = triton.cdiv(c_out, block_m) * columns
     pixels = [n * h * w for h, w in sizes]
-    _, per_program = wgrad_split(sum(pixels), 9 * wgrad_tiles, block_k)
+    _, per_program = wgrad_split(sum(pixels), 9 * wgrad_tiles, block_k, x.device)
     d_starts, d_end = segment_starts([triton.cdiv(p, block_m) * columns for p in pixels])
     g_starts, g_end = segment_starts([9 * wgrad_tiles * triton.cdiv(p, per_program) for p in pixels])
     unused = d_weight

@@ -218,7 +218,7 @@ def depthwise3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shif
     t = backward_buffers(dy, y, d_sum, d_sumsq, x, weight, scale, shift, bn, d_affine, d_weight)
     channel_blocks = triton.cdiv(c, BLOCK_C)
     dgrad_tiles = triton.cdiv(pixels, BLOCK_M) * channel_blocks
-    chunks, per_program = wgrad_split(pixels, channel_blocks, BLOCK_M)
+    chunks, per_program = wgrad_split(pixels, channel_blocks, BLOCK_M, x.device)
     grid = (stride * stride * dgrad_tiles + chunks * channel_blocks,)
     _depthwise3x3_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_weight if d_bias is None else d_bias, t.d_bn[0], t.d_bn[-1], dy,

@@ -7,6 +7,7 @@ atomically and dx = d_pre·scale. The launchers' buffers (:class:`BackwardBuffer
 pixels (:func:`wgrad_split`).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from .activation import activation_grad, apply_activation
 
-TARGET_PROGRAMS = 264  # wgrad: split the pixels until about two waves of an H200's 132 SMs are busy
+MODELLED_SMS = 132  # an H100's or H200's SMs: the wgrad split where the kernels run on no GPU (interpreter, ledger)
 
 
 @triton.jit
@@ -115,10 +116,22 @@ class BackwardBuffers:
         return grads + ([self.d_bn] if self.has_bn else [])
 
 
-def wgrad_split(pixels: int, tiles: int, block_k: int) -> tuple[int, int]:
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """The wgrad's program count to aim for: about two waves of the device's SMs (``MODELLED_SMS`` off a GPU)."""
+    if device.type != "cuda":
+        return 2 * MODELLED_SMS
+    return 2 * _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def wgrad_split(pixels: int, tiles: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """``(chunks, pixels per chunk)``: the wgrad's reduction over ``pixels`` split so that its ``tiles`` weight tiles
-    make about ``TARGET_PROGRAMS`` programs; chunks are whole ``block_k`` steps."""
-    chunks = max(1, min(triton.cdiv(pixels, block_k), TARGET_PROGRAMS // tiles))
+    make about :func:`target_programs` programs on ``device``; chunks are whole ``block_k`` steps."""
+    chunks = max(1, min(triton.cdiv(pixels, block_k), target_programs(device) // tiles))
     per_program = triton.cdiv(triton.cdiv(pixels, chunks), block_k) * block_k
     return triton.cdiv(pixels, per_program), per_program
 

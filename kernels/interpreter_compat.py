@@ -13,8 +13,8 @@
    (as compiled Triton emits none).
 4. Repeated patching: every call of a ``@triton.jit`` helper inside a kernel re-patches ``triton.language`` (a scan
    of each of its modules' members), though the launch patched it already — a quarter of the time of a kernel that
-   calls helpers in its loops. Within a launch (where the interpreter restores each launch's patch: its
-   ``_LangPatchScope``, Triton 3.8 here), a helper whose language modules are patched already is not patched again.
+   calls helpers in its loops. Within a launch, a helper whose language modules that launch has patched already is
+   not patched again.
 """
 
 from __future__ import annotations
@@ -76,33 +76,36 @@ def _install_scalar_index(interpreter, tl) -> None:
 
 
 def _install_one_patch_per_launch(interpreter, tl) -> None:
-    patch_lang = interpreter._patch_lang
+    patch_lang, executor = interpreter._patch_lang, interpreter.GridExecutor
     if getattr(patch_lang, "spinenet_fast_once", False):
         return
-    launch_langs: list[set[int]] = []  # the language modules patched by the launch in progress (one at a time)
+    patched: list[set[int]] = []  # per launch in progress (a stack): the language modules patched in it
+    empty_scope = getattr(interpreter, "_LangPatchScope", type(None))  # what a patch returns (None before 3.8)
 
     def langs(fn) -> set[int]:  # as the interpreter finds them, each time (a module's globals may grow)
         return {id(v) for v in list(fn.__globals__.values()) if inspect.ismodule(v) and v in (tl, tl.core)}
 
+    launch = executor.__call__
+
+    @functools.wraps(launch)
+    def tracked_launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
     @functools.wraps(patch_lang)
     def patch_once(fn):
-        if not launch_langs:  # a launch: patched until its scope is restored
-            scope = patch_lang(fn)
-            launch_langs.append(set(langs(fn)))
-            restore = scope.restore
-
-            def restore_and_end() -> None:
-                launch_langs.clear()
-                restore()
-
-            scope.restore = restore_and_end
-            return scope
-        if langs(fn) <= launch_langs[0]:  # a helper called inside the launch, its modules patched already
-            return interpreter._LangPatchScope()
-        launch_langs[0] |= langs(fn)  # as the interpreter does: the helper's patch stays (its scope is dropped)
+        if patched:
+            wanted = langs(fn)
+            if wanted and wanted <= patched[-1]:  # patched already in this launch (the interpreter never unpatches
+                return empty_scope()  # within one: a helper's patch stays, and the launch's is undone at its end)
+            patched[-1] |= wanted
         return patch_lang(fn)
 
     patch_once.spinenet_fast_once = True
+    executor.__call__ = tracked_launch
     interpreter._patch_lang = patch_once
 
 
@@ -122,7 +125,7 @@ def install() -> None:
         _install_rounding(interpreter, tl)
     if _version(triton) < (3, 7) and _version(np) >= (2, 4) and hasattr(interpreter, "_patch_lang"):
         _install_scalar_index(interpreter, tl)
-    if hasattr(interpreter, "_LangPatchScope") and hasattr(interpreter, "_patch_lang"):
+    if hasattr(interpreter, "_patch_lang") and hasattr(interpreter, "GridExecutor"):
         _install_one_patch_per_launch(interpreter, tl)
     if hasattr(interpreter, "interpreter_builder"):
         _skip_dropped_overflow_checks(interpreter)

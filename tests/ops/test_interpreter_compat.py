@@ -3,7 +3,6 @@ PyTorch do, in the bit conversion and in a kernel's store; a launch patches the 
 check is computed."""
 
 import numpy as np
-import pytest
 import torch
 import triton
 import triton.language as tl
@@ -65,8 +64,6 @@ def test_a_launch_patches_the_language_once_however_many_helper_calls(monkeypatc
     same for 2 and 6 helper calls, the results are right, and the launch's restore puts the language back."""
     from triton.runtime import interpreter
 
-    if not hasattr(interpreter, "_LangPatchScope"):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter never restores its patch: the fix is not installed")
     patched = []
     patch_builtin = interpreter._patch_builtin
     monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: patched.append(a[0]) or patch_builtin(*a))
@@ -81,7 +78,8 @@ def test_a_launch_patches_the_language_once_however_many_helper_calls(monkeypatc
         doubled = x * 2**calls
         torch.testing.assert_close(y, doubled + doubled.sum())
     assert counts[1] == counts[2] > 0
-    assert tl.load is load
+    if hasattr(interpreter, "_LangPatchScope"):  # Triton 3.8's launches undo their patch (3.2's never did)
+        assert tl.load is load
 
 
 @triton.jit

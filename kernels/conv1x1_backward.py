@@ -267,7 +267,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
     chunks, per_program = wgrad_split(pixels, triton.cdiv(c_out, block_m) * wgrad_columns, block_k, x.device)
     grid = (dgrad_programs + triton.cdiv(c_out, block_m) * wgrad_columns * chunks,)
     recompute_y = d_sum is not None and recomputes_y(c_in, config)  # y only serves the statistics' gradients
-    y = dy if recompute_y else t.y  # never read: a stand-in
+    y = dy if recompute_y else t.y  # dy: a stand-in where y is recomputed (t.y is dy where y is not needed)
     _conv1x1_backward_kernel[grid](
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
         t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,
@@ -384,7 +384,7 @@ def conv1x1_bn_pair_backward(x, convs) -> list:
         w2d = weight.reshape(c_out, c_in)
         gamma, mean, var, _, eps = t.bn_args
         programs = () if buffers else (tiles * chunks,)  # b's: the rest of the grid
-        y = dy if recompute_y else t.y  # never read: a stand-in
+        y = dy if recompute_y else t.y  # dy: a stand-in where y is recomputed
         launch_args += [t.d_weight, *t.d_bn, dy, t.d_sum, t.d_sumsq, gamma, mean, var, eps, y, w2d, c_out, *programs,
                         chunks, per_program, *dy.stride(), *y.stride(), *w2d.stride()]  # fmt: skip
         buffers.append(t)

@@ -61,7 +61,8 @@ def _helper_calls_kernel(x_ptr, y_ptr, CALLS: tl.constexpr, BLOCK: tl.constexpr)
 
 def test_a_launch_patches_the_language_once_however_many_helper_calls(monkeypatch):
     """Helpers called inside a launch do not re-patch ``triton.language`` (the launch did): the patching work is the
-    same for 2 and 6 helper calls, the results are right, and the launch's restore puts the language back."""
+    same for 2 and 6 helper calls, the results are right, and (Triton 3.8) the launch's restore puts the language
+    back."""
     from triton.runtime import interpreter
 
     patched = []

@@ -2,13 +2,13 @@
 of time for Hopper (sm_90, ``GPUTarget("cuda", 90, 32)``) on any machine, GPU or not.
 
 Variants are found, not listed. The drivers run the fused SpineNet and SpineNet-Mobile (every activation, padding
-and float dtype; training forward + backward, then inference) and every op over its declared argument space
-(prologue or not, activations, paddings, dtypes, parents, extra input) on CPU tensors, with ``JITFunction.run``
-replaced by a recorder: nothing runs, and Triton's own binder turns each launch's arguments into the signature,
-constexprs and specialisation (16-byte divisibility, ints equal to 1) that the same launch on a GPU would compile.
-Each distinct
-variant is compiled with ``triton.compile`` in a worker process; ptxas's own report gives registers, spills and
-the stack frame, the metadata the shared memory, the PTX whether ``wgmma`` (Hopper's tensor-core MMA) is used.
+and float dtype; training forward + backward, the same with frozen norms, then inference) and every op over its
+declared argument space (prologue or not, activations, paddings, dtypes, parents, extra input) on CPU tensors, with
+``JITFunction.run`` replaced by a recorder: nothing runs, and Triton's own binder turns each launch's arguments into
+the signature, constexprs and specialisation (16-byte divisibility, ints equal to 1) that the same launch on a GPU
+would compile. Each distinct variant is compiled with ``triton.compile`` in a worker process; ptxas's own report
+gives registers, spills and the stack frame, the metadata the shared memory, the PTX whether ``wgmma`` (Hopper's
+tensor-core MMA) is used.
 
 Writes ``DIR/compile_sm90.json`` and ``DIR/compile_sm90.md``. Exit status 1 on a compile error, a register
 spill, or a ``@triton.jit`` kernel in ``spinenet_fast.kernels`` that no driver launched (a new kernel needs a
@@ -153,15 +153,19 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 def drive_model(dtype: torch.dtype, activation: str, padding: str, mobile: bool = False) -> None:
     """The fused backbone (SpineNet's, or with ``mobile`` SpineNet-Mobile's: its connections' ``expand_merge`` with
-    a prologue on one parent only): a training step (forward + backward), then inference."""
+    a prologue on one parent only): a training step (forward + backward), one with frozen norms (``expand_merge_affine``
+    forward and backward), then inference."""
     from spinenet_fast.models import SpineNet, SpineNetMobile
+
+    from .ledger import training_mode
 
     build = SpineNetMobile if mobile else SpineNet
     model = build(DRIVER_MODEL, activation=activation, padding=padding, stochastic_depth_rate=0.0, fused=True)
     model = model.to(dtype=dtype, memory_format=torch.channels_last).train()
     x = _channels_last(torch.randn(2, 3, DRIVER_IMAGE_SIZE, DRIVER_IMAGE_SIZE, dtype=dtype))
-    outputs = model(x)
-    torch.autograd.backward([o for o in outputs.values()], [torch.ones_like(o) for o in outputs.values()])
+    for frozen_norms in (False, True):
+        outputs = training_mode(model, frozen_norms)(x)
+        torch.autograd.backward([o for o in outputs.values()], [torch.ones_like(o) for o in outputs.values()])
     with torch.no_grad():
         model.eval()(x)
 

@@ -26,7 +26,8 @@ from .gemm_config import gemm_launch_config
 from .maxpool_prologue import pooled_operand
 from .merge import reader_deltas, readers_grad
 
-from spinenet_fast.ops.expand_merge import Workspace, expand_inputs, pair, parent_scope, prologue_of  # isort: skip (the op's)
+from spinenet_fast.ops.expand_merge import Workspace, affine_norms, batch_norms, expand_inputs  # isort: skip (the op's)
+from spinenet_fast.ops.expand_merge import pair, parent_scope, prologue_of  # isort: skip
 from spinenet_fast.ops.padding import spatial_padding  # isort: skip
 
 
@@ -189,12 +190,16 @@ def _expand_merge_fwd_kernel(
 
 
 @triton.jit
-def _parent_sums(ws_ptr, dz, e, affine_ptr, eps, o, mask, C):
-    """Add this tile's t = Σdz and k = Σ dz·ê of one parent to its [k; t] rows (``ws_ptr``), ê from its e tile and
-    its BN [scale; shift; mean; var] at ``affine_ptr``; ``dz`` is 0 outside ``mask``."""
-    mean = tl.load(affine_ptr + 2 * C + o, mask=o < C, other=0.0)
-    inv_std = 1.0 / tl.sqrt(tl.load(affine_ptr + 3 * C + o, mask=o < C, other=1.0) + eps)
-    e_hat = tl.where(mask, (e - mean[None, :]) * inv_std[None, :], 0.0)
+def _parent_sums(ws_ptr, dz, e, stats_ptr, eps, o, mask, C, BATCH_STATS: tl.constexpr):
+    """Add this tile's t = Σdz and k = Σ dz·ê of one parent to its [k; t] rows (``ws_ptr``), ê from its e tile and,
+    with ``BATCH_STATS``, its BN's [mean; var] at ``stats_ptr`` (without: ê = e, the affine map's input); ``dz`` is 0
+    outside ``mask``."""
+    if BATCH_STATS:
+        mean = tl.load(stats_ptr + o, mask=o < C, other=0.0)
+        inv_std = 1.0 / tl.sqrt(tl.load(stats_ptr + C + o, mask=o < C, other=1.0) + eps)
+        e_hat = tl.where(mask, (e - mean[None, :]) * inv_std[None, :], 0.0)
+    else:
+        e_hat = tl.where(mask, e, 0.0)
     tl.atomic_add(ws_ptr + o, tl.sum(dz * e_hat, axis=0), mask=o < C)
     tl.atomic_add(ws_ptr + C + o, tl.sum(dz, axis=0), mask=o < C)
 
@@ -202,27 +207,29 @@ def _parent_sums(ws_ptr, dz, e, affine_ptr, eps, o, mask, C):
 @triton.jit
 def _expand_merge_k1_kernel(
     dz_ptr, sum0_ptr, sum1_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr,
-    sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, extra_ptr, P, C, HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w,
+    sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, st0_ptr, bs1_ptr, bb1_ptr, st1_ptr, extra_ptr, P, C,
+    HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w,
     sd_n, sd_c, sd_h, sd_w, ss0_n, ss0_c, ss0_h, ss0_w, ss1_n, ss1_c, ss1_h, ss1_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c,
     s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr,
     NUM_PARENTS: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr,
     ACT: tl.constexpr, NUM_GRADS: tl.constexpr, STORE_DZ: tl.constexpr, SUM0: tl.constexpr, SUM1: tl.constexpr,
-    GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, LOG_GROUP: tl.constexpr, BATCH_STATS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M output pixels, in :func:`_pixels`' order of ``GROUP``×``GROUP`` groups) × (BLOCK_N channels)
-    tile: z recomputed, dz = Σ grads·act'(z) (the gradient is the sum of ``NUM_GRADS`` tensors of one layout,
-    ``g*_delta`` elements after the first), stored where ``STORE_DZ``; parent i's block sums Σ_Ri×Ri dz stored at its
-    resolution where ``SUM<i>`` (an upsampled parent whose R² blocks the tile holds whole); and its share of each
-    parent's [k; t] added into the workspace's (P, 2, C) rows."""
+    tile: z recomputed (parent p's map (scale, shift) at ``bs<p>_ptr``, ``bb<p>_ptr``), dz = Σ grads·act'(z) (the
+    gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), stored where
+    ``STORE_DZ``; parent i's block sums Σ_Ri×Ri dz stored at its resolution where ``SUM<i>`` (an upsampled parent
+    whose R² blocks the tile holds whole); and its share of each parent's [k; t] added into the workspace's (P, 2, C)
+    rows (``_parent_sums``: with ``BATCH_STATS`` the BN's [mean; var] at ``st<p>_ptr``)."""
     first = tl.program_id(0) * BLOCK_M
     p = first + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (p < P)[:, None] & (o < C)[None, :]
     n, h, w = _pixels(p, HW, W_OUT, GROUP, LOG_GROUP)
     z, e0, e1 = _pre_activation(
-        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine_ptr, affine_ptr + C,
-        affine_ptr + 4 * C, affine_ptr + 5 * C, extra_ptr, n, h, w, p < P, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w,
+        h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, bs1_ptr, bb1_ptr,
+        extra_ptr, n, h, w, p < P, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w,
         s1_n, s1_c, s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0, R1, NUM_PARENTS, HAS_EXTRA,
         HAS_PROLOGUE0, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
@@ -232,12 +239,12 @@ def _expand_merge_k1_kernel(
     if STORE_DZ:
         tl.store(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + o[None, :] * sd_c, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
-    _parent_sums(ws_ptr, dz, e0, affine_ptr, eps0, o, mask, C)
+    _parent_sums(ws_ptr, dz, e0, st0_ptr, eps0, o, mask, C, BATCH_STATS)
     if SUM0:
         _store_block_sum(sum0_ptr, dz, first, P, HW, W_OUT, o, C, ss0_n, ss0_c, ss0_h, ss0_w, R0, GROUP, LOG_GROUP,
                          BLOCK_M, BLOCK_N)  # fmt: skip
     if NUM_PARENTS == 2:
-        _parent_sums(ws_ptr + 2 * C, dz, e1, affine_ptr + 4 * C, eps1, o, mask, C)
+        _parent_sums(ws_ptr + 2 * C, dz, e1, st1_ptr, eps1, o, mask, C, BATCH_STATS)
         if SUM1:
             _store_block_sum(sum1_ptr, dz, first, P, HW, W_OUT, o, C, ss1_n, ss1_c, ss1_h, ss1_w, R1, GROUP,
                              LOG_GROUP, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -245,10 +252,10 @@ def _expand_merge_k1_kernel(
 
 @triton.jit
 def _k2_tile(
-    pid_m, pid_j, dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, affine_ptr, gamma_ptr, sums_ptr,
+    pid_m, pid_j, dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, stats_ptr, gamma_ptr, sums_ptr,
     affine_grad_ptr, eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o,
-    sw_k, R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    sw_k, R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, BATCH_STATS: tl.constexpr, ACT: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Tile (pid_m, pid_j) of one parent's backward (see :func:`_expand_k2_kernel`)."""
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,19 +271,23 @@ def _k2_tile(
         o = o0 + tl.arange(0, BLOCK_K)
         o_mask = o < C
         mask = p_mask[:, None] & o_mask[None, :]
-        e = _expand_tile(h_ptr, w_ptr, sc_ptr, sh_ptr, rows, p_mask, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
-                         FP32_DOT, BLOCK_M, BLOCK_K, BLOCK_N)  # fmt: skip
         dz = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for child in range(R * R):
             child_rows = n * sz_n + (hp * R + child // R) * sz_h + (wp * R + child % R) * sz_w
             dz += tl.load(dz_ptr + child_rows[:, None] + o[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(affine_ptr + 2 * C + o, mask=o_mask, other=0.0)
-        inv_std = 1.0 / tl.sqrt(tl.load(affine_ptr + 3 * C + o, mask=o_mask, other=1.0) + eps)
-        gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32) * inv_std
+        gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32)
         k = tl.load(sums_ptr + o, mask=o_mask, other=0.0)
         t = tl.load(sums_ptr + C + o, mask=o_mask, other=0.0)
-        e_hat = (e - mean[None, :]) * inv_std[None, :]
-        de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
+        if BATCH_STATS:
+            e = _expand_tile(h_ptr, w_ptr, sc_ptr, sh_ptr, rows, p_mask, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
+                             FP32_DOT, BLOCK_M, BLOCK_K, BLOCK_N)  # fmt: skip
+            mean = tl.load(stats_ptr + o, mask=o_mask, other=0.0)
+            inv_std = 1.0 / tl.sqrt(tl.load(stats_ptr + C + o, mask=o_mask, other=1.0) + eps)
+            gain *= inv_std
+            e_hat = (e - mean[None, :]) * inv_std[None, :]
+            de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
+        else:
+            de = tl.where(mask, gain[None, :] * dz, 0.0)
         b = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & j_mask[None, :], other=0.0)
         de = de.to(dtype)
         acc = operand_dot(acc, de, b.to(dtype), FP32_DOT)
@@ -292,33 +303,36 @@ def _k2_tile(
 @triton.jit
 def _expand_k2_kernel(
     dz_ptr, P, C, HW, W_IMG, J0, J, sz_n, sz_c, sz_h, sz_w,
-    dh0_ptr, dw0_ptr, dbn0_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, affine0_ptr, gamma0_ptr, sums0_ptr, affine_grad0_ptr,
+    dh0_ptr, dw0_ptr, dbn0_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, stats0_ptr, gamma0_ptr, sums0_ptr, affine_grad0_ptr,
     eps0, K0, s0_n, s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k,
-    dh1_ptr, dw1_ptr, dbn1_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine1_ptr, gamma1_ptr, sums1_ptr, affine_grad1_ptr,
+    dh1_ptr, dw1_ptr, dbn1_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, stats1_ptr, gamma1_ptr, sums1_ptr, affine_grad1_ptr,
     eps1, K1, s1_n, s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k,
     R: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr,
-    ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BATCH_STATS: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The backward of one or two parents that read one gradient map dz at R× their resolution (dz at theirs, R = 1,
     for a connection's same-level and pooled parents together, or one upsampled parent's block sums; the output's dz
     for R > 1), one (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile per program: program i is pixel tile
     i // J and j-tile i % J of the J = J0 + J1 tiles of the parents' channels (parent 0's first), so the programs
-    reading a dz tile run together (J: every parent's tiles). Per block of BLOCK_K output channels o: ê recomputed
-    (``_expand_tile``), de = (γ/σ)(Σ_R×R dz − t/P − ê·k/P) (P: the BN's count), da[:, j] += de·W[o, j] and
-    dW[o, j] += deᵀa[:, j] (fp32 atomics into the zeroed ``dw*_ptr``). Then the prologue's backward: dh =
-    da·act'(scale·h + shift)·scale stored, Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad*_ptr``
-    (without a prologue dh = da). Each parent's tile (0, 0) stores its dγ = k, dβ = t (``dbn*_ptr``, (2, C))."""
+    reading a dz tile run together (J: every parent's tiles). Per block of BLOCK_K output channels o: with
+    ``BATCH_STATS`` ê recomputed (``_expand_tile``; the BN's [mean; var] at ``stats*_ptr``, γ at ``gamma*_ptr``) and
+    de = (γ/σ)(Σ_R×R dz − t/P − ê·k/P) (P: the BN's count); without (an affine map: its scale at ``gamma*_ptr``),
+    de = scale·Σ_R×R dz, nothing recomputed; then da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j] (fp32 atomics
+    into the zeroed ``dw*_ptr``). Then the prologue's backward: dh = da·act'(scale·h + shift)·scale stored,
+    Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad*_ptr`` (without a prologue dh = da). Each parent's
+    tile (0, 0) stores its k, t (``dbn*_ptr``, (2, C)): dγ, dβ of a BN, d_scale, d_shift of a map."""
     pid_m, pid_j = tl.program_id(0) // J, tl.program_id(0) % J
     if pid_j < J0:
-        _k2_tile(pid_m, pid_j, dh0_ptr, dw0_ptr, dbn0_ptr, dz_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, affine0_ptr,
+        _k2_tile(pid_m, pid_j, dh0_ptr, dw0_ptr, dbn0_ptr, dz_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, stats0_ptr,
                  gamma0_ptr, sums0_ptr, affine_grad0_ptr, eps0, P, C, K0, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s0_n,
-                 s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k, R, HAS_PROLOGUE0, ACT, FP32_DOT, BLOCK_M,
-                 BLOCK_N, BLOCK_K)  # fmt: skip
+                 s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k, R, HAS_PROLOGUE0, BATCH_STATS, ACT,
+                 FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     elif NUM_PARENTS == 2:
-        _k2_tile(pid_m, pid_j - J0, dh1_ptr, dw1_ptr, dbn1_ptr, dz_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, affine1_ptr,
+        _k2_tile(pid_m, pid_j - J0, dh1_ptr, dw1_ptr, dbn1_ptr, dz_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, stats1_ptr,
                  gamma1_ptr, sums1_ptr, affine_grad1_ptr, eps1, P, C, K1, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s1_n,
-                 s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k, R, HAS_PROLOGUE1, ACT, FP32_DOT, BLOCK_M,
-                 BLOCK_N, BLOCK_K)  # fmt: skip
+                 s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k, R, HAS_PROLOGUE1, BATCH_STATS, ACT,
+                 FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 # PTX .maxnreg of K1 and K2, stated (at most 8 warps: one program fits an SM's registers): left to its heuristic,
@@ -443,14 +457,15 @@ def _block_summed(ratios, block_m) -> list[bool]:
     return [ratio > 1 and ratio & (ratio - 1) == 0 and ratio**2 <= block_m for ratio in ratios]
 
 
-def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, bn, gamma, sums, affine_grads, eps):
-    """One parent's share of ``_expand_k2_kernel``'s arguments."""
+def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, norm, sums, affine_grads):
+    """One parent's share of ``_expand_k2_kernel``'s arguments (``norm``: its ``ExpandNorm``)."""
     w2d = weight.view(weight.shape[:2])
-    return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), bn, gamma, sums, affine_grads, eps,
-            h.shape[1], *h.stride(), *dh.stride(), *w2d.stride()]  # fmt: skip
+    stats = norm.stats if norm.stats is not None else norm.gain  # (never read without batch statistics)
+    return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), stats, norm.gain, sums, affine_grads,
+            norm.eps, h.shape[1], *h.stride(), *dh.stride(), *w2d.stride()]  # fmt: skip
 
 
-def _launch_k2(dz, ratio, parents: list[int], args: list[list], inputs, prologues, activation, config):
+def _launch_k2(dz, ratio, parents: list[int], args: list[list], inputs, prologues, activation, batch_stats, config):
     """One ``_expand_k2_kernel`` launch for ``parents`` (one or two indices, their ``_k2_parent_args`` in ``args``)
     reading ``dz`` at ``ratio``× their resolution."""
     h = inputs[parents[0]]
@@ -461,27 +476,58 @@ def _launch_k2(dz, ratio, parents: list[int], args: list[list], inputs, prologue
     _expand_k2_kernel[(triton.cdiv(count, config["BLOCK_M"]) * sum(tiles),)](
         dz, count, dz.shape[1], h.shape[2] * h.shape[3], h.shape[3], tiles[0], sum(tiles), *dz.stride(), *args[0],
         *second, R=ratio, NUM_PARENTS=len(parents), HAS_PROLOGUE0=flags[0], HAS_PROLOGUE1=flags[-1],
-        ACT=ACTIVATION_CODES[activation], **config,
+        BATCH_STATS=batch_stats, ACT=ACTIVATION_CODES[activation], **config,
     )  # fmt: skip
 
 
 def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases,
                           bn, eps, pools, padding, pooled, routes, workspace) -> list[torch.Tensor]:  # fmt: skip
-    """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``); an
-    fp32 weight's dW is left in its slice of the workspace (an empty stand-in returned). K1 stores dz where a
-    same-level or pooled parent, an unsummed upsampled parent or ``extra`` needs it, and each summed upsampled
-    parent's block sums (``_block_summed``); then one K2 launch covers the same-level and pooled parents (reading dz
-    once: the merge's launch) and one each upsampled parent (its block sums, or dz). A pooled parent's gradient goes
-    through ``bn_act_maxpool_backward`` (the extension's one-pass gather on a GPU), on the backend ``auto`` takes (it
-    has no Triton kernel)."""
+    """The op's backward on Triton: ``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` (see ``ops/expand_merge.py``;
+    :func:`_connection_backward`). A pooled parent's gradient then goes through ``bn_act_maxpool_backward`` (the
+    extension's one-pass gather on a GPU), on the backend ``auto`` takes (it has no Triton kernel)."""
     from spinenet_fast.ops import backends
     from spinenet_fast.ops.bn_act_maxpool import _maxpool_backward_into_op
 
+    ws = _workspace(workspace, weights, parents)
+    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
+    d_parents, d_weights, d_bns, d_extra = _connection_backward(
+        grads, inputs, prologues, weights, ratios, extra, activation, batch_norms(bn, bn_weights, eps), ws
+    )  # fmt: skip
+    for i, num_pools in enumerate(pools):
+        if num_pools:
+            with parent_scope(i), backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
+                d_parents[i] = _maxpool_backward_into_op(
+                    d_parents[i], parents[i], routes[i], scales[i], shifts[i], activation, num_pools, padding,
+                    ws.affine_grads[i],
+                )  # fmt: skip
+    return [*d_parents, *d_weights, *d_bns, *d_extra]
+
+
+def expand_merge_affine_backward(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_scales,
+                                 bn_shifts, workspace) -> list[torch.Tensor]:  # fmt: skip
+    """``expand_merge_affine``'s backward on Triton: ``[*dh_p, *dW_p, *[d_scale_p; d_shift_p], (d_extra)]`` (see
+    ``ops/expand_merge_affine.py``; :func:`_connection_backward`)."""
+    ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents], statistics=False)
+    prologues = [prologue_of(scales, shifts, i) for i in range(len(parents))]
+    d_parents, d_weights, d_bns, d_extra = _connection_backward(
+        grads, parents, prologues, weights, ratios, extra, activation, affine_norms(bn_scales, bn_shifts), ws
+    )  # fmt: skip
+    return [*d_parents, *d_weights, *d_bns, *d_extra]
+
+
+def _connection_backward(grads, inputs, prologues, weights, ratios, extra, activation, norms, ws) -> tuple:
+    """The backward of act(Σ_p upsample(norm_p(conv1x1(act(scale_p·h_p + shift_p), W_p)), ρ_p) + extra) from each
+    parent's expand input and prologue (``inputs``, ``prologues``) and its ``ExpandNorm`` (a BN with batch statistics
+    or a given affine map: all of one kind): ``(dh_p, dW_p, [k_p; t_p], [d_extra])`` — an fp32 weight's dW left in
+    its slice of the workspace ``ws`` (an empty stand-in returned). K1 stores dz where a same-level parent, an
+    unsummed upsampled parent or ``extra`` needs it, and each summed upsampled parent's block sums
+    (``_block_summed``); then one K2 launch covers the same-level parents (reading dz once: the merge's launch) and one
+    each upsampled parent (its block sums, or dz)."""
     grad = grads[0]
     deltas = reader_deltas(grads)
-    ws = _workspace(workspace, weights, parents)
-    h0, channels = parents[0], weights[0].shape[0]
+    h0, channels = inputs[0], weights[0].shape[0]
     n, _, height, width = grad.shape
+    batch_stats = norms[0].stats is not None
     config = gemm_launch_config(h0.dtype, _expand_merge_k1_kernel) | {"maxnreg": MAX_REGISTERS}
     summed = _block_summed(ratios, config["BLOCK_M"])
     group = max([r for r, s in zip(ratios, summed) if s], default=1)
@@ -492,17 +538,18 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
                     memory_format=torch.channels_last) if s else dz
         for r, s in zip(ratios, summed)
     ]  # fmt: skip
-    inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
     pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else dz
     sums_, sums_strides = pair(block_sums, dz), [*block_sums[0].stride(), *block_sums[-1].stride()]
+    maps = [(norm.scale, norm.shift, norm.stats if batch_stats else norm.scale) for norm in (norms[0], norms[-1])]
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_k1_kernel[grid](
-        dz, *sums_, grad, *deltas, ws.sums, eps[0], eps[-1], *pointers, bn, extra_, n * height * width, channels,
-        height * width, width, *ks, *grad.stride(), *dz.stride(), *sums_strides, *strides[0], *strides[1],
-        *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None, NUM_GRADS=len(grads),
-        STORE_DZ=store_dz, SUM0=summed[0], SUM1=summed[-1], GROUP=group, LOG_GROUP=group.bit_length() - 1,
-        **_constexprs(inputs, prologues, ratios, activation), **config,
+        dz, *sums_, grad, *deltas, ws.sums, norms[0].eps, norms[-1].eps, *pointers, *maps[0], *maps[1], extra_,
+        n * height * width, channels, height * width, width, *ks, *grad.stride(), *dz.stride(), *sums_strides,
+        *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None,
+        NUM_GRADS=len(grads), STORE_DZ=store_dz, SUM0=summed[0], SUM1=summed[-1], GROUP=group,
+        LOG_GROUP=group.bit_length() - 1, BATCH_STATS=batch_stats, **_constexprs(inputs, prologues, ratios, activation),
+        **config,
     )  # fmt: skip
     # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
     # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32). The register cap
@@ -512,27 +559,22 @@ def expand_merge_backward(grads, parents, scales, shifts, weights, ratios, extra
     if config["FP32_DOT"]:
         config["num_warps"] = 8
     d_parents = [torch.empty_like(h, memory_format=torch.channels_last) for h in inputs]
-    d_bns = [torch.empty((2, channels), dtype=bn_weights[i].dtype, device=h0.device) for i in range(len(inputs))]
+    d_bns = [torch.empty((2, channels), dtype=norm.gain.dtype, device=h0.device) for norm in norms]
     args = [
-        _k2_parent_args(d_parents[i], ws.weight_grads[i], d_bns[i], inputs[i], prologues[i], weights[i], bn[i],
-                        bn_weights[i], ws.sums[i], ws.affine_grads[i], eps[i])
+        _k2_parent_args(d_parents[i], ws.weight_grads[i], d_bns[i], inputs[i], prologues[i], weights[i], norms[i],
+                        ws.sums[i], ws.affine_grads[i])
         for i in range(len(inputs))
     ]  # fmt: skip
     level = [i for i, ratio in enumerate(ratios) if ratio == 1]
+    k2 = lambda *a: _launch_k2(*a, inputs, prologues, activation, batch_stats, config)  # noqa: E731
     if len(level) == 2:
-        _launch_k2(dz, 1, level, [args[i] for i in level], inputs, prologues, activation, config)
+        k2(dz, 1, level, [args[i] for i in level])
     for i, ratio in enumerate(ratios):
         with parent_scope(i):
             if ratio > 1:
-                source = block_sums[i] if summed[i] else dz
-                _launch_k2(source, 1 if summed[i] else ratio, [i], [args[i]], inputs, prologues, activation, config)
+                k2(block_sums[i] if summed[i] else dz, 1 if summed[i] else ratio, [i], [args[i]])
             elif len(level) == 1:
-                _launch_k2(dz, 1, [i], [args[i]], inputs, prologues, activation, config)
-            if pools[i]:
-                with backends.auto_where_unimplemented("bn_act_maxpool_backward_into"):
-                    d_parents[i] = _maxpool_backward_into_op(d_parents[i], parents[i], routes[i], scales[i],
-                                                             shifts[i], activation, pools[i], padding,
-                                                             ws.affine_grads[i])  # fmt: skip
+                k2(dz, 1, [i], [args[i]])
     d_weights = [d_w.new_empty(0) if weight.dtype == d_w.dtype else d_w.view(weight.shape).to(weight.dtype)
                  for d_w, weight in zip(ws.weight_grads, weights)]  # fmt: skip
-    return [*d_parents, *d_weights, *d_bns, *([dz] if extra is not None else [])]
+    return d_parents, d_weights, d_bns, [dz] if extra is not None else []

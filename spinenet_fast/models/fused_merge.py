@@ -15,9 +15,9 @@ their BNs (the max-pools before them) and the merge as one ``expand_merge`` afte
 the expand outputs are recomputed where they are needed instead of stored (``ops/expand_merge.py``).
 SpineNet-Mobile's connections likewise, their 1×1 convs as the expand convs: a same-level or upsampled parent
 enters the op raw (no prologue), a downsampling one as its last depthwise stride-2 conv's raw output with that BN +
-act as its prologue. In a forward without gradients whose expand BNs normalise with running statistics (eval mode,
-frozen norms), the expand convs, their affine maps and the merge are one ``expand_merge_affine`` likewise (a
-downsampling parent max-pooled first, ``bn_act_maxpool``).
+act as its prologue. Where the expand BNs normalise with running statistics (eval mode, frozen norms: inference, or
+training with frozen norms), the expand convs, their affine maps and the merge are one ``expand_merge_affine``
+likewise, forward and backward (a downsampling parent max-pooled first, ``bn_act_maxpool``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..ops import (
     conv3x3_bn,
     conv3x3_bn_stats,
     expand_merge,
-    expand_merge_affine,
+    expand_merge_affine_for_readers,
     merge_for_readers,
     pooled_conv1x1_bn,
 )
@@ -198,21 +198,23 @@ def expanding_layers(module) -> list[nn.Module] | None:
     return layers if len(updates) == 1 else None
 
 
-def affine_expanding_layers(module, feats: list[Tensor]) -> list[nn.Module] | None:
+def affine_expanding_layers(module) -> list[nn.Module] | None:
     """The expand conv + norm layer of each parent of a ``CrossScaleMerge`` or ``MobileMerge`` that runs as one
-    ``expand_merge_affine``: one or two parents, every expand norm normalising with its running statistics, and
-    nothing to differentiate (that op has no backward: gradients off, or no input or parameter requiring them);
-    else None."""
+    ``expand_merge_affine``: one or two parents, every expand norm normalising with its running statistics (eval
+    mode, frozen norms); else None."""
     if len(module.resamples) > 2:
         return None
     layers = [expand_layer(resample) for resample in module.resamples]
-    if any(uses_batch_statistics(layer.bn) for layer in layers):
-        return None
-    if torch.is_grad_enabled():
-        inputs = [feats[i] for i in (*module.parent_ids, *module.extra_ids)]
-        if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
-            return None
-    return layers
+    return None if any(uses_batch_statistics(layer.bn) for layer in layers) else layers
+
+
+def may_differentiate(module, feats: list[Tensor]) -> bool:
+    """Whether a backward may run through a merge module's forward: gradients on, and one of its inputs or
+    parameters requiring one."""
+    if not torch.is_grad_enabled():
+        return False
+    inputs = [feats[i] for i in (*module.parent_ids, *module.extra_ids)]
+    return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters())
 
 
 def expand_merge_size(layers: list[nn.Module], dtype: torch.dtype) -> int:
@@ -396,10 +398,13 @@ def fused_expand_input(resample, x: Tensor, activation: str, padding: str, works
 def pooled_expand_input(resample, x: Tensor, activation: str, padding: str, workspace: ConnectionWorkspace
                         ) -> tuple:  # fmt: skip
     """``fused_expand_input``, then a downsampling parent's max-pools (``bn_act_maxpool``: its BN + act applied, no
-    prologue left): a parent's input to ``expand_merge_affine``."""
+    prologue left; their affine gradients in the workspace where ``takes_grad_buffers``): a parent's input to
+    ``expand_merge_affine``."""
     h, scale, shift = fused_expand_input(resample, x, activation, padding, workspace)
-    pools = getattr(resample, "pools", None)
-    return (max_pooled(h, scale, shift, activation, len(pools), padding), None, None) if pools else (h, scale, shift)
+    if not getattr(resample, "pools", None):
+        return h, scale, shift
+    buffer = workspace.take(h.shape[1]) if takes_grad_buffers(resample.down.conv, resample.down.bn) else None
+    return max_pooled(h, scale, shift, activation, len(resample.pools), padding, buffer), None, None
 
 
 def max_pooled(y: Tensor, scale, shift, activation: str, num_pools: int, padding: str,
@@ -460,9 +465,9 @@ def fused_mobile_merge_forward(module, feats: list[Tensor], activation: str, pad
     layers = expanding_layers(module)
     if layers is not None:
         return expanded_parents(module, feats, activation, padding, 1, layers, affines)[0]
-    layers = affine_expanding_layers(module, feats)
+    layers = affine_expanding_layers(module)
     if layers is not None:
-        return affine_expanded_parents(module, feats, activation, padding, layers, affines)
+        return affine_expanded_parents(module, feats, activation, padding, 1, layers, affines)[0]
     return merge_resampled_parents(module, feats, activation, padding, 1, ConnectionWorkspace.for_mobile_merge,
                                    fused_mobile_resample, affines)[0]  # fmt: skip
 
@@ -480,9 +485,9 @@ def fused_merge_forward(module, feats: list[Tensor], activation: str, padding: s
     layers = expanding_layers(module)
     if layers is not None:
         return expanded_parents(module, feats, activation, padding, readers, layers, affines)
-    layers = affine_expanding_layers(module, feats)
+    layers = affine_expanding_layers(module)
     if layers is not None:
-        return (affine_expanded_parents(module, feats, activation, padding, layers, affines),) * readers
+        return affine_expanded_parents(module, feats, activation, padding, readers, layers, affines)
     return merge_resampled_parents(module, feats, activation, padding, readers, ConnectionWorkspace.for_merge,
                                    fused_resample, affines)  # fmt: skip
 
@@ -517,12 +522,21 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
     return extra
 
 
-def expand_input_sizes(module, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, bool]], list[int]]:
+def expand_input_sizes(module, dtype: torch.dtype, pools_apart: bool = False
+                       ) -> tuple[list[tuple[nn.Module, bool]], list[int]]:  # fmt: skip
     """The conv + BN layers before a connection's expand convs (``expand_input_layers``, every parent's in turn) and
-    the workspace slices (of ``dtype``) they take."""
-    layers = [layer for r in module.resamples for layer in expand_input_layers(r)]
-    layer_sizes = ConnectionWorkspace.layer_sizes
-    return layers, [size for layer, prologue in layers for size in layer_sizes(layer, prologue, dtype)]
+    the workspace slices (of ``dtype``) they take; with ``pools_apart`` after each downsampling parent's its
+    max-pools' (``pooled_expand_input``)."""
+    layers, sizes = [], []
+    for resample in module.resamples:
+        parent_layers = expand_input_layers(resample)
+        layers += parent_layers
+        sizes += [size for layer, prologue in parent_layers
+                  for size in ConnectionWorkspace.layer_sizes(layer, prologue, dtype)]  # fmt: skip
+        if pools_apart and getattr(resample, "pools", None) and takes_grad_buffers(resample.down.conv,
+                                                                                    resample.down.bn):  # fmt: skip
+            sizes.append(2 * resample.down.conv.out_channels)  # the max-pools' affine gradients
+    return layers, sizes
 
 
 def expand_inputs_of(module, feats: list[Tensor], dtype: torch.dtype, activation: str, padding: str,
@@ -565,21 +579,28 @@ def expanded_parents(module, feats: list[Tensor], activation: str, padding: str,
     )  # fmt: skip
 
 
-def affine_expanded_parents(module, feats: list[Tensor], activation: str, padding: str, layers: list[nn.Module],
-                            affines: RunningAffines | None = None) -> Tensor:  # fmt: skip
-    """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge_affine`` (``affine_expanding_layers``):
-    each parent's layers before its expand conv (``fused_expand_input``; a downsampling parent's max-pools after
-    them, ``bn_act_maxpool``), then the op with the expand norms' running-statistics maps."""
+def affine_expanded_parents(module, feats: list[Tensor], activation: str, padding: str, readers: int,
+                            layers: list[nn.Module], affines: RunningAffines | None = None
+                            ) -> tuple[Tensor, ...]:  # fmt: skip
+    """A ``CrossScaleMerge`` or ``MobileMerge`` that runs as one ``expand_merge_affine`` (``affine_expanding_layers``),
+    once per reader: each parent's layers before its expand conv (``fused_expand_input``; a downsampling parent's
+    max-pools after them, ``bn_act_maxpool``), then the op with the expand norms' running-statistics maps — where a
+    backward may run, one zeroed workspace for all of them (the op's accumulators its last slice)."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
-    input_layers, sizes = expand_input_sizes(module, stats_dtype)
+    input_layers, sizes = expand_input_sizes(module, stats_dtype, pools_apart=True)
     norms = [*(layer.bn for layer, _ in input_layers), *(layer.bn for layer in layers)]
-    workspace = ConnectionWorkspace(sizes, feats[module.parent_ids[0]].device, stats_dtype, norms, affines)
+    channels, squeezed = layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers]
+    op_size = workspace_size(channels, squeezed, stats_dtype, statistics=False)
+    backward = may_differentiate(module, feats)
+    workspace = ConnectionWorkspace(sizes + ([op_size] if backward else []), feats[module.parent_ids[0]].device,
+                                    stats_dtype, norms, affines)  # fmt: skip
     parents, scales, shifts = expand_inputs_of(module, feats, dtype, activation, padding, workspace,
                                                pooled_expand_input)  # fmt: skip
     maps = [workspace.running_affine(layer.bn) for layer in layers]
-    return expand_merge_affine(
+    return expand_merge_affine_for_readers(
         parents, scales, shifts, [gemm_weight(layer.conv.weight, dtype) for layer in layers],
         [resample.upsample_factor for resample in module.resamples], summed_extras(module, feats, dtype), activation,
-        bn_scales=[scale for scale, _ in maps], bn_shifts=[shift for _, shift in maps],
+        bn_scales=[scale for scale, _ in maps], bn_shifts=[shift for _, shift in maps], readers=readers,
+        workspace=workspace.take(op_size, rows=1).view(-1) if backward else None,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from .conv3x3_bn import conv3x3_bn, conv3x3_bn_backward_reference
 from .conv3x3_bn_stats import conv3x3_bn_stats, conv3x3_bn_stats_reference
 from .conv3x3_levels import conv3x3_bn_levels, conv3x3_levels, level_views, pack_levels
 from .expand_merge import expand_merge, expand_merge_reference
-from .expand_merge_affine import expand_merge_affine, expand_merge_affine_reference
+from .expand_merge_affine import expand_merge_affine, expand_merge_affine_for_readers, expand_merge_affine_reference
 from .match_anchors import match_anchors, match_anchors_reference
 from .merge import merge, merge_backward_reference, merge_for_readers, merge_reference
 from .pooled_conv1x1_bn import pooled_conv1x1_bn
@@ -35,6 +35,7 @@ __all__ = [
     "conv3x3_levels",
     "expand_merge",
     "expand_merge_affine",
+    "expand_merge_affine_for_readers",
     "expand_merge_affine_reference",
     "expand_merge_reference",
     "level_views",

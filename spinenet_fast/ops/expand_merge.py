@@ -35,6 +35,7 @@ The accumulators live in one zeroed fp32 workspace per call, the float64 statist
 """
 
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,29 +67,56 @@ def parent_scope(index: int):
 
 class Workspace:
     """The slices of an ``expand_merge`` call's zeroed workspace (the maths dtype), in order: [k_p; t_p] (P, 2, C);
-    then per parent its float64 statistics [Σe; Σe²] (2, C) (``take_stats``), the finalize's counter (one element),
-    the prologue's [d_scale; d_shift] (2, C_h) and dW (C, C_h)."""
+    then per parent (with ``statistics``: its float64 statistics [Σe; Σe²] (2, C) (``take_stats``) and the
+    finalize's counter (one element)), the prologue's [d_scale; d_shift] (2, C_h) and dW (C, C_h). Without
+    ``statistics``: ``expand_merge_affine``'s (its maps are given)."""
 
-    def __init__(self, buffer: Tensor, channels: int, squeezed: list[int]) -> None:
+    def __init__(self, buffer: Tensor, channels: int, squeezed: list[int], statistics: bool = True) -> None:
         parents = len(squeezed)
         offset = 2 * parents * channels
         self.sums = buffer[:offset].view(parents, 2, channels)
         self.stats, self.counters, self.affine_grads, self.weight_grads = [], [], [], []
         for c_h in squeezed:
-            stats, offset = take_stats(buffer, offset, channels)
-            self.stats.append(stats)
-            for target, shape in ((self.counters, (1,)), (self.affine_grads, (2, c_h)),
-                                  (self.weight_grads, (channels, c_h))):  # fmt: skip
-                size = shape[0] * (shape[1] if len(shape) > 1 else 1)
-                target.append(buffer[offset : offset + size].view(shape))
-                offset += size
+            if statistics:
+                stats, offset = take_stats(buffer, offset, channels)
+                self.stats.append(stats)
+                self.counters.append(buffer[offset : offset + 1])
+                offset += 1
+            self.affine_grads.append(buffer[offset : offset + 2 * c_h].view(2, c_h))
+            offset += 2 * c_h
+            self.weight_grads.append(buffer[offset : offset + channels * c_h].view(channels, c_h))
+            offset += channels * c_h
         self.counters = [c.view(torch.int32 if buffer.element_size() == 4 else torch.int64) for c in self.counters]
 
 
-def workspace_size(channels: int, squeezed: list[int], dtype: torch.dtype) -> int:
-    """Elements of the zeroed ``dtype`` workspace of an ``expand_merge`` of ``channels`` output channels whose parents
-    have ``squeezed`` channels (:class:`Workspace`)."""
-    return sum(2 * channels + stats_slots(channels, dtype) + 1 + 2 * c + channels * c for c in squeezed)
+def workspace_size(channels: int, squeezed: list[int], dtype: torch.dtype, statistics: bool = True) -> int:
+    """Elements of the zeroed ``dtype`` workspace of an ``expand_merge`` (without ``statistics``: an
+    ``expand_merge_affine``) of ``channels`` output channels whose parents have ``squeezed`` channels
+    (:class:`Workspace`)."""
+    per_parent = stats_slots(channels, dtype) + 1 if statistics else 0
+    return sum(2 * channels + per_parent + 2 * c + channels * c for c in squeezed)
+
+
+class ExpandNorm(NamedTuple):
+    """One parent's expand norm as the backward takes it: z's term scale·e + shift ((C,) each, the maths dtype);
+    a BN with batch statistics (``expand_merge``) also its [mean; var] (2, C) ``stats``, ``eps`` and γ (``gain``); a
+    given affine map (``expand_merge_affine``) no ``stats``, its ``gain`` the scale."""
+
+    scale: Tensor
+    shift: Tensor
+    gain: Tensor
+    stats: Tensor | None = None
+    eps: float = 0.0
+
+
+def batch_norms(bn: Tensor, bn_weights: list[Tensor], eps: list[float]) -> list[ExpandNorm]:
+    """Each parent's BN from the forward's (P, 4, C) [scale; shift; mean; var] (views), γ and eps."""
+    return [ExpandNorm(b[0], b[1], weight, b[2:], e) for b, weight, e in zip(bn, bn_weights, eps)]
+
+
+def affine_norms(scales: list[Tensor], shifts: list[Tensor]) -> list[ExpandNorm]:
+    """Each parent's given affine map (scale, shift)."""
+    return [ExpandNorm(scale, shift, scale) for scale, shift in zip(scales, shifts)]
 
 
 def check_expand_merge_args(parents, scales, shifts, weights, ratios, extra, activation, bn_weights, bn_biases, eps,
@@ -290,21 +318,43 @@ def merged_reference(terms: list[Tensor], ratios: list[int], extra: Tensor | Non
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,
                                     bn_biases, bn, eps, pools, padding, pooled, routes, workspace, *,
                                     pool_backend: str = "reference") -> list[Tensor]:  # fmt: skip
-    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring);
-    each prologue's [d_scale; d_shift] added into the workspace, and dW_p too where the weight has the workspace's
-    dtype (an empty stand-in returned). ``pooled``, ``routes``: the forward's; the max-pools' backward is
-    ``pool_backend``'s ``bn_act_maxpool_backward``."""
-    x0 = parents[0]
-    dtype = stats_dtype(x0)
+    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring;
+    :func:`connection_backward_reference`); each prologue's [d_scale; d_shift] added into the workspace, and dW_p too
+    where the weight has the workspace's dtype (an empty stand-in returned). ``pooled``, ``routes``: the forward's;
+    the max-pools' backward is ``pool_backend``'s ``bn_act_maxpool_backward``."""
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
+    d_parents, d_weights, d_bns, d_extra = connection_backward_reference(
+        grads, inputs, prologues, weights, ratios, extra, activation, batch_norms(bn, bn_weights, eps), ws
+    )  # fmt: skip
+    for i, num_pools in enumerate(pools):
+        if num_pools:
+            with parent_scope(i):
+                pool_backward = backends.implementation("bn_act_maxpool_backward", pool_backend)
+                d_parents[i], d_affine = pool_backward(d_parents[i], parents[i], routes[i], scales[i], shifts[i],
+                                                       activation, num_pools, padding)  # fmt: skip
+                ws.affine_grads[i].add_(d_affine)
+    return [*d_parents, *d_weights, *d_bns, *d_extra]
+
+
+def connection_backward_reference(grads, inputs, prologues, weights, ratios, extra, activation,
+                                  norms: list[ExpandNorm], ws: Workspace) -> tuple:  # fmt: skip
+    """The backward of act(Σ_p upsample(norm_p(conv1x1(act(scale_p·h_p + shift_p), W_p)), ρ_p) + extra) in plain
+    PyTorch (the maths dtype), as the kernels compute it, from each parent's expand input and prologue and its
+    ``ExpandNorm`` (a BN with batch statistics, or a given affine map): ``(dh_p, dW_p, [k_p; t_p], [d_extra])``
+    (k = Σ dz·ê, t = Σ dz: dγ, dβ of a BN, d_scale, d_shift of a map) — the prologues' [d_scale; d_shift] added into
+    ``ws``, and dW_p too where the weight has the workspace's dtype (an empty stand-in returned)."""
+    x0 = inputs[0]
+    dtype = stats_dtype(x0)
     activations = [prologue_forward(h, *prologue, activation) for h, prologue in zip(inputs, prologues)]
     pre, normalised = 0, []
-    for i, (a, h, weight, ratio) in enumerate(zip(activations, inputs, weights, ratios)):
-        mean, var = bn[i, 2:].to(dtype)
-        e_hat = (_expand(a, weight, h) - _vec(mean)) * _vec(torch.rsqrt(var + eps[i]))  # the parent's resolution
-        pre = pre + _upsample(e_hat * _vec(bn_weights[i].to(dtype)) + _vec(bn_biases[i].to(dtype)), ratio)
-        normalised.append(e_hat)
+    for a, h, weight, ratio, norm in zip(activations, inputs, weights, ratios, norms):
+        e = _expand(a, weight, h)  # the parent's resolution
+        pre = pre + _upsample(e * _vec(norm.scale.to(dtype)) + _vec(norm.shift.to(dtype)), ratio)
+        if norm.stats is not None:
+            mean, var = norm.stats.to(dtype)
+            e = (e - _vec(mean)) * _vec(torch.rsqrt(var + norm.eps))
+        normalised.append(e)
     if extra is not None:
         pre = pre + extra.to(dtype)
     dz = sum(g.to(dtype) for g in grads) * activation_grad(pre, activation)
@@ -312,27 +362,20 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
     t = dz.sum((0, 2, 3))
     d_parents, d_weights, d_bns = [], [], []
     for i, (a, h, weight, ratio, e_hat) in enumerate(zip(activations, inputs, weights, ratios, normalised)):
-        dh, d_w, d_bn = _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologues[i], activation, bn_weights[i],
-                                         bn[i], eps[i], ws)  # fmt: skip
-        if pools[i]:
-            with parent_scope(i):
-                pool_backward = backends.implementation("bn_act_maxpool_backward", pool_backend)
-                dh, d_affine = pool_backward(dh, parents[i], routes[i], scales[i], shifts[i], activation, pools[i],
-                                             padding)  # fmt: skip
-                ws.affine_grads[i].add_(d_affine)
+        dh, d_w, d_bn = _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologues[i], activation, norms[i], ws)
         d_parents.append(dh)
-        if weight.dtype == workspace.dtype:  # left in the workspace, as the kernels leave it
+        if weight.dtype == ws.sums.dtype:  # left in the workspace, as the kernels leave it
             ws.weight_grads[i].add_(d_w)
             d_weights.append(d_w.new_empty(0))
         else:
             d_weights.append(d_w.reshape(weight.shape).to(weight.dtype))
         d_bns.append(d_bn)
     d_extra = [dz.to(x0.dtype).contiguous(memory_format=CHANNELS_LAST)] if extra is not None else []
-    return [*d_parents, *d_weights, *d_bns, *d_extra]
+    return d_parents, d_weights, d_bns, d_extra
 
 
-def _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologue, activation, bn_weight, bn, eps, ws):
-    """One parent's ``(dh, dW (C, C_h), [dγ; dβ])`` (K2's work, inside its profiler range); the prologue's gradients
+def _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologue, activation, norm: ExpandNorm, ws):
+    """One parent's ``(dh, dW (C, C_h), [k; t])`` (K2's work, inside its profiler range); the prologue's gradients
     added into the workspace."""
     with parent_scope(i):
         dtype = dz.dtype
@@ -340,14 +383,17 @@ def _parent_backward(i, dz, t, a, h, weight, ratio, e_hat, prologue, activation,
         k = (dz_parent * e_hat).sum((0, 2, 3))
         if ratio > 1:  # K1 stores the block sums in the storage dtype (as eager's upsampling backward rounds them)
             dz_parent = dz_parent.to(h.dtype).to(dtype)
-        count = h.shape[0] * h.shape[2] * h.shape[3]
-        gain = bn_weight.to(dtype) * torch.rsqrt(bn[3].to(dtype) + eps)
-        d_e = _vec(gain) * (dz_parent - _vec(t / count) - e_hat * _vec(k / count))
+        if norm.stats is not None:  # BN's backward; the cancellation where eager's has it
+            count = h.shape[0] * h.shape[2] * h.shape[3]
+            gain = norm.gain.to(dtype) * torch.rsqrt(norm.stats[1].to(dtype) + norm.eps)
+            d_e = _vec(gain) * (dz_parent - _vec(t / count) - e_hat * _vec(k / count))
+        else:
+            d_e = _vec(norm.gain.to(dtype)) * dz_parent
         w2d = weight.to(h.dtype).to(dtype).view(weight.shape[:2])
         dh, *d_affine = prologue_backward(F.conv2d(d_e, w2d.t()[:, :, None, None]), h, *prologue, activation)
         if d_affine:
             ws.affine_grads[i].add_(torch.stack(d_affine))
-        return dh, torch.einsum("nohw,nkhw->ok", d_e, a), torch.stack([k, t]).to(bn_weight.dtype)
+        return dh, torch.einsum("nohw,nkhw->ok", d_e, a), torch.stack([k, t]).to(norm.gain.dtype)
 
 
 def _triton_reasons(parents, scales, shifts, weights, *args) -> list[str]:
@@ -480,27 +526,54 @@ def _backward_op(
     the workspace's dtype (an empty stand-in returned)."""
 
 
+def input_sizes(num_parents: int, has_prologue: bool) -> list[int]:
+    """The lengths of a connection Function's flattened differentiable inputs, in order: parents, scales, shifts,
+    weights, and the norms' two vectors (γ, β; a map's scale, shift); the extra input follows where given."""
+    prologues = num_parents * has_prologue
+    return [num_parents, prologues, prologues, num_parents, num_parents, num_parents]
+
+
+def split_inputs(tensors, sizes: list[int]) -> tuple[list[list[Tensor]], Tensor | None]:
+    """Flattened inputs cut into lists of ``sizes`` (:func:`input_sizes`), and the extra input (None without)."""
+    parts, rest = [], list(tensors)
+    for size in sizes:
+        parts.append(rest[:size])
+        rest = rest[size:]
+    return parts, (rest[0] if rest else None)
+
+
+def input_gradients(outputs, ws: Workspace, weights: list[Tensor], scales: list[Tensor], has_extra: bool) -> tuple:
+    """A connection Function's input gradients in its flattened order from its backward op's padded outputs
+    (``_padded``) and workspace ``ws``: dh_p; the prologues' d_scale_p, d_shift_p (the workspace's; None for a parent
+    without one); dW_p (the workspace's where the op left it there); each norm's first and second vector's (k_p, t_p);
+    the extra input's."""
+    k = len(weights)
+    d_parents, d_weights, d_norms = outputs[0:k], outputs[2 : 2 + k], outputs[4 : 4 + k]
+    d_weights = [g.view(w.shape) if d.numel() == 0 else d for g, w, d in zip(ws.weight_grads, weights, d_weights)]
+    present = [scale.numel() > 0 for scale in scales]  # a parent without a prologue: empty stand-ins
+    d_scales = [g[0] if p else None for g, p in zip(ws.affine_grads, present)]
+    d_shifts = [g[1] if p else None for g, p in zip(ws.affine_grads, present)]
+    d_extra = [outputs[6]] if has_extra else []
+    return (*d_parents, *d_scales, *d_shifts, *d_weights, *(d[0] for d in d_norms), *(d[1] for d in d_norms),
+            *d_extra)  # fmt: skip
+
+
 class _ExpandMerge(torch.autograd.Function):
     """The op returned once per reader: its gradients are summed as K1 loads them. Differentiable inputs flattened
     (parents, scales, shifts, weights, γ, β, extra), as a Function tracks only tensor arguments."""
 
     @staticmethod
     def forward(ctx, config, buffers, *tensors):
-        readers, ratios, activation, eps, momentums, num_parents, has_prologue, has_extra, pools, padding = config
+        readers, ratios, activation, eps, momentums, num_parents, has_prologue, _, pools, padding = config
         running_means, running_vars, batches, workspace = buffers
-        parts, rest = [], list(tensors)
-        for size in (num_parents, num_parents * has_prologue, num_parents * has_prologue, num_parents, num_parents,
-                     num_parents):  # fmt: skip
-            parts.append(rest[:size])
-            rest = rest[size:]
-        parents, scales, shifts, weights, bn_weights, bn_biases = parts
-        extra = rest[0] if has_extra else None
+        sizes = input_sizes(num_parents, has_prologue)
+        (parents, scales, shifts, weights, bn_weights, bn_biases), extra = split_inputs(tensors, sizes)
         out, bn, *pooled = _forward_op(parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
                                        bn_biases, list(eps), running_means, running_vars, batches, list(momentums),
                                        list(pools), padding, workspace)  # fmt: skip
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors, bn, *pooled)
-        ctx.config, ctx.parts, ctx.workspace = config, [len(p) for p in parts], workspace
+        ctx.config, ctx.sizes, ctx.workspace = config, sizes, workspace
         return (out, *(out.view_as(out) for _ in range(readers - 1)))
 
     @staticmethod
@@ -510,12 +583,7 @@ class _ExpandMerge(torch.autograd.Function):
         defined = [g for g in grads if g is not None]
         if not defined:
             return (None, None, *(None,) * len(tensors))
-        parts, rest = [], tensors
-        for size in ctx.parts:
-            parts.append(list(rest[:size]))
-            rest = rest[size:]
-        parents, scales, shifts, weights, bn_weights, bn_biases = parts
-        extra = rest[0] if has_extra else None
+        (parents, scales, shifts, weights, bn_weights, bn_biases), extra = split_inputs(tensors, ctx.sizes)
         squeezed = [h.shape[1] for h in parents]
         workspace, ctx.workspace = ctx.workspace, None
         if workspace is None:  # a second backward (retain_graph): fresh accumulators
@@ -524,17 +592,8 @@ class _ExpandMerge(torch.autograd.Function):
         outputs = _backward_op(defined, parents, scales, shifts, weights, list(ratios), extra, activation, bn_weights,
                                bn_biases, bn, list(eps), list(pools), padding, [pooled_0, pooled_1][:num_parents],
                                [route_0, route_1][:num_parents], workspace)  # fmt: skip
-        k = num_parents
-        d_parents, d_weights, d_bns = outputs[0:k], outputs[2 : 2 + k], outputs[4 : 4 + k]
         ws = Workspace(workspace, weights[0].shape[0], squeezed)
-        d_weights = [g.view(w.shape) if d.numel() == 0 else d for g, w, d in zip(ws.weight_grads, weights, d_weights)]
-        affine_grads = ws.affine_grads
-        present = [scale.numel() > 0 for scale in scales]  # a parent without a prologue: empty stand-ins
-        d_scales = [g[0] if p else None for g, p in zip(affine_grads, present)]
-        d_shifts = [g[1] if p else None for g, p in zip(affine_grads, present)]
-        d_extra = [outputs[6]] if has_extra else []
-        return (None, None, *d_parents, *d_scales, *d_shifts, *d_weights, *(d[0] for d in d_bns),
-                *(d[1] for d in d_bns), *d_extra)  # fmt: skip
+        return (None, None, *input_gradients(outputs, ws, weights, scales, has_extra))
 
 
 def prologue_lists(vectors: list[Tensor | None] | None) -> list:

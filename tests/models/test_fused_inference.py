@@ -120,12 +120,12 @@ def test_mobile_eval_forward_computes_the_affine_maps_once():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
 
 
-def test_eval_connections_without_gradients_are_one_expand_merge_affine_each():
-    """Eval mode without gradients: each connection's expand convs, their BNs and the merge are one
-    ``expand_merge_affine`` (a downsampling parent max-pooled first), the outputs eager's. With gradients (an
-    eval-mode model trained further) it takes the differentiable ops instead, with the same outputs. On Triton (the
-    interpreter): a connection with a max-pooled parent on its own, both ways (the max-pools, which have no Triton
-    kernel, on ``auto``'s backend)."""
+def test_eval_connections_are_one_expand_merge_affine_each():
+    """Eval mode, with gradients or without (an eval-mode model trained further, or inference): each connection's
+    expand convs, their BNs and the merge are one ``expand_merge_affine`` (a downsampling parent max-pooled first),
+    the outputs eager's. On Triton (the interpreter): a connection with a max-pooled parent on its own, both ways (the
+    max-pools, which have no Triton kernel, on ``auto``'s backend), and with gradients every parameter's gradient
+    (frozen norms: γ and β through the maps) as eager's."""
     eager, fused = twins("49S")
     with_running_statistics(eager, fused)
     images = torch.randn(1, 3, 128, 128)
@@ -139,16 +139,25 @@ def test_eval_connections_without_gradients_are_one_expand_merge_affine_each():
         with torch.set_grad_enabled(grad), use_backend("reference"), AtenOps() as seen:
             got = fused(images)
         affine_ops = seen.ops.count("expand_merge_affine")
-        assert affine_ops == (0 if grad else len(fused.merges)), (grad, affine_ops)
+        assert affine_ops == len(fused.merges), (grad, affine_ops)
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4, msg=(grad, name))
     handle.remove()
-    with torch.no_grad():
-        want = eager.merges[pooled].eval()(inputs[0])
+    eager_merge, fused_merge = eager.merges[pooled].eval(), fused.merges[pooled]
+    want = eager_merge(inputs[0])
+    grad_out = torch.randn_like(want)
+    want_grads = dict(zip(dict(eager_merge.named_parameters()),
+                          torch.autograd.grad(want, list(eager_merge.parameters()), grad_out)))  # fmt: skip
     for grad in (False, True):
         with torch.set_grad_enabled(grad), use_backend("triton"):
-            got = fused.merges[pooled](inputs[0])
+            got = fused_merge(inputs[0])
+            if grad:
+                names, parameters = zip(*fused_merge.named_parameters())
+                got_grads = dict(zip(names, torch.autograd.grad(got, parameters, grad_out)))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"grad={grad}")
+    assert got_grads.keys() == want_grads.keys()
+    for name, expected in want_grads.items():
+        assert_close_scaled(got_grads[name], expected, name, rel=1e-4)
 
 
 def test_compile_fullgraph_traces_the_inference_forward():

@@ -99,9 +99,9 @@ FUSED_OPS = (
     "conv1x1_bn_stats_backward", "conv1x1_bn_stats_backward_into", "conv1x1_bn_stats_into", "conv3x3_bn_backward",
     "conv3x3_bn_forward", "conv3x3_bn_levels_backward", "conv3x3_bn_levels_forward", "conv3x3_bn_stats",
     "conv3x3_bn_stats_backward", "conv3x3_bn_stats_backward_into", "conv3x3_bn_stats_into", "conv3x3_levels",
-    "conv3x3_levels_backward", "expand_merge_affine", "expand_merge_backward", "expand_merge_forward", "match_anchors",
-    "merge", "merge_backward", "merge_backward_into", "pooled_conv1x1_bn_forward", "pooled_conv1x1_bn_stats_into",
-    "retinanet_loss", "retinanet_loss_backward",
+    "conv3x3_levels_backward", "expand_merge_affine", "expand_merge_affine_backward", "expand_merge_backward",
+    "expand_merge_forward", "match_anchors", "merge", "merge_backward", "merge_backward_into",
+    "pooled_conv1x1_bn_forward", "pooled_conv1x1_bn_stats_into", "retinanet_loss", "retinanet_loss_backward",
 )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs everything into .venv, then runs ruff and the test suite (~14 minutes on 2 cores). Extra arguments go to
+# Installs everything into .venv, then runs ruff and the test suite (~16 minutes on 2 cores). Extra arguments go to
 # pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -134,6 +134,7 @@ def expand_merge_affine_backward_reference(grads, parents, scales, shifts, weigh
 
 
 def _padded_backward(backward):
+    """``backward``'s gradient list as the op's fixed seven slots (``expand_merge._padded``)."""
     return lambda *args: _padded(backward(*args), len(args[1]))
 
 
@@ -251,12 +252,12 @@ def expand_merge_affine_for_readers(
     args = (list(parents) if isinstance(parents, (list, tuple)) else parents, scales, shifts, list(weights),
             list(ratios), extra, activation, list(bn_scales), list(bn_shifts))  # fmt: skip
     check_expand_merge_affine_args(*args)
-    tensors = [*args[0], *scales, *shifts, *args[3], *args[7], *args[8], *([extra] if extra is not None else [])]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return (_expand_merge_affine_op(*args[:4], [int(r) for r in args[4]], *args[5:]),) * readers
     if workspace is not None:
         first, channels = args[0][0], args[3][0].shape[0]
         size = workspace_size(channels, [h.shape[1] for h in args[0]], stats_dtype(first), statistics=False)
         check_accumulator("workspace", workspace, (size,), stats_dtype(first), first.device)
+    tensors = [*args[0], *scales, *shifts, *args[3], *args[7], *args[8], *([extra] if extra is not None else [])]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return (_expand_merge_affine_op(*args[:4], [int(r) for r in args[4]], *args[5:]),) * readers
     config = (readers, tuple(int(r) for r in args[4]), activation, len(args[0]), len(scales) > 0, extra is not None)
     return _ExpandMergeAffine.apply(config, workspace, *tensors)

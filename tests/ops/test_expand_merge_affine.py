@@ -276,6 +276,7 @@ def test_float64_only_on_the_library_backends():
         (lambda a: a.update(scales=[a["scales"][0].double(), a["scales"][1]]), ValueError, "scale must be"),
         (lambda a: a.update(activation="gelu"), ValueError, "activation must be one of"),
         (lambda a: a.update(readers=5), ValueError, "readers must be an int in \\[1, 4\\]"),
+        (lambda a: a.update(workspace=torch.zeros(7)), ValueError, "workspace must"),
         (lambda a: (a["extra"].requires_grad_(), a.update(workspace=torch.zeros(7))), ValueError, "workspace must"),
     ],
 )  # fmt: skip

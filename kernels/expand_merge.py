@@ -11,7 +11,8 @@ its prologue) is the pooled tensor its statistics pass stored, without a prologu
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
 ``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then ``_expand_k2_kernel`` once for the
 parents at the output's level and once per upsampled parent. ``expand_merge_affine`` (the BNs' affine maps given):
-the ``_expand_merge_fwd_kernel`` alone.
+forward the ``_expand_merge_fwd_kernel`` alone; backward the same K1 and K2 launches with ``BATCH_STATS`` off (the
+maps' gradients Σdz·e and Σdz; K2 does not recompute e).
 """
 
 import torch

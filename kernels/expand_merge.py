@@ -458,11 +458,16 @@ def _block_summed(ratios, block_m) -> list[bool]:
     return [ratio > 1 and ratio & (ratio - 1) == 0 and ratio**2 <= block_m for ratio in ratios]
 
 
+def _stats_pointer(norm):
+    """A parent's BN [mean; var] as a kernel argument: its gain stands in for a map's (never read)."""
+    return norm.stats if norm.stats is not None else norm.gain
+
+
 def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, norm, sums, affine_grads):
     """One parent's share of ``_expand_k2_kernel``'s arguments (``norm``: its ``ExpandNorm``)."""
     w2d = weight.view(weight.shape[:2])
-    stats = norm.stats if norm.stats is not None else norm.gain  # (never read without batch statistics)
-    return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), stats, norm.gain, sums, affine_grads,
+    return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), _stats_pointer(norm), norm.gain, sums,
+            affine_grads,
             norm.eps, h.shape[1], *h.stride(), *dh.stride(), *w2d.stride()]  # fmt: skip
 
 
@@ -542,7 +547,7 @@ def _connection_backward(grads, inputs, prologues, weights, ratios, extra, activ
     pointers, strides, ks = _parent_args(inputs, prologues, weights)
     extra_ = extra if extra is not None else dz
     sums_, sums_strides = pair(block_sums, dz), [*block_sums[0].stride(), *block_sums[-1].stride()]
-    maps = [(norm.scale, norm.shift, norm.stats if batch_stats else norm.scale) for norm in (norms[0], norms[-1])]
+    maps = [(norm.scale, norm.shift, _stats_pointer(norm)) for norm in (norms[0], norms[-1])]
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
     _expand_merge_k1_kernel[grid](
         dz, *sums_, grad, *deltas, ws.sums, norms[0].eps, norms[-1].eps, *pointers, *maps[0], *maps[1], extra_,

@@ -522,19 +522,18 @@ def summed_extras(module, feats: list[Tensor], dtype: torch.dtype) -> Tensor | N
     return extra
 
 
-def expand_input_sizes(module, dtype: torch.dtype, pools_apart: bool = False
-                       ) -> tuple[list[tuple[nn.Module, bool]], list[int]]:  # fmt: skip
+def expand_input_sizes(module, dtype: torch.dtype) -> tuple[list[tuple[nn.Module, bool]], list[int]]:
     """The conv + BN layers before a connection's expand convs (``expand_input_layers``, every parent's in turn) and
-    the workspace slices (of ``dtype``) they take; with ``pools_apart`` after each downsampling parent's its
-    max-pools' (``pooled_expand_input``)."""
+    the workspace slices (of ``dtype``) they take, a downsampling parent's max-pools' after its layers where they run
+    apart (``pools_apart``: ``pooled_expand_input``)."""
     layers, sizes = [], []
     for resample in module.resamples:
         parent_layers = expand_input_layers(resample)
         layers += parent_layers
         sizes += [size for layer, prologue in parent_layers
                   for size in ConnectionWorkspace.layer_sizes(layer, prologue, dtype)]  # fmt: skip
-        if pools_apart and getattr(resample, "pools", None) and takes_grad_buffers(resample.down.conv,
-                                                                                    resample.down.bn):  # fmt: skip
+        apart = hasattr(resample, "squeeze") and pools_apart(resample)  # (SpineNet-Mobile's have no max-pools)
+        if apart and takes_grad_buffers(resample.down.conv, resample.down.bn):
             sizes.append(2 * resample.down.conv.out_channels)  # the max-pools' affine gradients
     return layers, sizes
 
@@ -588,7 +587,7 @@ def affine_expanded_parents(module, feats: list[Tensor], activation: str, paddin
     backward may run, one zeroed workspace for all of them (the op's accumulators its last slice)."""
     dtype = compute_dtype(feats[module.parent_ids[0]])
     stats_dtype = torch.promote_types(dtype, torch.float32)
-    input_layers, sizes = expand_input_sizes(module, stats_dtype, pools_apart=True)
+    input_layers, sizes = expand_input_sizes(module, stats_dtype)
     norms = [*(layer.bn for layer, _ in input_layers), *(layer.bn for layer in layers)]
     channels, squeezed = layers[0].conv.out_channels, [layer.conv.in_channels for layer in layers]
     op_size = workspace_size(channels, squeezed, stats_dtype, statistics=False)

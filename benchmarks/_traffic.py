@@ -62,9 +62,15 @@ def aten_kernels(op: str, func, args, kwargs, out) -> list[tuple[str, int, int]]
     return [kernel for kernel, wanted in zip(kernels, mask) if wanted]
 
 
-def _k2_widths(a: dict) -> list[int]:
-    """The squeezed widths of the parents one ``_expand_k2_kernel`` launch covers."""
+def _parent_widths(a: dict) -> list[int]:
+    """The squeezed widths of the parents an ``expand_merge`` launch covers (its merge, K1, one K2)."""
     return [a["K0"], a["K1"]][: a["NUM_PARENTS"]]
+
+
+def _k2_atomics(a: dict, k: int) -> int:
+    """fp32 elements one parent of squeezed width k adds in an ``_expand_k2_kernel`` launch."""
+    tiles = -(-a["P"] // a["BLOCK_M"])
+    return a["C"] * k * tiles + ((k * k * tiles + a["C"] * k) if a["BATCH_STATS"] else 0)
 
 
 def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
@@ -93,12 +99,19 @@ TRITON_FLOPS = {
     # the head's tower and predictor convs, every level in one launch (N·S pixels)
     "_conv3x3_levels_fwd_kernel": lambda a: _gemm(a["N"] * a["S"], a["N_OUT"], 9 * a["C_IN"]),
     "_conv3x3_levels_backward_kernel": lambda a: _backward_gemms(9)(a | {"P": a["N"] * a["S"]}),
-    # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge (and K1) over every parent, and K2
-    # (per parent it covers, per tile of BLOCK_N squeezed channels e again, then de·W and deᵀa)
+    # expand_merge: the expand GEMMs recomputed — the statistics pass, the merge and K1 over every parent (K1 with
+    # batch statistics also M = Wᵀ·diag(q)·W per parent) — and K2: per parent it covers, s·W and sᵀa, and with batch
+    # statistics the mean terms (a − ā)·M and the Gram (a − ā)ᵀ(a − ā), then W·G once
     "_expand_stats_kernel": lambda a: _gemm(a["P"], a["C"], a["K"]),
-    "_expand_merge_fwd_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
-    "_expand_merge_k1_kernel": lambda a: _gemm(a["P"], a["C"], a["K0"] + (a["K1"] if a["NUM_PARENTS"] == 2 else 0)),
-    "_expand_k2_kernel": lambda a: sum(_gemm(a["P"], a["C"], k, -(-k // a["BLOCK_N"]) + 2) for k in _k2_widths(a)),
+    "_expand_merge_fwd_kernel": lambda a: _gemm(a["P"], a["C"], sum(_parent_widths(a))),
+    "_expand_merge_k1_kernel": lambda a: (
+        _gemm(a["P"], a["C"], sum(_parent_widths(a)))
+        + (sum(_gemm(a["C"], k, k) for k in _parent_widths(a)) if a["BATCH_STATS"] else 0)
+    ),
+    "_expand_k2_kernel": lambda a: sum(
+        _gemm(a["P"], a["C"], k, 2) + (_gemm(a["P"], k, k, 2) + _gemm(a["C"], k, k) if a["BATCH_STATS"] else 0)
+        for k in _parent_widths(a)
+    ),
 }
 # Atomic adds into L2 (bytes of fp32 elements added; not HBM traffic, not in the byte model) of our kernels' tile
 # reductions, per launch: each program adds its whole tile. The per-channel sums (statistics, d_scale, d_shift, d_bias:
@@ -110,8 +123,12 @@ TRITON_ATOMICS = {
     "_conv1x1_pair_backward_kernel": lambda a: 4 * a["C_IN"] * (a["C_A"] * a["CHUNKS_A"] + a["C_B"] * a["CHUNKS_B"]),
     "_depthwise3x3_backward_kernel": lambda a: 4 * 9 * a["C"] * -(-a["P"] // a["PIXELS_PER_PROGRAM"]),
     "_conv3x3_levels_backward_kernel": lambda a: 4 * a["BLOCK_M"] * a["BLOCK_N"] * a["G_END"],  # a tile per program
-    # expand_merge's K2: each parent's dW once per tile of parent pixels
-    "_expand_k2_kernel": lambda a: 4 * a["C"] * sum(_k2_widths(a)) * -(-a["P"] // a["BLOCK_M"]),
+    # expand_merge's K1 (batch statistics): each column of tiles' last program adds each parent's M
+    "_expand_merge_k1_kernel": lambda a: (
+        4 * sum(k * k for k in _parent_widths(a)) * -(-a["C"] // a["BLOCK_N"]) if a["BATCH_STATS"] else 0
+    ),
+    # its K2: each parent's dW once per tile of parent pixels; with batch statistics its Gram too, and dW once more
+    "_expand_k2_kernel": lambda a: 4 * sum(_k2_atomics(a, k) for k in _parent_widths(a)),
 }
 # Launches running two GEMMs side by side (a conv's dgrad and wgrad programs): the operands both read are counted
 # twice — dy always, y where they read it (not where they recompute it, ``RECOMPUTE_Y``: its argument is then a

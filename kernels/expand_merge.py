@@ -10,9 +10,11 @@ its prologue) is the pooled tensor its statistics pass stored, without a prologu
 
 Launches: forward, per parent ``_expand_stats_kernel`` (Σe, Σe², the BN finalized by its last program), then one
 ``_expand_merge_fwd_kernel``; backward, one ``_expand_merge_k1_kernel``, then ``_expand_k2_kernel`` once for the
-parents at the output's level and once per upsampled parent. ``expand_merge_affine`` (the BNs' affine maps given):
-forward the ``_expand_merge_fwd_kernel`` alone; backward the same K1 and K2 launches with ``BATCH_STATS`` off (the
-maps' gradients Σdz·e and Σdz; K2 does not recompute e).
+parents at the output's level and once per upsampled parent. K2 never recomputes e: the BN's statistics terms in its
+backward are formed from the centred expand input and small (C_h × C_h) maps that K1's last programs build
+(:func:`_expand_k2_kernel`). ``expand_merge_affine`` (the BNs' affine maps given): forward the
+``_expand_merge_fwd_kernel`` alone; backward the same K1 and K2 launches with ``BATCH_STATS`` off (the maps'
+gradients Σdz·e and Σdz; no mean terms).
 """
 
 import torch
@@ -206,9 +208,46 @@ def _parent_sums(ws_ptr, dz, e, stats_ptr, eps, o, mask, C, BATCH_STATS: tl.cons
 
 
 @triton.jit
+def _add_input_sums(terms_ptr, h_ptr, rows, p_mask, sc_ptr, sh_ptr, K, s_c, R: tl.constexpr,
+                    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Add this tile's share of a parent's Σa (``terms_ptr``) from its rows at output pixels: an upsampled parent's
+    pixel is R² of them."""
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = p_mask[:, None] & (k < K)[None, :]
+        a = prologue_tile(h_ptr, rows, k, s_c, mask, sc_ptr, sh_ptr, K, HAS_PROLOGUE, ACT).to(tl.float32)
+        tl.atomic_add(terms_ptr + k, tl.sum(a, axis=0) / (R * R), mask=k < K)
+
+
+@triton.jit
+def _add_mean_maps(terms_ptr, w_ptr, bs_ptr, st_ptr, sums_ptr, eps, count, o, C, K, sw_o, sw_k,
+                   dtype: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """Add output channels o's share of one parent's b = Σ_o (γ/σ)(t/n)·W[o, :] and M = Wᵀ·diag(q)·W,
+    q = (γ/σ²)·k/n (``terms_ptr``: [Σa; b; M; G]; its k, t complete at ``sums_ptr``; W as the dots round it)."""
+    o_mask = o < C
+    scale = tl.load(bs_ptr + o, mask=o_mask, other=0.0)
+    inv_std = 1.0 / tl.sqrt(tl.load(st_ptr + C + o, mask=o_mask, other=1.0) + eps)
+    q = scale * inv_std * tl.load(sums_ptr + o, mask=o_mask, other=0.0) / count
+    v = scale * tl.load(sums_ptr + C + o, mask=o_mask, other=0.0) / count
+    for i0 in range(0, K, BLOCK_K):
+        i = i0 + tl.arange(0, BLOCK_K)
+        w_i = tl.load(w_ptr + o[:, None] * sw_o + i[None, :] * sw_k, mask=o_mask[:, None] & (i < K)[None, :],
+                      other=0.0).to(dtype).to(tl.float32)  # fmt: skip
+        tl.atomic_add(terms_ptr + K + i, tl.sum(v[:, None] * w_i, axis=0), mask=i < K)
+        for j0 in range(0, K, BLOCK_K):
+            j = j0 + tl.arange(0, BLOCK_K)
+            w_j = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & (j < K)[None, :],
+                          other=0.0).to(dtype).to(tl.float32)  # fmt: skip
+            m = _fp32_dot(tl.zeros((BLOCK_K, BLOCK_K), tl.float32), tl.trans(w_i * q[:, None]), w_j, FP32_DOT)
+            tl.atomic_add(terms_ptr + 2 * K + i[:, None] * K + j[None, :], m, mask=(i < K)[:, None] & (j < K)[None, :])
+
+
+@triton.jit
 def _expand_merge_k1_kernel(
     dz_ptr, sum0_ptr, sum1_ptr, grad_ptr, g1_delta, g2_delta, g3_delta, ws_ptr, eps0, eps1, h0_ptr, w0_ptr, sc0_ptr,
-    sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, st0_ptr, bs1_ptr, bb1_ptr, st1_ptr, extra_ptr, P, C,
+    sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, st0_ptr, bs1_ptr, bb1_ptr, st1_ptr, extra_ptr,
+    terms0_ptr, terms1_ptr, counters_ptr, count0, count1, P, C,
     HW, W_OUT, K0, K1, sg_n, sg_c, sg_h, sg_w,
     sd_n, sd_c, sd_h, sd_w, ss0_n, ss0_c, ss0_h, ss0_w, ss1_n, ss1_c, ss1_h, ss1_w, s0_n, s0_c, s0_h, s0_w, s1_n, s1_c,
     s1_h, s1_w, sw0_o, sw0_k, sw1_o, sw1_k, se_n, se_c, se_h, se_w, R0: tl.constexpr, R1: tl.constexpr,
@@ -222,12 +261,22 @@ def _expand_merge_k1_kernel(
     gradient is the sum of ``NUM_GRADS`` tensors of one layout, ``g*_delta`` elements after the first), stored where
     ``STORE_DZ``; parent i's block sums Σ_Ri×Ri dz stored at its resolution where ``SUM<i>`` (an upsampled parent
     whose R² blocks the tile holds whole); and its share of each parent's [k; t] added into the workspace's (P, 2, C)
-    rows (``_parent_sums``: with ``BATCH_STATS`` the BN's [mean; var] at ``st<p>_ptr``)."""
+    rows (``_parent_sums``: with ``BATCH_STATS`` the BN's [mean; var] at ``st<p>_ptr``). With ``BATCH_STATS`` also
+    K2's BN mean terms (``terms<p>_ptr``, see :func:`_expand_k2_kernel`; ``count<p>``: the BN's count): the first
+    column of tiles adds each parent's Σa, and the last program of each column (a ticket in ``counters_ptr``: its
+    channels' k, t complete) adds their share of b and M (:func:`_add_mean_maps`)."""
     first = tl.program_id(0) * BLOCK_M
     p = first + tl.arange(0, BLOCK_M)
     o = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (p < P)[:, None] & (o < C)[None, :]
     n, h, w = _pixels(p, HW, W_OUT, GROUP, LOG_GROUP)
+    if BATCH_STATS:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if tl.program_id(1) == 0:  # first, while nothing else is live: Σa beside the tile's work spilled on sm_90
+            _add_input_sums(terms0_ptr, h0_ptr, _parent_rows(n, h, w, R0, s0_n, s0_h, s0_w), p < P, sc0_ptr, sh0_ptr,
+                            K0, s0_c, R0, HAS_PROLOGUE0, ACT, BLOCK_K)  # fmt: skip
+            if NUM_PARENTS == 2:
+                _add_input_sums(terms1_ptr, h1_ptr, _parent_rows(n, h, w, R1, s1_n, s1_h, s1_w), p < P, sc1_ptr,
+                                sh1_ptr, K1, s1_c, R1, HAS_PROLOGUE1, ACT, BLOCK_K)  # fmt: skip
     z, e0, e1 = _pre_activation(
         h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, bs0_ptr, bb0_ptr, bs1_ptr, bb1_ptr,
         extra_ptr, n, h, w, p < P, o, C, K0, K1, s0_n, s0_c, s0_h, s0_w,
@@ -249,14 +298,95 @@ def _expand_merge_k1_kernel(
         if SUM1:
             _store_block_sum(sum1_ptr, dz, first, P, HW, W_OUT, o, C, ss1_n, ss1_c, ss1_h, ss1_w, R1, GROUP,
                              LOG_GROUP, BLOCK_M, BLOCK_N)  # fmt: skip
+    if BATCH_STATS:
+        dtype = h0_ptr.dtype.element_ty
+        tl.debug_barrier()  # every thread's k, t atomics precede this program's ticket
+        ticket = tl.atomic_add(counters_ptr + tl.program_id(1), 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            _add_mean_maps(terms0_ptr, w0_ptr, bs0_ptr, st0_ptr, ws_ptr, eps0, count0, o, C, K0, sw0_o, sw0_k, dtype,
+                           FP32_DOT, BLOCK_N, BLOCK_K)  # fmt: skip
+            if NUM_PARENTS == 2:
+                _add_mean_maps(terms1_ptr, w1_ptr, bs1_ptr, st1_ptr, ws_ptr + 2 * C, eps1, count1, o, C, K1, sw1_o,
+                               sw1_k, dtype, FP32_DOT, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _fp32_dot(acc, a, b, FP32_DOT: tl.constexpr):
+    """``acc + a·b`` of fp32 operands (the BN mean terms' small GEMMs): IEEE with ``FP32_DOT`` (fp32 storage), else
+    TF32 (bf16/fp16 storage: the terms are centred, so TF32 rounds relative to them, finer than the storage)."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
+def _centred_input(h_ptr, rows, p_mask, k, s_c, sc_ptr, sh_ptr, terms_ptr, count, K, HAS_PROLOGUE: tl.constexpr,
+                   ACT: tl.constexpr):  # fmt: skip
+    """a − ā (fp32; 0 outside the map) at rows × squeezed channels k: the expand's operand recomputed and centred on
+    its mean over the parent's ``count`` pixels (Σa at ``terms_ptr``)."""
+    mask = p_mask[:, None] & (k < K)[None, :]
+    a = prologue_tile(h_ptr, rows, k, s_c, mask, sc_ptr, sh_ptr, K, HAS_PROLOGUE, ACT).to(tl.float32)
+    mean = tl.load(terms_ptr + k, mask=k < K, other=0.0) / count
+    return tl.where(mask, a - mean[None, :], 0.0)
+
+
+@triton.jit
+def _mean_terms(terms_ptr, h_ptr, rows, p_mask, j, sc_ptr, sh_ptr, count, K, s_c, HAS_PROLOGUE: tl.constexpr,
+                ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    """The statistics' share of da[:, j]: b[j] + (a − ā)·M[:, j] (``terms_ptr``: [Σa; b; M; G], see
+    :func:`_expand_k2_kernel`), (BLOCK_M, BLOCK_N) fp32; this tile's share of the centred Gram G[:, j] added."""
+    j_mask = j < K
+    c_j = _centred_input(h_ptr, rows, p_mask, j, s_c, sc_ptr, sh_ptr, terms_ptr, count, K, HAS_PROLOGUE, ACT)
+    terms = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + tl.load(terms_ptr + K + j, mask=j_mask, other=0.0)[None, :]
+    for i0 in range(0, K, BLOCK_K):
+        i = i0 + tl.arange(0, BLOCK_K)
+        square = (i < K)[:, None] & j_mask[None, :]
+        c_i = _centred_input(h_ptr, rows, p_mask, i, s_c, sc_ptr, sh_ptr, terms_ptr, count, K, HAS_PROLOGUE, ACT)
+        m = tl.load(terms_ptr + 2 * K + i[:, None] * K + j[None, :], mask=square, other=0.0)
+        terms = _fp32_dot(terms, c_i, m, FP32_DOT)
+        gram = _fp32_dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(c_i), c_j, FP32_DOT)
+        tl.atomic_add(terms_ptr + 2 * K + K * K + i[:, None] * K + j[None, :], gram, mask=square)
+    return terms
+
+
+@triton.jit
+def _weight_mean_terms_when_last(counter_ptr, tiles, terms_ptr, dw_ptr, w_ptr, stats_ptr, gamma_ptr, sums_ptr, eps,
+                                 count, C, K, j, sw_o, sw_k, dtype: tl.constexpr, FP32_DOT: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """After this program's share of G[:, j], a ticket from the zeroed ``counter_ptr`` (this j-tile's); the holder of
+    the last of the ``tiles`` tickets (G[:, j] complete) adds the statistics' share of dW[:, j]:
+    −(γ/σ)(t/n)·Σa[j] − q·(W·G)[:, j], q = (γ/σ²)·k/n, for every output channel."""
+    tl.debug_barrier()  # every thread's Gram atomics precede this program's ticket
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == tiles - 1:
+        j_mask = j < K
+        input_sums = tl.load(terms_ptr + j, mask=j_mask, other=0.0)
+        for o0 in range(0, C, BLOCK_K):
+            o = o0 + tl.arange(0, BLOCK_K)
+            o_mask = o < C
+            inv_std = 1.0 / tl.sqrt(tl.load(stats_ptr + C + o, mask=o_mask, other=1.0) + eps)
+            gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32) * inv_std
+            q = gain * inv_std * tl.load(sums_ptr + o, mask=o_mask, other=0.0) / count
+            v = gain * tl.load(sums_ptr + C + o, mask=o_mask, other=0.0) / count
+            wg = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+            for i0 in range(0, K, BLOCK_K):
+                i = i0 + tl.arange(0, BLOCK_K)
+                w = tl.load(w_ptr + o[:, None] * sw_o + i[None, :] * sw_k, mask=o_mask[:, None] & (i < K)[None, :],
+                            other=0.0).to(dtype).to(tl.float32)  # fmt: skip
+                gram = tl.load(terms_ptr + 2 * K + K * K + i[:, None] * K + j[None, :],
+                               mask=(i < K)[:, None] & j_mask[None, :], other=0.0)  # fmt: skip
+                wg = _fp32_dot(wg, w, gram, FP32_DOT)
+            d_w = -(v[:, None] * input_sums[None, :] + q[:, None] * wg)
+            tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
 def _k2_tile(
-    pid_m, pid_j, dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, stats_ptr, gamma_ptr, sums_ptr,
-    affine_grad_ptr, eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h, s_w, sd_n, sd_c, sd_h, sd_w, sw_o,
-    sw_k, R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, BATCH_STATS: tl.constexpr, ACT: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    pid_m, pid_j, tiles_m, dh_ptr, dw_ptr, dbn_ptr, dz_ptr, h_ptr, w_ptr, sc_ptr, sh_ptr, stats_ptr, gamma_ptr,
+    sums_ptr, affine_grad_ptr, terms_ptr, counter_ptr, eps, P, C, K, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s_n, s_c, s_h,
+    s_w, sd_n, sd_c, sd_h, sd_w, sw_o, sw_k, R: tl.constexpr, HAS_PROLOGUE: tl.constexpr, BATCH_STATS: tl.constexpr,
+    ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Tile (pid_m, pid_j) of one parent's backward (see :func:`_expand_k2_kernel`)."""
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -277,37 +407,36 @@ def _k2_tile(
             child_rows = n * sz_n + (hp * R + child // R) * sz_h + (wp * R + child % R) * sz_w
             dz += tl.load(dz_ptr + child_rows[:, None] + o[None, :] * sz_c, mask=mask, other=0.0).to(tl.float32)
         gain = tl.load(gamma_ptr + o, mask=o_mask, other=0.0).to(tl.float32)
-        k = tl.load(sums_ptr + o, mask=o_mask, other=0.0)
-        t = tl.load(sums_ptr + C + o, mask=o_mask, other=0.0)
         if BATCH_STATS:
-            e = _expand_tile(h_ptr, w_ptr, sc_ptr, sh_ptr, rows, p_mask, o, K, C, s_c, sw_o, sw_k, HAS_PROLOGUE, ACT,
-                             FP32_DOT, BLOCK_M, BLOCK_K, BLOCK_N)  # fmt: skip
-            mean = tl.load(stats_ptr + o, mask=o_mask, other=0.0)
-            inv_std = 1.0 / tl.sqrt(tl.load(stats_ptr + C + o, mask=o_mask, other=1.0) + eps)
-            gain *= inv_std
-            e_hat = (e - mean[None, :]) * inv_std[None, :]
-            de = tl.where(mask, gain[None, :] * (dz - t[None, :] / P - e_hat * (k / P)[None, :]), 0.0)
-        else:
-            de = tl.where(mask, gain[None, :] * dz, 0.0)
+            gain *= 1.0 / tl.sqrt(tl.load(stats_ptr + C + o, mask=o_mask, other=1.0) + eps)
+        de = tl.where(mask, gain[None, :] * dz, 0.0)
         b = tl.load(w_ptr + o[:, None] * sw_o + j[None, :] * sw_k, mask=o_mask[:, None] & j_mask[None, :], other=0.0)
         de = de.to(dtype)
         acc = operand_dot(acc, de, b.to(dtype), FP32_DOT)
         d_w = operand_dot(tl.zeros((BLOCK_K, BLOCK_N), tl.float32), tl.trans(de), a_j, FP32_DOT)
         tl.atomic_add(dw_ptr + o[:, None] * K + j[None, :], d_w, mask=o_mask[:, None] & j_mask[None, :])
         if (pid_m == 0) & (pid_j == 0):
-            tl.store(dbn_ptr + o, k.to(dbn_ptr.dtype.element_ty), mask=o_mask)
-            tl.store(dbn_ptr + C + o, t.to(dbn_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(dbn_ptr + o, tl.load(sums_ptr + o, mask=o_mask).to(dbn_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(dbn_ptr + C + o, tl.load(sums_ptr + C + o, mask=o_mask).to(dbn_ptr.dtype.element_ty),
+                     mask=o_mask)  # fmt: skip
+    if BATCH_STATS:
+        acc -= _mean_terms(terms_ptr, h_ptr, rows, p_mask, j, sc_ptr, sh_ptr, P, K, s_c, HAS_PROLOGUE, ACT, FP32_DOT,
+                           BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     store_input_grad(acc, dh_ptr, n * sd_n + hp * sd_h + wp * sd_w, sd_c, h_ptr, rows, s_c, sc_ptr, sh_ptr,
                      affine_grad_ptr, affine_grad_ptr + K, j, a_mask, K, HAS_PROLOGUE, ACT)  # fmt: skip
+    if BATCH_STATS:
+        _weight_mean_terms_when_last(counter_ptr + pid_j, tiles_m, terms_ptr, dw_ptr, w_ptr, stats_ptr, gamma_ptr,
+                                     sums_ptr, eps, P, C, K, j, sw_o, sw_k, dtype, FP32_DOT, BLOCK_N,
+                                     BLOCK_K)  # fmt: skip
 
 
 @triton.jit
 def _expand_k2_kernel(
     dz_ptr, P, C, HW, W_IMG, J0, J, sz_n, sz_c, sz_h, sz_w,
     dh0_ptr, dw0_ptr, dbn0_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, stats0_ptr, gamma0_ptr, sums0_ptr, affine_grad0_ptr,
-    eps0, K0, s0_n, s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k,
+    terms0_ptr, counters0_ptr, eps0, K0, s0_n, s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k,
     dh1_ptr, dw1_ptr, dbn1_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, stats1_ptr, gamma1_ptr, sums1_ptr, affine_grad1_ptr,
-    eps1, K1, s1_n, s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k,
+    terms1_ptr, counters1_ptr, eps1, K1, s1_n, s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k,
     R: tl.constexpr, NUM_PARENTS: tl.constexpr, HAS_PROLOGUE0: tl.constexpr, HAS_PROLOGUE1: tl.constexpr,
     BATCH_STATS: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -316,24 +445,31 @@ def _expand_k2_kernel(
     for a connection's same-level and pooled parents together, or one upsampled parent's block sums; the output's dz
     for R > 1), one (BLOCK_M parent pixels) × (BLOCK_N squeezed channels j) tile per program: program i is pixel tile
     i // J and j-tile i % J of the J = J0 + J1 tiles of the parents' channels (parent 0's first), so the programs
-    reading a dz tile run together (J: every parent's tiles). Per block of BLOCK_K output channels o: with
-    ``BATCH_STATS`` ê recomputed (``_expand_tile``; the BN's [mean; var] at ``stats*_ptr``, γ at ``gamma*_ptr``) and
-    de = (γ/σ)(Σ_R×R dz − t/P − ê·k/P) (P: the BN's count); without (an affine map: its scale at ``gamma*_ptr``),
-    de = scale·Σ_R×R dz, nothing recomputed; then da[:, j] += de·W[o, j] and dW[o, j] += deᵀa[:, j] (fp32 atomics
-    into the zeroed ``dw*_ptr``). Then the prologue's backward: dh = da·act'(scale·h + shift)·scale stored,
-    Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad*_ptr`` (without a prologue dh = da). Each parent's
-    tile (0, 0) stores its k, t (``dbn*_ptr``, (2, C)): dγ, dβ of a BN, d_scale, d_shift of a map."""
+    reading a dz tile run together (J: every parent's tiles).
+
+    BN's backward de = (γ/σ)(S − t/P − ê·k/P) (S = Σ_R×R dz; P: the BN's count, the parent's pixels; t, k at
+    ``sums*_ptr``) splits into the gradient's term s = (γ/σ)·S and the statistics' terms, which are linear in the
+    centred expand input a − ā (ê·σ = (a − ā)·Wᵀ), so nothing recomputes e: per block of BLOCK_K output channels o,
+    da[:, j] += s·W[o, j] and dW[o, j] += sᵀa[:, j] (fp32 atomics into the zeroed ``dw*_ptr``); then
+    da[:, j] −= b[j] + (a − ā)·M[:, j] with b = Σ_o (γ/σ)(t/P)·W[o, :] and M = Wᵀ·diag(q)·W, q = (γ/σ²)·k/P (K1's
+    last programs wrote both into ``terms*_ptr``, [Σa; b; M; G]), and each program adds its share of the centred
+    Gram G = (a − ā)ᵀ(a − ā); the last program of each j-tile (a ticket in ``counters*_ptr``) adds the statistics'
+    share of dW[:, j] (:func:`_weight_mean_terms_when_last`). Without ``BATCH_STATS`` (an affine map: its scale at
+    ``gamma*_ptr``) de = scale·S and no more. Then the prologue's backward: dh = da·act'(scale·h + shift)·scale
+    stored, Σ da·act'·h and Σ da·act' added to the (2, K) ``affine_grad*_ptr`` (without a prologue dh = da). Each
+    parent's tile (0, 0) stores its k, t (``dbn*_ptr``, (2, C)): dγ, dβ of a BN, d_scale, d_shift of a map."""
     pid_m, pid_j = tl.program_id(0) // J, tl.program_id(0) % J
+    tiles_m = tl.num_programs(0) // J
     if pid_j < J0:
-        _k2_tile(pid_m, pid_j, dh0_ptr, dw0_ptr, dbn0_ptr, dz_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr, stats0_ptr,
-                 gamma0_ptr, sums0_ptr, affine_grad0_ptr, eps0, P, C, K0, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s0_n,
-                 s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k, R, HAS_PROLOGUE0, BATCH_STATS, ACT,
-                 FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _k2_tile(pid_m, pid_j, tiles_m, dh0_ptr, dw0_ptr, dbn0_ptr, dz_ptr, h0_ptr, w0_ptr, sc0_ptr, sh0_ptr,
+                 stats0_ptr, gamma0_ptr, sums0_ptr, affine_grad0_ptr, terms0_ptr, counters0_ptr, eps0, P, C, K0, HW,
+                 W_IMG, sz_n, sz_c, sz_h, sz_w, s0_n, s0_c, s0_h, s0_w, sd0_n, sd0_c, sd0_h, sd0_w, sw0_o, sw0_k, R,
+                 HAS_PROLOGUE0, BATCH_STATS, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     elif NUM_PARENTS == 2:
-        _k2_tile(pid_m, pid_j - J0, dh1_ptr, dw1_ptr, dbn1_ptr, dz_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr, stats1_ptr,
-                 gamma1_ptr, sums1_ptr, affine_grad1_ptr, eps1, P, C, K1, HW, W_IMG, sz_n, sz_c, sz_h, sz_w, s1_n,
-                 s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k, R, HAS_PROLOGUE1, BATCH_STATS, ACT,
-                 FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        _k2_tile(pid_m, pid_j - J0, tiles_m, dh1_ptr, dw1_ptr, dbn1_ptr, dz_ptr, h1_ptr, w1_ptr, sc1_ptr, sh1_ptr,
+                 stats1_ptr, gamma1_ptr, sums1_ptr, affine_grad1_ptr, terms1_ptr, counters1_ptr, eps1, P, C, K1, HW,
+                 W_IMG, sz_n, sz_c, sz_h, sz_w, s1_n, s1_c, s1_h, s1_w, sd1_n, sd1_c, sd1_h, sd1_w, sw1_o, sw1_k, R,
+                 HAS_PROLOGUE1, BATCH_STATS, ACT, FP32_DOT, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 # PTX .maxnreg of K1 and K2, stated (at most 8 warps: one program fits an SM's registers): left to its heuristic,
@@ -463,11 +599,20 @@ def _stats_pointer(norm):
     return norm.stats if norm.stats is not None else norm.gain
 
 
-def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, norm, sums, affine_grads):
-    """One parent's share of ``_expand_k2_kernel``'s arguments (``norm``: its ``ExpandNorm``)."""
+def _mean_term_pointers(ws, i: int) -> tuple:
+    """Parent i's BN mean terms and its K2 tickets (``Workspace``) as kernel arguments: its sums stand in for a map's
+    (never read)."""
+    if ws.mean_terms:
+        return ws.mean_terms[i], ws.tile_counters[i]
+    return ws.sums[i], ws.sums[i]
+
+
+def _k2_parent_args(dh, d_weight, d_bn, h, prologue, weight, norm, sums, affine_grads, mean_terms):
+    """One parent's share of ``_expand_k2_kernel``'s arguments (``norm``: its ``ExpandNorm``; ``mean_terms``:
+    :func:`_mean_term_pointers`)."""
     w2d = weight.view(weight.shape[:2])
     return [dh, d_weight, d_bn, h, w2d, *_prologue_pointers(*prologue, w2d), _stats_pointer(norm), norm.gain, sums,
-            affine_grads,
+            affine_grads, *mean_terms,
             norm.eps, h.shape[1], *h.stride(), *dh.stride(), *w2d.stride()]  # fmt: skip
 
 
@@ -549,17 +694,22 @@ def _connection_backward(grads, inputs, prologues, weights, ratios, extra, activ
     sums_, sums_strides = pair(block_sums, dz), [*block_sums[0].stride(), *block_sums[-1].stride()]
     maps = [(norm.scale, norm.shift, _stats_pointer(norm)) for norm in (norms[0], norms[-1])]
     grid = (triton.cdiv(n * height * width, config["BLOCK_M"]), triton.cdiv(channels, config["BLOCK_N"]))
+    terms = [_mean_term_pointers(ws, i)[0] for i in (0, len(inputs) - 1)]
+    counters = ws.column_counters if batch_stats else ws.sums
+    counts = [h.shape[0] * h.shape[2] * h.shape[3] for h in (inputs[0], inputs[-1])]
     _expand_merge_k1_kernel[grid](
         dz, *sums_, grad, *deltas, ws.sums, norms[0].eps, norms[-1].eps, *pointers, *maps[0], *maps[1], extra_,
+        *terms, counters, *counts,
         n * height * width, channels, height * width, width, *ks, *grad.stride(), *dz.stride(), *sums_strides,
         *strides[0], *strides[1], *strides[2], *strides[3], *extra_.stride(), HAS_EXTRA=extra is not None,
         NUM_GRADS=len(grads), STORE_DZ=store_dz, SUM0=summed[0], SUM1=summed[-1], GROUP=group,
         LOG_GROUP=group.bit_length() - 1, BATCH_STATS=batch_stats, **_constexprs(inputs, prologues, ratios, activation),
         **config,
     )  # fmt: skip
-    # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: with the GEMM tiles' a·Wᵀ, de·W and
-    # deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168 fp32). The register cap
-    # stated: left to its heuristic, ptxas capped the two-parent fp32 variants at 128 registers and spilled 16 bytes.
+    # Half-width squeezed-channel tiles and, for the FMA (fp32) dots, 8 warps: while K2 recomputed e, with the GEMM
+    # tiles' a·Wᵀ, de·W and deᵀa live together, the shared configuration spilled on sm_90 (255 registers bf16; 168
+    # fp32); with the mean terms instead of a·Wᵀ these tiles take 190–242 registers. The register cap stated: left to
+    # its heuristic, ptxas capped the two-parent fp32 variants at 128 registers and spilled 16 bytes.
     config = gemm_launch_config(h0.dtype, _expand_k2_kernel) | {"maxnreg": MAX_REGISTERS}
     config["BLOCK_N"] //= 2
     if config["FP32_DOT"]:
@@ -568,7 +718,7 @@ def _connection_backward(grads, inputs, prologues, weights, ratios, extra, activ
     d_bns = [torch.empty((2, channels), dtype=norm.gain.dtype, device=h0.device) for norm in norms]
     args = [
         _k2_parent_args(d_parents[i], ws.weight_grads[i], d_bns[i], inputs[i], prologues[i], weights[i], norms[i],
-                        ws.sums[i], ws.affine_grads[i])
+                        ws.sums[i], ws.affine_grads[i], _mean_term_pointers(ws, i))
         for i in range(len(inputs))
     ]  # fmt: skip
     level = [i for i, ratio in enumerate(ratios) if ratio == 1]

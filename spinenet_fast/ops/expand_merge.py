@@ -22,13 +22,16 @@ in the backward is what kept a connection at 2–3× its byte floor. Here:
   parent is upsampled and nothing else needs it) and each upsampled parent's block sums Σ_ρ×ρ dz at its resolution,
   and accumulates each parent's t_p = Σdz and k_p = Σ dz·ê_p (dβ_p and dγ_p) over the output's rows; then K2 — one
   launch for the parents at the output's level (same-level and pooled: dz read once), one per upsampled parent (its
-  block sums) —, at the parent's resolution, recomputes ê_p, forms BN's backward
-  de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) element by element (n:
-  the BN's count, the parent's pixels; the cancellation happens where eager's BN backward has it) and runs both of
-  its GEMMs: da_p = de_p·W_p, with the squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated
-  there), and dW_p += de_pᵀa_p; a pooled parent's da_p (at the target's resolution) then goes through the max-pools'
-  one-pass backward (``bn_act_maxpool_backward``: gathered through the route, the BN + act backward applied). No e
-  or de is ever stored.
+  block sums) —, at the parent's resolution, runs both GEMMs of BN's backward
+  de_p = (γ/σ)(Σ_ρ×ρ dz − t_p/n − ê_p·k_p/n) (n: the BN's count, the parent's pixels): da_p = de_p·W_p, with the
+  squeeze's BN + act backward in the epilogue (d_scale, d_shift accumulated there), and dW_p += de_pᵀa_p; a pooled
+  parent's da_p (at the target's resolution) then goes through the max-pools' one-pass backward
+  (``bn_act_maxpool_backward``: gathered through the route, the BN + act backward applied). No e or de is ever
+  stored, and e is not recomputed either: the statistics' terms of de are linear in the centred expand input
+  (ê_p·σ = (a_p − ā_p)·W_pᵀ), so their share of da_p is b_p + (a_p − ā_p)·M_p and of dW_p one C × C_h,p GEMM with
+  the centred Gram (a_p − ā_p)ᵀ(a_p − ā_p), b_p and M_p = W_pᵀ·diag((γ/σ²)·k_p/n)·W_p formed once by K1's last
+  programs (``kernels/expand_merge.py``). Centred, these terms keep the precision of the element-wise form, which
+  the reference (the oracle) computes.
 
 The accumulators live in one zeroed fp32 workspace per call, the float64 statistics viewed in it
 (:func:`workspace_size`, one fill per connection).
@@ -68,14 +71,17 @@ def parent_scope(index: int):
 class Workspace:
     """The slices of an ``expand_merge`` call's zeroed workspace (the maths dtype), in order: [k_p; t_p] (P, 2, C);
     then per parent (with ``statistics``: its float64 statistics [Σe; Σe²] (2, C) (``take_stats``) and the
-    finalize's counter (one element)), the prologue's [d_scale; d_shift] (2, C_h) and dW (C, C_h). Without
-    ``statistics``: ``expand_merge_affine``'s (its maps are given)."""
+    finalize's counter (one element)), the prologue's [d_scale; d_shift] (2, C_h) and dW (C, C_h). With
+    ``statistics`` then, per parent, the Triton backward's BN mean terms ``mean_terms`` [Σa (C_h); b (C_h);
+    M (C_h, C_h); G (C_h, C_h)] (``kernels/expand_merge.py``) and ``tile_counters`` (C_h), and the merge's
+    ``column_counters`` (C). Without ``statistics``: ``expand_merge_affine``'s (its maps are given)."""
 
     def __init__(self, buffer: Tensor, channels: int, squeezed: list[int], statistics: bool = True) -> None:
         parents = len(squeezed)
         offset = 2 * parents * channels
         self.sums = buffer[:offset].view(parents, 2, channels)
         self.stats, self.counters, self.affine_grads, self.weight_grads = [], [], [], []
+        self.mean_terms, self.tile_counters = [], []
         for c_h in squeezed:
             if statistics:
                 stats, offset = take_stats(buffer, offset, channels)
@@ -86,15 +92,30 @@ class Workspace:
             offset += 2 * c_h
             self.weight_grads.append(buffer[offset : offset + channels * c_h].view(channels, c_h))
             offset += channels * c_h
-        self.counters = [c.view(torch.int32 if buffer.element_size() == 4 else torch.int64) for c in self.counters]
+        for c_h in squeezed if statistics else []:
+            self.mean_terms.append(buffer[offset : offset + mean_terms_size(c_h)])
+            offset += mean_terms_size(c_h)
+            self.tile_counters.append(buffer[offset : offset + c_h])
+            offset += c_h
+        self.column_counters = buffer[offset : offset + channels] if statistics else None
+        as_int = torch.int32 if buffer.element_size() == 4 else torch.int64
+        self.counters = [c.view(as_int) for c in self.counters]
+        self.tile_counters = [c.view(as_int) for c in self.tile_counters]
+        if statistics:
+            self.column_counters = self.column_counters.view(as_int)
+
+
+def mean_terms_size(squeezed: int) -> int:
+    """Elements of one parent's BN mean terms [Σa; b; M; G] (:class:`Workspace`)."""
+    return 2 * squeezed + 2 * squeezed * squeezed
 
 
 def workspace_size(channels: int, squeezed: list[int], dtype: torch.dtype, statistics: bool = True) -> int:
     """Elements of the zeroed ``dtype`` workspace of an ``expand_merge`` (without ``statistics``: an
     ``expand_merge_affine``) of ``channels`` output channels whose parents have ``squeezed`` channels
     (:class:`Workspace`)."""
-    per_parent = stats_slots(channels, dtype) + 1 if statistics else 0
-    return sum(2 * channels + per_parent + 2 * c + channels * c for c in squeezed)
+    per_parent = (lambda c: stats_slots(channels, dtype) + 1 + mean_terms_size(c) + c) if statistics else (lambda c: 0)
+    return sum(2 * channels + per_parent(c) + 2 * c + channels * c for c in squeezed) + (channels if statistics else 0)
 
 
 class ExpandNorm(NamedTuple):

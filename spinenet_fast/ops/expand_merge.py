@@ -361,7 +361,8 @@ def expand_merge_backward_reference(grads, parents, scales, shifts, weights, rat
 def connection_backward_reference(grads, inputs, prologues, weights, ratios, extra, activation,
                                   norms: list[ExpandNorm], ws: Workspace) -> tuple:  # fmt: skip
     """The backward of act(Σ_p upsample(norm_p(conv1x1(act(scale_p·h_p + shift_p), W_p)), ρ_p) + extra) in plain
-    PyTorch (the maths dtype), as the kernels compute it, from each parent's expand input and prologue and its
+    PyTorch (the maths dtype; BN's backward element by element, e recomputed — the Triton kernels' statistics terms
+    are this algebra regrouped), from each parent's expand input and prologue and its
     ``ExpandNorm`` (a BN with batch statistics, or a given affine map): ``(dh_p, dW_p, [k_p; t_p], [d_extra])``
     (k = Σ dz·ê, t = Σ dz: dγ, dβ of a BN, d_scale, d_shift of a map) — the prologues' [d_scale; d_shift] added into
     ``ws``, and dW_p too where the weight has the workspace's dtype (an empty stand-in returned)."""

@@ -114,8 +114,10 @@ def workspace_size(channels: int, squeezed: list[int], dtype: torch.dtype, stati
     """Elements of the zeroed ``dtype`` workspace of an ``expand_merge`` (without ``statistics``: an
     ``expand_merge_affine``) of ``channels`` output channels whose parents have ``squeezed`` channels
     (:class:`Workspace`)."""
-    per_parent = (lambda c: stats_slots(channels, dtype) + 1 + mean_terms_size(c) + c) if statistics else (lambda c: 0)
-    return sum(2 * channels + per_parent(c) + 2 * c + channels * c for c in squeezed) + (channels if statistics else 0)
+    size = sum(2 * channels + 2 * c + channels * c for c in squeezed)
+    if statistics:
+        size += sum(stats_slots(channels, dtype) + 1 + mean_terms_size(c) + c for c in squeezed) + channels
+    return size
 
 
 class ExpandNorm(NamedTuple):

@@ -92,17 +92,14 @@ class Workspace:
             offset += 2 * c_h
             self.weight_grads.append(buffer[offset : offset + channels * c_h].view(channels, c_h))
             offset += channels * c_h
+        as_int = torch.int32 if buffer.element_size() == 4 else torch.int64
         for c_h in squeezed if statistics else []:
             self.mean_terms.append(buffer[offset : offset + mean_terms_size(c_h)])
             offset += mean_terms_size(c_h)
-            self.tile_counters.append(buffer[offset : offset + c_h])
+            self.tile_counters.append(buffer[offset : offset + c_h].view(as_int))
             offset += c_h
-        self.column_counters = buffer[offset : offset + channels] if statistics else None
-        as_int = torch.int32 if buffer.element_size() == 4 else torch.int64
+        self.column_counters = buffer[offset : offset + channels].view(as_int) if statistics else None
         self.counters = [c.view(as_int) for c in self.counters]
-        self.tile_counters = [c.view(as_int) for c in self.tile_counters]
-        if statistics:
-            self.column_counters = self.column_counters.view(as_int)
 
 
 def mean_terms_size(squeezed: int) -> int:
@@ -341,10 +338,11 @@ def merged_reference(terms: list[Tensor], ratios: list[int], extra: Tensor | Non
 def expand_merge_backward_reference(grads, parents, scales, shifts, weights, ratios, extra, activation, bn_weights,
                                     bn_biases, bn, eps, pools, padding, pooled, routes, workspace, *,
                                     pool_backend: str = "reference") -> list[Tensor]:  # fmt: skip
-    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, as the kernels compute them (module docstring;
-    :func:`connection_backward_reference`); each prologue's [d_scale; d_shift] added into the workspace, and dW_p too
-    where the weight has the workspace's dtype (an empty stand-in returned). ``pooled``, ``routes``: the forward's;
-    the max-pools' backward is ``pool_backend``'s ``bn_act_maxpool_backward``."""
+    """``[*dh_p, *dW_p, *[dγ_p; dβ_p], (d_extra)]`` in plain PyTorch, BN's backward element by element (the kernels
+    regroup its statistics' terms: module docstring; :func:`connection_backward_reference`); each prologue's
+    [d_scale; d_shift] added into the workspace, and dW_p too where the weight has the workspace's dtype (an empty
+    stand-in returned). ``pooled``, ``routes``: the forward's; the max-pools' backward is ``pool_backend``'s
+    ``bn_act_maxpool_backward``."""
     ws = Workspace(workspace, weights[0].shape[0], [h.shape[1] for h in parents])
     inputs, prologues = expand_inputs(parents, scales, shifts, pools, pooled)
     d_parents, d_weights, d_bns, d_extra = connection_backward_reference(

@@ -78,11 +78,10 @@ def _gemm(m: int, n: int, k: int, passes: int = 1) -> int:
 
 
 def _backward_gemms(taps: int):
-    """FLOPs of a conv's backward launch: its dgrad (two dots for bf16/fp16's split gradient; none where the launch
-    has no dgrad tiles, an input without a gradient) and its wgrad, each recomputing the forward's GEMM where the
-    launch recomputes y (``RECOMPUTE_Y``)."""
+    """FLOPs of a conv's backward launch: its dgrad (none where the launch has no dgrad tiles, an input without a
+    gradient) and its wgrad, each recomputing the forward's GEMM where the launch recomputes y (``RECOMPUTE_Y``)."""
     return lambda a: (
-        (_gemm(a["P"], a["C_IN"], taps * a["C_OUT"], 2 if a["SPLIT_GRAD"] else 1) if a.get("DGRAD_TILES", 1) else 0)
+        (_gemm(a["P"], a["C_IN"], taps * a["C_OUT"]) if a.get("DGRAD_TILES", 1) else 0)
         + _gemm(taps * a["C_OUT"], a["C_IN"], a["P"])
         + (2 * _gemm(a["P"], a["C_OUT"], a["C_IN"]) if a.get("RECOMPUTE_Y") else 0)
     )

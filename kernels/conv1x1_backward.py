@@ -22,7 +22,6 @@ runs both convs' K loops into one accumulator (dx = g_a·W_a + g_b·W_b, stored 
 follow.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -44,7 +43,7 @@ from .gemm_config import gemm_launch_config
 def _dgrad_steps(
     acc, first_tile, n, h, w, p_mask, k, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
     var_ptr, count, eps, y_ptr, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
-    storage: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr,
+    storage: tl.constexpr, FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc`` + g·W over every output channel of one conv for the pixels (n, h, w) (``p_mask``) × input channels
@@ -62,7 +61,7 @@ def _dgrad_steps(
         b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_k, mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :],
                     other=0.0)  # fmt: skip
         # Operands in the storage dtype (an fp32 master weight is rounded as autocast would).
-        acc = grad_dot(acc, g, b, storage, FP32_DOT, SPLIT_GRAD)
+        acc = grad_dot(acc, g, b, storage, FP32_DOT)
     return acc
 
 
@@ -72,7 +71,7 @@ def _dgrad_tile(
     mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M pixels) × (BLOCK_N input channels) tile of dx, and its share of d_scale, d_shift; with
@@ -83,7 +82,7 @@ def _dgrad_tile(
     acc = _dgrad_steps(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), (pid_m == 0) & (pid_n == 0), n, h, w, p < P, k,
                        dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                        y_ptr, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sw_o, sw_k,
-                       dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_K)  # fmt: skip
+                       dx_ptr.dtype.element_ty, FP32_DOT, FROM_AFFINE, BLOCK_K)  # fmt: skip
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
                      scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (p < P)[:, None] & (k < C_IN)[None, :], C_IN,
                      HAS_PROLOGUE, ACT)  # fmt: skip
@@ -119,7 +118,7 @@ def _wgrad_tile(
 def _dgrad_steps_recomputing(
     acc, first_tile, a, n, h, w, p_mask, k, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
     var_ptr, count, eps, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sw_o, sw_k, storage: tl.constexpr,
-    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """:func:`_dgrad_steps` where the tile holds every input channel: y = a·Wᵀ recomputed from the tile's operand
@@ -138,7 +137,7 @@ def _dgrad_steps_recomputing(
             if first_tile:
                 store_bn_param_grads(dgamma_ptr, dbeta_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count,
                                      eps, o, o < C_OUT)  # fmt: skip
-        acc = grad_dot(acc, g, b, storage, FP32_DOT, SPLIT_GRAD)
+        acc = grad_dot(acc, g, b, storage, FP32_DOT)
     return acc
 
 
@@ -147,7 +146,7 @@ def _dgrad_tile_recomputing(
     pid_m, dx_ptr, dscale_ptr, dshift_ptr, dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr,
     var_ptr, count, eps, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w,
     sdy_n, sdy_c, sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """:func:`_dgrad_tile` where one tile holds every input channel: y = a·Wᵀ recomputed from a = act(scale·x +
@@ -160,7 +159,7 @@ def _dgrad_tile_recomputing(
     acc = _dgrad_steps_recomputing(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), pid_m == 0, a, n, h, w, p < P, k,
                                    dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr,
                                    count, eps, w_ptr, C_IN, C_OUT, sdy_n, sdy_c, sdy_h, sdy_w, sw_o, sw_k,
-                                   dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
+                                   dx_ptr.dtype.element_ty, FP32_DOT, FROM_AFFINE, BLOCK_M,
                                    BLOCK_K)  # fmt: skip
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, x_rows, sx_c, scale_ptr, shift_ptr,
                      dscale_ptr, dshift_ptr, k, x_mask, C_IN, HAS_PROLOGUE, ACT)  # fmt: skip
@@ -202,7 +201,7 @@ def _conv1x1_backward_kernel(
     DGRAD_COLUMNS, WGRAD_COLUMNS, WGRAD_CHUNKS, PIXELS_PER_PROGRAM,
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_k,
-    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, FP32_DOT: tl.constexpr,
     FROM_AFFINE: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -216,7 +215,7 @@ def _conv1x1_backward_kernel(
                                     dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, x_ptr, w_ptr, scale_ptr,
                                     shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c,
                                     sdy_h, sdy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
-                                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                                    FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
         else:
             tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
             _wgrad_tile_recomputing(tile, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr,
@@ -228,7 +227,7 @@ def _conv1x1_backward_kernel(
                     dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps, y_ptr, x_ptr, w_ptr,
                     scale_ptr, shift_ptr, P, C_IN, C_OUT, HW, W_IMG, sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h,
                     sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, HAS_PROLOGUE, ACT, FP32_DOT,
-                    SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         tile, chunk = (pid - DGRAD_PROGRAMS) // WGRAD_CHUNKS, (pid - DGRAD_PROGRAMS) % WGRAD_CHUNKS
         _wgrad_tile(tile // WGRAD_COLUMNS, tile % WGRAD_COLUMNS, chunk, dw_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr,
@@ -272,7 +271,7 @@ def conv1x1_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         t.dx, t.d_scale, t.d_shift, t.d_weight, t.d_bn[0], t.d_bn[-1], dy, t.d_sum, t.d_sumsq, *t.bn_args, y, x, w2d,
         t.scale, t.shift, pixels, c_in, c_out, h * w, w, dgrad_programs, dgrad_columns, wgrad_columns, chunks,
         per_program, *t.dx.stride(), *dy.stride(), *y.stride(), *x.stride(), *w2d.stride(),
-        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation], SPLIT_GRAD=x.dtype != torch.float32,
+        HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
         FROM_AFFINE=bn is not None, RECOMPUTE_Y=recompute_y, **config,
     )  # fmt: skip
     return t.grads(weight)
@@ -308,7 +307,7 @@ def _conv1x1_pair_backward_kernel(
     dw_b_ptr, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr, dsum_b_ptr, dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, eps_b,
     y_b_ptr, w_b_ptr, C_B, CHUNKS_B, PIXELS_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sy_b_n, sy_b_c, sy_b_h, sy_b_w,
     sw_b_o, sw_b_k,
-    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+    FP32_DOT: tl.constexpr, RECOMPUTE_Y: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Two 1×1 conv + BN backwards of one input x (a and b, no prologue) in one launch: the first ``DGRAD_PROGRAMS``
@@ -330,22 +329,22 @@ def _conv1x1_pair_backward_kernel(
             acc = _dgrad_steps_recomputing(acc, first, a, n, h, w, p < P, k, dgamma_a_ptr, dbeta_a_ptr, dy_a_ptr,
                                            dsum_a_ptr, dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, count, eps_a,
                                            w_a_ptr, C_IN, C_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w, sw_a_o, sw_a_k,
-                                           dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_M,
+                                           dx_ptr.dtype.element_ty, FP32_DOT, True, BLOCK_M,
                                            BLOCK_K)  # fmt: skip
             acc = _dgrad_steps_recomputing(acc, first, a, n, h, w, p < P, k, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr,
                                            dsum_b_ptr, dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, count, eps_b,
                                            w_b_ptr, C_IN, C_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sw_b_o, sw_b_k,
-                                           dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_M,
+                                           dx_ptr.dtype.element_ty, FP32_DOT, True, BLOCK_M,
                                            BLOCK_K)  # fmt: skip
         else:
             acc = _dgrad_steps(acc, first, n, h, w, p < P, k, dgamma_a_ptr, dbeta_a_ptr, dy_a_ptr, dsum_a_ptr,
                                dsumsq_a_ptr, gamma_a_ptr, mean_a_ptr, var_a_ptr, count, eps_a, y_a_ptr, w_a_ptr, C_IN,
                                C_A, sdy_a_n, sdy_a_c, sdy_a_h, sdy_a_w, sy_a_n, sy_a_c, sy_a_h, sy_a_w, sw_a_o, sw_a_k,
-                               dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_K)  # fmt: skip
+                               dx_ptr.dtype.element_ty, FP32_DOT, True, BLOCK_K)  # fmt: skip
             acc = _dgrad_steps(acc, first, n, h, w, p < P, k, dgamma_b_ptr, dbeta_b_ptr, dy_b_ptr, dsum_b_ptr,
                                dsumsq_b_ptr, gamma_b_ptr, mean_b_ptr, var_b_ptr, count, eps_b, y_b_ptr, w_b_ptr, C_IN,
                                C_B, sdy_b_n, sdy_b_c, sdy_b_h, sdy_b_w, sy_b_n, sy_b_c, sy_b_h, sy_b_w, sw_b_o, sw_b_k,
-                               dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD, True, BLOCK_K)  # fmt: skip
+                               dx_ptr.dtype.element_ty, FP32_DOT, True, BLOCK_K)  # fmt: skip
         store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, x_rows, sx_c, x_ptr, x_ptr,
                          dx_ptr, dx_ptr, k, x_mask, C_IN, False, 0)  # fmt: skip
     elif pid < DGRAD_PROGRAMS + WGRAD_A:
@@ -392,6 +391,6 @@ def conv1x1_bn_pair_backward(x, convs) -> list:
     dx = buffers[0].dx
     _conv1x1_pair_backward_kernel[(dgrad_programs + sum(wgrad_programs),)](
         dx, x, pixels, c_in, h * w, w, buffers[0].bn_args[3], dgrad_programs, columns, columns, *dx.stride(),
-        *x.stride(), *launch_args, SPLIT_GRAD=x.dtype != torch.float32, RECOMPUTE_Y=recompute_y, **config,
+        *x.stride(), *launch_args, RECOMPUTE_Y=recompute_y, **config,
     )  # fmt: skip
     return [dx, *(g for (_, _, _, _, weight, _, _), t in zip(convs, buffers) for g in t.grads(weight)[1:])]

@@ -47,7 +47,7 @@ def _dgrad_tile(
     sdx_n, sdx_c, sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
+    FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One (BLOCK_M input pixels of parity class ``parity``) × (BLOCK_N input channels) tile of dx, and its share of
@@ -78,7 +78,7 @@ def _dgrad_tile(
                                      True, FROM_AFFINE)  # fmt: skip
                 b = tl.load(w_ptr + o[:, None] * sw_o + k[None, :] * sw_c + kh * sw_h + kw * sw_w,
                             mask=(o < C_OUT)[:, None] & (k < C_IN)[None, :], other=0.0)  # fmt: skip
-                acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT, SPLIT_GRAD)
+                acc = grad_dot(acc, g, b, dx_ptr.dtype.element_ty, FP32_DOT)
     h, w = STRIDE * u + parity_h, STRIDE * v + parity_w
     store_input_grad(acc, dx_ptr, n * sdx_n + h * sdx_h + w * sdx_w, sdx_c, x_ptr, n * sx_n + h * sx_h + w * sx_w, sx_c,
                      scale_ptr, shift_ptr, dscale_ptr, dshift_ptr, k, (q < P)[:, None] & (k < C_IN)[None, :], C_IN,
@@ -127,7 +127,7 @@ def _conv3x3_backward_kernel(
     sdx_n, sdx_c, sdx_h, sdx_w, sdw_o, sdw_c, sdw_h, sdw_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FROM_AFFINE: tl.constexpr,
     DGRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """The first s²·``DGRAD_TILES`` programs are the dgrad's tiles (each parity class's DGRAD_TILES, row-major over
@@ -141,7 +141,7 @@ def _conv3x3_backward_kernel(
                     dgamma_ptr, dbeta_ptr, dy_ptr, dsum_ptr, dsumsq_ptr, gamma_ptr, mean_ptr, var_ptr, count, eps,
                     y_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, P, C_IN, C_OUT, HW_OUT, W_OUT, H_OUT, sdx_n, sdx_c,
                     sdx_h, sdx_w, sdy_n, sdy_c, sdy_h, sdy_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sw_o,
-                    sw_c, sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M,
+                    sw_c, sw_h, sw_w, KSIZE, STRIDE, PAD, HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M,
                     BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         wgrad_pid = pid - STRIDE * STRIDE * DGRAD_TILES
@@ -189,7 +189,7 @@ def conv3x3_bn_stats_backward(dy, d_sum, d_sumsq, y, x, weight, scale, shift, ac
         w_out, h_out, dgrad_tiles, dgrad_columns, triton.cdiv(c_in, block_n), chunks, per_program, *t.dx.stride(),
         *t.d_weight.stride(), *dy.stride(), *t.y.stride(), *x.stride(), *weight.stride(), KSIZE=weight.shape[-1],
         STRIDE=stride, PAD=pad_before, HAS_PROLOGUE=scale is not None, ACT=ACTIVATION_CODES[activation],
-        HAS_BIAS=d_bias is not None, SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, DGRAD=input_grad,
+        HAS_BIAS=d_bias is not None, FROM_AFFINE=bn is not None, DGRAD=input_grad,
         **config,
     )  # fmt: skip
     return t.grads(weight)

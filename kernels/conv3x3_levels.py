@@ -82,7 +82,7 @@ def _conv3x3_levels_backward_kernel(
     H0, H1, H2, H3, H4, W0, W1, W2, W3, W4, OFF0, OFF1, OFF2, OFF3, OFF4, D1, D2, D3, D4, D_END, G1, G2, G3, G4,
     G_END, DGRAD_COLUMNS, WGRAD_COLUMNS, PIXELS_PER_PROGRAM, sdw_o, sdw_c, sdw_h, sdw_w, sw_o, sw_c, sw_h, sw_w,
     HAS_PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_GRAD: tl.constexpr, FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FROM_AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, D_END): the levels' dgrad tiles (level l's from D_l, DGRAD_COLUMNS input-channel blocks per row);
@@ -109,7 +109,7 @@ def _conv3x3_levels_backward_kernel(
                     var_ptr + out_channels, count, eps, y, x, w_ptr, scale_ptr + in_channels, shift_ptr + in_channels,
                     pixels, C_IN, C_OUT, h * w, w, h, S * C_IN, 1, w * C_IN, C_IN, S * C_OUT, 1, w * C_OUT, C_OUT,
                     S * C_OUT, 1, w * C_OUT, C_OUT, S * C_IN, 1, w * C_IN, C_IN, sw_o, sw_c, sw_h, sw_w, 3, 1, 1,
-                    HAS_PROLOGUE, ACT, FP32_DOT, SPLIT_GRAD, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+                    HAS_PROLOGUE, ACT, FP32_DOT, FROM_AFFINE, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
     else:
         steps = 9 * tl.cdiv(pixels, PIXELS_PER_PROGRAM)
         tile, step = local // steps, local % steps
@@ -240,6 +240,6 @@ def conv3x3_levels_backward(dy, d_sum, d_sumsq, y, x, sizes, weight, scale, shif
         scale if has_prologue else unused, shift if has_prologue else unused, n, s, c_in, c_out, *heights, *widths,
         *offsets, *d_starts, d_end, *g_starts, g_end, columns, columns, per_program, *d_weight.stride(),
         *weight.stride(), HAS_PROLOGUE=has_prologue, ACT=ACTIVATION_CODES[activation], HAS_BIAS=has_bias,
-        SPLIT_GRAD=x.dtype != torch.float32, FROM_AFFINE=bn is not None, **config,
+        FROM_AFFINE=bn is not None, **config,
     )  # fmt: skip
     return [dx, d_bn]

@@ -1,6 +1,6 @@
 """What the convolutions' backward GEMMs share (``conv1x1_backward``, ``conv3x3_backward``).
 
-Jitted pieces: the dgrad's dot of the folded output gradient (a head and, in bf16/fp16, its rounding error), the
+Jitted pieces: the dgrad's dot of the folded output gradient (rounded once to the storage dtype), the
 forward's operand a = act(scale·x + shift) recomputed, the wgrad's dot with it, and the dgrad's epilogue — the
 prologue's backward d_pre = d_a·act'(scale·x + shift) with d_scale = Σ_p d_pre·x, d_shift = Σ_p d_pre added
 atomically and dx = d_pre·scale. The launchers' buffers (:class:`BackwardBuffers`) and the wgrad's split of the
@@ -20,23 +20,10 @@ MODELLED_SMS = 132  # an H100's or H200's SMs: the wgrad split where the kernels
 
 
 @triton.jit
-def grad_dot(acc, g, b, storage: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_GRAD: tl.constexpr):
+def grad_dot(acc, g, b, storage: tl.constexpr, FP32_DOT: tl.constexpr):
     """``acc + g·b`` with fp32 ``g`` (the output gradient after BN's backward cancelled its statistics' part) rounded
-    to the ``storage`` dtype as a head and, with ``SPLIT_GRAD``, its rounding error as a second dot (the dgrads are
-    bound by memory, not by the tensor cores)."""
-    b = b.to(storage)
-    g_head = g.to(storage)
-    if FP32_DOT:
-        acc += tl.dot(g_head.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        acc += tl.dot(g_head, b)
-    if SPLIT_GRAD:
-        g_tail = (g - g_head.to(tl.float32)).to(storage)
-        if FP32_DOT:
-            acc += tl.dot(g_tail.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(g_tail, b)
-    return acc
+    once to the ``storage`` dtype, as eager's BN backward rounds the gradient it hands its conv's dgrad."""
+    return operand_dot(acc, g.to(storage), b.to(storage), FP32_DOT)
 
 
 @triton.jit

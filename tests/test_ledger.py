@@ -200,6 +200,8 @@ def test_modelled_traffic(small):
     flops = traffic["flops"]
     assert 0.8 * flops["eager forward"] < flops["fused-auto forward"] <= 1.1 * flops["eager forward"]
     assert flops["fused-auto backward"] >= flops["eager backward"] * 0.8
+    # each dgrad one dot of the once-rounded gradient (two had put SpineNet-49's backward at 1.53× eager's; 1.10× now)
+    assert flops["fused-auto backward"] <= 1.25 * flops["eager backward"], flops
     groups = {row["part"]: row for row in traffic["bytes"]}
     totals = groups["total"]
     assert all(totals[f"{v} {p}"] > 0 for v in ("eager", "fused-auto") for p in ("forward", "backward"))
